@@ -1,0 +1,193 @@
+//! Audio formats and frames.
+//!
+//! An [`AudioFrame`] is a run of interleaved samples in one [`AudioFormat`],
+//! held in a reference-counted [`bytes::Bytes`] so frames move through the
+//! pipeline without copies. A frame whose byte length does not fit its format
+//! is refused when it is made.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BackendError, ErrorCode, Result};
+
+/// How samples are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AudioEncoding {
+    /// Signed 16-bit little-endian PCM.
+    PcmS16Le,
+    /// 32-bit little-endian IEEE float PCM, nominally in -1.0..=1.0.
+    PcmF32Le,
+    /// G.711 mu-law, 8 bits per sample.
+    Mulaw,
+    /// G.711 A-law, 8 bits per sample.
+    Alaw,
+}
+
+impl AudioEncoding {
+    /// Bytes one sample of one channel takes.
+    pub const fn bytes_per_sample(self) -> usize {
+        match self {
+            AudioEncoding::PcmS16Le => 2,
+            AudioEncoding::PcmF32Le => 4,
+            AudioEncoding::Mulaw | AudioEncoding::Alaw => 1,
+        }
+    }
+
+    /// The snake_case name, e.g. `pcm_s16_le`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AudioEncoding::PcmS16Le => "pcm_s16_le",
+            AudioEncoding::PcmF32Le => "pcm_f32_le",
+            AudioEncoding::Mulaw => "mulaw",
+            AudioEncoding::Alaw => "alaw",
+        }
+    }
+}
+
+/// The shape of an audio stream: encoding, sample rate and channel count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AudioFormat {
+    /// How samples are encoded.
+    pub encoding: AudioEncoding,
+    /// Samples per second per channel.
+    pub sample_rate: u32,
+    /// Interleaved channels.
+    pub channels: u16,
+}
+
+impl AudioFormat {
+    /// 16 kHz mono signed 16-bit PCM, the common format of speech models.
+    pub const PCM16_16K_MONO: AudioFormat = AudioFormat::new(AudioEncoding::PcmS16Le, 16_000, 1);
+
+    /// A format; check it with [`AudioFormat::validate`] when it comes from outside.
+    pub const fn new(encoding: AudioEncoding, sample_rate: u32, channels: u16) -> Self {
+        AudioFormat {
+            encoding,
+            sample_rate,
+            channels,
+        }
+    }
+
+    /// Bytes one frame (one sample of every channel) takes.
+    pub const fn bytes_per_frame(&self) -> usize {
+        self.encoding.bytes_per_sample() * self.channels as usize
+    }
+
+    /// Refuses a zero sample rate, a rate above 384 kHz, or zero channels.
+    pub fn validate(&self) -> Result<()> {
+        if self.sample_rate == 0 || self.sample_rate > 384_000 {
+            return Err(BackendError::new(
+                "audio.format",
+                ErrorCode::PipelineError,
+                format!("sample rate {} Hz is outside 1..=384000", self.sample_rate),
+            ));
+        }
+        if self.channels == 0 {
+            return Err(BackendError::new(
+                "audio.format",
+                ErrorCode::PipelineError,
+                "an audio format needs at least one channel",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The byte length of `duration` of audio in this format, rounded down to whole frames.
+    pub fn bytes_for(&self, duration: Duration) -> usize {
+        let frames = (duration.as_nanos() * self.sample_rate as u128 / 1_000_000_000) as usize;
+        frames * self.bytes_per_frame()
+    }
+}
+
+impl fmt::Display for AudioFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} Hz x{}",
+            self.encoding.as_str(),
+            self.sample_rate,
+            self.channels
+        )
+    }
+}
+
+/// A run of interleaved audio samples in one format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AudioFrame {
+    format: AudioFormat,
+    data: Bytes,
+}
+
+impl AudioFrame {
+    /// A frame of `data` in `format`.
+    ///
+    /// Fails with [`ErrorCode::PipelineError`] when the format is invalid or the
+    /// byte length is not a whole number of sample frames (e.g. 321 bytes of
+    /// 16-bit mono).
+    pub fn new(format: AudioFormat, data: impl Into<Bytes>) -> Result<Self> {
+        format.validate()?;
+        let data = data.into();
+        let unit = format.bytes_per_frame();
+        if data.len() % unit != 0 {
+            return Err(BackendError::new(
+                "audio.frame",
+                ErrorCode::PipelineError,
+                format!(
+                    "{} bytes is not a whole number of {}-byte sample frames of {format}",
+                    data.len(),
+                    unit
+                ),
+            ));
+        }
+        Ok(AudioFrame { format, data })
+    }
+
+    /// A frame of `samples` 16-bit samples in a PCM s16le format of the given rate and channels.
+    pub fn from_i16(sample_rate: u32, channels: u16, samples: &[i16]) -> Result<Self> {
+        let mut data = Vec::with_capacity(samples.len() * 2);
+        for s in samples {
+            data.extend_from_slice(&s.to_le_bytes());
+        }
+        AudioFrame::new(
+            AudioFormat::new(AudioEncoding::PcmS16Le, sample_rate, channels),
+            data,
+        )
+    }
+
+    /// The frame's format.
+    pub fn format(&self) -> AudioFormat {
+        self.format
+    }
+
+    /// The raw bytes (cheap to clone).
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// Consumes the frame, returning its bytes.
+    pub fn into_data(self) -> Bytes {
+        self.data
+    }
+
+    /// Sample frames (one sample per channel) in the frame.
+    pub fn sample_frames(&self) -> usize {
+        self.data.len() / self.format.bytes_per_frame()
+    }
+
+    /// How long the frame plays.
+    pub fn duration(&self) -> Duration {
+        Duration::from_nanos(
+            (self.sample_frames() as u64 * 1_000_000_000) / self.format.sample_rate as u64,
+        )
+    }
+
+    /// Whether the frame holds no samples.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}

@@ -1,0 +1,160 @@
+//! The backend contract: one configured connection to a voice service that
+//! opens isolated sessions.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use serde::{Serialize, Serializer};
+
+use crate::config::{Config, SessionConfig};
+use crate::error::Result;
+use crate::session::{SessionId, VoiceSession};
+
+/// Overall health of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Everything works.
+    Healthy,
+    /// It works, with a problem worth attention (e.g. reconnecting, near capacity).
+    Degraded,
+    /// It does not work.
+    Unhealthy,
+}
+
+impl Health {
+    /// The snake_case name, e.g. `"degraded"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// The result of a health check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthStatus {
+    /// The verdict.
+    pub status: Health,
+    /// What was checked and what was found, by check name.
+    pub details: BTreeMap<String, String>,
+    /// When the check ran.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_check: SystemTime,
+}
+
+impl HealthStatus {
+    /// A status with the given verdict and no details, checked now.
+    pub fn new(status: Health) -> Self {
+        HealthStatus {
+            status,
+            details: BTreeMap::new(),
+            last_check: SystemTime::now(),
+        }
+    }
+
+    /// Adds one detail.
+    pub fn with_detail(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.details.insert(key.into(), value.into());
+        self
+    }
+
+    /// Whether the verdict is [`Health::Healthy`].
+    pub fn is_healthy(&self) -> bool {
+        self.status == Health::Healthy
+    }
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// The state of a backend's connection to its service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    /// Not connected (before `start`, after `stop`).
+    #[default]
+    Disconnected,
+    /// Connecting for the first time.
+    Connecting,
+    /// Connected and serving.
+    Connected,
+    /// The connection was lost and is being re-established with backoff.
+    Reconnecting,
+    /// Connecting failed for good (after `max_retries`).
+    Error,
+}
+
+impl ConnectionState {
+    /// The snake_case name, e.g. `"reconnecting"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+            ConnectionState::Reconnecting => "reconnecting",
+            ConnectionState::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A configured voice backend: it connects to its service and opens sessions.
+///
+/// Made by a [`crate::BackendProvider`] (usually through
+/// [`crate::BackendRegistry::create`]). Every method is safe to call from many
+/// tasks at once.
+#[async_trait]
+pub trait VoiceBackend: Send + Sync {
+    /// The name of the provider that made this backend.
+    fn provider(&self) -> &str;
+
+    /// Connects to the service and starts accepting sessions.
+    async fn start(&self) -> Result<()>;
+
+    /// Stops gracefully: refuses new sessions, lets in-flight turns finish within
+    /// the configured timeout, then closes every session and the connection.
+    async fn stop(&self) -> Result<()>;
+
+    /// Opens a new, isolated session.
+    ///
+    /// Fails with `SessionLimitExceeded` at capacity, `AuthenticationFailed` /
+    /// `AuthorizationFailed` when the auth hook refuses, `RateLimitExceeded` when
+    /// the rate limiter does, and `InvalidConfig` for a bad `config`.
+    async fn create_session(&self, config: SessionConfig) -> Result<Arc<dyn VoiceSession>>;
+
+    /// The session with the given id, or `SessionNotFound`.
+    async fn get_session(&self, id: &SessionId) -> Result<Arc<dyn VoiceSession>>;
+
+    /// Every open session.
+    async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>>;
+
+    /// Stops and removes a session, or `SessionNotFound`.
+    async fn close_session(&self, id: &SessionId) -> Result<()>;
+
+    /// Checks the backend and its connection.
+    async fn health_check(&self) -> HealthStatus;
+
+    /// The state of the connection to the service.
+    fn connection_state(&self) -> ConnectionState;
+
+    /// How many sessions are open.
+    fn active_session_count(&self) -> usize;
+
+    /// The config in force.
+    fn config(&self) -> Arc<Config>;
+
+    /// Replaces the config after validating it; an invalid config changes nothing.
+    async fn update_config(&self, config: Config) -> Result<()>;
+}

@@ -1,0 +1,332 @@
+//! Loading configs from TOML, YAML and JSON, saving them, and
+//! [`parse_provider_config`] for providers.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
+
+use super::{Config, ProviderSection, SessionConfig};
+use crate::error::BackendError;
+
+const LOAD_OP: &str = "config.load";
+const SAVE_OP: &str = "config.save";
+const SESSION_LOAD_OP: &str = "session_config.load";
+const PROVIDER_OP: &str = "provider.validate_config";
+
+/// The file formats a config can be written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Toml,
+    Yaml,
+    Json,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Toml => "TOML",
+            Format::Yaml => "YAML",
+            Format::Json => "JSON",
+        }
+    }
+}
+
+/// `line L, column C` (both from 1) of byte `offset` of `input`.
+fn line_column(input: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(input.len());
+    let before = &input.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    (line, column)
+}
+
+/// Parses `input` as `T`, turning a parser error into `InvalidConfig`.
+///
+/// The message is `invalid <FORMAT>: [<file>: ]<parser message with line and column>`.
+/// For TOML it is rebuilt from the message and position only, because the
+/// parser's own rendering quotes the source line, which may hold a secret.
+fn parse<T: DeserializeOwned>(
+    input: &str,
+    format: Format,
+    origin: Option<&Path>,
+    op: &'static str,
+) -> Result<T, BackendError> {
+    let detail = match format {
+        Format::Toml => match toml::from_str::<T>(input) {
+            Ok(v) => return Ok(v),
+            Err(e) => match e.span() {
+                Some(span) => {
+                    let (line, column) = line_column(input, span.start);
+                    format!("line {line}, column {column}: {}", e.message().trim_end())
+                }
+                None => e.message().trim_end().to_owned(),
+            },
+        },
+        Format::Yaml => match serde_yaml_ng::from_str::<T>(input) {
+            Ok(v) => return Ok(v),
+            Err(e) => e.to_string(),
+        },
+        Format::Json => match serde_json::from_str::<T>(input) {
+            Ok(v) => return Ok(v),
+            Err(e) => e.to_string(),
+        },
+    };
+    let message = match origin {
+        Some(path) => format!("invalid {}: {}: {detail}", format.name(), path.display()),
+        None => format!("invalid {}: {detail}", format.name()),
+    };
+    let mut error = BackendError::invalid_config(op, message);
+    if let Some(path) = origin {
+        error.push_detail("file", path.display().to_string());
+    }
+    Err(error)
+}
+
+fn load(input: &str, format: Format, origin: Option<&Path>) -> Result<Config, BackendError> {
+    let config: Config = parse(input, format, origin, LOAD_OP)?;
+    config.violations().into_result(LOAD_OP)?;
+    Ok(config)
+}
+
+impl Config {
+    /// Parses and validates a TOML config.
+    ///
+    /// ```
+    /// let config = voice_backends::Config::from_toml_str(r#"
+    ///     provider = "local"
+    ///     pipeline_type = "s2s"
+    ///     s2s_provider = "echo"
+    ///     timeout = "10s"
+    /// "#)?;
+    /// assert_eq!(config.timeout, std::time::Duration::from_secs(10));
+    /// # Ok::<(), voice_backends::BackendError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `config.load`): `invalid TOML: line L, column C: ...` for a syntax error,
+    /// an unknown key (named in the message) or a value of the wrong type;
+    /// otherwise every violation found by [`Config::violations`].
+    pub fn from_toml_str(toml: &str) -> Result<Config, BackendError> {
+        load(toml, Format::Toml, None)
+    }
+
+    /// Parses and validates a YAML config.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_toml_str`], with messages starting `invalid YAML:`.
+    pub fn from_yaml_str(yaml: &str) -> Result<Config, BackendError> {
+        load(yaml, Format::Yaml, None)
+    }
+
+    /// Parses and validates a JSON config.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_toml_str`], with messages starting `invalid JSON:`.
+    pub fn from_json_str(json: &str) -> Result<Config, BackendError> {
+        load(json, Format::Json, None)
+    }
+
+    /// Reads, parses and validates a config file, in the format given by its
+    /// extension: `.toml`, `.yaml` / `.yml` or `.json` (in any case).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `config.load`) when the extension is none of those, when the file
+    /// cannot be read (the I/O error is the source), or as
+    /// [`Config::from_toml_str`], with the file's path in the message.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Config, BackendError> {
+        let path = path.as_ref();
+        let extension = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        let format = match extension.as_deref() {
+            Some("toml") => Format::Toml,
+            Some("yaml" | "yml") => Format::Yaml,
+            Some("json") => Format::Json,
+            other => {
+                let found = match other {
+                    Some(ext) => format!("extension {ext:?}"),
+                    None => "no extension".to_owned(),
+                };
+                return Err(BackendError::invalid_config(
+                    LOAD_OP,
+                    format!(
+                        "unsupported config file {}: {found}; accepted extensions: toml, yaml, yml, json",
+                        path.display()
+                    ),
+                )
+                .with_detail("file", path.display().to_string()));
+            }
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            BackendError::invalid_config(
+                LOAD_OP,
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+            .with_detail("file", path.display().to_string())
+            .with_source(e)
+        })?;
+        load(&text, format, Some(path))
+    }
+
+    /// The config as TOML. Secret-looking `provider_config` values come out
+    /// as `[redacted]`, so the output is safe to log but must have its secrets
+    /// supplied again before it is loaded.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `config.save`) when a value cannot be written as TOML (e.g. a JSON
+    /// `null` in `provider_config`).
+    pub fn to_toml_string(&self) -> Result<String, BackendError> {
+        toml::to_string(self).map_err(|e| {
+            BackendError::invalid_config(SAVE_OP, format!("cannot write config as TOML: {e}"))
+        })
+    }
+
+    /// The config as pretty-printed JSON, secrets redacted as for
+    /// [`Config::to_toml_string`].
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `config.save`) if serialization fails.
+    pub fn to_json_string(&self) -> Result<String, BackendError> {
+        serde_json::to_string_pretty(self).map_err(|e| {
+            BackendError::invalid_config(SAVE_OP, format!("cannot write config as JSON: {e}"))
+        })
+    }
+}
+
+impl SessionConfig {
+    /// Parses and validates a JSON session config (the agent is not part of
+    /// it; set it with [`SessionConfig::with_agent`]).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `session_config.load`): `invalid JSON: ...` for a syntax error, an
+    /// unknown key or a value of the wrong type; otherwise every violation
+    /// found by [`SessionConfig::violations`].
+    pub fn from_json_str(json: &str) -> Result<SessionConfig, BackendError> {
+        let config: SessionConfig = parse(json, Format::Json, None, SESSION_LOAD_OP)?;
+        config.violations().into_result(SESSION_LOAD_OP)?;
+        Ok(config)
+    }
+
+    /// The session config as pretty-printed JSON; `auth_token` comes out as
+    /// `[redacted]` and the agent is left out.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `session_config.save`) if serialization fails.
+    pub fn to_json_string(&self) -> Result<String, BackendError> {
+        serde_json::to_string_pretty(self).map_err(|e| {
+            BackendError::invalid_config(
+                "session_config.save",
+                format!("cannot write session config as JSON: {e}"),
+            )
+        })
+    }
+}
+
+/// Deserializes [`Config::provider_config`] into a provider's typed config `T`.
+///
+/// Providers call it from their config validation; marking `T`
+/// `#[serde(deny_unknown_fields)]` turns a misspelled key into an error.
+///
+/// ```
+/// use serde::Deserialize;
+/// use voice_backends::{parse_provider_config, Config};
+///
+/// #[derive(Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// struct MyConfig {
+///     region: String,
+/// }
+///
+/// let config = Config::builder("mine")
+///     .pipeline_type(voice_backends::PipelineType::S2s)
+///     .s2s_provider("echo")
+///     .provider_option("region", "eu")
+///     .build()?;
+/// let mine: MyConfig = parse_provider_config(&config)?;
+/// assert_eq!(mine.region, "eu");
+/// # Ok::<(), voice_backends::BackendError>(())
+/// ```
+///
+/// # Errors
+///
+/// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+/// `provider.validate_config`) with one detail keyed by the offending path,
+/// e.g. `provider_config.region` or `provider_config.audio.rate`. The value of
+/// a secret-looking key (see [`ProviderSection::is_secret_key`]) is never
+/// echoed: such errors read `invalid value (redacted)`.
+pub fn parse_provider_config<T: DeserializeOwned>(config: &Config) -> Result<T, BackendError> {
+    let value = serde_json::Value::Object(config.provider_config.0.clone());
+    let error = match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(parsed) => return Ok(parsed),
+        Err(e) => e,
+    };
+
+    let mut path = String::from("provider_config");
+    let mut secret = false;
+    for segment in error.path().iter() {
+        match segment {
+            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                secret |= ProviderSection::is_secret_key(key);
+                path.push('.');
+                path.push_str(key);
+            }
+            Segment::Unknown => path.push_str(".?"),
+        }
+    }
+    let inner = error.into_inner().to_string();
+
+    // Unknown and missing field messages name keys, never values: keep them.
+    // A missing field is reported by serde at its parent; point at the field.
+    let names_only = inner.starts_with("unknown field") || inner.starts_with("missing field");
+    if let Some(field) = inner
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        secret |= ProviderSection::is_secret_key(field);
+        path.push('.');
+        path.push_str(field);
+    }
+    let message = if names_only || !secret {
+        inner
+    } else {
+        "invalid value (redacted)".to_owned()
+    };
+    Err(BackendError::invalid_config(
+        PROVIDER_OP,
+        format!("invalid provider config: {path}: {message}"),
+    )
+    .with_detail(path, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_column;
+
+    #[test]
+    fn line_column_counts_from_one() {
+        assert_eq!(line_column("abc", 0), (1, 1));
+        assert_eq!(line_column("a\nbc", 3), (2, 2));
+        assert_eq!(line_column("a\n", 2), (2, 1));
+        assert_eq!(line_column("é\nx", 1), (1, 2));
+    }
+}

@@ -1,0 +1,357 @@
+//! Backend and session configuration.
+//!
+//! [`Config`] configures a backend; [`SessionConfig`] configures one session.
+//! Both are serde types loadable from TOML, YAML and JSON, with durations
+//! written like `500ms` or `30s`. Unknown keys are errors, so a misspelled key is
+//! reported rather than ignored. [`Config::validate`] reports every violation at
+//! once, each with its field path.
+//!
+//! The provider-specific section, [`Config::provider_config`], is kept as JSON
+//! here and validated by the provider against its own typed config (see
+//! [`crate::BackendProvider::validate_config`] and [`crate::parse_provider_config`]).
+
+mod builder;
+mod env;
+mod load;
+mod secret;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Agent;
+
+pub use builder::ConfigBuilder;
+pub use load::parse_provider_config;
+pub use secret::{REDACTED, Secret};
+pub use validate::{ResolvedPipeline, Violation, Violations};
+
+/// Default [`Config::latency_target`]: 500 ms.
+pub const DEFAULT_LATENCY_TARGET: Duration = Duration::from_millis(500);
+/// Smallest allowed [`Config::latency_target`]: 100 ms.
+pub const MIN_LATENCY_TARGET: Duration = Duration::from_millis(100);
+/// Largest allowed [`Config::latency_target`]: 5 s.
+pub const MAX_LATENCY_TARGET: Duration = Duration::from_secs(5);
+/// Default [`Config::timeout`]: 30 s.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Smallest allowed [`Config::timeout`]: 1 s.
+pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest allowed [`Config::timeout`]: 5 min.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default [`Config::max_retries`]: 3.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+/// Largest allowed [`Config::max_retries`]: 10.
+pub const MAX_MAX_RETRIES: u32 = 10;
+/// Default [`Config::retry_delay`]: 1 s.
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Smallest allowed [`Config::retry_delay`]: 100 ms.
+pub const MIN_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Largest allowed [`Config::retry_delay`]: 30 s.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// Default [`Config::max_concurrent_sessions`]: 100.
+pub const DEFAULT_MAX_CONCURRENT_SESSIONS: u32 = 100;
+
+/// How a session turns user speech into a reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineType {
+    /// Speech-to-text, then the agent, then text-to-speech. Needs `stt_provider`
+    /// and `tts_provider`.
+    #[default]
+    SttTts,
+    /// A speech-to-speech model. Needs `s2s_provider`.
+    S2s,
+}
+
+impl PipelineType {
+    /// The name used in config files: `stt_tts` or `s2s`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PipelineType::SttTts => "stt_tts",
+            PipelineType::S2s => "s2s",
+        }
+    }
+}
+
+impl fmt::Display for PipelineType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How much the crate logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    /// Everything, including per-frame detail.
+    Trace,
+    /// Diagnostic detail.
+    Debug,
+    /// Lifecycle events (the default).
+    #[default]
+    Info,
+    /// Problems that were handled.
+    Warn,
+    /// Failures only.
+    Error,
+}
+
+/// A custom audio processor to run on every incoming frame, by name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorConfig {
+    /// The registered name of the processor.
+    pub name: String,
+    /// Where it runs: lower `order` runs first; equal orders keep config order.
+    #[serde(default)]
+    pub order: i32,
+    /// Processor-specific options.
+    #[serde(default = "empty_object", skip_serializing_if = "is_empty_object")]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub options: serde_json::Value,
+}
+
+/// The provider-specific section of a [`Config`], as a JSON object.
+///
+/// It is checked by the provider against its own typed config. Until then its
+/// values are untyped, so `Debug` and `Serialize` redact every value whose key
+/// looks secret (it contains `key`, `secret`, `token`, `password` or
+/// `credential`, in any case).
+#[derive(Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct ProviderSection(pub serde_json::Map<String, serde_json::Value>);
+
+impl ProviderSection {
+    /// Whether a key of the section names a secret, so its value is redacted.
+    pub fn is_secret_key(key: &str) -> bool {
+        let k = key.to_ascii_lowercase();
+        ["key", "secret", "token", "password", "credential"]
+            .iter()
+            .any(|w| k.contains(w))
+    }
+
+    /// A copy with every secret-looking value (at any depth) replaced by `[redacted]`.
+    pub fn redacted(&self) -> serde_json::Map<String, serde_json::Value> {
+        fn redact(v: &serde_json::Value) -> serde_json::Value {
+            match v {
+                serde_json::Value::Object(m) => serde_json::Value::Object(redact_map(m)),
+                serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(redact).collect()),
+                other => other.clone(),
+            }
+        }
+        fn redact_map(m: &serde_json::Map<String, serde_json::Value>) -> serde_json::Map<String, serde_json::Value> {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if ProviderSection::is_secret_key(k) && !v.is_object() {
+                        serde_json::Value::String(REDACTED.to_owned())
+                    } else {
+                        redact(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect()
+        }
+        redact_map(&self.0)
+    }
+
+    /// Whether the section has no keys.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for ProviderSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl Serialize for ProviderSection {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.redacted().serialize(serializer)
+    }
+}
+
+/// The configuration of a backend.
+///
+/// Build one in code with [`Config::builder`], or load it with
+/// [`Config::from_toml_str`], [`Config::from_yaml_str`], [`Config::from_json_str`] or
+/// [`Config::from_path`]. Loading never reads the environment; overlaying
+/// environment variables is the explicit [`Config::apply_env`] / [`Config::from_env`].
+///
+/// ```toml
+/// provider = "local"
+/// pipeline_type = "s2s"
+/// s2s_provider = "echo"
+/// latency_target = "300ms"
+/// timeout = "10s"
+///
+/// [provider_config]
+/// region = "eu"
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The registered name of the provider, e.g. `"local"` or `"pipecat"`.
+    pub provider: String,
+    /// The provider-specific section, validated by the provider.
+    #[serde(default, skip_serializing_if = "ProviderSection::is_empty")]
+    pub provider_config: ProviderSection,
+    /// `stt_tts` (the default) or `s2s`.
+    #[serde(default)]
+    pub pipeline_type: PipelineType,
+    /// Speech-to-text component, required by `stt_tts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stt_provider: Option<String>,
+    /// Text-to-speech component, required by `stt_tts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tts_provider: Option<String>,
+    /// Speech-to-speech component, required by `s2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s2s_provider: Option<String>,
+    /// Voice activity detection component (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vad_provider: Option<String>,
+    /// Turn detection component (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_detection_provider: Option<String>,
+    /// Noise cancellation component (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_cancellation_provider: Option<String>,
+    /// The end-of-speech to first-reply-audio latency to aim for; 100ms..=5s, default 500ms.
+    #[serde(default = "default_latency_target", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub latency_target: Duration,
+    /// Deadline of one operation (connect, turn, shutdown); 1s..=5m, default 30s.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// Connection attempts after the first; 0..=10, default 3.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Delay before the first retry, doubled after each; 100ms..=30s, default 1s.
+    #[serde(default = "default_retry_delay", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub retry_delay: Duration,
+    /// Sessions open at once on the backend; at least 1, default 100.
+    #[serde(default = "default_max_concurrent_sessions")]
+    pub max_concurrent_sessions: u32,
+    /// Emit tracing spans (default true).
+    #[serde(default = "default_true")]
+    pub enable_tracing: bool,
+    /// Record metrics (default true).
+    #[serde(default = "default_true")]
+    pub enable_metrics: bool,
+    /// Emit log events (default true).
+    #[serde(default = "default_true")]
+    pub enable_logging: bool,
+    /// Log level (default `info`).
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Custom audio processors, run in ascending `order`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processors: Vec<ProcessorConfig>,
+}
+
+/// The transport a session's user connects over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// WebRTC (e.g. a LiveKit room).
+    Webrtc,
+    /// A WebSocket (the default).
+    #[default]
+    Websocket,
+}
+
+/// A per-session override of the backend's pipeline.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineOverride {
+    /// Replaces [`Config::pipeline_type`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_type: Option<PipelineType>,
+    /// Replaces [`Config::stt_provider`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stt_provider: Option<String>,
+    /// Replaces [`Config::tts_provider`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tts_provider: Option<String>,
+    /// Replaces [`Config::s2s_provider`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s2s_provider: Option<String>,
+}
+
+/// The configuration of one session.
+///
+/// The agent is set in code (it is not part of the serialized form).
+#[derive(Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// The user the session belongs to; required, non-empty.
+    pub user_id: String,
+    /// `websocket` (the default) or `webrtc`.
+    #[serde(default)]
+    pub transport: Transport,
+    /// Where the provider should connect this session, if it needs one
+    /// (`ws`, `wss`, `http` or `https`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_url: Option<String>,
+    /// The token given to the backend's auth hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_token: Option<Secret>,
+    /// Overrides of the backend's pipeline for this session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineOverride>,
+    /// Free-form metadata kept with the session.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+    /// The application's agent for this session.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub agent: Option<Arc<dyn Agent>>,
+}
+
+impl fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("user_id", &self.user_id)
+            .field("transport", &self.transport)
+            .field("connection_url", &self.connection_url)
+            .field("auth_token", &self.auth_token)
+            .field("pipeline", &self.pipeline)
+            .field("metadata", &self.metadata)
+            .field("agent", &self.agent.as_ref().map(|_| "<agent>"))
+            .finish()
+    }
+}
+
+fn default_latency_target() -> Duration {
+    DEFAULT_LATENCY_TARGET
+}
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
+}
+fn default_max_retries() -> u32 {
+    DEFAULT_MAX_RETRIES
+}
+fn default_retry_delay() -> Duration {
+    DEFAULT_RETRY_DELAY
+}
+fn default_max_concurrent_sessions() -> u32 {
+    DEFAULT_MAX_CONCURRENT_SESSIONS
+}
+fn default_true() -> bool {
+    true
+}
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+fn is_empty_object(v: &serde_json::Value) -> bool {
+    v.as_object().is_some_and(|m| m.is_empty())
+}

@@ -1,0 +1,517 @@
+//! Validation of [`Config`] and [`SessionConfig`]: every rule, every violation at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use super::{
+    Config, MAX_LATENCY_TARGET, MAX_MAX_RETRIES, MAX_RETRY_DELAY, MAX_TIMEOUT, MIN_LATENCY_TARGET,
+    MIN_RETRY_DELAY, MIN_TIMEOUT, PipelineOverride, PipelineType, ProviderSection, REDACTED,
+    SessionConfig,
+};
+use crate::error::BackendError;
+
+/// One broken rule of a configuration: the field path and what is wrong with it.
+///
+/// `Display` reads `path: message`, e.g.
+/// `latency_target: 50ms is out of range 100ms..=5s`. Messages never carry a
+/// secret's value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The path of the offending field, e.g. `latency_target`,
+    /// `processors[2].name` or `provider_config.api_key`.
+    pub path: String,
+    /// What is wrong and, where possible, what is allowed.
+    pub message: String,
+}
+
+impl Violation {
+    /// A violation of the field at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Violation {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every [`Violation`] found in a configuration, in the order they were found.
+///
+/// `Display` writes one violation per line. [`Violations::into_error`] turns the
+/// list into one [`BackendError`] of code
+/// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Violations(Vec<Violation>);
+
+impl Violations {
+    /// An empty list.
+    pub fn new() -> Self {
+        Violations(Vec::new())
+    }
+
+    /// Records that the field at `path` breaks a rule.
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Violation::new(path, message));
+    }
+
+    /// Appends every violation of `other`.
+    pub fn append(&mut self, other: Violations) {
+        self.0.extend(other.0);
+    }
+
+    /// Whether nothing was found, i.e. the configuration is valid.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many violations were found.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The violations, in the order they were found.
+    pub fn iter(&self) -> std::slice::Iter<'_, Violation> {
+        self.0.iter()
+    }
+
+    /// The violations as a vector.
+    pub fn into_vec(self) -> Vec<Violation> {
+        self.0
+    }
+
+    /// One [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) error for
+    /// operation `op` listing every violation in its message
+    /// (`2 config errors: timeout: ...; max_retries: ...`), with one `details`
+    /// entry per field path.
+    pub fn into_error(self, op: &'static str) -> BackendError {
+        let message = match self.0.len() {
+            0 => "invalid config".to_owned(),
+            n => {
+                let list = self
+                    .0
+                    .iter()
+                    .map(Violation::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let noun = if n == 1 { "error" } else { "errors" };
+                format!("{n} config {noun}: {list}")
+            }
+        };
+        let mut error = BackendError::invalid_config(op, message);
+        for v in self.0 {
+            error.push_detail(v.path, v.message);
+        }
+        error
+    }
+
+    /// `Ok(())` when empty, otherwise [`Violations::into_error`].
+    pub fn into_result(self, op: &'static str) -> Result<(), BackendError> {
+        if self.is_empty() {
+            Ok(())
+        } else {
+            Err(self.into_error(op))
+        }
+    }
+}
+
+impl fmt::Display for Violations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, v) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            fmt::Display::fmt(v, f)?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Vec<Violation>> for Violations {
+    fn from(list: Vec<Violation>) -> Self {
+        Violations(list)
+    }
+}
+
+impl FromIterator<Violation> for Violations {
+    fn from_iter<I: IntoIterator<Item = Violation>>(iter: I) -> Self {
+        Violations(iter.into_iter().collect())
+    }
+}
+
+impl Extend<Violation> for Violations {
+    fn extend<I: IntoIterator<Item = Violation>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
+}
+
+impl IntoIterator for Violations {
+    type Item = Violation;
+    type IntoIter = std::vec::IntoIter<Violation>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Violations {
+    type Item = &'a Violation;
+    type IntoIter = std::slice::Iter<'a, Violation>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// The pipeline a session runs: the backend's [`Config`] with the session's
+/// [`PipelineOverride`] applied. Made by [`SessionConfig::resolve_pipeline`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedPipeline {
+    /// The pipeline type in effect.
+    pub pipeline_type: PipelineType,
+    /// The speech-to-text component in effect (set whenever `pipeline_type` is `stt_tts`).
+    pub stt_provider: Option<String>,
+    /// The text-to-speech component in effect (set whenever `pipeline_type` is `stt_tts`).
+    pub tts_provider: Option<String>,
+    /// The speech-to-speech component in effect (set whenever `pipeline_type` is `s2s`).
+    pub s2s_provider: Option<String>,
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn check_duration(v: &mut Violations, path: &str, value: Duration, min: Duration, max: Duration) {
+    if value < min || value > max {
+        v.push(
+            path,
+            format!(
+                "{} is out of range {}..={}",
+                fmt_duration(value),
+                fmt_duration(min),
+                fmt_duration(max)
+            ),
+        );
+    }
+}
+
+/// Checks a name (of a provider, component or processor): non-empty, no
+/// surrounding whitespace.
+fn check_name(v: &mut Violations, path: &str, name: &str) {
+    if name.trim().is_empty() {
+        v.push(path, "must be non-empty");
+    } else if name.trim() != name {
+        v.push(
+            path,
+            format!("{name:?} has leading or trailing whitespace"),
+        );
+    }
+}
+
+fn check_optional_name(v: &mut Violations, path: &str, name: Option<&str>) {
+    if let Some(name) = name {
+        check_name(v, path, name);
+    }
+}
+
+/// Reports every secret-looking value (at any depth) that is the redaction marker.
+fn check_redaction_markers(v: &mut Violations, path: &str, value: &serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                let child = format!("{path}.{key}");
+                if ProviderSection::is_secret_key(key) && value.as_str() == Some(REDACTED) {
+                    v.push(child, redaction_marker_message());
+                } else {
+                    check_redaction_markers(v, &child, value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_redaction_markers(v, &format!("{path}[{i}]"), item);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn redaction_marker_message() -> String {
+    format!("is the redaction marker {REDACTED:?}; supply the real secret")
+}
+
+/// The cross-field rules of a pipeline: the components its type needs.
+fn check_pipeline(
+    v: &mut Violations,
+    prefix: &str,
+    pipeline_type: PipelineType,
+    stt: Option<&str>,
+    tts: Option<&str>,
+    s2s: Option<&str>,
+) {
+    match pipeline_type {
+        PipelineType::SttTts => {
+            if stt.is_none() {
+                v.push(
+                    format!("{prefix}stt_provider"),
+                    "pipeline_type = stt_tts requires stt_provider",
+                );
+            }
+            if tts.is_none() {
+                v.push(
+                    format!("{prefix}tts_provider"),
+                    "pipeline_type = stt_tts requires tts_provider",
+                );
+            }
+        }
+        PipelineType::S2s => {
+            if s2s.is_none() {
+                v.push(
+                    format!("{prefix}s2s_provider"),
+                    "pipeline_type = s2s requires s2s_provider",
+                );
+            }
+        }
+    }
+}
+
+fn check_override_names(v: &mut Violations, p: &PipelineOverride) {
+    check_optional_name(v, "pipeline.stt_provider", p.stt_provider.as_deref());
+    check_optional_name(v, "pipeline.tts_provider", p.tts_provider.as_deref());
+    check_optional_name(v, "pipeline.s2s_provider", p.s2s_provider.as_deref());
+}
+
+impl Config {
+    /// Checks every rule and reports every violation at once.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `config.validate`) whose message lists every violation and whose
+    /// `details` hold one entry per field path; see [`Config::violations`].
+    pub fn validate(&self) -> Result<(), BackendError> {
+        self.violations().into_result("config.validate")
+    }
+
+    /// Every rule this config breaks, each with its field path:
+    ///
+    /// - `provider` is non-empty, without surrounding whitespace;
+    /// - `latency_target` is in 100ms..=5s, `timeout` in 1s..=5m,
+    ///   `max_retries` in 0..=10, `retry_delay` in 100ms..=30s and
+    ///   `max_concurrent_sessions` at least 1;
+    /// - `pipeline_type = stt_tts` requires `stt_provider` and `tts_provider`,
+    ///   `pipeline_type = s2s` requires `s2s_provider`;
+    /// - `latency_target` does not exceed `timeout`;
+    /// - component names, when set, are non-empty without surrounding whitespace;
+    /// - processor names are non-empty and unique, their options an object;
+    /// - no secret-looking `provider_config` value is the redaction marker
+    ///   `[redacted]` (left there by saving a config).
+    pub fn violations(&self) -> Violations {
+        let mut v = Violations::new();
+
+        check_name(&mut v, "provider", &self.provider);
+
+        check_duration(
+            &mut v,
+            "latency_target",
+            self.latency_target,
+            MIN_LATENCY_TARGET,
+            MAX_LATENCY_TARGET,
+        );
+        check_duration(&mut v, "timeout", self.timeout, MIN_TIMEOUT, MAX_TIMEOUT);
+        if self.max_retries > MAX_MAX_RETRIES {
+            v.push(
+                "max_retries",
+                format!(
+                    "{} is out of range 0..={MAX_MAX_RETRIES}",
+                    self.max_retries
+                ),
+            );
+        }
+        check_duration(
+            &mut v,
+            "retry_delay",
+            self.retry_delay,
+            MIN_RETRY_DELAY,
+            MAX_RETRY_DELAY,
+        );
+        if self.max_concurrent_sessions < 1 {
+            v.push(
+                "max_concurrent_sessions",
+                format!(
+                    "{} is out of range; must be at least 1",
+                    self.max_concurrent_sessions
+                ),
+            );
+        }
+
+        check_pipeline(
+            &mut v,
+            "",
+            self.pipeline_type,
+            self.stt_provider.as_deref(),
+            self.tts_provider.as_deref(),
+            self.s2s_provider.as_deref(),
+        );
+        if self.latency_target > self.timeout {
+            v.push(
+                "latency_target",
+                format!(
+                    "{} exceeds timeout {}; it must not be longer than timeout",
+                    fmt_duration(self.latency_target),
+                    fmt_duration(self.timeout)
+                ),
+            );
+        }
+
+        for (path, name) in [
+            ("stt_provider", &self.stt_provider),
+            ("tts_provider", &self.tts_provider),
+            ("s2s_provider", &self.s2s_provider),
+            ("vad_provider", &self.vad_provider),
+            ("turn_detection_provider", &self.turn_detection_provider),
+            (
+                "noise_cancellation_provider",
+                &self.noise_cancellation_provider,
+            ),
+        ] {
+            check_optional_name(&mut v, path, name.as_deref());
+        }
+
+        let mut first_index: HashMap<&str, usize> = HashMap::new();
+        for (i, p) in self.processors.iter().enumerate() {
+            let path = format!("processors[{i}].name");
+            check_name(&mut v, &path, &p.name);
+            if !p.name.trim().is_empty() {
+                match first_index.get(p.name.as_str()) {
+                    Some(first) => v.push(
+                        path,
+                        format!(
+                            "duplicate processor name {:?} (also processors[{first}])",
+                            p.name
+                        ),
+                    ),
+                    None => {
+                        first_index.insert(&p.name, i);
+                    }
+                }
+            }
+            if !p.options.is_object() {
+                v.push(
+                    format!("processors[{i}].options"),
+                    "must be a table (an object of options)",
+                );
+            }
+        }
+
+        for (key, value) in &self.provider_config.0 {
+            let path = format!("provider_config.{key}");
+            if ProviderSection::is_secret_key(key) && value.as_str() == Some(REDACTED) {
+                v.push(path, redaction_marker_message());
+            } else {
+                check_redaction_markers(&mut v, &path, value);
+            }
+        }
+
+        v
+    }
+}
+
+impl SessionConfig {
+    /// Checks every rule and reports every violation at once.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `session_config.validate`) listing every violation; see
+    /// [`SessionConfig::violations`].
+    pub fn validate(&self) -> Result<(), BackendError> {
+        self.violations().into_result("session_config.validate")
+    }
+
+    /// Every rule this session config breaks, each with its field path:
+    ///
+    /// - `user_id` is non-empty;
+    /// - `connection_url`, when set, is a URL with scheme `ws`, `wss`, `http`
+    ///   or `https` (messages never repeat the URL, which may hold credentials);
+    /// - `auth_token`, when set, is non-empty and not the redaction marker;
+    /// - the names in `pipeline`, when set, are non-empty without surrounding
+    ///   whitespace.
+    ///
+    /// Whether the overridden pipeline has every component it needs depends on
+    /// the backend's [`Config`]: see [`SessionConfig::resolve_pipeline`].
+    pub fn violations(&self) -> Violations {
+        let mut v = Violations::new();
+        if self.user_id.trim().is_empty() {
+            v.push("user_id", "must be non-empty");
+        }
+        if let Some(url) = &self.connection_url {
+            match url::Url::parse(url) {
+                Ok(parsed) => {
+                    let scheme = parsed.scheme();
+                    if !matches!(scheme, "ws" | "wss" | "http" | "https") {
+                        v.push(
+                            "connection_url",
+                            format!(
+                                "scheme {scheme:?} is not supported; use ws, wss, http or https"
+                            ),
+                        );
+                    }
+                }
+                Err(e) => v.push(
+                    "connection_url",
+                    format!("is not a valid URL ({e}); expected e.g. wss://host/path"),
+                ),
+            }
+        }
+        if let Some(token) = &self.auth_token {
+            if token.is_empty() {
+                v.push("auth_token", "must be non-empty when set");
+            } else if token.is_redaction_marker() {
+                v.push("auth_token", redaction_marker_message());
+            }
+        }
+        if let Some(p) = &self.pipeline {
+            check_override_names(&mut v, p);
+        }
+        v
+    }
+
+    /// The pipeline this session runs on a backend configured by `base`: each
+    /// field of [`SessionConfig::pipeline`] that is set replaces the base's.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
+    /// `session_config.resolve_pipeline`) when the merged pipeline lacks a
+    /// component its type needs (`pipeline.s2s_provider` for `s2s`,
+    /// `pipeline.stt_provider` and `pipeline.tts_provider` for `stt_tts`) or
+    /// an overriding name is empty or padded with whitespace.
+    pub fn resolve_pipeline(&self, base: &Config) -> Result<ResolvedPipeline, BackendError> {
+        let empty = PipelineOverride::default();
+        let p = self.pipeline.as_ref().unwrap_or(&empty);
+        let resolved = ResolvedPipeline {
+            pipeline_type: p.pipeline_type.unwrap_or(base.pipeline_type),
+            stt_provider: p.stt_provider.clone().or_else(|| base.stt_provider.clone()),
+            tts_provider: p.tts_provider.clone().or_else(|| base.tts_provider.clone()),
+            s2s_provider: p.s2s_provider.clone().or_else(|| base.s2s_provider.clone()),
+        };
+        let mut v = Violations::new();
+        check_override_names(&mut v, p);
+        check_pipeline(
+            &mut v,
+            "pipeline.",
+            resolved.pipeline_type,
+            resolved.stt_provider.as_deref(),
+            resolved.tts_provider.as_deref(),
+            resolved.s2s_provider.as_deref(),
+        );
+        v.into_result("session_config.resolve_pipeline")?;
+        Ok(resolved)
+    }
+}

@@ -1,0 +1,32 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod audio;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod hooks;
+pub mod provider;
+pub mod registry;
+pub mod session;
+
+pub use agent::{Agent, AgentReply, AgentTurn, agent_fn};
+pub use audio::{AudioEncoding, AudioFormat, AudioFrame};
+pub use backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
+pub use config::*;
+pub use error::{BackendError, ErrorCode, Result};
+pub use hooks::{
+    AudioProcessor, AuthHook, DataKind, DataRetentionHook, Operation, Principal, RateLimiter,
+    TokenBucketLimiter,
+};
+pub use provider::{BackendProvider, Codec, ConfigSchema, ProviderCapabilities, ProviderEntry};
+pub use registry::{BackendRegistry, DuplicateEntry, Registry, new_backend, registry};
+pub use session::{AudioReceiver, PersistenceStatus, PipelineState, SessionId, VoiceSession};
+
+#[doc(hidden)]
+pub mod __private {
+    //! Re-exports used by the crate's macros; not part of the public API.
+    pub use linkme;
+}

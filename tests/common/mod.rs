@@ -1,0 +1,172 @@
+//! Test doubles shared by the integration tests and benches: a provider whose
+//! validation outcome is chosen by the test, and a backend that records what
+//! made it.
+#![allow(dead_code)]
+
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use voice_backends::{
+    BackendError, BackendProvider, Config, ConfigSchema, ConnectionState, ErrorCode, Health,
+    HealthStatus, ProviderCapabilities, SessionConfig, SessionId, VoiceBackend, VoiceSession,
+};
+
+/// How a [`DoubleProvider`] answers `validate_config`.
+#[derive(Clone, Debug)]
+pub enum Verdict {
+    Accept,
+    Reject(ErrorCode, &'static str),
+}
+
+/// A provider double: counts validations and creations; backends it makes
+/// carry its `tag`, so a test can tell which registration served a call.
+pub struct DoubleProvider {
+    pub name: String,
+    pub tag: String,
+    pub verdict: Verdict,
+    pub validated: AtomicUsize,
+    pub created: AtomicUsize,
+}
+
+impl DoubleProvider {
+    pub fn new(name: &str, tag: &str) -> Arc<Self> {
+        Arc::new(Self::plain(name, tag))
+    }
+
+    pub fn plain(name: &str, tag: &str) -> Self {
+        DoubleProvider {
+            name: name.to_owned(),
+            tag: tag.to_owned(),
+            verdict: Verdict::Accept,
+            validated: AtomicUsize::new(0),
+            created: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn rejecting(name: &str, code: ErrorCode, message: &'static str) -> Arc<Self> {
+        Arc::new(DoubleProvider {
+            name: name.to_owned(),
+            tag: name.to_owned(),
+            verdict: Verdict::Reject(code, message),
+            validated: AtomicUsize::new(0),
+            created: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct DoubleConfig {
+    /// Where the double would connect.
+    pub url: Option<String>,
+}
+
+impl BackendProvider for DoubleProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> ProviderCapabilities {
+        let mut caps = ProviderCapabilities::default();
+        caps.max_concurrent_sessions = 7;
+        caps
+    }
+
+    fn validate_config(&self, _config: &Config) -> voice_backends::Result<()> {
+        self.validated.fetch_add(1, Ordering::Relaxed);
+        match &self.verdict {
+            Verdict::Accept => Ok(()),
+            Verdict::Reject(code, message) => {
+                Err(BackendError::new("double.validate", *code, *message)
+                    .with_detail("provider_config.url", "rejected by the double"))
+            }
+        }
+    }
+
+    fn create_backend(&self, config: &Config) -> voice_backends::Result<Arc<dyn VoiceBackend>> {
+        self.created.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(DoubleBackend {
+            provider: self.tag.clone(),
+            config: Mutex::new(Arc::new(config.clone())),
+        }))
+    }
+
+    fn config_schema(&self) -> ConfigSchema {
+        ConfigSchema::of::<DoubleConfig>(self.name.clone())
+    }
+}
+
+/// A backend with no sessions; `provider()` returns the tag of its maker.
+pub struct DoubleBackend {
+    pub provider: String,
+    pub config: Mutex<Arc<Config>>,
+}
+
+#[async_trait]
+impl VoiceBackend for DoubleBackend {
+    fn provider(&self) -> &str {
+        &self.provider
+    }
+    async fn start(&self) -> voice_backends::Result<()> {
+        Ok(())
+    }
+    async fn stop(&self) -> voice_backends::Result<()> {
+        Ok(())
+    }
+    async fn create_session(
+        &self,
+        _config: SessionConfig,
+    ) -> voice_backends::Result<Arc<dyn VoiceSession>> {
+        Err(BackendError::new(
+            "double.create_session",
+            ErrorCode::SessionLimitExceeded,
+            "the double holds no sessions",
+        ))
+    }
+    async fn get_session(&self, id: &SessionId) -> voice_backends::Result<Arc<dyn VoiceSession>> {
+        Err(BackendError::new(
+            "double.get_session",
+            ErrorCode::SessionNotFound,
+            format!("no session {id}"),
+        ))
+    }
+    async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
+        Vec::new()
+    }
+    async fn close_session(&self, id: &SessionId) -> voice_backends::Result<()> {
+        Err(BackendError::new(
+            "double.close_session",
+            ErrorCode::SessionNotFound,
+            format!("no session {id}"),
+        ))
+    }
+    async fn health_check(&self) -> HealthStatus {
+        HealthStatus::new(Health::Healthy).with_detail("double", "ok")
+    }
+    fn connection_state(&self) -> ConnectionState {
+        ConnectionState::Disconnected
+    }
+    fn active_session_count(&self) -> usize {
+        0
+    }
+    fn config(&self) -> Arc<Config> {
+        self.config.lock().unwrap().clone()
+    }
+    async fn update_config(&self, config: Config) -> voice_backends::Result<()> {
+        config.validate()?;
+        *self.config.lock().unwrap() = Arc::new(config);
+        Ok(())
+    }
+}
+
+/// A valid config: an s2s pipeline with the echo component.
+pub fn valid_config(provider: &str) -> Config {
+    let mut c = Config::new(provider);
+    c.pipeline_type = voice_backends::PipelineType::S2s;
+    c.s2s_provider = Some("echo".into());
+    c
+}
+
