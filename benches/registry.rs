@@ -1,1 +1,115 @@
-fn main(){}
+//! Registry lookups, single-threaded and on two threads at once.
+//!
+//! The registry holds six providers (as a build with every provider would).
+//! For the two-thread cases each thread runs the whole iteration count at the
+//! same time as the other; the time reported is wall time per iteration, so
+//! perfect scaling reports the same time as the single-thread case (twice the
+//! throughput), and full serialisation reports twice that time.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::{Arc, Barrier};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use voice_backends::{BackendRegistry, Config};
+
+const NAMES: [&str; 6] = ["cartesia", "livekit", "local", "pipecat", "vapi", "vocode"];
+
+fn registry() -> Arc<BackendRegistry> {
+    let reg = BackendRegistry::new();
+    for name in NAMES {
+        reg.register(name, common::DoubleProvider::light(name));
+    }
+    Arc::new(reg)
+}
+
+/// Polls a future that completes without waiting (the registry's `create`
+/// never awaits), so the bench measures the registry, not an executor.
+fn ready<F: Future>(fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("registry create is expected to complete without waiting"),
+    }
+}
+
+type Op = fn(&BackendRegistry, &Config);
+
+fn op_is_registered(reg: &BackendRegistry, _: &Config) {
+    black_box(reg.is_registered(black_box("pipecat")));
+}
+
+fn op_create(reg: &BackendRegistry, config: &Config) {
+    black_box(ready(reg.create(black_box("pipecat"), config)).unwrap());
+}
+
+fn op_create_unknown(reg: &BackendRegistry, config: &Config) {
+    let result = ready(reg.create(black_box("pipecatt"), config));
+    assert!(result.is_err());
+    black_box(result.err());
+}
+
+fn op_list_providers(reg: &BackendRegistry, _: &Config) {
+    black_box(reg.list_providers());
+}
+
+fn op_get_provider(reg: &BackendRegistry, _: &Config) {
+    black_box(reg.get_provider(black_box("pipecat")).unwrap());
+}
+
+/// Wall time for each of two threads to run `iters` operations concurrently.
+fn two_threads(reg: &Arc<BackendRegistry>, config: &Arc<Config>, op: Op, iters: u64) -> Duration {
+    let barrier = Arc::new(Barrier::new(3));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (reg, config, barrier) = (reg.clone(), config.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..iters {
+                    op(&reg, &config);
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for w in workers {
+        w.join().unwrap();
+    }
+    start.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let reg = registry();
+    let config = Arc::new(common::valid_config("pipecat"));
+    let ops: [(&str, Op); 5] = [
+        ("is_registered", op_is_registered),
+        ("create", op_create),
+        ("create_unknown", op_create_unknown),
+        ("list_providers", op_list_providers),
+        ("get_provider", op_get_provider),
+    ];
+    let mut group = c.benchmark_group("registry");
+    for (name, op) in ops {
+        group.bench_function(format!("{name}/1_thread"), |b| b.iter(|| op(&reg, &config)));
+        group.bench_function(format!("{name}/2_threads"), |b| {
+            b.iter_custom(|iters| two_threads(&reg, &config, op, iters))
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);

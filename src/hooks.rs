@@ -195,7 +195,12 @@ impl TokenBucketLimiter {
     }
 
     /// Takes `cost` units for `key` at `now`; on refusal, how long until they are available.
-    pub fn try_take_at(&self, key: &str, cost: u32, now: Instant) -> std::result::Result<(), Duration> {
+    pub fn try_take_at(
+        &self,
+        key: &str,
+        cost: u32,
+        now: Instant,
+    ) -> std::result::Result<(), Duration> {
         let cost = cost as f64;
         let mut shard = self.shards[shard_of(key)]
             .lock()

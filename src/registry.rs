@@ -242,7 +242,12 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
 
     /// Runs `f` on the value under `name` without cloning its `Arc` (reads stay
     /// free of shared reference-count traffic).
-    fn with<R>(&self, name: &str, op: &'static str, f: impl FnOnce(&Arc<T>) -> Result<R>) -> Result<R> {
+    fn with<R>(
+        &self,
+        name: &str,
+        op: &'static str,
+        f: impl FnOnce(&Arc<T>) -> Result<R>,
+    ) -> Result<R> {
         let snapshot = self.snapshot.load();
         match snapshot.find(name) {
             Some(Slot::Ready(v)) => f(v),
@@ -313,7 +318,8 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        self.snapshot.store(Arc::new(Snapshot { entries, available }));
+        self.snapshot
+            .store(Arc::new(Snapshot { entries, available }));
     }
 }
 
@@ -337,7 +343,9 @@ pub struct ScopedEntry<'a, T: ?Sized + Send + Sync + 'static> {
 
 impl<T: ?Sized + Send + Sync + 'static> fmt::Debug for ScopedEntry<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScopedEntry").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ScopedEntry")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 

@@ -44,7 +44,10 @@ fn static_registration_happened_and_matches_the_enabled_features() {
 #[tokio::test]
 async fn create_uses_the_static_provider() {
     let reg = BackendRegistry::new();
-    let backend = reg.create("static-test", &valid_config("static-test")).await.unwrap();
+    let backend = reg
+        .create("static-test", &valid_config("static-test"))
+        .await
+        .unwrap();
     assert_eq!(backend.provider(), "static-test");
     assert_eq!(backend.config().s2s_provider.as_deref(), Some("echo"));
 }
@@ -54,11 +57,16 @@ async fn unknown_name_is_provider_not_found_listing_the_available_names() {
     let reg = BackendRegistry::new();
     reg.register("zeta", DoubleProvider::new("zeta", "zeta"));
     reg.register("alpha", DoubleProvider::new("alpha", "alpha"));
-    let err = reg.create("livekt", &valid_config("livekt")).await.err().unwrap();
+    let err = reg
+        .create("livekt", &valid_config("livekt"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code, ErrorCode::ProviderNotFound);
     assert_eq!(err.op, "registry.create");
     assert!(
-        err.message.contains("\"livekt\"") && err.message.contains("available: alpha, static-test, zeta"),
+        err.message.contains("\"livekt\"")
+            && err.message.contains("available: alpha, static-test, zeta"),
         "{err}"
     );
     let err = reg.get_provider("nope").err().unwrap();
@@ -73,11 +81,18 @@ async fn provider_validation_runs_first_and_failure_is_invalid_config_with_nothi
     // Whatever code the provider uses, the registry reports InvalidConfig.
     let p = DoubleProvider::rejecting("picky", ErrorCode::PipelineError, "url must be wss");
     reg.register("picky", p.clone());
-    let err = reg.create("picky", &valid_config("picky")).await.err().unwrap();
+    let err = reg
+        .create("picky", &valid_config("picky"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code, ErrorCode::InvalidConfig);
     assert_eq!(err.op, "registry.create");
     assert!(err.message.contains("url must be wss"));
-    assert_eq!(err.details.get("provider_config.url").map(String::as_str), Some("rejected by the double"));
+    assert_eq!(
+        err.details.get("provider_config.url").map(String::as_str),
+        Some("rejected by the double")
+    );
     assert_eq!(p.validated.load(Ordering::Relaxed), 1);
     assert_eq!(p.created.load(Ordering::Relaxed), 0);
 }
@@ -93,24 +108,43 @@ async fn generic_config_validation_runs_before_the_provider_sees_the_config() {
     let err = reg.create("double", &config).await.err().unwrap();
     assert_eq!(err.code, ErrorCode::InvalidConfig);
     assert!(err.details.contains_key("max_retries"), "{:?}", err.details);
-    assert!(err.details.contains_key("s2s_provider"), "{:?}", err.details);
+    assert!(
+        err.details.contains_key("s2s_provider"),
+        "{:?}",
+        err.details
+    );
     assert_eq!(p.validated.load(Ordering::Relaxed), 0);
     assert_eq!(p.created.load(Ordering::Relaxed), 0);
 
     let backend = reg.create("double", &valid_config("double")).await.unwrap();
     assert_eq!(backend.provider(), "double");
-    assert_eq!((p.validated.load(Ordering::Relaxed), p.created.load(Ordering::Relaxed)), (1, 1));
+    assert_eq!(
+        (
+            p.validated.load(Ordering::Relaxed),
+            p.created.load(Ordering::Relaxed)
+        ),
+        (1, 1)
+    );
 }
 
 #[tokio::test]
 async fn overlay_shadows_a_static_entry_and_removal_reveals_it_again() {
     let reg = BackendRegistry::new();
     let double = DoubleProvider::new("static-test", "the-double");
-    let replaced = reg.register("static-test", double.clone()).expect("static entry was visible");
+    let replaced = reg
+        .register("static-test", double.clone())
+        .expect("static entry was visible");
     assert_eq!(replaced.name(), "static-test");
-    let backend = reg.create("static-test", &valid_config("static-test")).await.unwrap();
+    let backend = reg
+        .create("static-test", &valid_config("static-test"))
+        .await
+        .unwrap();
     assert_eq!(backend.provider(), "the-double");
-    assert_eq!(reg.list_providers(), vec!["static-test"], "shadowing must not duplicate the name");
+    assert_eq!(
+        reg.list_providers(),
+        vec!["static-test"],
+        "shadowing must not duplicate the name"
+    );
 
     // A second overlay registration returns the first double.
     let second = DoubleProvider::new("static-test", "second");
@@ -119,24 +153,48 @@ async fn overlay_shadows_a_static_entry_and_removal_reveals_it_again() {
     assert_eq!(b.provider(), "second");
     drop(replaced);
 
-    let removed = reg.deregister("static-test").expect("overlay entry removed");
+    let removed = reg
+        .deregister("static-test")
+        .expect("overlay entry removed");
     assert_eq!(removed.name(), "static-test");
-    let backend = reg.create("static-test", &valid_config("static-test")).await.unwrap();
-    assert_eq!(backend.provider(), "static-test", "the static entry is back");
-    assert!(reg.deregister("static-test").is_none(), "static entries cannot be removed");
+    let backend = reg
+        .create("static-test", &valid_config("static-test"))
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.provider(),
+        "static-test",
+        "the static entry is back"
+    );
+    assert!(
+        reg.deregister("static-test").is_none(),
+        "static entries cannot be removed"
+    );
     assert!(reg.is_registered("static-test"));
 }
 
 #[tokio::test]
 async fn register_and_deregister_a_new_name() {
     let reg = BackendRegistry::new();
-    assert!(reg.register("fresh", DoubleProvider::new("fresh", "fresh")).is_none());
+    assert!(
+        reg.register("fresh", DoubleProvider::new("fresh", "fresh"))
+            .is_none()
+    );
     assert!(reg.is_registered("fresh"));
     assert_eq!(reg.list_providers(), vec!["fresh", "static-test"]);
-    assert_eq!(reg.get_provider("fresh").unwrap().capabilities().max_concurrent_sessions, 7);
+    assert_eq!(
+        reg.get_provider("fresh")
+            .unwrap()
+            .capabilities()
+            .max_concurrent_sessions,
+        7
+    );
     assert!(reg.deregister("fresh").is_some());
     assert!(!reg.is_registered("fresh"));
-    assert_eq!(reg.get_provider("fresh").err().unwrap().code, ErrorCode::ProviderNotFound);
+    assert_eq!(
+        reg.get_provider("fresh").err().unwrap().code,
+        ErrorCode::ProviderNotFound
+    );
     assert!(reg.deregister("fresh").is_none());
 }
 
@@ -175,7 +233,10 @@ async fn global_registry_and_new_backend() {
         .await
         .unwrap();
     assert_eq!(backend.provider(), "g");
-    let err = voice_backends::new_backend("missing", &valid_config("missing")).await.err().unwrap();
+    let err = voice_backends::new_backend("missing", &valid_config("missing"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code, ErrorCode::ProviderNotFound);
 }
 
@@ -230,11 +291,19 @@ async fn concurrent_register_and_create_lose_and_tear_nothing() {
     }
     let names = reg.list_providers();
     let expected: BTreeSet<String> = (0..TASKS)
-        .flat_map(|t| (0..ROUNDS).filter(|r| r % 2 == 0).map(move |r| format!("task{t}-{r}")))
+        .flat_map(|t| {
+            (0..ROUNDS)
+                .filter(|r| r % 2 == 0)
+                .map(move |r| format!("task{t}-{r}"))
+        })
         .chain(["shared".to_owned(), "static-test".to_owned()])
         .collect();
     assert_eq!(names.len(), expected.len(), "no duplicates in the listing");
-    assert_eq!(names.iter().cloned().collect::<BTreeSet<_>>(), expected, "no lost entries");
+    assert_eq!(
+        names.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "no lost entries"
+    );
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted, "listing is sorted");

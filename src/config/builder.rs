@@ -214,7 +214,8 @@ impl ConfigBuilder {
                 } else {
                     format!("could not be serialized to JSON: {e}")
                 };
-                self.problems.push(format!("provider_config.{key}"), message);
+                self.problems
+                    .push(format!("provider_config.{key}"), message);
             }
         }
         self

@@ -41,48 +41,149 @@ fn line_column(input: &str, offset: usize) -> (usize, usize) {
         .iter()
         .rposition(|&b| b == b'\n')
         .map_or(0, |i| i + 1);
-    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
     (line, column)
+}
+
+/// The dotted form of a serde path (`processors[0].name`; empty at the root)
+/// and whether any key along it looks secret.
+fn describe_path(path: &serde_path_to_error::Path) -> (String, bool) {
+    let mut out = String::new();
+    let mut secret = false;
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                secret |= ProviderSection::is_secret_key(key);
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    (out, secret)
+}
+
+/// `message`, or `invalid value (redacted)` when it is about the value of a
+/// secret-looking key and may quote it. Unknown- and missing-field messages
+/// name keys only, so they are kept.
+fn redact_message(message: String, secret: bool) -> String {
+    let names_only = message.starts_with("unknown field") || message.starts_with("missing field");
+    if secret && !names_only {
+        "invalid value (redacted)".to_owned()
+    } else {
+        message
+    }
+}
+
+/// `message` without the ` at line L column C` the YAML and JSON parsers
+/// write into it (the position is reported separately).
+fn strip_position(message: String, line: usize, column: usize) -> String {
+    let suffix = format!(" at line {line} column {column}");
+    match message.find(&suffix) {
+        Some(at) => format!("{}{}", &message[..at], &message[at + suffix.len()..]),
+        None => message,
+    }
 }
 
 /// Parses `input` as `T`, turning a parser error into `InvalidConfig`.
 ///
-/// The message is `invalid <FORMAT>: [<file>: ]<parser message with line and column>`.
-/// For TOML it is rebuilt from the message and position only, because the
-/// parser's own rendering quotes the source line, which may hold a secret.
+/// The message is
+/// `invalid <FORMAT>: [<file>: ][line L, column C: ][<key path>: ]<parser message>`,
+/// with a detail keyed by the key path. It is rebuilt from the parser's
+/// message and position because the TOML parser's own rendering quotes the
+/// source line, which may hold a secret; a message about the value of a
+/// secret-looking key or of `provider_config` is redacted.
 fn parse<T: DeserializeOwned>(
     input: &str,
     format: Format,
     origin: Option<&Path>,
     op: &'static str,
 ) -> Result<T, BackendError> {
-    let detail = match format {
-        Format::Toml => match toml::from_str::<T>(input) {
-            Ok(v) => return Ok(v),
-            Err(e) => match e.span() {
-                Some(span) => {
-                    let (line, column) = line_column(input, span.start);
-                    format!("line {line}, column {column}: {}", e.message().trim_end())
+    let (position, (key, secret), inner) = match format {
+        Format::Toml => {
+            let result = toml::Deserializer::parse(input)
+                .map_err(|e| (None, e))
+                .and_then(|de| {
+                    serde_path_to_error::deserialize(de)
+                        .map_err(|e| (Some(describe_path(e.path())), e.into_inner()))
+                });
+            match result {
+                Ok(v) => return Ok(v),
+                Err((key, e)) => (
+                    e.span().map(|span| line_column(input, span.start)),
+                    key.unwrap_or_default(),
+                    e.message().trim_end().to_owned(),
+                ),
+            }
+        }
+        Format::Yaml => {
+            let de = serde_yaml_ng::Deserializer::from_str(input);
+            match serde_path_to_error::deserialize(de) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let key = describe_path(e.path());
+                    let e = e.into_inner();
+                    let position = e.location().map(|l| (l.line(), l.column()));
+                    let mut inner = e.to_string();
+                    if let Some((line, column)) = position {
+                        inner = strip_position(inner, line, column);
+                    }
+                    (position, key, inner)
                 }
-                None => e.message().trim_end().to_owned(),
-            },
-        },
-        Format::Yaml => match serde_yaml_ng::from_str::<T>(input) {
-            Ok(v) => return Ok(v),
-            Err(e) => e.to_string(),
-        },
-        Format::Json => match serde_json::from_str::<T>(input) {
-            Ok(v) => return Ok(v),
-            Err(e) => e.to_string(),
-        },
+            }
+        }
+        Format::Json => {
+            let mut de = serde_json::Deserializer::from_str(input);
+            let (key, e) = match serde_path_to_error::deserialize(&mut de) {
+                Ok(v) => match de.end() {
+                    Ok(()) => return Ok(v),
+                    Err(e) => (Default::default(), e),
+                },
+                Err(e) => (describe_path(e.path()), e.into_inner()),
+            };
+            let position = (e.line() > 0).then(|| (e.line(), e.column()));
+            let inner = strip_position(e.to_string(), e.line(), e.column());
+            (position, key, inner)
+        }
     };
-    let message = match origin {
-        Some(path) => format!("invalid {}: {}: {detail}", format.name(), path.display()),
-        None => format!("invalid {}: {detail}", format.name()),
+
+    // serde_yaml_ng starts some messages with (part of) the path itself.
+    let inner = match inner.split_once(": ") {
+        Some((head, rest)) if !key.is_empty() && key.starts_with(head) => rest.to_owned(),
+        _ => inner,
     };
+    let in_provider_config = key.split(['.', '[']).next() == Some("provider_config");
+    let inner = redact_message(inner, secret || in_provider_config);
+
+    let mut message = format!("invalid {}: ", format.name());
+    if let Some(path) = origin {
+        message.push_str(&format!("{}: ", path.display()));
+    }
+    if let Some((line, column)) = position {
+        message.push_str(&format!("line {line}, column {column}: "));
+    }
+    if !key.is_empty() {
+        message.push_str(&format!("{key}: "));
+    }
+    message.push_str(&inner);
+
     let mut error = BackendError::invalid_config(op, message);
     if let Some(path) = origin {
         error.push_detail("file", path.display().to_string());
+    }
+    if !key.is_empty() {
+        error.push_detail(key, inner);
     }
     Err(error)
 }
@@ -280,24 +381,14 @@ pub fn parse_provider_config<T: DeserializeOwned>(config: &Config) -> Result<T, 
         Err(e) => e,
     };
 
+    let (key, mut secret) = describe_path(error.path());
     let mut path = String::from("provider_config");
-    let mut secret = false;
-    for segment in error.path().iter() {
-        match segment {
-            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                secret |= ProviderSection::is_secret_key(key);
-                path.push('.');
-                path.push_str(key);
-            }
-            Segment::Unknown => path.push_str(".?"),
-        }
+    if !key.is_empty() {
+        path.push('.');
+        path.push_str(&key);
     }
     let inner = error.into_inner().to_string();
-
-    // Unknown and missing field messages name keys, never values: keep them.
     // A missing field is reported by serde at its parent; point at the field.
-    let names_only = inner.starts_with("unknown field") || inner.starts_with("missing field");
     if let Some(field) = inner
         .strip_prefix("missing field `")
         .and_then(|rest| rest.split('`').next())
@@ -306,11 +397,7 @@ pub fn parse_provider_config<T: DeserializeOwned>(config: &Config) -> Result<T, 
         path.push('.');
         path.push_str(field);
     }
-    let message = if names_only || !secret {
-        inner
-    } else {
-        "invalid value (redacted)".to_owned()
-    };
+    let message = redact_message(inner, secret);
     Err(BackendError::invalid_config(
         PROVIDER_OP,
         format!("invalid provider config: {path}: {message}"),

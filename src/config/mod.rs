@@ -140,11 +140,15 @@ impl ProviderSection {
         fn redact(v: &serde_json::Value) -> serde_json::Value {
             match v {
                 serde_json::Value::Object(m) => serde_json::Value::Object(redact_map(m)),
-                serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(redact).collect()),
+                serde_json::Value::Array(a) => {
+                    serde_json::Value::Array(a.iter().map(redact).collect())
+                }
                 other => other.clone(),
             }
         }
-        fn redact_map(m: &serde_json::Map<String, serde_json::Value>) -> serde_json::Map<String, serde_json::Value> {
+        fn redact_map(
+            m: &serde_json::Map<String, serde_json::Value>,
+        ) -> serde_json::Map<String, serde_json::Value> {
             m.iter()
                 .map(|(k, v)| {
                     let v = if ProviderSection::is_secret_key(k) && !v.is_object() {

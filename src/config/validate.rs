@@ -206,10 +206,7 @@ fn check_name(v: &mut Violations, path: &str, name: &str) {
     if name.trim().is_empty() {
         v.push(path, "must be non-empty");
     } else if name.trim() != name {
-        v.push(
-            path,
-            format!("{name:?} has leading or trailing whitespace"),
-        );
+        v.push(path, format!("{name:?} has leading or trailing whitespace"));
     }
 }
 
@@ -327,10 +324,7 @@ impl Config {
         if self.max_retries > MAX_MAX_RETRIES {
             v.push(
                 "max_retries",
-                format!(
-                    "{} is out of range 0..={MAX_MAX_RETRIES}",
-                    self.max_retries
-                ),
+                format!("{} is out of range 0..={MAX_MAX_RETRIES}", self.max_retries),
             );
         }
         check_duration(

@@ -3,7 +3,6 @@
 //! made it.
 #![allow(dead_code)]
 
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +27,8 @@ pub struct DoubleProvider {
     pub verdict: Verdict,
     pub validated: AtomicUsize,
     pub created: AtomicUsize,
+    /// Skip counting and keep no copy of the config (for benches: no shared writes).
+    pub light: bool,
 }
 
 impl DoubleProvider {
@@ -42,7 +43,15 @@ impl DoubleProvider {
             verdict: Verdict::Accept,
             validated: AtomicUsize::new(0),
             created: AtomicUsize::new(0),
+            light: false,
         }
+    }
+
+    /// A double for benches: no counters, no config copy.
+    pub fn light(name: &str) -> Arc<Self> {
+        let mut p = Self::plain(name, name);
+        p.light = true;
+        Arc::new(p)
     }
 
     pub fn rejecting(name: &str, code: ErrorCode, message: &'static str) -> Arc<Self> {
@@ -52,6 +61,7 @@ impl DoubleProvider {
             verdict: Verdict::Reject(code, message),
             validated: AtomicUsize::new(0),
             created: AtomicUsize::new(0),
+            light: false,
         })
     }
 }
@@ -76,7 +86,9 @@ impl BackendProvider for DoubleProvider {
     }
 
     fn validate_config(&self, _config: &Config) -> voice_backends::Result<()> {
-        self.validated.fetch_add(1, Ordering::Relaxed);
+        if !self.light {
+            self.validated.fetch_add(1, Ordering::Relaxed);
+        }
         match &self.verdict {
             Verdict::Accept => Ok(()),
             Verdict::Reject(code, message) => {
@@ -87,10 +99,16 @@ impl BackendProvider for DoubleProvider {
     }
 
     fn create_backend(&self, config: &Config) -> voice_backends::Result<Arc<dyn VoiceBackend>> {
+        if self.light {
+            return Ok(Arc::new(DoubleBackend {
+                provider: String::new(),
+                config: Mutex::new(None),
+            }));
+        }
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(DoubleBackend {
             provider: self.tag.clone(),
-            config: Mutex::new(Arc::new(config.clone())),
+            config: Mutex::new(Some(Arc::new(config.clone()))),
         }))
     }
 
@@ -102,7 +120,7 @@ impl BackendProvider for DoubleProvider {
 /// A backend with no sessions; `provider()` returns the tag of its maker.
 pub struct DoubleBackend {
     pub provider: String,
-    pub config: Mutex<Arc<Config>>,
+    pub config: Mutex<Option<Arc<Config>>>,
 }
 
 #[async_trait]
@@ -153,11 +171,15 @@ impl VoiceBackend for DoubleBackend {
         0
     }
     fn config(&self) -> Arc<Config> {
-        self.config.lock().unwrap().clone()
+        self.config
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| Arc::new(Config::new(self.provider.clone())))
     }
     async fn update_config(&self, config: Config) -> voice_backends::Result<()> {
         config.validate()?;
-        *self.config.lock().unwrap() = Arc::new(config);
+        *self.config.lock().unwrap() = Some(Arc::new(config));
         Ok(())
     }
 }
@@ -169,4 +191,3 @@ pub fn valid_config(provider: &str) -> Config {
     c.s2s_provider = Some("echo".into());
     c
 }
-

@@ -1,0 +1,1516 @@
+//! Integration tests of the config module through the public API only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Deserialize;
+use voice_backends::{
+    AgentReply, BackendError, Config, ErrorCode, LogLevel, PipelineOverride, PipelineType,
+    ProcessorConfig, REDACTED, ResolvedPipeline, Secret, SessionConfig, Transport, agent_fn,
+    parse_provider_config,
+};
+
+const MINIMAL_S2S: &str = r#"
+provider = "local"
+pipeline_type = "s2s"
+s2s_provider = "echo"
+"#;
+
+/// A valid s2s config with every other field at its default.
+fn base() -> Config {
+    let mut config = Config::new("local");
+    config.pipeline_type = PipelineType::S2s;
+    config.s2s_provider = Some("echo".into());
+    config.validate().expect("base config is valid");
+    config
+}
+
+fn paths(error: &BackendError) -> BTreeSet<String> {
+    error.details.keys().cloned().collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The field paths of every violation of `config`.
+fn violation_paths(config: &Config) -> BTreeSet<String> {
+    config.violations().iter().map(|v| v.path.clone()).collect()
+}
+
+/// The whole text of an error as a user could see it: Display, Debug and details.
+fn everything(error: &BackendError) -> String {
+    format!("{error}\n{error:?}\n{:?}", error.details)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn assert_invalid(error: &BackendError) {
+    assert_eq!(error.code, ErrorCode::InvalidConfig, "{error}");
+}
+
+// ---------------------------------------------------------------- defaults
+
+fn assert_defaults_except_pipeline(config: &Config) {
+    assert_eq!(config.provider, "local");
+    assert!(config.provider_config.is_empty());
+    assert_eq!(config.stt_provider, None);
+    assert_eq!(config.tts_provider, None);
+    assert_eq!(config.vad_provider, None);
+    assert_eq!(config.turn_detection_provider, None);
+    assert_eq!(config.noise_cancellation_provider, None);
+    assert_eq!(config.latency_target, ms(500));
+    assert_eq!(config.timeout, Duration::from_secs(30));
+    assert_eq!(config.max_retries, 3);
+    assert_eq!(config.retry_delay, Duration::from_secs(1));
+    assert_eq!(config.max_concurrent_sessions, 100);
+    assert!(config.enable_tracing);
+    assert!(config.enable_metrics);
+    assert!(config.enable_logging);
+    assert_eq!(config.log_level, LogLevel::Info);
+    assert!(config.processors.is_empty());
+}
+
+#[test]
+fn minimal_toml_gets_every_default() {
+    let config = Config::from_toml_str(MINIMAL_S2S).unwrap();
+    assert_defaults_except_pipeline(&config);
+    assert_eq!(config.pipeline_type, PipelineType::S2s);
+    assert_eq!(config.s2s_provider.as_deref(), Some("echo"));
+    assert_eq!(config, base());
+}
+
+#[test]
+fn config_new_gets_every_default_and_is_not_validated() {
+    let config = Config::new("local");
+    assert_defaults_except_pipeline(&config);
+    assert_eq!(config.pipeline_type, PipelineType::SttTts);
+    assert_eq!(config.s2s_provider, None);
+    // The default stt_tts pipeline has no components yet.
+    let error = config.validate().unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "config.validate");
+    assert_eq!(paths(&error), set(&["stt_provider", "tts_provider"]));
+}
+
+#[test]
+fn default_constants_match_the_defaults() {
+    let config = Config::new("local");
+    assert_eq!(
+        config.latency_target,
+        voice_backends::DEFAULT_LATENCY_TARGET
+    );
+    assert_eq!(config.timeout, voice_backends::DEFAULT_TIMEOUT);
+    assert_eq!(config.max_retries, voice_backends::DEFAULT_MAX_RETRIES);
+    assert_eq!(config.retry_delay, voice_backends::DEFAULT_RETRY_DELAY);
+    assert_eq!(
+        config.max_concurrent_sessions,
+        voice_backends::DEFAULT_MAX_CONCURRENT_SESSIONS
+    );
+}
+
+// ---------------------------------------------------------------- ranges
+
+/// Checks a duration field: `min` and `max` accepted, 1ms outside either rejected.
+fn check_duration_range(
+    field: &str,
+    set_field: fn(&mut Config, Duration),
+    min: Duration,
+    max: Duration,
+) {
+    for ok in [min, max] {
+        let mut config = base();
+        set_field(&mut config, ok);
+        assert!(
+            config.validate().is_ok(),
+            "{field} = {ok:?} must be accepted: {:?}",
+            config.violations()
+        );
+    }
+    for bad in [min - ms(1), max + ms(1)] {
+        let mut config = base();
+        set_field(&mut config, bad);
+        let error = config.validate().unwrap_err();
+        assert_invalid(&error);
+        assert_eq!(paths(&error), set(&[field]), "{field} = {bad:?}: {error}");
+        assert!(error.details[field].contains("is out of range"), "{error}");
+    }
+}
+
+#[test]
+fn latency_target_range_edges() {
+    check_duration_range(
+        "latency_target",
+        |c, d| c.latency_target = d,
+        ms(100),
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn timeout_range_edges() {
+    check_duration_range(
+        "timeout",
+        |c, d| c.timeout = d,
+        Duration::from_secs(1),
+        Duration::from_secs(300),
+    );
+}
+
+#[test]
+fn retry_delay_range_edges() {
+    check_duration_range(
+        "retry_delay",
+        |c, d| c.retry_delay = d,
+        ms(100),
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn max_retries_range_edges() {
+    for ok in [0, 10] {
+        let mut config = base();
+        config.max_retries = ok;
+        assert!(config.validate().is_ok(), "max_retries = {ok}");
+    }
+    let mut config = base();
+    config.max_retries = 11;
+    let error = config.validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["max_retries"]));
+    assert_eq!(error.details["max_retries"], "11 is out of range 0..=10");
+}
+
+#[test]
+fn max_concurrent_sessions_must_be_at_least_one() {
+    let mut config = base();
+    config.max_concurrent_sessions = 0;
+    let error = config.validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["max_concurrent_sessions"]));
+    for ok in [1, u32::MAX] {
+        config.max_concurrent_sessions = ok;
+        assert!(config.validate().is_ok(), "max_concurrent_sessions = {ok}");
+    }
+}
+
+#[test]
+fn range_messages_name_value_and_range_in_humantime() {
+    let error = Config::from_toml_str(&format!(
+        "{MINIMAL_S2S}latency_target = \"50ms\"\ntimeout = \"6m\""
+    ))
+    .unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(
+        error.details["latency_target"],
+        "50ms is out of range 100ms..=5s"
+    );
+    assert_eq!(error.details["timeout"], "6m is out of range 1s..=5m");
+    assert!(
+        error
+            .message
+            .starts_with("2 config errors: latency_target: 50ms is out of range 100ms..=5s; "),
+        "{}",
+        error.message
+    );
+    assert!(
+        error
+            .message
+            .contains("timeout: 6m is out of range 1s..=5m")
+    );
+}
+
+// ---------------------------------------------------------------- cross-field rules
+
+#[test]
+fn stt_tts_requires_stt_and_tts_providers() {
+    let mut config = Config::new("local");
+    config.stt_provider = Some("whisper".into());
+    let error = config.validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["tts_provider"]));
+    assert_eq!(
+        error.details["tts_provider"],
+        "pipeline_type = stt_tts requires tts_provider"
+    );
+
+    let mut config = Config::new("local");
+    config.tts_provider = Some("piper".into());
+    let error = config.validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["stt_provider"]));
+    assert_eq!(
+        error.details["stt_provider"],
+        "pipeline_type = stt_tts requires stt_provider"
+    );
+
+    config.stt_provider = Some("whisper".into());
+    config.validate().unwrap();
+}
+
+#[test]
+fn s2s_requires_s2s_provider() {
+    let mut config = base();
+    config.s2s_provider = None;
+    let error = config.validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["s2s_provider"]));
+    assert_eq!(
+        error.details["s2s_provider"],
+        "pipeline_type = s2s requires s2s_provider"
+    );
+}
+
+#[test]
+fn latency_target_must_not_exceed_timeout() {
+    let mut config = base();
+    config.latency_target = Duration::from_secs(5);
+    config.timeout = Duration::from_secs(4);
+    let error = config.validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["latency_target"]));
+    assert!(
+        error.details["latency_target"].contains("timeout"),
+        "{error}"
+    );
+
+    config.timeout = Duration::from_secs(5);
+    config
+        .validate()
+        .expect("latency_target == timeout is allowed");
+}
+
+#[test]
+fn component_names_must_be_non_empty_without_whitespace() {
+    type Setter = fn(&mut Config, Option<String>);
+    let fields: [(&str, Setter); 6] = [
+        ("stt_provider", |c, v| c.stt_provider = v),
+        ("tts_provider", |c, v| c.tts_provider = v),
+        ("s2s_provider", |c, v| c.s2s_provider = v),
+        ("vad_provider", |c, v| c.vad_provider = v),
+        ("turn_detection_provider", |c, v| {
+            c.turn_detection_provider = v
+        }),
+        ("noise_cancellation_provider", |c, v| {
+            c.noise_cancellation_provider = v
+        }),
+    ];
+    for (field, set_field) in fields {
+        for bad in ["", "  ", " silero", "silero\n"] {
+            let mut config = base();
+            config.stt_provider = Some("whisper".into());
+            config.tts_provider = Some("piper".into());
+            set_field(&mut config, Some(bad.to_owned()));
+            assert_eq!(violation_paths(&config), set(&[field]), "{field} = {bad:?}");
+        }
+        let mut config = base();
+        set_field(&mut config, Some("silero".into()));
+        config.validate().unwrap();
+    }
+}
+
+#[test]
+fn provider_must_be_non_empty() {
+    let mut config = base();
+    config.provider = String::new();
+    assert_eq!(violation_paths(&config), set(&["provider"]));
+    let error =
+        Config::from_toml_str("provider = \"\"\npipeline_type = \"s2s\"\ns2s_provider = \"e\"")
+            .unwrap_err();
+    assert_eq!(error.details["provider"], "must be non-empty");
+}
+
+#[test]
+fn processor_names_non_empty_and_unique() {
+    let config = Config::from_toml_str(&format!(
+        "{MINIMAL_S2S}
+[[processors]]
+name = \"gain\"
+[[processors]]
+name = \"\"
+[[processors]]
+name = \"gain\"
+order = 2
+[[processors]]
+name = \"denoise\"
+"
+    ));
+    let error = config.unwrap_err();
+    assert_eq!(
+        paths(&error),
+        set(&["processors[1].name", "processors[2].name"])
+    );
+    assert_eq!(error.details["processors[1].name"], "must be non-empty");
+    assert_eq!(
+        error.details["processors[2].name"],
+        "duplicate processor name \"gain\" (also processors[0])"
+    );
+}
+
+#[test]
+fn validate_reports_every_violation_at_once() {
+    let mut config = Config::new("");
+    config.latency_target = ms(50);
+    config.timeout = Duration::from_secs(600);
+    config.max_retries = 11;
+    config.retry_delay = ms(0);
+    config.max_concurrent_sessions = 0;
+    config.vad_provider = Some(" silero".into());
+    config.processors = vec![
+        ProcessorConfig {
+            name: "gain".into(),
+            order: 0,
+            options: serde_json::json!({}),
+        },
+        ProcessorConfig {
+            name: "gain".into(),
+            order: 1,
+            options: serde_json::json!({}),
+        },
+    ];
+    config
+        .provider_config
+        .0
+        .insert("api_key".into(), serde_json::json!(REDACTED));
+
+    let expected = set(&[
+        "provider",
+        "latency_target",
+        "timeout",
+        "max_retries",
+        "retry_delay",
+        "max_concurrent_sessions",
+        "stt_provider",
+        "tts_provider",
+        "vad_provider",
+        "processors[1].name",
+        "provider_config.api_key",
+    ]);
+    let violations = config.violations();
+    assert_eq!(violations.len(), expected.len());
+    assert_eq!(violation_paths(&config), expected);
+
+    let error = config.validate().unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "config.validate");
+    assert_eq!(paths(&error), expected);
+    assert!(
+        error.message.starts_with("11 config errors: "),
+        "{}",
+        error.message
+    );
+    for v in &violations {
+        assert!(error.message.contains(&v.to_string()), "{} missing", v);
+        assert_eq!(v.to_string(), format!("{}: {}", v.path, v.message));
+    }
+    // Display of Violations: one per line.
+    assert_eq!(violations.to_string().lines().count(), expected.len());
+    assert_eq!(violations.into_vec().len(), expected.len());
+}
+
+#[test]
+fn violations_into_error_keeps_every_entry() {
+    let mut violations = voice_backends::Violations::default();
+    assert!(violations.is_empty());
+    violations.push("a", "first");
+    violations.push("b", "second");
+    violations.push("a", "third");
+    assert_eq!(violations.len(), 3);
+    assert_eq!(
+        violations
+            .iter()
+            .map(|v| v.path.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b", "a"]
+    );
+    let error = violations.into_error("test.op");
+    assert_eq!(error.op, "test.op");
+    assert_eq!(error.code, ErrorCode::InvalidConfig);
+    assert_eq!(
+        error.message,
+        "3 config errors: a: first; b: second; a: third"
+    );
+    assert_eq!(error.details["a"], "first; third");
+    assert_eq!(error.details["b"], "second");
+}
+
+// ---------------------------------------------------------------- unknown keys
+
+#[test]
+fn unknown_top_level_key_rejected_in_toml_with_line_number() {
+    let error =
+        Config::from_toml_str(&format!("{MINIMAL_S2S}latency_targte = \"300ms\"\n")).unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "config.load");
+    assert!(
+        error.message.starts_with("invalid TOML: "),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("latency_targte"),
+        "{}",
+        error.message
+    );
+    // MINIMAL_S2S starts with a newline, then 3 lines: the typo is on line 5.
+    assert!(error.message.contains("line 5"), "{}", error.message);
+}
+
+#[test]
+fn unknown_processor_key_rejected_in_toml() {
+    let error = Config::from_toml_str(&format!(
+        "{MINIMAL_S2S}[[processors]]\nname = \"gain\"\nordre = 1\n"
+    ))
+    .unwrap_err();
+    assert_invalid(&error);
+    assert!(
+        error.message.starts_with("invalid TOML: "),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("ordre"), "{}", error.message);
+    assert!(error.message.contains("line 7"), "{}", error.message);
+}
+
+#[test]
+fn unknown_keys_rejected_in_yaml() {
+    let top = "provider: local\npipeline_type: s2s\ns2s_provider: echo\nmax_retires: 2\n";
+    let error = Config::from_yaml_str(top).unwrap_err();
+    assert_invalid(&error);
+    assert!(
+        error.message.starts_with("invalid YAML: "),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("max_retires"), "{}", error.message);
+    assert!(error.message.contains("line 4"), "{}", error.message);
+
+    let nested = "provider: local\npipeline_type: s2s\ns2s_provider: echo\nprocessors:\n  - name: gain\n    ordre: 1\n";
+    let error = Config::from_yaml_str(nested).unwrap_err();
+    assert!(
+        error.message.starts_with("invalid YAML: "),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("ordre"), "{}", error.message);
+}
+
+#[test]
+fn unknown_keys_rejected_in_json() {
+    let top =
+        r#"{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo", "tiemout": "3s"}"#;
+    let error = Config::from_json_str(top).unwrap_err();
+    assert_invalid(&error);
+    assert!(
+        error.message.starts_with("invalid JSON: "),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("tiemout"), "{}", error.message);
+    assert!(error.message.contains("line 1"), "{}", error.message);
+
+    let nested = r#"{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo",
+        "processors": [{"name": "gain", "ordre": 1}]}"#;
+    let error = Config::from_json_str(nested).unwrap_err();
+    assert!(error.message.contains("ordre"), "{}", error.message);
+}
+
+#[test]
+fn wrong_types_and_syntax_errors_are_invalid_config() {
+    for (toml, needle) in [
+        (
+            format!("{MINIMAL_S2S}max_retries = \"many\""),
+            "line 5, column 15: max_retries: ",
+        ),
+        (format!("{MINIMAL_S2S}timeout = \"soon\""), "line 5"),
+        (format!("{MINIMAL_S2S}pipeline_type = \"s2"), "line"),
+        ("pipeline_type = \"s2s\"".to_owned(), "provider"),
+    ] {
+        let error = Config::from_toml_str(&toml).unwrap_err();
+        assert_invalid(&error);
+        assert!(
+            error.message.starts_with("invalid TOML: "),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.contains(needle),
+            "{needle}: {}",
+            error.message
+        );
+    }
+    let error =
+        Config::from_toml_str(&format!("{MINIMAL_S2S}pipeline_type = \"speech\"")).unwrap_err();
+    assert_invalid(&error);
+}
+
+#[test]
+fn parse_errors_name_key_path_and_position_in_every_format() {
+    let toml = format!("{MINIMAL_S2S}[[processors]]\nname = \"gain\"\norder = \"first\"\n");
+    let error = Config::from_toml_str(&toml).unwrap_err();
+    assert!(
+        error
+            .message
+            .starts_with("invalid TOML: line 7, column 9: processors[0].order: "),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.details.contains_key("processors[0].order"),
+        "{error:?}"
+    );
+
+    let yaml = "provider: local\nprocessors:\n  - name: gain\n    order: first\n";
+    let error = Config::from_yaml_str(yaml).unwrap_err();
+    assert!(
+        error
+            .message
+            .starts_with("invalid YAML: line 4, column 12: processors[0].order: "),
+        "{}",
+        error.message
+    );
+
+    let json =
+        "{\"provider\": \"local\",\n \"processors\": [{\"name\": \"gain\", \"order\": \"first\"}]}";
+    let error = Config::from_json_str(json).unwrap_err();
+    // serde_json points just past the offending value.
+    assert!(
+        error
+            .message
+            .starts_with("invalid JSON: line 2, column 49: processors[0].order: "),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
+fn parse_errors_never_echo_secret_values() {
+    let error =
+        Config::from_toml_str("provider = \"x\"\nprovider_config = \"sk-WHOLE-999\"").unwrap_err();
+    assert!(error.message.contains("line 2"), "{}", error.message);
+    assert!(!everything(&error).contains("sk-WHOLE-999"), "{error}");
+    let error = Config::from_yaml_str("provider: x\nprovider_config: sk-WHOLE-999\n").unwrap_err();
+    assert!(!everything(&error).contains("sk-WHOLE-999"), "{error}");
+    let error =
+        SessionConfig::from_json_str(r#"{"user_id": "u", "auth_token": 9990001}"#).unwrap_err();
+    assert_eq!(paths(&error), set(&["auth_token"]));
+    assert!(!everything(&error).contains("9990001"), "{error}");
+}
+
+#[test]
+fn toml_error_does_not_quote_the_source_line() {
+    // The parser's own rendering would print the offending line, secret included.
+    let error = Config::from_toml_str(&format!("{MINIMAL_S2S}apikey = \"sk-live-TOPSECRET\"\n"))
+        .unwrap_err();
+    assert!(error.message.contains("apikey"), "{}", error.message);
+    assert!(
+        !everything(&error).contains("TOPSECRET"),
+        "{}",
+        everything(&error)
+    );
+}
+
+// ---------------------------------------------------------------- formats
+
+const FULL_TOML: &str = r#"
+provider = "local"
+pipeline_type = "stt_tts"
+stt_provider = "whisper"
+tts_provider = "piper"
+vad_provider = "silero"
+turn_detection_provider = "eou"
+noise_cancellation_provider = "rnnoise"
+latency_target = "500ms"
+timeout = "1m 30s"
+max_retries = 5
+retry_delay = "30s"
+max_concurrent_sessions = 7
+enable_tracing = false
+enable_metrics = true
+enable_logging = false
+log_level = "debug"
+
+[provider_config]
+region = "eu"
+rate = 16000
+
+[[processors]]
+name = "gain"
+order = 2
+options = { db = 3 }
+
+[[processors]]
+name = "denoise"
+"#;
+
+const FULL_YAML: &str = r#"
+provider: local
+pipeline_type: stt_tts
+stt_provider: whisper
+tts_provider: piper
+vad_provider: silero
+turn_detection_provider: eou
+noise_cancellation_provider: rnnoise
+latency_target: 500ms
+timeout: 1m 30s
+max_retries: 5
+retry_delay: 30s
+max_concurrent_sessions: 7
+enable_tracing: false
+enable_metrics: true
+enable_logging: false
+log_level: debug
+provider_config:
+  region: eu
+  rate: 16000
+processors:
+  - name: gain
+    order: 2
+    options:
+      db: 3
+  - name: denoise
+"#;
+
+const FULL_JSON: &str = r#"{
+  "provider": "local",
+  "pipeline_type": "stt_tts",
+  "stt_provider": "whisper",
+  "tts_provider": "piper",
+  "vad_provider": "silero",
+  "turn_detection_provider": "eou",
+  "noise_cancellation_provider": "rnnoise",
+  "latency_target": "500ms",
+  "timeout": "1m 30s",
+  "max_retries": 5,
+  "retry_delay": "30s",
+  "max_concurrent_sessions": 7,
+  "enable_tracing": false,
+  "enable_metrics": true,
+  "enable_logging": false,
+  "log_level": "debug",
+  "provider_config": {"region": "eu", "rate": 16000},
+  "processors": [
+    {"name": "gain", "order": 2, "options": {"db": 3}},
+    {"name": "denoise"}
+  ]
+}"#;
+
+fn expected_full() -> Config {
+    Config::builder("local")
+        .pipeline_type(PipelineType::SttTts)
+        .stt_provider("whisper")
+        .tts_provider("piper")
+        .vad_provider("silero")
+        .turn_detection_provider("eou")
+        .noise_cancellation_provider("rnnoise")
+        .latency_target(ms(500))
+        .timeout(Duration::from_secs(90))
+        .max_retries(5)
+        .retry_delay(Duration::from_secs(30))
+        .max_concurrent_sessions(7)
+        .enable_tracing(false)
+        .enable_metrics(true)
+        .enable_logging(false)
+        .log_level(LogLevel::Debug)
+        .provider_option("region", "eu")
+        .provider_option("rate", 16000)
+        .processor_config(ProcessorConfig {
+            name: "gain".into(),
+            order: 2,
+            options: serde_json::json!({"db": 3}),
+        })
+        .processor("denoise", 0)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn same_config_from_toml_yaml_and_json() {
+    let from_toml = Config::from_toml_str(FULL_TOML).unwrap();
+    let from_yaml = Config::from_yaml_str(FULL_YAML).unwrap();
+    let from_json = Config::from_json_str(FULL_JSON).unwrap();
+    assert_eq!(from_toml, expected_full());
+    assert_eq!(from_yaml, from_toml);
+    assert_eq!(from_json, from_toml);
+    assert_eq!(from_toml.latency_target, ms(500));
+    assert_eq!(from_toml.timeout, Duration::from_secs(90));
+    assert_eq!(from_toml.retry_delay, Duration::from_secs(30));
+}
+
+#[test]
+fn same_config_from_path_with_each_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, text) in [
+        ("c.toml", FULL_TOML),
+        ("c.TOML", FULL_TOML),
+        ("c.yaml", FULL_YAML),
+        ("c.yml", FULL_YAML),
+        ("c.json", FULL_JSON),
+    ] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(Config::from_path(&path).unwrap(), expected_full(), "{file}");
+    }
+}
+
+#[test]
+fn from_path_errors() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let ini = dir.path().join("c.ini");
+    std::fs::write(&ini, FULL_TOML).unwrap();
+    let error = Config::from_path(&ini).unwrap_err();
+    assert_invalid(&error);
+    assert!(error.message.contains("\"ini\""), "{}", error.message);
+    assert!(
+        error.message.contains("toml, yaml, yml, json"),
+        "{}",
+        error.message
+    );
+
+    let none = dir.path().join("config");
+    std::fs::write(&none, FULL_TOML).unwrap();
+    let error = Config::from_path(&none).unwrap_err();
+    assert!(error.message.contains("no extension"), "{}", error.message);
+
+    let missing = dir.path().join("missing.toml");
+    let error = Config::from_path(&missing).unwrap_err();
+    assert_invalid(&error);
+    assert!(error.message.contains("missing.toml"), "{}", error.message);
+    let source = std::error::Error::source(&error).expect("io error as source");
+    assert!(source.downcast_ref::<std::io::Error>().is_some());
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("{MINIMAL_S2S}extra = 1\n")).unwrap();
+    let error = Config::from_path(&bad).unwrap_err();
+    assert!(
+        error.message.starts_with("invalid TOML: "),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("bad.toml"), "{}", error.message);
+    assert!(error.message.contains("extra"), "{}", error.message);
+
+    let invalid = dir.path().join("invalid.yaml");
+    std::fs::write(&invalid, "provider: local\nmax_retries: 20\n").unwrap();
+    let error = Config::from_path(&invalid).unwrap_err();
+    assert_eq!(
+        paths(&error),
+        set(&["max_retries", "stt_provider", "tts_provider"])
+    );
+}
+
+#[test]
+fn saved_config_loads_back_equal() {
+    let config = expected_full();
+    let toml = config.to_toml_string().unwrap();
+    assert_eq!(Config::from_toml_str(&toml).unwrap(), config, "{toml}");
+    let json = config.to_json_string().unwrap();
+    assert_eq!(Config::from_json_str(&json).unwrap(), config, "{json}");
+    assert!(toml.contains("timeout = \"1m 30s\""), "{toml}");
+}
+
+// ---------------------------------------------------------------- secrets
+
+#[test]
+fn secret_never_shows_itself() {
+    let secret = Secret::new("hunter2");
+    assert_eq!(format!("{secret:?}"), REDACTED);
+    assert_eq!(secret.to_string(), REDACTED);
+    assert_eq!(
+        serde_json::to_string(&secret).unwrap(),
+        format!("\"{REDACTED}\"")
+    );
+    assert_eq!(secret.expose(), "hunter2");
+    let back: Secret = serde_json::from_str("\"hunter2\"").unwrap();
+    assert_eq!(back, secret);
+}
+
+fn config_with_secrets() -> Config {
+    Config::builder("local")
+        .pipeline_type(PipelineType::S2s)
+        .s2s_provider("echo")
+        .provider_option("api_key", "sk-APIKEY-111")
+        .provider_option("token", "tok-TOKEN-222")
+        .provider_option(
+            "auth",
+            serde_json::json!({"client_secret": "cs-NESTED-333"}),
+        )
+        .provider_option("region", "eu")
+        .build()
+        .unwrap()
+}
+
+const SECRETS: [&str; 3] = ["sk-APIKEY-111", "tok-TOKEN-222", "cs-NESTED-333"];
+
+fn assert_no_secret(text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{secret} leaked in: {text}");
+    }
+}
+
+#[test]
+fn provider_secrets_absent_from_debug_and_saved_output() {
+    let config = config_with_secrets();
+    assert_eq!(config.provider_config.0["api_key"], "sk-APIKEY-111");
+
+    let debug = format!("{config:?}");
+    assert_no_secret(&debug);
+    assert!(debug.contains(REDACTED) && debug.contains("eu"), "{debug}");
+
+    let toml = config.to_toml_string().unwrap();
+    assert_no_secret(&toml);
+    assert!(toml.contains(REDACTED), "{toml}");
+
+    let json = config.to_json_string().unwrap();
+    assert_no_secret(&json);
+    assert!(json.contains(REDACTED), "{json}");
+}
+
+#[test]
+fn provider_secrets_absent_from_validation_errors() {
+    let mut config = config_with_secrets();
+    config.latency_target = ms(1);
+    config.max_retries = 99;
+    let error = config.validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["latency_target", "max_retries"]));
+    assert_no_secret(&everything(&error));
+    assert_no_secret(&config.violations().to_string());
+
+    let built = Config::builder("local")
+        .provider_option("api_key", "sk-APIKEY-111")
+        .build()
+        .unwrap_err();
+    assert_no_secret(&everything(&built));
+}
+
+#[test]
+fn redaction_marker_is_rejected() {
+    // A saved (redacted) config cannot be loaded back without the real secrets.
+    let toml = config_with_secrets().to_toml_string().unwrap();
+    let error = Config::from_toml_str(&toml).unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(
+        paths(&error),
+        set(&[
+            "provider_config.api_key",
+            "provider_config.token",
+            "provider_config.auth.client_secret"
+        ])
+    );
+    assert_eq!(
+        error.details["provider_config.api_key"],
+        "is the redaction marker \"[redacted]\"; supply the real secret"
+    );
+
+    // A non-secret key may hold the marker text.
+    let mut config = base();
+    config
+        .provider_config
+        .0
+        .insert("greeting".into(), serde_json::json!(REDACTED));
+    config.validate().unwrap();
+}
+
+#[test]
+fn session_auth_token_is_redacted() {
+    let session = SessionConfig::new("user-1").with_auth_token("bearer-SESSION-444");
+    assert_eq!(
+        session.auth_token.as_ref().unwrap().expose(),
+        "bearer-SESSION-444"
+    );
+    let debug = format!("{session:?}");
+    assert!(!debug.contains("SESSION-444"), "{debug}");
+    let json = session.to_json_string().unwrap();
+    assert!(!json.contains("SESSION-444"), "{json}");
+    assert!(json.contains(REDACTED), "{json}");
+    let serde = serde_json::to_string(&session).unwrap();
+    assert!(!serde.contains("SESSION-444"), "{serde}");
+
+    // Loading the saved form back is rejected: the marker is not a token.
+    let error = SessionConfig::from_json_str(&json).unwrap_err();
+    assert_eq!(paths(&error), set(&["auth_token"]));
+    assert!(error.details["auth_token"].contains("redaction marker"));
+}
+
+// ---------------------------------------------------------------- session config
+
+#[test]
+fn session_config_rules() {
+    SessionConfig::new("u").validate().unwrap();
+    SessionConfig::new("u")
+        .with_connection_url("wss://example.test/rtc?room=1")
+        .validate()
+        .unwrap();
+
+    let session = SessionConfig::new("")
+        .with_connection_url("ftp://alice:pw-URL-555@example.test/x")
+        .with_auth_token("")
+        .with_pipeline(PipelineOverride {
+            stt_provider: Some(String::new()),
+            ..PipelineOverride::default()
+        });
+    let error = session.validate().unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "session_config.validate");
+    assert_eq!(
+        paths(&error),
+        set(&[
+            "user_id",
+            "connection_url",
+            "auth_token",
+            "pipeline.stt_provider"
+        ])
+    );
+    assert!(
+        error.details["connection_url"].contains("\"ftp\""),
+        "{error}"
+    );
+    assert!(!everything(&error).contains("pw-URL-555"), "{error}");
+
+    let error = SessionConfig::new("u")
+        .with_connection_url("not a url")
+        .validate()
+        .unwrap_err();
+    assert_eq!(paths(&error), set(&["connection_url"]));
+}
+
+#[test]
+fn session_config_from_json() {
+    let session = SessionConfig::from_json_str(
+        r#"{"user_id": "u1", "transport": "webrtc", "connection_url": "https://h.test",
+            "auth_token": "t", "pipeline": {"pipeline_type": "s2s", "s2s_provider": "echo"},
+            "metadata": {"plan": "pro"}}"#,
+    )
+    .unwrap();
+    assert_eq!(session.user_id, "u1");
+    assert_eq!(session.transport, Transport::Webrtc);
+    assert_eq!(session.auth_token.as_ref().unwrap().expose(), "t");
+    assert_eq!(session.metadata["plan"], "pro");
+
+    let error = SessionConfig::from_json_str(r#"{"user_id": "u1", "usr": "x"}"#).unwrap_err();
+    assert_invalid(&error);
+    assert!(
+        error.message.starts_with("invalid JSON: "),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("usr"), "{}", error.message);
+
+    let error =
+        SessionConfig::from_json_str(r#"{"user_id": "u1", "pipeline": {"s2s": "x"}}"#).unwrap_err();
+    assert!(error.message.contains("s2s"), "{}", error.message);
+
+    let error = SessionConfig::from_json_str(r#"{"user_id": ""}"#).unwrap_err();
+    assert_eq!(paths(&error), set(&["user_id"]));
+}
+
+#[test]
+fn session_builder_sets_every_field() {
+    let agent = agent_fn(|_turn| async { Ok(AgentReply::text("hi")) });
+    let session = SessionConfig::new("u1")
+        .with_transport(Transport::Webrtc)
+        .with_connection_url("wss://h.test/s")
+        .with_auth_token(Secret::new("tok"))
+        .with_pipeline(PipelineOverride {
+            pipeline_type: Some(PipelineType::S2s),
+            ..PipelineOverride::default()
+        })
+        .with_metadata("plan", "pro")
+        .with_metadata("seats", 3)
+        .with_agent(agent);
+    assert_eq!(session.user_id, "u1");
+    assert_eq!(session.transport, Transport::Webrtc);
+    assert_eq!(session.connection_url.as_deref(), Some("wss://h.test/s"));
+    assert_eq!(session.auth_token.as_ref().unwrap().expose(), "tok");
+    assert_eq!(
+        session.pipeline.as_ref().unwrap().pipeline_type,
+        Some(PipelineType::S2s)
+    );
+    assert_eq!(session.metadata["plan"], "pro");
+    assert_eq!(session.metadata["seats"], 3);
+    assert!(session.agent.is_some());
+    assert!(format!("{session:?}").contains("<agent>"));
+    session.validate().unwrap();
+    assert_eq!(SessionConfig::new("u").transport, Transport::Websocket);
+}
+
+// ---------------------------------------------------------------- resolve_pipeline
+
+fn stt_tts_base() -> Config {
+    Config::builder("local")
+        .stt_provider("whisper")
+        .tts_provider("piper")
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn resolve_pipeline_without_override_is_the_base() {
+    let resolved = SessionConfig::new("u")
+        .resolve_pipeline(&stt_tts_base())
+        .unwrap();
+    assert_eq!(
+        resolved,
+        ResolvedPipeline {
+            pipeline_type: PipelineType::SttTts,
+            stt_provider: Some("whisper".into()),
+            tts_provider: Some("piper".into()),
+            s2s_provider: None,
+        }
+    );
+}
+
+#[test]
+fn resolve_pipeline_switch_to_s2s_needs_s2s_provider() {
+    let to_s2s = PipelineOverride {
+        pipeline_type: Some(PipelineType::S2s),
+        ..PipelineOverride::default()
+    };
+    let error = SessionConfig::new("u")
+        .with_pipeline(to_s2s.clone())
+        .resolve_pipeline(&stt_tts_base())
+        .unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "session_config.resolve_pipeline");
+    assert_eq!(paths(&error), set(&["pipeline.s2s_provider"]));
+
+    let resolved = SessionConfig::new("u")
+        .with_pipeline(PipelineOverride {
+            s2s_provider: Some("gpt-realtime".into()),
+            ..to_s2s
+        })
+        .resolve_pipeline(&stt_tts_base())
+        .unwrap();
+    assert_eq!(
+        resolved,
+        ResolvedPipeline {
+            pipeline_type: PipelineType::S2s,
+            stt_provider: Some("whisper".into()),
+            tts_provider: Some("piper".into()),
+            s2s_provider: Some("gpt-realtime".into()),
+        }
+    );
+}
+
+#[test]
+fn resolve_pipeline_switch_to_stt_tts_needs_both() {
+    let error = SessionConfig::new("u")
+        .with_pipeline(PipelineOverride {
+            pipeline_type: Some(PipelineType::SttTts),
+            stt_provider: Some("whisper".into()),
+            ..PipelineOverride::default()
+        })
+        .resolve_pipeline(&base())
+        .unwrap_err();
+    assert_eq!(paths(&error), set(&["pipeline.tts_provider"]));
+
+    // Overriding only a component keeps the base's type.
+    let resolved = SessionConfig::new("u")
+        .with_pipeline(PipelineOverride {
+            tts_provider: Some("elevenlabs".into()),
+            ..PipelineOverride::default()
+        })
+        .resolve_pipeline(&stt_tts_base())
+        .unwrap();
+    assert_eq!(resolved.tts_provider.as_deref(), Some("elevenlabs"));
+    assert_eq!(resolved.stt_provider.as_deref(), Some("whisper"));
+}
+
+// ---------------------------------------------------------------- builder
+
+#[test]
+fn builder_chain_builds_a_validated_config() {
+    let config = expected_full();
+    assert_eq!(config.provider, "local");
+    assert_eq!(config.stt_provider.as_deref(), Some("whisper"));
+    assert_eq!(
+        config.noise_cancellation_provider.as_deref(),
+        Some("rnnoise")
+    );
+    assert_eq!(config.max_concurrent_sessions, 7);
+    assert!(!config.enable_tracing);
+    assert_eq!(config.log_level, LogLevel::Debug);
+    assert_eq!(config.processors.len(), 2);
+    assert_eq!(config.processors[1].name, "denoise");
+    assert_eq!(config.provider_config.0["rate"], 16000);
+
+    let mut section = serde_json::Map::new();
+    section.insert("only".into(), serde_json::json!(true));
+    let replaced = Config::builder("local")
+        .pipeline_type(PipelineType::S2s)
+        .s2s_provider("echo")
+        .provider_option("dropped", 1)
+        .provider_config(section)
+        .build()
+        .unwrap();
+    assert_eq!(replaced.provider_config.0.len(), 1);
+    assert_eq!(replaced.provider_config.0["only"], true);
+}
+
+#[test]
+fn builder_reports_bad_fields() {
+    let error = Config::builder("local")
+        .pipeline_type(PipelineType::S2s)
+        .s2s_provider("echo")
+        .max_retries(11)
+        .latency_target(ms(99))
+        .build()
+        .unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "config.build");
+    assert_eq!(paths(&error), set(&["max_retries", "latency_target"]));
+
+    // A provider option that cannot be serialized to JSON (non-string map keys).
+    let unserializable: BTreeMap<Vec<u8>, u8> = BTreeMap::from([(vec![1], 1)]);
+    let error = Config::builder("local")
+        .pipeline_type(PipelineType::S2s)
+        .s2s_provider("echo")
+        .provider_option("weights", unserializable)
+        .build()
+        .unwrap_err();
+    assert_eq!(paths(&error), set(&["provider_config.weights"]));
+}
+
+// ---------------------------------------------------------------- env
+
+#[test]
+fn env_overrides_every_kind_of_field() {
+    let mut config = base();
+    config
+        .apply_env(
+            "VB",
+            vec![
+                ("VB_PROVIDER", "pipecat"),
+                ("VB_PIPELINE_TYPE", "stt_tts"),
+                ("VB_STT_PROVIDER", "whisper"),
+                ("VB_TTS_PROVIDER", "piper"),
+                ("VB_S2S_PROVIDER", ""),
+                ("VB_VAD_PROVIDER", "silero"),
+                ("VB_LATENCY_TARGET", "250ms"),
+                ("VB_TIMEOUT", "1m 30s"),
+                ("VB_RETRY_DELAY", "2s"),
+                ("VB_MAX_RETRIES", "5"),
+                ("VB_MAX_CONCURRENT_SESSIONS", "8"),
+                ("VB_ENABLE_METRICS", "false"),
+                ("VB_ENABLE_TRACING", "false"),
+                ("VB_LOG_LEVEL", "warn"),
+                ("VB_PROCESSORS", r#"[{"name": "gain", "order": 1}]"#),
+            ],
+        )
+        .unwrap();
+    assert_eq!(config.provider, "pipecat");
+    assert_eq!(config.pipeline_type, PipelineType::SttTts);
+    assert_eq!(config.stt_provider.as_deref(), Some("whisper"));
+    assert_eq!(config.tts_provider.as_deref(), Some("piper"));
+    assert_eq!(config.s2s_provider, None);
+    assert_eq!(config.vad_provider.as_deref(), Some("silero"));
+    assert_eq!(config.latency_target, ms(250));
+    assert_eq!(config.timeout, Duration::from_secs(90));
+    assert_eq!(config.retry_delay, Duration::from_secs(2));
+    assert_eq!(config.max_retries, 5);
+    assert_eq!(config.max_concurrent_sessions, 8);
+    assert!(!config.enable_metrics);
+    assert!(!config.enable_tracing);
+    assert!(config.enable_logging);
+    assert_eq!(config.log_level, LogLevel::Warn);
+    assert_eq!(config.processors.len(), 1);
+    assert_eq!(config.processors[0].name, "gain");
+}
+
+#[test]
+fn env_typo_is_rejected_and_config_unchanged() {
+    let mut config = base();
+    let error = config
+        .apply_env(
+            "VB",
+            [
+                ("VB_LATENCY_TARGTE", "250ms"),
+                ("VB_MAX_RETRIES", "lots"),
+                ("VB_ENABLE_METRICS", "yes"),
+                ("VB_TIMEOUT", "2s"),
+            ],
+        )
+        .unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "config.env");
+    assert_eq!(
+        paths(&error),
+        set(&["VB_LATENCY_TARGTE", "VB_MAX_RETRIES", "VB_ENABLE_METRICS"])
+    );
+    let typo = &error.details["VB_LATENCY_TARGTE"];
+    assert!(typo.contains("did you mean VB_LATENCY_TARGET"), "{typo}");
+    assert!(typo.contains("VB_MAX_CONCURRENT_SESSIONS"), "{typo}");
+    assert!(
+        error.details["VB_MAX_RETRIES"].contains("\"lots\""),
+        "{error}"
+    );
+    // Nothing was applied, not even the valid VB_TIMEOUT.
+    assert_eq!(config, base());
+}
+
+#[test]
+fn env_result_is_validated() {
+    let mut config = base();
+    let error = config
+        .apply_env(
+            "VB",
+            [("VB_TIMEOUT", "10m"), ("VB_PIPELINE_TYPE", "stt_tts")],
+        )
+        .unwrap_err();
+    assert_eq!(
+        paths(&error),
+        set(&["timeout", "stt_provider", "tts_provider"])
+    );
+    assert_eq!(config, base());
+}
+
+#[test]
+fn env_secret_values_never_appear_in_errors() {
+    let mut config = base();
+    let error = config
+        .apply_env(
+            "VB",
+            [
+                ("VB_PROVIDER_CONFIG_API_KEY", "sk-ENV-TYPO-666"),
+                ("VB_API_TOKEN", "tok-ENV-UNKNOWN-777"),
+            ],
+        )
+        .unwrap_err();
+    let text = everything(&error);
+    assert!(
+        !text.contains("ENV-TYPO-666") && !text.contains("ENV-UNKNOWN-777"),
+        "{text}"
+    );
+    assert!(
+        error.details["VB_PROVIDER_CONFIG_API_KEY"]
+            .contains("did you mean VB_PROVIDER_CONFIG__API_KEY"),
+        "{text}"
+    );
+
+    // A secret that is set fine, with another variable failing validation.
+    let error = config
+        .apply_env(
+            "VB",
+            [
+                ("VB_PROVIDER_CONFIG__API_KEY", "sk-ENV-OK-888"),
+                ("VB_MAX_RETRIES", "50"),
+            ],
+        )
+        .unwrap_err();
+    assert_eq!(paths(&error), set(&["max_retries"]));
+    assert!(!everything(&error).contains("ENV-OK-888"));
+}
+
+#[test]
+fn env_ignores_other_prefixes() {
+    let mut config = base();
+    config
+        .apply_env(
+            "VB",
+            [
+                ("OTHER_MAX_RETRIES", "9"),
+                ("VBX_TIMEOUT", "nonsense"),
+                ("VB", "x"),
+                ("vb_max_retries", "9"),
+                ("PATH", "/usr/bin"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(config, base());
+
+    // A trailing underscore on the prefix is optional.
+    config.apply_env("VB_", [("VB_MAX_RETRIES", "2")]).unwrap();
+    assert_eq!(config.max_retries, 2);
+}
+
+#[test]
+fn env_provider_config_nesting() {
+    let mut config = base();
+    config
+        .provider_config
+        .0
+        .insert("kept".into(), serde_json::json!("yes"));
+    config
+        .apply_env(
+            "VB",
+            [
+                ("VB_PROVIDER_CONFIG__AUDIO__RATE", "8000"),
+                ("VB_PROVIDER_CONFIG__API_KEY", "sk-live"),
+                (
+                    "VB_PROVIDER_CONFIG",
+                    r#"{"region": "eu", "audio": {"rate": 16000, "channels": 1}}"#,
+                ),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        serde_json::Value::Object(config.provider_config.0.clone()),
+        serde_json::json!({
+            "kept": "yes",
+            "region": "eu",
+            "audio": {"rate": "8000", "channels": 1},
+            "api_key": "sk-live",
+        })
+    );
+
+    let error = config
+        .apply_env(
+            "VB",
+            [
+                ("VB_PROVIDER_CONFIG", "[1, 2]"),
+                ("VB_PROVIDER_CONFIG__REGION__ZONE", "a"),
+                ("VB_PROVIDER_CONFIG__", "x"),
+            ],
+        )
+        .unwrap_err();
+    assert_eq!(
+        paths(&error),
+        set(&[
+            "VB_PROVIDER_CONFIG",
+            "VB_PROVIDER_CONFIG__REGION__ZONE",
+            "VB_PROVIDER_CONFIG__"
+        ])
+    );
+    let error = config
+        .apply_env("VB", [("VB_PROVIDER_CONFIG", "{not json")])
+        .unwrap_err();
+    assert_eq!(paths(&error), set(&["VB_PROVIDER_CONFIG"]));
+}
+
+#[test]
+fn from_env_vars_requires_provider() {
+    let config = Config::from_env_vars(
+        "APP",
+        [
+            ("APP_PROVIDER", "local"),
+            ("APP_PIPELINE_TYPE", "s2s"),
+            ("APP_S2S_PROVIDER", "echo"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config, base());
+
+    let error = Config::from_env_vars("APP", [("APP_PIPELINE_TYPE", "s2s")]).unwrap_err();
+    assert_invalid(&error);
+    assert!(paths(&error).contains("APP_PROVIDER"), "{error}");
+
+    let error = Config::from_env_vars("", [("X", "y")]).unwrap_err();
+    assert_invalid(&error);
+}
+
+#[test]
+fn only_from_env_and_apply_process_env_read_the_process_environment() {
+    const PREFIX: &str = "VBTEST_PROCESS_ENV_7F3A";
+    // SAFETY: no other test touches variables with this prefix, and nothing in
+    // this test binary reads the environment through libc concurrently.
+    unsafe {
+        std::env::set_var(format!("{PREFIX}_PROVIDER"), "local");
+        std::env::set_var(format!("{PREFIX}_PIPELINE_TYPE"), "s2s");
+        std::env::set_var(format!("{PREFIX}_S2S_PROVIDER"), "echo");
+        std::env::set_var(format!("{PREFIX}_MAX_RETRIES"), "7");
+    }
+
+    let mut config = base();
+    config
+        .apply_env(PREFIX, Vec::<(String, String)>::new())
+        .unwrap();
+    assert_eq!(config, base(), "apply_env must not read the process env");
+
+    let from_env = Config::from_env(PREFIX).unwrap();
+    assert_eq!(from_env.max_retries, 7);
+    assert_eq!(from_env.s2s_provider.as_deref(), Some("echo"));
+
+    config.apply_process_env(PREFIX).unwrap();
+    assert_eq!(config.max_retries, 7);
+
+    // Loading a file never reads it either.
+    assert_eq!(Config::from_toml_str(MINIMAL_S2S).unwrap().max_retries, 3);
+}
+
+// ---------------------------------------------------------------- parse_provider_config
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct MyProviderConfig {
+    region: String,
+    api_key: String,
+    #[serde(default)]
+    rate: u32,
+    #[serde(default)]
+    audio: Option<MyAudio>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct MyAudio {
+    channels: u8,
+}
+
+fn with_section(section: serde_json::Value) -> Config {
+    let mut config = base();
+    config.provider_config.0 = section.as_object().unwrap().clone();
+    config
+}
+
+#[test]
+fn parse_provider_config_good() {
+    let config = with_section(serde_json::json!({
+        "region": "eu", "api_key": "sk-1", "rate": 16000, "audio": {"channels": 2}
+    }));
+    let parsed: MyProviderConfig = parse_provider_config(&config).unwrap();
+    assert_eq!(
+        parsed,
+        MyProviderConfig {
+            region: "eu".into(),
+            api_key: "sk-1".into(),
+            rate: 16000,
+            audio: Some(MyAudio { channels: 2 }),
+        }
+    );
+}
+
+#[test]
+fn parse_provider_config_unknown_key() {
+    let config = with_section(serde_json::json!({"region": "eu", "api_key": "k", "regoin": "us"}));
+    let error = parse_provider_config::<MyProviderConfig>(&config).unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(error.op, "provider.validate_config");
+    assert_eq!(paths(&error), set(&["provider_config.regoin"]));
+    assert!(error.message.contains("regoin"), "{}", error.message);
+
+    let nested = with_section(serde_json::json!({
+        "region": "eu", "api_key": "k", "audio": {"channels": 1, "chanels": 2}
+    }));
+    let error = parse_provider_config::<MyProviderConfig>(&nested).unwrap_err();
+    assert_eq!(paths(&error), set(&["provider_config.audio.chanels"]));
+}
+
+#[test]
+fn parse_provider_config_missing_and_wrong_type() {
+    let missing = with_section(serde_json::json!({"api_key": "k"}));
+    let error = parse_provider_config::<MyProviderConfig>(&missing).unwrap_err();
+    assert_eq!(paths(&error), set(&["provider_config.region"]));
+
+    let wrong = with_section(serde_json::json!({"region": "eu", "api_key": "k", "rate": "fast"}));
+    let error = parse_provider_config::<MyProviderConfig>(&wrong).unwrap_err();
+    assert_eq!(paths(&error), set(&["provider_config.rate"]));
+    assert!(
+        error.details["provider_config.rate"].contains("invalid type"),
+        "{error}"
+    );
+}
+
+#[test]
+fn parse_provider_config_never_echoes_a_secret() {
+    let config = with_section(serde_json::json!({"region": "eu", "api_key": 987654321}));
+    let error = parse_provider_config::<MyProviderConfig>(&config).unwrap_err();
+    assert_invalid(&error);
+    assert_eq!(paths(&error), set(&["provider_config.api_key"]));
+    assert_eq!(
+        error.details["provider_config.api_key"],
+        "invalid value (redacted)"
+    );
+    assert!(
+        !everything(&error).contains("987654321"),
+        "{}",
+        everything(&error)
+    );
+}
