@@ -1,6 +1,10 @@
 //! Registry lookups, single-threaded and on two threads at once.
 //!
-//! The registry holds six providers (as a build with every provider would).
+//! The registry holds six providers, as a build with every provider would, in
+//! two shapes: `static` (registered at link time, nothing in the overlay: the
+//! production shape) and `overlay` (the same, plus one run-time registration,
+//! so every read goes through the merged table: the shape of a test that
+//! registers doubles).
 //! For the two-thread cases each thread runs the whole iteration count at the
 //! same time as the other; the time reported is wall time per iteration, so
 //! perfect scaling reports the same time as the single-thread case (twice the
@@ -21,12 +25,40 @@ use voice_backends::{BackendRegistry, Config};
 
 const NAMES: [&str; 6] = ["cartesia", "livekit", "local", "pipecat", "vapi", "vocode"];
 
-fn registry() -> Arc<BackendRegistry> {
-    let reg = BackendRegistry::new();
-    for name in NAMES {
-        reg.register(name, common::DoubleProvider::light(name));
-    }
-    Arc::new(reg)
+fn cartesia() -> common::DoubleProvider {
+    common::DoubleProvider::light_value("cartesia")
+}
+fn livekit() -> common::DoubleProvider {
+    common::DoubleProvider::light_value("livekit")
+}
+fn local() -> common::DoubleProvider {
+    common::DoubleProvider::light_value("local")
+}
+fn pipecat() -> common::DoubleProvider {
+    common::DoubleProvider::light_value("pipecat")
+}
+fn vapi() -> common::DoubleProvider {
+    common::DoubleProvider::light_value("vapi")
+}
+fn vocode() -> common::DoubleProvider {
+    common::DoubleProvider::light_value("vocode")
+}
+voice_backends::register_provider!("cartesia", cartesia);
+voice_backends::register_provider!("livekit", livekit);
+voice_backends::register_provider!("local", local);
+voice_backends::register_provider!("pipecat", pipecat);
+voice_backends::register_provider!("vapi", vapi);
+voice_backends::register_provider!("vocode", vocode);
+
+fn registries() -> [(&'static str, Arc<BackendRegistry>); 2] {
+    let statics = BackendRegistry::new();
+    assert_eq!(statics.list_providers(), NAMES);
+    let overlay = BackendRegistry::new();
+    overlay.register("double", common::DoubleProvider::light("double"));
+    [
+        ("static", Arc::new(statics)),
+        ("overlay", Arc::new(overlay)),
+    ]
 }
 
 /// Polls a future that completes without waiting (the registry's `create`
@@ -86,7 +118,6 @@ fn two_threads(reg: &Arc<BackendRegistry>, config: &Arc<Config>, op: Op, iters: 
 }
 
 fn bench(c: &mut Criterion) {
-    let reg = registry();
     let config = Arc::new(common::valid_config("pipecat"));
     let ops: [(&str, Op); 5] = [
         ("is_registered", op_is_registered),
@@ -95,14 +126,16 @@ fn bench(c: &mut Criterion) {
         ("list_providers", op_list_providers),
         ("get_provider", op_get_provider),
     ];
-    let mut group = c.benchmark_group("registry");
-    for (name, op) in ops {
-        group.bench_function(format!("{name}/1_thread"), |b| b.iter(|| op(&reg, &config)));
-        group.bench_function(format!("{name}/2_threads"), |b| {
-            b.iter_custom(|iters| two_threads(&reg, &config, op, iters))
-        });
+    for (shape, reg) in registries() {
+        let mut group = c.benchmark_group(format!("registry/{shape}"));
+        for (name, op) in ops {
+            group.bench_function(format!("{name}/1_thread"), |b| b.iter(|| op(&reg, &config)));
+            group.bench_function(format!("{name}/2_threads"), |b| {
+                b.iter_custom(|iters| two_threads(&reg, &config, op, iters))
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group! {

@@ -9,12 +9,20 @@
 //!
 //! # Reads do not contend
 //!
-//! Writers (`register`, `deregister`) take the overlay's `RwLock`, change it, and
-//! publish an immutable, sorted snapshot of the merged view through
-//! [`arc_swap::ArcSwap`]. Readers (`is_registered`, `get`, `create`, `list`)
-//! only load the current snapshot: no lock and no shared reader counter, so
+//! The link-time entries never change, so they live in an immutable table that
+//! readers use directly while the overlay is empty (the production shape: every
+//! provider compiled in, nothing registered at run time). Writers (`register`,
+//! `deregister`) take the overlay's `RwLock`, change it, and publish an
+//! immutable merged table through [`arc_swap::ArcSwap`]; readers then load that
+//! table. No read takes a lock or bumps a counter shared with other readers, so
 //! lookups on several cores scale instead of bouncing one cache line between
-//! them. Writes are rare and cost one rebuild of the (small) snapshot.
+//! them. Tables are hashed on a few bytes of the name, so a lookup is one probe
+//! and one comparison for the short names providers have.
+//!
+//! Names are interned: a name registered at run time is kept for the life of
+//! the process, so listings are `&'static str` and cost one allocation.
+//! Register a bounded set of names (providers, components, test doubles), not
+//! one per request.
 //!
 //! # Duplicate static names
 //!
@@ -25,9 +33,10 @@
 //! also logs them once at start. Registering an overlay entry under the name
 //! resolves the conflict explicitly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use arc_swap::ArcSwap;
 
@@ -63,6 +72,23 @@ pub static __PROVIDERS: [ProviderEntry];
 /// so the mechanism can change without touching providers.
 fn static_providers() -> &'static [ProviderEntry] {
     &__PROVIDERS
+}
+
+/// Interns a run-time name for the life of the process.
+fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    match names.get(name) {
+        Some(interned) => interned,
+        None => {
+            let interned: &'static str = Box::leak(name.into());
+            names.insert(interned);
+            interned
+        }
+    }
 }
 
 /// Two or more link-time registrations of one name.
@@ -101,19 +127,126 @@ impl<T: ?Sized> Clone for Slot<T> {
     }
 }
 
-/// The merged, sorted view readers see.
-struct Snapshot<T: ?Sized> {
-    entries: Vec<(Box<str>, Slot<T>)>,
+/// A name's length and up to 16 of its bytes (the first and last 8, or 4, or
+/// three sampled bytes for names under 4 bytes): equal keys mean equal names
+/// for names of up to 16 bytes; longer names are compared in full.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key {
+    len: usize,
+    head: u64,
+    tail: u64,
+}
+
+impl Key {
+    #[inline]
+    fn of(name: &str) -> Key {
+        let b = name.as_bytes();
+        let n = b.len();
+        let (head, tail) = if n >= 8 {
+            (le_u64(&b[..8]), le_u64(&b[n - 8..]))
+        } else if n >= 4 {
+            (le_u32(&b[..4]), le_u32(&b[n - 4..]))
+        } else if n > 0 {
+            (
+                b[0] as u64 | (b[n / 2] as u64) << 8 | (b[n - 1] as u64) << 16,
+                0,
+            )
+        } else {
+            (0, 0)
+        };
+        Key { len: n, head, tail }
+    }
+
+    #[inline]
+    fn bucket(&self, mask: usize) -> usize {
+        let h = (self.head ^ self.tail.rotate_left(23) ^ self.len as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> 32) as usize & mask
+    }
+}
+
+#[inline]
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
+}
+
+#[inline]
+fn le_u32(b: &[u8]) -> u64 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b);
+    u32::from_le_bytes(a) as u64
+}
+
+const EMPTY: u32 = u32::MAX;
+
+/// An immutable name table: entries sorted by name, plus an open-addressing
+/// index on [`Key`].
+struct Table<T: ?Sized> {
+    names: Vec<&'static str>,
+    keys: Vec<Key>,
+    slots: Vec<Slot<T>>,
+    index: Vec<u32>,
+    mask: usize,
     /// `"a, b, c"` (or `"none"`), ready for not-found messages.
     available: String,
 }
 
-impl<T: ?Sized> Snapshot<T> {
+impl<T: ?Sized> Table<T> {
+    /// A table of `entries`, which must be sorted by name with no repeats.
+    fn new(entries: Vec<(&'static str, Slot<T>)>) -> Self {
+        let size = (entries.len() * 2).next_power_of_two().max(8);
+        let mask = size - 1;
+        let mut index = vec![EMPTY; size];
+        let mut names = Vec::with_capacity(entries.len());
+        let mut keys = Vec::with_capacity(entries.len());
+        let mut slots = Vec::with_capacity(entries.len());
+        for (i, (name, slot)) in entries.into_iter().enumerate() {
+            let key = Key::of(name);
+            let mut b = key.bucket(mask);
+            while index[b] != EMPTY {
+                b = (b + 1) & mask;
+            }
+            index[b] = i as u32;
+            names.push(name);
+            keys.push(key);
+            slots.push(slot);
+        }
+        let available = if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        };
+        Table {
+            names,
+            keys,
+            slots,
+            index,
+            mask,
+            available,
+        }
+    }
+
+    #[inline]
     fn find(&self, name: &str) -> Option<&Slot<T>> {
-        self.entries
-            .binary_search_by(|(n, _)| (**n).cmp(name))
-            .ok()
-            .map(|i| &self.entries[i].1)
+        let key = Key::of(name);
+        let mut b = key.bucket(self.mask);
+        loop {
+            let i = self.index[b];
+            if i == EMPTY {
+                return None;
+            }
+            let i = i as usize;
+            if self.keys[i] == key && (key.len <= 16 || self.names[i] == name) {
+                return Some(&self.slots[i]);
+            }
+            b = (b + 1) & self.mask;
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&'static str, &Slot<T>)> {
+        self.names.iter().copied().zip(self.slots.iter())
     }
 }
 
@@ -123,10 +256,13 @@ impl<T: ?Sized> Snapshot<T> {
 /// the same type with their own kinds.
 pub struct Registry<T: ?Sized + Send + Sync + 'static> {
     kind: &'static str,
-    statics: Vec<(&'static str, Slot<T>)>,
+    statics: Table<T>,
     duplicates: Vec<DuplicateEntry>,
-    overlay: RwLock<BTreeMap<String, Arc<T>>>,
-    snapshot: ArcSwap<Snapshot<T>>,
+    /// Whether the overlay holds anything, i.e. whether readers must use `merged`.
+    overlay_active: AtomicBool,
+    overlay: RwLock<BTreeMap<&'static str, Arc<T>>>,
+    /// The statics with the overlay applied; current while `overlay_active`.
+    merged: ArcSwap<Table<T>>,
 }
 
 impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
@@ -151,18 +287,14 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
                 });
             }
         }
-        let registry = Registry {
+        Registry {
             kind,
-            statics,
+            statics: Table::new(statics),
             duplicates,
+            overlay_active: AtomicBool::new(false),
             overlay: RwLock::new(BTreeMap::new()),
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                entries: Vec::new(),
-                available: String::new(),
-            }),
-        };
-        registry.publish(&BTreeMap::new());
-        registry
+            merged: ArcSwap::from_pointee(Table::new(Vec::new())),
+        }
     }
 
     /// The kind of value held, e.g. `"provider"`.
@@ -173,12 +305,12 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
     /// Registers `value` under `name` in the overlay, shadowing a static entry of
     /// the same name. Returns what was visible under the name before (an earlier
     /// overlay entry or the static one), if anything.
-    pub fn register(&self, name: impl Into<String>, value: Arc<T>) -> Option<Arc<T>> {
-        let name = name.into();
+    pub fn register(&self, name: &str, value: Arc<T>) -> Option<Arc<T>> {
+        let name = intern(name);
         let mut overlay = self.overlay.write().unwrap_or_else(PoisonError::into_inner);
-        let before = match overlay.insert(name.clone(), value) {
+        let before = match overlay.insert(name, value) {
             Some(prev) => Some(prev),
-            None => self.static_value(&name),
+            None => self.static_value(name),
         };
         self.publish(&overlay);
         before
@@ -200,10 +332,10 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
     /// puts back whatever overlay entry was there before. Handy in tests that
     /// share the global registry.
     #[must_use = "the entry is removed when the guard is dropped"]
-    pub fn register_scoped(&self, name: impl Into<String>, value: Arc<T>) -> ScopedEntry<'_, T> {
-        let name = name.into();
+    pub fn register_scoped(&self, name: &str, value: Arc<T>) -> ScopedEntry<'_, T> {
+        let name = intern(name);
         let mut overlay = self.overlay.write().unwrap_or_else(PoisonError::into_inner);
-        let previous = overlay.insert(name.clone(), value);
+        let previous = overlay.insert(name, value);
         self.publish(&overlay);
         ScopedEntry {
             registry: self,
@@ -214,7 +346,7 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
 
     /// Whether anything is registered under `name` (a duplicated static name counts).
     pub fn is_registered(&self, name: &str) -> bool {
-        self.snapshot.load().find(name).is_some()
+        self.read(|table| table.find(name).is_some())
     }
 
     /// The value registered under `name`.
@@ -226,18 +358,23 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
     }
 
     /// Every registered name, sorted, each once.
-    pub fn list(&self) -> Vec<String> {
-        self.snapshot
-            .load()
-            .entries
-            .iter()
-            .map(|(n, _)| n.to_string())
-            .collect()
+    pub fn list(&self) -> Vec<&'static str> {
+        self.read(|table| table.names.clone())
     }
 
     /// The duplicated link-time names, if any.
     pub fn duplicates(&self) -> &[DuplicateEntry] {
         &self.duplicates
+    }
+
+    /// Runs `f` on the table readers should use now.
+    #[inline]
+    fn read<R>(&self, f: impl FnOnce(&Table<T>) -> R) -> R {
+        if self.overlay_active.load(Ordering::Acquire) {
+            f(&self.merged.load())
+        } else {
+            f(&self.statics)
+        }
     }
 
     /// Runs `f` on the value under `name` without cloning its `Arc` (reads stay
@@ -248,19 +385,34 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
         op: &'static str,
         f: impl FnOnce(&Arc<T>) -> Result<R>,
     ) -> Result<R> {
-        let snapshot = self.snapshot.load();
-        match snapshot.find(name) {
+        self.read(|table| match table.find(name) {
             Some(Slot::Ready(v)) => f(v),
             Some(Slot::Conflict(i)) => Err(self.conflict_error(op, &self.duplicates[*i])),
-            None => Err(BackendError::new(
-                op,
-                ErrorCode::ProviderNotFound,
-                format!(
-                    "no {} named {:?} is registered; available: {}",
-                    self.kind, name, snapshot.available
-                ),
-            )),
+            None => Err(self.not_found_error(op, name, &table.available)),
+        })
+    }
+
+    fn not_found_error(&self, op: &'static str, name: &str, available: &str) -> BackendError {
+        // Built by hand rather than with `format!`: an unknown name is a hot
+        // path for callers probing the registry. Names that need escaping take
+        // the slower, quoting route.
+        let plain = name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
+        let mut message = String::with_capacity(48 + name.len() + available.len());
+        message.push_str("no ");
+        message.push_str(self.kind);
+        message.push_str(" named ");
+        if plain {
+            message.push('"');
+            message.push_str(name);
+            message.push('"');
+        } else {
+            message.push_str(&format!("{name:?}"));
         }
+        message.push_str(" is registered; available: ");
+        message.push_str(available);
+        BackendError::new(op, ErrorCode::ProviderNotFound, message)
     }
 
     fn conflict_error(&self, op: &'static str, dup: &DuplicateEntry) -> BackendError {
@@ -274,52 +426,46 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
     }
 
     fn static_value(&self, name: &str) -> Option<Arc<T>> {
-        self.statics
-            .binary_search_by(|(n, _)| (*n).cmp(name))
-            .ok()
-            .and_then(|i| match &self.statics[i].1 {
-                Slot::Ready(v) => Some(Arc::clone(v)),
-                Slot::Conflict(_) => None,
-            })
+        match self.statics.find(name) {
+            Some(Slot::Ready(v)) => Some(Arc::clone(v)),
+            _ => None,
+        }
     }
 
-    /// Rebuilds the merged view from the statics and `overlay` and publishes it.
-    /// Called with the overlay's write lock held, so snapshots appear in order.
-    fn publish(&self, overlay: &BTreeMap<String, Arc<T>>) {
-        let mut entries: Vec<(Box<str>, Slot<T>)> =
-            Vec::with_capacity(self.statics.len() + overlay.len());
-        let mut statics = self.statics.iter().peekable();
+    /// Rebuilds the merged table from the statics and `overlay` and publishes
+    /// it. Called with the overlay's write lock held, so tables appear in order.
+    fn publish(&self, overlay: &BTreeMap<&'static str, Arc<T>>) {
+        if overlay.is_empty() {
+            self.overlay_active.store(false, Ordering::Release);
+            self.merged.store(Arc::new(Table::new(Vec::new())));
+            return;
+        }
+        let mut entries: Vec<(&'static str, Slot<T>)> =
+            Vec::with_capacity(self.statics.names.len() + overlay.len());
+        let mut statics = self.statics.entries().peekable();
         let mut dynamic = overlay.iter().peekable();
         loop {
             let take_static = match (statics.peek(), dynamic.peek()) {
                 (None, None) => break,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
-                (Some((s, _)), Some((d, _))) => *s < d.as_str(),
+                (Some((s, _)), Some((d, _))) => s < *d,
             };
             if take_static {
                 let (name, slot) = statics.next().expect("peeked");
-                entries.push(((*name).into(), slot.clone()));
+                entries.push((name, slot.clone()));
             } else {
                 let (name, value) = dynamic.next().expect("peeked");
                 // An overlay entry shadows a static one of the same name.
-                if statics.peek().is_some_and(|(s, _)| *s == name.as_str()) {
+                if statics.peek().is_some_and(|(s, _)| s == name) {
                     statics.next();
                 }
-                entries.push((name.as_str().into(), Slot::Ready(Arc::clone(value))));
+                entries.push((name, Slot::Ready(Arc::clone(value))));
             }
         }
-        let available = if entries.is_empty() {
-            "none".to_owned()
-        } else {
-            entries
-                .iter()
-                .map(|(n, _)| &**n)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        self.snapshot
-            .store(Arc::new(Snapshot { entries, available }));
+        // The merged table is in place before readers are sent to it.
+        self.merged.store(Arc::new(Table::new(entries)));
+        self.overlay_active.store(true, Ordering::Release);
     }
 }
 
@@ -337,7 +483,7 @@ impl<T: ?Sized + Send + Sync + 'static> fmt::Debug for Registry<T> {
 /// [`Registry::register_scoped`].
 pub struct ScopedEntry<'a, T: ?Sized + Send + Sync + 'static> {
     registry: &'a Registry<T>,
-    name: String,
+    name: &'static str,
     previous: Option<Arc<T>>,
 }
 
@@ -358,10 +504,10 @@ impl<T: ?Sized + Send + Sync + 'static> Drop for ScopedEntry<'_, T> {
             .unwrap_or_else(PoisonError::into_inner);
         match self.previous.take() {
             Some(prev) => {
-                overlay.insert(std::mem::take(&mut self.name), prev);
+                overlay.insert(self.name, prev);
             }
             None => {
-                overlay.remove(&self.name);
+                overlay.remove(self.name);
             }
         }
         self.registry.publish(&overlay);
@@ -400,7 +546,7 @@ impl Registry<dyn BackendProvider> {
     }
 
     /// Every registered provider name, sorted, each once.
-    pub fn list_providers(&self) -> Vec<String> {
+    pub fn list_providers(&self) -> Vec<&'static str> {
         self.list()
     }
 

@@ -34,7 +34,7 @@ fn expected_static_names() -> BTreeSet<String> {
 #[test]
 fn static_registration_happened_and_matches_the_enabled_features() {
     let reg = BackendRegistry::new();
-    let names: BTreeSet<String> = reg.list_providers().into_iter().collect();
+    let names: BTreeSet<String> = reg.list_providers().into_iter().map(String::from).collect();
     assert_eq!(names, expected_static_names());
     assert!(reg.duplicates().is_empty());
     let p = reg.get_provider("static-test").unwrap();
@@ -271,7 +271,7 @@ async fn concurrent_register_and_create_lose_and_tear_nothing() {
         handles.push(tokio::spawn(async move {
             for r in 0..ROUNDS {
                 let name = format!("task{t}-{r}");
-                reg.register(name.clone(), DoubleProvider::new(&name, &name));
+                reg.register(&name, DoubleProvider::new(&name, &name));
                 // Our own entry is visible at once and served by the right provider.
                 let b = reg.create(&name, &valid_config(&name)).await.unwrap();
                 assert_eq!(b.provider(), name, "torn entry");
@@ -289,7 +289,7 @@ async fn concurrent_register_and_create_lose_and_tear_nothing() {
     for h in handles {
         h.await.unwrap();
     }
-    let names = reg.list_providers();
+    let names: Vec<String> = reg.list_providers().into_iter().map(String::from).collect();
     let expected: BTreeSet<String> = (0..TASKS)
         .flat_map(|t| {
             (0..ROUNDS)
@@ -308,4 +308,47 @@ async fn concurrent_register_and_create_lose_and_tear_nothing() {
     sorted.sort();
     assert_eq!(names, sorted, "listing is sorted");
     assert_eq!(shared.created.load(Ordering::Relaxed), TASKS * ROUNDS);
+}
+
+#[tokio::test]
+async fn lookups_tell_apart_names_that_share_length_and_edges() {
+    let reg = BackendRegistry::new();
+    // Names whose length, first 8 and last 8 bytes agree differ only in the middle.
+    let long_a = "provider-alpha-middle-region-eu-1";
+    let long_b = "provider-alpha-MIDDLE-region-eu-1";
+    let mut names = vec![
+        long_a.to_owned(),
+        long_b.to_owned(),
+        "a".into(),
+        "ab".into(),
+        "abc".into(),
+        "acc".into(),
+        "".into(),
+    ];
+    names.extend((0..200).map(|i| format!("p{i}")));
+    for n in &names {
+        reg.register(n, DoubleProvider::new(n, &format!("tag:{n}")));
+    }
+    for n in &names {
+        let b = reg.create(n, &valid_config("any")).await.unwrap();
+        assert_eq!(b.provider(), format!("tag:{n}"));
+    }
+    for missing in [
+        "provider-alpha-middlE-region-eu-1",
+        "abd",
+        "b",
+        "p200",
+        "p1 ",
+    ] {
+        assert!(!reg.is_registered(missing), "{missing:?}");
+    }
+    assert_eq!(reg.list_providers().len(), names.len() + 1);
+}
+
+#[test]
+fn unknown_names_with_odd_characters_are_quoted_safely() {
+    let reg = BackendRegistry::new();
+    let err = reg.get_provider("evil\"\nname").err().unwrap();
+    assert!(err.message.contains(r#""evil\"\nname""#), "{}", err.message);
+    assert!(!err.message.contains('\n'));
 }

@@ -1,6 +1,5 @@
 //! Validation of [`Config`] and [`SessionConfig`]: every rule, every violation at once.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -186,8 +185,19 @@ fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+// The checks below are on the path of every `BackendRegistry::create`: the
+// passing case is inlined and allocation-free, the failing case is cold.
+
+#[inline]
 fn check_duration(v: &mut Violations, path: &str, value: Duration, min: Duration, max: Duration) {
     if value < min || value > max {
+        out_of_range(v, path, value, min, max);
+    }
+}
+
+#[cold]
+fn out_of_range(v: &mut Violations, path: &str, value: Duration, min: Duration, max: Duration) {
+    {
         v.push(
             path,
             format!(
@@ -202,14 +212,31 @@ fn check_duration(v: &mut Violations, path: &str, value: Duration, min: Duration
 
 /// Checks a name (of a provider, component or processor): non-empty, no
 /// surrounding whitespace.
+#[inline]
 fn check_name(v: &mut Violations, path: &str, name: &str) {
+    let (Some(&first), Some(&last)) = (name.as_bytes().first(), name.as_bytes().last()) else {
+        return bad_name(v, path, name);
+    };
+    // Whitespace at either end is ASCII (9..=13, 32) or part of a multi-byte char.
+    let suspect = |b: u8| matches!(b, 9..=13 | 32) || b >= 0x80;
+    if suspect(first) || suspect(last) {
+        bad_name(v, path, name);
+    }
+}
+
+#[cold]
+fn bad_name(v: &mut Violations, path: &str, name: &str) {
+    if name.trim() == name && !name.is_empty() {
+        return;
+    }
     if name.trim().is_empty() {
         v.push(path, "must be non-empty");
-    } else if name.trim() != name {
+    } else {
         v.push(path, format!("{name:?} has leading or trailing whitespace"));
     }
 }
 
+#[inline]
 fn check_optional_name(v: &mut Violations, path: &str, name: Option<&str>) {
     if let Some(name) = name {
         check_name(v, path, name);
@@ -363,36 +390,34 @@ impl Config {
             );
         }
 
-        for (path, name) in [
-            ("stt_provider", &self.stt_provider),
-            ("tts_provider", &self.tts_provider),
-            ("s2s_provider", &self.s2s_provider),
-            ("vad_provider", &self.vad_provider),
-            ("turn_detection_provider", &self.turn_detection_provider),
-            (
-                "noise_cancellation_provider",
-                &self.noise_cancellation_provider,
-            ),
-        ] {
-            check_optional_name(&mut v, path, name.as_deref());
-        }
+        check_optional_name(&mut v, "stt_provider", self.stt_provider.as_deref());
+        check_optional_name(&mut v, "tts_provider", self.tts_provider.as_deref());
+        check_optional_name(&mut v, "s2s_provider", self.s2s_provider.as_deref());
+        check_optional_name(&mut v, "vad_provider", self.vad_provider.as_deref());
+        check_optional_name(
+            &mut v,
+            "turn_detection_provider",
+            self.turn_detection_provider.as_deref(),
+        );
+        check_optional_name(
+            &mut v,
+            "noise_cancellation_provider",
+            self.noise_cancellation_provider.as_deref(),
+        );
 
-        let mut first_index: HashMap<&str, usize> = HashMap::new();
         for (i, p) in self.processors.iter().enumerate() {
-            let path = format!("processors[{i}].name");
-            check_name(&mut v, &path, &p.name);
+            let path = || format!("processors[{i}].name");
+            check_name(&mut v, &path(), &p.name);
             if !p.name.trim().is_empty() {
-                match first_index.get(p.name.as_str()) {
-                    Some(first) => v.push(
-                        path,
+                // Processor lists are short: a scan beats hashing here.
+                if let Some(first) = self.processors[..i].iter().position(|q| q.name == p.name) {
+                    v.push(
+                        path(),
                         format!(
                             "duplicate processor name {:?} (also processors[{first}])",
                             p.name
                         ),
-                    ),
-                    None => {
-                        first_index.insert(&p.name, i);
-                    }
+                    );
                 }
             }
             if !p.options.is_object() {
@@ -404,11 +429,10 @@ impl Config {
         }
 
         for (key, value) in &self.provider_config.0 {
-            let path = format!("provider_config.{key}");
             if ProviderSection::is_secret_key(key) && value.as_str() == Some(REDACTED) {
-                v.push(path, redaction_marker_message());
-            } else {
-                check_redaction_markers(&mut v, &path, value);
+                v.push(format!("provider_config.{key}"), redaction_marker_message());
+            } else if value.is_object() || value.is_array() {
+                check_redaction_markers(&mut v, &format!("provider_config.{key}"), value);
             }
         }
 

@@ -49,9 +49,13 @@ impl DoubleProvider {
 
     /// A double for benches: no counters, no config copy.
     pub fn light(name: &str) -> Arc<Self> {
+        Arc::new(Self::light_value(name))
+    }
+
+    pub fn light_value(name: &str) -> Self {
         let mut p = Self::plain(name, name);
         p.light = true;
-        Arc::new(p)
+        p
     }
 
     pub fn rejecting(name: &str, code: ErrorCode, message: &'static str) -> Arc<Self> {
