@@ -11,6 +11,7 @@ use serde::{Serialize, Serializer};
 
 use crate::config::{Config, SessionConfig};
 use crate::error::Result;
+use crate::hooks::Hooks;
 use crate::session::{SessionId, VoiceSession};
 
 /// Overall health of a backend.
@@ -119,6 +120,10 @@ impl fmt::Display for ConnectionState {
 pub trait VoiceBackend: Send + Sync {
     /// The name of the provider that made this backend.
     fn provider(&self) -> &str;
+
+    /// Sets the application's hooks (auth, rate limiting, data retention). They
+    /// apply to operations from then on.
+    fn set_hooks(&self, hooks: Hooks);
 
     /// Connects to the service and starts accepting sessions.
     async fn start(&self) -> Result<()>;

@@ -117,6 +117,28 @@ pub trait DataRetentionHook: Send + Sync {
     fn retention_period(&self, kind: DataKind) -> Duration;
 }
 
+/// The hooks an application plugs into a backend; see
+/// [`crate::VoiceBackend::set_hooks`]. Every hook is optional.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Authenticates and authorizes session creation (and other operations).
+    pub auth: Option<std::sync::Arc<dyn AuthHook>>,
+    /// Replaces the framework's fallback rate limiter.
+    pub rate_limiter: Option<std::sync::Arc<dyn RateLimiter>>,
+    /// Decides what may be kept and for how long.
+    pub retention: Option<std::sync::Arc<dyn DataRetentionHook>>,
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
+            .field("auth", &self.auth.is_some())
+            .field("rate_limiter", &self.rate_limiter.is_some())
+            .field("retention", &self.retention.is_some())
+            .finish()
+    }
+}
+
 /// A custom audio processor, run on every incoming frame before VAD.
 ///
 /// Each session gets its own instance, so `process` takes `&mut self` and may

@@ -8,9 +8,16 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod hooks;
+pub mod metrics;
+pub mod pipeline;
 pub mod provider;
+pub mod providers;
 pub mod registry;
+pub mod runtime;
 pub mod session;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 pub use agent::{Agent, AgentReply, AgentTurn, agent_fn};
 pub use audio::{AudioEncoding, AudioFormat, AudioFrame};
@@ -18,7 +25,7 @@ pub use backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
 pub use config::*;
 pub use error::{BackendError, ErrorCode, Result};
 pub use hooks::{
-    AudioProcessor, AuthHook, DataKind, DataRetentionHook, Operation, Principal, RateLimiter,
+    AudioProcessor, AuthHook, DataKind, DataRetentionHook, Hooks, Operation, Principal, RateLimiter,
     TokenBucketLimiter,
 };
 pub use provider::{BackendProvider, Codec, ConfigSchema, ProviderCapabilities, ProviderEntry};

@@ -4,6 +4,7 @@ use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::agent::Agent;
 use crate::audio::AudioFrame;
 use crate::error::Result;
+use crate::pipeline::events::SessionEvents;
 
 /// A session's unique id.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -120,26 +122,93 @@ pub enum PersistenceStatus {
     },
 }
 
+/// A bounded channel for a session's outgoing audio whose queued frames can be
+/// flushed from the sending side (barge-in discards reply audio at once, even
+/// frames already handed to the channel).
+pub fn audio_channel(capacity: usize) -> (AudioSender, AudioReceiver) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let epoch = Arc::new(AtomicU64::new(0));
+    (
+        AudioSender {
+            tx,
+            epoch: epoch.clone(),
+        },
+        AudioReceiver { rx, epoch },
+    )
+}
+
+/// The sending end of [`audio_channel`].
+#[derive(Clone, Debug)]
+pub struct AudioSender {
+    tx: mpsc::Sender<(u64, AudioFrame)>,
+    epoch: Arc<AtomicU64>,
+}
+
+/// Why [`AudioSender::try_send`] did not queue a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AudioSendError {
+    /// The receiver is not keeping up and the channel is full.
+    Full,
+    /// The receiver is gone.
+    Closed,
+}
+
+impl AudioSender {
+    /// Queues a frame without waiting.
+    pub fn try_send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.tx.try_send((epoch, frame)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AudioSendError::Full,
+            mpsc::error::TrySendError::Closed(_) => AudioSendError::Closed,
+        })
+    }
+
+    /// Queues a frame, waiting for room.
+    pub async fn send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.tx
+            .send((epoch, frame))
+            .await
+            .map_err(|_| AudioSendError::Closed)
+    }
+
+    /// Discards every frame queued so far: the receiver skips them.
+    pub fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether the receiver is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
 /// The receiving end of a session's outgoing (reply) audio.
 #[derive(Debug)]
 pub struct AudioReceiver {
-    rx: mpsc::Receiver<AudioFrame>,
+    rx: mpsc::Receiver<(u64, AudioFrame)>,
+    epoch: Arc<AtomicU64>,
 }
 
 impl AudioReceiver {
-    /// Wraps the receiving half of a bounded channel.
-    pub fn new(rx: mpsc::Receiver<AudioFrame>) -> Self {
-        AudioReceiver { rx }
-    }
-
     /// The next frame, or `None` once the session has stopped.
     pub async fn recv(&mut self) -> Option<AudioFrame> {
-        self.rx.recv().await
+        loop {
+            let (epoch, frame) = self.rx.recv().await?;
+            if epoch == self.epoch.load(Ordering::Acquire) {
+                return Some(frame);
+            }
+        }
     }
 
     /// A frame if one is ready now.
     pub fn try_recv(&mut self) -> Option<AudioFrame> {
-        self.rx.try_recv().ok()
+        loop {
+            let (epoch, frame) = self.rx.try_recv().ok()?;
+            if epoch == self.epoch.load(Ordering::Acquire) {
+                return Some(frame);
+            }
+        }
     }
 }
 
@@ -164,11 +233,22 @@ pub trait VoiceSession: Send + Sync {
     /// Sends audio straight to the user (e.g. a prompt), bypassing the agent.
     async fn send_audio(&self, frame: AudioFrame) -> Result<()>;
 
-    /// Takes the stream of audio going to the user (the agent's replies).
+    /// Takes the stream of audio going to the user (the agent's replies), in
+    /// the session's output format.
     ///
-    /// There is one stream per session: a second call fails while the first
-    /// receiver is alive.
+    /// There is one stream per session: the first call takes it, later calls
+    /// fail with `PipelineError`.
     fn receive_audio(&self) -> Result<AudioReceiver>;
+
+    /// Sends text in place of speech: it is treated as the user's final
+    /// transcript of a turn (useful to test agent logic without audio).
+    async fn send_text(&self, text: &str) -> Result<()>;
+
+    /// Subscribes to the session's events (state changes, transcripts, agent
+    /// text, interruptions, errors, per-turn latency). Each subscriber gets
+    /// every event from now on; one that falls behind loses the oldest ones
+    /// (counted in metrics) rather than slowing the session.
+    fn events(&self) -> SessionEvents;
 
     /// Sets the agent that answers each finished user turn.
     fn set_agent(&self, agent: Arc<dyn Agent>);

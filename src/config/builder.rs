@@ -1,6 +1,7 @@
 //! Building configs in code: [`Config::new`], [`Config::builder`] and the
 //! chainable `SessionConfig::with_*` setters.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,11 +39,14 @@ impl Config {
             max_retries: DEFAULT_MAX_RETRIES,
             retry_delay: DEFAULT_RETRY_DELAY,
             max_concurrent_sessions: DEFAULT_MAX_CONCURRENT_SESSIONS,
+            rate_limit_per_second: super::DEFAULT_RATE_LIMIT_PER_SECOND,
+            rate_limit_burst: super::DEFAULT_RATE_LIMIT_BURST,
             enable_tracing: true,
             enable_metrics: true,
             enable_logging: true,
             log_level: LogLevel::default(),
             processors: Vec::new(),
+            components: BTreeMap::new(),
         }
     }
 
@@ -249,8 +253,27 @@ impl SessionConfig {
     pub fn new(user_id: impl Into<String>) -> SessionConfig {
         SessionConfig {
             user_id: user_id.into(),
-            ..SessionConfig::default()
+            transport: Transport::default(),
+            connection_url: None,
+            auth_token: None,
+            pipeline: None,
+            metadata: BTreeMap::new(),
+            input_format: crate::audio::AudioFormat::PCM16_16K_MONO,
+            output_format: crate::audio::AudioFormat::PCM16_16K_MONO,
+            agent: None,
         }
+    }
+
+    /// Sets [`SessionConfig::input_format`].
+    pub fn with_input_format(mut self, format: crate::audio::AudioFormat) -> Self {
+        self.input_format = format;
+        self
+    }
+
+    /// Sets [`SessionConfig::output_format`].
+    pub fn with_output_format(mut self, format: crate::audio::AudioFormat) -> Self {
+        self.output_format = format;
+        self
     }
 
     /// Sets [`SessionConfig::transport`].

@@ -53,6 +53,10 @@ pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
 pub const MIN_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Largest allowed [`Config::retry_delay`]: 30 s.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// Default [`Config::rate_limit_per_second`]: 10.
+pub const DEFAULT_RATE_LIMIT_PER_SECOND: f64 = 10.0;
+/// Default [`Config::rate_limit_burst`]: 20.
+pub const DEFAULT_RATE_LIMIT_BURST: u32 = 20;
 /// Default [`Config::max_concurrent_sessions`]: 100.
 pub const DEFAULT_MAX_CONCURRENT_SESSIONS: u32 = 100;
 
@@ -260,6 +264,17 @@ pub struct Config {
     /// Custom audio processors, run in ascending `order`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processors: Vec<ProcessorConfig>,
+    /// Fallback rate limit (for providers without their own): session
+    /// creations per second per user, on average; default 10.
+    #[serde(default = "default_rate_limit_per_second")]
+    pub rate_limit_per_second: f64,
+    /// Fallback rate limit: session creations per user at once; default 20.
+    #[serde(default = "default_rate_limit_burst")]
+    pub rate_limit_burst: u32,
+    /// Options of pipeline components, by component name (`[components.silence]`).
+    /// Values whose key looks secret are redacted like `provider_config`'s.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub components: BTreeMap<String, ProviderSection>,
 }
 
 /// The transport a session's user connects over.
@@ -294,7 +309,7 @@ pub struct PipelineOverride {
 /// The configuration of one session.
 ///
 /// The agent is set in code (it is not part of the serialized form).
-#[derive(Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionConfig {
     /// The user the session belongs to; required, non-empty.
@@ -315,6 +330,15 @@ pub struct SessionConfig {
     /// Free-form metadata kept with the session.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// The format of audio the application sends (default 16 kHz mono PCM s16le);
+    /// it is converted to the pipeline's format at the edge.
+    #[serde(default = "default_audio_format")]
+    #[schemars(skip)]
+    pub input_format: crate::audio::AudioFormat,
+    /// The format of audio the application receives (default 16 kHz mono PCM s16le).
+    #[serde(default = "default_audio_format")]
+    #[schemars(skip)]
+    pub output_format: crate::audio::AudioFormat,
     /// The application's agent for this session.
     #[serde(skip)]
     #[schemars(skip)]
@@ -330,11 +354,16 @@ impl fmt::Debug for SessionConfig {
             .field("auth_token", &self.auth_token)
             .field("pipeline", &self.pipeline)
             .field("metadata", &self.metadata)
+            .field("input_format", &self.input_format)
+            .field("output_format", &self.output_format)
             .field("agent", &self.agent.as_ref().map(|_| "<agent>"))
             .finish()
     }
 }
 
+fn default_audio_format() -> crate::audio::AudioFormat {
+    crate::audio::AudioFormat::PCM16_16K_MONO
+}
 fn default_latency_target() -> Duration {
     DEFAULT_LATENCY_TARGET
 }
@@ -349,6 +378,12 @@ fn default_retry_delay() -> Duration {
 }
 fn default_max_concurrent_sessions() -> u32 {
     DEFAULT_MAX_CONCURRENT_SESSIONS
+}
+fn default_rate_limit_per_second() -> f64 {
+    DEFAULT_RATE_LIMIT_PER_SECOND
+}
+fn default_rate_limit_burst() -> u32 {
+    DEFAULT_RATE_LIMIT_BURST
 }
 fn default_true() -> bool {
     true

@@ -371,6 +371,16 @@ impl Config {
             );
         }
 
+        if !(self.rate_limit_per_second.is_finite() && self.rate_limit_per_second > 0.0) {
+            v.push(
+                "rate_limit_per_second",
+                format!("{} must be a positive number", self.rate_limit_per_second),
+            );
+        }
+        if self.rate_limit_burst < 1 {
+            v.push("rate_limit_burst", "0 is out of range; must be at least 1");
+        }
+
         check_pipeline(
             &mut v,
             "",
@@ -428,6 +438,10 @@ impl Config {
             }
         }
 
+        if !self.components.is_empty() {
+            self.check_component_options(&mut v);
+        }
+
         for (key, value) in &self.provider_config.0 {
             if ProviderSection::is_secret_key(key) && value.as_str() == Some(REDACTED) {
                 v.push(format!("provider_config.{key}"), redaction_marker_message());
@@ -437,6 +451,48 @@ impl Config {
         }
 
         v
+    }
+}
+
+impl Config {
+    /// The component names this config uses (pipeline stages, VAD, turn
+    /// detection, noise cancellation and processors).
+    pub fn component_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = [
+            &self.stt_provider,
+            &self.tts_provider,
+            &self.s2s_provider,
+            &self.vad_provider,
+            &self.turn_detection_provider,
+            &self.noise_cancellation_provider,
+        ]
+        .into_iter()
+        .filter_map(|n| n.as_deref())
+        .chain(self.processors.iter().map(|p| p.name.as_str()))
+        .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    #[cold]
+    fn check_component_options(&self, v: &mut Violations) {
+        let used = self.component_names();
+        for (name, section) in &self.components {
+            let path = format!("components.{name}");
+            if !used.contains(&name.as_str()) {
+                let used = if used.is_empty() {
+                    "none".to_owned()
+                } else {
+                    used.join(", ")
+                };
+                v.push(
+                    path.clone(),
+                    format!("options for {name:?}, which this config does not use (it uses: {used})"),
+                );
+            }
+            check_redaction_markers(v, &path, &serde_json::Value::Object(section.0.clone()));
+        }
     }
 }
 
@@ -496,6 +552,14 @@ impl SessionConfig {
         }
         if let Some(p) = &self.pipeline {
             check_override_names(&mut v, p);
+        }
+        for (path, format) in [
+            ("input_format", &self.input_format),
+            ("output_format", &self.output_format),
+        ] {
+            if let Err(e) = format.validate() {
+                v.push(path, e.message);
+            }
         }
         v
     }

@@ -132,6 +132,7 @@ impl VoiceBackend for DoubleBackend {
     fn provider(&self) -> &str {
         &self.provider
     }
+    fn set_hooks(&self, _hooks: voice_backends::hooks::Hooks) {}
     async fn start(&self) -> voice_backends::Result<()> {
         Ok(())
     }

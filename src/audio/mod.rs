@@ -4,6 +4,10 @@
 //! held in a reference-counted [`bytes::Bytes`] so frames move through the
 //! pipeline without copies. A frame whose byte length does not fit its format
 //! is refused when it is made.
+//!
+//! [`AudioConverter`] converts a stream between any two formats (encoding,
+//! channels, sample rate); [`convert_frame`] does the same-rate conversions
+//! of a single frame.
 
 use std::fmt;
 use std::time::Duration;
@@ -12,6 +16,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BackendError, ErrorCode, Result};
+
+mod convert;
+pub use convert::*;
 
 /// How samples are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

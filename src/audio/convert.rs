@@ -1,0 +1,856 @@
+//! Conversion between audio formats: encoding, channel layout and sample rate.
+//!
+//! # Sample conventions
+//!
+//! Every conversion goes through 32-bit float samples in `-1.0..=1.0`:
+//!
+//! * **s16 -> f32** divides by 32768: `-32768` becomes exactly `-1.0`, `0`
+//!   becomes `0.0`, `32767` becomes `32767 / 32768` (`0.999_969_5`).
+//! * **f32 -> s16** clamps to `-1.0..=1.0`, multiplies by the same 32768,
+//!   rounds half away from zero and saturates at `32767`: `-1.0` becomes
+//!   `-32768`, `1.0` becomes `32767`, NaN becomes `0`. Using one factor both
+//!   ways makes s16 -> f32 -> s16 exact for every 16-bit value.
+//! * **f32 input** is sanitised as it is read: NaN becomes `0.0` and values
+//!   outside `-1.0..=1.0` (infinities included) are clamped, so malformed
+//!   input can never poison a resampler's state. f32 output is clamped too.
+//! * **G.711** mu-law and A-law follow ITU-T G.711 with the reference
+//!   segment algorithm (the one of the classic `g711.c`): encoding works on
+//!   the top 14 (mu-law) or 13 (A-law) bits of the 16-bit sample, decoding is
+//!   a 256-entry table built at compile time. Mu-law decodes to
+//!   `-32124..=32124`, A-law to `-32256..=32256`.
+//!
+//! # Channels
+//!
+//! * N -> N: unchanged.
+//! * N -> 1: every sample frame is averaged.
+//! * 1 -> N: the mono sample is copied to every channel.
+//! * N -> M otherwise (e.g. 3 -> 2): mixed down to mono by averaging, then
+//!   copied to every output channel. No channel map is guessed.
+//!
+//! # Sample rate
+//!
+//! [`AudioConverter`] resamples with a band-limited windowed-sinc filter
+//! (rubato's asynchronous sinc resampler, Blackman-Harris window, run at a
+//! fixed ratio). The filter spans about 8 ms of the lower of the two rates
+//! (32 to 256 taps at that rate), so its cut-off sits a few percent below the
+//! lower Nyquist frequency (7.5 kHz for 16 kHz, 3.5 kHz for 8 kHz) and
+//! everything above that Nyquist frequency is suppressed instead of aliasing
+//! back into the output. When the ratio reduces to a fraction whose numerator
+//! `L` is at most a few hundred (every common rate pair), the filter table
+//! holds the exact `L` phases needed, so there is no interpolation error at
+//! all; otherwise the table has 256 phases joined by cubic interpolation.
+//!
+//! The resampler adds [`AudioConverter::latency`] of delay, 2 to 5 ms for
+//! the usual speech rates. Output is time-aligned with the input (output
+//! sample `j` is the value of the input signal at time `j / rate_out`): the
+//! filter's start-up delay is dropped at the start of the stream and
+//! [`AudioConverter::flush`] drains the tail, so a whole stream of `n` input
+//! frames gives exactly `ceil(n * rate_out / rate_in)` output frames, however
+//! it was cut into frames. Alignment is exact for rate pairs whose reduced
+//! ratio has a small denominator (8/16/24/32/48 kHz among themselves) and
+//! within half an output sample otherwise (e.g. 44.1 kHz <-> 16 kHz).
+
+use std::fmt;
+use std::time::Duration;
+
+use rubato::audioadapter_buffers::direct::InterleavedSlice;
+use rubato::{
+    Async, FixedAsync, Resampler, Resizable, SincInterpolationParameters, SincInterpolationType,
+    WindowFunction, calculate_cutoff,
+};
+
+use super::{AudioEncoding, AudioFormat, AudioFrame};
+use crate::error::{BackendError, ErrorCode, Result};
+
+// ---------------------------------------------------------------------------
+// Scalar sample conversions
+// ---------------------------------------------------------------------------
+
+/// Converts a 16-bit sample to float by dividing by 32768 (`-32768` -> `-1.0`).
+#[inline]
+pub fn i16_to_f32(sample: i16) -> f32 {
+    sample as f32 * (1.0 / 32768.0)
+}
+
+/// Converts a float sample to 16 bits: clamps to `-1.0..=1.0`, multiplies by
+/// 32768, rounds half away from zero and saturates at 32767; NaN gives 0.
+#[inline]
+pub fn f32_to_i16(sample: f32) -> i16 {
+    let scaled = sample.clamp(-1.0, 1.0) * 32768.0;
+    // `as` truncates toward zero, so adding half with the value's sign rounds
+    // half away from zero; NaN casts to 0 and 32768 saturates to 32767.
+    (scaled + 0.5f32.copysign(scaled)) as i16
+}
+
+/// Reads an f32 sample from input: NaN becomes 0, anything else is clamped to -1..=1.
+#[inline]
+fn sanitize(sample: f32) -> f32 {
+    if sample.is_nan() {
+        0.0
+    } else {
+        sample.clamp(-1.0, 1.0)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// G.711
+// ---------------------------------------------------------------------------
+
+/// Mu-law bias (0x84), as in G.711 on the 16-bit scale.
+const ULAW_BIAS: i32 = 0x84;
+/// Largest mu-law magnitude on the 14-bit scale before biasing.
+const ULAW_CLIP: i32 = 8159;
+
+const fn mulaw_decode_calc(code: u8) -> i16 {
+    let u = !code;
+    let mut t = (((u & 0x0F) as i32) << 3) + ULAW_BIAS;
+    t <<= (u & 0x70) >> 4;
+    if u & 0x80 != 0 {
+        (ULAW_BIAS - t) as i16
+    } else {
+        (t - ULAW_BIAS) as i16
+    }
+}
+
+const fn alaw_decode_calc(code: u8) -> i16 {
+    let a = code ^ 0x55;
+    let mut t = ((a & 0x0F) as i32) << 4;
+    let seg = ((a & 0x70) >> 4) as i32;
+    match seg {
+        0 => t += 8,
+        1 => t += 0x108,
+        _ => {
+            t += 0x108;
+            t <<= seg - 1;
+        }
+    }
+    if a & 0x80 != 0 { t as i16 } else { -t as i16 }
+}
+
+const MULAW_TABLE: [i16; 256] = {
+    let mut table = [0i16; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = mulaw_decode_calc(i as u8);
+        i += 1;
+    }
+    table
+};
+
+const ALAW_TABLE: [i16; 256] = {
+    let mut table = [0i16; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = alaw_decode_calc(i as u8);
+        i += 1;
+    }
+    table
+};
+
+/// Decodes one G.711 mu-law byte to a 16-bit sample (table lookup).
+///
+/// `0xFF` and `0x7F` (the two zeros) decode to 0, `0x80` to 32124, `0x00` to -32124.
+#[inline]
+pub fn mulaw_decode(code: u8) -> i16 {
+    MULAW_TABLE[code as usize]
+}
+
+/// Decodes one G.711 A-law byte to a 16-bit sample (table lookup).
+///
+/// `0xD5` decodes to 8, `0x55` to -8, `0xAA` to 32256, `0x2A` to -32256.
+#[inline]
+pub fn alaw_decode(code: u8) -> i16 {
+    ALAW_TABLE[code as usize]
+}
+
+/// Encodes a 16-bit sample as G.711 mu-law with the standard segment algorithm.
+///
+/// The sample is reduced to 14 bits, its magnitude clipped to 8159 and biased
+/// by 33; the segment is the position of the highest set bit above bit 5, and
+/// the four bits after it are the step within the segment. Code bits are
+/// inverted as G.711 specifies.
+#[inline]
+pub fn mulaw_encode(sample: i16) -> u8 {
+    let mut pcm = i32::from(sample) >> 2;
+    let mask: u8 = if pcm < 0 {
+        pcm = -pcm;
+        0x7F
+    } else {
+        0xFF
+    };
+    pcm = pcm.min(ULAW_CLIP) + (ULAW_BIAS >> 2);
+    // Segment s covers biased magnitudes below 64 << s.
+    let seg = 32 - ((pcm >> 6) as u32).leading_zeros();
+    if seg >= 8 {
+        return 0x7F ^ mask;
+    }
+    let code = ((seg as u8) << 4) | ((pcm >> (seg + 1)) & 0x0F) as u8;
+    code ^ mask
+}
+
+/// Encodes a 16-bit sample as G.711 A-law with the standard segment algorithm.
+///
+/// The sample is reduced to 13 bits (negative values to their one's
+/// complement magnitude); the segment is the position of the highest set bit
+/// above bit 4, the four bits after it are the step within the segment, and
+/// even bits are inverted (XOR 0x55) as G.711 specifies.
+#[inline]
+pub fn alaw_encode(sample: i16) -> u8 {
+    let mut pcm = i32::from(sample) >> 3;
+    let mask: u8 = if pcm >= 0 {
+        0xD5
+    } else {
+        pcm = -pcm - 1;
+        0x55
+    };
+    // pcm is now 0..=4095: segment s covers magnitudes below 32 << s, s <= 7.
+    let seg = 32 - ((pcm >> 5) as u32).leading_zeros();
+    let step = if seg < 2 { pcm >> 1 } else { pcm >> seg };
+    let code = ((seg as u8) << 4) | (step & 0x0F) as u8;
+    code ^ mask
+}
+
+// ---------------------------------------------------------------------------
+// Buffers: decode, mix, encode
+// ---------------------------------------------------------------------------
+
+/// Appends the samples of `data` (in `encoding`) to `out` as floats.
+fn decode_into(data: &[u8], encoding: AudioEncoding, out: &mut Vec<f32>) {
+    match encoding {
+        AudioEncoding::PcmS16Le => out.extend(
+            data.chunks_exact(2)
+                .map(|c| i16_to_f32(i16::from_le_bytes([c[0], c[1]]))),
+        ),
+        AudioEncoding::PcmF32Le => out.extend(
+            data.chunks_exact(4)
+                .map(|c| sanitize(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        ),
+        AudioEncoding::Mulaw => out.extend(data.iter().map(|&b| i16_to_f32(mulaw_decode(b)))),
+        AudioEncoding::Alaw => out.extend(data.iter().map(|&b| i16_to_f32(alaw_decode(b)))),
+    }
+}
+
+/// Encodes float samples in `encoding`.
+fn encode(samples: &[f32], encoding: AudioEncoding) -> Vec<u8> {
+    let mut out = vec![0u8; samples.len() * encoding.bytes_per_sample()];
+    match encoding {
+        AudioEncoding::PcmS16Le => {
+            for (dst, &s) in out.chunks_exact_mut(2).zip(samples) {
+                dst.copy_from_slice(&f32_to_i16(s).to_le_bytes());
+            }
+        }
+        AudioEncoding::PcmF32Le => {
+            for (dst, &s) in out.chunks_exact_mut(4).zip(samples) {
+                dst.copy_from_slice(&sanitize(s).to_le_bytes());
+            }
+        }
+        AudioEncoding::Mulaw => {
+            for (dst, &s) in out.iter_mut().zip(samples) {
+                *dst = mulaw_encode(f32_to_i16(s));
+            }
+        }
+        AudioEncoding::Alaw => {
+            for (dst, &s) in out.iter_mut().zip(samples) {
+                *dst = alaw_encode(f32_to_i16(s));
+            }
+        }
+    }
+    out
+}
+
+/// The channel count resampling runs at: the input's when the layout is
+/// unchanged, otherwise mono (every other mix goes through mono).
+fn core_channels(from: u16, to: u16) -> usize {
+    if from == to { from as usize } else { 1 }
+}
+
+/// Mixes interleaved `input` from `from` channels to `to` channels, appending to `out`.
+///
+/// Callers handle `from == to` without copying; it is still correct here.
+fn remix_into(input: &[f32], from: usize, to: usize, out: &mut Vec<f32>) {
+    if from == to {
+        out.extend_from_slice(input);
+    } else if from == 1 {
+        out.reserve(input.len() * to);
+        for &s in input {
+            out.extend(std::iter::repeat_n(s, to));
+        }
+    } else {
+        let frames = input.len() / from;
+        out.reserve(frames * to);
+        let n = from as f32;
+        for frame in input.chunks_exact(from) {
+            let mono = frame.iter().sum::<f32>() / n;
+            out.extend(std::iter::repeat_n(mono, to));
+        }
+    }
+}
+
+fn pipeline_error(op: &'static str, message: impl Into<String>) -> BackendError {
+    BackendError::new(op, ErrorCode::PipelineError, message)
+}
+
+// ---------------------------------------------------------------------------
+// Stateless helpers
+// ---------------------------------------------------------------------------
+
+/// Converts a frame to another encoding and channel layout at the same sample rate.
+///
+/// Returns the frame itself (sharing its bytes) when `to` is its format.
+/// Fails with [`ErrorCode::PipelineError`] when `to` is invalid or has another
+/// sample rate: resampling needs the filter state that [`AudioConverter`]
+/// keeps from one frame to the next.
+pub fn convert_frame(frame: &AudioFrame, to: AudioFormat) -> Result<AudioFrame> {
+    let from = frame.format();
+    if from == to {
+        return Ok(frame.clone());
+    }
+    to.validate().map_err(|e| e.with_op("audio.convert_frame"))?;
+    if from.sample_rate != to.sample_rate {
+        return Err(pipeline_error(
+            "audio.convert_frame",
+            format!(
+                "cannot convert {from} to {to}: the sample rate changes, and convert_frame only \
+                 converts encoding and channels; use an AudioConverter, which keeps the \
+                 resampler's state from one frame to the next"
+            ),
+        ));
+    }
+    let mut decoded = Vec::with_capacity(frame.sample_frames() * from.channels as usize);
+    decode_into(frame.data(), from.encoding, &mut decoded);
+    let bytes = if from.channels == to.channels {
+        encode(&decoded, to.encoding)
+    } else {
+        let mut mixed = Vec::new();
+        remix_into(
+            &decoded,
+            from.channels as usize,
+            to.channels as usize,
+            &mut mixed,
+        );
+        encode(&mixed, to.encoding)
+    };
+    AudioFrame::new(to, bytes).map_err(|e| e.with_op("audio.convert_frame"))
+}
+
+/// The frame's samples as 16-bit integers, interleaved as they are.
+///
+/// s16 is copied, f32 converted with [`f32_to_i16`], G.711 decoded with its table.
+pub fn to_i16_samples(frame: &AudioFrame) -> Vec<i16> {
+    let data = frame.data();
+    match frame.format().encoding {
+        AudioEncoding::PcmS16Le => data
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]))
+            .collect(),
+        AudioEncoding::PcmF32Le => data
+            .chunks_exact(4)
+            .map(|c| f32_to_i16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        AudioEncoding::Mulaw => data.iter().map(|&b| mulaw_decode(b)).collect(),
+        AudioEncoding::Alaw => data.iter().map(|&b| alaw_decode(b)).collect(),
+    }
+}
+
+/// The RMS level of `samples` in dBFS (0 dBFS is a full-scale square wave,
+/// a full-scale sine is about -3 dBFS), never below -100; -100 for silence
+/// or no samples.
+pub fn level_dbfs(samples: &[i16]) -> f32 {
+    if samples.is_empty() {
+        return -100.0;
+    }
+    let sum: f64 = samples
+        .iter()
+        .map(|&s| {
+            let s = f64::from(s);
+            s * s
+        })
+        .sum();
+    let rms = (sum / samples.len() as f64).sqrt() / 32768.0;
+    if rms <= 0.0 {
+        return -100.0;
+    }
+    ((20.0 * rms.log10()) as f32).max(-100.0)
+}
+
+// ---------------------------------------------------------------------------
+// Streaming resampler
+// ---------------------------------------------------------------------------
+
+/// Span of the anti-aliasing filter, in seconds of the lower rate.
+const FILTER_SPAN_SECS: f64 = 0.008;
+/// Bounds of the filter length in samples of the lower rate.
+const MIN_FILTER_TAPS: usize = 32;
+const MAX_FILTER_TAPS: usize = 256;
+/// Largest supported ratio between the two rates, either way.
+const MAX_RATIO: u64 = 64;
+/// Largest exact-phase filter table, in coefficients (2 MiB of f32).
+const MAX_EXACT_TABLE: usize = 1 << 19;
+/// Phases of the filter table when the exact table would be too large.
+const CUBIC_PHASES: usize = 256;
+/// Largest chunk handed to rubato at once, in input frames.
+const MAX_CHUNK: usize = 1024;
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// A resampler at a fixed rational ratio, time-aligned and fed any number of frames.
+struct Resampling {
+    resampler: Async<f32>,
+    channels: usize,
+    /// Output rate / input rate, reduced: `up / down`.
+    up: u64,
+    down: u64,
+    /// Zero frames fed at the start of every stream to make the delay whole.
+    pre_pad: usize,
+    /// Output frames of start-up delay dropped at the start of every stream.
+    delay_frames: usize,
+    /// Delay frames still to drop.
+    skip_left: usize,
+    /// Input frames fed and output frames emitted since the stream started.
+    frames_in: u64,
+    frames_out: u64,
+    latency: Duration,
+    out_scratch: Vec<f32>,
+    zeros: Vec<f32>,
+}
+
+impl fmt::Debug for Resampling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resampling")
+            .field("channels", &self.channels)
+            .field("ratio", &format_args!("{}/{}", self.up, self.down))
+            .field("delay_frames", &self.delay_frames)
+            .field("pre_pad", &self.pre_pad)
+            .field("latency", &self.latency)
+            .finish_non_exhaustive()
+    }
+}
+
+fn resample_error(e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
+    pipeline_error("audio.resample", format!("resampler failed: {e}")).with_source(e)
+}
+
+impl Resampling {
+    fn new(rate_in: u32, rate_out: u32, channels: usize) -> Result<Self> {
+        let (rin, rout) = (u64::from(rate_in), u64::from(rate_out));
+        let g = gcd(rin, rout);
+        let (up, down) = (rout / g, rin / g);
+        if up > MAX_RATIO * down || down > MAX_RATIO * up {
+            return Err(pipeline_error(
+                "audio.converter",
+                format!(
+                    "cannot resample {rate_in} Hz to {rate_out} Hz: the ratio is beyond \
+                     {MAX_RATIO}:1; convert in two steps"
+                ),
+            ));
+        }
+        let ratio = rout as f64 / rin as f64;
+
+        // Filter length: ~8 ms at the lower rate, so the transition band (and so
+        // the cut-off below the lower Nyquist) is the same whichever way we go.
+        let lower = rin.min(rout) as f64;
+        let base = ((lower * FILTER_SPAN_SECS).ceil() as usize)
+            .next_multiple_of(8)
+            .clamp(MIN_FILTER_TAPS, MAX_FILTER_TAPS);
+        // rubato's filter runs at the input rate: stretch it when downsampling.
+        let taps = if rout < rin {
+            ((base as u64 * rin).div_ceil(rout) as usize).next_multiple_of(8)
+        } else {
+            base
+        };
+        // Relative to the lower Nyquist frequency (rubato scales it when downsampling).
+        let cutoff = calculate_cutoff::<f32>(base, WindowFunction::BlackmanHarris);
+
+        // With `up` phases every output position falls exactly on a table entry.
+        let exact = (up as usize).saturating_mul(taps) <= MAX_EXACT_TABLE;
+        let (phases, interpolation) = if exact {
+            (up as usize, SincInterpolationType::Nearest)
+        } else {
+            (CUBIC_PHASES, SincInterpolationType::Cubic)
+        };
+        let params = SincInterpolationParameters::new(taps, WindowFunction::BlackmanHarris)
+            .f_cutoff(cutoff)
+            .oversampling_factor(phases)
+            .interpolation(interpolation);
+        let resampler =
+            Async::<f32>::new_sinc(ratio, 1.0, &params, MAX_CHUNK, channels, FixedAsync::Input)
+                .map_err(|e| resample_error(e).with_op("audio.converter"))?;
+
+        // rubato's k-th output (from 0) sits at input position
+        // (k + 1) / ratio - taps / 2 + 1 / phases. Feeding `pre_pad` zeros first
+        // and dropping `delay_frames` outputs puts output j at input position
+        // j / ratio. With exact phases the delay is
+        // (up * (taps / 2 + pre_pad) - 1) / down - 1, a whole number when
+        // up * (taps / 2 + pre_pad) = 1 (mod down): look for such a pad of at
+        // most 1 ms; failing that, round (alignment within half a sample).
+        let half = taps as u64 / 2;
+        let max_pad = (rin / 1000).min(down - 1);
+        let pad = if exact {
+            (0..=max_pad).find(|z| (up * (half + z)) % down == 1 % down)
+        } else {
+            None
+        };
+        let (pre_pad, delay_frames) = match pad {
+            Some(z) => (z as usize, ((up * (half + z) - 1) / down - 1) as usize),
+            None => {
+                let d = ratio * (half as f64 - 1.0 / phases as f64) - 1.0;
+                (0, d.round().max(0.0) as usize)
+            }
+        };
+        // An input sample comes out once `taps / 2 + 2` samples after it are in.
+        let latency_frames = half + pre_pad as u64 + 2;
+        let latency = Duration::from_nanos(latency_frames * 1_000_000_000 / rin);
+
+        let out_len = resampler.output_frames_max() * channels;
+        let mut this = Resampling {
+            resampler,
+            channels,
+            up,
+            down,
+            pre_pad,
+            delay_frames,
+            skip_left: delay_frames,
+            frames_in: 0,
+            frames_out: 0,
+            latency,
+            out_scratch: vec![0.0; out_len],
+            zeros: vec![0.0; MAX_CHUNK * channels],
+        };
+        this.start_stream()?;
+        Ok(this)
+    }
+
+    /// Puts the resampler at the start of a stream: pads with `pre_pad` zeros.
+    fn start_stream(&mut self) -> Result<()> {
+        self.skip_left = self.delay_frames;
+        self.frames_in = 0;
+        self.frames_out = 0;
+        if self.pre_pad > 0 {
+            let mut sink = Vec::new();
+            let zeros = std::mem::take(&mut self.zeros);
+            let result = self.run_chunk(&zeros[..self.pre_pad * self.channels], &mut sink);
+            self.zeros = zeros;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Resamples interleaved `input` (any length), appending ready output to `out`.
+    fn process(&mut self, input: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        for chunk in input.chunks(MAX_CHUNK * self.channels) {
+            self.run_chunk(chunk, out)?;
+        }
+        self.frames_in += (input.len() / self.channels) as u64;
+        Ok(())
+    }
+
+    /// Feeds one chunk of at most `MAX_CHUNK` frames.
+    fn run_chunk(&mut self, chunk: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        let ch = self.channels;
+        let frames = chunk.len() / ch;
+        if frames == 0 {
+            return Ok(());
+        }
+        if self.resampler.input_frames_next() != frames {
+            self.resampler
+                .set_chunk_size(frames)
+                .map_err(resample_error)?;
+        }
+        let written = {
+            let input = InterleavedSlice::new(chunk, ch, frames).map_err(resample_error)?;
+            let capacity = self.out_scratch.len() / ch;
+            let mut output = InterleavedSlice::new_mut(&mut self.out_scratch, ch, capacity)
+                .map_err(resample_error)?;
+            let (_, written) = self
+                .resampler
+                .process_into_buffer(&input, &mut output, None)
+                .map_err(resample_error)?;
+            written
+        };
+        let skip = self.skip_left.min(written);
+        self.skip_left -= skip;
+        out.extend_from_slice(&self.out_scratch[skip * ch..written * ch]);
+        self.frames_out += (written - skip) as u64;
+        Ok(())
+    }
+
+    /// Output frames a stream of `frames_in` input frames resamples to.
+    fn expected_out(&self) -> u64 {
+        (u128::from(self.frames_in) * u128::from(self.up)).div_ceil(u128::from(self.down)) as u64
+    }
+
+    /// Drains the rest of the stream into `out` (zero-padded), then starts a new stream.
+    fn flush(&mut self, out: &mut Vec<f32>) -> Result<()> {
+        if self.frames_in == 0 && self.frames_out == 0 {
+            return Ok(());
+        }
+        let expected = self.expected_out();
+        let start = out.len();
+        let wanted = expected.saturating_sub(self.frames_out) as usize;
+        // Enough zero chunks to push every pending sample through the filter.
+        let pending_in = self.resampler.output_delay() as u64 * self.down / self.up
+            + (wanted as u64 * self.down).div_ceil(self.up)
+            + self.delay_frames as u64
+            + 64;
+        let max_chunks = pending_in.div_ceil(MAX_CHUNK as u64) + 2;
+        let zeros = std::mem::take(&mut self.zeros);
+        let mut result = Ok(());
+        for _ in 0..max_chunks {
+            if (out.len() - start) / self.channels >= wanted {
+                break;
+            }
+            result = self.run_chunk(&zeros, out);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.zeros = zeros;
+        result?;
+        out.truncate(start + wanted.min((out.len() - start) / self.channels) * self.channels);
+        self.resampler.reset();
+        self.start_stream()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// AudioConverter
+// ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+enum Stage {
+    /// `from == to`: frames go through untouched.
+    Passthrough,
+    /// Same rate: encoding and/or channels change, sample by sample.
+    Direct,
+    /// The rate changes.
+    Resample(Box<Resampling>),
+}
+
+/// Converts a stream of frames from one [`AudioFormat`] to another.
+///
+/// Made once per stream with [`AudioConverter::new`]; it keeps the resampler's
+/// state from one frame to the next, so frames of any length (20 ms, 40 ms,
+/// odd sizes) can be fed and the result is the same as converting the whole
+/// stream at once. See the [module documentation](self) for the numeric
+/// conventions, the channel mixing and the resampler.
+///
+/// * When `from == to`, [`convert`](AudioConverter::convert) hands back the
+///   input frame itself (its `Bytes` cloned, no copy).
+/// * When only the encoding or channels change, no resampler is made and
+///   every frame converts to exactly one output frame.
+/// * When the rate changes, output lags input by
+///   [`latency`](AudioConverter::latency); call
+///   [`flush`](AudioConverter::flush) at the end of the stream for the tail.
+///
+/// ```
+/// use voice_backends::audio::{AudioConverter, AudioEncoding, AudioFormat, AudioFrame};
+///
+/// let from = AudioFormat::new(AudioEncoding::Mulaw, 8_000, 1);
+/// let mut converter = AudioConverter::new(from, AudioFormat::PCM16_16K_MONO)?;
+/// let frame = AudioFrame::new(from, vec![0xFFu8; 160])?; // 20 ms of silence
+/// let mut out = Vec::new();
+/// if let Some(f) = converter.convert(&frame)? {
+///     out.push(f);
+/// }
+/// if let Some(f) = converter.flush()? {
+///     out.push(f);
+/// }
+/// let frames: usize = out.iter().map(|f| f.sample_frames()).sum();
+/// assert_eq!(frames, 320);
+/// # Ok::<(), voice_backends::BackendError>(())
+/// ```
+#[derive(Debug)]
+pub struct AudioConverter {
+    from: AudioFormat,
+    to: AudioFormat,
+    stage: Stage,
+    decoded: Vec<f32>,
+    mixed: Vec<f32>,
+    resampled: Vec<f32>,
+    remixed: Vec<f32>,
+}
+
+impl AudioConverter {
+    /// A converter from `from` to `to`.
+    ///
+    /// Fails with [`ErrorCode::PipelineError`] when either format is invalid
+    /// (see [`AudioFormat::validate`]) or the rates differ by more than 64:1.
+    pub fn new(from: AudioFormat, to: AudioFormat) -> Result<Self> {
+        from.validate().map_err(|e| e.with_op("audio.converter"))?;
+        to.validate().map_err(|e| e.with_op("audio.converter"))?;
+        let stage = if from == to {
+            Stage::Passthrough
+        } else if from.sample_rate == to.sample_rate {
+            Stage::Direct
+        } else {
+            Stage::Resample(Box::new(Resampling::new(
+                from.sample_rate,
+                to.sample_rate,
+                core_channels(from.channels, to.channels),
+            )?))
+        };
+        Ok(AudioConverter {
+            from,
+            to,
+            stage,
+            decoded: Vec::new(),
+            mixed: Vec::new(),
+            resampled: Vec::new(),
+            remixed: Vec::new(),
+        })
+    }
+
+    /// The format frames must have.
+    pub fn from_format(&self) -> AudioFormat {
+        self.from
+    }
+
+    /// The format of the frames produced.
+    pub fn to_format(&self) -> AudioFormat {
+        self.to
+    }
+
+    /// Whether frames go through untouched (`from == to`).
+    pub fn is_passthrough(&self) -> bool {
+        matches!(self.stage, Stage::Passthrough)
+    }
+
+    /// Whether the converter resamples (the rates differ).
+    pub fn resamples(&self) -> bool {
+        matches!(self.stage, Stage::Resample(_))
+    }
+
+    /// The delay the resampler adds: an input sample reaches the output once
+    /// this much more input has been fed after it. Zero when the rate does
+    /// not change; 2 to 5 ms for the usual speech rates (about 4 ms for
+    /// 8 kHz <-> 16 kHz and 16 kHz <-> 48 kHz, 3 ms for 44.1 kHz <-> 48 kHz).
+    pub fn latency(&self) -> Duration {
+        match &self.stage {
+            Stage::Resample(r) => r.latency,
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Converts one frame, returning the output that is ready.
+    ///
+    /// Without resampling every non-empty frame gives one frame (the same
+    /// frame when `from == to`). With resampling the output is whatever the
+    /// filter has completed: `None` while it is still filling (the first few
+    /// milliseconds, or a frame shorter than a few samples). An empty frame
+    /// gives `None`.
+    ///
+    /// Fails with [`ErrorCode::PipelineError`] when the frame's format is not
+    /// the converter's input format.
+    #[inline]
+    pub fn convert(&mut self, frame: &AudioFrame) -> Result<Option<AudioFrame>> {
+        if frame.format() != self.from {
+            return Err(self.mismatch(frame.format()));
+        }
+        if frame.is_empty() {
+            return Ok(None);
+        }
+        match self.stage {
+            Stage::Passthrough => Ok(Some(frame.clone())),
+            Stage::Direct => self.convert_direct(frame).map(Some),
+            Stage::Resample(_) => self.convert_resampled(frame),
+        }
+    }
+
+    /// Ends the stream: returns the output still held by the resampler, the
+    /// input's tail filtered against zero padding (`None` when there is none,
+    /// and always without resampling). The converter then starts a new
+    /// stream, so it can be reused.
+    pub fn flush(&mut self) -> Result<Option<AudioFrame>> {
+        let Stage::Resample(r) = &mut self.stage else {
+            return Ok(None);
+        };
+        self.resampled.clear();
+        r.flush(&mut self.resampled)?;
+        self.finish_resampled()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn mismatch(&self, got: AudioFormat) -> BackendError {
+        pipeline_error(
+            "audio.convert",
+            format!(
+                "frame format {got} does not match the converter's input format {}; \
+                 make a converter for {got}",
+                self.from
+            ),
+        )
+        .with_detail("frame_format", got.to_string())
+        .with_detail("expected_format", self.from.to_string())
+    }
+
+    fn convert_direct(&mut self, frame: &AudioFrame) -> Result<AudioFrame> {
+        self.decoded.clear();
+        decode_into(frame.data(), self.from.encoding, &mut self.decoded);
+        let bytes = if self.from.channels == self.to.channels {
+            encode(&self.decoded, self.to.encoding)
+        } else {
+            self.mixed.clear();
+            remix_into(
+                &self.decoded,
+                self.from.channels as usize,
+                self.to.channels as usize,
+                &mut self.mixed,
+            );
+            encode(&self.mixed, self.to.encoding)
+        };
+        AudioFrame::new(self.to, bytes).map_err(|e| e.with_op("audio.convert"))
+    }
+
+    fn convert_resampled(&mut self, frame: &AudioFrame) -> Result<Option<AudioFrame>> {
+        let Stage::Resample(r) = &mut self.stage else {
+            unreachable!("convert_resampled is only called when resampling");
+        };
+        self.decoded.clear();
+        decode_into(frame.data(), self.from.encoding, &mut self.decoded);
+        let input = if self.from.channels as usize == r.channels {
+            &self.decoded
+        } else {
+            self.mixed.clear();
+            remix_into(
+                &self.decoded,
+                self.from.channels as usize,
+                r.channels,
+                &mut self.mixed,
+            );
+            &self.mixed
+        };
+        self.resampled.clear();
+        r.process(input, &mut self.resampled)?;
+        self.finish_resampled()
+    }
+
+    /// Mixes and encodes `self.resampled` into an output frame.
+    fn finish_resampled(&mut self) -> Result<Option<AudioFrame>> {
+        if self.resampled.is_empty() {
+            return Ok(None);
+        }
+        let core = core_channels(self.from.channels, self.to.channels);
+        let samples = if core == self.to.channels as usize {
+            &self.resampled
+        } else {
+            self.remixed.clear();
+            remix_into(
+                &self.resampled,
+                core,
+                self.to.channels as usize,
+                &mut self.remixed,
+            );
+            &self.remixed
+        };
+        let bytes = encode(samples, self.to.encoding);
+        AudioFrame::new(self.to, bytes)
+            .map(Some)
+            .map_err(|e| e.with_op("audio.convert"))
+    }
+}

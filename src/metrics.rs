@@ -1,0 +1,1055 @@
+//! Metrics of the shared runtime: one [`Metrics`] per backend, shared as
+//! `Arc<Metrics>`, recorded with plain atomics and read as a
+//! [`MetricsSnapshot`], as Prometheus text, or (with the `otel` feature) through
+//! OpenTelemetry observable instruments.
+//!
+//! # Metric families
+//!
+//! Every family carries the `provider` label, the name given to
+//! [`Metrics::new`].
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `backend_requests_total` | counter | `operation` |
+//! | `backend_errors_total` | counter | `operation`, `code` |
+//! | `backend_latency_seconds` | histogram | `operation` |
+//! | `backend_sessions_active` | gauge | |
+//! | `backend_sessions_total` | counter | |
+//! | `backend_throughput_bytes` | counter | `direction` (`in`, `out`) |
+//! | `pipeline_turn_latency_seconds` | histogram | `stage` (`first_audio`, `stt`, `agent`, `tts`) |
+//! | `pipeline_frames_dropped_total` | counter | `reason` |
+//! | `pipeline_interruptions_total` | counter | |
+//! | `pipeline_turns_total` | counter | |
+//!
+//! `operation` is an [`Op`], `code` an [`ErrorCode`], `stage` a [`LatencyStage`]
+//! and `reason` a [`DropReason`], each written with its `as_str` name. Both
+//! histograms use the fixed bucket bounds of [`LATENCY_BUCKETS`]
+//! (0.1 ms to 10 s).
+//!
+//! # Cost
+//!
+//! Every label set is small and fixed, so every series is pre-allocated when
+//! the [`Metrics`] is built: recording is one or two relaxed atomic additions,
+//! with no lock, no map lookup and no allocation.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use voice_backends::metrics::{Metrics, Op};
+//! use voice_backends::{BackendError, ErrorCode};
+//!
+//! let metrics = Arc::new(Metrics::new("local"));
+//!
+//! // One line per operation: request count, latency and error code.
+//! let timer = metrics.observe(Op::CreateSession);
+//! let result: voice_backends::Result<()> =
+//!     Err(BackendError::new("backend.create_session", ErrorCode::SessionLimitExceeded, "full"));
+//! timer.finish(&result);
+//!
+//! let snapshot = metrics.snapshot();
+//! assert_eq!(snapshot.requests[&Op::CreateSession], 1);
+//! assert_eq!(snapshot.errors[&(Op::CreateSession, ErrorCode::SessionLimitExceeded)], 1);
+//!
+//! let mut text = String::new();
+//! metrics.render_prometheus(&mut text);
+//! assert!(text.contains(
+//!     r#"backend_requests_total{provider="local",operation="create_session"} 1"#
+//! ));
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{BackendError, ErrorCode};
+
+/// A backend operation, the `operation` label of the `backend_*` metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Op {
+    /// `VoiceBackend::start`.
+    Start,
+    /// `VoiceBackend::stop`.
+    Stop,
+    /// `VoiceBackend::create_session`.
+    CreateSession,
+    /// `VoiceBackend::get_session`.
+    GetSession,
+    /// `VoiceBackend::close_session`.
+    CloseSession,
+    /// `VoiceSession::process_audio`.
+    ProcessAudio,
+    /// `VoiceSession::send_audio`.
+    SendAudio,
+    /// Sending text into a session.
+    SendText,
+    /// `VoiceBackend::health_check`.
+    HealthCheck,
+    /// `VoiceBackend::update_config`.
+    UpdateConfig,
+}
+
+impl Op {
+    /// Every operation, in declaration order.
+    pub const ALL: [Op; 10] = [
+        Op::Start,
+        Op::Stop,
+        Op::CreateSession,
+        Op::GetSession,
+        Op::CloseSession,
+        Op::ProcessAudio,
+        Op::SendAudio,
+        Op::SendText,
+        Op::HealthCheck,
+        Op::UpdateConfig,
+    ];
+
+    /// The snake_case label value, e.g. `"create_session"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Op::Start => "start",
+            Op::Stop => "stop",
+            Op::CreateSession => "create_session",
+            Op::GetSession => "get_session",
+            Op::CloseSession => "close_session",
+            Op::ProcessAudio => "process_audio",
+            Op::SendAudio => "send_audio",
+            Op::SendText => "send_text",
+            Op::HealthCheck => "health_check",
+            Op::UpdateConfig => "update_config",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stage of a conversational turn, the `stage` label of
+/// `pipeline_turn_latency_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum LatencyStage {
+    /// From the end of the user's speech to the first audio of the reply.
+    FirstAudio,
+    /// Speech-to-text: from the end of the user's speech to the final transcript.
+    Stt,
+    /// The application's agent: from the transcript to its reply.
+    Agent,
+    /// Text-to-speech: from the reply text to its first audio.
+    Tts,
+}
+
+impl LatencyStage {
+    /// Every stage, in declaration order.
+    pub const ALL: [LatencyStage; 4] = [
+        LatencyStage::FirstAudio,
+        LatencyStage::Stt,
+        LatencyStage::Agent,
+        LatencyStage::Tts,
+    ];
+
+    /// The snake_case label value, e.g. `"first_audio"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LatencyStage::FirstAudio => "first_audio",
+            LatencyStage::Stt => "stt",
+            LatencyStage::Agent => "agent",
+            LatencyStage::Tts => "tts",
+        }
+    }
+}
+
+impl fmt::Display for LatencyStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the pipeline dropped frames, the `reason` label of
+/// `pipeline_frames_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// The session's output audio queue was full.
+    OutputOverflow,
+    /// The session's event queue was full.
+    EventOverflow,
+    /// The session's input audio queue was full.
+    InputOverflow,
+    /// The input audio was malformed (wrong format, odd length, ...).
+    InvalidAudio,
+}
+
+impl DropReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [DropReason; 4] = [
+        DropReason::OutputOverflow,
+        DropReason::EventOverflow,
+        DropReason::InputOverflow,
+        DropReason::InvalidAudio,
+    ];
+
+    /// The snake_case label value, e.g. `"output_overflow"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::OutputOverflow => "output_overflow",
+            DropReason::EventOverflow => "event_overflow",
+            DropReason::InputOverflow => "input_overflow",
+            DropReason::InvalidAudio => "invalid_audio",
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+const OPS: usize = Op::ALL.len();
+const CODES: usize = ErrorCode::ALL.len();
+const STAGES: usize = LatencyStage::ALL.len();
+const REASONS: usize = DropReason::ALL.len();
+
+// Series are indexed by `value as usize`: check that every `ALL` lists its
+// enum in declaration order.
+const _: () = {
+    let mut i = 0;
+    while i < OPS {
+        assert!(Op::ALL[i] as usize == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < CODES {
+        assert!(ErrorCode::ALL[i] as usize == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < STAGES {
+        assert!(LatencyStage::ALL[i] as usize == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < REASONS {
+        assert!(DropReason::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+/// Upper bounds, in seconds, of the buckets of both latency histograms
+/// (`backend_latency_seconds` and `pipeline_turn_latency_seconds`): a 1-2.5-5
+/// progression from 0.1 ms to 10 s. Slower observations fall in the implicit
+/// `+Inf` bucket only.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// [`LATENCY_BUCKETS`] in nanoseconds, for exact integer comparisons.
+const BUCKET_NANOS: [u64; 16] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// The longest single observation added to a histogram's sum: one day. The sum
+/// is kept in nanoseconds in a `u64`, and this keeps it from wrapping.
+const MAX_OBSERVATION_NANOS: u64 = 86_400 * 1_000_000_000;
+
+/// A latency histogram: one counter per bucket (not cumulative; the last one
+/// is the overflow above 10 s) and the sum in nanoseconds. The count is the
+/// total of the buckets, so `_count` always equals the `+Inf` bucket.
+struct AtomicHistogram {
+    buckets: [AtomicU64; BUCKET_NANOS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn new() -> Self {
+        AtomicHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, value: Duration) {
+        let nanos = u64::try_from(value.as_nanos())
+            .unwrap_or(u64::MAX)
+            .min(MAX_OBSERVATION_NANOS);
+        // The first bucket whose upper bound is >= the value (`le` is inclusive).
+        let index = BUCKET_NANOS.partition_point(|&bound| bound < nanos);
+        self.buckets[index].fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(nanos, Relaxed);
+    }
+
+    #[cfg(feature = "otel")]
+    fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    fn sum_seconds(&self) -> f64 {
+        nanos_to_seconds(self.sum_nanos.load(Relaxed))
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&bound, count)| {
+                cumulative += count.load(Relaxed);
+                (bound, cumulative)
+            })
+            .collect();
+        let count = cumulative + self.buckets[BUCKET_NANOS.len()].load(Relaxed);
+        HistogramSnapshot {
+            buckets,
+            count,
+            sum: self.sum_seconds(),
+        }
+    }
+}
+
+fn nanos_to_seconds(nanos: u64) -> f64 {
+    nanos as f64 / 1e9
+}
+
+fn counters<const N: usize>() -> [AtomicU64; N] {
+    std::array::from_fn(|_| AtomicU64::new(0))
+}
+
+/// The metrics of one backend, keyed by its provider name.
+///
+/// Built once per backend and shared as `Arc<Metrics>`; every recording method
+/// takes `&self` and is a relaxed atomic update, so any number of tasks and
+/// threads record concurrently without locks.
+pub struct Metrics {
+    provider: Arc<str>,
+    requests: [AtomicU64; OPS],
+    errors: [[AtomicU64; CODES]; OPS],
+    latency: [AtomicHistogram; OPS],
+    sessions_active: AtomicI64,
+    sessions_total: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    turn_latency: [AtomicHistogram; STAGES],
+    dropped: [AtomicU64; REASONS],
+    interruptions: AtomicU64,
+    turns: AtomicU64,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Zeroed metrics for the backend of `provider`, the value of every
+    /// series' `provider` label.
+    pub fn new(provider: &str) -> Self {
+        Metrics {
+            provider: Arc::from(provider),
+            requests: counters(),
+            errors: std::array::from_fn(|_| counters()),
+            latency: std::array::from_fn(|_| AtomicHistogram::new()),
+            sessions_active: AtomicI64::new(0),
+            sessions_total: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            turn_latency: std::array::from_fn(|_| AtomicHistogram::new()),
+            dropped: counters(),
+            interruptions: AtomicU64::new(0),
+            turns: AtomicU64::new(0),
+        }
+    }
+
+    /// The provider name given to [`Metrics::new`].
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// Counts one request of `op` (`backend_requests_total`).
+    pub fn request(&self, op: Op) {
+        self.requests[op as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one failure of `op` with `code` (`backend_errors_total`).
+    pub fn error(&self, op: Op, code: ErrorCode) {
+        self.errors[op as usize][code as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Records how long one `op` took (`backend_latency_seconds`).
+    ///
+    /// Observations longer than a day add one day to the histogram's sum.
+    pub fn latency(&self, op: Op, elapsed: Duration) {
+        self.latency[op as usize].record(elapsed);
+    }
+
+    /// Starts timing one `op`; [`OpTimer::finish`] then records the request,
+    /// its latency and, on error, the error code.
+    pub fn observe(&self, op: Op) -> OpTimer<'_> {
+        OpTimer {
+            metrics: self,
+            op,
+            start: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// A session opened: raises `backend_sessions_active` and counts it in
+    /// `backend_sessions_total`.
+    pub fn session_opened(&self) {
+        self.sessions_active.fetch_add(1, Relaxed);
+        self.sessions_total.fetch_add(1, Relaxed);
+    }
+
+    /// A session closed: lowers `backend_sessions_active`. Call it exactly once
+    /// per [`Metrics::session_opened`]; the gauge is not clamped at zero, so a
+    /// double close shows as a negative value.
+    pub fn session_closed(&self) {
+        self.sessions_active.fetch_sub(1, Relaxed);
+    }
+
+    /// Counts `n` bytes received from the user or the provider's service
+    /// (`backend_throughput_bytes{direction="in"}`).
+    pub fn bytes_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Relaxed);
+    }
+
+    /// Counts `n` bytes sent to the user or the provider's service
+    /// (`backend_throughput_bytes{direction="out"}`).
+    pub fn bytes_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Relaxed);
+    }
+
+    /// Records how long one stage of a turn took
+    /// (`pipeline_turn_latency_seconds`).
+    pub fn turn_latency(&self, stage: LatencyStage, elapsed: Duration) {
+        self.turn_latency[stage as usize].record(elapsed);
+    }
+
+    /// Counts `n` frames dropped for `reason` (`pipeline_frames_dropped_total`).
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Counts one reply interrupted by the user (`pipeline_interruptions_total`).
+    pub fn interrupted(&self) {
+        self.interruptions.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one finished user turn (`pipeline_turns_total`).
+    pub fn turn(&self) {
+        self.turns.fetch_add(1, Relaxed);
+    }
+
+    /// The current values, as plain data.
+    ///
+    /// Each value is read atomically, but the snapshot as a whole is not: a
+    /// recording that races with it may show in one series and not yet in a
+    /// related one (a request counted, its latency not yet). Histograms are
+    /// always self-consistent in `count` and `buckets`.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let load = |c: &AtomicU64| c.load(Relaxed);
+        MetricsSnapshot {
+            provider: self.provider.to_string(),
+            requests: Op::ALL
+                .iter()
+                .map(|&op| (op, load(&self.requests[op as usize])))
+                .collect(),
+            errors: Op::ALL
+                .iter()
+                .flat_map(|&op| {
+                    ErrorCode::ALL.iter().map(move |&code| {
+                        ((op, code), load(&self.errors[op as usize][code as usize]))
+                    })
+                })
+                .collect(),
+            latency: Op::ALL
+                .iter()
+                .map(|&op| (op, self.latency[op as usize].snapshot()))
+                .collect(),
+            sessions_active: self.sessions_active.load(Relaxed),
+            sessions_total: load(&self.sessions_total),
+            bytes_in: load(&self.bytes_in),
+            bytes_out: load(&self.bytes_out),
+            turn_latency: LatencyStage::ALL
+                .iter()
+                .map(|&stage| (stage, self.turn_latency[stage as usize].snapshot()))
+                .collect(),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|&reason| (reason, load(&self.dropped[reason as usize])))
+                .collect(),
+            interruptions: load(&self.interruptions),
+            turns: load(&self.turns),
+        }
+    }
+
+    /// Appends every metric family in the Prometheus text exposition format
+    /// (version 0.0.4) to `out`.
+    ///
+    /// Each family gets its `# HELP` and `# TYPE` lines, even with no samples.
+    /// Series without an operation, stage or error-code label (sessions,
+    /// throughput, drops, interruptions, turns) are always written, zero
+    /// included; series keyed by operation, error code or stage are written
+    /// once they have a value, so an idle backend's output stays short.
+    /// For several backends in one response use [`render_prometheus_all`],
+    /// which writes each family's header once.
+    pub fn render_prometheus(&self, out: &mut String) {
+        write_exposition(&[self.snapshot()], out);
+    }
+}
+
+/// The Prometheus text exposition of several backends' metrics, each family's
+/// `# HELP` and `# TYPE` lines written once, followed by the samples of every
+/// backend in the order given.
+///
+/// Give each provider once: two [`Metrics`] with the same provider name would
+/// write duplicate series.
+pub fn render_prometheus_all(metrics: &[&Metrics]) -> String {
+    let snapshots: Vec<MetricsSnapshot> = metrics.iter().map(|m| m.snapshot()).collect();
+    let mut out = String::new();
+    write_exposition(&snapshots, &mut out);
+    out
+}
+
+/// Times one backend operation; made by [`Metrics::observe`].
+///
+/// [`OpTimer::finish`] records the request, its latency and, on error, the
+/// error's code. If the timer is dropped without being finished (the
+/// operation's future was cancelled, or the code between `observe` and
+/// `finish` panicked), the drop records the request and its latency with the
+/// code [`ErrorCode::ContextCanceled`].
+///
+/// ```
+/// # use voice_backends::metrics::{Metrics, Op};
+/// # async fn start(_: &Metrics) -> voice_backends::Result<()> { Ok(()) }
+/// # async fn demo(metrics: &Metrics) -> voice_backends::Result<()> {
+/// let timer = metrics.observe(Op::Start);
+/// let result = start(metrics).await;
+/// timer.finish(&result);
+/// result
+/// # }
+/// ```
+#[must_use = "an OpTimer records the operation as cancelled unless `finish` is called"]
+#[derive(Debug)]
+pub struct OpTimer<'a> {
+    metrics: &'a Metrics,
+    op: Op,
+    start: Instant,
+    finished: bool,
+}
+
+impl OpTimer<'_> {
+    /// The operation being timed.
+    pub fn op(&self) -> Op {
+        self.op
+    }
+
+    /// Records the operation's outcome: one request, its latency since
+    /// [`Metrics::observe`], and the error's code if `result` is an error.
+    pub fn finish<T>(self, result: &Result<T, BackendError>) {
+        self.finish_with(result.as_ref().err().map(|e| e.code));
+    }
+
+    /// Like [`OpTimer::finish`] for outcomes that are not a
+    /// `Result<_, BackendError>`: `None` for success, `Some(code)` for failure.
+    pub fn finish_with(mut self, code: Option<ErrorCode>) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: Option<ErrorCode>) {
+        self.finished = true;
+        let m = self.metrics;
+        m.request(self.op);
+        m.latency(self.op, self.start.elapsed());
+        if let Some(code) = code {
+            m.error(self.op, code);
+        }
+    }
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record(Some(ErrorCode::ContextCanceled));
+        }
+    }
+}
+
+/// The values of one backend's metrics at one moment; see [`Metrics::snapshot`].
+///
+/// Every map holds every key (zero included), so indexing never panics:
+/// `snapshot.requests[&Op::Start]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsSnapshot {
+    /// The provider name, the `provider` label.
+    pub provider: String,
+    /// `backend_requests_total`, by operation.
+    pub requests: BTreeMap<Op, u64>,
+    /// `backend_errors_total`, by operation and error code.
+    pub errors: BTreeMap<(Op, ErrorCode), u64>,
+    /// `backend_latency_seconds`, by operation.
+    pub latency: BTreeMap<Op, HistogramSnapshot>,
+    /// `backend_sessions_active`.
+    pub sessions_active: i64,
+    /// `backend_sessions_total`.
+    pub sessions_total: u64,
+    /// `backend_throughput_bytes{direction="in"}`.
+    pub bytes_in: u64,
+    /// `backend_throughput_bytes{direction="out"}`.
+    pub bytes_out: u64,
+    /// `pipeline_turn_latency_seconds`, by stage.
+    pub turn_latency: BTreeMap<LatencyStage, HistogramSnapshot>,
+    /// `pipeline_frames_dropped_total`, by reason.
+    pub dropped: BTreeMap<DropReason, u64>,
+    /// `pipeline_interruptions_total`.
+    pub interruptions: u64,
+    /// `pipeline_turns_total`.
+    pub turns: u64,
+}
+
+impl MetricsSnapshot {
+    /// The errors of every operation and code, added up.
+    pub fn errors_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// The values of one latency histogram.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in seconds, observations <= that bound)` for each bound
+    /// of [`LATENCY_BUCKETS`], ascending and cumulative. The `+Inf` bucket is
+    /// [`HistogramSnapshot::count`].
+    pub buckets: Vec<(f64, u64)>,
+    /// How many observations were made.
+    pub count: u64,
+    /// The sum of the observations, in seconds.
+    pub sum: f64,
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text exposition
+
+const REQUESTS: (&str, &str) = (
+    "backend_requests_total",
+    "Backend operations started, by operation.",
+);
+const ERRORS: (&str, &str) = (
+    "backend_errors_total",
+    "Backend operations failed, by operation and error code.",
+);
+const LATENCY: (&str, &str) = (
+    "backend_latency_seconds",
+    "Duration of backend operations, in seconds.",
+);
+const SESSIONS_ACTIVE: (&str, &str) = ("backend_sessions_active", "Sessions currently open.");
+const SESSIONS_TOTAL: (&str, &str) = ("backend_sessions_total", "Sessions opened.");
+const THROUGHPUT: (&str, &str) = (
+    "backend_throughput_bytes",
+    "Audio and data bytes received (in) and sent (out).",
+);
+const TURN_LATENCY: (&str, &str) = (
+    "pipeline_turn_latency_seconds",
+    "Duration of the stages of a conversational turn, in seconds; first_audio runs from the end of the user's speech to the first reply audio.",
+);
+const DROPPED: (&str, &str) = (
+    "pipeline_frames_dropped_total",
+    "Frames dropped by the pipeline, by reason.",
+);
+const INTERRUPTIONS: (&str, &str) = (
+    "pipeline_interruptions_total",
+    "Replies interrupted by the user.",
+);
+const TURNS: (&str, &str) = ("pipeline_turns_total", "Finished user turns.");
+
+fn write_exposition(snapshots: &[MetricsSnapshot], out: &mut String) {
+    header(out, REQUESTS, "counter");
+    for s in snapshots {
+        for (op, &value) in &s.requests {
+            if value > 0 {
+                let labels = [("provider", &*s.provider), ("operation", op.as_str())];
+                sample(out, REQUESTS.0, "", &labels, value);
+            }
+        }
+    }
+
+    header(out, ERRORS, "counter");
+    for s in snapshots {
+        for (&(op, code), &value) in &s.errors {
+            if value > 0 {
+                let labels = [
+                    ("provider", &*s.provider),
+                    ("operation", op.as_str()),
+                    ("code", code.as_str()),
+                ];
+                sample(out, ERRORS.0, "", &labels, value);
+            }
+        }
+    }
+
+    header(out, LATENCY, "histogram");
+    for s in snapshots {
+        for (op, h) in &s.latency {
+            if h.count > 0 {
+                let labels = [("provider", &*s.provider), ("operation", op.as_str())];
+                histogram(out, LATENCY.0, &labels, h);
+            }
+        }
+    }
+
+    header(out, SESSIONS_ACTIVE, "gauge");
+    for s in snapshots {
+        let labels = [("provider", &*s.provider)];
+        sample(out, SESSIONS_ACTIVE.0, "", &labels, s.sessions_active);
+    }
+
+    header(out, SESSIONS_TOTAL, "counter");
+    for s in snapshots {
+        let labels = [("provider", &*s.provider)];
+        sample(out, SESSIONS_TOTAL.0, "", &labels, s.sessions_total);
+    }
+
+    header(out, THROUGHPUT, "counter");
+    for s in snapshots {
+        for (direction, value) in [("in", s.bytes_in), ("out", s.bytes_out)] {
+            let labels = [("provider", &*s.provider), ("direction", direction)];
+            sample(out, THROUGHPUT.0, "", &labels, value);
+        }
+    }
+
+    header(out, TURN_LATENCY, "histogram");
+    for s in snapshots {
+        for (stage, h) in &s.turn_latency {
+            if h.count > 0 {
+                let labels = [("provider", &*s.provider), ("stage", stage.as_str())];
+                histogram(out, TURN_LATENCY.0, &labels, h);
+            }
+        }
+    }
+
+    header(out, DROPPED, "counter");
+    for s in snapshots {
+        for (reason, &value) in &s.dropped {
+            let labels = [("provider", &*s.provider), ("reason", reason.as_str())];
+            sample(out, DROPPED.0, "", &labels, value);
+        }
+    }
+
+    header(out, INTERRUPTIONS, "counter");
+    for s in snapshots {
+        let labels = [("provider", &*s.provider)];
+        sample(out, INTERRUPTIONS.0, "", &labels, s.interruptions);
+    }
+
+    header(out, TURNS, "counter");
+    for s in snapshots {
+        let labels = [("provider", &*s.provider)];
+        sample(out, TURNS.0, "", &labels, s.turns);
+    }
+}
+
+/// `# HELP` and `# TYPE` lines. The help texts are constants without `\` or
+/// newlines, so they need no escaping.
+fn header(out: &mut String, (name, help): (&str, &str), kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// One sample line: `name{labels} value`.
+fn sample(
+    out: &mut String,
+    name: &str,
+    suffix: &str,
+    labels: &[(&str, &str)],
+    value: impl fmt::Display,
+) {
+    sample_le(out, name, suffix, labels, None, value);
+}
+
+/// One sample line, with an `le` label last if given.
+fn sample_le(
+    out: &mut String,
+    name: &str,
+    suffix: &str,
+    labels: &[(&str, &str)],
+    le: Option<&dyn fmt::Display>,
+    value: impl fmt::Display,
+) {
+    out.push_str(name);
+    out.push_str(suffix);
+    out.push('{');
+    for (i, (key, value)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push_str("=\"");
+        escape_label_value(out, value);
+        out.push('"');
+    }
+    if let Some(le) = le {
+        // Bounds are numbers or `+Inf`: nothing to escape.
+        let _ = write!(out, ",le=\"{le}\"");
+    }
+    let _ = writeln!(out, "}} {value}");
+}
+
+/// The `_bucket` (cumulative, with `le`), `_sum` and `_count` lines of one
+/// histogram series.
+fn histogram(out: &mut String, name: &str, labels: &[(&str, &str)], h: &HistogramSnapshot) {
+    for (bound, cumulative) in &h.buckets {
+        sample_le(out, name, "_bucket", labels, Some(bound), cumulative);
+    }
+    sample_le(out, name, "_bucket", labels, Some(&"+Inf"), h.count);
+    sample(out, name, "_sum", labels, h.sum);
+    sample(out, name, "_count", labels, h.count);
+}
+
+/// Escapes a label value: `\` as `\\`, `"` as `\"`, newline as `\n`.
+fn escape_label_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// OpenTelemetry
+
+#[cfg(feature = "otel")]
+mod otel {
+    use std::borrow::Cow;
+    use std::sync::{Arc, Weak};
+
+    use opentelemetry::KeyValue;
+    use opentelemetry::metrics::{AsyncInstrument, Meter};
+
+    use super::{
+        AtomicHistogram, DROPPED, DropReason, ERRORS, INTERRUPTIONS, LATENCY, LatencyStage,
+        Metrics, Op, REQUESTS, Relaxed, SESSIONS_ACTIVE, SESSIONS_TOTAL, THROUGHPUT, TURN_LATENCY,
+        TURNS,
+    };
+    use crate::error::ErrorCode;
+
+    impl Metrics {
+        /// Registers this backend's metrics with an OpenTelemetry `meter` as
+        /// observable instruments whose callbacks read the same atomics at
+        /// collection time, so recording costs nothing extra.
+        ///
+        /// Names and attributes are those of the Prometheus exposition
+        /// (see the [module docs](crate::metrics)): counters become
+        /// observable counters, `backend_sessions_active` an observable
+        /// up-down counter. The OpenTelemetry API has no observable
+        /// histogram, so each histogram is exported as two observable
+        /// counters, `<name>_sum` (seconds, `f64`) and `<name>_count`; the
+        /// buckets are only in [`Metrics::render_prometheus`] and
+        /// [`Metrics::snapshot`]. Series keyed by operation, error code or
+        /// stage are observed once they are non-zero.
+        ///
+        /// The callbacks hold a weak reference: once the last `Arc` of this
+        /// `Metrics` is dropped they observe nothing. Register each `Metrics`
+        /// once per meter; a second registration would report every value
+        /// twice.
+        #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+        pub fn register_otel(self: &Arc<Self>, meter: &Meter) {
+            let weak = Arc::downgrade(self);
+            let provider = KeyValue::new("provider", Arc::clone(&self.provider));
+            let by_op: Vec<[KeyValue; 2]> = Op::ALL
+                .iter()
+                .map(|op| [provider.clone(), KeyValue::new("operation", op.as_str())])
+                .collect();
+            let by_stage: Vec<[KeyValue; 2]> = LatencyStage::ALL
+                .iter()
+                .map(|stage| [provider.clone(), KeyValue::new("stage", stage.as_str())])
+                .collect();
+
+            let attrs = by_op.clone();
+            u64_counter(meter, &weak, REQUESTS, None, move |m, obs| {
+                for (i, attrs) in attrs.iter().enumerate() {
+                    let value = m.requests[i].load(Relaxed);
+                    if value > 0 {
+                        obs.observe(value, attrs);
+                    }
+                }
+            });
+
+            let attrs: Vec<Vec<[KeyValue; 3]>> = Op::ALL
+                .iter()
+                .map(|op| {
+                    ErrorCode::ALL
+                        .iter()
+                        .map(|code| {
+                            [
+                                provider.clone(),
+                                KeyValue::new("operation", op.as_str()),
+                                KeyValue::new("code", code.as_str()),
+                            ]
+                        })
+                        .collect()
+                })
+                .collect();
+            u64_counter(meter, &weak, ERRORS, None, move |m, obs| {
+                for (per_op, attrs) in m.errors.iter().zip(&attrs) {
+                    for (counter, attrs) in per_op.iter().zip(attrs) {
+                        let value = counter.load(Relaxed);
+                        if value > 0 {
+                            obs.observe(value, attrs);
+                        }
+                    }
+                }
+            });
+
+            histogram(meter, &weak, LATENCY, by_op, |m| &m.latency);
+
+            let attrs = [provider.clone()];
+            let w = weak.clone();
+            let _ = meter
+                .i64_observable_up_down_counter(SESSIONS_ACTIVE.0)
+                .with_description(SESSIONS_ACTIVE.1)
+                .with_callback(move |obs| {
+                    if let Some(m) = w.upgrade() {
+                        obs.observe(m.sessions_active.load(Relaxed), &attrs);
+                    }
+                })
+                .build();
+
+            let attrs = [provider.clone()];
+            u64_counter(meter, &weak, SESSIONS_TOTAL, None, move |m, obs| {
+                obs.observe(m.sessions_total.load(Relaxed), &attrs);
+            });
+
+            let attrs = [
+                [provider.clone(), KeyValue::new("direction", "in")],
+                [provider.clone(), KeyValue::new("direction", "out")],
+            ];
+            u64_counter(meter, &weak, THROUGHPUT, Some("By"), move |m, obs| {
+                obs.observe(m.bytes_in.load(Relaxed), &attrs[0]);
+                obs.observe(m.bytes_out.load(Relaxed), &attrs[1]);
+            });
+
+            histogram(meter, &weak, TURN_LATENCY, by_stage, |m| &m.turn_latency);
+
+            let attrs: Vec<[KeyValue; 2]> = DropReason::ALL
+                .iter()
+                .map(|reason| [provider.clone(), KeyValue::new("reason", reason.as_str())])
+                .collect();
+            u64_counter(meter, &weak, DROPPED, None, move |m, obs| {
+                for (counter, attrs) in m.dropped.iter().zip(&attrs) {
+                    obs.observe(counter.load(Relaxed), attrs);
+                }
+            });
+
+            let attrs = [provider.clone()];
+            u64_counter(meter, &weak, INTERRUPTIONS, None, move |m, obs| {
+                obs.observe(m.interruptions.load(Relaxed), &attrs);
+            });
+
+            let attrs = [provider];
+            u64_counter(meter, &weak, TURNS, None, move |m, obs| {
+                obs.observe(m.turns.load(Relaxed), &attrs);
+            });
+        }
+    }
+
+    /// An observable `u64` counter whose callback runs while the metrics live.
+    fn u64_counter<N, H, F>(
+        meter: &Meter,
+        weak: &Weak<Metrics>,
+        (name, help): (N, H),
+        unit: Option<&'static str>,
+        observe: F,
+    ) where
+        N: Into<Cow<'static, str>>,
+        H: Into<Cow<'static, str>>,
+        F: Fn(&Metrics, &dyn AsyncInstrument<u64>) + Send + Sync + 'static,
+    {
+        let weak = weak.clone();
+        let mut builder = meter
+            .u64_observable_counter(name)
+            .with_description(help)
+            .with_callback(move |obs| {
+                if let Some(m) = weak.upgrade() {
+                    observe(&m, obs);
+                }
+            });
+        if let Some(unit) = unit {
+            builder = builder.with_unit(unit);
+        }
+        let _ = builder.build();
+    }
+
+    /// A histogram as two observable counters, `<name>_sum` and `<name>_count`,
+    /// one series per non-empty histogram of `select(metrics)`.
+    fn histogram<const N: usize>(
+        meter: &Meter,
+        weak: &Weak<Metrics>,
+        (name, help): (&'static str, &'static str),
+        attrs: Vec<[KeyValue; 2]>,
+        select: fn(&Metrics) -> &[AtomicHistogram; N],
+    ) {
+        let sum_attrs = attrs.clone();
+        let w = weak.clone();
+        let _ = meter
+            .f64_observable_counter(format!("{name}_sum"))
+            .with_description(format!("{help} Sum of the observations."))
+            .with_unit("s")
+            .with_callback(move |obs| {
+                if let Some(m) = w.upgrade() {
+                    for (h, attrs) in select(&m).iter().zip(&sum_attrs) {
+                        if h.count() > 0 {
+                            obs.observe(h.sum_seconds(), attrs);
+                        }
+                    }
+                }
+            })
+            .build();
+        u64_counter(
+            meter,
+            weak,
+            (
+                format!("{name}_count"),
+                format!("{help} Number of observations."),
+            ),
+            None,
+            move |m, obs| {
+                for (h, attrs) in select(m).iter().zip(&attrs) {
+                    let count = h.count();
+                    if count > 0 {
+                        obs.observe(count, attrs);
+                    }
+                }
+            },
+        );
+    }
+}

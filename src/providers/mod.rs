@@ -1,0 +1,5 @@
+//! Providers: each folder holds only what is specific to one service (its
+//! config, its wire protocol, its connector). Everything shared lives in
+//! [`crate::runtime`].
+
+pub mod local;

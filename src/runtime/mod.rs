@@ -1,0 +1,834 @@
+//! The shared runtime: the one [`VoiceBackend`] implementation every provider
+//! reuses.
+//!
+//! A provider contributes a [`Connector`] (how to reach its service); the
+//! [`RuntimeBackend`] around it owns everything else once, for every provider:
+//! the session table with unique ids and strict isolation, capacity, the auth
+//! hook, rate limiting (the provider's own or the framework's fallback), the
+//! data-retention hook, health checks, the connection state machine,
+//! connection retries with exponential backoff, timeouts, graceful stop,
+//! validated config updates, tracing spans and metrics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::agent::Agent;
+use crate::audio::AudioFrame;
+use crate::backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
+use crate::config::{Config, PipelineType, SessionConfig};
+use crate::error::{BackendError, ErrorCode, Result};
+use crate::hooks::{Hooks, Operation, RateLimiter, TokenBucketLimiter, sort_processors};
+use crate::metrics::{Metrics, Op};
+use crate::pipeline::engine::{Engine, EngineParts};
+use crate::pipeline::events::SessionEvents;
+use crate::pipeline::{ComponentRegistries, components};
+use crate::provider::ProviderCapabilities;
+use crate::session::{AudioReceiver, PersistenceStatus, PipelineState, SessionId, VoiceSession};
+
+/// The VAD used when the config names none.
+pub const DEFAULT_VAD: &str = "energy";
+/// The turn detector used when the config names none.
+pub const DEFAULT_TURN_DETECTOR: &str = "silence";
+/// Capacity of the channels between a session's components and its task.
+const COMPONENT_CHANNEL: usize = 256;
+
+/// What a provider contributes: how to reach its service.
+///
+/// The runtime calls [`Connector::connect`] from [`VoiceBackend::start`],
+/// under `timeout` and with `max_retries` retries spaced by `retry_delay`
+/// doubling each time; errors whose code is not retryable stop at once.
+#[async_trait]
+pub trait Connector: Send + Sync + 'static {
+    /// The provider's name.
+    fn provider(&self) -> &str;
+
+    /// What the provider can do.
+    fn capabilities(&self) -> ProviderCapabilities;
+
+    /// Checks the provider's part of a config (usually `provider_config`).
+    fn validate_config(&self, config: &Config) -> Result<()>;
+
+    /// Connects to the service.
+    async fn connect(&self, config: &Config) -> Result<()>;
+
+    /// Disconnects from the service.
+    async fn disconnect(&self) {}
+
+    /// Checks the service; details are merged into the backend's health.
+    async fn health(&self) -> Result<BTreeMap<String, String>> {
+        Ok(BTreeMap::new())
+    }
+}
+
+/// The runtime's [`VoiceBackend`]: a [`Connector`] plus everything shared.
+pub struct RuntimeBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    provider: String,
+    caps: ProviderCapabilities,
+    connector: Arc<dyn Connector>,
+    components: &'static ComponentRegistries,
+    config: RwLock<Arc<Config>>,
+    hooks: RwLock<Hooks>,
+    fallback_limiter: RwLock<Arc<TokenBucketLimiter>>,
+    sessions: RwLock<HashMap<SessionId, Arc<RuntimeSession>>>,
+    /// Sessions counted against capacity (reserved before they are built).
+    open: AtomicUsize,
+    state: AtomicU8,
+    accepting: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl fmt::Debug for RuntimeBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBackend")
+            .field("provider", &self.inner.provider)
+            .field("state", &self.connection_state())
+            .field("sessions", &self.active_session_count())
+            .finish_non_exhaustive()
+    }
+}
+
+fn conn_from(v: u8) -> ConnectionState {
+    match v {
+        1 => ConnectionState::Connecting,
+        2 => ConnectionState::Connected,
+        3 => ConnectionState::Reconnecting,
+        4 => ConnectionState::Error,
+        _ => ConnectionState::Disconnected,
+    }
+}
+
+fn conn_code(s: ConnectionState) -> u8 {
+    match s {
+        ConnectionState::Disconnected => 0,
+        ConnectionState::Connecting => 1,
+        ConnectionState::Connected => 2,
+        ConnectionState::Reconnecting => 3,
+        ConnectionState::Error => 4,
+    }
+}
+
+/// A process-unique session id: a time-seeded prefix and a counter.
+fn next_session_id() -> SessionId {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()) << 32
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    SessionId::new(format!("sess_{:08x}{:08x}", (seed >> 16) as u32, n))
+}
+
+impl RuntimeBackend {
+    /// A backend around `connector`, checking `config` first: the generic rules,
+    /// the connector's own, and that every component it names is registered.
+    pub fn new(connector: Arc<dyn Connector>, config: &Config) -> Result<Self> {
+        Self::with_components(connector, config, components())
+    }
+
+    /// Like [`RuntimeBackend::new`], resolving components in `registries`.
+    pub fn with_components(
+        connector: Arc<dyn Connector>,
+        config: &Config,
+        registries: &'static ComponentRegistries,
+    ) -> Result<Self> {
+        const OP: &str = "backend.new";
+        config.validate().map_err(|e| e.with_op(OP))?;
+        connector.validate_config(config).map_err(|e| e.with_op(OP))?;
+        check_components(registries, config).map_err(|e| e.with_op(OP))?;
+        let provider = connector.provider().to_owned();
+        let limiter = fallback_limiter(config)?;
+        Ok(RuntimeBackend {
+            inner: Arc::new(Inner {
+                metrics: Arc::new(Metrics::new(&provider)),
+                provider,
+                caps: connector.capabilities(),
+                connector,
+                components: registries,
+                config: RwLock::new(Arc::new(config.clone())),
+                hooks: RwLock::new(Hooks::default()),
+                fallback_limiter: RwLock::new(Arc::new(limiter)),
+                sessions: RwLock::new(HashMap::new()),
+                open: AtomicUsize::new(0),
+                state: AtomicU8::new(conn_code(ConnectionState::Disconnected)),
+                accepting: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The backend's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The most sessions this backend opens at once: the config's limit, and
+    /// the provider's if it has one.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+}
+
+fn fallback_limiter(config: &Config) -> Result<TokenBucketLimiter> {
+    TokenBucketLimiter::new(config.rate_limit_per_second, config.rate_limit_burst)
+}
+
+/// Checks that every component the config names is registered.
+fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
+    let mut err: Option<BackendError> = None;
+    let mut note = |path: &str, r: Result<()>| {
+        if let Err(e) = r {
+            let e2 = err.get_or_insert_with(|| {
+                BackendError::invalid_config("backend.new", "unknown pipeline components")
+            });
+            e2.push_detail(path, e.message);
+        }
+    };
+    if let Some(n) = &config.stt_provider {
+        note("stt_provider", reg.stt.get(n).map(|_| ()));
+    }
+    if let Some(n) = &config.tts_provider {
+        note("tts_provider", reg.tts.get(n).map(|_| ()));
+    }
+    if let Some(n) = &config.s2s_provider {
+        note("s2s_provider", reg.s2s.get(n).map(|_| ()));
+    }
+    let vad = config.vad_provider.as_deref().unwrap_or(DEFAULT_VAD);
+    note("vad_provider", reg.vad.get(vad).map(|_| ()));
+    let turn = config
+        .turn_detection_provider
+        .as_deref()
+        .unwrap_or(DEFAULT_TURN_DETECTOR);
+    note("turn_detection_provider", reg.turn.get(turn).map(|_| ()));
+    if let Some(n) = &config.noise_cancellation_provider {
+        note("noise_cancellation_provider", reg.processor.get(n).map(|_| ()));
+    }
+    for (i, p) in config.processors.iter().enumerate() {
+        note(
+            &format!("processors[{i}].name"),
+            reg.processor.get(&p.name).map(|_| ()),
+        );
+    }
+    match err {
+        None => Ok(()),
+        Some(mut e) => {
+            e.message = format!(
+                "unknown pipeline components: {}",
+                e.details
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            Err(e)
+        }
+    }
+}
+
+impl Inner {
+    fn state(&self) -> ConnectionState {
+        conn_from(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, s: ConnectionState) {
+        let before = conn_from(self.state.swap(conn_code(s), Ordering::AcqRel));
+        if before != s {
+            tracing::info!(provider = %self.provider, from = %before, to = %s, "connection state");
+        }
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn capacity(&self) -> usize {
+        let cfg = self.config().max_concurrent_sessions as usize;
+        match self.caps.max_concurrent_sessions {
+            0 => cfg,
+            p => cfg.min(p as usize),
+        }
+    }
+
+    fn hooks(&self) -> Hooks {
+        self.hooks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn remove_session(&self, id: &SessionId) -> Option<Arc<RuntimeSession>> {
+        let removed = self
+            .sessions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        if removed.is_some() {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.session_closed();
+        }
+        removed
+    }
+
+    fn session_not_found(op: &'static str, id: &SessionId) -> BackendError {
+        BackendError::new(
+            op,
+            ErrorCode::SessionNotFound,
+            format!("no session {id} on this backend (closed, or never opened here)"),
+        )
+    }
+
+    async fn authorize(&self, config: &SessionConfig, op: Operation) -> Result<()> {
+        let Some(auth) = self.hooks().auth else {
+            return Ok(());
+        };
+        let principal = auth
+            .authenticate(config.auth_token.as_ref())
+            .await
+            .map_err(|mut e| {
+                e.code = ErrorCode::AuthenticationFailed;
+                e
+            })?;
+        auth.authorize(&principal, op).await.map_err(|mut e| {
+            e.code = ErrorCode::AuthorizationFailed;
+            e
+        })
+    }
+
+    async fn rate_limit(&self, key: &str) -> Result<()> {
+        let limiter: Arc<dyn RateLimiter> = match self.hooks().rate_limiter {
+            Some(l) => l,
+            None if self.caps.custom_rate_limiting => return Ok(()),
+            None => self
+                .fallback_limiter
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        };
+        limiter.check(key).await.map_err(|mut e| {
+            e.code = ErrorCode::RateLimitExceeded;
+            e
+        })
+    }
+
+    async fn build_session(self: &Arc<Self>, config: SessionConfig) -> Result<Arc<RuntimeSession>> {
+        const OP: &str = "backend.create_session";
+        let base = self.config();
+        let pipeline = config.resolve_pipeline(&base)?;
+        let reg = self.components;
+        let options = |name: &str| {
+            base.components
+                .get(name)
+                .map(|s| serde_json::Value::Object(s.0.clone()))
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let vad_name = base.vad_provider.as_deref().unwrap_or(DEFAULT_VAD);
+        let vad = reg.vad.get(vad_name)?.create(&options(vad_name))?;
+        let turn_name = base
+            .turn_detection_provider
+            .as_deref()
+            .unwrap_or(DEFAULT_TURN_DETECTOR);
+        let turn = reg.turn.get(turn_name)?.create(&options(turn_name))?;
+        let mut processors = Vec::new();
+        if let Some(n) = &base.noise_cancellation_provider {
+            processors.push(reg.processor.get(n)?.create(&options(n), i32::MIN)?);
+        }
+        for p in &base.processors {
+            let opts = if p.options.as_object().is_some_and(|o| !o.is_empty()) {
+                p.options.clone()
+            } else {
+                options(&p.name)
+            };
+            processors.push(reg.processor.get(&p.name)?.create(&opts, p.order)?);
+        }
+        sort_processors(&mut processors);
+        let (stt, s2s, tts) = match pipeline.pipeline_type {
+            PipelineType::SttTts => {
+                let stt_name = pipeline.stt_provider.as_deref().unwrap_or_default();
+                let tts_name = pipeline.tts_provider.as_deref().unwrap_or_default();
+                let (tx, rx) = mpsc::channel(COMPONENT_CHANNEL);
+                let stream = reg.stt.get(stt_name)?.open(&options(stt_name), tx)?;
+                (Some((stream, rx)), None, Some(reg.tts.get(tts_name)?))
+            }
+            PipelineType::S2s => {
+                let s2s_name = pipeline.s2s_provider.as_deref().unwrap_or_default();
+                let (tx, rx) = mpsc::channel(COMPONENT_CHANNEL);
+                let stream = reg.s2s.get(s2s_name)?.open(&options(s2s_name), tx)?;
+                let tts = match &base.tts_provider {
+                    Some(n) => Some(reg.tts.get(n)?),
+                    None => None,
+                };
+                (None, Some((stream, rx)), tts)
+            }
+        };
+        let id = next_session_id();
+        let engine = Engine::new(EngineParts {
+            session_id: id.to_string(),
+            user_id: config.user_id.clone(),
+            input_format: config.input_format,
+            output_format: config.output_format,
+            processors,
+            vad,
+            turn,
+            stt,
+            s2s,
+            tts,
+            agent: config.agent.clone(),
+            metrics: self.metrics.clone(),
+        })
+        .map_err(|e| e.with_op(OP))?;
+        Ok(Arc::new(RuntimeSession {
+            id,
+            user_id: config.user_id,
+            engine,
+            backend: Arc::downgrade(self),
+            metadata: RwLock::new(config.metadata),
+            timeout: base.timeout,
+        }))
+    }
+}
+
+#[async_trait]
+impl VoiceBackend for RuntimeBackend {
+    fn provider(&self) -> &str {
+        &self.inner.provider
+    }
+
+    fn set_hooks(&self, hooks: Hooks) {
+        *self
+            .inner
+            .hooks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = hooks;
+    }
+
+    #[tracing::instrument(name = "backend.start", skip_all, fields(provider = %self.inner.provider))]
+    async fn start(&self) -> Result<()> {
+        const OP: &str = "backend.start";
+        let timer = self.inner.metrics.observe(Op::Start);
+        let result = self.connect_with_retries(OP).await;
+        if result.is_ok() {
+            self.inner.accepting.store(true, Ordering::Release);
+        }
+        timer.finish(&result);
+        result
+    }
+
+    #[tracing::instrument(name = "backend.stop", skip_all, fields(provider = %self.inner.provider))]
+    async fn stop(&self) -> Result<()> {
+        let timer = self.inner.metrics.observe(Op::Stop);
+        self.inner.accepting.store(false, Ordering::Release);
+        let sessions: Vec<Arc<RuntimeSession>> = self
+            .inner
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut set = tokio::task::JoinSet::new();
+        for s in sessions {
+            set.spawn(async move { s.stop().await });
+        }
+        let mut result = Ok(());
+        while let Some(r) = set.join_next().await {
+            if let Ok(Err(e)) = r {
+                result = Err(e.with_op("backend.stop"));
+            }
+        }
+        self.inner.connector.disconnect().await;
+        self.inner.set_state(ConnectionState::Disconnected);
+        timer.finish(&result);
+        result
+    }
+
+    #[tracing::instrument(name = "backend.create_session", skip_all, fields(provider = %self.inner.provider, user_id = %config.user_id))]
+    async fn create_session(&self, config: SessionConfig) -> Result<Arc<dyn VoiceSession>> {
+        const OP: &str = "backend.create_session";
+        let timer = self.inner.metrics.observe(Op::CreateSession);
+        let result = self.create_session_inner(config).await.map_err(|e| e.with_op(OP));
+        timer.finish(&result);
+        result.map(|s| s as Arc<dyn VoiceSession>)
+    }
+
+    async fn get_session(&self, id: &SessionId) -> Result<Arc<dyn VoiceSession>> {
+        let timer = self.inner.metrics.observe(Op::GetSession);
+        let result = self
+            .inner
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Inner::session_not_found("backend.get_session", id));
+        timer.finish(&result);
+        result.map(|s| s as Arc<dyn VoiceSession>)
+    }
+
+    async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
+        let mut list: Vec<Arc<RuntimeSession>> = self
+            .inner
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list.into_iter().map(|s| s as Arc<dyn VoiceSession>).collect()
+    }
+
+    #[tracing::instrument(name = "backend.close_session", skip_all, fields(provider = %self.inner.provider, session_id = %id))]
+    async fn close_session(&self, id: &SessionId) -> Result<()> {
+        let timer = self.inner.metrics.observe(Op::CloseSession);
+        let session = self
+            .inner
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        let result = match session {
+            Some(s) => s.stop().await,
+            None => Err(Inner::session_not_found("backend.close_session", id)),
+        };
+        timer.finish(&result);
+        result
+    }
+
+    #[tracing::instrument(name = "backend.health_check", skip_all, fields(provider = %self.inner.provider))]
+    async fn health_check(&self) -> HealthStatus {
+        let timer = self.inner.metrics.observe(Op::HealthCheck);
+        let state = self.inner.state();
+        let open = self.active_session_count();
+        let cap = self.inner.capacity();
+        let mut status = match state {
+            ConnectionState::Connected => Health::Healthy,
+            ConnectionState::Reconnecting | ConnectionState::Connecting => Health::Degraded,
+            ConnectionState::Disconnected | ConnectionState::Error => Health::Unhealthy,
+        };
+        if status == Health::Healthy && open * 10 >= cap * 9 {
+            status = Health::Degraded;
+        }
+        let mut health = HealthStatus::new(status)
+            .with_detail("connection", state.as_str())
+            .with_detail("sessions", format!("{open}/{cap}"))
+            .with_detail("provider", self.inner.provider.clone());
+        if state == ConnectionState::Connected {
+            let timeout = self.inner.config().timeout;
+            match tokio::time::timeout(timeout, self.inner.connector.health()).await {
+                Ok(Ok(details)) => health.details.extend(details),
+                Ok(Err(e)) => {
+                    health.status = Health::Unhealthy;
+                    health.details.insert("service".into(), e.message);
+                }
+                Err(_) => {
+                    health.status = Health::Unhealthy;
+                    health.details.insert(
+                        "service".into(),
+                        format!("no answer within {}", humantime::format_duration(timeout)),
+                    );
+                }
+            }
+        }
+        let result: Result<()> = Ok(());
+        timer.finish(&result);
+        health
+    }
+
+    fn connection_state(&self) -> ConnectionState {
+        self.inner.state()
+    }
+
+    fn active_session_count(&self) -> usize {
+        self.inner
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.inner.config()
+    }
+
+    #[tracing::instrument(name = "backend.update_config", skip_all, fields(provider = %self.inner.provider))]
+    async fn update_config(&self, config: Config) -> Result<()> {
+        const OP: &str = "backend.update_config";
+        let timer = self.inner.metrics.observe(Op::UpdateConfig);
+        let result = (|| {
+            config.validate().map_err(|e| e.with_op(OP))?;
+            if config.provider != self.inner.provider {
+                return Err(BackendError::invalid_config(
+                    OP,
+                    format!(
+                        "provider cannot change from {:?} to {:?}; create a new backend instead",
+                        self.inner.provider, config.provider
+                    ),
+                )
+                .with_detail("provider", "differs from the running backend's"));
+            }
+            self.inner
+                .connector
+                .validate_config(&config)
+                .map_err(|e| e.with_op(OP))?;
+            check_components(self.inner.components, &config).map_err(|e| e.with_op(OP))?;
+            let limiter = fallback_limiter(&config)?;
+            *self
+                .inner
+                .fallback_limiter
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(limiter);
+            *self
+                .inner
+                .config
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+            Ok(())
+        })();
+        timer.finish(&result);
+        result
+    }
+}
+
+impl RuntimeBackend {
+    async fn connect_with_retries(&self, op: &'static str) -> Result<()> {
+        let config = self.inner.config();
+        self.inner.set_state(ConnectionState::Connecting);
+        let mut delay = config.retry_delay;
+        let mut attempt = 0u32;
+        loop {
+            let outcome =
+                match tokio::time::timeout(config.timeout, self.inner.connector.connect(&config))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(BackendError::new(
+                        op,
+                        ErrorCode::ConnectionTimeout,
+                        format!(
+                            "connecting took longer than timeout = {}",
+                            humantime::format_duration(config.timeout)
+                        ),
+                    )),
+                };
+            match outcome {
+                Ok(()) => {
+                    self.inner.set_state(ConnectionState::Connected);
+                    return Ok(());
+                }
+                Err(e) if e.is_retryable() && attempt < config.max_retries => {
+                    attempt += 1;
+                    tracing::warn!(attempt, code = %e.code, "connect failed, retrying in {delay:?}: {}", e.message);
+                    self.inner.set_state(ConnectionState::Reconnecting);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+                Err(e) => {
+                    self.inner.set_state(ConnectionState::Error);
+                    let attempts = attempt + 1;
+                    let code = if e.is_retryable() {
+                        ErrorCode::ConnectionFailed
+                    } else {
+                        e.code
+                    };
+                    return Err(BackendError::new(
+                        op,
+                        code,
+                        format!(
+                            "could not connect to {} after {attempts} attempt(s): {}",
+                            self.inner.provider, e.message
+                        ),
+                    )
+                    .with_detail("attempts", attempts.to_string())
+                    .with_source(e));
+                }
+            }
+        }
+    }
+
+    async fn create_session_inner(&self, config: SessionConfig) -> Result<Arc<RuntimeSession>> {
+        const OP: &str = "backend.create_session";
+        if !self.inner.accepting.load(Ordering::Acquire) {
+            return Err(match self.inner.state() {
+                ConnectionState::Connected => BackendError::new(
+                    OP,
+                    ErrorCode::ContextCanceled,
+                    "the backend is stopping and accepts no new sessions",
+                ),
+                state => BackendError::new(
+                    OP,
+                    ErrorCode::ConnectionFailed,
+                    format!("the backend is {state}; call start() before opening sessions"),
+                ),
+            });
+        }
+        config.validate()?;
+        self.inner
+            .authorize(&config, Operation::CreateSession)
+            .await?;
+        self.inner.rate_limit(&config.user_id).await?;
+        let cap = self.inner.capacity();
+        let reserved = self.inner.open.fetch_add(1, Ordering::AcqRel);
+        if reserved >= cap {
+            self.inner.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(BackendError::new(
+                OP,
+                ErrorCode::SessionLimitExceeded,
+                format!("the backend is at its capacity of {cap} sessions; close one or retry later"),
+            )
+            .with_detail("capacity", cap.to_string()));
+        }
+        let session = match self.inner.build_session(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.inner.open.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        };
+        self.inner
+            .sessions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(session.id.clone(), session.clone());
+        self.inner.metrics.session_opened();
+        Ok(session)
+    }
+}
+
+/// A session of a [`RuntimeBackend`].
+pub struct RuntimeSession {
+    id: SessionId,
+    user_id: String,
+    engine: Engine,
+    backend: Weak<Inner>,
+    metadata: RwLock<BTreeMap<String, serde_json::Value>>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for RuntimeSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeSession")
+            .field("id", &self.id)
+            .field("user_id", &self.user_id)
+            .field("state", &self.engine.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeSession {
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.backend.upgrade().map(|b| b.metrics.clone())
+    }
+
+    fn timed<T>(&self, op: Op, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        match self.metrics() {
+            Some(m) => {
+                let timer = m.observe(op);
+                let r = f();
+                timer.finish(&r);
+                r
+            }
+            None => f(),
+        }
+    }
+}
+
+#[async_trait]
+impl VoiceSession for RuntimeSession {
+    fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    async fn start(&self) -> Result<()> {
+        let span = tracing::info_span!("session.start", session_id = %self.id);
+        let _g = span.enter();
+        self.engine.start()
+    }
+
+    async fn stop(&self) -> Result<()> {
+        let span = tracing::info_span!("session.stop", session_id = %self.id);
+        let result = self.engine.stop(self.timeout).instrument(span).await;
+        if let Some(b) = self.backend.upgrade() {
+            b.remove_session(&self.id);
+        }
+        result
+    }
+
+    async fn process_audio(&self, frame: AudioFrame) -> Result<()> {
+        self.timed(Op::ProcessAudio, || self.engine.process_audio(frame))
+    }
+
+    async fn send_audio(&self, frame: AudioFrame) -> Result<()> {
+        let metrics = self.metrics();
+        let timer = metrics.as_ref().map(|m| m.observe(Op::SendAudio));
+        let r = self.engine.send_audio(frame).await;
+        if let Some(t) = timer {
+            t.finish(&r);
+        }
+        r
+    }
+
+    fn receive_audio(&self) -> Result<AudioReceiver> {
+        self.engine.take_receiver()
+    }
+
+    async fn send_text(&self, text: &str) -> Result<()> {
+        self.timed(Op::SendText, || self.engine.send_text(text))
+    }
+
+    fn events(&self) -> SessionEvents {
+        self.engine.subscribe()
+    }
+
+    fn set_agent(&self, agent: Arc<dyn Agent>) {
+        self.engine.set_agent(agent);
+    }
+
+    fn state(&self) -> PipelineState {
+        self.engine.state()
+    }
+
+    fn persistence_status(&self) -> PersistenceStatus {
+        // No session store exists yet: sessions live in memory only.
+        PersistenceStatus::Ephemeral
+    }
+
+    fn metadata(&self) -> BTreeMap<String, serde_json::Value> {
+        self.metadata
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn update_metadata(&self, metadata: BTreeMap<String, serde_json::Value>) -> Result<()> {
+        let mut current = self.metadata.write().unwrap_or_else(PoisonError::into_inner);
+        for (k, v) in metadata {
+            if v.is_null() {
+                current.remove(&k);
+            } else {
+                current.insert(k, v);
+            }
+        }
+        Ok(())
+    }
+}

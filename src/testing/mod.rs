@@ -1,0 +1,2 @@
+//! Test support: signals and the conformance suite.
+pub mod signal;
