@@ -25,8 +25,8 @@ pub use backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
 pub use config::*;
 pub use error::{BackendError, ErrorCode, Result};
 pub use hooks::{
-    AudioProcessor, AuthHook, DataKind, DataRetentionHook, Hooks, Operation, Principal, RateLimiter,
-    TokenBucketLimiter,
+    AudioProcessor, AuthHook, DataKind, DataRetentionHook, Hooks, Operation, Principal,
+    RateLimiter, TokenBucketLimiter,
 };
 pub use provider::{BackendProvider, Codec, ConfigSchema, ProviderCapabilities, ProviderEntry};
 pub use registry::{BackendRegistry, DuplicateEntry, Registry, new_backend, registry};

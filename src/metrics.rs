@@ -273,6 +273,14 @@ const BUCKET_NANOS: [u64; 16] = [
     10_000_000_000,
 ];
 
+const _: () = {
+    let mut i = 0;
+    while i < BUCKET_NANOS.len() {
+        assert!(BUCKET_NANOS[i] as f64 / 1e9 == LATENCY_BUCKETS[i]);
+        i += 1;
+    }
+};
+
 /// The longest single observation added to a histogram's sum: one day. The sum
 /// is kept in nanoseconds in a `u64`, and this keeps it from wrapping.
 const MAX_OBSERVATION_NANOS: u64 = 86_400 * 1_000_000_000;
@@ -448,6 +456,8 @@ impl Metrics {
 
     /// Records how long one stage of a turn took
     /// (`pipeline_turn_latency_seconds`).
+    ///
+    /// Observations longer than a day add one day to the histogram's sum.
     pub fn turn_latency(&self, stage: LatencyStage, elapsed: Duration) {
         self.turn_latency[stage as usize].record(elapsed);
     }

@@ -305,7 +305,8 @@ pub fn convert_frame(frame: &AudioFrame, to: AudioFormat) -> Result<AudioFrame> 
     if from == to {
         return Ok(frame.clone());
     }
-    to.validate().map_err(|e| e.with_op("audio.convert_frame"))?;
+    to.validate()
+        .map_err(|e| e.with_op("audio.convert_frame"))?;
     if from.sample_rate != to.sample_rate {
         return Err(pipeline_error(
             "audio.convert_frame",

@@ -488,7 +488,9 @@ impl Config {
                 };
                 v.push(
                     path.clone(),
-                    format!("options for {name:?}, which this config does not use (it uses: {used})"),
+                    format!(
+                        "options for {name:?}, which this config does not use (it uses: {used})"
+                    ),
                 );
             }
             check_redaction_markers(v, &path, &serde_json::Value::Object(section.0.clone()));

@@ -91,10 +91,18 @@ pub struct EngineParts {
 }
 
 enum Control {
-    TurnEnded { turn: u64, endpointing: Duration },
-    Interrupt { turn: u64 },
+    TurnEnded {
+        turn: u64,
+        endpointing: Duration,
+    },
+    Interrupt {
+        turn: u64,
+    },
     Text(String),
-    Stop { deadline: Instant, done: oneshot::Sender<()> },
+    Stop {
+        deadline: Instant,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// The input path's state, behind the session's lock.
@@ -332,7 +340,8 @@ impl Engine {
             let converter = match &mut input.converter {
                 Some((f, c)) if *f == format => c,
                 slot => {
-                    let c = AudioConverter::new(format, INTERNAL_FORMAT).map_err(|e| e.with_op(OP))?;
+                    let c =
+                        AudioConverter::new(format, INTERNAL_FORMAT).map_err(|e| e.with_op(OP))?;
                     &mut slot.insert((format, c)).1
                 }
             };
@@ -436,7 +445,10 @@ impl Engine {
             s2s.interrupt();
         }
         self.shared.replying.store(false, Ordering::Release);
-        let _ = self.shared.control.send(Control::Interrupt { turn: input.turns });
+        let _ = self
+            .shared
+            .control
+            .send(Control::Interrupt { turn: input.turns });
     }
 
     /// Sends audio straight to the user, bypassing the agent.
@@ -470,7 +482,12 @@ impl Engine {
     /// `deadline`, then closes the session's task.
     pub async fn stop(&self, deadline: Duration) -> Result<()> {
         if !self.shared.accepting.swap(false, Ordering::AcqRel) {
-            if self.task.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
+            if self
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some()
+            {
                 // Never started: nothing runs.
                 self.shared.set_state(PipelineState::Idle);
                 self.shared.emit(SessionEvent::Closed);
@@ -682,28 +699,16 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
             result = run_opt(&mut reply) => {
                 reply = None;
                 reply_done = true;
+                // What the reply sent before finishing is handled before anything else.
+                while let Ok(msg) = reply_rx.try_recv() {
+                    on_reply_msg(&shared, &mut playout, &mut clock, msg);
+                }
                 if let Err(e) = result {
                     shared.emit(SessionEvent::Error { code: e.code, message: e.message.clone() });
                     tracing::warn!(code = %e.code, "turn failed: {}", e.message);
                 }
             },
-            Some(msg) = reply_rx.recv() => match msg {
-                ReplyMsg::AgentText(text, took) => {
-                    clock.agent = Some(took);
-                    shared.metrics.turn_latency(LatencyStage::Agent, took);
-                    shared.emit(SessionEvent::AgentText { text });
-                }
-                ReplyMsg::TtsStarted => clock.tts_started = Some(Instant::now()),
-                ReplyMsg::Audio(frame) => {
-                    if clock.tts_first_audio.is_none() {
-                        if let Some(t) = clock.tts_started {
-                            clock.tts_first_audio = Some(t.elapsed());
-                            shared.metrics.turn_latency(LatencyStage::Tts, t.elapsed());
-                        }
-                    }
-                    enqueue(&shared, &mut playout, frame);
-                }
-            },
+            Some(msg) = reply_rx.recv() => on_reply_msg(&shared, &mut playout, &mut clock, msg),
             _ = sleep_until_opt(release_at) => {
                 release(&shared, &mut playout, &mut clock);
             },
@@ -729,6 +734,24 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
     shared.emit(SessionEvent::Closed);
     if let Some((_, done)) = stopping {
         let _ = done.send(());
+    }
+}
+
+fn on_reply_msg(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, msg: ReplyMsg) {
+    match msg {
+        ReplyMsg::AgentText(text, took) => {
+            clock.agent = Some(took);
+            shared.metrics.turn_latency(LatencyStage::Agent, took);
+            shared.emit(SessionEvent::AgentText { text });
+        }
+        ReplyMsg::TtsStarted => clock.tts_started = Some(Instant::now()),
+        ReplyMsg::Audio(frame) => {
+            if let (None, Some(t)) = (clock.tts_first_audio, clock.tts_started) {
+                clock.tts_first_audio = Some(t.elapsed());
+                shared.metrics.turn_latency(LatencyStage::Tts, t.elapsed());
+            }
+            enqueue(shared, playout, frame);
+        }
     }
 }
 
@@ -791,7 +814,9 @@ fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock) {
         shared.set_state(PipelineState::Speaking);
         if let Some(t) = clock.ended_at {
             let first_audio = t.elapsed();
-            shared.metrics.turn_latency(LatencyStage::FirstAudio, first_audio);
+            shared
+                .metrics
+                .turn_latency(LatencyStage::FirstAudio, first_audio);
             shared.emit(SessionEvent::Latency(TurnLatency {
                 turn: clock.turn,
                 endpointing: clock.endpointing,
@@ -820,7 +845,9 @@ fn start_reply(
     let Some(agent) = agent else {
         shared.emit(SessionEvent::Error {
             code: ErrorCode::AgentError,
-            message: "no agent is set for this session: call set_agent or use SessionConfig::with_agent".into(),
+            message:
+                "no agent is set for this session: call set_agent or use SessionConfig::with_agent"
+                    .into(),
         });
         shared.replying.store(false, Ordering::Release);
         shared.set_state(PipelineState::Listening);

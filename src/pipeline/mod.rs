@@ -119,8 +119,11 @@ pub trait SttStream: Send {
 /// A speech-to-text service.
 pub trait SpeechToText: Send + Sync {
     /// Opens a stream for one session; its events go to `events`.
-    fn open(&self, options: &serde_json::Value, events: mpsc::Sender<SttEvent>)
-    -> Result<Box<dyn SttStream>>;
+    fn open(
+        &self,
+        options: &serde_json::Value,
+        events: mpsc::Sender<SttEvent>,
+    ) -> Result<Box<dyn SttStream>>;
 }
 
 /// A text-to-speech service.
@@ -167,8 +170,11 @@ pub trait S2sStream: Send {
 /// A speech-to-speech service.
 pub trait SpeechToSpeech: Send + Sync {
     /// Opens a stream for one session; its events go to `events`.
-    fn open(&self, options: &serde_json::Value, events: mpsc::Sender<S2sEvent>)
-    -> Result<Box<dyn S2sStream>>;
+    fn open(
+        &self,
+        options: &serde_json::Value,
+        events: mpsc::Sender<S2sEvent>,
+    ) -> Result<Box<dyn S2sStream>>;
 }
 
 /// Link-time registration of a speech-to-text component.

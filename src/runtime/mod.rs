@@ -148,7 +148,9 @@ impl RuntimeBackend {
     ) -> Result<Self> {
         const OP: &str = "backend.new";
         config.validate().map_err(|e| e.with_op(OP))?;
-        connector.validate_config(config).map_err(|e| e.with_op(OP))?;
+        connector
+            .validate_config(config)
+            .map_err(|e| e.with_op(OP))?;
         check_components(registries, config).map_err(|e| e.with_op(OP))?;
         let provider = connector.provider().to_owned();
         let limiter = fallback_limiter(config)?;
@@ -214,7 +216,10 @@ fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
         .unwrap_or(DEFAULT_TURN_DETECTOR);
     note("turn_detection_provider", reg.turn.get(turn).map(|_| ()));
     if let Some(n) = &config.noise_cancellation_provider {
-        note("noise_cancellation_provider", reg.processor.get(n).map(|_| ()));
+        note(
+            "noise_cancellation_provider",
+            reg.processor.get(n).map(|_| ()),
+        );
     }
     for (i, p) in config.processors.iter().enumerate() {
         note(
@@ -461,7 +466,10 @@ impl VoiceBackend for RuntimeBackend {
     async fn create_session(&self, config: SessionConfig) -> Result<Arc<dyn VoiceSession>> {
         const OP: &str = "backend.create_session";
         let timer = self.inner.metrics.observe(Op::CreateSession);
-        let result = self.create_session_inner(config).await.map_err(|e| e.with_op(OP));
+        let result = self
+            .create_session_inner(config)
+            .await
+            .map_err(|e| e.with_op(OP));
         timer.finish(&result);
         result.map(|s| s as Arc<dyn VoiceSession>)
     }
@@ -490,7 +498,9 @@ impl VoiceBackend for RuntimeBackend {
             .cloned()
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
-        list.into_iter().map(|s| s as Arc<dyn VoiceSession>).collect()
+        list.into_iter()
+            .map(|s| s as Arc<dyn VoiceSession>)
+            .collect()
     }
 
     #[tracing::instrument(name = "backend.close_session", skip_all, fields(provider = %self.inner.provider, session_id = %id))]
@@ -690,7 +700,9 @@ impl RuntimeBackend {
             return Err(BackendError::new(
                 OP,
                 ErrorCode::SessionLimitExceeded,
-                format!("the backend is at its capacity of {cap} sessions; close one or retry later"),
+                format!(
+                    "the backend is at its capacity of {cap} sessions; close one or retry later"
+                ),
             )
             .with_detail("capacity", cap.to_string()));
         }
@@ -821,7 +833,10 @@ impl VoiceSession for RuntimeSession {
     }
 
     async fn update_metadata(&self, metadata: BTreeMap<String, serde_json::Value>) -> Result<()> {
-        let mut current = self.metadata.write().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self
+            .metadata
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         for (k, v) in metadata {
             if v.is_null() {
                 current.remove(&k);

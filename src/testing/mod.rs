@@ -1,2 +1,3 @@
 //! Test support: signals and the conformance suite.
+pub mod conformance;
 pub mod signal;

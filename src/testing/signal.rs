@@ -231,10 +231,7 @@ mod tests {
         assert_eq!(speech_like(Duration::from_millis(1234), 0).len(), 19_744);
         assert_eq!(silence(Duration::from_millis(20)), vec![0; 320]);
         assert_eq!(noise(Duration::from_millis(5), -40.0, 0).len(), 80);
-        assert_eq!(
-            utterance(SEC, Duration::from_millis(500), 0).len(),
-            24_000
-        );
+        assert_eq!(utterance(SEC, Duration::from_millis(500), 0).len(), 24_000);
         assert!(speech_like(Duration::ZERO, 0).is_empty());
     }
 
@@ -286,7 +283,11 @@ mod tests {
         let s = speech_like(Duration::from_millis(1010), 3);
         let f = frames(&s, 20);
         assert_eq!(f.len(), 51);
-        assert!(f[..50].iter().all(|f| f.duration() == Duration::from_millis(20)));
+        assert!(
+            f[..50]
+                .iter()
+                .all(|f| f.duration() == Duration::from_millis(20))
+        );
         assert_eq!(f[50].duration(), Duration::from_millis(10));
         assert!(f.iter().all(|f| f.format() == INTERNAL_FORMAT));
         assert_eq!(samples_of(&f), s);

@@ -337,16 +337,13 @@ impl S2sStream for EchoStream {
         let events = self.take_reply();
         let epoch = self.epoch.load(Ordering::SeqCst);
         let worker = self.worker()?;
-        worker
-            .replies
-            .send(Reply { epoch, events })
-            .map_err(|_| {
-                BackendError::new(
-                    "s2s.end_turn",
-                    ErrorCode::PipelineError,
-                    "the echo component's reply thread has stopped",
-                )
-            })
+        worker.replies.send(Reply { epoch, events }).map_err(|_| {
+            BackendError::new(
+                "s2s.end_turn",
+                ErrorCode::PipelineError,
+                "the echo component's reply thread has stopped",
+            )
+        })
     }
 
     fn interrupt(&mut self) {
@@ -485,26 +482,23 @@ mod tests {
         let (tx, _rx) = mpsc::channel(8);
         let mut s = EchoStream::new(EchoOptions::default(), tx);
         let f = AudioFrame::from_i16(48_000, 1, &[0; 480]).unwrap();
-        assert_eq!(
-            s.push_audio(&f).unwrap_err().code,
-            ErrorCode::PipelineError
-        );
+        assert_eq!(s.push_audio(&f).unwrap_err().code, ErrorCode::PipelineError);
     }
 
     #[test]
     fn block_on_unless_runs_and_cancels() {
         assert_eq!(block_on_unless(async { 5 }, || false), Some(5));
-        assert_eq!(
-            block_on_unless(std::future::pending::<()>(), || true),
-            None
-        );
+        assert_eq!(block_on_unless(std::future::pending::<()>(), || true), None);
     }
 
     #[test]
     fn max_turn_is_validated() {
         for bad in ["0s", "10ms", "11m"] {
             let e = EchoOptions::from_value(&serde_json::json!({ "max_turn": bad })).unwrap_err();
-            assert!(e.details.contains_key("components.echo.max_turn"), "{bad}: {e:?}");
+            assert!(
+                e.details.contains_key("components.echo.max_turn"),
+                "{bad}: {e:?}"
+            );
         }
     }
 }

@@ -120,12 +120,16 @@ impl SilenceTurnOptions {
                 )
             },
         );
-        c.check(self.min_speech <= Duration::from_secs(2), "min_speech", || {
-            format!(
-                "{} is longer than 2s",
-                humantime::format_duration(self.min_speech)
-            )
-        });
+        c.check(
+            self.min_speech <= Duration::from_secs(2),
+            "min_speech",
+            || {
+                format!(
+                    "{} is longer than 2s",
+                    humantime::format_duration(self.min_speech)
+                )
+            },
+        );
         c.finish()
     }
 }
@@ -279,7 +283,16 @@ mod tests {
 
     #[test]
     fn completeness_of_hints() {
-        for done in ["", "  ", "Hello.", "Really?  ", "Stop!", "Well…", "好。", "何？"] {
+        for done in [
+            "",
+            "  ",
+            "Hello.",
+            "Really?  ",
+            "Stop!",
+            "Well…",
+            "好。",
+            "何？",
+        ] {
             assert!(looks_complete(done), "{done:?}");
         }
         for open in ["Hello", "I want to", "e.g", "3.5 and"] {
@@ -355,7 +368,10 @@ mod tests {
         d.reset();
         assert!(!d.in_turn());
         assert_eq!(d.endpointing_delay(), Duration::from_millis(500));
-        assert_eq!(count(&run(&mut d, vad(false, 0.0), 100), TurnSignal::TurnEnded), 0);
+        assert_eq!(
+            count(&run(&mut d, vad(false, 0.0), 100), TurnSignal::TurnEnded),
+            0
+        );
     }
 
     #[test]

@@ -3,10 +3,15 @@
 //! Each frame's RMS level (dBFS) is compared with a running estimate of the
 //! background noise level, the *noise floor*:
 //!
-//! * The floor starts at [`EnergyVadOptions::initial_floor_db`]. It follows
-//!   quieter frames quickly (a 40 ms time constant) and louder ones slowly (at
-//!   most [`EnergyVadOptions::floor_rise_db_per_s`]), so it tracks the quietest
-//!   recent level: the noise between words, not the words.
+//! * The floor is measured at the start: during the first
+//!   [`EnergyVadOptions::calibration`] of audio (default 100 ms) it is the
+//!   level of the quietest frame so far, so a session that starts in a noisy
+//!   room does not take the room for speech. (With `calibration = "0s"` it
+//!   starts at [`EnergyVadOptions::initial_floor_db`] instead.)
+//! * Then it follows quieter frames quickly (a 40 ms time constant) and
+//!   louder ones slowly (at most [`EnergyVadOptions::floor_rise_db_per_s`]), so
+//!   it tracks the quietest recent level: the noise between words, not the
+//!   words.
 //! * A frame is *above threshold* when its level exceeds both the floor plus
 //!   [`EnergyVadOptions::threshold_db`] and the absolute
 //!   [`EnergyVadOptions::min_level_db`].
@@ -17,10 +22,12 @@
 //!
 //! Time is the audio clock: the durations of the frames given, never wall time.
 //!
-//! After a change of background (say the detector starts in a room with
-//! -45 dBFS of fan noise), the floor needs `(noise - threshold_db -
-//! initial_floor_db) / floor_rise_db_per_s` of audio to catch up, about 1.5 s
-//! with the defaults; until then the noise may be taken for speech.
+//! When the background gets louder (say a fan starts), the floor needs
+//! `(new noise - threshold_db - old floor) / floor_rise_db_per_s` of audio to
+//! catch up; until then the noise may be taken for speech. Speech in the very
+//! first frames of the audio (during calibration) is taken for the background
+//! until a pause between syllables pulls the floor down, a few hundred
+//! milliseconds at most.
 
 use std::time::Duration;
 
@@ -52,6 +59,7 @@ const PROBABILITY_SLOPE_DB: f32 = 3.0;
 /// [components.energy]
 /// threshold_db = 9.0
 /// min_level_db = -50.0
+/// calibration = "100ms"
 /// initial_floor_db = -60.0
 /// floor_rise_db_per_s = 4.0
 /// onset = "40ms"
@@ -66,8 +74,14 @@ pub struct EnergyVadOptions {
     /// The absolute level a frame must exceed to count, in dBFS, whatever the
     /// floor; -100..=0, default -50 (quiet rooms do not make every breath speech).
     pub min_level_db: f32,
-    /// The noise floor at the start and after [`Vad::reset`], in dBFS;
-    /// -100..=0, default -60.
+    /// How much audio at the start (and after [`Vad::reset`]) measures the
+    /// noise floor: the floor is the quietest frame's level until then. At
+    /// most 2s, default 100ms; `"0s"` starts from `initial_floor_db` instead.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub calibration: Duration,
+    /// The noise floor at the start and after [`Vad::reset`] when
+    /// `calibration` is 0, in dBFS; -100..=0, default -60.
     pub initial_floor_db: f32,
     /// The fastest the noise floor rises towards louder frames, in dB per
     /// second of audio; above 0 and at most 100, default 4. Higher adapts to
@@ -92,6 +106,7 @@ impl Default for EnergyVadOptions {
         EnergyVadOptions {
             threshold_db: 9.0,
             min_level_db: -50.0,
+            calibration: Duration::from_millis(100),
             initial_floor_db: -60.0,
             floor_rise_db_per_s: 4.0,
             onset: Duration::from_millis(40),
@@ -141,6 +156,11 @@ impl EnergyVadOptions {
             "floor_rise_db_per_s",
             || format!("{} is outside (0, 100] dB/s", self.floor_rise_db_per_s),
         );
+        c.check(
+            self.calibration <= Duration::from_secs(2),
+            "calibration",
+            || format!("{:?} is longer than 2s", self.calibration),
+        );
         c.check(self.onset <= Duration::from_secs(1), "onset", || {
             format!("{:?} is longer than 1s", self.onset)
         });
@@ -166,6 +186,8 @@ impl EnergyVadOptions {
 pub struct EnergyVad {
     options: EnergyVadOptions,
     floor_db: f32,
+    /// Audio seen so far, up to the end of calibration.
+    calibrated: Duration,
     speaking: bool,
     /// Unbroken time above threshold while not speaking.
     above: Duration,
@@ -178,6 +200,7 @@ impl EnergyVad {
     pub fn new(options: EnergyVadOptions) -> Self {
         EnergyVad {
             floor_db: options.initial_floor_db,
+            calibrated: Duration::ZERO,
             options,
             speaking: false,
             above: Duration::ZERO,
@@ -254,6 +277,15 @@ impl Vad for EnergyVad {
             };
         }
 
+        let calibrating = self.calibrated < self.options.calibration;
+        if calibrating {
+            self.floor_db = if self.calibrated.is_zero() {
+                level_db
+            } else {
+                self.floor_db.min(level_db)
+            };
+            self.calibrated += duration;
+        }
         let threshold = (self.floor_db + self.options.threshold_db).max(self.options.min_level_db);
         let margin = level_db - threshold;
         let is_above = margin > 0.0;
@@ -276,7 +308,9 @@ impl Vad for EnergyVad {
         } else {
             self.above = Duration::ZERO;
         }
-        self.track_floor(level_db, duration.as_secs_f32());
+        if !calibrating {
+            self.track_floor(level_db, duration.as_secs_f32());
+        }
 
         VadDecision {
             speech: self.speaking,
@@ -343,17 +377,20 @@ mod tests {
     #[test]
     fn floor_falls_fast_and_rises_at_the_configured_rate() {
         let mut vad = EnergyVad::default();
-        // -80 dBFS: below the -60 initial floor, which follows within ~200 ms.
+        // About -80 dBFS: below the -60 initial floor, which follows within ~200 ms.
+        let quiet = square(-80.0);
+        let quiet_db = s16le_level_db(quiet.data());
         for _ in 0..10 {
-            vad.process(&square(-80.0));
+            vad.process(&quiet);
         }
-        assert!((vad.noise_floor_db() + 80.0).abs() < 0.5, "{}", vad.noise_floor_db());
+        let floor = vad.noise_floor_db();
+        assert!((floor - quiet_db).abs() < 0.5, "{floor} vs {quiet_db}");
         // -40 dBFS for one second: the floor rises by the rise rate, 4 dB.
         for _ in 0..50 {
             vad.process(&square(-40.0));
         }
-        let floor = vad.noise_floor_db();
-        assert!((floor - (-80.0 + 4.0)).abs() < 0.6, "{floor}");
+        let risen = vad.noise_floor_db();
+        assert!((risen - floor - 4.0).abs() < 0.01, "{risen} from {floor}");
     }
 
     #[test]
@@ -377,6 +414,9 @@ mod tests {
     #[test]
     fn a_break_restarts_the_onset() {
         let mut vad = EnergyVad::default();
+        for _ in 0..10 {
+            vad.process(&frame(&[0; 320]));
+        }
         for _ in 0..5 {
             assert!(!vad.process(&square(-20.0)).speech);
             assert!(!vad.process(&frame(&[0; 320])).speech);
@@ -402,6 +442,7 @@ mod tests {
         for db in [-45.0f32, -42.0, -41.0, -40.0, -35.0, -20.0] {
             let mut vad = EnergyVad::new(EnergyVadOptions {
                 initial_floor_db: -50.0,
+                calibration: Duration::ZERO,
                 ..Default::default()
             });
             let p = vad.process(&square(db)).probability;
@@ -414,8 +455,35 @@ mod tests {
     }
 
     #[test]
+    fn calibration_measures_the_floor_from_the_quietest_frame() {
+        let mut vad = EnergyVad::default();
+        // A room at -45 dBFS: measured at once, never speech.
+        let d = vad.process(&square(-45.0));
+        assert!(!d.speech && d.probability < 0.1);
+        assert!((vad.noise_floor_db() - d.level_db).abs() < 1e-3);
+        // A quieter frame within the 100 ms lowers it; a louder one does not raise it.
+        vad.process(&square(-50.0));
+        vad.process(&square(-40.0));
+        assert!(
+            (vad.noise_floor_db() + 50.0).abs() < 0.1,
+            "{}",
+            vad.noise_floor_db()
+        );
+        // Without calibration the floor starts at initial_floor_db and -45 is speech.
+        let mut raw = EnergyVad::new(EnergyVadOptions {
+            calibration: Duration::ZERO,
+            ..Default::default()
+        });
+        raw.process(&square(-45.0));
+        assert!(raw.process(&square(-45.0)).speech);
+    }
+
+    #[test]
     fn reset_restores_the_initial_floor() {
         let mut vad = EnergyVad::default();
+        for _ in 0..10 {
+            vad.process(&frame(&[0; 320]));
+        }
         for _ in 0..20 {
             vad.process(&square(-20.0));
         }
@@ -423,6 +491,9 @@ mod tests {
         vad.reset();
         assert!(!vad.is_speaking());
         assert_eq!(vad.noise_floor_db(), -60.0);
+        // And calibrates again: a loud first frame is taken for the background.
+        assert!(!vad.process(&square(-20.0)).speech);
+        assert!(!vad.process(&square(-20.0)).speech);
     }
 
     #[test]
@@ -458,7 +529,8 @@ mod tests {
     fn every_bad_range_is_reported() {
         let e = EnergyVadOptions::from_value(&serde_json::json!({
             "threshold_db": 0, "min_level_db": 3, "initial_floor_db": -200,
-            "floor_rise_db_per_s": -1, "onset": "2s", "hangover": "6s"
+            "floor_rise_db_per_s": -1, "onset": "2s", "hangover": "6s",
+            "calibration": "3s"
         }))
         .unwrap_err();
         assert_eq!(e.code, crate::ErrorCode::InvalidConfig);
@@ -466,6 +538,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "components.energy.calibration",
                 "components.energy.floor_rise_db_per_s",
                 "components.energy.hangover",
                 "components.energy.initial_floor_db",

@@ -34,11 +34,12 @@ impl LocalProvider {
 }
 
 fn capabilities() -> ProviderCapabilities {
-    let mut caps = ProviderCapabilities::default();
-    caps.speech_to_speech = true;
-    caps.min_latency = Duration::from_millis(20);
-    caps.codecs = vec![Codec::Pcm16, Codec::PcmF32, Codec::Mulaw, Codec::Alaw];
-    caps
+    ProviderCapabilities {
+        speech_to_speech: true,
+        min_latency: Duration::from_millis(20),
+        codecs: vec![Codec::Pcm16, Codec::PcmF32, Codec::Mulaw, Codec::Alaw],
+        ..ProviderCapabilities::default()
+    }
 }
 
 impl BackendProvider for LocalProvider {
@@ -55,7 +56,10 @@ impl BackendProvider for LocalProvider {
     }
 
     fn create_backend(&self, config: &Config) -> Result<Arc<dyn VoiceBackend>> {
-        Ok(Arc::new(RuntimeBackend::new(Arc::new(LocalConnector), config)?))
+        Ok(Arc::new(RuntimeBackend::new(
+            Arc::new(LocalConnector),
+            config,
+        )?))
     }
 
     fn config_schema(&self) -> ConfigSchema {
