@@ -117,7 +117,7 @@ impl fmt::Display for ConnectionState {
 /// [`crate::BackendRegistry::create`]). Every method is safe to call from many
 /// tasks at once.
 #[async_trait]
-pub trait VoiceBackend: Send + Sync {
+pub trait VoiceBackend: Send + Sync + fmt::Debug {
     /// The name of the provider that made this backend.
     fn provider(&self) -> &str;
 

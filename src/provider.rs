@@ -91,7 +91,7 @@ impl ConfigSchema {
 /// Creating a backend does no I/O: it checks and keeps the config. Connecting
 /// happens in [`VoiceBackend::start`]. This keeps [`crate::BackendRegistry::create`]
 /// cheap and predictable.
-pub trait BackendProvider: Send + Sync + 'static {
+pub trait BackendProvider: Send + Sync + std::fmt::Debug + 'static {
     /// The provider's registered name, e.g. `"livekit"`.
     fn name(&self) -> &str;
 

@@ -214,7 +214,7 @@ impl AudioReceiver {
 
 /// One user's conversation with the agent, isolated from every other session.
 #[async_trait]
-pub trait VoiceSession: Send + Sync {
+pub trait VoiceSession: Send + Sync + fmt::Debug {
     /// The session's unique id.
     fn id(&self) -> &SessionId;
 

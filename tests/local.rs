@@ -245,3 +245,58 @@ async fn receive_audio_is_taken_once_and_text_needs_an_agent() {
     );
     backend.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_answers_times_out_and_the_session_goes_on() {
+    let mut config = Local.config();
+    config.timeout = Duration::from_secs(1);
+    let backend = registry().create("local", &config).await.unwrap();
+    backend.start().await.unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let agent = voice_backends::agent_fn(move |turn| {
+        let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok(voice_backends::AgentReply::text(format!(
+                "ok {}",
+                turn.transcript
+            )))
+        }
+    });
+    let session = backend
+        .create_session(SessionConfig::new("t").with_agent(agent))
+        .await
+        .unwrap();
+    let mut events = session.events();
+    session.start().await.unwrap();
+    session.send_text("first").await.unwrap();
+    let e = expect_event(&Local, &mut events, "a timeout", |e| {
+        matches!(e, SessionEvent::Error { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            e,
+            SessionEvent::Error {
+                code: ErrorCode::Timeout,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    session.send_text("second").await.unwrap();
+    let e = expect_event(&Local, &mut events, "the next answer", |e| {
+        matches!(e, SessionEvent::AgentText { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        SessionEvent::AgentText {
+            text: "ok second".into()
+        }
+    );
+    backend.stop().await.unwrap();
+}

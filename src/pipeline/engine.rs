@@ -88,6 +88,8 @@ pub struct EngineParts {
     pub agent: Option<Arc<dyn Agent>>,
     /// Where counts and latencies go.
     pub metrics: Arc<Metrics>,
+    /// How long the agent may take to answer a turn.
+    pub agent_timeout: Duration,
 }
 
 enum Control {
@@ -130,6 +132,7 @@ struct Shared {
     output_format: AudioFormat,
     agent: RwLock<Option<Arc<dyn Agent>>>,
     metrics: Arc<Metrics>,
+    agent_timeout: Duration,
     /// A reply (agent, TTS or S2S audio) is being produced or played.
     replying: AtomicBool,
     accepting: AtomicBool,
@@ -223,6 +226,7 @@ impl Engine {
             output_format: parts.output_format,
             agent: RwLock::new(parts.agent),
             metrics: parts.metrics,
+            agent_timeout: parts.agent_timeout,
             replying: AtomicBool::new(false),
             accepting: AtomicBool::new(false),
         });
@@ -864,14 +868,28 @@ fn start_reply(
     let shared = shared.clone();
     let fut = async move {
         let started = Instant::now();
-        let reply = agent
+        let limit = shared.agent_timeout;
+        let answer = agent
             .respond(turn_input)
-            .instrument(tracing::info_span!("agent", turn))
-            .await
-            .map_err(|mut e| {
+            .instrument(tracing::info_span!("agent", turn));
+        let reply = match tokio::time::timeout(limit, answer).await {
+            Ok(r) => r.map_err(|mut e| {
                 e.code = ErrorCode::AgentError;
                 e
-            })?;
+            })?,
+            Err(_) => {
+                shared.replying.store(false, Ordering::Release);
+                shared.set_state(PipelineState::Listening);
+                return Err(BackendError::new(
+                    "session.agent",
+                    ErrorCode::Timeout,
+                    format!(
+                        "the agent did not answer turn {turn} within timeout = {}",
+                        humantime::format_duration(limit)
+                    ),
+                ));
+            }
+        };
         let _ = tx
             .send(ReplyMsg::AgentText(reply.text.clone(), started.elapsed()))
             .await;

@@ -395,6 +395,7 @@ impl Inner {
             tts,
             agent: config.agent.clone(),
             metrics: self.metrics.clone(),
+            agent_timeout: base.timeout,
         })
         .map_err(|e| e.with_op(OP))?;
         Ok(Arc::new(RuntimeSession {

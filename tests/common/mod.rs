@@ -19,6 +19,7 @@ pub enum Verdict {
     Reject(ErrorCode, &'static str),
 }
 
+#[derive(Debug)]
 /// A provider double: counts validations and creations; backends it makes
 /// carry its `tag`, so a test can tell which registration served a call.
 pub struct DoubleProvider {
@@ -122,6 +123,7 @@ impl BackendProvider for DoubleProvider {
 }
 
 /// A backend with no sessions; `provider()` returns the tag of its maker.
+#[derive(Debug)]
 pub struct DoubleBackend {
     pub provider: String,
     pub config: Mutex<Option<Arc<Config>>>,
