@@ -487,7 +487,7 @@ fn a_1khz_tone_stays_a_1khz_tone() {
         let mid = Windowed::new(middle(&out, to as usize / 50));
         let at_1k = mid.amplitude(to, 1_000.0);
         assert!(
-            (at_1k - 0.5).abs() < 0.005,
+            (at_1k - 0.5).abs() < 0.001,
             "{from} -> {to}: 1 kHz amplitude {at_1k}"
         );
         // Scan the output band in 50 Hz steps: the peak is at 1 kHz and
@@ -508,7 +508,7 @@ fn a_1khz_tone_stays_a_1khz_tone() {
         }
         assert_eq!(peak.0, 1_000.0, "{from} -> {to}: peak at {} Hz", peak.0);
         assert!(
-            db(elsewhere / at_1k) < -60.0,
+            db(elsewhere / at_1k) < -80.0,
             "{from} -> {to}: strongest other component {:.1} dB",
             db(elsewhere / at_1k)
         );
@@ -566,16 +566,16 @@ fn round_trip_16k_48k_16k_reproduces_the_signal() {
     let mut back = Vec::new();
     for chunk in pcm.chunks(320) {
         let frame = AudioFrame::from_i16(16_000, 1, chunk).unwrap();
-        if let Some(f48) = up.convert(&frame).unwrap() {
-            if let Some(f16) = down.convert(&f48).unwrap() {
-                back.extend(to_i16_samples(&f16));
-            }
-        }
-    }
-    if let Some(f48) = up.flush().unwrap() {
-        if let Some(f16) = down.convert(&f48).unwrap() {
+        if let Some(f48) = up.convert(&frame).unwrap()
+            && let Some(f16) = down.convert(&f48).unwrap()
+        {
             back.extend(to_i16_samples(&f16));
         }
+    }
+    if let Some(f48) = up.flush().unwrap()
+        && let Some(f16) = down.convert(&f48).unwrap()
+    {
+        back.extend(to_i16_samples(&f16));
     }
     if let Some(f16) = down.flush().unwrap() {
         back.extend(to_i16_samples(&f16));
@@ -585,8 +585,8 @@ fn round_trip_16k_48k_16k_reproduces_the_signal() {
         .map(|i| (i32::from(back[i]) - i32::from(pcm[i])).abs())
         .max()
         .unwrap();
-    // 16 LSB is -66 dB relative to the 0.5 full-scale tone.
-    assert!(worst <= 16, "worst sample error {worst}");
+    // 4 LSB is -72 dB relative to the 0.5 full-scale tone.
+    assert!(worst <= 4, "worst sample error {worst}");
 }
 
 #[test]
@@ -606,7 +606,7 @@ fn downsampling_is_band_limited() {
         let out = resample(from, to, &input, &frames_20ms(from));
         let level = db(rms(middle(&out, to as usize / 50)) / rms(&input));
         assert!(
-            level < -60.0,
+            level < -80.0,
             "{from} -> {to}: a {tone} Hz tone comes out at {level:.1} dB"
         );
     }
@@ -637,7 +637,7 @@ fn upsampling_leaves_no_images() {
     assert!(tone > 0.45, "the 7 kHz tone itself passes: {tone}");
     for image in [9_000.0, 23_000.0, 25_000.0] {
         let level = db(mid.amplitude(48_000, image) / tone);
-        assert!(level < -60.0, "image at {image} Hz: {level:.1} dB");
+        assert!(level < -80.0, "image at {image} Hz: {level:.1} dB");
     }
 }
 
@@ -669,7 +669,7 @@ fn odd_frame_sizes_give_the_same_samples_as_one_big_frame() {
             .zip(&odd)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(worst < 1e-5, "{from} -> {to}: streams differ by {worst}");
+        assert!(worst < 1e-6, "{from} -> {to}: streams differ by {worst}");
     }
 }
 
@@ -857,6 +857,12 @@ fn invalid_formats_and_extreme_ratios_are_refused() {
         AudioConverter::new(format(PcmS16Le, 384_000, 1), format(PcmS16Le, 4_000, 1)).unwrap_err();
     assert_eq!(err.code, ErrorCode::PipelineError);
     assert!(err.message.contains("64:1"), "{err}");
+    let err = AudioConverter::new(format(PcmS16Le, 16_000, 33), format(PcmS16Le, 48_000, 33))
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::PipelineError);
+    assert!(err.message.contains("32 channels"), "{err}");
+    // Mixing 33 channels down to mono resamples one channel: fine.
+    assert!(AudioConverter::new(format(PcmS16Le, 16_000, 33), format(PcmS16Le, 48_000, 1)).is_ok());
     // 64:1 itself is fine.
     assert!(AudioConverter::new(format(PcmS16Le, 384_000, 1), format(PcmS16Le, 6_000, 1)).is_ok());
 }
@@ -985,7 +991,7 @@ fn arbitrary_input_never_panics() {
         let unit = from.bytes_per_frame();
         assert_eq!(
             AudioFrame::new(from, raw.clone()).is_ok(),
-            raw.len() % unit == 0
+            raw.len().is_multiple_of(unit)
         );
 
         let mut converter = AudioConverter::new(from, to).unwrap();

@@ -1,54 +1,7 @@
 //! Conversion between audio formats: encoding, channel layout and sample rate.
 //!
-//! # Sample conventions
-//!
-//! Every conversion goes through 32-bit float samples in `-1.0..=1.0`:
-//!
-//! * **s16 -> f32** divides by 32768: `-32768` becomes exactly `-1.0`, `0`
-//!   becomes `0.0`, `32767` becomes `32767 / 32768` (`0.999_969_5`).
-//! * **f32 -> s16** clamps to `-1.0..=1.0`, multiplies by the same 32768,
-//!   rounds half away from zero and saturates at `32767`: `-1.0` becomes
-//!   `-32768`, `1.0` becomes `32767`, NaN becomes `0`. Using one factor both
-//!   ways makes s16 -> f32 -> s16 exact for every 16-bit value.
-//! * **f32 input** is sanitised as it is read: NaN becomes `0.0` and values
-//!   outside `-1.0..=1.0` (infinities included) are clamped, so malformed
-//!   input can never poison a resampler's state. f32 output is clamped too.
-//! * **G.711** mu-law and A-law follow ITU-T G.711 with the reference
-//!   segment algorithm (the one of the classic `g711.c`): encoding works on
-//!   the top 14 (mu-law) or 13 (A-law) bits of the 16-bit sample, decoding is
-//!   a 256-entry table built at compile time. Mu-law decodes to
-//!   `-32124..=32124`, A-law to `-32256..=32256`.
-//!
-//! # Channels
-//!
-//! * N -> N: unchanged.
-//! * N -> 1: every sample frame is averaged.
-//! * 1 -> N: the mono sample is copied to every channel.
-//! * N -> M otherwise (e.g. 3 -> 2): mixed down to mono by averaging, then
-//!   copied to every output channel. No channel map is guessed.
-//!
-//! # Sample rate
-//!
-//! [`AudioConverter`] resamples with a band-limited windowed-sinc filter
-//! (rubato's asynchronous sinc resampler, Blackman-Harris window, run at a
-//! fixed ratio). The filter spans about 8 ms of the lower of the two rates
-//! (32 to 256 taps at that rate), so its cut-off sits a few percent below the
-//! lower Nyquist frequency (7.5 kHz for 16 kHz, 3.5 kHz for 8 kHz) and
-//! everything above that Nyquist frequency is suppressed instead of aliasing
-//! back into the output. When the ratio reduces to a fraction whose numerator
-//! `L` is at most a few hundred (every common rate pair), the filter table
-//! holds the exact `L` phases needed, so there is no interpolation error at
-//! all; otherwise the table has 256 phases joined by cubic interpolation.
-//!
-//! The resampler adds [`AudioConverter::latency`] of delay, 2 to 5 ms for
-//! the usual speech rates. Output is time-aligned with the input (output
-//! sample `j` is the value of the input signal at time `j / rate_out`): the
-//! filter's start-up delay is dropped at the start of the stream and
-//! [`AudioConverter::flush`] drains the tail, so a whole stream of `n` input
-//! frames gives exactly `ceil(n * rate_out / rate_in)` output frames, however
-//! it was cut into frames. Alignment is exact for rate pairs whose reduced
-//! ratio has a small denominator (8/16/24/32/48 kHz among themselves) and
-//! within half an output sample otherwise (e.g. 44.1 kHz <-> 16 kHz).
+//! The conventions (scaling, G.711, channel mixing, resampler, latency) are
+//! documented on the parent module, [`crate::audio`].
 
 use std::fmt;
 use std::time::Duration;
@@ -270,20 +223,74 @@ fn core_channels(from: u16, to: u16) -> usize {
 fn remix_into(input: &[f32], from: usize, to: usize, out: &mut Vec<f32>) {
     if from == to {
         out.extend_from_slice(input);
-    } else if from == 1 {
-        out.reserve(input.len() * to);
-        for &s in input {
-            out.extend(std::iter::repeat_n(s, to));
+        return;
+    }
+    let frames = input.len() / from;
+    let start = out.len();
+    out.resize(start + frames * to, 0.0);
+    let dst = &mut out[start..];
+    if from == 1 {
+        for (d, &s) in dst.chunks_exact_mut(to).zip(input) {
+            d.fill(s);
+        }
+    } else if from == 2 && to == 1 {
+        for (d, pair) in dst.iter_mut().zip(input.chunks_exact(2)) {
+            *d = (pair[0] + pair[1]) * 0.5;
         }
     } else {
-        let frames = input.len() / from;
-        out.reserve(frames * to);
         let n = from as f32;
-        for frame in input.chunks_exact(from) {
-            let mono = frame.iter().sum::<f32>() / n;
-            out.extend(std::iter::repeat_n(mono, to));
+        for (d, frame) in dst.chunks_exact_mut(to).zip(input.chunks_exact(from)) {
+            d.fill(frame.iter().sum::<f32>() / n);
         }
     }
+}
+
+/// Converts between the integer encodings (s16, mu-law, A-law) at the same
+/// channel count, without going through floats.
+fn transcode_int(data: &[u8], from: AudioEncoding, to: AudioEncoding) -> Vec<u8> {
+    let samples = data.len() / from.bytes_per_sample();
+    match from {
+        AudioEncoding::PcmS16Le => encode_i16(
+            data.chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]])),
+            samples,
+            to,
+        ),
+        AudioEncoding::Mulaw => encode_i16(data.iter().map(|&b| mulaw_decode(b)), samples, to),
+        AudioEncoding::Alaw => encode_i16(data.iter().map(|&b| alaw_decode(b)), samples, to),
+        AudioEncoding::PcmF32Le => unreachable!("transcode_int is for integer encodings"),
+    }
+}
+
+/// Encodes `count` 16-bit samples in an integer encoding.
+fn encode_i16(samples: impl Iterator<Item = i16>, count: usize, to: AudioEncoding) -> Vec<u8> {
+    let mut out = vec![0u8; count * to.bytes_per_sample()];
+    match to {
+        AudioEncoding::PcmS16Le => {
+            for (dst, s) in out.chunks_exact_mut(2).zip(samples) {
+                dst.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        AudioEncoding::Mulaw => {
+            for (dst, s) in out.iter_mut().zip(samples) {
+                *dst = mulaw_encode(s);
+            }
+        }
+        AudioEncoding::Alaw => {
+            for (dst, s) in out.iter_mut().zip(samples) {
+                *dst = alaw_encode(s);
+            }
+        }
+        AudioEncoding::PcmF32Le => unreachable!("encode_i16 is for integer encodings"),
+    }
+    out
+}
+
+/// Whether a same-rate conversion can skip floats: same channels, no f32 on either side.
+fn integer_path(from: AudioFormat, to: AudioFormat) -> bool {
+    from.channels == to.channels
+        && from.encoding != AudioEncoding::PcmF32Le
+        && to.encoding != AudioEncoding::PcmF32Le
 }
 
 fn pipeline_error(op: &'static str, message: impl Into<String>) -> BackendError {
@@ -316,6 +323,10 @@ pub fn convert_frame(frame: &AudioFrame, to: AudioFormat) -> Result<AudioFrame> 
                  resampler's state from one frame to the next"
             ),
         ));
+    }
+    if integer_path(from, to) {
+        let bytes = transcode_int(frame.data(), from.encoding, to.encoding);
+        return AudioFrame::new(to, bytes).map_err(|e| e.with_op("audio.convert_frame"));
     }
     let mut decoded = Vec::with_capacity(frame.sample_frames() * from.channels as usize);
     decode_into(frame.data(), from.encoding, &mut decoded);
@@ -391,6 +402,8 @@ const MAX_EXACT_TABLE: usize = 1 << 19;
 const CUBIC_PHASES: usize = 256;
 /// Largest chunk handed to rubato at once, in input frames.
 const MAX_CHUNK: usize = 1024;
+/// Most channels resampled at once (bounds the resampler's memory).
+const MAX_RESAMPLE_CHANNELS: usize = 32;
 
 fn gcd(mut a: u64, mut b: u64) -> u64 {
     while b != 0 {
@@ -450,6 +463,15 @@ impl Resampling {
                 ),
             ));
         }
+        if channels > MAX_RESAMPLE_CHANNELS {
+            return Err(pipeline_error(
+                "audio.converter",
+                format!(
+                    "cannot resample {channels} channels from {rate_in} Hz to {rate_out} Hz: \
+                     at most {MAX_RESAMPLE_CHANNELS} channels are resampled at once"
+                ),
+            ));
+        }
         let ratio = rout as f64 / rin as f64;
 
         // Filter length: ~8 ms at the lower rate, so the transition band (and so
@@ -497,7 +519,10 @@ impl Resampling {
             None
         };
         let (pre_pad, delay_frames) = match pad {
-            Some(z) => (z as usize, ((up * (half + z) - 1) / down - 1) as usize),
+            Some(z) => (
+                z as usize,
+                ((up * (half + z) - 1) / down).saturating_sub(1) as usize,
+            ),
             None => {
                 let d = ratio * (half as f64 - 1.0 / phases as f64) - 1.0;
                 (0, d.round().max(0.0) as usize)
@@ -637,7 +662,7 @@ enum Stage {
 /// Made once per stream with [`AudioConverter::new`]; it keeps the resampler's
 /// state from one frame to the next, so frames of any length (20 ms, 40 ms,
 /// odd sizes) can be fed and the result is the same as converting the whole
-/// stream at once. See the [module documentation](self) for the numeric
+/// stream at once. See the [module documentation](crate::audio) for the numeric
 /// conventions, the channel mixing and the resampler.
 ///
 /// * When `from == to`, [`convert`](AudioConverter::convert) hands back the
@@ -680,7 +705,9 @@ impl AudioConverter {
     /// A converter from `from` to `to`.
     ///
     /// Fails with [`ErrorCode::PipelineError`] when either format is invalid
-    /// (see [`AudioFormat::validate`]) or the rates differ by more than 64:1.
+    /// (see [`AudioFormat::validate`]), the rates differ by more than 64:1, or
+    /// the rate changes for more than 32 channels kept apart (a mix down to
+    /// fewer channels resamples mono, and is fine).
     pub fn new(from: AudioFormat, to: AudioFormat) -> Result<Self> {
         from.validate().map_err(|e| e.with_op("audio.converter"))?;
         to.validate().map_err(|e| e.with_op("audio.converter"))?;
@@ -791,6 +818,10 @@ impl AudioConverter {
     }
 
     fn convert_direct(&mut self, frame: &AudioFrame) -> Result<AudioFrame> {
+        if integer_path(self.from, self.to) {
+            let bytes = transcode_int(frame.data(), self.from.encoding, self.to.encoding);
+            return AudioFrame::new(self.to, bytes).map_err(|e| e.with_op("audio.convert"));
+        }
         self.decoded.clear();
         decode_into(frame.data(), self.from.encoding, &mut self.decoded);
         let bytes = if self.from.channels == self.to.channels {

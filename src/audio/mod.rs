@@ -8,6 +8,63 @@
 //! [`AudioConverter`] converts a stream between any two formats (encoding,
 //! channels, sample rate); [`convert_frame`] does the same-rate conversions
 //! of a single frame.
+//!
+//! # Sample conventions
+//!
+//! Conversions work on 32-bit float samples in `-1.0..=1.0` (between the
+//! integer encodings at one rate and layout they skip the floats, with the
+//! same result):
+//!
+//! * **s16 -> f32** divides by 32768: `-32768` becomes exactly `-1.0`, `0`
+//!   becomes `0.0`, `32767` becomes `32767 / 32768` (`0.999_969_5`).
+//! * **f32 -> s16** clamps to `-1.0..=1.0`, multiplies by the same 32768,
+//!   rounds half away from zero and saturates at `32767`: `-1.0` becomes
+//!   `-32768`, `1.0` becomes `32767`, NaN becomes `0`. Using one factor both
+//!   ways makes s16 -> f32 -> s16 exact for every 16-bit value.
+//! * **f32 input** is sanitised as it is read: NaN becomes `0.0` and values
+//!   outside `-1.0..=1.0` (infinities included) are clamped, so malformed
+//!   input can never poison a resampler's state. f32 output is clamped too.
+//! * **G.711** mu-law and A-law follow ITU-T G.711 with the reference
+//!   segment algorithm (the one of the classic `g711.c`): encoding works on
+//!   the top 14 (mu-law) or 13 (A-law) bits of the 16-bit sample, decoding is
+//!   a 256-entry table built at compile time. Mu-law decodes to
+//!   `-32124..=32124`, A-law to `-32256..=32256`.
+//!
+//! # Channels
+//!
+//! * N -> N: unchanged.
+//! * N -> 1: every sample frame is averaged.
+//! * 1 -> N: the mono sample is copied to every channel.
+//! * N -> M otherwise (e.g. 3 -> 2): mixed down to mono by averaging, then
+//!   copied to every output channel. No channel map is guessed.
+//!
+//! # Sample rate
+//!
+//! [`AudioConverter`] resamples with a band-limited windowed-sinc filter
+//! (rubato's asynchronous sinc resampler, Blackman-Harris window, run at a
+//! fixed ratio). The filter spans about 8 ms of the lower of the two rates
+//! (32 to 256 taps at that rate), so its cut-off sits a few percent below the
+//! lower Nyquist frequency (7.5 kHz for 16 kHz, 3.5 kHz for 8 kHz) and
+//! everything above that Nyquist frequency is suppressed (by more than
+//! 100 dB) instead of aliasing back into the output; upsampling leaves no
+//! images. When the ratio `rate_out / rate_in` reduces to a fraction `L / M`
+//! with `L` small enough for an `L`-phase filter table of at most 2 MiB
+//! (every common rate pair, 44.1 kHz ones included), every output sample
+//! falls exactly on a table phase, so there is no interpolation error;
+//! otherwise the table has 256 phases joined by cubic interpolation. Rates
+//! more than 64:1 apart are refused, and so is resampling more than 32
+//! channels kept apart. When the channel count changes, resampling runs on
+//! the mono mix (before duplication when going up), so it costs one channel.
+//!
+//! The resampler adds [`AudioConverter::latency`] of delay, 2 to 5 ms for
+//! the usual speech rates. Output is time-aligned with the input (output
+//! sample `j` is the value of the input signal at time `j / rate_out`): the
+//! filter's start-up delay is dropped at the start of the stream and
+//! [`AudioConverter::flush`] drains the tail, so a whole stream of `n` input
+//! frames gives exactly `ceil(n * rate_out / rate_in)` output frames, however
+//! it was cut into frames. Alignment is exact for rate pairs whose reduced
+//! ratio has a small denominator (8/16/24/32/48 kHz among themselves) and
+//! within half an output sample otherwise (e.g. 44.1 kHz <-> 16 kHz).
 
 use std::fmt;
 use std::time::Duration;

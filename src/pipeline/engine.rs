@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -119,7 +119,6 @@ struct Input {
     silence: Duration,
     pre_roll: VecDeque<AudioFrame>,
     pre_roll_len: Duration,
-    turns: u64,
 }
 
 struct Shared {
@@ -133,6 +132,8 @@ struct Shared {
     agent: RwLock<Option<Arc<dyn Agent>>>,
     metrics: Arc<Metrics>,
     agent_timeout: Duration,
+    /// Turns so far, spoken or sent as text.
+    turns: AtomicU64,
     /// A reply (agent, TTS or S2S audio) is being produced or played.
     replying: AtomicBool,
     accepting: AtomicBool,
@@ -227,6 +228,7 @@ impl Engine {
             agent: RwLock::new(parts.agent),
             metrics: parts.metrics,
             agent_timeout: parts.agent_timeout,
+            turns: AtomicU64::new(0),
             replying: AtomicBool::new(false),
             accepting: AtomicBool::new(false),
         });
@@ -243,7 +245,6 @@ impl Engine {
                 silence: Duration::ZERO,
                 pre_roll: VecDeque::new(),
                 pre_roll_len: Duration::ZERO,
-                turns: 0,
             }),
             receiver: Mutex::new(Some(receiver)),
             task: Mutex::new(Some(TaskParts {
@@ -398,8 +399,7 @@ impl Engine {
             TurnSignal::TurnEnded if input.in_speech => {
                 self.feed(input, &frame)?;
                 input.in_speech = false;
-                input.turns += 1;
-                let turn = input.turns;
+                let turn = self.shared.turns.fetch_add(1, Ordering::AcqRel) + 1;
                 if let Some(stt) = input.stt.as_mut() {
                     stt.end_turn().map_err(|e| e.with_op(OP))?;
                 }
@@ -449,10 +449,8 @@ impl Engine {
             s2s.interrupt();
         }
         self.shared.replying.store(false, Ordering::Release);
-        let _ = self
-            .shared
-            .control
-            .send(Control::Interrupt { turn: input.turns });
+        let turn = self.shared.turns.load(Ordering::Acquire);
+        let _ = self.shared.control.send(Control::Interrupt { turn });
     }
 
     /// Sends audio straight to the user, bypassing the agent.
@@ -636,7 +634,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
                 }
                 Some(Control::Text(text)) => {
                     clock = TurnClock {
-                        turn: clock.turn + 1,
+                        turn: shared.turns.fetch_add(1, Ordering::AcqRel) + 1,
                         ended_at: Some(Instant::now()),
                         ..TurnClock::default()
                     };

@@ -145,7 +145,7 @@ pub fn silence(duration: Duration) -> Vec<i16> {
 /// exactly `level_dbfs` (full scale 32768, e.g. -45.0 for a quiet office).
 /// The same arguments give the same samples.
 pub fn noise(duration: Duration, level_dbfs: f32, seed: u64) -> Vec<i16> {
-    let mut rng = Rng::new(seed ^ 0x6E6F_6973_65);
+    let mut rng = Rng::new(seed ^ 0x6E_6F69_7365);
     let raw: Vec<f64> = (0..samples_in(duration)).map(|_| rng.gaussian()).collect();
     to_level(&raw, level_dbfs)
 }
