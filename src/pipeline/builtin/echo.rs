@@ -365,10 +365,11 @@ fn run_worker(
     events: &mpsc::Sender<S2sEvent>,
     epoch: &AtomicU64,
 ) {
+    let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
     for reply in queue {
         let cancelled = || epoch.load(Ordering::SeqCst) != reply.epoch;
         for event in reply.events {
-            match block_on_unless(events.send(event), cancelled) {
+            match block_on_unless(events.send(event), &waker, cancelled) {
                 Some(Ok(())) => {}
                 // Interrupted: drop the rest of this reply.
                 None => break,
@@ -394,11 +395,15 @@ impl Wake for ThreadWaker {
 
 /// Runs `future` to completion on this thread, parking between polls, unless
 /// `cancelled()` turns true first (checked before each poll; whoever makes it
-/// true must unpark this thread). A cancelled future is dropped unfinished,
-/// which for `mpsc::Sender::send` means the value is not sent.
-fn block_on_unless<F: Future>(future: F, cancelled: impl Fn() -> bool) -> Option<F::Output> {
-    let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
-    let mut cx = Context::from_waker(&waker);
+/// true must unpark this thread). `waker` must unpark this thread (a
+/// [`ThreadWaker`] of it). A cancelled future is dropped unfinished, which for
+/// `mpsc::Sender::send` means the value is not sent.
+fn block_on_unless<F: Future>(
+    future: F,
+    waker: &Waker,
+    cancelled: impl Fn() -> bool,
+) -> Option<F::Output> {
+    let mut cx = Context::from_waker(waker);
     let mut future = pin!(future);
     loop {
         if cancelled() {
@@ -487,8 +492,20 @@ mod tests {
 
     #[test]
     fn block_on_unless_runs_and_cancels() {
-        assert_eq!(block_on_unless(async { 5 }, || false), Some(5));
-        assert_eq!(block_on_unless(std::future::pending::<()>(), || true), None);
+        let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
+        assert_eq!(block_on_unless(async { 5 }, &waker, || false), Some(5));
+        assert_eq!(
+            block_on_unless(std::future::pending::<()>(), &waker, || true),
+            None
+        );
+        // A future woken from another thread completes.
+        let (tx, mut rx) = mpsc::channel::<u8>(1);
+        let sender = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            tx.try_send(9).unwrap();
+        });
+        assert_eq!(block_on_unless(rx.recv(), &waker, || false), Some(Some(9)));
+        sender.join().unwrap();
     }
 
     #[test]
