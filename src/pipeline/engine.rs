@@ -624,6 +624,18 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
                 Some(Control::Interrupt { turn }) => {
                     reply = None;
                     while reply_rx.try_recv().is_ok() {}
+                    // Reply audio the S2S model had already queued is part of the cut reply.
+                    if let Some(rx) = s2s_events.as_mut() {
+                        while let Ok(ev) = rx.try_recv() {
+                            match ev {
+                                S2sEvent::UserTranscript { text, is_final } => {
+                                    shared.emit(SessionEvent::UserTranscript { text, is_final })
+                                }
+                                S2sEvent::AgentText(text) => shared.emit(SessionEvent::AgentText { text }),
+                                S2sEvent::Audio(_) | S2sEvent::ReplyDone => {}
+                            }
+                        }
+                    }
                     playout.pending.clear();
                     playout.pending_len = Duration::ZERO;
                     playout.play_end = Instant::now();

@@ -22,12 +22,12 @@
 //! # Sending
 //!
 //! [`S2sStream::push_audio`] and [`S2sStream::end_turn`] never block. Replies
-//! are sent by a worker thread the stream starts at its first `end_turn` (one
-//! per stream, not per turn; it ends when the stream is dropped). The worker
-//! waits for room in the bounded event channel, so a slow consumer slows the
-//! reply rather than losing frames, and replies go out whole and in turn
-//! order. A thread rather than a task keeps the component independent of the
-//! async runtime (the crate's `tokio` dependency has no runtime feature).
+//! are sent by a worker task the stream spawns on the current tokio runtime at
+//! its first `end_turn` (one per stream, not per turn; it ends when the stream
+//! is dropped). The worker waits for room in the bounded event channel, so a
+//! slow consumer slows the reply rather than losing frames, and replies go out
+//! whole and in turn order. A task costs a few hundred bytes, so thousands of
+//! sessions can each have one.
 //!
 //! [`S2sStream::interrupt`] discards the reply in progress and any queued
 //! replies: the worker stops at once, even while waiting for room in the
@@ -37,18 +37,12 @@
 //! is kept.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
-use std::thread::{self, Thread};
 use std::time::Duration;
 
 use bytes::Bytes;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{OptionChecks, parse_options};
 use crate::audio::AudioFrame;
@@ -156,16 +150,10 @@ crate::register_component!(s2s, "echo", EchoS2s::default);
 
 /// One reply, queued for the worker.
 struct Reply {
-    /// The value of the stream's epoch when the reply was made; an interrupt
-    /// bumps the epoch, cancelling every reply made before it.
+    /// The stream's epoch when the reply was made; an interrupt bumps the
+    /// epoch, cancelling every reply made before it.
     epoch: u64,
     events: Vec<S2sEvent>,
-}
-
-/// The worker thread of a stream.
-struct Worker {
-    replies: std::sync::mpsc::Sender<Reply>,
-    thread: Thread,
 }
 
 /// One session's echo stream, made by [`EchoS2s`].
@@ -179,8 +167,8 @@ pub struct EchoStream {
     turn_dropped: u64,
     /// Samples dropped since the stream opened.
     dropped: u64,
-    epoch: Arc<AtomicU64>,
-    worker: Option<Worker>,
+    epoch: watch::Sender<u64>,
+    worker: Option<mpsc::UnboundedSender<Reply>>,
 }
 
 impl std::fmt::Debug for EchoStream {
@@ -208,7 +196,7 @@ impl EchoStream {
             max_bytes,
             turn_dropped: 0,
             dropped: 0,
-            epoch: Arc::new(AtomicU64::new(0)),
+            epoch: watch::channel(0).0,
             worker: None,
         }
     }
@@ -268,37 +256,31 @@ impl EchoStream {
         events
     }
 
-    /// The worker, started on first use.
-    fn worker(&mut self) -> Result<&Worker> {
+    /// The worker task, started on first use (inside the session's runtime).
+    fn worker(&mut self) -> Result<&mpsc::UnboundedSender<Reply>> {
         if self.worker.is_none() {
-            let (replies, queue) = std::sync::mpsc::channel::<Reply>();
-            let events = self.events.clone();
-            let epoch = Arc::clone(&self.epoch);
-            let handle = thread::Builder::new()
-                .name("voice-echo-s2s".to_owned())
-                .spawn(move || run_worker(&queue, &events, &epoch))
-                .map_err(|e| {
-                    BackendError::new(
-                        "s2s.end_turn",
-                        ErrorCode::PipelineError,
-                        "the echo component could not start its reply thread",
-                    )
-                    .with_source(e)
-                })?;
-            self.worker = Some(Worker {
-                replies,
-                thread: handle.thread().clone(),
-            });
+            let handle = tokio::runtime::Handle::try_current().map_err(|e| {
+                BackendError::new(
+                    "s2s.end_turn",
+                    ErrorCode::PipelineError,
+                    "the echo component replies from a tokio task; call it inside a tokio runtime",
+                )
+                .with_source(e)
+            })?;
+            let (replies, queue) = mpsc::unbounded_channel::<Reply>();
+            handle.spawn(run_worker(
+                queue,
+                self.events.clone(),
+                self.epoch.subscribe(),
+            ));
+            self.worker = Some(replies);
         }
         Ok(self.worker.as_ref().expect("just started"))
     }
 
-    /// Cancels every reply made so far and wakes the worker to notice.
+    /// Cancels every reply made so far; the worker notices at once.
     fn cancel_replies(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        if let Some(worker) = &self.worker {
-            worker.thread.unpark();
-        }
+        self.epoch.send_modify(|e| *e += 1);
     }
 }
 
@@ -335,9 +317,9 @@ impl S2sStream for EchoStream {
             ));
         }
         let events = self.take_reply();
-        let epoch = self.epoch.load(Ordering::SeqCst);
+        let epoch = *self.epoch.borrow();
         let worker = self.worker()?;
-        worker.replies.send(Reply { epoch, events }).map_err(|_| {
+        worker.send(Reply { epoch, events }).map_err(|_| {
             BackendError::new(
                 "s2s.end_turn",
                 ErrorCode::PipelineError,
@@ -360,59 +342,28 @@ impl Drop for EchoStream {
 
 /// The worker loop: sends each reply's events in order until the reply is
 /// cancelled, the receiver goes away, or the stream is dropped.
-fn run_worker(
-    queue: &std::sync::mpsc::Receiver<Reply>,
-    events: &mpsc::Sender<S2sEvent>,
-    epoch: &AtomicU64,
+async fn run_worker(
+    mut queue: mpsc::UnboundedReceiver<Reply>,
+    events: mpsc::Sender<S2sEvent>,
+    mut epoch: watch::Receiver<u64>,
 ) {
-    let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
-    for reply in queue {
-        let cancelled = || epoch.load(Ordering::SeqCst) != reply.epoch;
+    while let Some(reply) = queue.recv().await {
         for event in reply.events {
-            match block_on_unless(events.send(event), &waker, cancelled) {
-                Some(Ok(())) => {}
-                // Interrupted: drop the rest of this reply.
-                None => break,
-                // The receiver is gone: nothing more can be sent.
-                Some(Err(_)) => return,
+            if *epoch.borrow_and_update() != reply.epoch {
+                break;
+            }
+            tokio::select! {
+                sent = events.send(event) => {
+                    if sent.is_err() {
+                        // The receiver is gone: nothing more can be sent.
+                        return;
+                    }
+                }
+                // Interrupted (or the stream dropped) while waiting for room:
+                // the check at the top of the loop drops the rest.
+                _ = epoch.changed() => {}
             }
         }
-    }
-}
-
-/// Wakes a parked thread.
-struct ThreadWaker(Thread);
-
-impl Wake for ThreadWaker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-/// Runs `future` to completion on this thread, parking between polls, unless
-/// `cancelled()` turns true first (checked before each poll; whoever makes it
-/// true must unpark this thread). `waker` must unpark this thread (a
-/// [`ThreadWaker`] of it). A cancelled future is dropped unfinished, which for
-/// `mpsc::Sender::send` means the value is not sent.
-fn block_on_unless<F: Future>(
-    future: F,
-    waker: &Waker,
-    cancelled: impl Fn() -> bool,
-) -> Option<F::Output> {
-    let mut cx = Context::from_waker(waker);
-    let mut future = pin!(future);
-    loop {
-        if cancelled() {
-            return None;
-        }
-        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
-            return Some(output);
-        }
-        thread::park();
     }
 }
 
@@ -488,24 +439,6 @@ mod tests {
         let mut s = EchoStream::new(EchoOptions::default(), tx);
         let f = AudioFrame::from_i16(48_000, 1, &[0; 480]).unwrap();
         assert_eq!(s.push_audio(&f).unwrap_err().code, ErrorCode::PipelineError);
-    }
-
-    #[test]
-    fn block_on_unless_runs_and_cancels() {
-        let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
-        assert_eq!(block_on_unless(async { 5 }, &waker, || false), Some(5));
-        assert_eq!(
-            block_on_unless(std::future::pending::<()>(), &waker, || true),
-            None
-        );
-        // A future woken from another thread completes.
-        let (tx, mut rx) = mpsc::channel::<u8>(1);
-        let sender = thread::spawn(move || {
-            thread::sleep(Duration::from_millis(20));
-            tx.try_send(9).unwrap();
-        });
-        assert_eq!(block_on_unless(rx.recv(), &waker, || false), Some(Some(9)));
-        sender.join().unwrap();
     }
 
     #[test]
