@@ -400,12 +400,8 @@ impl Engine {
                 self.feed(input, &frame)?;
                 input.in_speech = false;
                 let turn = self.shared.turns.fetch_add(1, Ordering::AcqRel) + 1;
-                if let Some(stt) = input.stt.as_mut() {
-                    stt.end_turn().map_err(|e| e.with_op(OP))?;
-                }
-                if let Some(s2s) = input.s2s.as_mut() {
-                    s2s.end_turn().map_err(|e| e.with_op(OP))?;
-                }
+                // The session task must know of the turn before any reply to it
+                // can arrive: mark it and queue the control message first.
                 self.shared.replying.store(true, Ordering::Release);
                 self.shared.metrics.turn();
                 self.shared.emit(SessionEvent::TurnEnded { turn });
@@ -414,6 +410,12 @@ impl Engine {
                     endpointing: input.silence,
                 });
                 input.turn.reset();
+                if let Some(stt) = input.stt.as_mut() {
+                    stt.end_turn().map_err(|e| e.with_op(OP))?;
+                }
+                if let Some(s2s) = input.s2s.as_mut() {
+                    s2s.end_turn().map_err(|e| e.with_op(OP))?;
+                }
             }
             _ if input.in_speech => self.feed(input, &frame)?,
             _ => {

@@ -230,8 +230,7 @@ pub async fn capacity(h: &dyn Harness) {
     let err = backend
         .create_session(SessionConfig::new("c3"))
         .await
-        .err()
-        .expect("a fourth session is refused");
+        .expect_err("a fourth session is refused");
     assert_eq!(err.code, ErrorCode::SessionLimitExceeded);
     assert!(err.is_retryable());
     backend.close_session(open[0].id()).await.unwrap();
@@ -639,8 +638,7 @@ pub async fn fallback_rate_limit(h: &dyn Harness) {
     let err = backend
         .create_session(SessionConfig::new("same-user"))
         .await
-        .err()
-        .expect("the third creation within the burst is limited");
+        .expect_err("the third creation within the burst is limited");
     assert_eq!(err.code, ErrorCode::RateLimitExceeded);
     assert!(err.details.contains_key("retry_after_ms"), "{err}");
     backend
