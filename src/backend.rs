@@ -162,4 +162,9 @@ pub trait VoiceBackend: Send + Sync + fmt::Debug {
 
     /// Replaces the config after validating it; an invalid config changes nothing.
     async fn update_config(&self, config: Config) -> Result<()>;
+
+    /// The backend's metrics, when it records them (the shared runtime does).
+    fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        None
+    }
 }

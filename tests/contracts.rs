@@ -205,3 +205,39 @@ fn token_bucket_refuses_nonsense_parameters() {
         assert_eq!(err.code, ErrorCode::InvalidConfig, "{rate} {burst}");
     }
 }
+
+#[test]
+fn session_events_serialize_as_tagged_json_with_latencies_in_ms() {
+    use voice_backends::pipeline::events::{SessionEvent, TurnLatency};
+    let e = SessionEvent::State {
+        from: PipelineState::Listening,
+        to: PipelineState::Processing,
+    };
+    assert_eq!(
+        serde_json::to_value(&e).unwrap(),
+        serde_json::json!({"type": "state", "from": "listening", "to": "processing"})
+    );
+    let l = SessionEvent::Latency(TurnLatency {
+        turn: 2,
+        endpointing: Duration::from_millis(500),
+        stt: None,
+        agent: Some(Duration::from_micros(1500)),
+        tts_first_audio: None,
+        first_audio: Duration::from_millis(120),
+    });
+    let v = serde_json::to_value(&l).unwrap();
+    assert_eq!(v["type"], "latency");
+    assert_eq!(v["turn"], 2);
+    assert_eq!(v["endpointing_ms"], 500.0);
+    assert_eq!(v["agent_ms"], 1.5);
+    assert!(v["stt_ms"].is_null());
+    assert_eq!(v["first_audio_ms"], 120.0);
+    let err = SessionEvent::Error {
+        code: ErrorCode::AgentError,
+        message: "boom".into(),
+    };
+    assert_eq!(
+        serde_json::to_value(&err).unwrap(),
+        serde_json::json!({"type": "error", "code": "agent_error", "message": "boom"})
+    );
+}

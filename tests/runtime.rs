@@ -108,7 +108,7 @@ async fn retries_with_doubling_backoff_then_connects() {
         Duration::from_millis(200),
         "the delay doubles"
     );
-    let snap = backend.metrics().snapshot();
+    let snap = backend.metrics().unwrap().snapshot();
     assert!(
         snap.errors_total() == 0,
         "a start that succeeded is not an error"
@@ -248,7 +248,7 @@ async fn metrics_count_operations_and_errors() {
     let _ = backend.get_session(&"nope".into()).await;
     backend.close_session(s.id()).await.unwrap();
     let mut text = String::new();
-    backend.metrics().render_prometheus(&mut text);
+    backend.metrics().unwrap().render_prometheus(&mut text);
     for needle in [
         "backend_requests_total{provider=\"flaky\",operation=\"create_session\"} 1",
         "backend_errors_total{provider=\"flaky\",operation=\"get_session\",code=\"session_not_found\"} 1",

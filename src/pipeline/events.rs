@@ -13,26 +13,38 @@ use crate::session::PipelineState;
 /// How long one turn took, stage by stage (wall time).
 ///
 /// Times start when the pipeline decided the user's turn was over (after
-/// `endpointing` of silence, measured on the audio clock).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// `endpointing` of silence, measured on the audio clock). Serialized with
+/// each duration as a number of milliseconds (`first_audio_ms`, ...), the
+/// unset ones as `null`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TurnLatency {
     /// The turn's number within the session, from 1.
     pub turn: u64,
     /// Silence waited before deciding the turn was over (audio clock).
-    #[serde(with = "humantime_serde")]
     pub endpointing: Duration,
     /// End of turn to the final transcript.
-    #[serde(with = "humantime_serde::option")]
     pub stt: Option<Duration>,
     /// The agent's time to answer.
-    #[serde(with = "humantime_serde::option")]
     pub agent: Option<Duration>,
     /// From the start of synthesis to its first audio.
-    #[serde(with = "humantime_serde::option")]
     pub tts_first_audio: Option<Duration>,
     /// End of turn to the first reply audio sent to the user.
-    #[serde(with = "humantime_serde")]
     pub first_audio: Duration,
+}
+
+impl Serialize for TurnLatency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mut st = s.serialize_struct("TurnLatency", 6)?;
+        st.serialize_field("turn", &self.turn)?;
+        st.serialize_field("endpointing_ms", &ms(self.endpointing))?;
+        st.serialize_field("stt_ms", &self.stt.map(ms))?;
+        st.serialize_field("agent_ms", &self.agent.map(ms))?;
+        st.serialize_field("tts_first_audio_ms", &self.tts_first_audio.map(ms))?;
+        st.serialize_field("first_audio_ms", &ms(self.first_audio))?;
+        st.end()
+    }
 }
 
 /// Something that happened in a session.

@@ -172,11 +172,6 @@ impl RuntimeBackend {
         })
     }
 
-    /// The backend's metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.inner.metrics
-    }
-
     /// The most sessions this backend opens at once: the config's limit, and
     /// the provider's if it has one.
     pub fn capacity(&self) -> usize {
@@ -564,6 +559,10 @@ impl VoiceBackend for RuntimeBackend {
 
     fn connection_state(&self) -> ConnectionState {
         self.inner.state()
+    }
+
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        Some(self.inner.metrics.clone())
     }
 
     fn active_session_count(&self) -> usize {
