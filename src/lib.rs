@@ -3,6 +3,9 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod cli;
 pub mod audio;
 pub mod backend;
 pub mod config;
@@ -14,6 +17,9 @@ pub mod provider;
 pub mod providers;
 pub mod registry;
 pub mod runtime;
+#[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
+pub mod server;
 pub mod session;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

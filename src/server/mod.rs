@@ -1,0 +1,1 @@
+//! The HTTP + WebSocket front door (being written).
