@@ -20,7 +20,8 @@ register_provider!("static-test", static_test_provider);
 /// The providers every registry of this binary must hold: the test's own static
 /// one plus one per enabled provider feature.
 fn expected_static_names() -> BTreeSet<String> {
-    let mut names = BTreeSet::from(["static-test".to_owned()]);
+    // `local` is built in, never behind a feature.
+    let mut names = BTreeSet::from(["local".to_owned(), "static-test".to_owned()]);
     // Each provider feature adds its name here as the provider arrives.
     let features: [(&str, bool); 0] = [];
     for (name, enabled) in features {
@@ -66,12 +67,17 @@ async fn unknown_name_is_provider_not_found_listing_the_available_names() {
     assert_eq!(err.op, "registry.create");
     assert!(
         err.message.contains("\"livekt\"")
-            && err.message.contains("available: alpha, static-test, zeta"),
+            && err
+                .message
+                .contains("available: alpha, local, static-test, zeta"),
         "{err}"
     );
     let err = reg.get_provider("nope").err().unwrap();
     assert_eq!(err.code, ErrorCode::ProviderNotFound);
-    assert!(err.message.contains("alpha, static-test, zeta"), "{err}");
+    assert!(
+        err.message.contains("alpha, local, static-test, zeta"),
+        "{err}"
+    );
     assert!(!reg.is_registered("nope"));
 }
 
@@ -142,7 +148,7 @@ async fn overlay_shadows_a_static_entry_and_removal_reveals_it_again() {
     assert_eq!(backend.provider(), "the-double");
     assert_eq!(
         reg.list_providers(),
-        vec!["static-test"],
+        vec!["local", "static-test"],
         "shadowing must not duplicate the name"
     );
 
@@ -181,7 +187,7 @@ async fn register_and_deregister_a_new_name() {
             .is_none()
     );
     assert!(reg.is_registered("fresh"));
-    assert_eq!(reg.list_providers(), vec!["fresh", "static-test"]);
+    assert_eq!(reg.list_providers(), vec!["fresh", "local", "static-test"]);
     assert_eq!(
         reg.get_provider("fresh")
             .unwrap()
@@ -296,7 +302,11 @@ async fn concurrent_register_and_create_lose_and_tear_nothing() {
                 .filter(|r| r % 2 == 0)
                 .map(move |r| format!("task{t}-{r}"))
         })
-        .chain(["shared".to_owned(), "static-test".to_owned()])
+        .chain([
+            "local".to_owned(),
+            "shared".to_owned(),
+            "static-test".to_owned(),
+        ])
         .collect();
     assert_eq!(names.len(), expected.len(), "no duplicates in the listing");
     assert_eq!(
@@ -342,7 +352,11 @@ async fn lookups_tell_apart_names_that_share_length_and_edges() {
     ] {
         assert!(!reg.is_registered(missing), "{missing:?}");
     }
-    assert_eq!(reg.list_providers().len(), names.len() + 1);
+    assert_eq!(
+        reg.list_providers().len(),
+        names.len() + 2,
+        "plus local and static-test"
+    );
 }
 
 #[test]

@@ -28,7 +28,11 @@ register_provider!("single", single);
 #[tokio::test]
 async fn a_duplicated_static_name_is_reported_not_picked() {
     let reg = BackendRegistry::new();
-    assert_eq!(reg.list_providers(), vec!["single", "twin"], "listed once");
+    assert_eq!(
+        reg.list_providers(),
+        vec!["local", "single", "twin"],
+        "listed once"
+    );
     assert!(reg.is_registered("twin"));
 
     let dups = reg.duplicates();
