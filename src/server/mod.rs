@@ -1,1 +1,687 @@
-//! The HTTP + WebSocket front door (being written).
+//! The HTTP + WebSocket front door: one WebSocket per voice session, a web
+//! page to talk to the agent from a browser, `/healthz` and `/metrics`.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /` | the web page (`index.html`), with `/app.js` and `/pcm-worklet.js` |
+//! | `GET /healthz` | [`VoiceBackend::health_check`] as JSON; 200 when healthy or degraded, 503 when unhealthy |
+//! | `GET /metrics` | Prometheus text: the backend's metrics and the server's own |
+//! | `GET /ws` | one WebSocket per session (the protocol below) |
+//!
+//! # The WebSocket protocol
+//!
+//! 1. The client's first message is text:
+//!    `{"type":"start","user_id":"alice","sample_rate":16000,"token":"optional"}`
+//!    (`sample_rate` 8000..=48000). The token may instead come in the
+//!    upgrade request's `Authorization: Bearer <token>` header; the start
+//!    message's token wins. It is given to the backend's auth hook.
+//! 2. The server answers
+//!    `{"type":"ready","session_id":"...","sample_rate":16000,"encoding":"pcm_s16le","channels":1}`.
+//! 3. The client streams binary messages of PCM s16le mono audio at its
+//!    `sample_rate` (any whole number of samples), may send
+//!    `{"type":"text","text":"..."}` in place of speech, and ends with
+//!    `{"type":"stop"}` (the turn in flight finishes, then close 1000).
+//! 4. The server sends every [`SessionEvent`](crate::pipeline::events::SessionEvent)
+//!    as JSON text (`{"type":"state",...}`, `speech_started`, `turn_ended`,
+//!    `user_transcript`, `agent_text`, `interrupted`, `latency`, `error`,
+//!    `closed`) and the reply audio as binary messages, PCM s16le mono at the
+//!    client's `sample_rate`.
+//!
+//! Every refusal closes with a code and a human reason: 1002 protocol
+//! violation, 1003 bad audio, 1008 origin, auth or message rate, 1009 message
+//! too big, 1011 internal error, 1013 capacity or rate limit (try again
+//! later), 1001 shutting down, 1000 normal. Origin and per-address connection
+//! limits are checked before the upgrade and refused with HTTP 403 and 429.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use voice_backends::server::{Server, ServerConfig};
+//! use voice_backends::{Config, PipelineType, registry};
+//!
+//! # async fn demo() -> voice_backends::Result<()> {
+//! let mut config = Config::new("local");
+//! config.pipeline_type = PipelineType::S2s;
+//! config.s2s_provider = Some("echo".into());
+//! let backend = registry().create("local", &config).await?;
+//! backend.start().await?;
+//! let server = Server::bind(backend, ServerConfig::default()).await?;
+//! println!("listening on http://{}", server.local_addr());
+//! server
+//!     .run(async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await
+//! # }
+//! ```
+
+mod connection;
+mod metrics;
+mod protocol;
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::backend::{Health, VoiceBackend};
+use crate::config::Secret;
+use crate::error::{BackendError, ErrorCode, Result};
+use crate::hooks::TokenBucketLimiter;
+
+use metrics::{Refusal, ServerMetrics};
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const PCM_WORKLET_JS: &str = include_str!("assets/pcm-worklet.js");
+
+/// How long the server waits for connections to finish their close
+/// handshakes, and for HTTP requests in flight, once shutting down.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How the server listens and what it allows.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The address to listen on (port 0 picks a free port); default
+    /// `127.0.0.1:8089`.
+    pub listen: SocketAddr,
+    /// Exact origins (`scheme://host[:port]`, e.g. `"http://localhost:8089"`)
+    /// whose pages may open WebSockets. Empty (the default): only pages of the
+    /// same host, whose `Origin` host and port equal the `Host` header.
+    /// Clients that send no `Origin` (not browsers) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// The largest WebSocket message accepted, in bytes; larger ones close
+    /// the connection with 1009. Default 64 KiB.
+    pub max_frame_bytes: usize,
+    /// WebSocket connections open at once from one IP address; default 32.
+    pub max_connections_per_ip: usize,
+    /// New WebSocket connections per second from one IP address, on average;
+    /// default 20. Bursts of twice as many are allowed.
+    pub connections_per_second_per_ip: f64,
+    /// Client messages per second on one connection, on average; default
+    /// 200. Bursts of twice as many are allowed; beyond, close 1008.
+    pub messages_per_second: f64,
+    /// How long a new connection has to send `start`; default 10 s.
+    pub start_timeout: Duration,
+    /// How long in-flight turns may take to finish on shutdown; default 10 s.
+    pub shutdown_deadline: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8089)),
+            allowed_origins: Vec::new(),
+            max_frame_bytes: 64 * 1024,
+            max_connections_per_ip: 32,
+            connections_per_second_per_ip: 20.0,
+            messages_per_second: 200.0,
+            start_timeout: Duration::from_secs(10),
+            shutdown_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<()> {
+        const OP: &str = "server.bind";
+        let rate_ok = |r: f64| r.is_finite() && r > 0.0;
+        if self.max_frame_bytes < 256 {
+            return Err(BackendError::invalid_config(
+                OP,
+                format!(
+                    "max_frame_bytes must be at least 256, got {}",
+                    self.max_frame_bytes
+                ),
+            ));
+        }
+        if self.max_connections_per_ip == 0 {
+            return Err(BackendError::invalid_config(
+                OP,
+                "max_connections_per_ip must be at least 1",
+            ));
+        }
+        if !rate_ok(self.connections_per_second_per_ip) {
+            return Err(BackendError::invalid_config(
+                OP,
+                format!(
+                    "connections_per_second_per_ip must be a positive number, got {}",
+                    self.connections_per_second_per_ip
+                ),
+            ));
+        }
+        if !rate_ok(self.messages_per_second) {
+            return Err(BackendError::invalid_config(
+                OP,
+                format!(
+                    "messages_per_second must be a positive number, got {}",
+                    self.messages_per_second
+                ),
+            ));
+        }
+        if self.start_timeout.is_zero() {
+            return Err(BackendError::invalid_config(
+                OP,
+                "start_timeout must be more than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Twice `rate`, as a whole burst of at least 1.
+fn burst_of(rate: f64) -> u32 {
+    (rate * 2.0).ceil().clamp(1.0, u32::MAX as f64) as u32
+}
+
+/// Where the server is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Serving.
+    Running,
+    /// Shutting down: no new sessions; sessions finish their turns.
+    Draining,
+    /// Shutting down: close every remaining WebSocket now.
+    Closing,
+}
+
+/// Counts live WebSocket connections so shutdown can wait for them.
+#[derive(Debug, Default)]
+struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+impl Tracker {
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Everything the handlers share.
+struct Shared {
+    backend: Arc<dyn VoiceBackend>,
+    config: ServerConfig,
+    metrics: ServerMetrics,
+    connection_rate: TokenBucketLimiter,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    phase: watch::Sender<Phase>,
+    tracker: Tracker,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("backend", &self.backend.provider())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One WebSocket connection's claim on its address's connection slots and on
+/// the shutdown tracker; released on drop.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl ConnectionSlot {
+    /// Takes a slot for `ip`, or `None` when the address has all of its own.
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let mut per_ip = shared.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= shared.config.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        shared.tracker.live.fetch_add(1, Ordering::AcqRel);
+        Some(ConnectionSlot {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        {
+            let mut per_ip = self
+                .shared
+                .per_ip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+        if self.shared.tracker.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.tracker.idle.notify_waiters();
+        }
+    }
+}
+
+/// The HTTP + WebSocket server of one backend; see the [module docs](self).
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds the listener of `config.listen` (port 0 picks a free port) and
+    /// prepares to serve `backend`, which should be started. Nothing is served
+    /// until [`Server::run`].
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` for a bad `config`; `ConnectionFailed` when the address
+    /// cannot be bound.
+    pub async fn bind(backend: Arc<dyn VoiceBackend>, config: ServerConfig) -> Result<Server> {
+        config.validate()?;
+        let connection_rate = TokenBucketLimiter::new(
+            config.connections_per_second_per_ip,
+            burst_of(config.connections_per_second_per_ip),
+        )?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+            BackendError::new(
+                "server.bind",
+                ErrorCode::ConnectionFailed,
+                format!("could not listen on {}: {e}", config.listen),
+            )
+            .with_source(e)
+        })?;
+        let local_addr = listener.local_addr().map_err(|e| {
+            BackendError::new(
+                "server.bind",
+                ErrorCode::ConnectionFailed,
+                format!("the listener has no local address: {e}"),
+            )
+            .with_source(e)
+        })?;
+        let (phase, _) = watch::channel(Phase::Running);
+        Ok(Server {
+            listener,
+            local_addr,
+            shared: Arc::new(Shared {
+                backend,
+                config,
+                metrics: ServerMetrics::default(),
+                connection_rate,
+                per_ip: Mutex::new(HashMap::new()),
+                phase,
+                tracker: Tracker::default(),
+            }),
+        })
+    }
+
+    /// The address the server listens on (with the port picked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully: stops
+    /// accepting connections and sessions, calls the backend's
+    /// [`stop`](VoiceBackend::stop) so in-flight turns finish (bounded by
+    /// [`ServerConfig::shutdown_deadline`]) and their audio and events still
+    /// reach the clients, closes the remaining WebSockets with 1001 "server
+    /// shutting down", and returns `Ok`. The backend is stopped afterwards.
+    ///
+    /// # Errors
+    ///
+    /// `ConnectionFailed` if serving fails before `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let Server {
+            listener,
+            local_addr,
+            shared,
+        } = self;
+        let app = router(shared.clone());
+        let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+        let listener = listener.tap_io(|tcp| {
+            // Audio is real time: do not hold small writes back.
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = accepting_stopped.await;
+        });
+        let mut serving = tokio::spawn(serve.into_future());
+        tracing::info!(%local_addr, provider = shared.backend.provider(), "serving");
+
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = &mut shutdown => {}
+            ended = &mut serving => {
+                shared.phase.send_replace(Phase::Closing);
+                let message = match ended {
+                    Ok(Ok(())) => "the server stopped on its own".to_owned(),
+                    Ok(Err(e)) => format!("serving failed: {e}"),
+                    Err(e) => format!("the serving task failed: {e}"),
+                };
+                return Err(BackendError::new("server.run", ErrorCode::ConnectionFailed, message));
+            }
+        }
+
+        let started = Instant::now();
+        let deadline = shared.config.shutdown_deadline;
+        tracing::info!(
+            sessions = shared.backend.active_session_count(),
+            "shutting down; in-flight turns have {deadline:?}"
+        );
+        shared.phase.send_replace(Phase::Draining);
+        let _ = stop_accepting.send(());
+        match tokio::time::timeout(deadline, shared.backend.stop()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(code = %e.code, "backend stop: {}", e.message),
+            Err(_) => tracing::warn!("in-flight turns did not finish within {deadline:?}"),
+        }
+        shared.phase.send_replace(Phase::Closing);
+        if tokio::time::timeout(CLOSE_GRACE, shared.tracker.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = shared.tracker.live.load(Ordering::Acquire),
+                "WebSocket connections did not close in time; dropping them"
+            );
+        }
+        if tokio::time::timeout(CLOSE_GRACE, &mut serving)
+            .await
+            .is_err()
+        {
+            serving.abort();
+        }
+        tracing::info!(took = ?started.elapsed(), "stopped");
+        Ok(())
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/app.js", get(|| async { javascript(APP_JS) }))
+        .route(
+            "/pcm-worklet.js",
+            get(|| async { javascript(PCM_WORKLET_JS) }),
+        )
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(websocket))
+        .with_state(shared)
+}
+
+fn javascript(body: &'static str) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/javascript; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let health = shared.backend.health_check().await;
+    let status = match health.status {
+        Health::Healthy | Health::Degraded => StatusCode::OK,
+        Health::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, axum::Json(health)).into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut text = match shared.backend.metrics() {
+        Some(m) => crate::metrics::render_prometheus_all(&[&m]),
+        None => String::new(),
+    };
+    shared.metrics.render(&mut text);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// A refusal before the upgrade: an HTTP status with a plain-text reason.
+fn refuse(shared: &Shared, reason: Refusal, status: StatusCode, message: String) -> Response {
+    shared.metrics.refused(reason);
+    tracing::info!(reason = ?reason, "refused a WebSocket: {message}");
+    let mut response = (status, message).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+async fn websocket(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    shared.metrics.connection_attempt();
+    if *shared.phase.borrow() != Phase::Running {
+        return refuse(
+            &shared,
+            Refusal::Shutdown,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server shutting down".into(),
+        );
+    }
+    if let Err(message) = check_origin(&shared.config.allowed_origins, &headers) {
+        return refuse(&shared, Refusal::Origin, StatusCode::FORBIDDEN, message);
+    }
+    let ip = peer.ip();
+    if let Err(wait) = shared
+        .connection_rate
+        .try_take_at(&ip.to_string(), 1, Instant::now())
+    {
+        return refuse(
+            &shared,
+            Refusal::RateLimit,
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "connection rate limit exceeded ({} per second per address); retry in {} ms",
+                shared.config.connections_per_second_per_ip,
+                wait.as_millis().max(1)
+            ),
+        );
+    }
+    let Some(slot) = ConnectionSlot::take(&shared, ip) else {
+        return refuse(
+            &shared,
+            Refusal::Capacity,
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many connections from your address (at most {})",
+                shared.config.max_connections_per_ip
+            ),
+        );
+    };
+    let header_token = bearer_token(&headers);
+    // Messages up to twice the limit are read whole, so the 1009 close is an
+    // orderly handshake; larger ones are cut off as soon as their header says so.
+    let hard_limit = shared.config.max_frame_bytes.saturating_mul(2);
+    let span = tracing::info_span!(
+        "server.connection",
+        peer = %ip,
+        session_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+    );
+    upgrade
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| {
+            connection::serve(shared, socket, header_token, slot).instrument(span)
+        })
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(headers: &HeaderMap) -> Option<Secret> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret::new(token))
+}
+
+/// Whether the request's `Origin` may open a WebSocket; the error is the reason.
+fn check_origin(allowed: &[String], headers: &HeaderMap) -> std::result::Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let Ok(origin) = origin.to_str() else {
+        return Err("origin not allowed: the Origin header is not valid text".into());
+    };
+    let shown = || origin.chars().take(100).collect::<String>();
+    if !allowed.is_empty() {
+        return if allowed
+            .iter()
+            .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+        {
+            Ok(())
+        } else {
+            Err(format!("origin not allowed: {}", shown()))
+        };
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if same_host(origin, host) {
+        Ok(())
+    } else {
+        Err(format!(
+            "origin not allowed: {} is not this server's host",
+            shown()
+        ))
+    }
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the same host and port as
+/// the `Host` header `host` (whose missing port is the scheme's default).
+fn same_host(origin: &str, host: &str) -> bool {
+    let Ok(origin) = url::Url::parse(origin) else {
+        return false;
+    };
+    if host.is_empty() || host.contains(['/', '@', '?', '#']) {
+        return false;
+    }
+    let Ok(host) = url::Url::parse(&format!("{}://{host}", origin.scheme())) else {
+        return false;
+    };
+    origin.host().is_some()
+        && origin.host() == host.host()
+        && origin.port_or_known_default() == host.port_or_known_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn same_host_origins_and_no_origin_pass_by_default() {
+        let ok = |o: &str, h: &str| check_origin(&[], &headers(&[("origin", o), ("host", h)]));
+        assert!(check_origin(&[], &headers(&[("host", "x:1")])).is_ok());
+        assert!(ok("http://localhost:8089", "localhost:8089").is_ok());
+        assert!(ok("http://LOCALHOST:8089", "localhost:8089").is_ok());
+        assert!(ok("https://example.com", "example.com").is_ok());
+        assert!(ok("https://example.com", "example.com:443").is_ok());
+        assert!(ok("http://[::1]:8089", "[::1]:8089").is_ok());
+        assert!(ok("http://localhost:8089", "localhost:8090").is_err());
+        assert!(ok("http://evil.example", "localhost:8089").is_err());
+        assert!(ok("null", "localhost:8089").is_err());
+        assert!(ok("http://localhost:8089", "").is_err());
+        assert!(ok("http://a.com", "a.com@b.com").is_err());
+    }
+
+    #[test]
+    fn listed_origins_are_exact() {
+        let allowed = vec!["http://app.example:3000".to_owned()];
+        let h = |o: &str| headers(&[("origin", o), ("host", "api.example")]);
+        assert!(check_origin(&allowed, &h("http://app.example:3000")).is_ok());
+        assert!(check_origin(&allowed, &h("http://app.example")).is_err());
+        assert!(check_origin(&allowed, &headers(&[("host", "api.example")])).is_ok());
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let t = |v: &str| {
+            bearer_token(&headers(&[("authorization", v)])).map(|s| s.expose().to_owned())
+        };
+        assert_eq!(t("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(t("bearer  abc ").as_deref(), Some("abc"));
+        assert_eq!(t("Basic abc"), None);
+        assert_eq!(t("Bearer "), None);
+    }
+
+    #[test]
+    fn config_is_checked() {
+        assert!(ServerConfig::default().validate().is_ok());
+        for bad in [
+            ServerConfig {
+                max_frame_bytes: 10,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                messages_per_second: f64::NAN,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                connections_per_second_per_ip: 0.0,
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                max_connections_per_ip: 0,
+                ..ServerConfig::default()
+            },
+        ] {
+            assert_eq!(bad.validate().unwrap_err().code, ErrorCode::InvalidConfig);
+        }
+        assert_eq!(burst_of(200.0), 400);
+        assert_eq!(burst_of(0.1), 1);
+    }
+}

@@ -1,0 +1,661 @@
+//! One WebSocket connection: the `start` handshake, then the session's audio,
+//! text and events both ways until the session or the connection ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::metrics::Refusal;
+use super::protocol::{self, ClientMessage, Ready, Start};
+use super::{ConnectionSlot, Phase, Shared, burst_of};
+use crate::audio::{AudioEncoding, AudioFormat, AudioFrame};
+use crate::config::{Secret, SessionConfig};
+use crate::error::{BackendError, ErrorCode, Result};
+use crate::pipeline::events::{SessionEvent, SessionEvents};
+use crate::session::{AudioReceiver, VoiceSession};
+
+/// How long the server waits for a client to take a message, and for the
+/// client's answer to a close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+/// A client that takes no message for this long is considered gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection whose reading side failed is kept open after its
+/// close frame, so the client can read the frame before the socket goes.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How a connection ends.
+enum End {
+    /// Send a close frame and wait for the client's answer. `refusal` is set
+    /// when the connection ends without ever having had a session.
+    Close {
+        code: u16,
+        reason: String,
+        refusal: Option<Refusal>,
+    },
+    /// The reading side failed (a message far over the limit): send a close
+    /// frame, best effort, and let the socket go.
+    Broken { code: u16, reason: String },
+    /// The client went away or the socket failed: nothing more to send.
+    Gone,
+}
+
+impl End {
+    fn close(code: u16, reason: impl Into<String>) -> End {
+        End::Close {
+            code,
+            reason: reason.into(),
+            refusal: None,
+        }
+    }
+
+    fn refuse(code: u16, reason: impl Into<String>, refusal: Refusal) -> End {
+        End::Close {
+            code,
+            reason: reason.into(),
+            refusal: Some(refusal),
+        }
+    }
+}
+
+/// The socket failed or the client stopped reading.
+struct Gone;
+
+impl From<Gone> for End {
+    fn from(_: Gone) -> End {
+        End::Gone
+    }
+}
+
+/// A token bucket for one connection's messages.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Bucket {
+        let burst = f64::from(burst_of(rate));
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Stops the session when the connection ends without it having closed
+/// (client gone, task dropped): its in-flight turn finishes, then it is removed.
+struct SessionGuard {
+    session: Option<Arc<dyn VoiceSession>>,
+}
+
+impl SessionGuard {
+    /// The session closed by itself: nothing to stop.
+    fn closed(&mut self) {
+        self.session = None;
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = session.stop().await {
+                    tracing::warn!(session_id = %session.id(), code = %e.code, "stopping a session: {}", e.message);
+                }
+            });
+        }
+    }
+}
+
+/// Serves one upgraded WebSocket until it ends.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    header_token: Option<Secret>,
+    slot: ConnectionSlot,
+) {
+    shared.metrics.connection_opened();
+    let mut conn = Conn {
+        bucket: Bucket::new(shared.config.messages_per_second),
+        phase: shared.phase.subscribe(),
+        shared: shared.clone(),
+        socket,
+    };
+    match conn.run(header_token).await {
+        End::Close {
+            code,
+            reason,
+            refusal,
+        } => {
+            if let Some(r) = refusal {
+                shared.metrics.refused(r);
+            }
+            conn.close(code, &reason).await;
+        }
+        End::Broken { code, reason } => {
+            conn.send_close(code, &reason).await;
+            tokio::time::sleep(LINGER).await;
+        }
+        End::Gone => tracing::debug!("client gone"),
+    }
+    shared.metrics.connection_closed();
+    drop(slot);
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    bucket: Bucket,
+    phase: watch::Receiver<Phase>,
+}
+
+/// What a message from the client amounts to, once size and rate are checked.
+enum Incoming {
+    Text(String),
+    Binary(bytes::Bytes),
+    /// A control message (ping, pong): nothing to do.
+    Nothing,
+}
+
+impl Conn {
+    async fn run(&mut self, header_token: Option<Secret>) -> End {
+        let start = match self.await_start().await {
+            Ok(start) => start,
+            Err(end) => return end,
+        };
+        if *self.phase.borrow() != Phase::Running {
+            return End::refuse(
+                protocol::GOING_AWAY,
+                "server shutting down",
+                Refusal::Shutdown,
+            );
+        }
+        let format = AudioFormat::new(AudioEncoding::PcmS16Le, start.sample_rate, 1);
+        let span = tracing::Span::current();
+        span.record("user_id", start.user_id.as_str());
+        let mut config = SessionConfig::new(start.user_id)
+            .with_input_format(format)
+            .with_output_format(format);
+        // The start message's token wins over the header's.
+        config.auth_token = start.token.filter(|t| !t.is_empty()).or(header_token);
+        let session = match self.shared.backend.create_session(config).await {
+            Ok(session) => session,
+            Err(e) => return refused_by_backend(e),
+        };
+        span.record("session_id", session.id().as_str());
+        let mut guard = SessionGuard {
+            session: Some(session.clone()),
+        };
+        let events = session.events();
+        let audio = match session.receive_audio() {
+            Ok(audio) => audio,
+            Err(e) => return internal(&e, Refusal::Error),
+        };
+        if let Err(e) = session.start().await {
+            return internal(&e, Refusal::Error);
+        }
+        let ready = Ready::new(session.id().as_str(), format.sample_rate);
+        let ready = serde_json::to_string(&ready).unwrap_or_default();
+        if self.send(Message::Text(ready.into())).await.is_err() {
+            return End::Gone;
+        }
+        tracing::info!(sample_rate = format.sample_rate, "session started");
+        self.session_loop(&session, &mut guard, events, audio, format)
+            .await
+    }
+
+    /// Waits for the client's `start`, within `start_timeout`.
+    async fn await_start(&mut self) -> std::result::Result<Start, End> {
+        let timeout = self.shared.config.start_timeout;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            if *self.phase.borrow_and_update() != Phase::Running {
+                return Err(End::refuse(
+                    protocol::GOING_AWAY,
+                    "server shutting down",
+                    Refusal::Shutdown,
+                ));
+            }
+            let received = tokio::select! {
+                _ = &mut deadline => {
+                    return Err(End::refuse(
+                        protocol::PROTOCOL,
+                        format!("no start message within {}", humantime::format_duration(timeout)),
+                        Refusal::StartTimeout,
+                    ));
+                }
+                _ = self.phase.changed() => continue,
+                received = self.socket.recv() => received,
+            };
+            let text = match self.incoming(received).await {
+                Ok(Incoming::Nothing) => continue,
+                Ok(Incoming::Binary(_)) => {
+                    return Err(End::refuse(
+                        protocol::PROTOCOL,
+                        "binary message before start: send {\"type\":\"start\",...} first",
+                        Refusal::Protocol,
+                    ));
+                }
+                Ok(Incoming::Text(text)) => text,
+                Err(End::Close {
+                    code,
+                    reason,
+                    refusal: None,
+                }) => {
+                    let refusal = if code == protocol::POLICY {
+                        Refusal::RateLimit
+                    } else {
+                        Refusal::Protocol
+                    };
+                    return Err(End::refuse(code, reason, refusal));
+                }
+                Err(end) => return Err(end),
+            };
+            return match ClientMessage::parse(&text) {
+                Ok(ClientMessage::Start(start)) => match start.check() {
+                    Ok(()) => Ok(start),
+                    Err(reason) => Err(End::refuse(
+                        protocol::PROTOCOL,
+                        format!("bad start message: {reason}"),
+                        Refusal::Protocol,
+                    )),
+                },
+                Ok(ClientMessage::Text(_)) => Err(End::refuse(
+                    protocol::PROTOCOL,
+                    "expected start first, got text",
+                    Refusal::Protocol,
+                )),
+                Ok(ClientMessage::Stop) => Err(End::refuse(
+                    protocol::PROTOCOL,
+                    "expected start first, got stop",
+                    Refusal::Protocol,
+                )),
+                Err(reason) => Err(End::refuse(protocol::PROTOCOL, reason, Refusal::Protocol)),
+            };
+        }
+    }
+
+    /// Checks one received message: the connection's end (client gone, too
+    /// big, over the message rate), or what it carries.
+    async fn incoming(
+        &mut self,
+        received: Option<std::result::Result<Message, axum::Error>>,
+    ) -> std::result::Result<Incoming, End> {
+        let message = match received {
+            None => return Err(End::Gone),
+            Some(Err(e)) => return Err(self.read_error(&e)),
+            Some(Ok(m)) => m,
+        };
+        let size = match &message {
+            Message::Close(_) => {
+                self.finish_close_handshake().await;
+                return Err(End::Gone);
+            }
+            Message::Pong(_) => return Ok(Incoming::Nothing),
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            Message::Ping(_) => 0,
+        };
+        if matches!(message, Message::Text(_) | Message::Binary(_)) {
+            self.shared.metrics.message_in();
+        }
+        if !self.bucket.take() {
+            let rate = self.shared.config.messages_per_second;
+            return Err(End::close(
+                protocol::POLICY,
+                format!(
+                    "message rate exceeded: more than {rate} messages per second (burst {})",
+                    burst_of(rate)
+                ),
+            ));
+        }
+        let max = self.shared.config.max_frame_bytes;
+        if size > max {
+            return Err(End::close(
+                protocol::TOO_BIG,
+                format!("message too big: {size} bytes, at most {max} allowed"),
+            ));
+        }
+        Ok(match message {
+            Message::Text(t) => Incoming::Text(t.as_str().to_owned()),
+            Message::Binary(b) => Incoming::Binary(b),
+            _ => Incoming::Nothing,
+        })
+    }
+
+    /// How a failed read ends the connection.
+    fn read_error(&self, e: &axum::Error) -> End {
+        let text = e.to_string();
+        if text.contains("Space limit exceeded") || text.contains("too long") {
+            End::Broken {
+                code: protocol::TOO_BIG,
+                reason: format!(
+                    "message too big: at most {} bytes allowed",
+                    self.shared.config.max_frame_bytes
+                ),
+            }
+        } else {
+            tracing::debug!("reading from the client failed: {text}");
+            End::Gone
+        }
+    }
+
+    async fn session_loop(
+        &mut self,
+        session: &Arc<dyn VoiceSession>,
+        guard: &mut SessionGuard,
+        mut events: SessionEvents,
+        mut audio: AudioReceiver,
+        format: AudioFormat,
+    ) -> End {
+        // Whether client audio and text still go to the session: not after
+        // the client's `stop`, nor while the server drains.
+        let mut input_open = *self.phase.borrow_and_update() == Phase::Running;
+        let mut stop_requested = false;
+        let mut stopper: Option<JoinHandle<Result<()>>> = None;
+        // A run of failed inputs is reported to the client once.
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                changed = self.phase.changed() => {
+                    let phase = match changed {
+                        Ok(()) => *self.phase.borrow_and_update(),
+                        Err(_) => Phase::Closing,
+                    };
+                    match phase {
+                        Phase::Running => {}
+                        Phase::Draining => input_open = false,
+                        Phase::Closing => {
+                            if self.finish(&mut events, &mut audio).await.is_err() {
+                                return End::Gone;
+                            }
+                            return End::close(protocol::GOING_AWAY, "server shutting down");
+                        }
+                    }
+                }
+                event = events.recv() => match event {
+                    Some(SessionEvent::Closed) | None => {
+                        guard.closed();
+                        if self.finish(&mut events, &mut audio).await.is_err() {
+                            return End::Gone;
+                        }
+                        return self.session_closed(stop_requested);
+                    }
+                    Some(event) => {
+                        if self.send_event(&event).await.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                },
+                frame = audio.recv() => {
+                    // `None` cannot happen while the session is held here.
+                    if let Some(frame) = frame
+                        && self.send(Message::Binary(frame.into_data())).await.is_err()
+                    {
+                        return End::Gone;
+                    }
+                }
+                done = join(&mut stopper) => {
+                    if let Err(e) = done {
+                        tracing::warn!(code = %e.code, "stopping the session: {}", e.message);
+                    }
+                    // `stop` returns once the session has closed: its last
+                    // events are waiting in `events`.
+                    guard.closed();
+                    if self.finish(&mut events, &mut audio).await.is_err() {
+                        return End::Gone;
+                    }
+                    return self.session_closed(true);
+                }
+                received = self.socket.recv() => {
+                    let payload = match self.incoming(received).await {
+                        Ok(p) => p,
+                        Err(end) => return end,
+                    };
+                    let outcome = match payload {
+                        Incoming::Nothing => Ok(()),
+                        Incoming::Binary(data) => {
+                            if !data.len().is_multiple_of(2) {
+                                return End::close(
+                                    protocol::UNSUPPORTED,
+                                    format!(
+                                        "bad audio: {} bytes is not a whole number of 16-bit samples",
+                                        data.len()
+                                    ),
+                                );
+                            }
+                            if !input_open || data.is_empty() {
+                                continue;
+                            }
+                            match AudioFrame::new(format, data) {
+                                Ok(frame) => session.process_audio(frame).await,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        Incoming::Text(text) => match ClientMessage::parse(&text) {
+                            Err(reason) => return End::close(protocol::PROTOCOL, reason),
+                            Ok(ClientMessage::Start(_)) => {
+                                return End::close(
+                                    protocol::PROTOCOL,
+                                    "start sent twice: the session has already started",
+                                );
+                            }
+                            Ok(ClientMessage::Text(text)) if input_open => {
+                                session.send_text(&text).await
+                            }
+                            Ok(ClientMessage::Text(_)) => Ok(()),
+                            Ok(ClientMessage::Stop) => {
+                                if !stop_requested {
+                                    stop_requested = true;
+                                    input_open = false;
+                                    tracing::info!("the client stops the session");
+                                    let session = session.clone();
+                                    stopper = Some(tokio::spawn(async move { session.stop().await }));
+                                }
+                                Ok(())
+                            }
+                        },
+                    };
+                    match outcome {
+                        Ok(()) => failing = false,
+                        Err(_) if !input_open || *self.phase.borrow() != Phase::Running => {}
+                        Err(e) => {
+                            if !failing {
+                                failing = true;
+                                tracing::debug!(code = %e.code, "client input failed: {}", e.message);
+                                let event = SessionEvent::Error {
+                                    code: e.code,
+                                    message: e.message,
+                                };
+                                if self.send_event(&event).await.is_err() {
+                                    return End::Gone;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// How a closed session's connection ends.
+    fn session_closed(&self, stop_requested: bool) -> End {
+        if *self.phase.borrow() != Phase::Running {
+            End::close(protocol::GOING_AWAY, "server shutting down")
+        } else if stop_requested {
+            End::close(protocol::NORMAL, "session stopped")
+        } else {
+            End::close(protocol::NORMAL, "session closed")
+        }
+    }
+
+    /// Sends what the session still has for the client (reply audio first,
+    /// then events), then `closed`.
+    async fn finish(
+        &mut self,
+        events: &mut SessionEvents,
+        audio: &mut AudioReceiver,
+    ) -> std::result::Result<(), Gone> {
+        while let Some(frame) = audio.try_recv() {
+            self.send(Message::Binary(frame.into_data())).await?;
+        }
+        while let Some(event) = events.try_recv() {
+            if event == SessionEvent::Closed {
+                break;
+            }
+            self.send_event(&event).await?;
+        }
+        self.send_event(&SessionEvent::Closed).await
+    }
+
+    async fn send_event(&mut self, event: &SessionEvent) -> std::result::Result<(), Gone> {
+        match serde_json::to_string(event) {
+            Ok(json) => self.send(Message::Text(json.into())).await,
+            Err(e) => {
+                tracing::warn!("an event did not serialize: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    async fn send(&mut self, message: Message) -> std::result::Result<(), Gone> {
+        match tokio::time::timeout(SEND_TIMEOUT, self.socket.send(message)).await {
+            Ok(Ok(())) => {
+                self.shared.metrics.message_out();
+                Ok(())
+            }
+            _ => Err(Gone),
+        }
+    }
+
+    /// Sends a close frame; `false` if it could not be sent.
+    async fn send_close(&mut self, code: u16, reason: &str) -> bool {
+        let reason = protocol::close_reason(reason);
+        if code == protocol::NORMAL || code == protocol::GOING_AWAY {
+            tracing::info!(code, "closing: {reason}");
+        } else {
+            tracing::info!(code, "refusing: {reason}");
+        }
+        self.shared.metrics.closed_with(code);
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        matches!(
+            tokio::time::timeout(CLOSE_WAIT, self.socket.send(Message::Close(Some(frame)))).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Closes with `code` and `reason`, then waits for the client's answer
+    /// (discarding whatever it sent before).
+    async fn close(&mut self, code: u16, reason: &str) {
+        if self.send_close(code, reason).await {
+            self.finish_close_handshake().await;
+        }
+    }
+
+    /// Reads until the socket ends (the close answer is sent on the way).
+    async fn finish_close_handshake(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(Ok(_)) = self.socket.recv().await {}
+        })
+        .await;
+    }
+}
+
+/// The result of the stop task, or never when there is none.
+async fn join(task: &mut Option<JoinHandle<Result<()>>>) -> Result<()> {
+    match task {
+        Some(t) => match t.await {
+            Ok(r) => r,
+            Err(e) => Err(BackendError::new(
+                "server.stop_session",
+                ErrorCode::PipelineError,
+                format!("the stop task failed: {e}"),
+            )),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// How a refused `create_session` ends the connection.
+fn refused_by_backend(e: BackendError) -> End {
+    // Auth errors come from the application's hook: log the code only.
+    match e.code {
+        ErrorCode::AuthenticationFailed => {
+            tracing::info!(code = %e.code, "session refused");
+            End::refuse(protocol::POLICY, "authentication failed", Refusal::Auth)
+        }
+        ErrorCode::AuthorizationFailed => {
+            tracing::info!(code = %e.code, "session refused");
+            End::refuse(
+                protocol::POLICY,
+                "authorization failed: this user may not open a session",
+                Refusal::Auth,
+            )
+        }
+        ErrorCode::SessionLimitExceeded => End::refuse(
+            protocol::TRY_AGAIN,
+            "server at capacity: no session is available; try again later",
+            Refusal::Capacity,
+        ),
+        ErrorCode::RateLimitExceeded => {
+            let retry = e
+                .details
+                .get("retry_after_ms")
+                .map(|ms| format!("; retry in {ms} ms"))
+                .unwrap_or_default();
+            End::refuse(
+                protocol::TRY_AGAIN,
+                format!("session rate limit exceeded{retry}"),
+                Refusal::RateLimit,
+            )
+        }
+        ErrorCode::InvalidConfig => End::refuse(
+            protocol::PROTOCOL,
+            format!("start refused: {}", e.message),
+            Refusal::Protocol,
+        ),
+        ErrorCode::ContextCanceled => End::refuse(
+            protocol::GOING_AWAY,
+            "server shutting down",
+            Refusal::Shutdown,
+        ),
+        _ => internal(&e, Refusal::Error),
+    }
+}
+
+fn internal(e: &BackendError, refusal: Refusal) -> End {
+    tracing::warn!(code = %e.code, op = e.op, "session failed: {}", e.message);
+    End::refuse(
+        protocol::INTERNAL,
+        format!("internal error: could not open a session ({})", e.code),
+        refusal,
+    )
+}

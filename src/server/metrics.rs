@@ -1,0 +1,210 @@
+//! The server's own metrics, rendered next to the backend's on `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Why a connection ended without a session (the `reason` label of
+/// `server_connections_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// The `Origin` header is not allowed (HTTP 403).
+    Origin,
+    /// The auth hook refused the token (close 1008).
+    Auth,
+    /// Too many connections per second from the address (HTTP 429), or the
+    /// backend's session rate limit (close 1013).
+    RateLimit,
+    /// Too many connections from the address (HTTP 429), or the backend is
+    /// full (close 1013).
+    Capacity,
+    /// The client broke the protocol before its session started (close 1002).
+    Protocol,
+    /// No `start` within `start_timeout` (close 1002).
+    StartTimeout,
+    /// The server is shutting down (HTTP 503 or close 1001).
+    Shutdown,
+    /// The session could not be created or started (close 1011).
+    Error,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 8] = [
+        Refusal::Origin,
+        Refusal::Auth,
+        Refusal::RateLimit,
+        Refusal::Capacity,
+        Refusal::Protocol,
+        Refusal::StartTimeout,
+        Refusal::Shutdown,
+        Refusal::Error,
+    ];
+
+    const fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Origin => "origin",
+            Refusal::Auth => "auth",
+            Refusal::RateLimit => "rate_limit",
+            Refusal::Capacity => "capacity",
+            Refusal::Protocol => "protocol",
+            Refusal::StartTimeout => "start_timeout",
+            Refusal::Shutdown => "shutdown",
+            Refusal::Error => "error",
+        }
+    }
+}
+
+/// The close codes the server sends, in label order.
+const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1003, 1008, 1009, 1011, 1013, 0];
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Counters of the server, all relaxed atomics.
+#[derive(Debug, Default)]
+pub(super) struct ServerMetrics {
+    active: AtomicI64,
+    total: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    closed: [AtomicU64; CLOSE_CODES.len()],
+}
+
+impl ServerMetrics {
+    pub(super) fn connection_attempt(&self) {
+        self.total.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn connection_opened(&self) {
+        self.active.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn connection_closed(&self) {
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    pub(super) fn refused(&self, reason: Refusal) {
+        self.refused[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn message_in(&self) {
+        self.messages_in.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn message_out(&self) {
+        self.messages_out.fetch_add(1, Relaxed);
+    }
+
+    /// A close frame the server sent (code 0 stands for any other code).
+    pub(super) fn closed_with(&self, code: u16) {
+        let i = CLOSE_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CLOSE_CODES.len() - 1);
+        self.closed[i].fetch_add(1, Relaxed);
+    }
+
+    /// Appends the Prometheus text exposition of the server's families.
+    pub(super) fn render(&self, out: &mut String) {
+        family(
+            out,
+            "server_connections_active",
+            "gauge",
+            "WebSocket connections open now.",
+        );
+        let _ = writeln!(
+            out,
+            "server_connections_active {}",
+            self.active.load(Relaxed).max(0)
+        );
+        family(
+            out,
+            "server_connections_total",
+            "counter",
+            "WebSocket upgrade requests received on /ws, refused or not.",
+        );
+        let _ = writeln!(out, "server_connections_total {}", self.total.load(Relaxed));
+        family(
+            out,
+            "server_connections_refused_total",
+            "counter",
+            "WebSocket connections that ended without a session, by reason.",
+        );
+        for r in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "server_connections_refused_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.refused[r as usize].load(Relaxed)
+            );
+        }
+        family(
+            out,
+            "server_messages_total",
+            "counter",
+            "WebSocket data messages (text and binary), by direction.",
+        );
+        let _ = writeln!(
+            out,
+            "server_messages_total{{direction=\"in\"}} {}",
+            self.messages_in.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "server_messages_total{{direction=\"out\"}} {}",
+            self.messages_out.load(Relaxed)
+        );
+        family(
+            out,
+            "server_closes_total",
+            "counter",
+            "Close frames the server sent, by close code (\"other\" for the rest).",
+        );
+        for (i, code) in CLOSE_CODES.iter().enumerate() {
+            let label = match code {
+                0 => "other".to_owned(),
+                c => c.to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "server_closes_total{{code=\"{label}\"}} {}",
+                self.closed[i].load(Relaxed)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series() {
+        let m = ServerMetrics::default();
+        m.connection_attempt();
+        m.connection_opened();
+        m.refused(Refusal::Origin);
+        m.message_in();
+        m.message_out();
+        m.message_out();
+        m.closed_with(1009);
+        m.closed_with(4000);
+        let mut text = String::new();
+        m.render(&mut text);
+        for line in [
+            "server_connections_active 1",
+            "server_connections_total 1",
+            "server_connections_refused_total{reason=\"origin\"} 1",
+            "server_connections_refused_total{reason=\"auth\"} 0",
+            "server_messages_total{direction=\"in\"} 1",
+            "server_messages_total{direction=\"out\"} 2",
+            "server_closes_total{code=\"1009\"} 1",
+            "server_closes_total{code=\"other\"} 1",
+            "# TYPE server_connections_active gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+}

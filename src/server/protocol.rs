@@ -1,0 +1,242 @@
+//! The WebSocket protocol of `/ws`: client messages, the `ready` answer and
+//! close codes. The README's protocol section documents the same thing for
+//! client authors.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+
+/// Normal closure: the session stopped.
+pub(super) const NORMAL: u16 = 1000;
+/// The server is shutting down.
+pub(super) const GOING_AWAY: u16 = 1001;
+/// The client broke the protocol.
+pub(super) const PROTOCOL: u16 = 1002;
+/// The client sent audio the server cannot take.
+pub(super) const UNSUPPORTED: u16 = 1003;
+/// Refused: origin, authentication, authorization or message rate.
+pub(super) const POLICY: u16 = 1008;
+/// A message was larger than `max_frame_bytes`.
+pub(super) const TOO_BIG: u16 = 1009;
+/// Something failed inside the server.
+pub(super) const INTERNAL: u16 = 1011;
+/// At capacity or rate limited: try again later.
+pub(super) const TRY_AGAIN: u16 = 1013;
+
+/// The lowest accepted `sample_rate`.
+pub(super) const MIN_SAMPLE_RATE: u32 = 8_000;
+/// The highest accepted `sample_rate`.
+pub(super) const MAX_SAMPLE_RATE: u32 = 48_000;
+/// The longest accepted `user_id`, in characters.
+pub(super) const MAX_USER_ID_CHARS: usize = 128;
+
+/// A close frame's reason holds at most 123 bytes (125 minus the code).
+const MAX_REASON_BYTES: usize = 123;
+
+/// The body of a `start` message (its `type` removed).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Start {
+    pub(super) user_id: String,
+    pub(super) sample_rate: u32,
+    #[serde(default)]
+    pub(super) token: Option<Secret>,
+}
+
+/// The body of a `text` message.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Text {
+    text: String,
+}
+
+/// The body of a `stop` message.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stop {}
+
+/// A text message from the client.
+pub(super) enum ClientMessage {
+    /// Open the session.
+    Start(Start),
+    /// Text in place of speech.
+    Text(String),
+    /// Stop the session gracefully.
+    Stop,
+}
+
+impl ClientMessage {
+    /// Parses a client text message; the error is a close reason for 1002.
+    pub(super) fn parse(text: &str) -> Result<ClientMessage, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let serde_json::Value::Object(mut object) = value else {
+            return Err("a message must be a JSON object with a \"type\"".into());
+        };
+        let kind = match object.remove("type") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(_) => return Err("\"type\" must be a string".into()),
+            None => return Err("the message has no \"type\"".into()),
+        };
+        // Errors quote wrongly typed values: never a token's.
+        if kind == "start"
+            && object
+                .get("token")
+                .is_some_and(|t| !t.is_string() && !t.is_null())
+        {
+            return Err("bad start message: token must be a string".into());
+        }
+        let body = serde_json::Value::Object(object);
+        let field_error = |e: serde_json::Error| format!("bad {kind} message: {e}");
+        match kind.as_str() {
+            "start" => serde_json::from_value::<Start>(body)
+                .map(ClientMessage::Start)
+                .map_err(field_error),
+            "text" => serde_json::from_value::<Text>(body)
+                .map(|t| ClientMessage::Text(t.text))
+                .map_err(field_error),
+            "stop" => serde_json::from_value::<Stop>(body)
+                .map(|_| ClientMessage::Stop)
+                .map_err(field_error),
+            other => Err(format!(
+                "unknown message type {:?} (expected start, text or stop)",
+                shorten(other, 40)
+            )),
+        }
+    }
+}
+
+impl Start {
+    /// Checks the fields; the error is a close reason for 1002.
+    pub(super) fn check(&self) -> Result<(), String> {
+        if !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&self.sample_rate) {
+            return Err(format!(
+                "sample_rate {} is outside {MIN_SAMPLE_RATE}..={MAX_SAMPLE_RATE}",
+                self.sample_rate
+            ));
+        }
+        if self.user_id.trim().is_empty() {
+            return Err("user_id must be non-empty".into());
+        }
+        if self.user_id.chars().count() > MAX_USER_ID_CHARS {
+            return Err(format!(
+                "user_id is longer than {MAX_USER_ID_CHARS} characters"
+            ));
+        }
+        if self.user_id.chars().any(char::is_control) {
+            return Err("user_id has control characters".into());
+        }
+        Ok(())
+    }
+}
+
+/// The server's answer to `start`.
+#[derive(Serialize)]
+pub(super) struct Ready<'a> {
+    #[serde(rename = "type")]
+    pub(super) kind: &'static str,
+    pub(super) session_id: &'a str,
+    pub(super) sample_rate: u32,
+    pub(super) encoding: &'static str,
+    pub(super) channels: u16,
+}
+
+impl<'a> Ready<'a> {
+    /// `ready` for a session of PCM s16le mono at `sample_rate`.
+    pub(super) fn new(session_id: &'a str, sample_rate: u32) -> Self {
+        Ready {
+            kind: "ready",
+            session_id,
+            sample_rate,
+            encoding: "pcm_s16le",
+            channels: 1,
+        }
+    }
+}
+
+/// `text` cut to at most `max` characters, with `...` when cut.
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+/// `reason` cut to fit a close frame (123 bytes), on a character boundary.
+pub(super) fn close_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REASON_BYTES - 3;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &reason[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_message() {
+        let ClientMessage::Start(s) = ClientMessage::parse(
+            r#"{"type":"start","user_id":"alice","sample_rate":16000,"token":"t"}"#,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (s.user_id.as_str(), s.sample_rate, s.token.unwrap().expose()),
+            ("alice", 16000, "t")
+        );
+        assert!(matches!(
+            ClientMessage::parse(r#"{"type":"text","text":"hi"}"#),
+            Ok(ClientMessage::Text(t)) if t == "hi"
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"type":"stop"}"#),
+            Ok(ClientMessage::Stop)
+        ));
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let err = |s| ClientMessage::parse(s).err().unwrap();
+        assert!(err("{nope").starts_with("invalid JSON"));
+        assert!(err("[1]").contains("object"));
+        assert!(err(r#"{"user_id":"a"}"#).contains("no \"type\""));
+        assert!(err(r#"{"type":"dance"}"#).contains("unknown message type \"dance\""));
+        assert!(err(r#"{"type":"start","user_id":"a"}"#).contains("sample_rate"));
+        assert!(err(r#"{"type":"stop","now":true}"#).contains("unknown field"));
+        let e = err(r#"{"type":"start","user_id":"a","sample_rate":16000,"token":987654}"#);
+        assert!(
+            e.contains("token must be a string") && !e.contains("987654"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn start_fields_are_checked() {
+        let start = |user: &str, rate| Start {
+            user_id: user.into(),
+            sample_rate: rate,
+            token: None,
+        };
+        assert!(start("a", 8_000).check().is_ok());
+        assert!(start("a", 48_000).check().is_ok());
+        assert!(start("a", 7_999).check().unwrap_err().contains("7999"));
+        assert!(start("a", 48_001).check().is_err());
+        assert!(start(" ", 16_000).check().is_err());
+        assert!(start("a\nb", 16_000).check().is_err());
+        assert!(start(&"x".repeat(129), 16_000).check().is_err());
+    }
+
+    #[test]
+    fn reasons_fit_a_close_frame() {
+        assert_eq!(close_reason("short"), "short");
+        let long = "é".repeat(100);
+        let r = close_reason(&long);
+        assert!(r.len() <= MAX_REASON_BYTES && r.ends_with("..."), "{r}");
+    }
+}

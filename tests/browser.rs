@@ -1,0 +1,356 @@
+#![cfg(all(feature = "server", feature = "testing"))]
+//! The web page end to end in a real browser: headless Chromium, driven over
+//! WebDriver (Debian's `chromedriver`), opens the page of the real server with
+//! `?autostart=1`; its fake microphone plays a WAV file of speech-like
+//! utterances, the page's AudioWorklet resamples it to 16 kHz and streams it to
+//! the `local` echo backend, and the reply comes back and is scheduled for
+//! playback. The test reads the page's `window.voiceTest` counters.
+//!
+//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (`scripts/browser-deps`
+//! installs them). Without them the test is skipped, unless
+//! `VOICE_BACKENDS_BROWSER_TESTS=1`, when it fails.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+use voice_backends::server::{Server, ServerConfig};
+use voice_backends::testing::signal;
+use voice_backends::{Config, PipelineType, registry};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// Set to `1` (as `scripts/test` does) to make a missing browser a failure.
+const REQUIRE_VAR: &str = "VOICE_BACKENDS_BROWSER_TESTS";
+/// How long a full turn may take to come back through the page. Generous: a
+/// loaded 2-core machine starts Chromium slowly.
+const TURN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A child process group (chromedriver and the browser it starts), killed on
+/// drop, so a failing test leaves no browser behind.
+struct ProcessGroup(Child);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // The group's id is the leader's pid (see `process_group(0)` below).
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether the browser is installed (if not, the test is skipped, or fails
+/// when `VOICE_BACKENDS_BROWSER_TESTS=1`).
+fn browser_available() -> bool {
+    let missing: Vec<&str> = [CHROMIUM, CHROMEDRIVER]
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let how = "run scripts/browser-deps to install Debian's chromium and chromium-driver \
+               (or: apt-get install chromium chromium-driver)";
+    if std::env::var(REQUIRE_VAR).as_deref() == Ok("1") {
+        panic!(
+            "{REQUIRE_VAR}=1 but {} missing: {how}",
+            missing.join(" and ")
+        );
+    }
+    eprintln!(
+        "browser test skipped: {} missing ({how}; set {REQUIRE_VAR}=1 to make this a failure)",
+        missing.join(" and ")
+    );
+    false
+}
+
+/// A 16-bit mono 16 kHz WAV file: a 44-byte header, then the samples.
+fn write_wav(path: &Path, samples: &[i16]) {
+    const RATE: u32 = signal::SAMPLE_RATE;
+    let data_len = u32::try_from(samples.len() * 2).expect("a small WAV file");
+    let mut wav = Vec::with_capacity(44 + samples.len() * 2);
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data_len).to_le_bytes());
+    wav.extend_from_slice(b"WAVE");
+    wav.extend_from_slice(b"fmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes()); // fmt chunk size
+    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
+    wav.extend_from_slice(&RATE.to_le_bytes());
+    wav.extend_from_slice(&(RATE * 2).to_le_bytes()); // bytes per second
+    wav.extend_from_slice(&2u16.to_le_bytes()); // bytes per frame
+    wav.extend_from_slice(&16u16.to_le_bytes()); // bits per sample
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        wav.extend_from_slice(&s.to_le_bytes());
+    }
+    assert_eq!(wav.len(), 44 + samples.len() * 2);
+    std::fs::write(path, wav).expect("write the WAV file");
+}
+
+/// A few utterances with pauses long enough to end each turn. Chromium loops
+/// the file, so turns keep coming for as long as the page listens.
+fn conversation() -> Vec<i16> {
+    let mut audio = signal::silence(Duration::from_millis(500));
+    for (seed, speech_ms) in [(11, 1200), (12, 900), (13, 1500)] {
+        audio.extend(signal::utterance(
+            Duration::from_millis(speech_ms),
+            Duration::from_millis(2000),
+            seed,
+        ));
+    }
+    audio
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Starts chromedriver on a free port and waits until it accepts connections.
+fn start_chromedriver(log: &Path) -> (ProcessGroup, u16) {
+    use std::os::unix::process::CommandExt;
+    let port = free_port();
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .arg(format!("--log-path={}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start chromedriver");
+    let driver = ProcessGroup(child);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "chromedriver did not listen on port {port} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (driver, port)
+}
+
+fn chrome_capabilities(wav: &Path, profile: &Path) -> serde_json::Map<String, Value> {
+    let args = [
+        "--headless=new".to_owned(),
+        "--no-sandbox".to_owned(),
+        "--disable-gpu".to_owned(),
+        "--disable-dev-shm-usage".to_owned(),
+        "--disable-background-networking".to_owned(),
+        "--disable-component-update".to_owned(),
+        "--disable-sync".to_owned(),
+        "--no-first-run".to_owned(),
+        "--use-fake-ui-for-media-stream".to_owned(),
+        "--use-fake-device-for-media-stream".to_owned(),
+        format!("--use-file-for-fake-audio-capture={}", wav.display()),
+        "--autoplay-policy=no-user-gesture-required".to_owned(),
+        format!("--user-data-dir={}", profile.display()),
+        "--window-size=1100,1400".to_owned(),
+    ];
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({ "binary": CHROMIUM, "args": args }),
+    );
+    caps
+}
+
+/// The page's `window.voiceTest` counters (`Null` before the script ran).
+async fn voice_test(client: &Client) -> Value {
+    let raw = client
+        .execute(
+            "return window.voiceTest ? JSON.stringify(window.voiceTest) : null;",
+            vec![],
+        )
+        .await
+        .expect("read window.voiceTest");
+    raw.as_str()
+        .map(|s| serde_json::from_str(s).expect("voiceTest is JSON"))
+        .unwrap_or(Value::Null)
+}
+
+/// The page's event log, for failure messages.
+async fn page_log(client: &Client) -> String {
+    client
+        .execute(
+            "const e = document.getElementById('events'); return e ? e.innerText : '';",
+            vec![],
+        )
+        .await
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn count(t: &Value, event: &str) -> u64 {
+    t["events"][event].as_u64().unwrap_or(0)
+}
+
+/// A full turn came back through the page.
+fn full_turn(t: &Value) -> bool {
+    t["ready"] == true
+        && count(t, "turn_ended") > 0
+        && count(t, "latency") > 0
+        && t["states"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == "speaking"))
+        && t["replyFramesReceived"].as_u64().unwrap_or(0) > 0
+        && t["replySamplesPlayed"].as_u64().unwrap_or(0) > 0
+}
+
+/// Polls the counters until `done` holds or `timeout` passes; the last value.
+async fn wait_for(
+    client: &Client,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> (bool, Value) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t = voice_test(client).await;
+        if done(&t) {
+            return (true, t);
+        }
+        if Instant::now() >= deadline {
+            return (false, t);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Where the screenshot goes: `target/browser-test.png` of this crate.
+fn screenshot_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-test.png")
+}
+
+/// Saves a screenshot of the page; failing to is only reported (the
+/// counters, not the picture, decide the test).
+async fn save_screenshot(client: &Client) {
+    let path = screenshot_path();
+    let saved = match client.screenshot().await {
+        Ok(png) => path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, png))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match saved {
+        Ok(()) => eprintln!("screenshot: {}", path.display()),
+        Err(e) => eprintln!("no screenshot: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_turn_goes_round_trip_through_the_web_page() {
+    if !browser_available() {
+        return;
+    }
+
+    // The echo backend behind the real server.
+    let mut config = Config::new("local");
+    config.pipeline_type = PipelineType::S2s;
+    config.s2s_provider = Some("echo".into());
+    let backend = registry().create("local", &config).await.unwrap();
+    backend.start().await.unwrap();
+    let server = Server::bind(
+        backend,
+        ServerConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            ..ServerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("speech.wav");
+    write_wav(&wav, &conversation());
+    let profile = dir.path().join("profile");
+    std::fs::create_dir(&profile).unwrap();
+    let driver_log = dir.path().join("chromedriver.log");
+    let (driver, port) = start_chromedriver(&driver_log);
+
+    let mut builder = ClientBuilder::new(HttpConnector::new());
+    builder.capabilities(chrome_capabilities(&wav, &profile));
+    let client = builder
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(&driver_log).unwrap_or_default();
+            let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+            panic!("could not start Chromium through chromedriver: {e}\nlast log lines (newest first):\n{tail}")
+        });
+
+    client
+        .goto(&format!("http://{addr}/?autostart=1"))
+        .await
+        .expect("load the page");
+
+    let (ok, t) = wait_for(&client, TURN_TIMEOUT, full_turn).await;
+    // The page mid-conversation, for a person to look at.
+    save_screenshot(&client).await;
+    if !ok {
+        panic!(
+            "no full turn through the page within {TURN_TIMEOUT:?}\nvoiceTest: {t:#}\npage log:\n{}",
+            page_log(&client).await
+        );
+    }
+
+    assert_eq!(t["ready"], true, "{t:#}");
+    assert!(
+        t["sessionId"].as_str().is_some_and(|s| !s.is_empty()),
+        "{t:#}"
+    );
+    assert!(t["framesSent"].as_u64().unwrap_or(0) > 0, "{t:#}");
+    assert!(count(&t, "turn_ended") > 0, "{t:#}");
+    assert!(
+        t["states"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == "speaking")),
+        "{t:#}"
+    );
+    assert!(t["replyFramesReceived"].as_u64().unwrap_or(0) > 0, "{t:#}");
+    assert!(t["replySamplesPlayed"].as_u64().unwrap_or(0) > 0, "{t:#}");
+    assert!(count(&t, "latency") > 0, "{t:#}");
+    let latency = &t["lastLatency"];
+    assert!(latency["turn"].as_u64().unwrap_or(0) >= 1, "{t:#}");
+    assert!(latency["first_audio_ms"].is_number(), "{t:#}");
+    assert!(t["closed"].is_null(), "{t:#}");
+
+    // The Disconnect button sends `stop`; the server closes the socket.
+    client
+        .execute("document.getElementById('disconnect').click();", vec![])
+        .await
+        .expect("click Disconnect");
+    let (closed, t) = wait_for(&client, Duration::from_secs(30), |t| !t["closed"].is_null()).await;
+    assert!(closed, "the server did not close after stop: {t:#}");
+    assert_eq!(t["closed"]["code"], 1000, "{t:#}");
+    assert_eq!(t["ready"], false, "{t:#}");
+
+    client.close().await.expect("end the WebDriver session");
+    drop(driver);
+    let _ = stop_server.send(());
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("the server stops")
+        .expect("the server task")
+        .expect("the server runs cleanly");
+}

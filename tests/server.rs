@@ -1,0 +1,991 @@
+#![cfg(all(feature = "server", feature = "testing"))]
+//! The HTTP + WebSocket server over real sockets: a `local` echo backend
+//! behind `Server`, driven by a `tokio-tungstenite` client and hand-written
+//! HTTP/1.1 requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use voice_backends::server::{Server, ServerConfig};
+use voice_backends::testing::signal;
+use voice_backends::{
+    AuthHook, BackendError, Config, ErrorCode, Hooks, Operation, PipelineType, Principal, Secret,
+    VoiceBackend, registry,
+};
+
+/// How long anything may take on a loaded machine before the test fails.
+const PATIENCE: Duration = Duration::from_secs(30);
+const RATE: u32 = 16_000;
+
+fn echo_config() -> Config {
+    let mut config = Config::new("local");
+    config.pipeline_type = PipelineType::S2s;
+    config.s2s_provider = Some("echo".into());
+    config
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..ServerConfig::default()
+    }
+}
+
+/// A server running on its own task, with the means to stop it.
+struct Running {
+    addr: SocketAddr,
+    backend: Arc<dyn VoiceBackend>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<voice_backends::Result<()>>,
+}
+
+impl Running {
+    async fn start(config: Config, server: ServerConfig) -> Running {
+        let backend = registry().create("local", &config).await.unwrap();
+        backend.start().await.unwrap();
+        Running::with_backend(backend, server).await
+    }
+
+    async fn echo() -> Running {
+        Running::start(echo_config(), server_config()).await
+    }
+
+    async fn with_backend(backend: Arc<dyn VoiceBackend>, server: ServerConfig) -> Running {
+        let server = Server::bind(backend.clone(), server).await.unwrap();
+        let addr = server.local_addr();
+        assert_ne!(addr.port(), 0, "port 0 is replaced by the bound port");
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Running {
+            addr,
+            backend,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// Triggers the shutdown and returns what `run` returned.
+    async fn stop(mut self) -> voice_backends::Result<()> {
+        let _ = self.shutdown.take().unwrap().send(());
+        timeout(PATIENCE * 2, self.task)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap()
+    }
+
+    async fn wait_sessions(&self, n: usize) {
+        let result = timeout(PATIENCE, async {
+            while self.backend.active_session_count() != n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            result.is_ok(),
+            "expected {n} sessions, have {}",
+            self.backend.active_session_count()
+        );
+    }
+}
+
+/// What the client received.
+#[derive(Debug)]
+enum Got {
+    Json(Value),
+    Audio(usize),
+    Close(u16, String),
+    End(String),
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client: a writer, and a reader task forwarding everything.
+struct Client {
+    sink: SplitSink<Ws, Message>,
+    rx: mpsc::UnboundedReceiver<Got>,
+    reader: JoinHandle<()>,
+    /// Every JSON message received so far, in order.
+    seen: Vec<Value>,
+    /// Bytes of binary audio received so far.
+    audio_bytes: usize,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client::connect_with(addr, &[]).await.unwrap()
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Client, tungstenite::Error> {
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        for (k, v) in headers {
+            request
+                .headers_mut()
+                .insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        let (ws, _) = timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("the handshake finishes")?;
+        let (sink, mut stream) = ws.split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let got = match stream.next().await {
+                    Some(Ok(Message::Text(t))) => Got::Json(
+                        serde_json::from_str(t.as_str())
+                            .unwrap_or_else(|e| panic!("server text is JSON ({e}): {t}")),
+                    ),
+                    Some(Ok(Message::Binary(b))) => Got::Audio(b.len()),
+                    Some(Ok(Message::Close(frame))) => {
+                        let (code, reason) = frame
+                            .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
+                            .unwrap_or((1005, String::new()));
+                        let _ = tx.send(Got::Close(code, reason));
+                        // Keep reading so the close answer goes out.
+                        while let Some(Ok(_)) = stream.next().await {}
+                        return;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => Got::End(e.to_string()),
+                    None => Got::End("the stream ended".into()),
+                };
+                let end = matches!(got, Got::End(_));
+                if tx.send(got).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Client {
+            sink,
+            rx,
+            reader,
+            seen: Vec::new(),
+            audio_bytes: 0,
+        })
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+        timeout(PATIENCE, self.sink.send(message))
+            .await
+            .expect("sending does not hang")
+    }
+
+    async fn send_json(&mut self, value: Value) {
+        self.send(Message::text(value.to_string())).await.unwrap();
+    }
+
+    async fn send_raw_text(&mut self, text: &str) {
+        self.send(Message::text(text)).await.unwrap();
+    }
+
+    async fn send_samples(&mut self, samples: &[i16]) {
+        let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        self.send(Message::binary(bytes)).await.unwrap();
+    }
+
+    /// Sends `samples` as 20 ms frames in real time.
+    async fn stream(&mut self, samples: &[i16]) {
+        for chunk in samples.chunks((RATE / 50) as usize) {
+            self.send_samples(chunk).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn start(&mut self, user: &str) -> Value {
+        self.send_json(json!({"type": "start", "user_id": user, "sample_rate": RATE}))
+            .await;
+        self.wait_for("ready", |v| v["type"] == "ready").await
+    }
+
+    async fn next(&mut self) -> Got {
+        let got = timeout(PATIENCE, self.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("nothing received in {PATIENCE:?}; saw {:?}", self.seen))
+            .unwrap_or(Got::End("the reader stopped".into()));
+        match &got {
+            Got::Json(v) => self.seen.push(v.clone()),
+            Got::Audio(n) => self.audio_bytes += n,
+            _ => {}
+        }
+        got
+    }
+
+    /// Reads until a JSON message satisfies `pred`.
+    async fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            match self.next().await {
+                Got::Json(v) if pred(&v) => return v,
+                Got::Json(_) | Got::Audio(_) => {}
+                other => panic!("waiting for {what}, got {other:?}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Reads until a binary message arrives.
+    async fn wait_audio(&mut self) {
+        loop {
+            match self.next().await {
+                Got::Audio(_) => return,
+                Got::Json(_) => {}
+                other => panic!("waiting for audio, got {other:?}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Reads until the server's close frame.
+    async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.next().await {
+                Got::Close(code, reason) => return (code, reason),
+                Got::Json(_) | Got::Audio(_) => {}
+                Got::End(e) => panic!("the connection ended without a close frame: {e}"),
+            }
+        }
+    }
+
+    fn saw(&self, pred: impl Fn(&Value) -> bool) -> bool {
+        self.seen.iter().any(pred)
+    }
+}
+
+fn is_state(v: &Value, from: &str, to: &str) -> bool {
+    v["type"] == "state" && v["from"] == from && v["to"] == to
+}
+
+/// A plain HTTP/1.1 GET: the status and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("the response arrives")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_owned())
+}
+
+/// The value of one series (`name{labels}`) in a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            (s == series).then(|| v.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+/// A session on the server still works: start, a text turn (the echo backend
+/// has no agent, so an `agent_error` event comes back), stop, close 1000.
+async fn assert_healthy_session(addr: SocketAddr, user: &str) {
+    let mut c = Client::connect(addr).await;
+    healthy_session(&mut c, user).await;
+}
+
+async fn healthy_session(c: &mut Client, user: &str) {
+    c.start(user).await;
+    c.send_json(json!({"type": "text", "text": "still there?"}))
+        .await;
+    c.wait_for("the agent error", |v| {
+        v["type"] == "error" && v["code"] == "agent_error"
+    })
+    .await;
+    c.send_json(json!({"type": "stop"})).await;
+    assert_eq!(c.expect_close().await, (1000, "session stopped".into()));
+    assert!(c.saw(|v| v["type"] == "closed"), "{:?}", c.seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_turn_end_to_end_with_barge_in_metrics_and_health() {
+    let server = Running::echo().await;
+    let mut c = Client::connect(server.addr).await;
+    let ready = c.start("alice").await;
+    assert_eq!(ready["sample_rate"], RATE);
+    assert_eq!(ready["encoding"], "pcm_s16le");
+    assert_eq!(ready["channels"], 1);
+    let session_id = ready["session_id"].as_str().unwrap().to_owned();
+    assert!(!session_id.is_empty());
+    assert_eq!(server.backend.active_session_count(), 1);
+
+    // Turn 1, in real time.
+    let speech = Duration::from_millis(1200);
+    let pause = Duration::from_millis(900);
+    c.stream(&signal::utterance(speech, pause, 7)).await;
+    c.wait_for("turn 1 to end", |v| {
+        v["type"] == "turn_ended" && v["turn"] == 1
+    })
+    .await;
+    let latency = c.wait_for("latency", |v| v["type"] == "latency").await;
+    assert_eq!(latency["turn"], 1);
+    assert!(
+        latency["first_audio_ms"].as_f64().unwrap() >= 0.0,
+        "{latency}"
+    );
+    c.wait_for("the reply to end", |v| is_state(v, "speaking", "listening"))
+        .await;
+    assert!(c.saw(|v| v["type"] == "speech_started"), "{:?}", c.seen);
+    assert!(c.saw(|v| is_state(v, "idle", "listening")), "{:?}", c.seen);
+    assert!(
+        c.saw(|v| is_state(v, "listening", "processing")),
+        "{:?}",
+        c.seen
+    );
+    assert!(
+        c.saw(|v| is_state(v, "processing", "speaking")),
+        "{:?}",
+        c.seen
+    );
+    let reply = Duration::from_secs_f64(c.audio_bytes as f64 / 2.0 / f64::from(RATE));
+    assert!(
+        reply >= speech - Duration::from_millis(60) && reply <= speech + pause,
+        "the echo is about the spoken turn: {reply:?} for {speech:?} of speech"
+    );
+
+    // Turn 2; barge in while its reply arrives.
+    c.stream(&signal::utterance(Duration::from_millis(2500), pause, 11))
+        .await;
+    c.wait_for("turn 2 to end", |v| {
+        v["type"] == "turn_ended" && v["turn"] == 2
+    })
+    .await;
+    c.wait_audio().await;
+    c.stream(&signal::speech_like(Duration::from_millis(800), 77))
+        .await;
+    let interrupted = c
+        .wait_for("the interruption", |v| v["type"] == "interrupted")
+        .await;
+    assert_eq!(interrupted["turn"], 2);
+
+    // Metrics: the backend's and the server's.
+    let (status, content_type, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert_eq!(
+        metric(&text, "backend_sessions_total{provider=\"local\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "backend_sessions_active{provider=\"local\"}"),
+        1.0
+    );
+    assert!(metric(&text, "pipeline_turns_total{provider=\"local\"}") >= 2.0);
+    assert_eq!(
+        metric(&text, "pipeline_interruptions_total{provider=\"local\"}"),
+        1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "backend_throughput_bytes{provider=\"local\",direction=\"in\"}"
+        ) > 100_000.0
+    );
+    assert_eq!(metric(&text, "server_connections_total"), 1.0);
+    assert_eq!(metric(&text, "server_connections_active"), 1.0);
+    assert!(metric(&text, "server_messages_total{direction=\"in\"}") > 200.0);
+    assert!(metric(&text, "server_messages_total{direction=\"out\"}") > 50.0);
+    assert_eq!(
+        metric(&text, "server_connections_refused_total{reason=\"origin\"}"),
+        0.0
+    );
+
+    // Health, and the web page's files.
+    let (status, content_type, body) = http_get(server.addr, "/healthz").await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "healthy", "{health}");
+    let (status, content_type, _) = http_get(server.addr, "/").await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "text/html; charset=utf-8")
+    );
+    for path in ["/app.js", "/pcm-worklet.js"] {
+        let (status, content_type, _) = http_get(server.addr, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            content_type.starts_with("text/javascript"),
+            "{path}: {content_type}"
+        );
+    }
+
+    // A graceful stop.
+    c.send_json(json!({"type": "stop"})).await;
+    assert_eq!(c.expect_close().await, (1000, "session stopped".into()));
+    assert_eq!(
+        c.seen.last().unwrap()["type"],
+        "closed",
+        "closed comes last"
+    );
+    server.wait_sessions(0).await;
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(
+        metric(&text, "backend_sessions_active{provider=\"local\"}"),
+        0.0
+    );
+    assert_eq!(metric(&text, "server_closes_total{code=\"1000\"}"), 1.0);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_reaches_the_session() {
+    let server = Running::echo().await;
+    let mut c = Client::connect(server.addr).await;
+    c.start("texter").await;
+    c.send_json(json!({"type": "text", "text": "hello there"}))
+        .await;
+    let transcript = c
+        .wait_for("the transcript", |v| v["type"] == "user_transcript")
+        .await;
+    assert_eq!(transcript["text"], "hello there");
+    assert_eq!(transcript["is_final"], true);
+    // The echo backend has no agent: the turn ends with a documented error.
+    let error = c.wait_for("the error", |v| v["type"] == "error").await;
+    assert_eq!(error["code"], "agent_error", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("agent"),
+        "{error}"
+    );
+    c.send_json(json!({"type": "stop"})).await;
+    assert_eq!(c.expect_close().await.0, 1000);
+    server.stop().await.unwrap();
+}
+
+/// Opens a connection, lets `misbehave` break the rules, and checks the close
+/// code; then a healthy session on the same server.
+async fn refused(
+    server: &Running,
+    code: u16,
+    reason_has: &str,
+    misbehave: impl AsyncFnOnce(&mut Client),
+) -> String {
+    let mut c = Client::connect(server.addr).await;
+    misbehave(&mut c).await;
+    let (got, reason) = c.expect_close().await;
+    assert_eq!(got, code, "close code, reason {reason:?}");
+    assert!(
+        reason.contains(reason_has),
+        "the reason {reason:?} says {reason_has:?}"
+    );
+    drop(c);
+    assert_healthy_session(server.addr, "healthy").await;
+    reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_close_with_1009() {
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            max_frame_bytes: 4096,
+            ..server_config()
+        },
+    )
+    .await;
+    // Just over the limit.
+    refused(&server, 1009, "too big", async |c| {
+        c.start("big").await;
+        c.send(Message::binary(vec![0u8; 4098])).await.unwrap();
+    })
+    .await;
+    // Far over it (cut off as soon as the frame header is read).
+    refused(&server, 1009, "too big", async |c| {
+        c.start("huge").await;
+        let _ = c.send(Message::binary(vec![0u8; 40_000])).await;
+    })
+    .await;
+    // Before start, as text.
+    refused(&server, 1009, "too big", async |c| {
+        c.send_raw_text(&" ".repeat(5000)).await;
+    })
+    .await;
+    server.wait_sessions(0).await;
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(metric(&text, "server_closes_total{code=\"1009\"}"), 3.0);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_with_1002() {
+    let server = Running::echo().await;
+    refused(&server, 1002, "invalid JSON", async |c| {
+        c.start("a").await;
+        c.send_raw_text("{this is not json").await;
+    })
+    .await;
+    refused(&server, 1002, "unknown message type \"dance\"", async |c| {
+        c.start("b").await;
+        c.send_json(json!({"type": "dance"})).await;
+    })
+    .await;
+    refused(&server, 1002, "binary message before start", async |c| {
+        c.send_samples(&[0; 320]).await;
+    })
+    .await;
+    refused(&server, 1002, "start sent twice", async |c| {
+        c.start("c").await;
+        c.send_json(json!({"type": "start", "user_id": "c", "sample_rate": RATE}))
+            .await;
+    })
+    .await;
+    refused(&server, 1002, "sample_rate 96000", async |c| {
+        c.send_json(json!({"type": "start", "user_id": "d", "sample_rate": 96000}))
+            .await;
+    })
+    .await;
+    refused(&server, 1002, "expected start first", async |c| {
+        c.send_json(json!({"type": "text", "text": "hi"})).await;
+    })
+    .await;
+    refused(&server, 1002, "user_id", async |c| {
+        c.send_json(json!({"type": "start", "user_id": "", "sample_rate": RATE}))
+            .await;
+    })
+    .await;
+    server.wait_sessions(0).await;
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(metric(&text, "server_closes_total{code=\"1002\"}"), 7.0);
+    assert_eq!(
+        metric(
+            &text,
+            "server_connections_refused_total{reason=\"protocol\"}"
+        ),
+        4.0,
+        "violations before a session are refusals"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_sample_rates_work_and_a_missing_start_times_out() {
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            start_timeout: Duration::from_millis(500),
+            ..server_config()
+        },
+    )
+    .await;
+    refused(&server, 1002, "no start message within", async |_| {}).await;
+    // 8 kHz in, 8 kHz out.
+    let mut c = Client::connect(server.addr).await;
+    c.send_json(json!({"type": "start", "user_id": "phone", "sample_rate": 8000}))
+        .await;
+    let ready = c.wait_for("ready", |v| v["type"] == "ready").await;
+    assert_eq!(ready["sample_rate"], 8000);
+    let speech: Vec<i16> =
+        signal::utterance(Duration::from_millis(1000), Duration::from_millis(900), 3)
+            .iter()
+            .step_by(2)
+            .copied()
+            .collect();
+    for chunk in speech.chunks(160) {
+        c.send_samples(chunk).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.wait_for("the reply to end", |v| is_state(v, "speaking", "listening"))
+        .await;
+    let reply = c.audio_bytes as f64 / 2.0 / 8000.0;
+    assert!(
+        (0.8..=2.0).contains(&reply),
+        "{reply} s of 8 kHz reply audio"
+    );
+    c.send_json(json!({"type": "stop"})).await;
+    assert_eq!(c.expect_close().await.0, 1000);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_length_audio_closes_with_1003() {
+    let server = Running::echo().await;
+    refused(&server, 1003, "641 bytes", async |c| {
+        c.start("odd").await;
+        c.send(Message::binary(vec![0u8; 641])).await.unwrap();
+    })
+    .await;
+    server.wait_sessions(0).await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_are_checked_before_the_upgrade() {
+    let server = Running::echo().await;
+    let addr = server.addr;
+    let (status, body) = http_refusal(addr, &[("origin", "http://evil.example")]).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("origin not allowed"), "{body}");
+    // The server's own pages may connect, and so may non-browser clients.
+    let own = format!("http://{addr}");
+    let mut c = Client::connect_with(addr, &[("origin", own.as_str())])
+        .await
+        .unwrap();
+    healthy_session(&mut c, "same-host").await;
+    assert_healthy_session(addr, "no-origin").await;
+    let (_, _, text) = http_get(addr, "/metrics").await;
+    assert_eq!(
+        metric(&text, "server_connections_refused_total{reason=\"origin\"}"),
+        1.0
+    );
+    server.stop().await.unwrap();
+
+    // An explicit list allows exactly its origins.
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            allowed_origins: vec!["http://app.example:3000".into()],
+            ..server_config()
+        },
+    )
+    .await;
+    let own = format!("http://{}", server.addr);
+    assert_eq!(
+        http_refusal(server.addr, &[("origin", own.as_str())])
+            .await
+            .0,
+        403
+    );
+    let mut c = Client::connect_with(server.addr, &[("origin", "http://app.example:3000")])
+        .await
+        .unwrap();
+    healthy_session(&mut c, "listed").await;
+    server.stop().await.unwrap();
+}
+
+/// Accepts exactly one token.
+struct OneToken(&'static str);
+
+#[async_trait]
+impl AuthHook for OneToken {
+    async fn authenticate(&self, token: Option<&Secret>) -> voice_backends::Result<Principal> {
+        match token {
+            Some(t) if t.expose() == self.0 => Ok(Principal::new("ok")),
+            _ => Err(BackendError::new(
+                "auth",
+                ErrorCode::AuthenticationFailed,
+                "unknown token",
+            )),
+        }
+    }
+
+    async fn authorize(&self, _: &Principal, _: Operation) -> voice_backends::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_go_to_the_auth_hook_and_never_into_reasons() {
+    const GOOD: &str = "good-token-8c1f";
+    const BAD: &str = "bad-token-77aa";
+    let backend = registry().create("local", &echo_config()).await.unwrap();
+    backend.start().await.unwrap();
+    backend.set_hooks(Hooks {
+        auth: Some(Arc::new(OneToken(GOOD))),
+        ..Hooks::default()
+    });
+    let server = Running::with_backend(backend, server_config()).await;
+    let addr = server.addr;
+
+    for (header, start_token) in [(None, Some(BAD)), (None, None), (Some(GOOD), Some(BAD))] {
+        let bearer = header.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&'static str, &str)> = bearer
+            .iter()
+            .map(|b| ("authorization", b.as_str()))
+            .collect();
+        let mut c = Client::connect_with(addr, &headers).await.unwrap();
+        let mut start = json!({"type": "start", "user_id": "mallory", "sample_rate": RATE});
+        if let Some(t) = start_token {
+            start["token"] = json!(t);
+        }
+        c.send_json(start).await;
+        let (code, reason) = c.expect_close().await;
+        assert_eq!((code, reason.as_str()), (1008, "authentication failed"));
+        assert!(!reason.contains(BAD) && !reason.contains(GOOD));
+    }
+    assert_eq!(server.backend.active_session_count(), 0);
+
+    // The right token, in the start message or in the header.
+    let mut c = Client::connect(addr).await;
+    c.send_json(json!({"type": "start", "user_id": "alice", "sample_rate": RATE, "token": GOOD}))
+        .await;
+    c.wait_for("ready", |v| v["type"] == "ready").await;
+    c.send_json(json!({"type": "stop"})).await;
+    assert_eq!(c.expect_close().await.0, 1000);
+    let bearer = format!("Bearer {GOOD}");
+    let mut c = Client::connect_with(addr, &[("authorization", bearer.as_str())])
+        .await
+        .unwrap();
+    healthy_session(&mut c, "bob").await;
+
+    let (_, _, text) = http_get(addr, "/metrics").await;
+    assert_eq!(
+        metric(&text, "server_connections_refused_total{reason=\"auth\"}"),
+        3.0
+    );
+    assert!(!text.contains(GOOD) && !text.contains(BAD));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backend_closes_with_1013() {
+    let mut config = echo_config();
+    config.max_concurrent_sessions = 1;
+    let server = Running::start(config, server_config()).await;
+    let mut first = Client::connect(server.addr).await;
+    first.start("first").await;
+    let mut second = Client::connect(server.addr).await;
+    second
+        .send_json(json!({"type": "start", "user_id": "second", "sample_rate": RATE}))
+        .await;
+    let (code, reason) = second.expect_close().await;
+    assert_eq!(code, 1013, "{reason}");
+    assert!(reason.contains("capacity"), "{reason}");
+    // The first session is untouched; once it stops, there is room again.
+    first
+        .send_json(json!({"type": "text", "text": "are you there"}))
+        .await;
+    first
+        .wait_for("the agent error", |v| v["type"] == "error")
+        .await;
+    first.send_json(json!({"type": "stop"})).await;
+    assert_eq!(first.expect_close().await.0, 1000);
+    server.wait_sessions(0).await;
+    assert_healthy_session(server.addr, "third").await;
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "server_connections_refused_total{reason=\"capacity\"}"
+        ),
+        1.0
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_messages_closes_with_1008() {
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            messages_per_second: 5.0,
+            ..server_config()
+        },
+    )
+    .await;
+    refused(&server, 1008, "message rate exceeded", async |c| {
+        c.start("flood").await;
+        let silence = signal::silence(Duration::from_millis(20));
+        for _ in 0..40 {
+            if c.send(Message::binary(
+                silence
+                    .iter()
+                    .flat_map(|s| s.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ))
+            .await
+            .is_err()
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    server.wait_sessions(0).await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_connection_limits_refuse_with_429() {
+    // At most one connection at a time from one address.
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            max_connections_per_ip: 1,
+            ..server_config()
+        },
+    )
+    .await;
+    let mut first = Client::connect(server.addr).await;
+    first.start("first").await;
+    let err = http_refusal(server.addr, &[]).await;
+    assert_eq!(err.0, 429);
+    assert!(err.1.contains("too many connections"), "{}", err.1);
+    healthy_session_started(&mut first).await;
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "server_connections_refused_total{reason=\"capacity\"}"
+        ),
+        1.0
+    );
+    server.stop().await.unwrap();
+
+    // New connections per second: 0.1 per second allows a burst of one.
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            connections_per_second_per_ip: 0.1,
+            ..server_config()
+        },
+    )
+    .await;
+    let mut first = Client::connect(server.addr).await;
+    first.start("first").await;
+    let err = http_refusal(server.addr, &[]).await;
+    assert_eq!(err.0, 429);
+    assert!(err.1.contains("connection rate limit"), "{}", err.1);
+    healthy_session_started(&mut first).await;
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "server_connections_refused_total{reason=\"rate_limit\"}"
+        ),
+        1.0
+    );
+    server.stop().await.unwrap();
+}
+
+/// The second half of [`healthy_session`], on a started session.
+async fn healthy_session_started(c: &mut Client) {
+    c.send_json(json!({"type": "text", "text": "still there?"}))
+        .await;
+    c.wait_for("the agent error", |v| {
+        v["type"] == "error" && v["code"] == "agent_error"
+    })
+    .await;
+    c.send_json(json!({"type": "stop"})).await;
+    assert_eq!(c.expect_close().await, (1000, "session stopped".into()));
+}
+
+/// A connection attempt refused before the upgrade: the HTTP status and body.
+async fn http_refusal(addr: SocketAddr, headers: &[(&'static str, &str)]) -> (u16, String) {
+    let err = Client::connect_with(addr, headers)
+        .await
+        .err()
+        .expect("the connection is refused");
+    let tungstenite::Error::Http(response) = err else {
+        panic!("expected an HTTP refusal, got {err}")
+    };
+    let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+    (response.status().as_u16(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_mid_turn_leaves_no_session_behind() {
+    let server = Running::echo().await;
+    let mut c = Client::connect(server.addr).await;
+    c.start("ghost").await;
+    c.stream(&signal::utterance(
+        Duration::from_millis(1500),
+        Duration::from_millis(900),
+        5,
+    ))
+    .await;
+    c.wait_for("the turn to end", |v| v["type"] == "turn_ended")
+        .await;
+    c.wait_audio().await;
+    assert_eq!(server.backend.active_session_count(), 1);
+    // Gone without a close handshake.
+    drop(c);
+    server.wait_sessions(0).await;
+    let result = timeout(PATIENCE, async {
+        loop {
+            let (_, _, text) = http_get(server.addr, "/metrics").await;
+            if metric(&text, "server_connections_active") == 0.0 {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let text = result.expect("the connection is forgotten");
+    assert_eq!(
+        metric(&text, "backend_sessions_active{provider=\"local\"}"),
+        0.0
+    );
+    assert_healthy_session(server.addr, "next").await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_turn_in_flight_finish_then_closes_with_1001() {
+    let server = Running::echo().await;
+    let addr = server.addr;
+    let backend = server.backend.clone();
+    let mut c = Client::connect(addr).await;
+    c.start("late").await;
+    // An idle client is closed too.
+    let mut idle = Client::connect(addr).await;
+    idle.start("idle").await;
+    c.stream(&signal::utterance(
+        Duration::from_millis(1500),
+        Duration::from_millis(900),
+        9,
+    ))
+    .await;
+    c.wait_for("the turn to end", |v| v["type"] == "turn_ended")
+        .await;
+    let audio_before = c.audio_bytes;
+    let run = tokio::spawn(server.stop());
+    let (code, reason) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    let reply = Duration::from_secs_f64((c.audio_bytes) as f64 / 2.0 / f64::from(RATE));
+    assert!(
+        reply >= Duration::from_millis(1400),
+        "the whole reply arrived before the close: {reply:?} ({audio_before} bytes before shutdown)"
+    );
+    assert!(c.saw(|v| v["type"] == "latency"), "{:?}", c.seen);
+    assert_eq!(c.seen.last().unwrap()["type"], "closed");
+    assert_eq!(idle.expect_close().await.0, 1001);
+    timeout(PATIENCE * 2, run)
+        .await
+        .expect("run returns")
+        .unwrap()
+        .expect("run returns Ok");
+    assert_eq!(backend.active_session_count(), 0);
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
+}
