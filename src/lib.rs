@@ -3,11 +3,11 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod audio;
+pub mod backend;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
-pub mod audio;
-pub mod backend;
 pub mod config;
 pub mod error;
 pub mod hooks;

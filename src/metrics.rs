@@ -26,6 +26,13 @@
 //! histograms use the fixed bucket bounds of [`LATENCY_BUCKETS`]
 //! (0.1 ms to 10 s).
 //!
+//! `process_audio` runs once per audio frame (50 times a second per session),
+//! so the runtime counts every call and error but times only one call in
+//! [`PROCESS_AUDIO_LATENCY_SAMPLE`] of each session (the first, then every
+//! 64th): `backend_latency_seconds{operation="process_audio"}` has about
+//! 1/64 of `backend_requests_total{operation="process_audio"}` observations,
+//! and its quantiles and mean are those of the sample.
+//!
 //! # Cost
 //!
 //! Every label set is small and fixed, so every series is pre-allocated when
@@ -82,7 +89,8 @@ pub enum Op {
     GetSession,
     /// `VoiceBackend::close_session`.
     CloseSession,
-    /// `VoiceSession::process_audio`.
+    /// `VoiceSession::process_audio`. Its latency is sampled; see
+    /// [`PROCESS_AUDIO_LATENCY_SAMPLE`].
     ProcessAudio,
     /// `VoiceSession::send_audio`.
     SendAudio,
@@ -243,6 +251,11 @@ const _: () = {
         i += 1;
     }
 };
+
+/// The runtime times one [`Op::ProcessAudio`] call in this many, per session
+/// (every call is counted): reading the clock twice and recording a histogram
+/// on every 20 ms frame would be a tenth of the frame's cost.
+pub const PROCESS_AUDIO_LATENCY_SAMPLE: u64 = 64;
 
 /// Upper bounds, in seconds, of the buckets of both latency histograms
 /// (`backend_latency_seconds` and `pipeline_turn_latency_seconds`): a 1-2.5-5

@@ -18,8 +18,24 @@
 //! - Playout hands frames to the [`AudioReceiver`] paced in real time, at most
 //!   [`PLAYOUT_LEAD`] ahead; if the application does not read them and the
 //!   channel is full, frames are dropped and counted the same way.
-//! - Events go to a broadcast ring of [`EVENT_CAPACITY`]; a subscriber that
-//!   falls behind loses the oldest (counted as `event_overflow`).
+//! - Events go to a broadcast ring of [`EVENT_CAPACITY`] (64) events, shared
+//!   by every subscriber: a subscriber more than 64 events behind loses the
+//!   oldest ones (counted as `event_overflow`, and in [`SessionEvents::lost`]).
+//!   A turn makes about ten events (speech started, turn ended, state changes,
+//!   transcript, agent text, latency), so that is several turns of slack; the
+//!   ring costs about 7 KiB per session.
+//!
+//! # The session task
+//!
+//! One tokio task per session waits on: control messages from the input
+//! path, the STT or S2S component's events, the agent/TTS reply in flight
+//! (polled only while there is one), and a single timer. The timer is set to
+//! the nearest deadline (the next reply frame's release, the end of playout,
+//! the stop deadline) and moved only when that deadline changes; when it
+//! fires, every reply frame that is due is released at once. A wake-up for
+//! component events handles up to 64 that are ready, stopping early when a
+//! control message is waiting (control messages, such as a barge-in, always
+//! go first).
 //!
 //! # Barge-in
 //!
@@ -33,6 +49,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -53,8 +70,9 @@ use crate::session::{AudioReceiver, AudioSender, PipelineState, audio_channel};
 
 /// How far ahead of real time reply audio is handed to the receiver.
 pub const PLAYOUT_LEAD: Duration = Duration::from_millis(60);
-/// Events kept for a subscriber that falls behind.
-pub const EVENT_CAPACITY: usize = 256;
+/// Events kept for a subscriber that falls behind; see the
+/// [module documentation](self#buffers-and-overflow).
+pub const EVENT_CAPACITY: usize = 64;
 /// Reply audio queued for playout at most.
 pub const MAX_REPLY_AUDIO: Duration = Duration::from_secs(60);
 /// Audio kept from before speech onset.
@@ -561,27 +579,341 @@ struct Playout {
     converter: Option<AudioConverter>,
 }
 
-async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+/// The session task's inputs, one bit each in [`Signals::pending`].
+const IN_CONTROL: u8 = 1;
+const IN_STT: u8 = 1 << 1;
+const IN_S2S: u8 = 1 << 2;
+const IN_REPLY: u8 = 1 << 3;
+const IN_REPLY_MSG: u8 = 1 << 4;
+const IN_TIMER: u8 = 1 << 5;
+const INPUTS: usize = 6;
+
+/// Which of the session task's inputs have signalled since they were last
+/// polled, and the waker of the task.
+struct Signals {
+    pending: AtomicU8,
+    task: Mutex<Option<Waker>>,
+}
+
+/// The waker an input is polled with: it marks the input and wakes the task.
+struct InputWaker {
+    signals: Arc<Signals>,
+    bit: u8,
+}
+
+impl Wake for InputWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.signals.pending.fetch_or(self.bit, Ordering::AcqRel);
+        if let Some(task) = &*self
+            .signals
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            task.wake_by_ref();
+        }
     }
 }
 
-async fn run_opt(fut: &mut Option<ReplyFuture>) -> Result<()> {
-    match fut {
-        Some(f) => f.await,
-        None => std::future::pending().await,
+/// Polls only the session task's inputs that have something new.
+///
+/// Each input (a channel, the reply future, the timer) is polled with a
+/// waker of its own, which marks the input before waking the task; an input
+/// is polled again only once marked (or while it keeps returning items), so
+/// a wake-up for one input does not poll the others. Polling every channel
+/// on every wake-up used to be most of the task's cost.
+struct Inputs {
+    signals: Arc<Signals>,
+    wakers: [Waker; INPUTS],
+}
+
+impl Inputs {
+    /// Every input marked, so each is polled (and registers) once.
+    fn new() -> Self {
+        let signals = Arc::new(Signals {
+            pending: AtomicU8::new((1 << INPUTS) - 1),
+            task: Mutex::new(None),
+        });
+        let wakers = std::array::from_fn(|i| {
+            Waker::from(Arc::new(InputWaker {
+                signals: signals.clone(),
+                bit: 1 << i,
+            }))
+        });
+        Inputs { signals, wakers }
+    }
+
+    /// Keeps the task's waker for the inputs' wakers to wake.
+    fn register(&self, task: &Waker) {
+        let mut slot = self
+            .signals
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !slot.as_ref().is_some_and(|w| w.will_wake(task)) {
+            *slot = Some(task.clone());
+        }
+    }
+
+    /// Marks `bits`: inputs that (re)started and must be polled to register.
+    fn mark(&self, bits: u8) {
+        self.signals.pending.fetch_or(bits, Ordering::AcqRel);
+    }
+
+    /// Polls the input `bit` with its own waker if it is marked. It stays
+    /// marked after an item (more may be waiting), unmarked once pending.
+    fn poll<T>(&self, bit: u8, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Option<T> {
+        let pending = &self.signals.pending;
+        if pending.load(Ordering::Acquire) & bit == 0 {
+            return None;
+        }
+        // Unmark first: a wake from here on marks it again.
+        pending.fetch_and(!bit, Ordering::AcqRel);
+        let waker = &self.wakers[bit.trailing_zeros() as usize];
+        match poll(&mut Context::from_waker(waker)) {
+            Poll::Ready(v) => {
+                pending.fetch_or(bit, Ordering::AcqRel);
+                Some(v)
+            }
+            Poll::Pending => None,
+        }
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// What the session task woke for.
+enum Woke {
+    Control(Option<Control>),
+    Stt(Option<SttEvent>),
+    S2s(Option<S2sEvent>),
+    Reply(Result<()>),
+    ReplyMsg(ReplyMsg),
+    Timer,
+}
+
+/// Events taken from a component's channel in one go, once the session task
+/// is awake, before it looks at its other inputs again (a control message
+/// waiting stops the batch early: it goes first, as it always has).
+const EVENT_BATCH: usize = 64;
+
+/// The session task's state, apart from the channels it waits on.
+struct Task {
+    shared: Arc<Shared>,
+    tts: Option<Arc<dyn TextToSpeech>>,
+    reply_tx: mpsc::Sender<ReplyMsg>,
+    /// The agent/TTS reply in flight; only it sends on `reply_tx`.
+    reply: Option<ReplyFuture>,
+    /// Replies started so far (each new one is polled at once).
+    replies: u64,
+    reply_done: bool,
+    clock: TurnClock,
+    playout: Playout,
+    stopping: Option<(Instant, oneshot::Sender<()>)>,
+}
+
+impl Task {
+    /// When the next queued reply frame is due for release, if any.
+    fn release_at(&self) -> Option<Instant> {
+        (!self.playout.pending.is_empty()).then(|| {
+            self.playout
+                .play_end
+                .checked_sub(PLAYOUT_LEAD)
+                .unwrap_or_else(Instant::now)
+        })
+    }
+
+    /// When the reply being played ends and the session goes back to
+    /// listening, once nothing more of it can come.
+    fn idle_at(&self) -> Option<Instant> {
+        (self.playout.pending.is_empty()
+            && self.reply_done
+            && self.reply.is_none()
+            && self.shared.state() == PipelineState::Speaking)
+            .then_some(self.playout.play_end)
+    }
+
+    /// The nearest of the task's deadlines: release, idle and stop.
+    fn next_deadline(&self) -> Option<Instant> {
+        let stop_at = self.stopping.as_ref().map(|(d, _)| *d);
+        [self.release_at(), self.idle_at(), stop_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Starts the reply to `text`, first handling what a reply it replaces
+    /// had sent (the reply channel holds only the current reply's messages).
+    fn start_reply(&mut self, reply_rx: &mut mpsc::Receiver<ReplyMsg>, text: String) {
+        if self.reply.is_some() {
+            while let Ok(msg) = reply_rx.try_recv() {
+                self.on_reply_msg(msg);
+            }
+        }
+        self.reply = start_reply(
+            &self.shared,
+            &self.tts,
+            &self.reply_tx,
+            self.clock.turn,
+            text,
+        );
+        self.replies += 1;
+        if self.reply.is_none() {
+            self.reply_done = true;
+        }
+    }
+
+    fn on_control(
+        &mut self,
+        msg: Control,
+        s2s_events: &mut Option<mpsc::Receiver<S2sEvent>>,
+        reply_rx: &mut mpsc::Receiver<ReplyMsg>,
+    ) {
+        let shared = &*self.shared;
+        match msg {
+            Control::TurnEnded { turn, endpointing } => {
+                self.clock = TurnClock {
+                    turn,
+                    ended_at: Some(Instant::now()),
+                    endpointing,
+                    ..TurnClock::default()
+                };
+                self.reply_done = false;
+                shared.set_state(PipelineState::Processing);
+            }
+            Control::Interrupt { turn } => {
+                self.reply = None;
+                while reply_rx.try_recv().is_ok() {}
+                // Reply audio the S2S model had already queued is part of the cut reply.
+                if let Some(rx) = s2s_events.as_mut() {
+                    while let Ok(ev) = rx.try_recv() {
+                        match ev {
+                            S2sEvent::UserTranscript { text, is_final } => {
+                                shared.emit(SessionEvent::UserTranscript { text, is_final })
+                            }
+                            S2sEvent::AgentText(text) => {
+                                shared.emit(SessionEvent::AgentText { text })
+                            }
+                            S2sEvent::Audio(_) | S2sEvent::ReplyDone => {}
+                        }
+                    }
+                }
+                self.playout.pending.clear();
+                self.playout.pending_len = Duration::ZERO;
+                self.playout.play_end = Instant::now();
+                self.reply_done = true;
+                shared.metrics.interrupted();
+                shared.emit(SessionEvent::Interrupted { turn });
+                shared.set_state(PipelineState::Listening);
+            }
+            Control::Text(text) => {
+                self.clock = TurnClock {
+                    turn: shared.turns.fetch_add(1, Ordering::AcqRel) + 1,
+                    ended_at: Some(Instant::now()),
+                    ..TurnClock::default()
+                };
+                shared.metrics.turn();
+                shared.emit(SessionEvent::UserTranscript {
+                    text: text.clone(),
+                    is_final: true,
+                });
+                shared.set_state(PipelineState::Processing);
+                self.reply_done = false;
+                self.start_reply(reply_rx, text);
+            }
+            Control::Stop { deadline, done } => {
+                self.stopping = Some((deadline, done));
+            }
+        }
+    }
+
+    fn on_stt(&mut self, ev: SttEvent, reply_rx: &mut mpsc::Receiver<ReplyMsg>) {
+        let shared = &*self.shared;
+        match ev {
+            SttEvent::Partial(text) => {
+                shared.emit(SessionEvent::UserTranscript {
+                    text,
+                    is_final: false,
+                });
+            }
+            SttEvent::Final(text) => {
+                if let Some(t) = self.clock.ended_at {
+                    self.clock.stt = Some(t.elapsed());
+                    shared.metrics.turn_latency(LatencyStage::Stt, t.elapsed());
+                }
+                shared.emit(SessionEvent::UserTranscript {
+                    text: text.clone(),
+                    is_final: true,
+                });
+                if text.trim().is_empty() {
+                    // Nothing was recognised: no turn to answer.
+                    shared.replying.store(false, Ordering::Release);
+                    self.reply_done = true;
+                    shared.set_state(PipelineState::Listening);
+                } else if shared.replying.load(Ordering::Acquire) {
+                    self.start_reply(reply_rx, text);
+                }
+            }
+        }
+    }
+
+    fn on_s2s(&mut self, ev: S2sEvent) {
+        let shared = &*self.shared;
+        match ev {
+            S2sEvent::UserTranscript { text, is_final } => {
+                shared.emit(SessionEvent::UserTranscript { text, is_final });
+            }
+            S2sEvent::AgentText(text) => shared.emit(SessionEvent::AgentText { text }),
+            S2sEvent::Audio(frame) => {
+                if shared.replying.load(Ordering::Acquire) {
+                    enqueue(shared, &mut self.playout, frame);
+                }
+            }
+            S2sEvent::ReplyDone => {
+                self.reply_done = true;
+                if !self.clock.first_audio_sent && self.playout.pending.is_empty() {
+                    // Nothing to say: back to listening.
+                    shared.replying.store(false, Ordering::Release);
+                    if shared.state() == PipelineState::Processing {
+                        shared.set_state(PipelineState::Listening);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_reply_msg(&mut self, msg: ReplyMsg) {
+        on_reply_msg(&self.shared, &mut self.playout, &mut self.clock, msg);
+    }
+
+    /// The timer fired: releases every reply frame that is due (stopping
+    /// early for a waiting control message, which goes first), then goes
+    /// back to listening if the reply has finished playing. Returns whether
+    /// the stop deadline has passed.
+    fn on_timer(&mut self, control: &mpsc::UnboundedReceiver<Control>) -> bool {
+        let now = Instant::now();
+        while self.release_at().is_some_and(|at| at <= now) {
+            release(&self.shared, &mut self.playout, &mut self.clock, now);
+            if !control.is_empty() {
+                return false;
+            }
+        }
+        if self.idle_at().is_some_and(|at| at <= now) {
+            self.shared.replying.store(false, Ordering::Release);
+            self.shared.set_state(PipelineState::Listening);
+        }
+        self.stopping.as_ref().is_some_and(|(d, _)| *d <= now)
     }
 }
 
+/// The session's task: everything that waits. It wakes for a control message,
+/// an STT or S2S event, progress of the reply in flight, or its one timer,
+/// which is set to the nearest deadline (the next reply frame's release, the
+/// end of the reply's playout, the stop deadline) and moved only when that
+/// changes. Inputs are checked in that order, so a control message (a
+/// barge-in) always goes first.
 async fn run(shared: Arc<Shared>, parts: TaskParts) {
     let TaskParts {
         mut control,
@@ -590,161 +922,150 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
         tts,
     } = parts;
     let (reply_tx, mut reply_rx) = mpsc::channel::<ReplyMsg>(32);
-    let mut reply: Option<ReplyFuture> = None;
-    let mut reply_done = true;
-    let mut clock = TurnClock::default();
-    let mut playout = Playout {
-        pending: VecDeque::new(),
-        pending_len: Duration::ZERO,
-        play_end: Instant::now(),
-        converter: None,
+    let mut task = Task {
+        shared,
+        tts,
+        reply_tx,
+        reply: None,
+        replies: 0,
+        reply_done: true,
+        clock: TurnClock::default(),
+        playout: Playout {
+            pending: VecDeque::new(),
+            pending_len: Duration::ZERO,
+            play_end: Instant::now(),
+            converter: None,
+        },
+        stopping: None,
     };
-    let mut stopping: Option<(Instant, oneshot::Sender<()>)> = None;
+    let inputs = Inputs::new();
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
+    // The deadline the timer is set to; `None` while it is not set (or fired).
+    let mut armed: Option<Instant> = None;
 
     loop {
-        let now = Instant::now();
-        let release_at = (!playout.pending.is_empty())
-            .then(|| playout.play_end.checked_sub(PLAYOUT_LEAD).unwrap_or(now));
-        let speaking = shared.state() == PipelineState::Speaking;
-        let idle_at = (speaking && playout.pending.is_empty() && reply_done && reply.is_none())
-            .then_some(playout.play_end);
-        let stop_at = stopping.as_ref().map(|(d, _)| *d);
-
-        tokio::select! {
-            biased;
-            msg = control.recv() => match msg {
-                Some(Control::TurnEnded { turn, endpointing }) => {
-                    clock = TurnClock {
-                        turn,
-                        ended_at: Some(Instant::now()),
-                        endpointing,
-                        ..TurnClock::default()
-                    };
-                    reply_done = false;
-                    shared.set_state(PipelineState::Processing);
-                }
-                Some(Control::Interrupt { turn }) => {
-                    reply = None;
-                    while reply_rx.try_recv().is_ok() {}
-                    // Reply audio the S2S model had already queued is part of the cut reply.
-                    if let Some(rx) = s2s_events.as_mut() {
-                        while let Ok(ev) = rx.try_recv() {
-                            match ev {
-                                S2sEvent::UserTranscript { text, is_final } => {
-                                    shared.emit(SessionEvent::UserTranscript { text, is_final })
-                                }
-                                S2sEvent::AgentText(text) => shared.emit(SessionEvent::AgentText { text }),
-                                S2sEvent::Audio(_) | S2sEvent::ReplyDone => {}
-                            }
-                        }
-                    }
-                    playout.pending.clear();
-                    playout.pending_len = Duration::ZERO;
-                    playout.play_end = Instant::now();
-                    reply_done = true;
-                    shared.metrics.interrupted();
-                    shared.emit(SessionEvent::Interrupted { turn });
-                    shared.set_state(PipelineState::Listening);
-                }
-                Some(Control::Text(text)) => {
-                    clock = TurnClock {
-                        turn: shared.turns.fetch_add(1, Ordering::AcqRel) + 1,
-                        ended_at: Some(Instant::now()),
-                        ..TurnClock::default()
-                    };
-                    shared.metrics.turn();
-                    shared.emit(SessionEvent::UserTranscript { text: text.clone(), is_final: true });
-                    shared.set_state(PipelineState::Processing);
-                    reply_done = false;
-                    reply = start_reply(&shared, &tts, &reply_tx, clock.turn, text);
-                    if reply.is_none() {
-                        reply_done = true;
-                    }
-                }
-                Some(Control::Stop { deadline, done }) => {
-                    stopping = Some((deadline, done));
-                }
-                None => break,
-            },
-            ev = recv_opt(&mut stt_events) => match ev {
-                Some(SttEvent::Partial(text)) => {
-                    shared.emit(SessionEvent::UserTranscript { text, is_final: false });
-                }
-                Some(SttEvent::Final(text)) => {
-                    if let Some(t) = clock.ended_at {
-                        clock.stt = Some(t.elapsed());
-                        shared.metrics.turn_latency(LatencyStage::Stt, t.elapsed());
-                    }
-                    shared.emit(SessionEvent::UserTranscript { text: text.clone(), is_final: true });
-                    if text.trim().is_empty() {
-                        // Nothing was recognised: no turn to answer.
-                        shared.replying.store(false, Ordering::Release);
-                        reply_done = true;
-                        shared.set_state(PipelineState::Listening);
-                    } else if shared.replying.load(Ordering::Acquire) {
-                        reply = start_reply(&shared, &tts, &reply_tx, clock.turn, text);
-                        if reply.is_none() {
-                            reply_done = true;
-                        }
-                    }
-                }
-                None => stt_events = None,
-            },
-            ev = recv_opt(&mut s2s_events) => match ev {
-                Some(S2sEvent::UserTranscript { text, is_final }) => {
-                    shared.emit(SessionEvent::UserTranscript { text, is_final });
-                }
-                Some(S2sEvent::AgentText(text)) => shared.emit(SessionEvent::AgentText { text }),
-                Some(S2sEvent::Audio(frame)) => {
-                    if shared.replying.load(Ordering::Acquire) {
-                        enqueue(&shared, &mut playout, frame);
-                    }
-                }
-                Some(S2sEvent::ReplyDone) => {
-                    reply_done = true;
-                    if !clock.first_audio_sent && playout.pending.is_empty() {
-                        // Nothing to say: back to listening.
-                        shared.replying.store(false, Ordering::Release);
-                        if shared.state() == PipelineState::Processing {
-                            shared.set_state(PipelineState::Listening);
-                        }
-                    }
-                }
-                None => s2s_events = None,
-            },
-            result = run_opt(&mut reply) => {
-                reply = None;
-                reply_done = true;
-                // What the reply sent before finishing is handled before anything else.
-                while let Ok(msg) = reply_rx.try_recv() {
-                    on_reply_msg(&shared, &mut playout, &mut clock, msg);
-                }
-                if let Err(e) = result {
-                    shared.emit(SessionEvent::Error { code: e.code, message: e.message.clone() });
-                    tracing::warn!(code = %e.code, "turn failed: {}", e.message);
-                }
-            },
-            Some(msg) = reply_rx.recv() => on_reply_msg(&shared, &mut playout, &mut clock, msg),
-            _ = sleep_until_opt(release_at) => {
-                release(&shared, &mut playout, &mut clock);
-            },
-            _ = sleep_until_opt(idle_at) => {
-                shared.replying.store(false, Ordering::Release);
-                shared.set_state(PipelineState::Listening);
-            },
-            _ = sleep_until_opt(stop_at) => break,
+        let deadline = task.next_deadline();
+        if deadline != armed {
+            if let Some(at) = deadline {
+                timer.as_mut().reset(at);
+                inputs.mark(IN_TIMER);
+            }
+            armed = deadline;
         }
 
-        let in_flight = reply.is_some()
-            || !playout.pending.is_empty()
+        let woke = std::future::poll_fn(|cx| {
+            inputs.register(cx.waker());
+            if let Some(msg) = inputs.poll(IN_CONTROL, |cx| control.poll_recv(cx)) {
+                return Poll::Ready(Woke::Control(msg));
+            }
+            if let Some(rx) = stt_events.as_mut()
+                && let Some(ev) = inputs.poll(IN_STT, |cx| rx.poll_recv(cx))
+            {
+                return Poll::Ready(Woke::Stt(ev));
+            }
+            if let Some(rx) = s2s_events.as_mut()
+                && let Some(ev) = inputs.poll(IN_S2S, |cx| rx.poll_recv(cx))
+            {
+                return Poll::Ready(Woke::S2s(ev));
+            }
+            if let Some(reply) = task.reply.as_mut() {
+                if let Some(result) = inputs.poll(IN_REPLY, |cx| reply.as_mut().poll(cx)) {
+                    return Poll::Ready(Woke::Reply(result));
+                }
+                // Only the reply in flight sends here; what it sent is
+                // drained when it ends or is replaced.
+                if let Some(Some(msg)) = inputs.poll(IN_REPLY_MSG, |cx| reply_rx.poll_recv(cx)) {
+                    return Poll::Ready(Woke::ReplyMsg(msg));
+                }
+            }
+            if armed.is_some()
+                && inputs
+                    .poll(IN_TIMER, |cx| timer.as_mut().poll(cx))
+                    .is_some()
+            {
+                return Poll::Ready(Woke::Timer);
+            }
+            Poll::Pending
+        })
+        .await;
+
+        let replies = task.replies;
+        match woke {
+            Woke::Control(Some(msg)) => task.on_control(msg, &mut s2s_events, &mut reply_rx),
+            Woke::Control(None) => break,
+            Woke::Stt(Some(ev)) => {
+                task.on_stt(ev, &mut reply_rx);
+                for _ in 1..EVENT_BATCH {
+                    let Some(rx) = stt_events.as_mut() else { break };
+                    if !control.is_empty() {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(ev) => task.on_stt(ev, &mut reply_rx),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Woke::Stt(None) => stt_events = None,
+            Woke::S2s(Some(ev)) => {
+                task.on_s2s(ev);
+                for _ in 1..EVENT_BATCH {
+                    let Some(rx) = s2s_events.as_mut() else { break };
+                    if !control.is_empty() {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(ev) => task.on_s2s(ev),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Woke::S2s(None) => s2s_events = None,
+            Woke::Reply(result) => {
+                task.reply = None;
+                task.reply_done = true;
+                // What the reply sent before finishing is handled before anything else.
+                while let Ok(msg) = reply_rx.try_recv() {
+                    task.on_reply_msg(msg);
+                }
+                if let Err(e) = result {
+                    task.shared.emit(SessionEvent::Error {
+                        code: e.code,
+                        message: e.message.clone(),
+                    });
+                    tracing::warn!(code = %e.code, "turn failed: {}", e.message);
+                }
+            }
+            Woke::ReplyMsg(msg) => task.on_reply_msg(msg),
+            Woke::Timer => {
+                armed = None;
+                if task.on_timer(&control) {
+                    break;
+                }
+            }
+        }
+        if task.replies != replies {
+            // A new reply: poll it (and its channel) at once.
+            inputs.mark(IN_REPLY | IN_REPLY_MSG);
+        }
+
+        let in_flight = task.reply.is_some()
+            || !task.playout.pending.is_empty()
             || matches!(
-                shared.state(),
+                task.shared.state(),
                 PipelineState::Processing | PipelineState::Speaking
             );
-        if stopping.is_some() && !in_flight {
+        if task.stopping.is_some() && !in_flight {
             break;
         }
     }
+    let Task {
+        shared,
+        reply,
+        stopping,
+        ..
+    } = task;
     drop(reply);
     shared.set_state(PipelineState::Idle);
     shared.emit(SessionEvent::Closed);
@@ -776,19 +1097,22 @@ fn enqueue(shared: &Shared, playout: &mut Playout, frame: AudioFrame) {
         shared.metrics.dropped(DropReason::OutputOverflow, 1);
         return;
     }
-    if playout.pending.is_empty() && playout.play_end < Instant::now() {
-        playout.play_end = Instant::now();
+    if playout.pending.is_empty() {
+        let now = Instant::now();
+        if playout.play_end < now {
+            playout.play_end = now;
+        }
     }
     playout.pending_len += frame.duration();
     playout.pending.push_back(frame);
 }
 
-fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock) {
+/// Hands the next queued reply frame to the receiver (`now` is the time).
+fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, now: Instant) {
     let Some(frame) = playout.pending.pop_front() else {
         return;
     };
     playout.pending_len = playout.pending_len.saturating_sub(frame.duration());
-    let now = Instant::now();
     playout.play_end = playout.play_end.max(now) + frame.duration();
     let out = if frame.format() == shared.output_format {
         Some(frame)
@@ -939,4 +1263,266 @@ fn start_reply(
         })
     };
     Some(Box::pin(fut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{AgentReply, agent_fn};
+
+    /// Speech when the frame's first byte is not zero.
+    struct FirstByte;
+
+    impl Vad for FirstByte {
+        fn process(&mut self, frame: &AudioFrame) -> VadDecision {
+            let speech = frame.data().first().is_some_and(|&b| b != 0);
+            VadDecision {
+                speech,
+                probability: if speech { 1.0 } else { 0.0 },
+                level_db: 0.0,
+            }
+        }
+    }
+
+    /// A turn starts with the first speech frame and ends on the third silent one.
+    #[derive(Default)]
+    struct ThreeSilent {
+        in_turn: bool,
+        silent: u32,
+    }
+
+    impl TurnDetector for ThreeSilent {
+        fn update(&mut self, vad: &VadDecision, _: Duration) -> TurnSignal {
+            if vad.speech {
+                self.silent = 0;
+                if !self.in_turn {
+                    self.in_turn = true;
+                    return TurnSignal::SpeechStarted;
+                }
+            } else if self.in_turn {
+                self.silent += 1;
+                if self.silent == 3 {
+                    self.in_turn = false;
+                    return TurnSignal::TurnEnded;
+                }
+            }
+            TurnSignal::Continue
+        }
+
+        fn reset(&mut self) {
+            self.silent = 0;
+        }
+    }
+
+    /// Transcribes a turn as the number of frames it heard.
+    struct CountingStt {
+        events: mpsc::Sender<SttEvent>,
+        frames: usize,
+    }
+
+    impl SttStream for CountingStt {
+        fn push_audio(&mut self, _: &AudioFrame) -> Result<()> {
+            self.frames += 1;
+            if self.frames % 5 == 0 {
+                let _ = self
+                    .events
+                    .try_send(SttEvent::Partial(format!("{} frames", self.frames)));
+            }
+            Ok(())
+        }
+
+        fn end_turn(&mut self) -> Result<()> {
+            let n = std::mem::take(&mut self.frames);
+            let _ = self.events.try_send(SttEvent::Final(format!("{n} frames")));
+            Ok(())
+        }
+    }
+
+    /// Says anything as `frames` 20 ms frames whose bytes are 1, 2, 3, ...
+    struct NumberedTts {
+        frames: usize,
+    }
+
+    #[async_trait::async_trait]
+    impl TextToSpeech for NumberedTts {
+        async fn synthesize(
+            &self,
+            _text: &str,
+            format: AudioFormat,
+            out: &mpsc::Sender<AudioFrame>,
+        ) -> Result<()> {
+            for i in 0..self.frames {
+                let data = vec![(i % 250 + 1) as u8; format.bytes_for(Duration::from_millis(20))];
+                if out.send(AudioFrame::new(format, data)?).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn frame(byte: u8) -> AudioFrame {
+        AudioFrame::new(INTERNAL_FORMAT, vec![byte; 640]).unwrap()
+    }
+
+    fn stt_tts_engine(tts_frames: usize) -> Engine {
+        let (events, rx) = mpsc::channel(64);
+        Engine::new(EngineParts {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            input_format: INTERNAL_FORMAT,
+            output_format: INTERNAL_FORMAT,
+            processors: Vec::new(),
+            vad: Box::new(FirstByte),
+            turn: Box::<ThreeSilent>::default(),
+            stt: Some((Box::new(CountingStt { events, frames: 0 }), rx)),
+            s2s: None,
+            tts: Some(Arc::new(NumberedTts { frames: tts_frames })),
+            agent: Some(agent_fn(|turn| async move {
+                Ok(AgentReply::text(format!("you said {}", turn.transcript)))
+            })),
+            metrics: Arc::new(Metrics::new("test")),
+            agent_timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    /// A turn of `speech` frames then the three silent frames that end it.
+    fn speak(engine: &Engine, speech: usize) {
+        for _ in 0..speech {
+            engine.process_audio(frame(9)).unwrap();
+        }
+        for _ in 0..3 {
+            engine.process_audio(frame(0)).unwrap();
+        }
+    }
+
+    async fn next_event(
+        events: &mut SessionEvents,
+        what: &str,
+        wanted: impl Fn(&SessionEvent) -> bool,
+    ) -> SessionEvent {
+        let wait = async {
+            loop {
+                let e = events.recv().await.expect("the session's events");
+                if wanted(&e) {
+                    return e;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {what}"))
+    }
+
+    fn to(state: PipelineState) -> impl Fn(&SessionEvent) -> bool {
+        move |e| matches!(e, SessionEvent::State { to, .. } if *to == state)
+    }
+
+    #[tokio::test]
+    async fn an_stt_turn_is_transcribed_answered_and_played_in_order() {
+        let engine = stt_tts_engine(10);
+        let mut events = engine.subscribe();
+        let mut rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 7);
+        let partial = next_event(&mut events, "a partial", |e| {
+            matches!(
+                e,
+                SessionEvent::UserTranscript {
+                    is_final: false,
+                    ..
+                }
+            )
+        })
+        .await;
+        assert_eq!(
+            partial,
+            SessionEvent::UserTranscript {
+                text: "5 frames".into(),
+                is_final: false
+            }
+        );
+        let answer = next_event(&mut events, "the answer", |e| {
+            matches!(e, SessionEvent::AgentText { .. })
+        })
+        .await;
+        assert_eq!(
+            answer,
+            SessionEvent::AgentText {
+                text: "you said 10 frames".into()
+            }
+        );
+        let mut played = Vec::new();
+        for _ in 0..10 {
+            let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("reply audio")
+                .expect("the receiver is open");
+            played.push(f.data()[0]);
+        }
+        assert_eq!(played, (1..=10).collect::<Vec<u8>>());
+        let SessionEvent::Latency(l) = next_event(&mut events, "the latency", |e| {
+            matches!(e, SessionEvent::Latency(_))
+        })
+        .await
+        else {
+            unreachable!()
+        };
+        assert_eq!(l.turn, 1);
+        assert!(l.stt.is_some() && l.agent.is_some() && l.tts_first_audio.is_some());
+        next_event(&mut events, "listening again", to(PipelineState::Listening)).await;
+        engine.stop(Duration::from_secs(2)).await.unwrap();
+        next_event(&mut events, "the close", |e| *e == SessionEvent::Closed).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn barge_in_cuts_a_tts_reply_and_the_next_turn_is_answered() {
+        let engine = stt_tts_engine(200);
+        let mut events = engine.subscribe();
+        let mut rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 4);
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the reply starts playing")
+            .expect("reply audio");
+        next_event(&mut events, "speaking", to(PipelineState::Speaking)).await;
+        // Barge in.
+        engine.process_audio(frame(9)).unwrap();
+        let cut = next_event(&mut events, "the interruption", |e| {
+            matches!(e, SessionEvent::Interrupted { .. })
+        })
+        .await;
+        assert_eq!(cut, SessionEvent::Interrupted { turn: 1 });
+        next_event(&mut events, "listening", to(PipelineState::Listening)).await;
+        // Nothing more of the cut reply plays.
+        let mut leftover = 0;
+        while tokio::time::timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_ok_and(|f| f.is_some())
+        {
+            leftover += 1;
+        }
+        assert!(leftover <= 3, "{leftover} frames of the cut reply played");
+        // The turn that barged in (1 frame so far, then 5 more) is answered.
+        speak(&engine, 5);
+        let answer = next_event(&mut events, "the second answer", |e| {
+            matches!(e, SessionEvent::AgentText { .. })
+        })
+        .await;
+        assert_eq!(
+            answer,
+            SessionEvent::AgentText {
+                text: "you said 9 frames".into()
+            }
+        );
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the second reply plays")
+            .expect("reply audio");
+        assert_eq!(first.data()[0], 1, "the second reply from its start");
+        engine.stop(Duration::from_millis(100)).await.unwrap();
+        next_event(&mut events, "the close", |e| *e == SessionEvent::Closed).await;
+    }
 }

@@ -19,6 +19,11 @@
 //! oldest audio is dropped, counted ([`EchoStream::dropped_samples`]) and
 //! mentioned in the `AgentText`.
 //!
+//! The audio is not copied: the stream keeps the pushed frames' own buffers
+//! (their [`Bytes`], shared, not cloned byte by byte) and the reply's frames
+//! are slices of them. Only a reply frame that straddles two pushed frames (when
+//! they are not 20 ms each) is assembled by copying.
+//!
 //! # Sending
 //!
 //! [`S2sStream::push_audio`] and [`S2sStream::end_turn`] never block. Replies
@@ -39,7 +44,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -160,8 +165,10 @@ struct Reply {
 pub struct EchoStream {
     options: EchoOptions,
     events: mpsc::Sender<S2sEvent>,
-    /// The turn's audio, s16le bytes, at most `max_bytes`.
-    buffer: VecDeque<u8>,
+    /// The turn's audio, s16le bytes: the pushed frames' buffers, oldest
+    /// first, `buffered_bytes` in all, at most `max_bytes`.
+    buffer: VecDeque<Bytes>,
+    buffered_bytes: usize,
     max_bytes: usize,
     /// Samples dropped from the current turn.
     turn_dropped: u64,
@@ -193,6 +200,7 @@ impl EchoStream {
             options,
             events,
             buffer: VecDeque::new(),
+            buffered_bytes: 0,
             max_bytes,
             turn_dropped: 0,
             dropped: 0,
@@ -204,7 +212,7 @@ impl EchoStream {
     /// The user audio buffered for the current turn.
     pub fn buffered(&self) -> Duration {
         Duration::from_nanos(
-            (self.buffer.len() / INTERNAL_FORMAT.bytes_per_frame()) as u64 * 1_000_000_000
+            (self.buffered_bytes / INTERNAL_FORMAT.bytes_per_frame()) as u64 * 1_000_000_000
                 / u64::from(INTERNAL_FORMAT.sample_rate),
         )
     }
@@ -220,10 +228,28 @@ impl EchoStream {
         &self.options
     }
 
-    /// The reply to the buffered turn, emptying the buffer.
+    /// Drops the oldest `n` buffered bytes.
+    fn drop_oldest(&mut self, mut n: usize) {
+        self.buffered_bytes -= n;
+        while n > 0 {
+            let Some(front) = self.buffer.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.buffer.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    /// The reply to the buffered turn, emptying the buffer (its allocation is
+    /// kept for the next turn).
     fn take_reply(&mut self) -> Vec<S2sEvent> {
-        let audio = Bytes::from(Vec::from(std::mem::take(&mut self.buffer)));
-        let samples = (audio.len() / 2) as u64;
+        let bytes = std::mem::take(&mut self.buffered_bytes);
+        let samples = (bytes / 2) as u64;
         let ms = samples / SAMPLES_PER_MS;
         let dropped_ms = std::mem::take(&mut self.turn_dropped) / SAMPLES_PER_MS;
         let mut text = if samples == 0 {
@@ -238,19 +264,37 @@ impl EchoStream {
             ));
         }
         let frame_bytes = INTERNAL_FORMAT.bytes_for(REPLY_FRAME);
-        let mut events = Vec::with_capacity(3 + audio.len().div_ceil(frame_bytes));
+        let mut events = Vec::with_capacity(3 + bytes.div_ceil(frame_bytes));
         events.push(S2sEvent::UserTranscript {
             text: format!("{ms} ms of audio"),
             is_final: true,
         });
         events.push(S2sEvent::AgentText(text));
-        let mut start = 0;
-        while start < audio.len() {
-            let end = (start + frame_bytes).min(audio.len());
-            let frame = AudioFrame::new(INTERNAL_FORMAT, audio.slice(start..end))
+        let audio = |data: Bytes| {
+            let frame = AudioFrame::new(INTERNAL_FORMAT, data)
                 .expect("whole 16-bit samples of a valid format");
-            events.push(S2sEvent::Audio(frame));
-            start = end;
+            S2sEvent::Audio(frame)
+        };
+        // A reply frame being assembled from the ends of pushed frames.
+        let mut partial = BytesMut::new();
+        for mut chunk in self.buffer.drain(..) {
+            if !partial.is_empty() {
+                let take = (frame_bytes - partial.len()).min(chunk.len());
+                partial.extend_from_slice(&chunk.split_to(take));
+                if partial.len() == frame_bytes {
+                    events.push(audio(partial.split().freeze()));
+                }
+            }
+            while chunk.len() >= frame_bytes {
+                events.push(audio(chunk.split_to(frame_bytes)));
+            }
+            if !chunk.is_empty() {
+                partial.reserve(frame_bytes);
+                partial.extend_from_slice(&chunk);
+            }
+        }
+        if !partial.is_empty() {
+            events.push(audio(partial.freeze()));
         }
         events.push(S2sEvent::ReplyDone);
         events
@@ -299,9 +343,12 @@ impl S2sStream for EchoStream {
         let data = frame.data();
         // Keep the newest `max_bytes`: drop what overflows, oldest first.
         let keep_new = data.len().min(self.max_bytes);
-        let overflow = (self.buffer.len() + keep_new).saturating_sub(self.max_bytes);
-        self.buffer.drain(..overflow);
-        self.buffer.extend(&data[data.len() - keep_new..]);
+        let overflow = (self.buffered_bytes + keep_new).saturating_sub(self.max_bytes);
+        self.drop_oldest(overflow);
+        if keep_new > 0 {
+            self.buffer.push_back(data.slice(data.len() - keep_new..));
+            self.buffered_bytes += keep_new;
+        }
         let dropped = ((overflow + data.len() - keep_new) / 2) as u64;
         self.turn_dropped += dropped;
         self.dropped += dropped;
@@ -352,7 +399,14 @@ async fn run_worker(
             if *epoch.borrow_and_update() != reply.epoch {
                 break;
             }
+            // Room in the channel: no need to wait (nor to watch the epoch).
+            let event = match events.try_send(event) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(event)) => event,
+            };
             tokio::select! {
+                biased;
                 sent = events.send(event) => {
                     if sent.is_err() {
                         // The receiver is gone: nothing more can be sent.
@@ -394,7 +448,7 @@ mod tests {
         let kept: Vec<i16> = s
             .buffer
             .iter()
-            .copied()
+            .flat_map(|b| b.iter().copied())
             .collect::<Vec<u8>>()
             .chunks_exact(2)
             .map(|p| i16::from_le_bytes([p[0], p[1]]))
@@ -431,6 +485,65 @@ mod tests {
         );
         assert_eq!(events.last(), Some(&S2sEvent::ReplyDone));
         assert_eq!(s.buffered(), Duration::ZERO);
+    }
+
+    #[test]
+    fn whole_20ms_frames_are_echoed_without_copying() {
+        let (tx, _rx) = mpsc::channel(8);
+        let mut s = EchoStream::new(EchoOptions::default(), tx);
+        let pushed: Vec<AudioFrame> = (0..3).map(|i| frame(&vec![i as i16; 320])).collect();
+        for f in &pushed {
+            s.push_audio(f).unwrap();
+        }
+        let echoed: Vec<AudioFrame> = s
+            .take_reply()
+            .into_iter()
+            .filter_map(|e| match e {
+                S2sEvent::Audio(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(echoed.len(), 3);
+        for (a, b) in pushed.iter().zip(&echoed) {
+            assert_eq!(a.data().as_ptr(), b.data().as_ptr(), "the same buffer");
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn a_trimmed_turn_is_reframed_in_20ms() {
+        let (tx, _rx) = mpsc::channel(8);
+        let mut s = EchoStream::new(
+            EchoOptions {
+                max_turn: Duration::from_millis(50),
+            },
+            tx,
+        );
+        let samples: Vec<i16> = (0..1000).collect();
+        for chunk in samples.chunks(320) {
+            s.push_audio(&frame(chunk)).unwrap();
+        }
+        // 800 samples kept (50 ms), the oldest 200 dropped mid-frame.
+        assert_eq!(s.dropped_samples(), 200);
+        let echoed: Vec<AudioFrame> = s
+            .take_reply()
+            .into_iter()
+            .filter_map(|e| match e {
+                S2sEvent::Audio(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        let sizes: Vec<usize> = echoed.iter().map(AudioFrame::sample_frames).collect();
+        assert_eq!(sizes, [320, 320, 160]);
+        let back: Vec<i16> = echoed
+            .iter()
+            .flat_map(|f| {
+                f.data()
+                    .chunks_exact(2)
+                    .map(|p| i16::from_le_bytes([p[0], p[1]]))
+            })
+            .collect();
+        assert_eq!(back, (200..1000).collect::<Vec<i16>>());
     }
 
     #[test]

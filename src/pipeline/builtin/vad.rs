@@ -241,19 +241,30 @@ impl Default for EnergyVad {
     }
 }
 
+/// The sum of the squares of s16le `bytes`' samples, exactly.
+///
+/// Integer arithmetic, so the loop vectorises (an `f64` sum cannot be
+/// reordered): each square is at most 2^30 and fits a `u32`; the sum is kept in
+/// `u64`, exact for any frame shorter than 2^34 samples.
+fn s16le_sum_of_squares(bytes: &[u8]) -> u64 {
+    s16le_samples(bytes)
+        .map(|s| {
+            let x = i32::from(s);
+            u64::from((x * x) as u32)
+        })
+        .sum()
+}
+
 /// The RMS level of s16le `bytes` in dBFS (full scale is 32768), at least [`SILENCE_DB`].
 fn s16le_level_db(bytes: &[u8]) -> f32 {
-    let mut sum = 0.0f64;
-    let mut n = 0usize;
-    for s in s16le_samples(bytes) {
-        let x = f64::from(s);
-        sum += x * x;
-        n += 1;
-    }
-    if n == 0 || sum == 0.0 {
+    let n = bytes.len() / 2;
+    let sum = s16le_sum_of_squares(bytes);
+    if n == 0 || sum == 0 {
         return SILENCE_DB;
     }
-    let rms = (sum / n as f64).sqrt() / 32768.0;
+    // The sum converts to f64 exactly (below 2^53 for frames under 2^23
+    // samples), so the level is the one an f64 sum of squares gives.
+    let rms = (sum as f64 / n as f64).sqrt() / 32768.0;
     ((20.0 * rms.log10()) as f32).max(SILENCE_DB)
 }
 
@@ -372,6 +383,55 @@ mod tests {
         assert_eq!(s16le_level_db(&[0; 640]), SILENCE_DB);
         assert_eq!(s16le_level_db(&[]), SILENCE_DB);
         assert!((s16le_level_db(square(-20.0).data()) + 20.0).abs() < 0.05);
+    }
+
+    /// The level as it was computed before the integer sum: f64 throughout.
+    fn f64_level_db(bytes: &[u8]) -> f32 {
+        let mut sum = 0.0f64;
+        let mut n = 0usize;
+        for s in s16le_samples(bytes) {
+            let x = f64::from(s);
+            sum += x * x;
+            n += 1;
+        }
+        if n == 0 || sum == 0.0 {
+            return SILENCE_DB;
+        }
+        let rms = (sum / n as f64).sqrt() / 32768.0;
+        ((20.0 * rms.log10()) as f32).max(SILENCE_DB)
+    }
+
+    #[test]
+    fn the_integer_level_equals_the_f64_level_bit_for_bit() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let extremes: Vec<u8> = [i16::MIN, i16::MAX, i16::MIN, 0, 1, -1]
+            .repeat(200)
+            .iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect();
+        let mut cases = vec![extremes, vec![0x80; 641], vec![1, 0, 3]];
+        for len in [2usize, 320, 640, 1920, 7] {
+            for shift in [0u32, 4, 8, 12, 15] {
+                let bytes: Vec<u8> = (0..len / 2)
+                    .flat_map(|_| (((next() >> 40) as i16) >> shift).to_le_bytes())
+                    .collect();
+                cases.push(bytes);
+            }
+        }
+        for bytes in &cases {
+            assert_eq!(
+                s16le_level_db(bytes).to_bits(),
+                f64_level_db(bytes).to_bits(),
+                "{} bytes",
+                bytes.len()
+            );
+        }
     }
 
     #[test]
