@@ -795,7 +795,11 @@ impl VoiceSession for RuntimeSession {
             return self.engine.process_audio(frame);
         };
         let metrics = &backend.metrics;
-        if self.frames.fetch_add(1, Ordering::Relaxed) % PROCESS_AUDIO_LATENCY_SAMPLE == 0 {
+        if self
+            .frames
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(PROCESS_AUDIO_LATENCY_SAMPLE)
+        {
             let timer = metrics.observe(Op::ProcessAudio);
             let r = self.engine.process_audio(frame);
             timer.finish(&r);
