@@ -29,13 +29,15 @@
 //!
 //! One tokio task per session waits on: control messages from the input
 //! path, the STT or S2S component's events, the agent/TTS reply in flight
-//! (polled only while there is one), and a single timer. The timer is set to
+//! (and its messages, while there is one), and a single timer. Each input is
+//! polled with a waker of its own that marks it before waking the task, so a
+//! wake-up polls only the inputs that have something new, in priority order:
+//! control messages (such as a barge-in) always go first. The timer is set to
 //! the nearest deadline (the next reply frame's release, the end of playout,
 //! the stop deadline) and moved only when that deadline changes; when it
 //! fires, every reply frame that is due is released at once. A wake-up for
 //! component events handles up to 64 that are ready, stopping early when a
-//! control message is waiting (control messages, such as a barge-in, always
-//! go first).
+//! control message is waiting.
 //!
 //! # Barge-in
 //!
@@ -1323,7 +1325,7 @@ mod tests {
     impl SttStream for CountingStt {
         fn push_audio(&mut self, _: &AudioFrame) -> Result<()> {
             self.frames += 1;
-            if self.frames % 5 == 0 {
+            if self.frames.is_multiple_of(5) {
                 let _ = self
                     .events
                     .try_send(SttEvent::Partial(format!("{} frames", self.frames)));
