@@ -300,3 +300,21 @@ async fn an_agent_that_never_answers_times_out_and_the_session_goes_on() {
     );
     backend.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn options_for_the_default_components_are_accepted() {
+    let config = Config::from_toml_str(
+        "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n\
+         [components.silence]\nmin_endpointing_delay = \"300ms\"\n\
+         [components.energy]\nthreshold_db = 12.0\n",
+    )
+    .expect("energy and silence are the defaults, so their options are in use");
+    let backend = registry().create("local", &config).await.unwrap();
+    backend.start().await.unwrap();
+    backend.stop().await.unwrap();
+    let err = Config::from_toml_str(
+        "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n[components.silense]\n",
+    )
+    .unwrap_err();
+    assert!(err.details.contains_key("components.silense"), "{err}");
+}

@@ -31,6 +31,10 @@ pub use load::parse_provider_config;
 pub use secret::{REDACTED, Secret};
 pub use validate::{ResolvedPipeline, Violation, Violations};
 
+/// The VAD a session uses when [`Config::vad_provider`] is unset.
+pub const DEFAULT_VAD_PROVIDER: &str = "energy";
+/// The turn detector a session uses when [`Config::turn_detection_provider`] is unset.
+pub const DEFAULT_TURN_DETECTION_PROVIDER: &str = "silence";
 /// Default [`Config::latency_target`]: 500 ms.
 pub const DEFAULT_LATENCY_TARGET: Duration = Duration::from_millis(500);
 /// Smallest allowed [`Config::latency_target`]: 100 ms.

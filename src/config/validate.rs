@@ -455,19 +455,25 @@ impl Config {
 }
 
 impl Config {
-    /// The component names this config uses (pipeline stages, VAD, turn
-    /// detection, noise cancellation and processors).
+    /// The component names this config uses (pipeline stages, VAD and turn
+    /// detection, defaults included, noise cancellation and processors).
     pub fn component_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = [
             &self.stt_provider,
             &self.tts_provider,
             &self.s2s_provider,
-            &self.vad_provider,
-            &self.turn_detection_provider,
             &self.noise_cancellation_provider,
         ]
         .into_iter()
         .filter_map(|n| n.as_deref())
+        .chain([
+            self.vad_provider
+                .as_deref()
+                .unwrap_or(super::DEFAULT_VAD_PROVIDER),
+            self.turn_detection_provider
+                .as_deref()
+                .unwrap_or(super::DEFAULT_TURN_DETECTION_PROVIDER),
+        ])
         .chain(self.processors.iter().map(|p| p.name.as_str()))
         .collect();
         names.sort_unstable();

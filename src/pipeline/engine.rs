@@ -29,15 +29,15 @@
 //!
 //! One tokio task per session waits on: control messages from the input
 //! path, the STT or S2S component's events, the agent/TTS reply in flight
-//! (and its messages, while there is one), and a single timer. Each input is
-//! polled with a waker of its own that marks it before waking the task, so a
-//! wake-up polls only the inputs that have something new, in priority order:
-//! control messages (such as a barge-in) always go first. The timer is set to
-//! the nearest deadline (the next reply frame's release, the end of playout,
-//! the stop deadline) and moved only when that deadline changes; when it
-//! fires, every reply frame that is due is released at once. A wake-up for
-//! component events handles up to 64 that are ready, stopping early when a
-//! control message is waiting.
+//! (and its messages, while there is one), and a single timer. Each channel
+//! and the reply are polled with a waker of their own that marks them before
+//! waking the task, so a wake-up polls only the inputs that have something
+//! new, in priority order: control messages (such as a barge-in) always go
+//! first, the timer last. The timer is set to the nearest deadline (the next
+//! reply frame's release, the end of playout, the stop deadline) and moved
+//! only when that deadline changes; when it fires, every reply frame that is
+//! due is released at once. A wake-up for component events handles up to 64
+//! that are ready, stopping early when a control message is waiting.
 //!
 //! # Barge-in
 //!
@@ -128,17 +128,22 @@ enum Control {
 }
 
 /// The input path's state, behind the session's lock.
+///
+/// Laid out in order (`repr(C)`), what every frame uses first, so a frame
+/// touches as few cache lines as possible; the converter, rarely needed, is
+/// boxed.
+#[repr(C)]
 struct Input {
-    converter: Option<(AudioFormat, AudioConverter)>,
-    processors: Vec<Box<dyn AudioProcessor>>,
     vad: Box<dyn Vad>,
     turn: Box<dyn TurnDetector>,
-    stt: Option<Box<dyn SttStream>>,
     s2s: Option<Box<dyn S2sStream>>,
-    in_speech: bool,
+    stt: Option<Box<dyn SttStream>>,
+    processors: Vec<Box<dyn AudioProcessor>>,
     silence: Duration,
-    pre_roll: VecDeque<AudioFrame>,
     pre_roll_len: Duration,
+    pre_roll: VecDeque<AudioFrame>,
+    in_speech: bool,
+    converter: Option<Box<(AudioFormat, AudioConverter)>>,
 }
 
 struct Shared {
@@ -156,13 +161,19 @@ struct Shared {
     turns: AtomicU64,
     /// A reply (agent, TTS or S2S audio) is being produced or played.
     replying: AtomicBool,
-    accepting: AtomicBool,
 }
 
 /// One session's pipeline.
+///
+/// Laid out in order (`repr(C)`): what `process_audio` uses first, so a frame
+/// touches as few cache lines as possible (the session task's state is in
+/// `shared`, which a frame reads only when a turn starts or ends).
+#[repr(C)]
 pub struct Engine {
-    shared: Arc<Shared>,
+    accepting: AtomicBool,
+    metrics: Arc<Metrics>,
     input: Mutex<Input>,
+    shared: Arc<Shared>,
     receiver: Mutex<Option<AudioReceiver>>,
     task: Mutex<Option<TaskParts>>,
 }
@@ -246,26 +257,27 @@ impl Engine {
             output,
             output_format: parts.output_format,
             agent: RwLock::new(parts.agent),
-            metrics: parts.metrics,
+            metrics: parts.metrics.clone(),
             agent_timeout: parts.agent_timeout,
             turns: AtomicU64::new(0),
             replying: AtomicBool::new(false),
-            accepting: AtomicBool::new(false),
         });
         Ok(Engine {
-            shared,
+            accepting: AtomicBool::new(false),
+            metrics: parts.metrics,
             input: Mutex::new(Input {
-                converter: None,
-                processors: parts.processors,
                 vad: parts.vad,
                 turn: parts.turn,
-                stt,
                 s2s,
-                in_speech: false,
+                stt,
+                processors: parts.processors,
                 silence: Duration::ZERO,
-                pre_roll: VecDeque::new(),
                 pre_roll_len: Duration::ZERO,
+                pre_roll: VecDeque::new(),
+                in_speech: false,
+                converter: None,
             }),
+            shared,
             receiver: Mutex::new(Some(receiver)),
             task: Mutex::new(Some(TaskParts {
                 control: control_rx,
@@ -292,7 +304,7 @@ impl Engine {
                 )
             })?;
         let shared = self.shared.clone();
-        shared.accepting.store(true, Ordering::Release);
+        self.accepting.store(true, Ordering::Release);
         shared.set_state(PipelineState::Listening);
         let span = tracing::info_span!("session", session_id = %shared.session_id);
         tokio::spawn(run(shared, parts).instrument(span));
@@ -337,7 +349,7 @@ impl Engine {
     }
 
     fn check_accepting(&self, op: &'static str) -> Result<()> {
-        if self.shared.accepting.load(Ordering::Acquire) {
+        if self.accepting.load(Ordering::Acquire) {
             Ok(())
         } else {
             Err(BackendError::new(
@@ -355,7 +367,7 @@ impl Engine {
     pub fn process_audio(&self, frame: AudioFrame) -> Result<()> {
         const OP: &str = "session.process_audio";
         self.check_accepting(OP)?;
-        self.shared.metrics.bytes_in(frame.data().len() as u64);
+        self.metrics.bytes_in(frame.data().len() as u64);
         let mut input = self.input.lock().unwrap_or_else(PoisonError::into_inner);
         let input = &mut *input;
         let frame = if frame.format() == INTERNAL_FORMAT {
@@ -363,15 +375,15 @@ impl Engine {
         } else {
             let format = frame.format();
             let converter = match &mut input.converter {
-                Some((f, c)) if *f == format => c,
+                Some(fc) if fc.0 == format => &mut fc.1,
                 slot => {
                     let c =
                         AudioConverter::new(format, INTERNAL_FORMAT).map_err(|e| e.with_op(OP))?;
-                    &mut slot.insert((format, c)).1
+                    &mut slot.insert(Box::new((format, c))).1
                 }
             };
             match converter.convert(&frame).map_err(|e| {
-                self.shared.metrics.dropped(DropReason::InvalidAudio, 1);
+                self.metrics.dropped(DropReason::InvalidAudio, 1);
                 e.with_op(OP)
             })? {
                 Some(f) => f,
@@ -383,7 +395,7 @@ impl Engine {
             frame = match p.process(frame) {
                 Ok(f) => f,
                 Err(e) => {
-                    self.shared.metrics.dropped(DropReason::InvalidAudio, 1);
+                    self.metrics.dropped(DropReason::InvalidAudio, 1);
                     let e = e.with_op(OP);
                     self.shared.emit(SessionEvent::Error {
                         code: e.code,
@@ -505,14 +517,15 @@ impl Engine {
     /// Stops: refuses new input, lets a reply in flight finish within
     /// `deadline`, then closes the session's task.
     pub async fn stop(&self, deadline: Duration) -> Result<()> {
-        if !self.shared.accepting.swap(false, Ordering::AcqRel) {
+        if !self.accepting.swap(false, Ordering::AcqRel) {
             if self
                 .task
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .take()
                 .is_some()
             {
-                // Never started: nothing runs.
+                // Never started: nothing runs, and it cannot start any more.
                 self.shared.set_state(PipelineState::Idle);
                 self.shared.emit(SessionEvent::Closed);
             }
@@ -587,8 +600,7 @@ const IN_STT: u8 = 1 << 1;
 const IN_S2S: u8 = 1 << 2;
 const IN_REPLY: u8 = 1 << 3;
 const IN_REPLY_MSG: u8 = 1 << 4;
-const IN_TIMER: u8 = 1 << 5;
-const INPUTS: usize = 6;
+const INPUTS: usize = 5;
 
 /// Which of the session task's inputs have signalled since they were last
 /// polled, and the waker of the task.
@@ -623,8 +635,8 @@ impl Wake for InputWaker {
 
 /// Polls only the session task's inputs that have something new.
 ///
-/// Each input (a channel, the reply future, the timer) is polled with a
-/// waker of its own, which marks the input before waking the task; an input
+/// Each input (a channel, the reply future) is polled with a waker of its
+/// own, which marks the input before waking the task; an input
 /// is polled again only once marked (or while it keeps returning items), so
 /// a wake-up for one input does not poll the others. Polling every channel
 /// on every wake-up used to be most of the task's cost.
@@ -664,6 +676,13 @@ impl Inputs {
     /// Marks `bits`: inputs that (re)started and must be polled to register.
     fn mark(&self, bits: u8) {
         self.signals.pending.fetch_or(bits, Ordering::AcqRel);
+    }
+
+    /// Whether the input `bit` may have something new: it signalled, or its
+    /// last poll gave an item. (A control message waiting marks
+    /// [`IN_CONTROL`]; cheaper to read than the channel.)
+    fn marked(&self, bit: u8) -> bool {
+        self.signals.pending.load(Ordering::Acquire) & bit != 0
     }
 
     /// Polls the input `bit` with its own waker if it is marked. It stays
@@ -894,11 +913,11 @@ impl Task {
     /// early for a waiting control message, which goes first), then goes
     /// back to listening if the reply has finished playing. Returns whether
     /// the stop deadline has passed.
-    fn on_timer(&mut self, control: &mpsc::UnboundedReceiver<Control>) -> bool {
+    fn on_timer(&mut self, inputs: &Inputs) -> bool {
         let now = Instant::now();
         while self.release_at().is_some_and(|at| at <= now) {
             release(&self.shared, &mut self.playout, &mut self.clock, now);
-            if !control.is_empty() {
+            if inputs.marked(IN_CONTROL) {
                 return false;
             }
         }
@@ -945,19 +964,23 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
     tokio::pin!(timer);
     // The deadline the timer is set to; `None` while it is not set (or fired).
     let mut armed: Option<Instant> = None;
+    // The task waker the inputs' wakers wake (kept to skip re-registering it).
+    let mut registered: Option<Waker> = None;
 
     loop {
         let deadline = task.next_deadline();
         if deadline != armed {
             if let Some(at) = deadline {
                 timer.as_mut().reset(at);
-                inputs.mark(IN_TIMER);
             }
             armed = deadline;
         }
 
         let woke = std::future::poll_fn(|cx| {
-            inputs.register(cx.waker());
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                inputs.register(cx.waker());
+                registered = Some(cx.waker().clone());
+            }
             if let Some(msg) = inputs.poll(IN_CONTROL, |cx| control.poll_recv(cx)) {
                 return Poll::Ready(Woke::Control(msg));
             }
@@ -981,11 +1004,9 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
                     return Poll::Ready(Woke::ReplyMsg(msg));
                 }
             }
-            if armed.is_some()
-                && inputs
-                    .poll(IN_TIMER, |cx| timer.as_mut().poll(cx))
-                    .is_some()
-            {
+            // The timer lives in this task's own state: cheaper to poll every
+            // time, with the task's waker, than to mark.
+            if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Woke::Timer);
             }
             Poll::Pending
@@ -1000,7 +1021,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
                 task.on_stt(ev, &mut reply_rx);
                 for _ in 1..EVENT_BATCH {
                     let Some(rx) = stt_events.as_mut() else { break };
-                    if !control.is_empty() {
+                    if inputs.marked(IN_CONTROL) {
                         break;
                     }
                     match rx.try_recv() {
@@ -1014,7 +1035,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
                 task.on_s2s(ev);
                 for _ in 1..EVENT_BATCH {
                     let Some(rx) = s2s_events.as_mut() else { break };
-                    if !control.is_empty() {
+                    if inputs.marked(IN_CONTROL) {
                         break;
                     }
                     match rx.try_recv() {
@@ -1042,7 +1063,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
             Woke::ReplyMsg(msg) => task.on_reply_msg(msg),
             Woke::Timer => {
                 armed = None;
-                if task.on_timer(&control) {
+                if task.on_timer(&inputs) {
                     break;
                 }
             }

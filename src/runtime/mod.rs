@@ -33,9 +33,9 @@ use crate::provider::ProviderCapabilities;
 use crate::session::{AudioReceiver, PersistenceStatus, PipelineState, SessionId, VoiceSession};
 
 /// The VAD used when the config names none.
-pub const DEFAULT_VAD: &str = "energy";
+pub const DEFAULT_VAD: &str = crate::config::DEFAULT_VAD_PROVIDER;
 /// The turn detector used when the config names none.
-pub const DEFAULT_TURN_DETECTOR: &str = "silence";
+pub const DEFAULT_TURN_DETECTOR: &str = crate::config::DEFAULT_TURN_DETECTION_PROVIDER;
 /// Capacity of the channels between a session's components and its task.
 const COMPONENT_CHANNEL: usize = 256;
 
@@ -725,15 +725,20 @@ impl RuntimeBackend {
 }
 
 /// A session of a [`RuntimeBackend`].
+///
+/// Laid out in order (`repr(C)`), what `process_audio` uses first (then the
+/// engine's own input state), so a frame touches as few cache lines as
+/// possible.
+#[repr(C)]
 pub struct RuntimeSession {
-    id: SessionId,
-    user_id: String,
-    engine: Engine,
     backend: Weak<Inner>,
-    metadata: RwLock<BTreeMap<String, serde_json::Value>>,
-    timeout: Duration,
     /// `process_audio` calls so far, to time one in [`PROCESS_AUDIO_LATENCY_SAMPLE`].
     frames: AtomicU64,
+    engine: Engine,
+    id: SessionId,
+    user_id: String,
+    metadata: RwLock<BTreeMap<String, serde_json::Value>>,
+    timeout: Duration,
 }
 
 impl fmt::Debug for RuntimeSession {
