@@ -272,6 +272,16 @@ impl Inner {
             .clone()
     }
 
+    /// Every open session, as of now.
+    fn sessions_snapshot(&self) -> Vec<Arc<RuntimeSession>> {
+        self.sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn remove_session(&self, id: &SessionId) -> Option<Arc<RuntimeSession>> {
         let removed = self
             .sessions
@@ -435,14 +445,7 @@ impl VoiceBackend for RuntimeBackend {
     async fn stop(&self) -> Result<()> {
         let timer = self.inner.metrics.observe(Op::Stop);
         self.inner.accepting.store(false, Ordering::Release);
-        let sessions: Vec<Arc<RuntimeSession>> = self
-            .inner
-            .sessions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
+        let sessions = self.inner.sessions_snapshot();
         let mut set = tokio::task::JoinSet::new();
         for s in sessions {
             set.spawn(async move { s.stop().await });
@@ -486,14 +489,7 @@ impl VoiceBackend for RuntimeBackend {
     }
 
     async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
-        let mut list: Vec<Arc<RuntimeSession>> = self
-            .inner
-            .sessions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
+        let mut list = self.inner.sessions_snapshot();
         list.sort_by(|a, b| a.id.cmp(&b.id));
         list.into_iter()
             .map(|s| s as Arc<dyn VoiceSession>)
