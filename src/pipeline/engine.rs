@@ -636,10 +636,10 @@ impl Wake for InputWaker {
 /// Polls only the session task's inputs that have something new.
 ///
 /// Each input (a channel, the reply future) is polled with a waker of its
-/// own, which marks the input before waking the task; an input
-/// is polled again only once marked (or while it keeps returning items), so
-/// a wake-up for one input does not poll the others. Polling every channel
-/// on every wake-up used to be most of the task's cost.
+/// own, which marks the input before waking the task; an input is polled
+/// again only once marked (or while it keeps returning items), so a wake-up
+/// for one input does not poll the others. Polling every channel on every
+/// wake-up used to be most of the task's cost.
 struct Inputs {
     signals: Arc<Signals>,
     wakers: [Waker; INPUTS],
