@@ -93,10 +93,7 @@ impl Config {
         V: AsRef<str>,
     {
         let prefix = normalize_prefix(prefix)?;
-        let vars = vars
-            .into_iter()
-            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
-            .collect();
+        let vars = owned_vars(vars);
         self.overlay_checked(prefix, vars, Violations::new())
     }
 
@@ -114,10 +111,7 @@ impl Config {
         V: AsRef<str>,
     {
         let prefix = normalize_prefix(prefix)?;
-        let vars = vars
-            .into_iter()
-            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
-            .collect();
+        let vars = owned_vars(vars);
         from_vars(prefix, vars, Violations::new())
     }
 
@@ -455,4 +449,16 @@ mod tests {
         assert_eq!(edit_distance("LATENCY_TARGT", "LATENCY_TARGET"), 1);
         assert_eq!(edit_distance("", "ABC"), 3);
     }
+}
+
+/// The variables as owned name/value pairs.
+fn owned_vars<I, K, V>(vars: I) -> Vec<(String, String)>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    vars.into_iter()
+        .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+        .collect()
 }
