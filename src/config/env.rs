@@ -438,6 +438,18 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// The variables as owned name/value pairs.
+fn owned_vars<I, K, V>(vars: I) -> Vec<(String, String)>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    vars.into_iter()
+        .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::edit_distance;
@@ -449,16 +461,4 @@ mod tests {
         assert_eq!(edit_distance("LATENCY_TARGT", "LATENCY_TARGET"), 1);
         assert_eq!(edit_distance("", "ABC"), 3);
     }
-}
-
-/// The variables as owned name/value pairs.
-fn owned_vars<I, K, V>(vars: I) -> Vec<(String, String)>
-where
-    I: IntoIterator<Item = (K, V)>,
-    K: AsRef<str>,
-    V: AsRef<str>,
-{
-    vars.into_iter()
-        .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
-        .collect()
 }
