@@ -34,7 +34,9 @@ pub use hooks::{
     AudioProcessor, AuthHook, DataKind, DataRetentionHook, Hooks, Operation, Principal,
     RateLimiter, TokenBucketLimiter,
 };
-pub use provider::{BackendProvider, Codec, ConfigSchema, ProviderCapabilities, ProviderEntry};
+pub use provider::{
+    BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities, ProviderEntry,
+};
 pub use registry::{BackendRegistry, DuplicateEntry, Registry, new_backend, registry};
 pub use session::{AudioReceiver, PersistenceStatus, PipelineState, SessionId, VoiceSession};
 

@@ -57,6 +57,42 @@ pub struct ProviderCapabilities {
     pub min_latency: Duration,
     /// Codecs it carries.
     pub codecs: Vec<Codec>,
+    /// Pipeline stages its service runs itself (the local engine runs the rest).
+    pub hosted_stages: HostedStages,
+}
+
+/// Pipeline stages a provider's service runs itself.
+///
+/// A stage the service hosts needs no component in the config: a Pipecat bot
+/// transcribes and speaks, so `provider = "pipecat"` needs neither
+/// `stt_provider` nor `tts_provider`. The local engine still runs voice
+/// activity detection (for barge-in) and calls the application's agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[non_exhaustive]
+pub struct HostedStages {
+    /// The service transcribes the user (and ends the user's turns).
+    pub stt: bool,
+    /// The service synthesizes the reply's speech.
+    pub tts: bool,
+}
+
+impl HostedStages {
+    /// Nothing hosted: the local engine runs every stage.
+    pub const NONE: HostedStages = HostedStages {
+        stt: false,
+        tts: false,
+    };
+    /// Speech recognition and synthesis hosted by the service.
+    pub const STT_TTS: HostedStages = HostedStages {
+        stt: true,
+        tts: true,
+    };
+
+    /// Whether the service hosts both ends of the pipeline, so no local
+    /// STT, TTS or S2S component is needed whatever the `pipeline_type`.
+    pub fn hosts_pipeline(self) -> bool {
+        self.stt && self.tts
+    }
 }
 
 /// The JSON Schema of a provider's own config section (`provider_config`).
@@ -102,6 +138,13 @@ pub trait BackendProvider: Send + Sync + std::fmt::Debug + 'static {
     /// against the provider's typed config (see [`crate::parse_provider_config`]).
     /// Errors are [`crate::ErrorCode::InvalidConfig`] with one detail per bad field.
     fn validate_config(&self, config: &Config) -> Result<()>;
+
+    /// Pipeline stages the provider's service runs itself; the registry
+    /// checks a config against them (a hosted stage needs no component).
+    /// Nothing by default.
+    fn hosted_stages(&self) -> HostedStages {
+        HostedStages::NONE
+    }
 
     /// Makes a backend from an already validated config.
     fn create_backend(&self, config: &Config) -> Result<Arc<dyn VoiceBackend>>;

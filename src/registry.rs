@@ -528,14 +528,17 @@ impl Registry<dyn BackendProvider> {
     /// Makes a backend of the provider registered under `name`.
     ///
     /// An unknown name fails with `ProviderNotFound`, listing the available
-    /// names. Then `config` is validated, first by [`Config::validate`], then by
+    /// names. Then `config` is validated, first by [`Config::validate_for`] the
+    /// stages the provider hosts, then by
     /// the provider's [`BackendProvider::validate_config`]; any failure is
     /// `InvalidConfig` and nothing is created. Only then does the provider's
     /// [`BackendProvider::create_backend`] run.
     pub async fn create(&self, name: &str, config: &Config) -> Result<Arc<dyn VoiceBackend>> {
         const OP: &str = "registry.create";
         self.with(name, OP, |provider| {
-            config.validate().map_err(|e| e.with_op(OP))?;
+            config
+                .validate_for(provider.hosted_stages())
+                .map_err(|e| e.with_op(OP))?;
             provider.validate_config(config).map_err(|e| {
                 let mut e = e.with_op(OP);
                 e.code = ErrorCode::InvalidConfig;

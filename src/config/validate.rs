@@ -9,6 +9,7 @@ use super::{
     SessionConfig,
 };
 use crate::error::BackendError;
+use crate::provider::HostedStages;
 
 /// One broken rule of a configuration: the field path and what is wrong with it.
 ///
@@ -277,16 +278,20 @@ fn check_pipeline(
     stt: Option<&str>,
     tts: Option<&str>,
     s2s: Option<&str>,
+    hosted: HostedStages,
 ) {
+    if hosted.hosts_pipeline() {
+        return;
+    }
     match pipeline_type {
         PipelineType::SttTts => {
-            if stt.is_none() {
+            if stt.is_none() && !hosted.stt {
                 v.push(
                     format!("{prefix}stt_provider"),
                     "pipeline_type = stt_tts requires stt_provider",
                 );
             }
-            if tts.is_none() {
+            if tts.is_none() && !hosted.tts {
                 v.push(
                     format!("{prefix}tts_provider"),
                     "pipeline_type = stt_tts requires tts_provider",
@@ -322,6 +327,12 @@ impl Config {
         self.violations().into_result("config.validate")
     }
 
+    /// Like [`Config::validate`], for a provider whose service runs the
+    /// `hosted` stages itself: those need no component in the config.
+    pub fn validate_for(&self, hosted: HostedStages) -> Result<(), BackendError> {
+        self.violations_for(hosted).into_result("config.validate")
+    }
+
     /// Every rule this config breaks, each with its field path:
     ///
     /// - `provider` is non-empty, without surrounding whitespace;
@@ -335,7 +346,16 @@ impl Config {
     /// - processor names are non-empty and unique, their options an object;
     /// - no secret-looking `provider_config` value is the redaction marker
     ///   `[redacted]` (left there by saving a config).
+    ///
+    /// The pipeline rule assumes the local engine runs every stage; see
+    /// [`Config::violations_for`] for a provider that hosts some.
     pub fn violations(&self) -> Violations {
+        self.violations_for(HostedStages::NONE)
+    }
+
+    /// Every rule this config breaks for a provider whose service runs the
+    /// `hosted` stages itself (they need no component name).
+    pub fn violations_for(&self, hosted: HostedStages) -> Violations {
         let mut v = Violations::new();
 
         check_name(&mut v, "provider", &self.provider);
@@ -388,6 +408,7 @@ impl Config {
             self.stt_provider.as_deref(),
             self.tts_provider.as_deref(),
             self.s2s_provider.as_deref(),
+            hosted,
         );
         if self.latency_target > self.timeout {
             v.push(
@@ -583,6 +604,16 @@ impl SessionConfig {
     /// `pipeline.stt_provider` and `pipeline.tts_provider` for `stt_tts`) or
     /// an overriding name is empty or padded with whitespace.
     pub fn resolve_pipeline(&self, base: &Config) -> Result<ResolvedPipeline, BackendError> {
+        self.resolve_pipeline_for(base, HostedStages::NONE)
+    }
+
+    /// Like [`SessionConfig::resolve_pipeline`], for a provider whose service
+    /// runs the `hosted` stages itself.
+    pub fn resolve_pipeline_for(
+        &self,
+        base: &Config,
+        hosted: HostedStages,
+    ) -> Result<ResolvedPipeline, BackendError> {
         let empty = PipelineOverride::default();
         let p = self.pipeline.as_ref().unwrap_or(&empty);
         let resolved = ResolvedPipeline {
@@ -600,6 +631,7 @@ impl SessionConfig {
             resolved.stt_provider.as_deref(),
             resolved.tts_provider.as_deref(),
             resolved.s2s_provider.as_deref(),
+            hosted,
         );
         v.into_result("session_config.resolve_pipeline")?;
         Ok(resolved)

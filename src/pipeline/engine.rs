@@ -110,6 +110,10 @@ pub struct EngineParts {
     pub metrics: Arc<Metrics>,
     /// How long the agent may take to answer a turn.
     pub agent_timeout: Duration,
+    /// `s2s` is a remote service that hears every frame and ends the user's
+    /// turns itself (a final transcript from it ends a turn). Local VAD and
+    /// turn detection still run, for barge-in.
+    pub remote_turns: bool,
 }
 
 enum Control {
@@ -143,6 +147,7 @@ struct Input {
     pre_roll_len: Duration,
     pre_roll: VecDeque<AudioFrame>,
     in_speech: bool,
+    remote_turns: bool,
     converter: Option<Box<(AudioFormat, AudioConverter)>>,
 }
 
@@ -161,6 +166,8 @@ struct Shared {
     turns: AtomicU64,
     /// A reply (agent, TTS or S2S audio) is being produced or played.
     replying: AtomicBool,
+    /// The S2S stream is a remote service that ends turns itself.
+    remote_turns: bool,
 }
 
 /// One session's pipeline.
@@ -261,6 +268,7 @@ impl Engine {
             agent_timeout: parts.agent_timeout,
             turns: AtomicU64::new(0),
             replying: AtomicBool::new(false),
+            remote_turns: parts.remote_turns,
         });
         Ok(Engine {
             accepting: AtomicBool::new(false),
@@ -275,6 +283,7 @@ impl Engine {
                 pre_roll_len: Duration::ZERO,
                 pre_roll: VecDeque::new(),
                 in_speech: false,
+                remote_turns: parts.remote_turns,
                 converter: None,
             }),
             shared,
@@ -413,6 +422,9 @@ impl Engine {
             input.silence += duration;
         }
         let signal = input.turn.update(&decision, duration);
+        if input.remote_turns {
+            return self.remote_turn_input(input, frame, signal);
+        }
         match signal {
             TurnSignal::SpeechStarted => {
                 input.in_speech = true;
@@ -462,6 +474,31 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The input path's end when a remote service ends turns: it hears every
+    /// frame; locally, speech onsets still barge in on a reply.
+    fn remote_turn_input(
+        &self,
+        input: &mut Input,
+        frame: AudioFrame,
+        signal: TurnSignal,
+    ) -> Result<()> {
+        match signal {
+            TurnSignal::SpeechStarted => {
+                input.in_speech = true;
+                self.shared.emit(SessionEvent::SpeechStarted);
+                if self.shared.replying.load(Ordering::Acquire) {
+                    self.barge_in(input);
+                }
+            }
+            TurnSignal::TurnEnded if input.in_speech => {
+                input.in_speech = false;
+                input.turn.reset();
+            }
+            _ => {}
+        }
+        self.feed(input, &frame)
     }
 
     fn feed(&self, input: &mut Input, frame: &AudioFrame) -> Result<()> {
@@ -733,6 +770,9 @@ struct Task {
     clock: TurnClock,
     playout: Playout,
     stopping: Option<(Instant, oneshot::Sender<()>)>,
+    /// A remote service's reply was cut: its audio still arriving is dropped
+    /// until the service ends that reply or the user's next turn ends.
+    cut: bool,
 }
 
 impl Task {
@@ -805,29 +845,21 @@ impl Task {
                 shared.set_state(PipelineState::Processing);
             }
             Control::Interrupt { turn } => {
-                self.reply = None;
-                while reply_rx.try_recv().is_ok() {}
-                // Reply audio the S2S model had already queued is part of the cut reply.
+                // Reply audio the S2S model had already queued is part of the
+                // cut reply; what else it sent is handled after the cut.
+                let mut kept = Vec::new();
                 if let Some(rx) = s2s_events.as_mut() {
                     while let Ok(ev) = rx.try_recv() {
                         match ev {
-                            S2sEvent::UserTranscript { text, is_final } => {
-                                shared.emit(SessionEvent::UserTranscript { text, is_final })
-                            }
-                            S2sEvent::AgentText(text) => {
-                                shared.emit(SessionEvent::AgentText { text })
-                            }
-                            S2sEvent::Audio(_) | S2sEvent::ReplyDone => {}
+                            S2sEvent::Audio(_) | S2sEvent::ReplyDone | S2sEvent::Interrupted => {}
+                            other => kept.push(other),
                         }
                     }
                 }
-                self.playout.pending.clear();
-                self.playout.pending_len = Duration::ZERO;
-                self.playout.play_end = Instant::now();
-                self.reply_done = true;
-                shared.metrics.interrupted();
-                shared.emit(SessionEvent::Interrupted { turn });
-                shared.set_state(PipelineState::Listening);
+                self.cut_reply(turn, reply_rx);
+                for ev in kept {
+                    self.on_s2s(ev, reply_rx);
+                }
             }
             Control::Text(text) => {
                 self.clock = TurnClock {
@@ -880,19 +912,104 @@ impl Task {
         }
     }
 
-    fn on_s2s(&mut self, ev: S2sEvent) {
+    /// Drops the reply in flight and everything queued of it, and listens.
+    fn cut_reply(&mut self, turn: u64, reply_rx: &mut mpsc::Receiver<ReplyMsg>) {
+        let shared = &*self.shared;
+        self.reply = None;
+        while reply_rx.try_recv().is_ok() {}
+        self.playout.pending.clear();
+        self.playout.pending_len = Duration::ZERO;
+        self.playout.play_end = Instant::now();
+        self.reply_done = true;
+        self.cut = true;
+        shared.metrics.interrupted();
+        shared.emit(SessionEvent::Interrupted { turn });
+        shared.set_state(PipelineState::Listening);
+    }
+
+    /// A remote service's final transcript: the user's turn ended there.
+    /// With an agent and a speaker, the agent answers and the service speaks
+    /// the reply; otherwise the service answers by itself.
+    fn remote_turn_ended(&mut self, text: String, reply_rx: &mut mpsc::Receiver<ReplyMsg>) {
+        let shared = &*self.shared;
+        let turn = shared.turns.fetch_add(1, Ordering::AcqRel) + 1;
+        shared.metrics.turn();
+        shared.emit(SessionEvent::TurnEnded { turn });
+        self.clock = TurnClock {
+            turn,
+            ended_at: Some(Instant::now()),
+            ..TurnClock::default()
+        };
+        self.cut = false;
+        let empty = text.trim().is_empty();
+        shared.emit(SessionEvent::UserTranscript {
+            text: text.clone(),
+            is_final: true,
+        });
+        if empty {
+            return;
+        }
+        shared.replying.store(true, Ordering::Release);
+        self.reply_done = false;
+        shared.set_state(PipelineState::Processing);
+        let has_agent = shared
+            .agent
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        if has_agent && self.tts.is_some() {
+            self.start_reply(reply_rx, text);
+        }
+    }
+
+    fn on_s2s(&mut self, ev: S2sEvent, reply_rx: &mut mpsc::Receiver<ReplyMsg>) {
         let shared = &*self.shared;
         match ev {
+            S2sEvent::UserTranscript {
+                text,
+                is_final: true,
+            } if shared.remote_turns => self.remote_turn_ended(text, reply_rx),
             S2sEvent::UserTranscript { text, is_final } => {
                 shared.emit(SessionEvent::UserTranscript { text, is_final });
             }
             S2sEvent::AgentText(text) => shared.emit(SessionEvent::AgentText { text }),
+            S2sEvent::Audio(frame) if shared.remote_turns => {
+                // The service speaks when it has something to say (a greeting
+                // included), except for the rest of a reply that was cut.
+                if !self.cut {
+                    if !shared.replying.swap(true, Ordering::AcqRel) {
+                        self.reply_done = false;
+                    }
+                    enqueue(shared, &mut self.playout, frame);
+                }
+            }
             S2sEvent::Audio(frame) => {
                 if shared.replying.load(Ordering::Acquire) {
                     enqueue(shared, &mut self.playout, frame);
                 }
             }
+            S2sEvent::Interrupted => {
+                let speaking = shared.replying.swap(false, Ordering::AcqRel)
+                    || !self.playout.pending.is_empty();
+                if speaking {
+                    shared.output.flush();
+                    let turn = shared.turns.load(Ordering::Acquire);
+                    self.cut_reply(turn, reply_rx);
+                } else {
+                    self.cut = true;
+                }
+            }
+            S2sEvent::Connection(state) => shared.emit(SessionEvent::Connection { state }),
+            S2sEvent::Failed { code, message } => {
+                tracing::error!(code = %code, "the session's link failed: {message}");
+                shared.emit(SessionEvent::Error { code, message });
+                shared.emit(SessionEvent::Connection {
+                    state: crate::backend::ConnectionState::Error,
+                });
+                shared.set_state(PipelineState::Error);
+            }
             S2sEvent::ReplyDone => {
+                self.cut = false;
                 self.reply_done = true;
                 if !self.clock.first_audio_sent && self.playout.pending.is_empty() {
                     // Nothing to say: back to listening.
@@ -958,6 +1075,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
             converter: None,
         },
         stopping: None,
+        cut: false,
     };
     let inputs = Inputs::new();
     let timer = tokio::time::sleep_until(Instant::now());
@@ -1032,14 +1150,14 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
             }
             Woke::Stt(None) => stt_events = None,
             Woke::S2s(Some(ev)) => {
-                task.on_s2s(ev);
+                task.on_s2s(ev, &mut reply_rx);
                 for _ in 1..EVENT_BATCH {
                     let Some(rx) = s2s_events.as_mut() else { break };
                     if inputs.marked(IN_CONTROL) {
                         break;
                     }
                     match rx.try_recv() {
-                        Ok(ev) => task.on_s2s(ev),
+                        Ok(ev) => task.on_s2s(ev, &mut reply_rx),
                         Err(_) => break,
                     }
                 }
@@ -1406,6 +1524,7 @@ mod tests {
             })),
             metrics: Arc::new(Metrics::new("test")),
             agent_timeout: Duration::from_secs(5),
+            remote_turns: false,
         })
         .unwrap()
     }

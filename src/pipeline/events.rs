@@ -92,6 +92,12 @@ pub enum SessionEvent {
         /// What happened.
         message: String,
     },
+    /// The session's link to its provider's service changed state (only
+    /// providers whose service runs pipeline stages have one).
+    Connection {
+        /// The link's state now.
+        state: crate::backend::ConnectionState,
+    },
     /// The session closed; no more events follow.
     Closed,
 }

@@ -155,6 +155,20 @@ pub enum S2sEvent {
     Audio(AudioFrame),
     /// The reply to the last turn is complete.
     ReplyDone,
+    /// The service cut its reply short (the user barged in on its side):
+    /// reply audio still queued is dropped.
+    Interrupted,
+    /// The connection to a remote service changed state (e.g.
+    /// `Reconnecting` after it dropped, `Connected` once back).
+    Connection(crate::backend::ConnectionState),
+    /// The connection to a remote service is lost for good: the session can
+    /// no longer hear or speak.
+    Failed {
+        /// Why, e.g. `ConnectionFailed`.
+        code: crate::error::ErrorCode,
+        /// What happened, with the cause.
+        message: String,
+    },
 }
 
 /// One session's speech-to-speech model.

@@ -29,8 +29,12 @@ use crate::metrics::{Metrics, Op, PROCESS_AUDIO_LATENCY_SAMPLE};
 use crate::pipeline::engine::{Engine, EngineParts};
 use crate::pipeline::events::SessionEvents;
 use crate::pipeline::{ComponentRegistries, components};
+use crate::provider::HostedStages;
 use crate::provider::ProviderCapabilities;
 use crate::session::{AudioReceiver, PersistenceStatus, PipelineState, SessionId, VoiceSession};
+
+mod link;
+pub use link::{Link, LinkRequest, MAX_RETRY_DELAY, RetryPolicy};
 
 /// The VAD used when the config names none.
 pub const DEFAULT_VAD: &str = crate::config::DEFAULT_VAD_PROVIDER;
@@ -55,8 +59,22 @@ pub trait Connector: Send + Sync + 'static {
     /// Checks the provider's part of a config (usually `provider_config`).
     fn validate_config(&self, config: &Config) -> Result<()>;
 
+    /// Pipeline stages the service runs itself (see [`Connector::open_link`]).
+    fn hosted_stages(&self) -> HostedStages {
+        HostedStages::NONE
+    }
+
     /// Connects to the service.
     async fn connect(&self, config: &Config) -> Result<()>;
+
+    /// Opens a session's [`Link`] to the service, for a service that runs
+    /// pipeline stages itself; `None` (the default) runs the whole pipeline
+    /// in process. Called when the session is created, under `timeout` and
+    /// with the config's retries; the link reconnects by itself when it
+    /// drops later, following [`LinkRequest::retry`].
+    async fn open_link(&self, _request: LinkRequest<'_>) -> Result<Option<Link>> {
+        Ok(None)
+    }
 
     /// Disconnects from the service.
     async fn disconnect(&self) {}
@@ -147,7 +165,9 @@ impl RuntimeBackend {
         registries: &'static ComponentRegistries,
     ) -> Result<Self> {
         const OP: &str = "backend.new";
-        config.validate().map_err(|e| e.with_op(OP))?;
+        config
+            .validate_for(connector.hosted_stages())
+            .map_err(|e| e.with_op(OP))?;
         connector
             .validate_config(config)
             .map_err(|e| e.with_op(OP))?;
@@ -339,7 +359,27 @@ impl Inner {
     async fn build_session(self: &Arc<Self>, config: SessionConfig) -> Result<Arc<RuntimeSession>> {
         const OP: &str = "backend.create_session";
         let base = self.config();
-        let pipeline = config.resolve_pipeline(&base)?;
+        let hosted = self.connector.hosted_stages();
+        let pipeline = config.resolve_pipeline_for(&base, hosted)?;
+        let id = next_session_id();
+        let link = retrying(
+            OP,
+            &self.provider,
+            RetryPolicy::from_config(&base),
+            || {
+                self.connector.open_link(LinkRequest {
+                    session_id: id.as_str(),
+                    user_id: &config.user_id,
+                    config: &base,
+                    metadata: &config.metadata,
+                    retry: RetryPolicy::from_config(&base),
+                })
+            },
+            |attempt, delay, e| {
+                tracing::warn!(attempt, code = %e.code, "opening the session's link failed, retrying in {delay:?}: {}", e.message);
+            },
+        )
+        .await?;
         let reg = self.components;
         let options = |name: &str| {
             base.components
@@ -367,15 +407,24 @@ impl Inner {
             processors.push(reg.processor.get(&p.name)?.create(&opts, p.order)?);
         }
         sort_processors(&mut processors);
-        let (stt, s2s, tts) = match pipeline.pipeline_type {
-            PipelineType::SttTts => {
+        let remote_turns = link.is_some() && hosted.stt;
+        let (stt, s2s, tts) = match (link, pipeline.pipeline_type) {
+            (Some(link), _) => {
+                let tts = match (link.speaker, &base.tts_provider) {
+                    (Some(speaker), _) => Some(speaker),
+                    (None, Some(n)) => Some(reg.tts.get(n)?),
+                    (None, None) => None,
+                };
+                (None, Some((link.stream, link.events)), tts)
+            }
+            (None, PipelineType::SttTts) => {
                 let stt_name = pipeline.stt_provider.as_deref().unwrap_or_default();
                 let tts_name = pipeline.tts_provider.as_deref().unwrap_or_default();
                 let (tx, rx) = mpsc::channel(COMPONENT_CHANNEL);
                 let stream = reg.stt.get(stt_name)?.open(&options(stt_name), tx)?;
                 (Some((stream, rx)), None, Some(reg.tts.get(tts_name)?))
             }
-            PipelineType::S2s => {
+            (None, PipelineType::S2s) => {
                 let s2s_name = pipeline.s2s_provider.as_deref().unwrap_or_default();
                 let (tx, rx) = mpsc::channel(COMPONENT_CHANNEL);
                 let stream = reg.s2s.get(s2s_name)?.open(&options(s2s_name), tx)?;
@@ -386,7 +435,6 @@ impl Inner {
                 (None, Some((stream, rx)), tts)
             }
         };
-        let id = next_session_id();
         let engine = Engine::new(EngineParts {
             session_id: id.to_string(),
             user_id: config.user_id.clone(),
@@ -401,6 +449,7 @@ impl Inner {
             agent: config.agent.clone(),
             metrics: self.metrics.clone(),
             agent_timeout: base.timeout,
+            remote_turns,
         })
         .map_err(|e| e.with_op(OP))?;
         Ok(Arc::new(RuntimeSession {
@@ -579,7 +628,9 @@ impl VoiceBackend for RuntimeBackend {
         const OP: &str = "backend.update_config";
         let timer = self.inner.metrics.observe(Op::UpdateConfig);
         let result = (|| {
-            config.validate().map_err(|e| e.with_op(OP))?;
+            config
+                .validate_for(self.inner.connector.hosted_stages())
+                .map_err(|e| e.with_op(OP))?;
             if config.provider != self.inner.provider {
                 return Err(BackendError::invalid_config(
                     OP,
@@ -617,56 +668,24 @@ impl RuntimeBackend {
     async fn connect_with_retries(&self, op: &'static str) -> Result<()> {
         let config = self.inner.config();
         self.inner.set_state(ConnectionState::Connecting);
-        let mut delay = config.retry_delay;
-        let mut attempt = 0u32;
-        loop {
-            let outcome =
-                match tokio::time::timeout(config.timeout, self.inner.connector.connect(&config))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(BackendError::new(
-                        op,
-                        ErrorCode::ConnectionTimeout,
-                        format!(
-                            "connecting took longer than timeout = {}",
-                            humantime::format_duration(config.timeout)
-                        ),
-                    )),
-                };
-            match outcome {
-                Ok(()) => {
-                    self.inner.set_state(ConnectionState::Connected);
-                    return Ok(());
-                }
-                Err(e) if e.is_retryable() && attempt < config.max_retries => {
-                    attempt += 1;
-                    tracing::warn!(attempt, code = %e.code, "connect failed, retrying in {delay:?}: {}", e.message);
-                    self.inner.set_state(ConnectionState::Reconnecting);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(60));
-                }
-                Err(e) => {
-                    self.inner.set_state(ConnectionState::Error);
-                    let attempts = attempt + 1;
-                    let code = if e.is_retryable() {
-                        ErrorCode::ConnectionFailed
-                    } else {
-                        e.code
-                    };
-                    return Err(BackendError::new(
-                        op,
-                        code,
-                        format!(
-                            "could not connect to {} after {attempts} attempt(s): {}",
-                            self.inner.provider, e.message
-                        ),
-                    )
-                    .with_detail("attempts", attempts.to_string())
-                    .with_source(e));
-                }
-            }
-        }
+        let inner = &self.inner;
+        let result = retrying(
+            op,
+            &inner.provider,
+            RetryPolicy::from_config(&config),
+            || inner.connector.connect(&config),
+            |attempt, delay, e| {
+                tracing::warn!(attempt, code = %e.code, "connect failed, retrying in {delay:?}: {}", e.message);
+                inner.set_state(ConnectionState::Reconnecting);
+            },
+        )
+        .await;
+        inner.set_state(if result.is_ok() {
+            ConnectionState::Connected
+        } else {
+            ConnectionState::Error
+        });
+        result
     }
 
     async fn create_session_inner(&self, config: SessionConfig) -> Result<Arc<RuntimeSession>> {
@@ -717,6 +736,65 @@ impl RuntimeBackend {
             .insert(session.id.clone(), session.clone());
         self.inner.metrics.session_opened();
         Ok(session)
+    }
+}
+
+/// Runs `attempt` until it succeeds, under `policy`: each try bounded by the
+/// policy's timeout, retryable errors retried after a doubling delay
+/// (`on_retry` hears of each), other errors returned at once. The final
+/// error is `ConnectionFailed` (or the non-retryable cause's code) naming
+/// the attempts and keeping the cause as its source.
+async fn retrying<T, F, Fut>(
+    op: &'static str,
+    provider: &str,
+    policy: RetryPolicy,
+    mut attempt: F,
+    mut on_retry: impl FnMut(u32, Duration, &BackendError),
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut retries = 0u32;
+    loop {
+        let outcome = match tokio::time::timeout(policy.timeout, attempt()).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::new(
+                op,
+                ErrorCode::ConnectionTimeout,
+                format!(
+                    "connecting took longer than timeout = {}",
+                    humantime::format_duration(policy.timeout)
+                ),
+            )),
+        };
+        match outcome {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && retries < policy.max_retries => {
+                retries += 1;
+                let delay = policy.delay(retries);
+                on_retry(retries, delay, &e);
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                let attempts = retries + 1;
+                let code = if e.is_retryable() {
+                    ErrorCode::ConnectionFailed
+                } else {
+                    e.code
+                };
+                return Err(BackendError::new(
+                    op,
+                    code,
+                    format!(
+                        "could not connect to {provider} after {attempts} attempt(s): {}",
+                        e.message
+                    ),
+                )
+                .with_detail("attempts", attempts.to_string())
+                .with_source(e));
+            }
+        }
     }
 }
 

@@ -1,0 +1,125 @@
+//! Links: a session's live connection to a provider's service.
+//!
+//! A [`Connector`](super::Connector) whose service runs pipeline stages
+//! itself (a Pipecat bot transcribes and speaks) opens one [`Link`] per
+//! session. The session's engine then streams the user's audio over the link
+//! instead of into local components, takes transcripts, reply audio and
+//! interruptions from it, and, when the application supplied an agent, hands
+//! the agent's reply back to the service to be spoken.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::pipeline::{S2sEvent, S2sStream, TextToSpeech};
+
+/// How a link (or a connector) retries: `max_retries` retries after the
+/// first attempt, the first `retry_delay` after a failure, each next delay
+/// twice the one before (at most a minute); every attempt bounded by `timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// The delay before the first retry.
+    pub retry_delay: Duration,
+    /// The longest one attempt may take.
+    pub timeout: Duration,
+}
+
+/// The longest delay between two attempts.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+impl RetryPolicy {
+    /// The policy a config asks for (`max_retries`, `retry_delay`, `timeout`).
+    pub fn from_config(config: &Config) -> Self {
+        RetryPolicy {
+            max_retries: config.max_retries,
+            retry_delay: config.retry_delay,
+            timeout: config.timeout,
+        }
+    }
+
+    /// The delay before retry number `retry` (counted from 1).
+    pub fn delay(&self, retry: u32) -> Duration {
+        let doublings = retry.saturating_sub(1).min(16);
+        self.retry_delay
+            .saturating_mul(1 << doublings)
+            .min(MAX_RETRY_DELAY)
+    }
+}
+
+/// What a connector is told when it opens a session's link.
+#[derive(Clone, Copy)]
+pub struct LinkRequest<'a> {
+    /// The session's id.
+    pub session_id: &'a str,
+    /// The session's user.
+    pub user_id: &'a str,
+    /// The backend's config.
+    pub config: &'a Config,
+    /// The session's metadata.
+    pub metadata: &'a BTreeMap<String, serde_json::Value>,
+    /// How to retry when the link drops during the session.
+    pub retry: RetryPolicy,
+}
+
+impl fmt::Debug for LinkRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkRequest")
+            .field("session_id", &self.session_id)
+            .field("user_id", &self.user_id)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session's open link to the provider's service.
+///
+/// - `stream` takes every frame of the user's audio (in the pipeline's
+///   internal format) once the session runs; its `end_turn` is not called,
+///   because the service ends turns itself when it hosts STT;
+/// - `events` brings what the service says: transcripts (a final one ends
+///   the user's turn), its own reply text and audio, the end of a reply,
+///   interruptions and the link's connection state;
+/// - `speaker`, when set, speaks the application agent's replies through
+///   the service. With an agent set on the session, each final transcript
+///   goes to the agent and its reply to `speaker`; without one, the service
+///   answers by itself and its audio is relayed.
+pub struct Link {
+    /// User audio to the service.
+    pub stream: Box<dyn S2sStream>,
+    /// What the service sends back.
+    pub events: mpsc::Receiver<S2sEvent>,
+    /// Speaks the agent's replies through the service.
+    pub speaker: Option<Arc<dyn TextToSpeech>>,
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("speaker", &self.speaker.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_double_from_retry_delay_up_to_a_minute() {
+        let p = RetryPolicy {
+            max_retries: 20,
+            retry_delay: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(p.delay(1), Duration::from_millis(100));
+        assert_eq!(p.delay(2), Duration::from_millis(200));
+        assert_eq!(p.delay(4), Duration::from_millis(800));
+        assert_eq!(p.delay(20), MAX_RETRY_DELAY);
+    }
+}
