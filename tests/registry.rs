@@ -23,13 +23,20 @@ fn expected_static_names() -> BTreeSet<String> {
     // `local` is built in, never behind a feature.
     let mut names = BTreeSet::from(["local".to_owned(), "static-test".to_owned()]);
     // Each provider feature adds its name here as the provider arrives.
-    let features: [(&str, bool); 0] = [];
+    let features = [("pipecat", cfg!(feature = "pipecat"))];
     for (name, enabled) in features {
         if enabled {
             names.insert(name.to_owned());
         }
     }
     names
+}
+
+/// The static names plus `extra`, sorted, as `list_providers` gives them.
+fn with_statics(extra: &[&str]) -> Vec<String> {
+    let mut names = expected_static_names();
+    names.extend(extra.iter().map(|n| n.to_string()));
+    names.into_iter().collect()
 }
 
 #[test]
@@ -65,19 +72,15 @@ async fn unknown_name_is_provider_not_found_listing_the_available_names() {
         .unwrap();
     assert_eq!(err.code, ErrorCode::ProviderNotFound);
     assert_eq!(err.op, "registry.create");
+    let available = with_statics(&["alpha", "zeta"]).join(", ");
     assert!(
         err.message.contains("\"livekt\"")
-            && err
-                .message
-                .contains("available: alpha, local, static-test, zeta"),
+            && err.message.contains(&format!("available: {available}")),
         "{err}"
     );
     let err = reg.get_provider("nope").err().unwrap();
     assert_eq!(err.code, ErrorCode::ProviderNotFound);
-    assert!(
-        err.message.contains("alpha, local, static-test, zeta"),
-        "{err}"
-    );
+    assert!(err.message.contains(&available), "{err}");
     assert!(!reg.is_registered("nope"));
 }
 
@@ -148,7 +151,7 @@ async fn overlay_shadows_a_static_entry_and_removal_reveals_it_again() {
     assert_eq!(backend.provider(), "the-double");
     assert_eq!(
         reg.list_providers(),
-        vec!["local", "static-test"],
+        with_statics(&[]),
         "shadowing must not duplicate the name"
     );
 
@@ -187,7 +190,7 @@ async fn register_and_deregister_a_new_name() {
             .is_none()
     );
     assert!(reg.is_registered("fresh"));
-    assert_eq!(reg.list_providers(), vec!["fresh", "local", "static-test"]);
+    assert_eq!(reg.list_providers(), with_statics(&["fresh"]));
     assert_eq!(
         reg.get_provider("fresh")
             .unwrap()
@@ -302,11 +305,8 @@ async fn concurrent_register_and_create_lose_and_tear_nothing() {
                 .filter(|r| r % 2 == 0)
                 .map(move |r| format!("task{t}-{r}"))
         })
-        .chain([
-            "local".to_owned(),
-            "shared".to_owned(),
-            "static-test".to_owned(),
-        ])
+        .chain(["shared".to_owned()])
+        .chain(expected_static_names())
         .collect();
     assert_eq!(names.len(), expected.len(), "no duplicates in the listing");
     assert_eq!(
@@ -354,8 +354,8 @@ async fn lookups_tell_apart_names_that_share_length_and_edges() {
     }
     assert_eq!(
         reg.list_providers().len(),
-        names.len() + 2,
-        "plus local and static-test"
+        names.len() + expected_static_names().len(),
+        "plus the static entries"
     );
 }
 

@@ -3,3 +3,6 @@
 //! [`crate::runtime`].
 
 pub mod local;
+#[cfg(feature = "pipecat")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pipecat")))]
+pub mod pipecat;

@@ -1,0 +1,685 @@
+//! One session's link to a Pipecat bot: a WebSocket carrying protobuf
+//! frames, owned by one task that writes the user's audio and the agent's
+//! text, reads the bot's audio, transcripts and RTVI messages, and
+//! reconnects with backoff when the bot drops the connection.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::proto::{self, Inbound};
+use super::rtvi::{self, RtviEvent};
+use crate::audio::{AudioConverter, AudioEncoding, AudioFormat, AudioFrame};
+use crate::backend::ConnectionState;
+use crate::config::Secret;
+use crate::error::{BackendError, ErrorCode, Result};
+use crate::pipeline::{INTERNAL_FORMAT, S2sEvent, S2sStream, TextToSpeech};
+use crate::runtime::{Link, RetryPolicy};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Frames waiting to go to the bot: two seconds of 20 ms audio. Beyond it
+/// (the bot reads slower than real time, or the link is reconnecting) new
+/// frames are dropped and counted: late audio is worth less than fresh audio.
+const OUT_QUEUE: usize = 100;
+/// Events waiting for the session's task; reply audio beyond it is dropped
+/// and counted.
+const EVENT_QUEUE: usize = 256;
+/// How long a spoken reply may go without audio, once it started, before it
+/// counts as finished even though the bot did not say it stopped speaking.
+const REPLY_IDLE_END: Duration = Duration::from_secs(3);
+
+/// Counts across every link of one backend, reported by its health check.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    /// Messages written to bots.
+    pub sent: AtomicU64,
+    /// Messages read from bots.
+    pub received: AtomicU64,
+    /// Messages from bots that could not be decoded, and skipped.
+    pub malformed: AtomicU64,
+    /// User frames or reply audio dropped because a queue was full.
+    pub dropped: AtomicU64,
+    /// Times a link lost its bot and reconnected.
+    pub reconnects: AtomicU64,
+}
+
+/// Where and how one link connects.
+#[derive(Clone)]
+pub(super) struct Settings {
+    /// The bot's URL for this session (may hold credentials: never logged).
+    pub url: String,
+    /// `host:port` of the URL, for messages.
+    pub endpoint: String,
+    /// Sent as `Authorization: Bearer ...`.
+    pub auth_token: Option<Secret>,
+    /// The bot's input sample rate.
+    pub input_sample_rate: u32,
+    /// Whether to send RTVI `client-ready` after connecting.
+    pub client_ready: bool,
+    /// Reconnection policy.
+    pub retry: RetryPolicy,
+    /// The session, for logs.
+    pub session_id: String,
+}
+
+/// Connects to the bot once.
+pub(super) async fn dial(settings: &Settings) -> Result<Ws> {
+    const OP: &str = "pipecat.connect";
+    let mut request = settings.url.as_str().into_client_request().map_err(|e| {
+        BackendError::invalid_config(OP, format!("the bot URL is not usable: {}", describe(&e)))
+    })?;
+    if let Some(token) = &settings.auth_token {
+        let value = format!("Bearer {}", token.expose()).parse().map_err(|_| {
+            BackendError::invalid_config(
+                OP,
+                "provider_config.auth_token holds characters an HTTP header cannot carry",
+            )
+        })?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+        .await
+        .map_err(|e| {
+            let code = match &e {
+                tungstenite::Error::Http(r) if matches!(r.status().as_u16(), 401 | 403) => {
+                    ErrorCode::AuthenticationFailed
+                }
+                tungstenite::Error::Url(_) => ErrorCode::InvalidConfig,
+                _ => ErrorCode::ConnectionFailed,
+            };
+            BackendError::new(
+                OP,
+                code,
+                format!(
+                    "could not reach the Pipecat bot at {}: {}",
+                    settings.endpoint,
+                    describe(&e)
+                ),
+            )
+        })?;
+    Ok(ws)
+}
+
+/// An error's description without the URL (which may hold credentials).
+fn describe(e: &tungstenite::Error) -> String {
+    match e {
+        tungstenite::Error::Io(io) => io.to_string(),
+        tungstenite::Error::Http(r) => format!("the bot answered HTTP {}", r.status()),
+        tungstenite::Error::Url(u) => match u {
+            tungstenite::error::UrlError::TlsFeatureNotEnabled => {
+                "wss:// needs TLS, which this build does not include; use ws://".into()
+            }
+            other => other.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn close_cause(frame: Option<&CloseFrame>) -> String {
+    match frame {
+        Some(f) if u16::from(f.code) == 1013 => format!(
+            "the bot is busy with another client (close code 1013{}); a single-client \
+             bot serves one session at a time: use a multi-client transport and url_template",
+            if f.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", f.reason)
+            }
+        ),
+        Some(f) => format!(
+            "the bot closed the connection (code {}{})",
+            u16::from(f.code),
+            if f.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", f.reason)
+            }
+        ),
+        None => "the bot closed the connection".into(),
+    }
+}
+
+enum SpeakerMsg {
+    Audio(AudioFrame),
+    Done,
+    Failed(String),
+}
+
+/// The spoken reply in flight: where the bot's audio goes while the bot
+/// speaks the agent's text.
+struct Sink {
+    id: u64,
+    format: AudioFormat,
+    tx: mpsc::Sender<SpeakerMsg>,
+    heard: bool,
+}
+
+struct Shared {
+    counters: Arc<Counters>,
+    sink: Mutex<Option<Sink>>,
+    next_reply: AtomicU64,
+    /// Set when the link is lost for good, with why.
+    failed: Mutex<Option<String>>,
+    is_failed: AtomicBool,
+    reply_timeout: Duration,
+}
+
+impl Shared {
+    fn sink(&self) -> std::sync::MutexGuard<'_, Option<Sink>> {
+        self.sink.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lost(&self, op: &'static str) -> BackendError {
+        let why = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "the link task ended".into());
+        BackendError::new(
+            op,
+            ErrorCode::ConnectionFailed,
+            format!("the session's link to the Pipecat bot is lost: {why}"),
+        )
+    }
+}
+
+/// Opens a session's link: connects (once; the runtime retries), says
+/// `client-ready`, and starts the link's task.
+pub(super) async fn open(
+    settings: Settings,
+    counters: Arc<Counters>,
+    reply_timeout: Duration,
+) -> Result<Link> {
+    let mut ws = dial(&settings).await?;
+    if settings.client_ready {
+        send_client_ready(&mut ws, &settings, &counters).await?;
+    }
+    let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let shared = Arc::new(Shared {
+        counters,
+        sink: Mutex::new(None),
+        next_reply: AtomicU64::new(1),
+        failed: Mutex::new(None),
+        is_failed: AtomicBool::new(false),
+        reply_timeout,
+    });
+    let stream = PipecatStream {
+        out: out_tx.clone(),
+        shared: shared.clone(),
+        rate: settings.input_sample_rate,
+        converter: None,
+    };
+    let speaker = Speaker {
+        out: out_tx,
+        shared: shared.clone(),
+    };
+    let span = tracing::info_span!("pipecat.link", session_id = %settings.session_id);
+    tokio::spawn(tracing::Instrument::instrument(
+        LinkTask {
+            settings,
+            shared,
+            events: events_tx,
+            converter: None,
+            logged_malformed: false,
+            bot_speaking: false,
+        }
+        .run(ws, out_rx),
+        span,
+    ));
+    Ok(Link {
+        stream: Box::new(stream),
+        events: events_rx,
+        speaker: Some(Arc::new(speaker)),
+    })
+}
+
+async fn send_client_ready(ws: &mut Ws, settings: &Settings, counters: &Counters) -> Result<()> {
+    let id = format!("{}-ready", settings.session_id);
+    ws.send(Message::Binary(
+        proto::encode_message(rtvi::client_ready(&id)).into(),
+    ))
+    .await
+    .map_err(|e| {
+        BackendError::new(
+            "pipecat.connect",
+            ErrorCode::ConnectionFailed,
+            format!(
+                "the Pipecat bot at {} dropped the connection at once: {}",
+                settings.endpoint,
+                describe(&e)
+            ),
+        )
+    })?;
+    counters.sent.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The user's audio to the bot.
+struct PipecatStream {
+    out: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+    rate: u32,
+    converter: Option<AudioConverter>,
+}
+
+impl S2sStream for PipecatStream {
+    fn push_audio(&mut self, frame: &AudioFrame) -> Result<()> {
+        const OP: &str = "pipecat.push_audio";
+        if self.shared.is_failed.load(Ordering::Acquire) {
+            return Err(self.shared.lost(OP));
+        }
+        let pcm = if frame.format().sample_rate == self.rate
+            && frame.format().channels == 1
+            && frame.format().encoding == AudioEncoding::PcmS16Le
+        {
+            frame.data().clone()
+        } else {
+            let to = AudioFormat::new(AudioEncoding::PcmS16Le, self.rate, 1);
+            let converter = match &mut self.converter {
+                Some(c) => c,
+                slot => slot.insert(AudioConverter::new(frame.format(), to)?),
+            };
+            match converter.convert(frame)? {
+                Some(f) => f.into_data(),
+                None => return Ok(()),
+            }
+        };
+        match self.out.try_send(proto::encode_audio(pcm, self.rate, 1)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.shared.lost(OP)),
+        }
+    }
+
+    fn end_turn(&mut self) -> Result<()> {
+        // The bot ends turns itself.
+        Ok(())
+    }
+
+    fn interrupt(&mut self) {
+        // The bot hears the barge-in in the audio it is sent and stops by
+        // itself; the engine has already flushed what was queued here.
+    }
+}
+
+/// Speaks the agent's text through the bot's TTS.
+struct Speaker {
+    out: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+}
+
+/// Removes its reply's sink when the reply ends or is dropped (barge-in).
+struct SinkGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for SinkGuard<'_> {
+    fn drop(&mut self) {
+        let mut sink = self.shared.sink();
+        if sink.as_ref().is_some_and(|s| s.id == self.id) {
+            *sink = None;
+        }
+    }
+}
+
+#[async_trait]
+impl TextToSpeech for Speaker {
+    async fn synthesize(
+        &self,
+        text: &str,
+        format: AudioFormat,
+        out: &mpsc::Sender<AudioFrame>,
+    ) -> Result<()> {
+        const OP: &str = "pipecat.speak";
+        if self.shared.is_failed.load(Ordering::Acquire) {
+            return Err(self.shared.lost(OP));
+        }
+        let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
+        let id = self.shared.next_reply.fetch_add(1, Ordering::Relaxed);
+        *self.shared.sink() = Some(Sink {
+            id,
+            format,
+            tx,
+            heard: false,
+        });
+        let _guard = SinkGuard {
+            shared: &self.shared,
+            id,
+        };
+        self.out
+            .send(proto::encode_text(text))
+            .await
+            .map_err(|_| self.shared.lost(OP))?;
+        let mut heard = false;
+        loop {
+            let wait = if heard {
+                REPLY_IDLE_END
+            } else {
+                self.shared.reply_timeout
+            };
+            match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(SpeakerMsg::Audio(frame))) => {
+                    heard = true;
+                    if out.send(frame).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(SpeakerMsg::Done)) | Ok(None) => return Ok(()),
+                Ok(Some(SpeakerMsg::Failed(why))) => {
+                    return Err(BackendError::new(
+                        OP,
+                        ErrorCode::ConnectionFailed,
+                        format!("the Pipecat bot's connection dropped mid-reply: {why}"),
+                    ));
+                }
+                Err(_) if heard => return Ok(()),
+                Err(_) => {
+                    return Err(BackendError::new(
+                        OP,
+                        ErrorCode::Timeout,
+                        format!(
+                            "the Pipecat bot spoke no audio for the reply within timeout = {}",
+                            humantime::format_duration(self.shared.reply_timeout)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Why the connection ended.
+enum Ended {
+    /// The session is gone: close and stop.
+    SessionGone,
+    /// The bot went away: reconnect.
+    Lost(String),
+}
+
+struct LinkTask {
+    settings: Settings,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<S2sEvent>,
+    /// Converts the bot's audio, keyed by (from, to).
+    converter: Option<(AudioFormat, AudioFormat, AudioConverter)>,
+    logged_malformed: bool,
+    bot_speaking: bool,
+}
+
+impl LinkTask {
+    async fn run(mut self, mut ws: Ws, mut out: mpsc::Receiver<Vec<u8>>) {
+        loop {
+            match self.serve(&mut ws, &mut out).await {
+                Ended::SessionGone => {
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                Ended::Lost(cause) => {
+                    tracing::warn!(bot = %self.settings.endpoint, "lost the Pipecat bot: {cause}");
+                    match self.reconnect(&cause, &mut out).await {
+                        Some(new) => ws = new,
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries messages both ways until one side ends.
+    async fn serve(&mut self, ws: &mut Ws, out: &mut mpsc::Receiver<Vec<u8>>) -> Ended {
+        loop {
+            tokio::select! {
+                biased;
+                () = self.events.closed() => return Ended::SessionGone,
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Binary(b))) => self.on_message(b),
+                    Some(Ok(Message::Text(t))) => {
+                        self.on_malformed(&format!("a {}-byte text message (the protobuf serializer sends binary)", t.len()));
+                    }
+                    Some(Ok(Message::Close(frame))) => return Ended::Lost(close_cause(frame.as_ref())),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ended::Lost(describe(&e)),
+                    None => return Ended::Lost("the connection ended".into()),
+                },
+                next = out.recv() => {
+                    let Some(first) = next else { return Ended::SessionGone };
+                    let mut batch = 1u64;
+                    if let Err(e) = ws.feed(Message::Binary(first.into())).await {
+                        return Ended::Lost(describe(&e));
+                    }
+                    while let Ok(more) = out.try_recv() {
+                        batch += 1;
+                        if let Err(e) = ws.feed(Message::Binary(more.into())).await {
+                            return Ended::Lost(describe(&e));
+                        }
+                    }
+                    if let Err(e) = ws.flush().await {
+                        return Ended::Lost(describe(&e));
+                    }
+                    self.shared.counters.sent.fetch_add(batch, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Reconnects under the retry policy; `None` when the session is gone
+    /// or every attempt failed (then the session hears `Failed`).
+    async fn reconnect(&mut self, cause: &str, out: &mut mpsc::Receiver<Vec<u8>>) -> Option<Ws> {
+        self.shared
+            .counters
+            .reconnects
+            .fetch_add(1, Ordering::Relaxed);
+        self.bot_speaking = false;
+        if let Some(sink) = self.shared.sink().take() {
+            let _ = sink.tx.try_send(SpeakerMsg::Failed(cause.to_owned()));
+        }
+        let _ = self
+            .events
+            .try_send(S2sEvent::Connection(ConnectionState::Reconnecting));
+        let policy = self.settings.retry;
+        let mut last = cause.to_owned();
+        for retry in 1..=policy.max_retries {
+            tokio::select! {
+                () = self.events.closed() => return None,
+                () = tokio::time::sleep(policy.delay(retry)) => {}
+            }
+            // Audio queued while the bot was away is stale: drop it.
+            while out.try_recv().is_ok() {
+                self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            let attempt = async {
+                let mut ws = dial(&self.settings).await?;
+                if self.settings.client_ready {
+                    send_client_ready(&mut ws, &self.settings, &self.shared.counters).await?;
+                }
+                Ok::<_, BackendError>(ws)
+            };
+            match tokio::time::timeout(policy.timeout, attempt).await {
+                Ok(Ok(ws)) => {
+                    tracing::info!(bot = %self.settings.endpoint, retry, "reconnected to the Pipecat bot");
+                    let _ = self
+                        .events
+                        .send(S2sEvent::Connection(ConnectionState::Connected))
+                        .await;
+                    return Some(ws);
+                }
+                Ok(Err(e)) => last = e.message,
+                Err(_) => {
+                    last = format!(
+                        "connecting took longer than timeout = {}",
+                        humantime::format_duration(policy.timeout)
+                    )
+                }
+            }
+            tracing::warn!(retry, "reconnecting to the Pipecat bot failed: {last}");
+        }
+        let why = format!(
+            "{cause}; {} reconnection attempt(s) failed, the last with: {last}",
+            policy.max_retries
+        );
+        *self
+            .shared
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
+        self.shared.is_failed.store(true, Ordering::Release);
+        let _ = self
+            .events
+            .send(S2sEvent::Failed {
+                code: ErrorCode::ConnectionFailed,
+                message: format!("lost the Pipecat bot at {}: {why}", self.settings.endpoint),
+            })
+            .await;
+        None
+    }
+
+    fn on_malformed(&mut self, what: &str) {
+        self.shared
+            .counters
+            .malformed
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.logged_malformed {
+            self.logged_malformed = true;
+            tracing::warn!(bot = %self.settings.endpoint, "skipping a message from the Pipecat bot: {what} (further ones are only counted)");
+        }
+    }
+
+    fn emit(&self, event: S2sEvent) {
+        if self.events.try_send(event).is_err() {
+            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_message(&mut self, bytes: Bytes) {
+        self.shared
+            .counters
+            .received
+            .fetch_add(1, Ordering::Relaxed);
+        match proto::decode(bytes) {
+            Err(e) => self.on_malformed(&e.message),
+            Ok(Inbound::Audio(frame)) => self.on_audio(frame),
+            Ok(Inbound::Message(json)) => match rtvi::parse(&json) {
+                Err(e) => self.on_malformed(&e.message),
+                Ok(None) => {}
+                Ok(Some(ev)) => self.on_rtvi(ev),
+            },
+            Ok(Inbound::Transcription { text, .. }) => self.emit(S2sEvent::UserTranscript {
+                text,
+                is_final: true,
+            }),
+            Ok(Inbound::Text(text)) => {
+                if self.shared.sink().is_none() {
+                    self.emit(S2sEvent::AgentText(text));
+                }
+            }
+            Ok(Inbound::Interruption) => self.on_interrupted(),
+        }
+    }
+
+    fn on_rtvi(&mut self, ev: RtviEvent) {
+        match ev {
+            RtviEvent::UserTranscription { text, is_final } => {
+                self.emit(S2sEvent::UserTranscript { text, is_final })
+            }
+            RtviEvent::BotText(text) => {
+                // While the bot speaks the agent's text, the agent's text is
+                // already in the session's events.
+                if self.shared.sink().is_none() {
+                    self.emit(S2sEvent::AgentText(text));
+                }
+            }
+            RtviEvent::BotStartedSpeaking => self.bot_speaking = true,
+            RtviEvent::BotStoppedSpeaking => {
+                self.bot_speaking = false;
+                let mut sink = self.shared.sink();
+                match sink.as_ref() {
+                    Some(s) if s.heard => {
+                        let _ = s.tx.try_send(SpeakerMsg::Done);
+                        *sink = None;
+                    }
+                    // Not this reply's end: it has not started speaking yet.
+                    Some(_) => {}
+                    None => {
+                        drop(sink);
+                        self.emit(S2sEvent::ReplyDone);
+                    }
+                }
+            }
+            RtviEvent::BotInterrupted => self.on_interrupted(),
+            RtviEvent::Error(message) => {
+                tracing::warn!(bot = %self.settings.endpoint, "the Pipecat bot reports an error: {message}");
+            }
+            RtviEvent::BotReady
+            | RtviEvent::UserStartedSpeaking
+            | RtviEvent::UserStoppedSpeaking
+            | RtviEvent::Other(_) => {}
+        }
+    }
+
+    fn on_interrupted(&mut self) {
+        self.emit(S2sEvent::Interrupted);
+        self.shared.sink().take();
+    }
+
+    fn on_audio(&mut self, frame: AudioFrame) {
+        let mut sink = self.shared.sink();
+        let to = sink.as_ref().map_or(INTERNAL_FORMAT, |s| s.format);
+        let from = frame.format();
+        let frame = if from == to {
+            Some(frame)
+        } else {
+            let converter = match &mut self.converter {
+                Some((f, t, c)) if *f == from && *t == to => c,
+                slot => match AudioConverter::new(from, to) {
+                    Ok(c) => &mut slot.insert((from, to, c)).2,
+                    Err(e) => {
+                        drop(sink);
+                        self.on_malformed(&format!(
+                            "audio the client cannot convert: {}",
+                            e.message
+                        ));
+                        return;
+                    }
+                },
+            };
+            match converter.convert(&frame) {
+                Ok(f) => f,
+                Err(e) => {
+                    drop(sink);
+                    self.on_malformed(&format!("audio frame: {}", e.message));
+                    return;
+                }
+            }
+        };
+        let Some(frame) = frame else { return };
+        match sink.as_mut() {
+            Some(s) => {
+                s.heard = true;
+                if s.tx.try_send(SpeakerMsg::Audio(frame)).is_err() {
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                drop(sink);
+                self.emit(S2sEvent::Audio(frame));
+            }
+        }
+    }
+}

@@ -1,0 +1,314 @@
+#![doc = include_str!("docs.md")]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::backend::VoiceBackend;
+use crate::config::{Config, Secret, parse_provider_config};
+use crate::error::{BackendError, ErrorCode, Result};
+use crate::provider::{BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities};
+use crate::runtime::{Connector, Link, LinkRequest, RuntimeBackend};
+
+mod link;
+pub mod proto;
+pub mod rtvi;
+
+/// The provider's registered name.
+pub const NAME: &str = "pipecat";
+
+const OP: &str = "pipecat.validate_config";
+
+fn default_input_rate() -> u32 {
+    16_000
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The `pipecat` provider's `provider_config`.
+///
+/// Give exactly one of `url` (every session connects to the same bot URL:
+/// Pipecat's single-client `WebsocketServerTransport`, or a multi-client
+/// endpoint) and `url_template` (one URL per session: `{session_id}` and
+/// `{user_id}` are replaced, percent-encoded).
+///
+/// ```toml
+/// provider = "pipecat"
+/// [provider_config]
+/// url_template = "ws://127.0.0.1:8765/ws?session={session_id}"
+/// ```
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PipecatConfig {
+    /// The bot's WebSocket URL (`ws://` or `wss://`), the same for every session.
+    pub url: Option<String>,
+    /// The bot's WebSocket URL per session, with `{session_id}` and/or `{user_id}`.
+    pub url_template: Option<String>,
+    /// Sent as `Authorization: Bearer <token>` when connecting.
+    pub auth_token: Option<Secret>,
+    /// The bot's input sample rate in Hz (Pipecat's default 16000); user audio
+    /// is resampled to it, because nothing resamples it on the bot's side.
+    #[serde(default = "default_input_rate")]
+    pub input_sample_rate: u32,
+    /// Send RTVI `client-ready` after connecting (bots with RTVI wait for it
+    /// before `bot-ready`).
+    #[serde(default = "yes")]
+    pub client_ready: bool,
+}
+
+impl PipecatConfig {
+    /// Parses and checks `config.provider_config`.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` with one detail per bad field: unknown keys, neither or
+    /// both of `url` and `url_template`, a URL that does not parse or is not
+    /// `ws`/`wss`, a template without a placeholder, a sample rate outside
+    /// 8000..=48000. URLs are never repeated in messages (they may hold
+    /// credentials).
+    pub fn from_config(config: &Config) -> Result<Self> {
+        let parsed: PipecatConfig = parse_provider_config(config)?;
+        let mut err: Option<BackendError> = None;
+        let mut fail = |path: &str, message: String| {
+            err.get_or_insert_with(|| BackendError::invalid_config(OP, "invalid pipecat config"))
+                .push_detail(format!("provider_config.{path}"), message);
+        };
+        match (&parsed.url, &parsed.url_template) {
+            (None, None) => fail(
+                "url",
+                "set url (one bot URL for every session) or url_template (one per session)".into(),
+            ),
+            (Some(_), Some(_)) => fail(
+                "url_template",
+                "set either url or url_template, not both".into(),
+            ),
+            (Some(url), None) => {
+                if let Err(m) = check_url(url) {
+                    fail("url", m);
+                }
+            }
+            (None, Some(t)) => {
+                if !t.contains("{session_id}") && !t.contains("{user_id}") {
+                    fail(
+                        "url_template",
+                        "has no {session_id} or {user_id} placeholder; use url for a fixed URL"
+                            .into(),
+                    );
+                } else if let Err(m) = check_url(&render(t, "s", "u")) {
+                    fail("url_template", m);
+                }
+            }
+        }
+        if !(8_000..=48_000).contains(&parsed.input_sample_rate) {
+            fail(
+                "input_sample_rate",
+                format!("{} is out of range 8000..=48000", parsed.input_sample_rate),
+            );
+        }
+        if parsed.auth_token.as_ref().is_some_and(Secret::is_empty) {
+            fail("auth_token", "must be non-empty when set".into());
+        }
+        match err {
+            None => Ok(parsed),
+            Some(mut e) => {
+                e.message = format!(
+                    "invalid pipecat config: {}",
+                    e.details
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// The URL a session connects to.
+    fn url_for(&self, session_id: &str, user_id: &str) -> String {
+        match (&self.url, &self.url_template) {
+            (_, Some(t)) => render(t, session_id, user_id),
+            (Some(u), None) => u.clone(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+fn check_url(url: &str) -> std::result::Result<(), String> {
+    match url::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "ws" | "wss") && u.host_str().is_some() => Ok(()),
+        Ok(u) if u.host_str().is_none() => Err("has no host; expected e.g. ws://host:8765/".into()),
+        Ok(u) => Err(format!(
+            "scheme {:?} is not supported; use ws or wss",
+            u.scheme()
+        )),
+        Err(e) => Err(format!(
+            "is not a valid URL ({e}); expected e.g. ws://host:8765/"
+        )),
+    }
+}
+
+fn encode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+fn render(template: &str, session_id: &str, user_id: &str) -> String {
+    template
+        .replace("{session_id}", &encode(session_id))
+        .replace("{user_id}", &encode(user_id))
+}
+
+/// `host:port` of a URL, for messages that must not repeat the URL.
+fn endpoint(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}:{}",
+            u.host_str().unwrap_or("?"),
+            u.port_or_known_default().unwrap_or(0)
+        ),
+        Err(_) => "the configured URL".into(),
+    }
+}
+
+/// Bridges each session to a Pipecat bot over its WebSocket transport.
+#[derive(Clone, Debug, Default)]
+pub struct PipecatProvider;
+
+impl PipecatProvider {
+    /// The provider.
+    pub fn new() -> Self {
+        PipecatProvider
+    }
+}
+
+fn capabilities() -> ProviderCapabilities {
+    ProviderCapabilities {
+        min_latency: Duration::from_millis(40),
+        codecs: vec![Codec::Pcm16],
+        hosted_stages: HostedStages::STT_TTS,
+        ..ProviderCapabilities::default()
+    }
+}
+
+impl BackendProvider for PipecatProvider {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> ProviderCapabilities {
+        capabilities()
+    }
+
+    fn hosted_stages(&self) -> HostedStages {
+        HostedStages::STT_TTS
+    }
+
+    fn validate_config(&self, config: &Config) -> Result<()> {
+        PipecatConfig::from_config(config).map(|_| ())
+    }
+
+    fn create_backend(&self, config: &Config) -> Result<Arc<dyn VoiceBackend>> {
+        let connector = PipecatConnector {
+            config: PipecatConfig::from_config(config)?,
+            counters: Arc::default(),
+        };
+        Ok(Arc::new(RuntimeBackend::new(Arc::new(connector), config)?))
+    }
+
+    fn config_schema(&self) -> ConfigSchema {
+        ConfigSchema::of::<PipecatConfig>(NAME)
+    }
+}
+
+/// The connector: one WebSocket link per session.
+struct PipecatConnector {
+    config: PipecatConfig,
+    counters: Arc<link::Counters>,
+}
+
+#[async_trait]
+impl Connector for PipecatConnector {
+    fn provider(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> ProviderCapabilities {
+        capabilities()
+    }
+
+    fn validate_config(&self, config: &Config) -> Result<()> {
+        PipecatConfig::from_config(config).map(|_| ())
+    }
+
+    fn hosted_stages(&self) -> HostedStages {
+        HostedStages::STT_TTS
+    }
+
+    /// With a fixed `url`, checks the bot's host accepts TCP connections (a
+    /// WebSocket handshake would take a single-client bot's one seat). With
+    /// `url_template` there is nothing to check before a session.
+    async fn connect(&self, _config: &Config) -> Result<()> {
+        let Some(url) = &self.config.url else {
+            return Ok(());
+        };
+        probe(url).await
+    }
+
+    async fn open_link(&self, request: LinkRequest<'_>) -> Result<Option<Link>> {
+        let url = self.config.url_for(request.session_id, request.user_id);
+        let settings = link::Settings {
+            endpoint: endpoint(&url),
+            url,
+            auth_token: self.config.auth_token.clone(),
+            input_sample_rate: self.config.input_sample_rate,
+            client_ready: self.config.client_ready,
+            retry: request.retry,
+            session_id: request.session_id.to_owned(),
+        };
+        link::open(settings, self.counters.clone(), request.config.timeout)
+            .await
+            .map(Some)
+    }
+
+    async fn health(&self) -> Result<BTreeMap<String, String>> {
+        let c = &self.counters;
+        let mut details = BTreeMap::new();
+        for (key, counter) in [
+            ("pipecat_messages_sent", &c.sent),
+            ("pipecat_messages_received", &c.received),
+            ("pipecat_messages_malformed", &c.malformed),
+            ("pipecat_frames_dropped", &c.dropped),
+            ("pipecat_reconnects", &c.reconnects),
+        ] {
+            details.insert(key.to_owned(), counter.load(Ordering::Relaxed).to_string());
+        }
+        if let Some(url) = &self.config.url {
+            probe(url).await?;
+        }
+        Ok(details)
+    }
+}
+
+/// Opens and closes a TCP connection to the URL's host and port.
+async fn probe(url: &str) -> Result<()> {
+    let target = endpoint(url);
+    tokio::net::TcpStream::connect(&target)
+        .await
+        .map(drop)
+        .map_err(|e| {
+            BackendError::new(
+                "pipecat.connect",
+                ErrorCode::ConnectionFailed,
+                format!("the Pipecat bot at {target} does not accept connections: {e}"),
+            )
+        })
+}
+
+crate::register_provider!(NAME, PipecatProvider::new);

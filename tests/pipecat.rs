@@ -1,0 +1,659 @@
+#![cfg(all(feature = "pipecat", feature = "testing"))]
+//! The `pipecat` provider against a real Pipecat bot (`tests/pipecat_bot/bot.py`:
+//! Pipecat's own WebSocket transports and protobuf serializer, with stand-in
+//! STT and TTS so no keys are needed).
+//!
+//! The bot runs from the venv `scripts/pipecat-venv` makes; `./scripts/test`
+//! makes it and sets `VOICE_BACKENDS_PIPECAT_PYTHON`. Without that variable
+//! these tests print why and pass without running (so `cargo test` works on a
+//! machine without the venv); with it set, a bot that does not start fails them.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::timeout;
+use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
+use voice_backends::testing::conformance::{Harness, expect_event, speak};
+use voice_backends::testing::signal;
+use voice_backends::{
+    AgentReply, AudioEncoding, AudioFormat, Config, ConnectionState, ErrorCode, SessionConfig,
+    VoiceBackend, agent_fn, registry,
+};
+
+// ---------------------------------------------------------------------------
+// The bot
+
+/// The venv's python, when the tests are asked to run.
+fn python() -> Option<PathBuf> {
+    std::env::var_os("VOICE_BACKENDS_PIPECAT_PYTHON").map(PathBuf::from)
+}
+
+macro_rules! require_bot {
+    () => {
+        if python().is_none() {
+            eprintln!(
+                "skipped: set VOICE_BACKENDS_PIPECAT_PYTHON (./scripts/test does) to run against a real Pipecat bot"
+            );
+            return;
+        }
+    };
+}
+
+/// A running bot; killed when dropped. It also exits when its stdin closes,
+/// so a bot shared by the whole test binary ends with it.
+struct Bot {
+    child: Child,
+    url: String,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    /// `WebsocketServerTransport`: one client at a time.
+    Server,
+    /// FastAPI: many clients.
+    FastApi,
+}
+
+impl Bot {
+    fn start(transport: Transport, port: u16, llm: bool) -> Bot {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pipecat_bot/bot.py");
+        let mut cmd = Command::new(python().expect("VOICE_BACKENDS_PIPECAT_PYTHON is set"));
+        cmd.arg(script)
+            .arg("--transport")
+            .arg(match transport {
+                Transport::Server => "server",
+                Transport::FastApi => "fastapi",
+            })
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if llm {
+            cmd.arg("--llm");
+        }
+        let mut child = cmd.spawn().expect("the bot starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("READY ") {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the bot prints READY <url> within a minute");
+        Bot { child, url }
+    }
+
+    fn port(&self) -> u16 {
+        url::Url::parse(&self.url).unwrap().port().unwrap()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Bot {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One multi-client bot (no LLM: agent mode) shared by the tests that need no
+/// bot of their own.
+fn shared_bot() -> &'static str {
+    static BOT: OnceLock<Bot> = OnceLock::new();
+    &BOT.get_or_init(|| Bot::start(Transport::FastApi, 0, false))
+        .url
+}
+
+fn config_for_template(base: &str) -> Config {
+    let mut config = Config::new("pipecat");
+    config.max_retries = 2;
+    config.retry_delay = Duration::from_millis(200);
+    config.timeout = Duration::from_secs(10);
+    config.provider_config.0.insert(
+        "url_template".into(),
+        format!("{base}?session={{session_id}}").into(),
+    );
+    config
+}
+
+fn config_for_url(url: &str) -> Config {
+    let mut config = Config::new("pipecat");
+    config.max_retries = 2;
+    config.retry_delay = Duration::from_millis(200);
+    config.timeout = Duration::from_secs(10);
+    config
+        .provider_config
+        .0
+        .insert("url".into(), url.to_owned().into());
+    config
+}
+
+// ---------------------------------------------------------------------------
+// The conformance suite, against the shared multi-client bot
+
+struct Pipecat;
+
+impl Harness for Pipecat {
+    fn config(&self) -> Config {
+        config_for_template(shared_bot())
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_secs(20)
+    }
+}
+
+macro_rules! conformance {
+    ($($check:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                require_bot!();
+                voice_backends::testing::conformance::$check(&Pipecat).await;
+            }
+        )*
+    };
+}
+
+mod conformance {
+    use super::*;
+    conformance!(
+        lifecycle,
+        session_crud,
+        capacity,
+        isolation,
+        barge_in,
+        graceful_shutdown,
+        error_codes,
+        fallback_rate_limit
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Turns
+
+async fn started(config: Config) -> Arc<dyn VoiceBackend> {
+    let backend = registry().create("pipecat", &config).await.unwrap();
+    backend.start().await.unwrap();
+    backend
+}
+
+async fn final_transcript(events: &mut SessionEvents) -> String {
+    let e = expect_event(&Pipecat, events, "the bot's final transcript", |e| {
+        matches!(e, SessionEvent::UserTranscript { is_final: true, .. })
+    })
+    .await;
+    let SessionEvent::UserTranscript { text, .. } = e else {
+        unreachable!()
+    };
+    text
+}
+
+/// "heard 600 ms of speech" -> 600.
+fn heard_ms(transcript: &str) -> u64 {
+    transcript
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a stand-in transcript: {transcript:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_turn_goes_through_the_application_agent_and_back() {
+    require_bot!();
+    let backend = started(config_for_template(shared_bot())).await;
+    let (asked_tx, mut asked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = agent_fn(move |turn| {
+        let asked = asked_tx.clone();
+        async move {
+            let _ = asked.send(turn.transcript.clone());
+            Ok(AgentReply::text(format!(
+                "the agent answers {}",
+                turn.transcript
+            )))
+        }
+    });
+    // The application hears 48 kHz stereo f32: converted at the edge.
+    let output = AudioFormat::new(AudioEncoding::PcmF32Le, 48_000, 2);
+    let mut session_config = SessionConfig::new("caller").with_agent(agent);
+    session_config.output_format = output;
+    let s = backend.create_session(session_config).await.unwrap();
+    let mut events = s.events();
+    let mut rx = s.receive_audio().unwrap();
+    s.start().await.unwrap();
+
+    speak(
+        &*s,
+        Duration::from_millis(800),
+        Duration::from_millis(700),
+        3,
+        Duration::ZERO,
+    )
+    .await;
+    let transcript = final_transcript(&mut events).await;
+    assert!(
+        (700..=900).contains(&heard_ms(&transcript)),
+        "the bot heard our 800 ms: {transcript}"
+    );
+    let asked = timeout(Duration::from_secs(10), asked_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(asked, transcript, "the agent got the bot's transcript");
+    let e = expect_event(&Pipecat, &mut events, "the agent's text", |e| {
+        matches!(e, SessionEvent::AgentText { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        SessionEvent::AgentText {
+            text: format!("the agent answers {transcript}")
+        }
+    );
+    // The bot spoke the agent's reply; it reaches us in our format.
+    let first = timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.format(), output);
+    let mut audio = first.duration();
+    while let Ok(Some(f)) = timeout(Duration::from_millis(800), rx.recv()).await {
+        assert_eq!(f.format(), output);
+        audio += f.duration();
+    }
+    // The stand-in TTS speaks 80 ms per word (at least 200 ms).
+    let words = format!("the agent answers {transcript}")
+        .split_whitespace()
+        .count() as u32;
+    let expected = Duration::from_millis(80) * words;
+    assert!(
+        audio + Duration::from_millis(120) >= expected
+            && audio <= expected + Duration::from_millis(200),
+        "reply audio {audio:?}, expected about {expected:?}"
+    );
+    let e = expect_event(&Pipecat, &mut events, "the turn's latency", |e| {
+        matches!(e, SessionEvent::Latency(_))
+    })
+    .await;
+    let SessionEvent::Latency(l) = e else {
+        unreachable!()
+    };
+    assert!(l.agent.is_some() && l.tts_first_audio.is_some(), "{l:?}");
+    expect_event(&Pipecat, &mut events, "back to listening", |e| {
+        matches!(
+            e,
+            SessionEvent::State {
+                to: voice_backends::PipelineState::Listening,
+                ..
+            }
+        )
+    })
+    .await;
+    backend.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_agent_the_bots_own_llm_answers_and_is_relayed() {
+    require_bot!();
+    let bot = Bot::start(Transport::FastApi, 0, true);
+    let backend = started(config_for_template(&bot.url)).await;
+    let s = backend
+        .create_session(SessionConfig::new("relay"))
+        .await
+        .unwrap();
+    let mut events = s.events();
+    let mut rx = s.receive_audio().unwrap();
+    s.start().await.unwrap();
+    speak(
+        &*s,
+        Duration::from_millis(500),
+        Duration::from_millis(700),
+        9,
+        Duration::ZERO,
+    )
+    .await;
+    let transcript = final_transcript(&mut events).await;
+    expect_event(&Pipecat, &mut events, "the turn's end", |e| {
+        matches!(e, SessionEvent::TurnEnded { .. })
+    })
+    .await;
+    let e = expect_event(&Pipecat, &mut events, "the bot's text", |e| {
+        matches!(e, SessionEvent::AgentText { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        SessionEvent::AgentText {
+            text: format!("you said: {transcript}")
+        }
+    );
+    let first = timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.format(), AudioFormat::PCM16_16K_MONO);
+    assert!(
+        signal::rms_dbfs(&signal::samples_of([&first])) > -40.0,
+        "the bot's tone, not silence"
+    );
+    backend.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sessions_share_the_multi_client_bot_without_cross_talk() {
+    require_bot!();
+    const N: usize = 12;
+    let mut config = config_for_template(shared_bot());
+    config.max_concurrent_sessions = N as u32;
+    config.rate_limit_burst = 100;
+    let backend = started(config).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let backend = backend.clone();
+        tasks.spawn(async move {
+            let agent = agent_fn(move |turn| async move {
+                Ok(AgentReply::text(format!(
+                    "session {i}: {}",
+                    turn.transcript
+                )))
+            });
+            let s = backend
+                .create_session(SessionConfig::new(format!("user-{i}")).with_agent(agent))
+                .await
+                .unwrap();
+            let mut events = s.events();
+            let mut rx = s.receive_audio().unwrap();
+            s.start().await.unwrap();
+            // Each session says something of its own length.
+            let speech = Duration::from_millis(400 + 100 * i as u64);
+            speak(
+                &*s,
+                speech,
+                Duration::from_millis(700),
+                i as u64,
+                Duration::from_millis(2),
+            )
+            .await;
+            let transcript = final_transcript(&mut events).await;
+            let heard = heard_ms(&transcript);
+            assert!(
+                heard.abs_diff(speech.as_millis() as u64) <= 100,
+                "session {i} said {speech:?}, its transcript is {transcript:?}"
+            );
+            let e = expect_event(&Pipecat, &mut events, "the agent's text", |e| {
+                matches!(e, SessionEvent::AgentText { .. })
+            })
+            .await;
+            assert_eq!(
+                e,
+                SessionEvent::AgentText {
+                    text: format!("session {i}: {transcript}")
+                }
+            );
+            timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .expect("reply audio in time")
+                .expect("reply audio");
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("every session gets its own turn back");
+    }
+    backend.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The bot goes away
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_killed_and_restarted_mid_session_is_reconnected_and_the_session_goes_on() {
+    require_bot!();
+    let mut bot = Bot::start(Transport::Server, 0, false);
+    let port = bot.port();
+    let mut config = config_for_url(&bot.url);
+    config.max_retries = 8;
+    config.retry_delay = Duration::from_millis(250);
+    let backend = started(config).await;
+    let agent =
+        agent_fn(|turn| async move { Ok(AgentReply::text(format!("ok {}", turn.transcript))) });
+    let s = backend
+        .create_session(SessionConfig::new("survivor").with_agent(agent))
+        .await
+        .unwrap();
+    let mut events = s.events();
+    let mut rx = s.receive_audio().unwrap();
+    s.start().await.unwrap();
+    s.send_text("before the crash").await.unwrap();
+    timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+
+    bot.kill();
+    expect_event(&Pipecat, &mut events, "Reconnecting", |e| {
+        *e == SessionEvent::Connection {
+            state: ConnectionState::Reconnecting,
+        }
+    })
+    .await;
+    let _bot = Bot::start(Transport::Server, port, false);
+    expect_event(&Pipecat, &mut events, "Connected again", |e| {
+        *e == SessionEvent::Connection {
+            state: ConnectionState::Connected,
+        }
+    })
+    .await;
+    // Drain what was left of the first reply, then a full spoken turn works.
+    while timeout(Duration::from_millis(300), rx.recv())
+        .await
+        .is_ok_and(|f| f.is_some())
+    {}
+    speak(
+        &*s,
+        Duration::from_millis(600),
+        Duration::from_millis(700),
+        5,
+        Duration::ZERO,
+    )
+    .await;
+    let transcript = final_transcript(&mut events).await;
+    assert!(transcript.starts_with("heard "), "{transcript}");
+    timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("reply audio after the reconnect")
+        .expect("reply audio");
+    backend.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_that_stays_away_fails_the_session_with_connection_failed_and_the_cause() {
+    require_bot!();
+    let mut bot = Bot::start(Transport::Server, 0, false);
+    let mut config = config_for_url(&bot.url);
+    config.max_retries = 2;
+    config.retry_delay = Duration::from_millis(100);
+    let backend = started(config).await;
+    let s = backend
+        .create_session(SessionConfig::new("orphan"))
+        .await
+        .unwrap();
+    let mut events = s.events();
+    s.start().await.unwrap();
+    bot.kill();
+    let e = expect_event(&Pipecat, &mut events, "the link's failure", |e| {
+        matches!(e, SessionEvent::Error { .. })
+    })
+    .await;
+    let SessionEvent::Error { code, message } = e else {
+        unreachable!()
+    };
+    assert_eq!(code, ErrorCode::ConnectionFailed);
+    assert!(
+        message.contains("2 reconnection attempt(s) failed"),
+        "{message}"
+    );
+    let frame = signal::frames(&signal::silence(Duration::from_millis(20)), 20).remove(0);
+    let err = s.process_audio(frame).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::ConnectionFailed);
+    assert!(err.message.contains("lost"), "{err}");
+    backend.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_bot_fails_start_and_session_creation_clearly() {
+    require_bot!();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = config_for_url(&format!("ws://127.0.0.1:{port}/"));
+    config.max_retries = 1;
+    config.retry_delay = Duration::from_millis(100);
+    let backend = registry().create("pipecat", &config).await.unwrap();
+    let err = backend.start().await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::ConnectionFailed);
+    assert!(err.message.contains(&format!("127.0.0.1:{port}")), "{err}");
+
+    let mut config = config_for_template(&format!("ws://127.0.0.1:{port}/ws"));
+    config.max_retries = 1;
+    config.retry_delay = Duration::from_millis(100);
+    let backend = started(config).await;
+    let err = backend
+        .create_session(SessionConfig::new("nobody"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code, ErrorCode::ConnectionFailed);
+    assert_eq!(err.details.get("attempts").map(String::as_str), Some("2"));
+}
+
+// ---------------------------------------------------------------------------
+// Config
+
+#[test]
+fn config_errors_name_the_field_and_never_echo_secrets() {
+    let p = registry().get_provider("pipecat").unwrap();
+    let mut config = Config::new("pipecat");
+    let err = p.validate_config(&config).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidConfig);
+    assert!(err.details.contains_key("provider_config.url"), "{err}");
+
+    config
+        .provider_config
+        .0
+        .insert("url".into(), "http://bot:1/".into());
+    config
+        .provider_config
+        .0
+        .insert("url_template".into(), "ws://bot/{session_id}".into());
+    let err = p.validate_config(&config).unwrap_err();
+    assert!(
+        err.details.contains_key("provider_config.url_template"),
+        "{err}"
+    );
+
+    config.provider_config.0.remove("url_template");
+    let err = p.validate_config(&config).unwrap_err();
+    assert!(err.message.contains("scheme \"http\""), "{err}");
+
+    let mut config = config_for_url("ws://127.0.0.1:9/");
+    config
+        .provider_config
+        .0
+        .insert("auth_token".into(), "hunter2-secret".into());
+    config
+        .provider_config
+        .0
+        .insert("input_sample_rate".into(), 4000.into());
+    let err = p.validate_config(&config).unwrap_err();
+    assert!(
+        err.details
+            .contains_key("provider_config.input_sample_rate"),
+        "{err}"
+    );
+    assert!(!format!("{err} {err:?} {config:?}").contains("hunter2"));
+
+    let schema = p.config_schema();
+    for key in [
+        "url",
+        "url_template",
+        "auth_token",
+        "input_sample_rate",
+        "client_ready",
+    ] {
+        assert!(schema.has_property(key), "schema lists {key}");
+    }
+}
+
+#[tokio::test]
+async fn the_bot_hosts_stt_and_tts_so_no_components_are_needed() {
+    let config = config_for_url("ws://127.0.0.1:9/");
+    assert!(
+        config.validate().is_err(),
+        "a local pipeline would need components"
+    );
+    let backend = registry().create("pipecat", &config).await.unwrap();
+    assert_eq!(backend.provider(), "pipecat");
+}
+
+// ---------------------------------------------------------------------------
+// Protocol decoding on arbitrary input
+
+mod decoding {
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use voice_backends::providers::pipecat::{proto, rtvi};
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_decode_to_a_frame_or_an_error(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = proto::decode(Bytes::from(data));
+        }
+
+        #[test]
+        fn arbitrary_text_parses_to_rtvi_or_an_error(text in ".{0,200}") {
+            let _ = rtvi::parse(&text);
+        }
+
+        #[test]
+        fn audio_survives_the_wire(samples in proptest::collection::vec(any::<i16>(), 0..800), rate in 8_000u32..=48_000) {
+            let pcm: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let wire = proto::encode_audio(Bytes::from(pcm.clone()), rate, 1);
+            match proto::decode(Bytes::from(wire)).unwrap() {
+                proto::Inbound::Audio(f) => {
+                    prop_assert_eq!(f.format().sample_rate, rate);
+                    prop_assert_eq!(f.data().as_ref(), &pcm[..]);
+                }
+                other => prop_assert!(false, "decoded as {:?}", other),
+            }
+        }
+
+        #[test]
+        fn text_survives_the_wire(text in ".{0,100}") {
+            let wire = proto::encode_text(&text);
+            prop_assert_eq!(proto::decode(Bytes::from(wire)).unwrap(), proto::Inbound::Text(text));
+        }
+
+        #[test]
+        fn truncated_frames_never_panic(text in ".{1,60}", cut in 0usize..64) {
+            let wire = proto::encode_message(rtvi::client_ready(&text));
+            let cut = cut.min(wire.len());
+            let _ = proto::decode(Bytes::copy_from_slice(&wire[..cut]));
+        }
+    }
+}
