@@ -70,6 +70,7 @@ impl Bot {
             .arg("--port")
             .arg(port.to_string())
             .arg("--exit-on-stdin-eof")
+            .args(["--log-level", "WARNING"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -325,11 +326,12 @@ async fn without_an_agent_the_bots_own_llm_answers_and_is_relayed() {
         Duration::ZERO,
     )
     .await;
-    let transcript = final_transcript(&mut events).await;
+    // The bot ends the turn: the turn's end, then its final transcript.
     expect_event(&Pipecat, &mut events, "the turn's end", |e| {
         matches!(e, SessionEvent::TurnEnded { .. })
     })
     .await;
+    let transcript = final_transcript(&mut events).await;
     let e = expect_event(&Pipecat, &mut events, "the bot's text", |e| {
         matches!(e, SessionEvent::AgentText { .. })
     })

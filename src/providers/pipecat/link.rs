@@ -35,6 +35,9 @@ const OUT_QUEUE: usize = 100;
 /// Events waiting for the session's task; reply audio beyond it is dropped
 /// and counted.
 const EVENT_QUEUE: usize = 256;
+/// How long opening a link waits for RTVI `bot-ready` after `client-ready`
+/// (a bot without RTVI never sends it: the link opens anyway after this).
+const BOT_READY_WAIT: Duration = Duration::from_secs(1);
 /// How long a spoken reply may go without audio, once it started, before it
 /// counts as finished even though the bot did not say it stopped speaking.
 const REPLY_IDLE_END: Duration = Duration::from_secs(3);
@@ -203,8 +206,10 @@ pub(super) async fn open(
     reply_timeout: Duration,
 ) -> Result<Link> {
     let mut ws = dial(&settings).await?;
+    let mut early = Vec::new();
     if settings.client_ready {
         send_client_ready(&mut ws, &settings, &counters).await?;
+        early = await_bot_ready(&mut ws, &settings).await?;
     }
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -236,7 +241,7 @@ pub(super) async fn open(
             logged_malformed: false,
             bot_speaking: false,
         }
-        .run(ws, out_rx),
+        .run(ws, out_rx, early),
         span,
     ));
     Ok(Link {
@@ -244,6 +249,44 @@ pub(super) async fn open(
         events: events_rx,
         speaker: Some(Arc::new(speaker)),
     })
+}
+
+/// Reads until the bot says `bot-ready` (or [`BOT_READY_WAIT`] passes), so a
+/// bot that refuses the client (a single-client bot closing with 1013) fails
+/// here, where the runtime retries and reports it. Messages that came first
+/// are returned for the link to handle.
+async fn await_bot_ready(ws: &mut Ws, settings: &Settings) -> Result<Vec<Bytes>> {
+    let mut early = Vec::new();
+    let deadline = tokio::time::Instant::now() + BOT_READY_WAIT;
+    let refused = |cause: String| {
+        BackendError::new(
+            "pipecat.connect",
+            ErrorCode::ConnectionFailed,
+            format!("the Pipecat bot at {}: {cause}", settings.endpoint),
+        )
+    };
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Ok(early),
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                let ready = matches!(
+                    proto::decode(b.clone()),
+                    Ok(Inbound::Message(ref json))
+                        if matches!(rtvi::parse(json), Ok(Some(RtviEvent::BotReady)))
+                );
+                if ready {
+                    return Ok(early);
+                }
+                early.push(b);
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Err(refused(close_cause(frame.as_ref())));
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => return Err(refused(describe(&e))),
+            Ok(None) => return Err(refused("the connection ended".into())),
+        }
+    }
 }
 
 async fn send_client_ready(ws: &mut Ws, settings: &Settings, counters: &Counters) -> Result<()> {
@@ -424,7 +467,10 @@ struct LinkTask {
 }
 
 impl LinkTask {
-    async fn run(mut self, mut ws: Ws, mut out: mpsc::Receiver<Vec<u8>>) {
+    async fn run(mut self, mut ws: Ws, mut out: mpsc::Receiver<Vec<u8>>, early: Vec<Bytes>) {
+        for message in early {
+            self.on_message(message);
+        }
         loop {
             match self.serve(&mut ws, &mut out).await {
                 Ended::SessionGone => {
@@ -508,6 +554,8 @@ impl LinkTask {
                 let mut ws = dial(&self.settings).await?;
                 if self.settings.client_ready {
                     send_client_ready(&mut ws, &self.settings, &self.shared.counters).await?;
+                    // What the bot said before it was ready is of no reply in flight.
+                    await_bot_ready(&mut ws, &self.settings).await?;
                 }
                 Ok::<_, BackendError>(ws)
             };

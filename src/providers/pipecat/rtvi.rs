@@ -10,6 +10,9 @@ use crate::error::{BackendError, ErrorCode, Result};
 /// The label every RTVI message carries.
 pub const LABEL: &str = "rtvi-ai";
 
+/// The RTVI protocol version this client speaks (Pipecat 1.14's).
+pub const PROTOCOL_VERSION: &str = "2.2.0";
+
 /// What an RTVI message from the bot says, as far as the bridge cares.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RtviEvent {
@@ -112,7 +115,7 @@ pub fn client_ready(id: &str) -> String {
         "type": "client-ready",
         "id": id,
         "data": {
-            "version": "1.0.0",
+            "version": PROTOCOL_VERSION,
             "about": {
                 "library": env!("CARGO_PKG_NAME"),
                 "library_version": env!("CARGO_PKG_VERSION"),
