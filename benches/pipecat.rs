@@ -4,6 +4,19 @@
 //! transport sends), converting that reply frame to the pipeline's 16 kHz,
 //! and parsing an RTVI `user-transcription` message.
 //!
+//! With `VOICE_BACKENDS_PIPECAT_PYTHON` set to the venv `scripts/pipecat-venv`
+//! makes, it also measures a turn's round trip against a real Pipecat bot
+//! (the FastAPI transport, stand-in TTS), twice in the same run:
+//!
+//! - `roundtrip/raw_websocket`: a bare WebSocket client sends a `text` frame
+//!   and waits for the first reply audio frame: the bot's own time;
+//! - `roundtrip/through_the_library`: `send_text` on a `pipecat` session whose
+//!   agent answers at once, until the first reply frame reaches the session's
+//!   audio receiver: the bot's time plus everything this crate adds (engine,
+//!   agent call, link, decoding, conversion, playout).
+//!
+//! The difference of the two medians is the bridge's added latency per turn.
+//!
 //! `cargo bench --features pipecat --bench pipecat`
 
 use std::f64::consts::PI;
@@ -77,6 +90,167 @@ fn bench(c: &mut Criterion) {
     });
 }
 
+#[path = "../tests/pipecat_bot/launch.rs"]
+mod launch;
+
+mod roundtrip {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use criterion::Criterion;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::runtime::Runtime;
+    use tokio_tungstenite::tungstenite::Message;
+    use voice_backends::pipeline::events::SessionEvent;
+    use voice_backends::providers::pipecat::{proto, rtvi};
+    use voice_backends::{
+        AgentReply, AudioReceiver, Config, PipelineState, SessionConfig, VoiceBackend,
+        VoiceSession, agent_fn, registry,
+    };
+
+    use super::launch::{Bot, Transport, python};
+
+    const TEXT: &str = "hello there";
+
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn raw_client(url: &str) -> Ws {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?session=raw"))
+            .await
+            .unwrap();
+        let ready = proto::encode_message(rtvi::client_ready("bench"));
+        ws.send(Message::Binary(ready.into())).await.unwrap();
+        wait_for(&mut ws, |ev| ev == rtvi::RtviEvent::BotReady).await;
+        ws
+    }
+
+    async fn wait_for(ws: &mut Ws, mut want: impl FnMut(rtvi::RtviEvent) -> bool) {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Binary(b) = msg
+                && let Ok(proto::Inbound::Message(json)) = proto::decode(b)
+                && let Ok(Some(ev)) = rtvi::parse(&json)
+                && want(ev)
+            {
+                return;
+            }
+        }
+        panic!("the bot went away");
+    }
+
+    /// One raw turn: text out, time to the first audio frame back.
+    async fn raw_turn(ws: &mut Ws) -> Duration {
+        let start = Instant::now();
+        ws.send(Message::Binary(proto::encode_text(TEXT).into()))
+            .await
+            .unwrap();
+        let took = loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    if let Ok(proto::Inbound::Audio(_)) = proto::decode(Bytes::clone(&b)) {
+                        break start.elapsed();
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => panic!("the bot went away"),
+            }
+        };
+        wait_for(ws, |ev| ev == rtvi::RtviEvent::BotStoppedSpeaking).await;
+        took
+    }
+
+    struct Library {
+        _backend: Arc<dyn VoiceBackend>,
+        session: Arc<dyn VoiceSession>,
+        audio: AudioReceiver,
+        events: voice_backends::pipeline::events::SessionEvents,
+    }
+
+    async fn library_session(url: &str) -> Library {
+        let mut config = Config::new("pipecat");
+        config.provider_config.0.insert(
+            "url_template".into(),
+            format!("{url}?session={{session_id}}").into(),
+        );
+        let backend = registry().create("pipecat", &config).await.unwrap();
+        backend.start().await.unwrap();
+        let agent = agent_fn(|turn| async move { Ok(AgentReply::text(turn.transcript)) });
+        let session = backend
+            .create_session(SessionConfig::new("bench").with_agent(agent))
+            .await
+            .unwrap();
+        let events = session.events();
+        let audio = session.receive_audio().unwrap();
+        session.start().await.unwrap();
+        Library {
+            _backend: backend,
+            session,
+            audio,
+            events,
+        }
+    }
+
+    /// One turn through the library: `send_text` to the first reply frame.
+    async fn library_turn(lib: &mut Library) -> Duration {
+        let start = Instant::now();
+        lib.session.send_text(TEXT).await.unwrap();
+        lib.audio.recv().await.expect("reply audio");
+        let took = start.elapsed();
+        loop {
+            match lib.events.recv().await {
+                Some(SessionEvent::State {
+                    to: PipelineState::Listening,
+                    ..
+                }) => break,
+                Some(_) => {}
+                None => panic!("the session closed"),
+            }
+        }
+        while lib.audio.try_recv().is_some() {}
+        took
+    }
+
+    pub fn bench(c: &mut Criterion) {
+        if python().is_none() {
+            eprintln!(
+                "roundtrip: skipped (set VOICE_BACKENDS_PIPECAT_PYTHON to run it against a real bot)"
+            );
+            return;
+        }
+        let bot = Bot::start(Transport::FastApi, 0, false);
+        let rt = Runtime::new().unwrap();
+        let mut ws = rt.block_on(raw_client(&bot.url));
+        let mut lib = rt.block_on(library_session(&bot.url));
+        let mut group = c.benchmark_group("pipecat/roundtrip");
+        group.sample_size(10);
+        group.bench_function("raw_websocket", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += raw_turn(&mut ws).await;
+                    }
+                    total
+                })
+            })
+        });
+        group.bench_function("through_the_library", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += library_turn(&mut lib).await;
+                    }
+                    total
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
@@ -84,4 +258,11 @@ criterion_group! {
         .measurement_time(Duration::from_secs(2));
     targets = bench
 }
-criterion_main!(benches);
+criterion_group! {
+    name = roundtrips;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10));
+    targets = roundtrip::bench
+}
+criterion_main!(benches, roundtrips);

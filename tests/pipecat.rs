@@ -8,9 +8,6 @@
 //! these tests print why and pass without running (so `cargo test` works on a
 //! machine without the venv); with it set, a bot that does not start fails them.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -26,10 +23,9 @@ use voice_backends::{
 // ---------------------------------------------------------------------------
 // The bot
 
-/// The venv's python, when the tests are asked to run.
-fn python() -> Option<PathBuf> {
-    std::env::var_os("VOICE_BACKENDS_PIPECAT_PYTHON").map(PathBuf::from)
-}
+#[path = "pipecat_bot/launch.rs"]
+mod launch;
+use launch::{Bot, Transport, python};
 
 macro_rules! require_bot {
     () => {
@@ -40,74 +36,6 @@ macro_rules! require_bot {
             return;
         }
     };
-}
-
-/// A running bot; killed when dropped. It also exits when its stdin closes,
-/// so a bot shared by the whole test binary ends with it.
-struct Bot {
-    child: Child,
-    url: String,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Transport {
-    /// `WebsocketServerTransport`: one client at a time.
-    Server,
-    /// FastAPI: many clients.
-    FastApi,
-}
-
-impl Bot {
-    fn start(transport: Transport, port: u16, llm: bool) -> Bot {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pipecat_bot/bot.py");
-        let mut cmd = Command::new(python().expect("VOICE_BACKENDS_PIPECAT_PYTHON is set"));
-        cmd.arg(script)
-            .arg("--transport")
-            .arg(match transport {
-                Transport::Server => "server",
-                Transport::FastApi => "fastapi",
-            })
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--exit-on-stdin-eof")
-            .args(["--log-level", "WARNING"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if llm {
-            cmd.arg("--llm");
-        }
-        let mut child = cmd.spawn().expect("the bot starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("READY ") {
-                    let _ = tx.send(url.trim().to_owned());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the bot prints READY <url> within a minute");
-        Bot { child, url }
-    }
-
-    fn port(&self) -> u16 {
-        url::Url::parse(&self.url).unwrap().port().unwrap()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Bot {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// One multi-client bot (no LLM: agent mode) shared by the tests that need no
