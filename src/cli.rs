@@ -618,8 +618,13 @@ fn split_position(message: &str) -> (Option<(usize, usize)>, &str) {
 
 /// Every semantic problem of a config that parsed.
 fn semantic_problems(config: &Config) -> Vec<Problem> {
+    // Stages the provider's service runs need no component in the config.
+    let hosted = registry()
+        .get_provider(&config.provider)
+        .map(|p| p.hosted_stages())
+        .unwrap_or_default();
     let mut problems: Vec<Problem> = config
-        .violations()
+        .violations_for(hosted)
         .into_iter()
         .map(|v| Problem::at(v.path, v.message))
         .collect();
@@ -1516,6 +1521,21 @@ mod tests {
         assert!(config.validate().is_ok());
         let text = config.to_toml_string().unwrap();
         assert_eq!(validate_str(&text, ConfigFormat::Toml, "x.toml"), []);
+    }
+
+    #[cfg(feature = "pipecat")]
+    #[test]
+    fn a_provider_hosting_stt_and_tts_needs_no_components() {
+        let pipecat = "provider = \"pipecat\"\n[provider_config]\nurl = \"ws://127.0.0.1:8765/\"\n";
+        assert_eq!(validate_str(pipecat, ConfigFormat::Toml, "p.toml"), []);
+        let local = "provider = \"local\"\n";
+        let problems = validate_str(local, ConfigFormat::Toml, "l.toml");
+        assert!(
+            problems
+                .iter()
+                .any(|d| d.to_string().contains("requires stt_provider")),
+            "{problems:?}"
+        );
     }
 
     #[test]
