@@ -472,6 +472,113 @@ async fn an_unreachable_bot_fails_start_and_session_creation_clearly() {
     assert_eq!(err.details.get("attempts").map(String::as_str), Some("2"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_client_bot_refuses_a_second_session_with_a_clear_error() {
+    require_bot!();
+    let bot = Bot::start(Transport::Server, 0, false);
+    let mut config = config_for_url(&bot.url);
+    config.max_retries = 1;
+    config.retry_delay = Duration::from_millis(100);
+    let backend = started(config).await;
+    let first = backend
+        .create_session(SessionConfig::new("first"))
+        .await
+        .unwrap();
+    let err = backend
+        .create_session(SessionConfig::new("second"))
+        .await
+        .err()
+        .expect("the bot has one seat");
+    assert_eq!(err.code, ErrorCode::ConnectionFailed);
+    assert!(
+        err.message.contains("1013") && err.message.contains("url_template"),
+        "says why and what to do: {err}"
+    );
+    // The first session is undisturbed.
+    let mut events = first.events();
+    first.start().await.unwrap();
+    speak(
+        &*first,
+        Duration::from_millis(500),
+        Duration::from_millis(700),
+        4,
+        Duration::ZERO,
+    )
+    .await;
+    final_transcript(&mut events).await;
+    backend.stop().await.unwrap();
+}
+
+/// A fake bot speaking the wire protocol badly, then well: it sends what
+/// `frames` holds once a client connects, and keeps the connection open.
+async fn scripted_bot(frames: Vec<tokio_tungstenite::tungstenite::Message>) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut script = Some(frames);
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // Health probes connect without a handshake: skip them.
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                continue;
+            };
+            let Some(frames) = script.take() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                // Wait for client-ready, then play the script.
+                let _ = ws.next().await;
+                for f in frames {
+                    ws.send(f).await.unwrap();
+                }
+                while ws.next().await.is_some() {}
+            });
+        }
+    });
+    format!("ws://{addr}/")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_and_json_are_counted_and_skipped_and_the_session_goes_on() {
+    use tokio_tungstenite::tungstenite::Message;
+    use voice_backends::providers::pipecat::proto;
+    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
+    let url = scripted_bot(vec![
+        rtvi(r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#),
+        Message::Binary(vec![0xff, 0xff, 0xff].into()),
+        Message::Binary(Vec::new().into()),
+        Message::Text("not protobuf".into()),
+        rtvi("{not json"),
+        rtvi(r#"{"label":"rtvi-ai"}"#),
+        rtvi(r#"{"label":"rtvi-ai","type":"user-transcription","data":{}}"#),
+        Message::Binary(proto::encode_audio(vec![1u8, 2, 3].into(), 24_000, 1).into()),
+        rtvi(r#"{"label":"someone-else","type":"anything"}"#),
+        rtvi(
+            r#"{"label":"rtvi-ai","type":"user-transcription","data":{"text":"still here","user_id":"","timestamp":"t","final":true}}"#,
+        ),
+    ])
+    .await;
+    let backend = started(config_for_url(&url)).await;
+    let s = backend
+        .create_session(SessionConfig::new("tough"))
+        .await
+        .unwrap();
+    let mut events = s.events();
+    s.start().await.unwrap();
+    assert_eq!(final_transcript(&mut events).await, "still here");
+    let health = backend.health_check().await;
+    assert_eq!(
+        health
+            .details
+            .get("pipecat_messages_malformed")
+            .map(String::as_str),
+        Some("7"),
+        "{health:?}"
+    );
+    backend.stop().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Config
 
