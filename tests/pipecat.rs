@@ -487,8 +487,7 @@ async fn a_single_client_bot_refuses_a_second_session_with_a_clear_error() {
     let err = backend
         .create_session(SessionConfig::new("second"))
         .await
-        .err()
-        .expect("the bot has one seat");
+        .expect_err("the bot has one seat");
     assert_eq!(err.code, ErrorCode::ConnectionFailed);
     assert!(
         err.message.contains("1013") && err.message.contains("url_template"),
