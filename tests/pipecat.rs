@@ -470,6 +470,18 @@ async fn an_unreachable_bot_fails_start_and_session_creation_clearly() {
         .unwrap();
     assert_eq!(err.code, ErrorCode::ConnectionFailed);
     assert_eq!(err.details.get("attempts").map(String::as_str), Some("2"));
+
+    // wss:// is supported (rustls): the same refusal, not a missing feature.
+    let mut config = config_for_template(&format!("wss://127.0.0.1:{port}/ws"));
+    config.max_retries = 0;
+    let backend = started(config).await;
+    let err = backend
+        .create_session(SessionConfig::new("nobody"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code, ErrorCode::ConnectionFailed);
+    assert!(!err.message.contains("TLS"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,9 @@ pub(super) struct Settings {
 /// Connects to the bot once.
 pub(super) async fn dial(settings: &Settings) -> Result<Ws> {
     const OP: &str = "pipecat.connect";
+    // wss:// uses rustls with ring; an application that installed its own
+    // provider keeps it (this then does nothing).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut request = settings.url.as_str().into_client_request().map_err(|e| {
         BackendError::invalid_config(OP, format!("the bot URL is not usable: {}", describe(&e)))
     })?;
