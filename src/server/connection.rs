@@ -343,7 +343,11 @@ impl Conn {
         }
         Ok(match message {
             Message::Text(t) => Incoming::Text(t.as_str().to_owned()),
-            Message::Binary(b) => Incoming::Binary(b),
+            // A copy of its own: the received bytes are a slice of the
+            // socket's read buffer, which the session may hold on to for a
+            // whole turn (the echo model does), and while it is shared the
+            // next read has to allocate a new buffer rather than reuse it.
+            Message::Binary(b) => Incoming::Binary(bytes::Bytes::copy_from_slice(&b)),
             _ => Incoming::Nothing,
         })
     }
