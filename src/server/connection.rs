@@ -1,7 +1,11 @@
 //! One WebSocket connection: the `start` handshake, then the session's audio,
 //! text and events both ways until the session or the connection ends.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -373,7 +377,7 @@ impl Conn {
         &mut self,
         session: &Arc<dyn VoiceSession>,
         guard: &mut SessionGuard,
-        mut events: SessionEvents,
+        events: SessionEvents,
         mut audio: AudioReceiver,
         format: AudioFormat,
     ) -> End {
@@ -384,39 +388,97 @@ impl Conn {
         let mut stopper: Option<JoinHandle<Result<()>>> = None;
         // A run of failed inputs is reported to the client once.
         let mut failing = false;
+        // The inputs that wait on a registration of their own (a phase
+        // change, the next event) are futures kept across wake-ups; every
+        // input is polled only when its own waker has fired.
+        let mut phase_change = pin!(phase_change_of(self.phase.clone()));
+        let mut next = pin!(next_event(events));
+        let inputs = Inputs::new();
+        let mut registered: Option<Waker> = None;
         loop {
-            tokio::select! {
-                changed = self.phase.changed() => {
-                    let phase = match changed {
-                        Ok(()) => *self.phase.borrow_and_update(),
-                        Err(_) => Phase::Closing,
-                    };
-                    match phase {
-                        Phase::Running => {}
-                        Phase::Draining => input_open = false,
-                        Phase::Closing => {
-                            if self.finish(&mut events, &mut audio).await.is_err() {
+            let woke = std::future::poll_fn(|cx| {
+                if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    inputs.register(cx.waker());
+                    registered = Some(cx.waker().clone());
+                }
+                let mut due = inputs.take();
+                let mut poll = |input: u8, f: &mut dyn FnMut(&mut Context<'_>) -> Poll<Woke>| {
+                    if due & input == 0 {
+                        return Poll::Pending;
+                    }
+                    due &= !input;
+                    let woke = f(&mut Context::from_waker(inputs.waker(input)));
+                    if woke.is_ready() {
+                        // The input may have more; those not polled yet are still due.
+                        inputs.mark(due | input);
+                    }
+                    woke
+                };
+                if let Poll::Ready(w) = poll(PHASE, &mut |cx| {
+                    phase_change
+                        .as_mut()
+                        .poll(cx)
+                        .map(|(rx, p)| Woke::Phase(rx, p))
+                }) {
+                    return Poll::Ready(w);
+                }
+                if let Some(task) = stopper.as_mut()
+                    && let Poll::Ready(w) = poll(STOPPER, &mut |cx| {
+                        Pin::new(&mut *task).poll(cx).map(Woke::Stopped)
+                    })
+                {
+                    return Poll::Ready(w);
+                }
+                if let Poll::Ready(w) = poll(EVENTS, &mut |cx| {
+                    next.as_mut().poll(cx).map(|(rx, e)| Woke::Event(rx, e))
+                }) {
+                    return Poll::Ready(w);
+                }
+                // Reply audio and the socket wake the task directly: they are
+                // the frequent ones, and cheap to poll.
+                if let Poll::Ready(frame) = pin!(audio.recv()).poll(cx) {
+                    inputs.mark(due);
+                    return Poll::Ready(Woke::Audio(frame));
+                }
+                let received = pin!(self.socket.recv()).poll(cx).map(Woke::Received);
+                if received.is_ready() {
+                    inputs.mark(due);
+                }
+                received
+            })
+            .await;
+            match woke {
+                Woke::Phase(rx, phase) => match phase {
+                    Phase::Running => phase_change.set(phase_change_of(rx)),
+                    Phase::Draining => {
+                        input_open = false;
+                        phase_change.set(phase_change_of(rx));
+                    }
+                    Phase::Closing => {
+                        if self.finish(next.as_mut(), &mut audio).await.is_err() {
+                            return End::Gone;
+                        }
+                        return End::close(protocol::GOING_AWAY, "server shutting down");
+                    }
+                },
+                Woke::Event(events, event) => {
+                    next.set(next_event(events));
+                    match event {
+                        Some(SessionEvent::Closed) | None => {
+                            guard.closed();
+                            if self.finish(next.as_mut(), &mut audio).await.is_err() {
                                 return End::Gone;
                             }
-                            return End::close(protocol::GOING_AWAY, "server shutting down");
+                            return self.session_closed(stop_requested);
+                        }
+                        Some(event) => {
+                            if self.send_event(&event).await.is_err() {
+                                return End::Gone;
+                            }
                         }
                     }
                 }
-                event = events.recv() => match event {
-                    Some(SessionEvent::Closed) | None => {
-                        guard.closed();
-                        if self.finish(&mut events, &mut audio).await.is_err() {
-                            return End::Gone;
-                        }
-                        return self.session_closed(stop_requested);
-                    }
-                    Some(event) => {
-                        if self.send_event(&event).await.is_err() {
-                            return End::Gone;
-                        }
-                    }
-                },
-                frame = audio.recv() => {
+                Woke::Audio(frame) => {
                     // `None` cannot happen while the session is held here.
                     if let Some(frame) = frame
                         && self.send(Message::Binary(frame.into_data())).await.is_err()
@@ -424,19 +486,26 @@ impl Conn {
                         return End::Gone;
                     }
                 }
-                done = join(&mut stopper) => {
+                Woke::Stopped(done) => {
+                    let done = done.unwrap_or_else(|e| {
+                        Err(BackendError::new(
+                            "server.stop_session",
+                            ErrorCode::PipelineError,
+                            format!("the stop task failed: {e}"),
+                        ))
+                    });
                     if let Err(e) = done {
                         tracing::warn!(code = %e.code, "stopping the session: {}", e.message);
                     }
                     // `stop` returns once the session has closed: its last
                     // events are waiting in `events`.
                     guard.closed();
-                    if self.finish(&mut events, &mut audio).await.is_err() {
+                    if self.finish(next.as_mut(), &mut audio).await.is_err() {
                         return End::Gone;
                     }
                     return self.session_closed(true);
                 }
-                received = self.socket.recv() => {
+                Woke::Received(received) => {
                     let payload = match self.incoming(received).await {
                         Ok(p) => p,
                         Err(end) => return end,
@@ -479,7 +548,9 @@ impl Conn {
                                     input_open = false;
                                     tracing::info!("the client stops the session");
                                     let session = session.clone();
-                                    stopper = Some(tokio::spawn(async move { session.stop().await }));
+                                    stopper =
+                                        Some(tokio::spawn(async move { session.stop().await }));
+                                    inputs.mark(STOPPER);
                                 }
                                 Ok(())
                             }
@@ -519,20 +590,28 @@ impl Conn {
     }
 
     /// Sends what the session still has for the client (reply audio first,
-    /// then events), then `closed`.
-    async fn finish(
+    /// then events), then `closed`. `next` is the pending wait for the next
+    /// event: whatever it can take now is sent.
+    async fn finish<F>(
         &mut self,
-        events: &mut SessionEvents,
+        next: Pin<&mut F>,
         audio: &mut AudioReceiver,
-    ) -> std::result::Result<(), Gone> {
+    ) -> std::result::Result<(), Gone>
+    where
+        F: Future<Output = (SessionEvents, Option<SessionEvent>)>,
+    {
         while let Some(frame) = audio.try_recv() {
             self.send(Message::Binary(frame.into_data())).await?;
         }
-        while let Some(event) = events.try_recv() {
-            if event == SessionEvent::Closed {
-                break;
+        let ready = next.poll(&mut Context::from_waker(Waker::noop()));
+        if let Poll::Ready((mut events, mut event)) = ready {
+            while let Some(e) = event {
+                if e == SessionEvent::Closed {
+                    break;
+                }
+                self.send_event(&e).await?;
+                event = events.try_recv();
             }
-            self.send_event(&event).await?;
         }
         self.send_event(&SessionEvent::Closed).await
     }
@@ -593,19 +672,113 @@ impl Conn {
     }
 }
 
-/// The result of the stop task, or never when there is none.
-async fn join(task: &mut Option<JoinHandle<Result<()>>>) -> Result<()> {
-    match task {
-        Some(t) => match t.await {
-            Ok(r) => r,
-            Err(e) => Err(BackendError::new(
-                "server.stop_session",
-                ErrorCode::PipelineError,
-                format!("the stop task failed: {e}"),
-            )),
-        },
-        None => std::future::pending().await,
+/// What woke the session loop.
+enum Woke {
+    Phase(watch::Receiver<Phase>, Phase),
+    Stopped(std::result::Result<Result<()>, tokio::task::JoinError>),
+    Event(SessionEvents, Option<SessionEvent>),
+    Audio(Option<AudioFrame>),
+    Received(Option<std::result::Result<Message, axum::Error>>),
+}
+
+/// The session loop's rarely woken inputs, one bit each.
+const PHASE: u8 = 1;
+const STOPPER: u8 = 1 << 1;
+const EVENTS: u8 = 1 << 2;
+
+/// Which of the session loop's rare inputs (a phase change, the stop task,
+/// session events) may have something: each is polled with a waker of its
+/// own, which marks it and wakes the task, so the frequent wake-ups (client
+/// audio, reply audio) do not poll them. Polling them costs locks: the event
+/// channel's and the phase's waiter lists.
+struct Inputs {
+    marks: Arc<Marks>,
+    wakers: [Waker; 3],
+}
+
+struct Marks {
+    bits: AtomicU8,
+    task: std::sync::Mutex<Option<Waker>>,
+}
+
+/// The waker of one input.
+struct InputWaker {
+    marks: Arc<Marks>,
+    bit: u8,
+}
+
+impl Wake for InputWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
     }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.marks.bits.fetch_or(self.bit, Ordering::AcqRel);
+        let task = self
+            .marks
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = task.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl Inputs {
+    /// Every input starts marked.
+    fn new() -> Inputs {
+        let marks = Arc::new(Marks {
+            bits: AtomicU8::new(PHASE | STOPPER | EVENTS),
+            task: std::sync::Mutex::new(None),
+        });
+        let waker = |bit| {
+            Waker::from(Arc::new(InputWaker {
+                marks: marks.clone(),
+                bit,
+            }))
+        };
+        let wakers = [waker(PHASE), waker(STOPPER), waker(EVENTS)];
+        Inputs { marks, wakers }
+    }
+
+    /// The task to wake when an input is marked.
+    fn register(&self, task: &Waker) {
+        *self
+            .marks
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
+    }
+
+    fn waker(&self, input: u8) -> &Waker {
+        &self.wakers[input.trailing_zeros() as usize]
+    }
+
+    /// The marked inputs, unmarking them.
+    fn take(&self) -> u8 {
+        self.marks.bits.swap(0, Ordering::AcqRel)
+    }
+
+    fn mark(&self, inputs: u8) {
+        self.marks.bits.fetch_or(inputs, Ordering::AcqRel);
+    }
+}
+
+/// The next phase change: the receiver back, and the new phase (`Closing`
+/// when the server is gone).
+async fn phase_change_of(mut rx: watch::Receiver<Phase>) -> (watch::Receiver<Phase>, Phase) {
+    let phase = match rx.changed().await {
+        Ok(()) => *rx.borrow_and_update(),
+        Err(_) => Phase::Closing,
+    };
+    (rx, phase)
+}
+
+/// The next session event, with the subscription back.
+async fn next_event(mut events: SessionEvents) -> (SessionEvents, Option<SessionEvent>) {
+    let event = events.recv().await;
+    (events, event)
 }
 
 /// How a refused `create_session` ends the connection.
