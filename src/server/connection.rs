@@ -9,6 +9,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -22,6 +23,8 @@ use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::events::{SessionEvent, SessionEvents};
 use crate::session::{AudioReceiver, VoiceSession};
 
+/// The blocks received audio is copied to: six 20 ms frames at 16 kHz.
+const AUDIO_BLOCK: usize = 4 * 1024;
 /// How long the server waits for a client to take a message, and for the
 /// client's answer to a close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
@@ -148,6 +151,7 @@ pub(super) async fn serve(
         phase: shared.phase.subscribe(),
         shared: shared.clone(),
         socket,
+        audio: BytesMut::new(),
     };
     match conn.run(header_token).await {
         End::Close {
@@ -175,12 +179,14 @@ struct Conn {
     socket: WebSocket,
     bucket: Bucket,
     phase: watch::Receiver<Phase>,
+    /// Where received audio is copied to; see [`Conn::own`].
+    audio: BytesMut,
 }
 
 /// What a message from the client amounts to, once size and rate are checked.
 enum Incoming {
     Text(String),
-    Binary(bytes::Bytes),
+    Binary(Bytes),
     /// A control message (ping, pong): nothing to do.
     Nothing,
 }
@@ -347,13 +353,24 @@ impl Conn {
         }
         Ok(match message {
             Message::Text(t) => Incoming::Text(t.as_str().to_owned()),
-            // A copy of its own: the received bytes are a slice of the
-            // socket's read buffer, which the session may hold on to for a
-            // whole turn (the echo model does), and while it is shared the
-            // next read has to allocate a new buffer rather than reuse it.
-            Message::Binary(b) => Incoming::Binary(bytes::Bytes::copy_from_slice(&b)),
+            Message::Binary(b) => Incoming::Binary(self.own(&b)),
             _ => Incoming::Nothing,
         })
+    }
+
+    /// A copy of received audio. The received bytes are a slice of the
+    /// socket's read buffer, which the session may hold on to for a whole
+    /// turn (the echo model does), and while it is shared the next read has
+    /// to allocate a new buffer rather than reuse it. The copies are slices
+    /// of blocks of [`AUDIO_BLOCK`] bytes: one allocation per block, none
+    /// per frame.
+    fn own(&mut self, data: &[u8]) -> Bytes {
+        if self.audio.capacity() < data.len() {
+            // Takes the block back if no frame holds it any more.
+            self.audio.reserve(data.len().max(AUDIO_BLOCK));
+        }
+        self.audio.extend_from_slice(data);
+        self.audio.split().freeze()
     }
 
     /// How a failed read ends the connection.

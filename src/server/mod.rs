@@ -90,10 +90,12 @@ const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const PCM_WORKLET_JS: &str = include_str!("assets/pcm-worklet.js");
 
-/// A WebSocket's read buffer, and the most it reads at once: six 20 ms frames
-/// at 16 kHz. tungstenite zeroes what is left of it before every read, so
-/// larger costs more per frame; smaller means more reads when frames queue up.
-const READ_BUFFER: usize = 4 * 1024;
+/// A WebSocket's read buffer, and the most it reads at once: three 20 ms
+/// frames at 16 kHz. tungstenite zeroes what is left of it before every read,
+/// so larger costs more per frame (memory touched per frame: the buffers of
+/// a thousand connections do not stay in cache); smaller means more reads
+/// when frames queue up.
+const READ_BUFFER: usize = 2 * 1024;
 
 /// How long the server waits for connections to finish their close
 /// handshakes, and for HTTP requests in flight, once shutting down.
