@@ -95,6 +95,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -393,9 +394,10 @@ fn pattern(seed: u64, o: &Options) -> Pattern {
 
 // ---- the sessions
 
-/// A session's socket, shared by its reading task and the sender.
+/// A session's socket's writing half, shared by its reading task and the
+/// sender.
 struct Link {
-    stream: TcpStream,
+    stream: OwnedWriteHalf,
     /// When the last turn-completing frame was written, in nanoseconds since
     /// the run's epoch, plus one; 0 once a reply frame has answered it.
     pending_turn: AtomicU64,
@@ -533,7 +535,7 @@ async fn session(
     let mut report = Report::default();
     tokio::time::sleep_until(start_at.into()).await;
     let began = Instant::now();
-    let (stream, buf) = match open(index, &target, source).await {
+    let (socket, buf) = match open(index, &target, source).await {
         Ok(opened) => opened,
         Err(e) => {
             report.failure = Some(e);
@@ -543,6 +545,9 @@ async fn session(
     };
     report.connect = Some(began.elapsed());
     connected.fetch_add(1, Ordering::Relaxed);
+    // The reading half is polled for reading only: a short read then clears
+    // its readiness, with no further read that would find nothing.
+    let (read, stream) = socket.into_split();
     let link = Arc::new(Link {
         stream,
         pending_turn: AtomicU64::new(0),
@@ -558,7 +563,7 @@ async fn session(
     // The close should come within 15 s of `stop`, written `seconds` from
     // now (or later, when the machine is busy).
     let first_check = Instant::now() + Duration::from_secs_f64(seconds) + STOP_WAIT;
-    report.failure = receive(&link, buf, first_check, epoch, &mut report).await;
+    report.failure = receive(&link, read, buf, first_check, epoch, &mut report).await;
     link.closed.store(true, Ordering::Release);
     report
 }
@@ -568,6 +573,7 @@ async fn session(
 /// checking from `first_check` on.
 async fn receive(
     link: &Link,
+    mut read: OwnedReadHalf,
     mut buf: Vec<u8>,
     first_check: Instant,
     epoch: Instant,
@@ -622,20 +628,14 @@ async fn receive(
         buf.reserve(READ_CHUNK);
         tokio::select! {
             biased;
-            ready = link.stream.readable() => {
-                if let Err(e) = ready {
-                    return Some(format!("receive: {e}"));
+            read = read.read_buf(&mut buf) => match read {
+                Ok(0) => {
+                    return (!link.sending_done.load(Ordering::Acquire))
+                        .then(|| "the connection ended early".to_owned());
                 }
-                match link.stream.try_read_buf(&mut buf) {
-                    Ok(0) => {
-                        return (!link.sending_done.load(Ordering::Acquire))
-                            .then(|| "the connection ended early".to_owned());
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => return Some(format!("receive: {e}")),
-                }
-            }
+                Ok(_) => {}
+                Err(e) => return Some(format!("receive: {e}")),
+            },
             () = &mut give_up => {
                 let check = if link.sending_done.load(Ordering::Acquire) {
                     let done_at = epoch + Duration::from_nanos(link.done_at.load(Ordering::Acquire));
@@ -757,7 +757,7 @@ struct Streaming {
 }
 
 /// Writes `bytes` after what `unsent` still holds; `Err` when the socket failed.
-fn write(stream: &TcpStream, unsent: &mut Vec<u8>, bytes: &[u8]) -> std::io::Result<()> {
+fn write(stream: &OwnedWriteHalf, unsent: &mut Vec<u8>, bytes: &[u8]) -> std::io::Result<()> {
     if !unsent.is_empty() {
         unsent.extend_from_slice(bytes);
         return flush(stream, unsent);
@@ -771,7 +771,7 @@ fn write(stream: &TcpStream, unsent: &mut Vec<u8>, bytes: &[u8]) -> std::io::Res
 }
 
 /// Writes what `unsent` holds, as far as the socket takes it.
-fn flush(stream: &TcpStream, unsent: &mut Vec<u8>) -> std::io::Result<()> {
+fn flush(stream: &OwnedWriteHalf, unsent: &mut Vec<u8>) -> std::io::Result<()> {
     while !unsent.is_empty() {
         match stream.try_write(unsent) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
