@@ -419,6 +419,10 @@ impl Conn {
                     registered = Some(cx.waker().clone());
                 }
                 let mut due = inputs.take();
+                if stopper.is_none() {
+                    // Marked from the start; marked again when it is spawned.
+                    due &= !STOPPER;
+                }
                 let mut poll = |input: u8, f: &mut dyn FnMut(&mut Context<'_>) -> Poll<Woke>| {
                     if due & input == 0 {
                         return Poll::Pending;
@@ -774,11 +778,18 @@ impl Inputs {
 
     /// The marked inputs, unmarking them.
     fn take(&self) -> u8 {
+        // Mostly nothing is marked: a plain load, not a locked swap, for
+        // that. A mark set after the load wakes the task again.
+        if self.marks.bits.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         self.marks.bits.swap(0, Ordering::AcqRel)
     }
 
     fn mark(&self, inputs: u8) {
-        self.marks.bits.fetch_or(inputs, Ordering::AcqRel);
+        if inputs != 0 {
+            self.marks.bits.fetch_or(inputs, Ordering::AcqRel);
+        }
     }
 }
 
