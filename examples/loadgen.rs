@@ -40,8 +40,11 @@
 //! writes the frames due at it. Each session has one task that connects and
 //! then only reads (woken when the server sends), looking at the `type` of
 //! text events without parsing the JSON (except the `latency` event's
-//! `first_audio_ms`). The clients run on one current-thread runtime
-//! (`--client-threads`, default 1).
+//! `first_audio_ms`). The clients run on `--client-threads` threads (default
+//! 2), each a current-thread runtime with a sender of its own and every
+//! other session: no work-stealing scheduler, and as many threads as the
+//! in-process server has, so that on a busy machine the clients get their
+//! share of the CPU (with one thread they fall behind first).
 //!
 //! # What is measured
 //!
@@ -140,7 +143,7 @@ fn parse_args() -> Result<Options, String> {
         ramp: 2.0,
         source_ips: None,
         server_threads: 2,
-        client_threads: 1,
+        client_threads: 2,
         speech_ms: 1000,
         pause_ms: 3000,
     };
@@ -719,6 +722,14 @@ impl Histogram {
         }
     }
 
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.n += other.n;
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
     fn record(&mut self, us: u32) {
         let i = Self::bucket(us).min(self.buckets.len() - 1);
         self.buckets[i] += 1;
@@ -851,12 +862,15 @@ impl Streaming {
     }
 }
 
-/// The sender: one task, one timer. Sessions join as they become ready; a
-/// session's frames are due every `FRAME_TICKS` grid ticks from the first
-/// tick after it joined, and at each tick the sender writes the frames due.
-/// Returns what it did per session and the send lateness.
+/// A client thread's sender: one task, one timer, for the `expected`
+/// sessions of the thread (of `sessions` in all). Sessions join as they
+/// become ready; a session's frames are due every `FRAME_TICKS` grid ticks
+/// from the first tick after it joined, and at each tick the sender writes
+/// the frames due. Returns what it did per session (by session index) and
+/// the send lateness.
 async fn send_all(
     sessions: usize,
+    expected: usize,
     epoch: Instant,
     mut joins: mpsc::UnboundedReceiver<Option<Joined>>,
 ) -> (Vec<Sent>, Histogram) {
@@ -865,7 +879,7 @@ async fn send_all(
     let mut lateness = Histogram::new();
     // Sessions by their frames' tick modulo FRAME_TICKS.
     let mut slots: Vec<Vec<Streaming>> = (0..FRAME_TICKS).map(|_| Vec::new()).collect();
-    let mut awaited = sessions;
+    let mut awaited = expected;
     let mut streaming = 0usize;
     let tick_of =
         |at: Instant| -> u64 { (at.saturating_duration_since(epoch).as_micros() / 1000) as u64 };
@@ -1173,20 +1187,6 @@ fn main() {
         },
     );
 
-    // One client thread: a current-thread runtime (on a thread of that
-    // name), which avoids the work-stealing scheduler's cross-thread wakeups.
-    let clients = if o.client_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(o.client_threads);
-        b
-    }
-    .thread_name("vb-client")
-    .enable_all()
-    .build()
-    .expect("the client runtime");
-
     let rss_before = rss_bytes();
     let (cpu_before, groups_before) = cpu_seconds();
     let wall = std::time::Instant::now();
@@ -1217,63 +1217,92 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(2);
     }));
-    let run_clients = async {
-        let epoch = Instant::now();
-        let base = epoch + Duration::from_millis(200);
-        let step = Duration::from_secs_f64(o.ramp / o.sessions as f64);
-        let (joins, joined) = mpsc::unbounded_channel();
-        let sender = tokio::spawn(send_all(o.sessions, epoch, joined));
-        let tasks: Vec<_> = (0..o.sessions)
-            .map(|i| {
-                tokio::spawn(session(
-                    i,
-                    target.clone(),
-                    source(i),
-                    patterns[i % patterns.len()].clone(),
-                    base + step * i as u32,
-                    o.seconds,
-                    epoch,
-                    joins.clone(),
-                    connected.clone(),
-                ))
+    // The clients: a current-thread runtime on each client thread, each
+    // with a sender of its own and every `client_threads`-th session.
+    let epoch = Instant::now();
+    let base = epoch + Duration::from_millis(200);
+    let step = Duration::from_secs_f64(o.ramp / o.sessions as f64);
+    let threads = o.client_threads;
+    let run_clients = |t: usize| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a client runtime");
+        let before = thread_cpu();
+        let done = runtime.block_on(async {
+            let mine: Vec<usize> = (t..o.sessions).step_by(threads).collect();
+            let (joins, joined) = mpsc::unbounded_channel();
+            let sender = tokio::spawn(send_all(o.sessions, mine.len(), epoch, joined));
+            let tasks: Vec<_> = mine
+                .iter()
+                .map(|&i| {
+                    let task = tokio::spawn(session(
+                        i,
+                        target.clone(),
+                        source(i),
+                        patterns[i % patterns.len()].clone(),
+                        base + step * i as u32,
+                        o.seconds,
+                        epoch,
+                        joins.clone(),
+                        connected.clone(),
+                    ));
+                    (i, task)
+                })
+                .collect();
+            drop(joins);
+            let mut reports = Vec::with_capacity(tasks.len());
+            for (i, task) in tasks {
+                let report = task.await.unwrap_or_else(|e| Report {
+                    failure: Some(format!("client task: {e}")),
+                    ..Report::default()
+                });
+                reports.push((i, report));
+            }
+            let (mut sent, lateness) = sender.await.expect("the sender task");
+            for (i, report) in &mut reports {
+                let sent = std::mem::take(&mut sent[*i]);
+                report.turns_predicted = sent.turns_predicted;
+                if sent.failure.is_some() {
+                    report.failure = sent.failure;
+                }
+            }
+            (reports, lateness)
+        });
+        (done, thread_cpu().since(before))
+    };
+    // The client threads end before the CPU is read: each reports its own.
+    let run_clients = &run_clients;
+    let finished: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                std::thread::Builder::new()
+                    .name(format!("vb-client-{t}"))
+                    .spawn_scoped(scope, move || run_clients(t))
+                    .expect("a client thread")
             })
             .collect();
-        drop(joins);
-        let mut reports = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            reports.push(t.await.unwrap_or_else(|e| Report {
-                failure: Some(format!("client task: {e}")),
-                ..Report::default()
-            }));
-        }
-        let (sent, lateness) = sender.await.expect("the sender task");
-        for (report, sent) in reports.iter_mut().zip(sent) {
-            report.turns_predicted = sent.turns_predicted;
-            if sent.failure.is_some() {
-                report.failure = sent.failure;
-            }
-        }
-        (reports, lateness)
-    };
-    // The thread running the clients (all of them, on one thread) ends
-    // before the CPU is read: it reports its own time.
-    let ((reports, lateness), main_cpu) = std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("vb-client-main".into())
-            .spawn_scoped(scope, || {
-                let before = thread_cpu();
-                let done = clients.block_on(run_clients);
-                (done, thread_cpu().since(before))
-            })
-            .expect("the client thread")
-            .join()
-            .expect("the clients ran")
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("the clients ran"))
+            .collect()
     });
+    let mut reports: Vec<Report> = (0..o.sessions).map(|_| Report::default()).collect();
+    let mut lateness = Histogram::new();
+    let mut clients_cpu = Cpu::default();
+    for ((mine, late), cpu) in finished {
+        for (i, report) in mine {
+            reports[i] = report;
+        }
+        lateness.merge(&late);
+        clients_cpu.user += cpu.user;
+        clients_cpu.system += cpu.system;
+    }
     let wall = wall.elapsed();
     let (cpu_after, mut groups_after) = cpu_seconds();
-    let clients_cpu = groups_after.entry("clients".to_owned()).or_default();
-    clients_cpu.user += main_cpu.user;
-    clients_cpu.system += main_cpu.system;
+    let clients = groups_after.entry("clients".to_owned()).or_default();
+    clients.user += clients_cpu.user;
+    clients.system += clients_cpu.system;
     done.store(true, Ordering::Release);
     let (rss_peak, rss_connected) = sampler.join().unwrap_or((0, None));
 
