@@ -211,9 +211,10 @@ fn write_failed(e: std::io::Error) -> Failure {
 /// Runs `cli` with the process's standard output and error; returns the exit
 /// status.
 pub fn run(cli: Cli) -> u8 {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    run_with(cli, &mut stdout.lock(), &mut stderr.lock())
+    // Unlocked handles: `serve` runs for the life of the process, and its
+    // log lines go to stderr from the runtime's threads, which would wait
+    // for a lock held here forever.
+    run_with(cli, &mut std::io::stdout(), &mut std::io::stderr())
 }
 
 /// Runs `cli`, writing its output to `out`; a failure is written to `err` as

@@ -1,10 +1,15 @@
 //! One WebSocket connection: the `start` handshake, then the session's audio,
 //! text and events both ways until the session or the connection ends.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -18,6 +23,8 @@ use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::events::{SessionEvent, SessionEvents};
 use crate::session::{AudioReceiver, VoiceSession};
 
+/// The blocks received audio is copied to: six 20 ms frames at 16 kHz.
+const AUDIO_BLOCK: usize = 4 * 1024;
 /// How long the server waits for a client to take a message, and for the
 /// client's answer to a close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
@@ -144,6 +151,7 @@ pub(super) async fn serve(
         phase: shared.phase.subscribe(),
         shared: shared.clone(),
         socket,
+        audio: BytesMut::new(),
     };
     match conn.run(header_token).await {
         End::Close {
@@ -171,12 +179,14 @@ struct Conn {
     socket: WebSocket,
     bucket: Bucket,
     phase: watch::Receiver<Phase>,
+    /// Where received audio is copied to; see [`Conn::own`].
+    audio: BytesMut,
 }
 
 /// What a message from the client amounts to, once size and rate are checked.
 enum Incoming {
     Text(String),
-    Binary(bytes::Bytes),
+    Binary(Bytes),
     /// A control message (ping, pong): nothing to do.
     Nothing,
 }
@@ -343,9 +353,24 @@ impl Conn {
         }
         Ok(match message {
             Message::Text(t) => Incoming::Text(t.as_str().to_owned()),
-            Message::Binary(b) => Incoming::Binary(b),
+            Message::Binary(b) => Incoming::Binary(self.own(&b)),
             _ => Incoming::Nothing,
         })
+    }
+
+    /// A copy of received audio. The received bytes are a slice of the
+    /// socket's read buffer, which the session may hold on to for a whole
+    /// turn (the echo model does), and while it is shared the next read has
+    /// to allocate a new buffer rather than reuse it. The copies are slices
+    /// of blocks of [`AUDIO_BLOCK`] bytes: one allocation per block, none
+    /// per frame.
+    fn own(&mut self, data: &[u8]) -> Bytes {
+        if self.audio.capacity() < data.len() {
+            // Takes the block back if no frame holds it any more.
+            self.audio.reserve(data.len().max(AUDIO_BLOCK));
+        }
+        self.audio.extend_from_slice(data);
+        self.audio.split().freeze()
     }
 
     /// How a failed read ends the connection.
@@ -369,7 +394,7 @@ impl Conn {
         &mut self,
         session: &Arc<dyn VoiceSession>,
         guard: &mut SessionGuard,
-        mut events: SessionEvents,
+        events: SessionEvents,
         mut audio: AudioReceiver,
         format: AudioFormat,
     ) -> End {
@@ -380,39 +405,101 @@ impl Conn {
         let mut stopper: Option<JoinHandle<Result<()>>> = None;
         // A run of failed inputs is reported to the client once.
         let mut failing = false;
+        // The inputs that wait on a registration of their own (a phase
+        // change, the next event) are futures kept across wake-ups; every
+        // input is polled only when its own waker has fired.
+        let mut phase_change = pin!(phase_change_of(self.phase.clone()));
+        let mut next = pin!(next_event(events));
+        let inputs = Inputs::new();
+        let mut registered: Option<Waker> = None;
         loop {
-            tokio::select! {
-                changed = self.phase.changed() => {
-                    let phase = match changed {
-                        Ok(()) => *self.phase.borrow_and_update(),
-                        Err(_) => Phase::Closing,
-                    };
-                    match phase {
-                        Phase::Running => {}
-                        Phase::Draining => input_open = false,
-                        Phase::Closing => {
-                            if self.finish(&mut events, &mut audio).await.is_err() {
+            let woke = std::future::poll_fn(|cx| {
+                if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    inputs.register(cx.waker());
+                    registered = Some(cx.waker().clone());
+                }
+                let mut due = inputs.take();
+                if stopper.is_none() {
+                    // Marked from the start; marked again when it is spawned.
+                    due &= !STOPPER;
+                }
+                let mut poll = |input: u8, f: &mut dyn FnMut(&mut Context<'_>) -> Poll<Woke>| {
+                    if due & input == 0 {
+                        return Poll::Pending;
+                    }
+                    due &= !input;
+                    let woke = f(&mut Context::from_waker(inputs.waker(input)));
+                    if woke.is_ready() {
+                        // The input may have more; those not polled yet are still due.
+                        inputs.mark(due | input);
+                    }
+                    woke
+                };
+                if let Poll::Ready(w) = poll(PHASE, &mut |cx| {
+                    phase_change
+                        .as_mut()
+                        .poll(cx)
+                        .map(|(rx, p)| Woke::Phase(rx, p))
+                }) {
+                    return Poll::Ready(w);
+                }
+                if let Some(task) = stopper.as_mut()
+                    && let Poll::Ready(w) = poll(STOPPER, &mut |cx| {
+                        Pin::new(&mut *task).poll(cx).map(Woke::Stopped)
+                    })
+                {
+                    return Poll::Ready(w);
+                }
+                if let Poll::Ready(w) = poll(EVENTS, &mut |cx| {
+                    next.as_mut().poll(cx).map(|(rx, e)| Woke::Event(rx, e))
+                }) {
+                    return Poll::Ready(w);
+                }
+                // Reply audio and the socket wake the task directly: they are
+                // the frequent ones, and cheap to poll.
+                if let Poll::Ready(frame) = pin!(audio.recv()).poll(cx) {
+                    inputs.mark(due);
+                    return Poll::Ready(Woke::Audio(frame));
+                }
+                let received = pin!(self.socket.recv()).poll(cx).map(Woke::Received);
+                if received.is_ready() {
+                    inputs.mark(due);
+                }
+                received
+            })
+            .await;
+            match woke {
+                Woke::Phase(rx, phase) => match phase {
+                    Phase::Running => phase_change.set(phase_change_of(rx)),
+                    Phase::Draining => {
+                        input_open = false;
+                        phase_change.set(phase_change_of(rx));
+                    }
+                    Phase::Closing => {
+                        if self.finish(next.as_mut(), &mut audio).await.is_err() {
+                            return End::Gone;
+                        }
+                        return End::close(protocol::GOING_AWAY, "server shutting down");
+                    }
+                },
+                Woke::Event(events, event) => {
+                    next.set(next_event(events));
+                    match event {
+                        Some(SessionEvent::Closed) | None => {
+                            guard.closed();
+                            if self.finish(next.as_mut(), &mut audio).await.is_err() {
                                 return End::Gone;
                             }
-                            return End::close(protocol::GOING_AWAY, "server shutting down");
+                            return self.session_closed(stop_requested);
+                        }
+                        Some(event) => {
+                            if self.send_event(&event).await.is_err() {
+                                return End::Gone;
+                            }
                         }
                     }
                 }
-                event = events.recv() => match event {
-                    Some(SessionEvent::Closed) | None => {
-                        guard.closed();
-                        if self.finish(&mut events, &mut audio).await.is_err() {
-                            return End::Gone;
-                        }
-                        return self.session_closed(stop_requested);
-                    }
-                    Some(event) => {
-                        if self.send_event(&event).await.is_err() {
-                            return End::Gone;
-                        }
-                    }
-                },
-                frame = audio.recv() => {
+                Woke::Audio(frame) => {
                     // `None` cannot happen while the session is held here.
                     if let Some(frame) = frame
                         && self.send(Message::Binary(frame.into_data())).await.is_err()
@@ -420,19 +507,26 @@ impl Conn {
                         return End::Gone;
                     }
                 }
-                done = join(&mut stopper) => {
+                Woke::Stopped(done) => {
+                    let done = done.unwrap_or_else(|e| {
+                        Err(BackendError::new(
+                            "server.stop_session",
+                            ErrorCode::PipelineError,
+                            format!("the stop task failed: {e}"),
+                        ))
+                    });
                     if let Err(e) = done {
                         tracing::warn!(code = %e.code, "stopping the session: {}", e.message);
                     }
                     // `stop` returns once the session has closed: its last
                     // events are waiting in `events`.
                     guard.closed();
-                    if self.finish(&mut events, &mut audio).await.is_err() {
+                    if self.finish(next.as_mut(), &mut audio).await.is_err() {
                         return End::Gone;
                     }
                     return self.session_closed(true);
                 }
-                received = self.socket.recv() => {
+                Woke::Received(received) => {
                     let payload = match self.incoming(received).await {
                         Ok(p) => p,
                         Err(end) => return end,
@@ -475,7 +569,9 @@ impl Conn {
                                     input_open = false;
                                     tracing::info!("the client stops the session");
                                     let session = session.clone();
-                                    stopper = Some(tokio::spawn(async move { session.stop().await }));
+                                    stopper =
+                                        Some(tokio::spawn(async move { session.stop().await }));
+                                    inputs.mark(STOPPER);
                                 }
                                 Ok(())
                             }
@@ -515,20 +611,28 @@ impl Conn {
     }
 
     /// Sends what the session still has for the client (reply audio first,
-    /// then events), then `closed`.
-    async fn finish(
+    /// then events), then `closed`. `next` is the pending wait for the next
+    /// event: whatever it can take now is sent.
+    async fn finish<F>(
         &mut self,
-        events: &mut SessionEvents,
+        next: Pin<&mut F>,
         audio: &mut AudioReceiver,
-    ) -> std::result::Result<(), Gone> {
+    ) -> std::result::Result<(), Gone>
+    where
+        F: Future<Output = (SessionEvents, Option<SessionEvent>)>,
+    {
         while let Some(frame) = audio.try_recv() {
             self.send(Message::Binary(frame.into_data())).await?;
         }
-        while let Some(event) = events.try_recv() {
-            if event == SessionEvent::Closed {
-                break;
+        let ready = next.poll(&mut Context::from_waker(Waker::noop()));
+        if let Poll::Ready((mut events, mut event)) = ready {
+            while let Some(e) = event {
+                if e == SessionEvent::Closed {
+                    break;
+                }
+                self.send_event(&e).await?;
+                event = events.try_recv();
             }
-            self.send_event(&event).await?;
         }
         self.send_event(&SessionEvent::Closed).await
     }
@@ -589,19 +693,120 @@ impl Conn {
     }
 }
 
-/// The result of the stop task, or never when there is none.
-async fn join(task: &mut Option<JoinHandle<Result<()>>>) -> Result<()> {
-    match task {
-        Some(t) => match t.await {
-            Ok(r) => r,
-            Err(e) => Err(BackendError::new(
-                "server.stop_session",
-                ErrorCode::PipelineError,
-                format!("the stop task failed: {e}"),
-            )),
-        },
-        None => std::future::pending().await,
+/// What woke the session loop.
+enum Woke {
+    Phase(watch::Receiver<Phase>, Phase),
+    Stopped(std::result::Result<Result<()>, tokio::task::JoinError>),
+    Event(SessionEvents, Option<SessionEvent>),
+    Audio(Option<AudioFrame>),
+    Received(Option<std::result::Result<Message, axum::Error>>),
+}
+
+/// The session loop's rarely woken inputs, one bit each.
+const PHASE: u8 = 1;
+const STOPPER: u8 = 1 << 1;
+const EVENTS: u8 = 1 << 2;
+
+/// Which of the session loop's rare inputs (a phase change, the stop task,
+/// session events) may have something: each is polled with a waker of its
+/// own, which marks it and wakes the task, so the frequent wake-ups (client
+/// audio, reply audio) do not poll them. Polling them costs locks: the event
+/// channel's and the phase's waiter lists.
+struct Inputs {
+    marks: Arc<Marks>,
+    wakers: [Waker; 3],
+}
+
+struct Marks {
+    bits: AtomicU8,
+    task: std::sync::Mutex<Option<Waker>>,
+}
+
+/// The waker of one input.
+struct InputWaker {
+    marks: Arc<Marks>,
+    bit: u8,
+}
+
+impl Wake for InputWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
     }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.marks.bits.fetch_or(self.bit, Ordering::AcqRel);
+        let task = self
+            .marks
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = task.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl Inputs {
+    /// Every input starts marked.
+    fn new() -> Inputs {
+        let marks = Arc::new(Marks {
+            bits: AtomicU8::new(PHASE | STOPPER | EVENTS),
+            task: std::sync::Mutex::new(None),
+        });
+        let waker = |bit| {
+            Waker::from(Arc::new(InputWaker {
+                marks: marks.clone(),
+                bit,
+            }))
+        };
+        let wakers = [waker(PHASE), waker(STOPPER), waker(EVENTS)];
+        Inputs { marks, wakers }
+    }
+
+    /// The task to wake when an input is marked.
+    fn register(&self, task: &Waker) {
+        *self
+            .marks
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
+    }
+
+    fn waker(&self, input: u8) -> &Waker {
+        &self.wakers[input.trailing_zeros() as usize]
+    }
+
+    /// The marked inputs, unmarking them.
+    fn take(&self) -> u8 {
+        // Mostly nothing is marked: a plain load, not a locked swap, for
+        // that. A mark set after the load wakes the task again.
+        if self.marks.bits.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        self.marks.bits.swap(0, Ordering::AcqRel)
+    }
+
+    fn mark(&self, inputs: u8) {
+        if inputs != 0 {
+            self.marks.bits.fetch_or(inputs, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The next phase change: the receiver back, and the new phase (`Closing`
+/// when the server is gone).
+async fn phase_change_of(mut rx: watch::Receiver<Phase>) -> (watch::Receiver<Phase>, Phase) {
+    let phase = match rx.changed().await {
+        Ok(()) => *rx.borrow_and_update(),
+        Err(_) => Phase::Closing,
+    };
+    (rx, phase)
+}
+
+/// The next session event, with the subscription back.
+async fn next_event(mut events: SessionEvents) -> (SessionEvents, Option<SessionEvent>) {
+    let event = events.recv().await;
+    (events, event)
 }
 
 /// How a refused `create_session` ends the connection.
