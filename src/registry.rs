@@ -214,6 +214,18 @@ impl<T: ?Sized> Probe<T> {
     };
 }
 
+/// The bytes a name in a not-found message can show as they are, between
+/// plain double quotes: printable ASCII other than `"` and `\`.
+static QUOTES_PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x20;
+    while b < 0x7f {
+        table[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    table
+};
+
 /// How many multipliers to try per index size before settling for probing.
 const SEEDS: u64 = 32;
 
@@ -249,8 +261,9 @@ struct Table<T: ?Sized> {
     /// index is perfect (keys cover such names whole), else 0.
     fast_len: usize,
     index: Box<[Probe<T>]>,
-    /// `"a, b, c"` (or `"none"`), ready for not-found messages.
-    available: String,
+    /// The end of not-found messages, from the closing quote of the name:
+    /// `" is registered; available: a, b, c` (or `none`).
+    not_found_tail: String,
 }
 
 impl<T: ?Sized> Table<T> {
@@ -276,11 +289,14 @@ impl<T: ?Sized> Table<T> {
                 slot: Some(slots[i].clone()),
             };
         }
-        let available = if names.is_empty() {
-            "none".to_owned()
-        } else {
-            names.join(", ")
-        };
+        let not_found_tail = format!(
+            "\" is registered; available: {}",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
         Table {
             names,
             slots,
@@ -289,7 +305,7 @@ impl<T: ?Sized> Table<T> {
             probes,
             fast_len: if probes == 1 { 16 } else { 0 },
             index: index.into_boxed_slice(),
-            available,
+            not_found_tail,
         }
     }
 
@@ -380,6 +396,9 @@ impl<T: ?Sized> Table<T> {
 /// the same type with their own kinds.
 pub struct Registry<T: ?Sized + Send + Sync + 'static> {
     kind: &'static str,
+    /// The start of not-found messages, to the opening quote of the name:
+    /// `no provider named "`.
+    not_found_head: String,
     statics: Table<T>,
     duplicates: Vec<DuplicateEntry>,
     /// Whether the overlay holds anything, i.e. whether readers must use `merged`.
@@ -413,6 +432,7 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
         }
         Registry {
             kind,
+            not_found_head: format!("no {kind} named \""),
             statics: Table::new(statics),
             duplicates,
             overlay_active: AtomicBool::new(false),
@@ -516,30 +536,29 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
         self.read(|table| match table.find(name) {
             Some(Slot::Ready(v)) => f(v),
             Some(Slot::Conflict(i)) => Err(self.conflict_error(op, &self.duplicates[*i])),
-            None => Err(self.not_found_error(op, name, &table.available)),
+            None => Err(self.not_found_error(op, name, table)),
         })
     }
 
-    fn not_found_error(&self, op: &'static str, name: &str, available: &str) -> BackendError {
-        // Built by hand rather than with `format!`: an unknown name is a hot
-        // path for callers probing the registry. Names that need escaping take
-        // the slower, quoting route.
-        let plain = name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
-        let mut message = String::with_capacity(48 + name.len() + available.len());
-        message.push_str("no ");
-        message.push_str(self.kind);
-        message.push_str(" named ");
-        if plain {
-            message.push('"');
-            message.push_str(name);
-            message.push('"');
+    #[inline(never)]
+    fn not_found_error(&self, op: &'static str, name: &str, table: &Table<T>) -> BackendError {
+        // Built from parts made in advance rather than with `format!`: an
+        // unknown name is a hot path for callers probing the registry. Names
+        // that need escaping take the slower, quoting route.
+        let (mut head, mut tail) = (&self.not_found_head[..], &table.not_found_tail[..]);
+        let quoted;
+        let name = if name.bytes().all(|b| QUOTES_PLAIN[b as usize]) {
+            name
         } else {
-            message.push_str(&format!("{name:?}"));
-        }
-        message.push_str(" is registered; available: ");
-        message.push_str(available);
+            // Without the quotes of `head` and `tail`: `{:?}` adds its own.
+            (head, tail) = (&head[..head.len() - 1], &tail[1..]);
+            quoted = format!("{name:?}");
+            &quoted
+        };
+        let mut message = String::with_capacity(head.len() + name.len() + tail.len());
+        message.push_str(head);
+        message.push_str(name);
+        message.push_str(tail);
         BackendError::new(op, ErrorCode::ProviderNotFound, message)
     }
 
