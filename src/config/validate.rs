@@ -236,6 +236,36 @@ fn bad_name(v: &mut Violations, path: &str, name: &str) {
     }
 }
 
+/// The bytes [`plain_name`] accepts at either end of a name: ASCII other than
+/// whitespace.
+static PLAIN_EDGE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x80 {
+        table[b] = !matches!(b, 9..=13 | 32);
+        b += 1;
+    }
+    table
+};
+
+/// Whether [`check_name`] plainly passes `name`: non-empty, and ASCII other
+/// than whitespace at both ends.
+#[inline]
+fn plain_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty() && PLAIN_EDGE[b[0] as usize] && PLAIN_EDGE[b[b.len() - 1] as usize]
+}
+
+/// Whether the redaction marker is anywhere in `value`, under any key.
+fn holds_redaction_marker(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s == REDACTED,
+        serde_json::Value::Object(map) => map.values().any(holds_redaction_marker),
+        serde_json::Value::Array(items) => items.iter().any(holds_redaction_marker),
+        _ => false,
+    }
+}
+
 #[inline]
 fn check_optional_name(v: &mut Violations, path: &str, name: Option<&str>) {
     if let Some(name) = name {
@@ -318,8 +348,109 @@ impl Config {
     /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
     /// `config.validate`) whose message lists every violation and whose
     /// `details` hold one entry per field path; see [`Config::violations`].
+    #[inline]
     pub fn validate(&self) -> Result<(), BackendError> {
+        // `validate` is on the path of every `BackendRegistry::create`: a config
+        // that plainly keeps every rule costs a few comparisons and no
+        // allocation. Anything else (including valid configs the quick check
+        // cannot vouch for) takes the full check, which builds the messages.
+        if self.plainly_valid() {
+            Ok(())
+        } else {
+            self.validate_in_full()
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn validate_in_full(&self) -> Result<(), BackendError> {
         self.violations().into_result("config.validate")
+    }
+
+    /// Whether this config keeps every rule of [`Config::violations`], decided
+    /// without allocating. May answer `false` for a valid config (a name that
+    /// starts or ends with a non-ASCII character, a `[redacted]` value under a
+    /// key that is not secret); never answers `true` for an invalid one.
+    #[inline]
+    fn plainly_valid(&self) -> bool {
+        let names_ok = plain_name(&self.provider)
+            && [
+                &self.stt_provider,
+                &self.tts_provider,
+                &self.s2s_provider,
+                &self.vad_provider,
+                &self.turn_detection_provider,
+                &self.noise_cancellation_provider,
+            ]
+            .into_iter()
+            .all(|n| n.as_deref().is_none_or(plain_name));
+        let pipeline_ok = match self.pipeline_type {
+            PipelineType::SttTts => self.stt_provider.is_some() && self.tts_provider.is_some(),
+            PipelineType::S2s => self.s2s_provider.is_some(),
+        };
+        // Durations as nanoseconds (saturating: far out of every range).
+        let nanos = |d: Duration| {
+            d.as_secs()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(d.subsec_nanos() as u64)
+        };
+        let within = |d: Duration, min: Duration, max: Duration| {
+            nanos(d).wrapping_sub(nanos(min)) <= nanos(max) - nanos(min)
+        };
+        let (latency, timeout) = (nanos(self.latency_target), nanos(self.timeout));
+        names_ok
+            && pipeline_ok
+            && within(self.latency_target, MIN_LATENCY_TARGET, MAX_LATENCY_TARGET)
+            && within(self.timeout, MIN_TIMEOUT, MAX_TIMEOUT)
+            && latency <= timeout
+            && self.max_retries <= MAX_MAX_RETRIES
+            && within(self.retry_delay, MIN_RETRY_DELAY, MAX_RETRY_DELAY)
+            && self.max_concurrent_sessions >= 1
+            // Positive and finite (NaN fails both comparisons).
+            && self.rate_limit_per_second > 0.0
+            && self.rate_limit_per_second < f64::INFINITY
+            && self.rate_limit_burst >= 1
+            && (self.processors.is_empty() || self.plain_processors())
+            && (self.components.is_empty() || self.plain_components())
+            && (self.provider_config.0.is_empty()
+                || !self.provider_config.0.values().any(holds_redaction_marker))
+    }
+
+    /// Processors with plain, unique names and object options.
+    fn plain_processors(&self) -> bool {
+        self.processors.iter().enumerate().all(|(i, p)| {
+            plain_name(&p.name)
+                && p.options.is_object()
+                && !self.processors[..i].iter().any(|q| q.name == p.name)
+        })
+    }
+
+    /// Component options only for components in use, holding no redaction marker.
+    fn plain_components(&self) -> bool {
+        let uses = |name: &str| {
+            [
+                &self.stt_provider,
+                &self.tts_provider,
+                &self.s2s_provider,
+                &self.noise_cancellation_provider,
+            ]
+            .into_iter()
+            .any(|n| n.as_deref() == Some(name))
+                || self
+                    .vad_provider
+                    .as_deref()
+                    .unwrap_or(super::DEFAULT_VAD_PROVIDER)
+                    == name
+                || self
+                    .turn_detection_provider
+                    .as_deref()
+                    .unwrap_or(super::DEFAULT_TURN_DETECTION_PROVIDER)
+                    == name
+                || self.processors.iter().any(|p| p.name == name)
+        };
+        self.components
+            .iter()
+            .all(|(name, section)| uses(name) && !section.0.values().any(holds_redaction_marker))
     }
 
     /// Every rule this config breaks, each with its field path:
