@@ -1,10 +1,32 @@
 //! Registry lookups, single-threaded and on two threads at once.
 //!
-//! The registry holds six providers, as a build with every provider would, in
-//! two shapes: `static` (registered at link time, nothing in the overlay: the
-//! production shape) and `overlay` (the same, plus one run-time registration,
-//! so every read goes through the merged table: the shape of a test that
-//! registers doubles).
+//! The registry holds six providers, as a build with every provider would: the
+//! built-in `local` plus five doubles (`tests/common/mod.rs`) under the other
+//! provider names, registered at link time. It is benched in two shapes:
+//! `static` (nothing in the overlay: the production shape) and `overlay` (the
+//! same, plus one run-time registration, so every read goes through the merged
+//! table: the shape of a test that registers doubles).
+//!
+//! What each operation includes:
+//!
+//! - `is_registered`: one lookup of `"pipecat"`.
+//! - `create`: `create("pipecat", config)` with a valid s2s config: lookup,
+//!   [`Config::validate`], the provider's `validate_config` (the double's is a
+//!   no-op returning `Ok`), its `create_backend`, which allocates one
+//!   zero-size backend in an `Arc` (a 16-byte allocation), and dropping that
+//!   backend again (the free). Polled once with a no-op waker; no executor.
+//! - `create_premade`: the same on `"vocode"`, whose double hands out a clone
+//!   of a backend made beforehand (one per thread) instead of allocating: the
+//!   registry's own cost (lookup, validation, dispatch) plus one uncontended
+//!   reference-count increment and decrement. (`"vocode"` and `"pipecat"`,
+//!   6 and 7 bytes, take the same lookup path.)
+//! - `create_unknown`: `create("pipecatt", config)`: a lookup that misses and
+//!   the `ProviderNotFound` error, whose message lists the available names
+//!   (one allocation), then dropping the error.
+//! - `list_providers`: the sorted names as a new `Vec` (one allocation), dropped.
+//! - `get_provider`: lookup of `"pipecat"` and a clone of the provider's `Arc`
+//!   (a shared reference count: the two-thread case contends on it).
+//!
 //! For the two-thread cases each thread runs the whole iteration count at the
 //! same time as the other; the time reported is wall time per iteration, so
 //! perfect scaling reports the same time as the single-thread case (twice the
@@ -25,14 +47,12 @@ use voice_backends::{BackendRegistry, Config};
 
 const NAMES: [&str; 6] = ["cartesia", "livekit", "local", "pipecat", "vapi", "vocode"];
 
+// `local` is the built-in provider; the other five names get doubles.
 fn cartesia() -> common::DoubleProvider {
     common::DoubleProvider::light_value("cartesia")
 }
 fn livekit() -> common::DoubleProvider {
     common::DoubleProvider::light_value("livekit")
-}
-fn local() -> common::DoubleProvider {
-    common::DoubleProvider::light_value("local")
 }
 fn pipecat() -> common::DoubleProvider {
     common::DoubleProvider::light_value("pipecat")
@@ -41,11 +61,10 @@ fn vapi() -> common::DoubleProvider {
     common::DoubleProvider::light_value("vapi")
 }
 fn vocode() -> common::DoubleProvider {
-    common::DoubleProvider::light_value("vocode")
+    common::DoubleProvider::premade_value("vocode")
 }
 voice_backends::register_provider!("cartesia", cartesia);
 voice_backends::register_provider!("livekit", livekit);
-voice_backends::register_provider!("local", local);
 voice_backends::register_provider!("pipecat", pipecat);
 voice_backends::register_provider!("vapi", vapi);
 voice_backends::register_provider!("vocode", vocode);
@@ -53,6 +72,7 @@ voice_backends::register_provider!("vocode", vocode);
 fn registries() -> [(&'static str, Arc<BackendRegistry>); 2] {
     let statics = BackendRegistry::new();
     assert_eq!(statics.list_providers(), NAMES);
+    assert!(statics.duplicates().is_empty());
     let overlay = BackendRegistry::new();
     overlay.register("double", common::DoubleProvider::light("double"));
     [
@@ -79,6 +99,10 @@ fn op_is_registered(reg: &BackendRegistry, _: &Config) {
 
 fn op_create(reg: &BackendRegistry, config: &Config) {
     black_box(ready(reg.create(black_box("pipecat"), config)).unwrap());
+}
+
+fn op_create_premade(reg: &BackendRegistry, config: &Config) {
+    black_box(ready(reg.create(black_box("vocode"), config)).unwrap());
 }
 
 fn op_create_unknown(reg: &BackendRegistry, config: &Config) {
@@ -119,9 +143,10 @@ fn two_threads(reg: &Arc<BackendRegistry>, config: &Arc<Config>, op: Op, iters: 
 
 fn bench(c: &mut Criterion) {
     let config = Arc::new(common::valid_config("pipecat"));
-    let ops: [(&str, Op); 5] = [
+    let ops: [(&str, Op); 6] = [
         ("is_registered", op_is_registered),
         ("create", op_create),
+        ("create_premade", op_create_premade),
         ("create_unknown", op_create_unknown),
         ("list_providers", op_list_providers),
         ("get_provider", op_get_provider),
