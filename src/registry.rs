@@ -171,7 +171,7 @@ impl Key {
     /// the index then probes, it never confuses them.
     #[inline]
     fn fold(&self) -> u64 {
-        self.head ^ self.tail.rotate_left(23) ^ (self.len as u64).rotate_right(8)
+        self.head ^ self.tail.rotate_left(23) ^ self.len as u64
     }
 }
 
@@ -787,7 +787,7 @@ mod tests {
     #[test]
     fn names_that_fold_alike_are_still_told_apart() {
         // 16-byte names: the key is bytes 0..8 and 8..16, folded as
-        // head ^ rotl(tail, 23) ^ rotr(len, 8). Flipping bit 0 of the head and
+        // head ^ rotl(tail, 23) ^ len. Flipping bit 0 of the head and
         // bit 41 (= rotr(1, 23)) of the tail keeps the fold: no multiplier can
         // give these two names positions of their own, so the index probes.
         let (a, b) = ("aaaaaaaaaaaaaaaa", "`aaaaaaaaaaaacaa");
