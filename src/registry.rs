@@ -491,7 +491,7 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
     /// Whether anything is registered under `name` (a duplicated static name counts).
     #[inline]
     pub fn is_registered(&self, name: &str) -> bool {
-        self.read(|table| table.probe(name).is_some())
+        self.read_small(|table| table.probe(name).is_some())
     }
 
     /// The value registered under `name`.
@@ -523,6 +523,23 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
             &self.statics
         };
         f(table)
+    }
+
+    /// [`Registry::read`] for small `f`: the overlay case out of line, so the
+    /// static path is a leaf, without the registers and stack that loading
+    /// and releasing `merged` need.
+    #[inline]
+    fn read_small<R>(&self, f: impl Fn(&Table<T>) -> R) -> R {
+        if self.overlay_active.load(Ordering::Acquire) {
+            self.read_merged(f)
+        } else {
+            f(&self.statics)
+        }
+    }
+
+    #[inline(never)]
+    fn read_merged<R>(&self, f: impl Fn(&Table<T>) -> R) -> R {
+        f(&self.merged.load())
     }
 
     /// Runs `f` on the value under `name` without cloning its `Arc` (reads stay
