@@ -42,7 +42,8 @@ use std::sync::{Arc, Barrier};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use voice_backends::{BackendRegistry, Config};
 
 const NAMES: [&str; 6] = ["cartesia", "livekit", "local", "pipecat", "vapi", "vocode"];
@@ -91,8 +92,6 @@ fn ready<F: Future>(fut: F) -> F::Output {
     }
 }
 
-type Op = fn(&BackendRegistry, &Config);
-
 fn op_is_registered(reg: &BackendRegistry, _: &Config) {
     black_box(reg.is_registered(black_box("pipecat")));
 }
@@ -120,7 +119,12 @@ fn op_get_provider(reg: &BackendRegistry, _: &Config) {
 }
 
 /// Wall time for each of two threads to run `iters` operations concurrently.
-fn two_threads(reg: &Arc<BackendRegistry>, config: &Arc<Config>, op: Op, iters: u64) -> Duration {
+fn two_threads<F: Op>(
+    reg: &Arc<BackendRegistry>,
+    config: &Arc<Config>,
+    op: F,
+    iters: u64,
+) -> Duration {
     let barrier = Arc::new(Barrier::new(3));
     let workers: Vec<_> = (0..2)
         .map(|_| {
@@ -141,24 +145,35 @@ fn two_threads(reg: &Arc<BackendRegistry>, config: &Arc<Config>, op: Op, iters: 
     start.elapsed()
 }
 
+/// An operation; each is its own type (a function item), so the loops below
+/// call it directly, as a caller of the registry would, not through a pointer.
+trait Op: Fn(&BackendRegistry, &Config) + Copy + Send + 'static {}
+impl<F: Fn(&BackendRegistry, &Config) + Copy + Send + 'static> Op for F {}
+
+fn bench_op<F: Op>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    reg: &Arc<BackendRegistry>,
+    config: &Arc<Config>,
+    op: F,
+) {
+    group.bench_function(format!("{name}/1_thread"), |b| b.iter(|| op(reg, config)));
+    group.bench_function(format!("{name}/2_threads"), |b| {
+        b.iter_custom(|iters| two_threads(reg, config, op, iters))
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let config = Arc::new(common::valid_config("pipecat"));
-    let ops: [(&str, Op); 6] = [
-        ("is_registered", op_is_registered),
-        ("create", op_create),
-        ("create_premade", op_create_premade),
-        ("create_unknown", op_create_unknown),
-        ("list_providers", op_list_providers),
-        ("get_provider", op_get_provider),
-    ];
     for (shape, reg) in registries() {
         let mut group = c.benchmark_group(format!("registry/{shape}"));
-        for (name, op) in ops {
-            group.bench_function(format!("{name}/1_thread"), |b| b.iter(|| op(&reg, &config)));
-            group.bench_function(format!("{name}/2_threads"), |b| {
-                b.iter_custom(|iters| two_threads(&reg, &config, op, iters))
-            });
-        }
+        let g = &mut group;
+        bench_op(g, "is_registered", &reg, &config, op_is_registered);
+        bench_op(g, "create", &reg, &config, op_create);
+        bench_op(g, "create_premade", &reg, &config, op_create_premade);
+        bench_op(g, "create_unknown", &reg, &config, op_create_unknown);
+        bench_op(g, "list_providers", &reg, &config, op_list_providers);
+        bench_op(g, "get_provider", &reg, &config, op_get_provider);
         group.finish();
     }
 }
