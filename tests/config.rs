@@ -469,6 +469,8 @@ fn validate_agrees_with_violations_on_every_rule_edge() {
             ms(max) - Duration::from_nanos(1),
             ms(max),
             ms(max) + Duration::from_nanos(1),
+            Duration::from_secs((1 << 34) - 1),
+            Duration::from_secs(1 << 34),
             Duration::from_secs(u64::MAX / 1_000_000_000 + 1),
             Duration::MAX,
         ] {
@@ -508,6 +510,7 @@ fn validate_agrees_with_violations_on_every_rule_edge() {
         0.0,
         -0.0,
         -1.0,
+        f64::from_bits(1),
         f64::MIN_POSITIVE,
         1.0,
         f64::MAX,

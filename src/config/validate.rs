@@ -388,27 +388,32 @@ impl Config {
             PipelineType::SttTts => self.stt_provider.is_some() && self.tts_provider.is_some(),
             PipelineType::S2s => self.s2s_provider.is_some(),
         };
-        // Durations as nanoseconds (saturating: far out of every range).
+        // Durations compared as nanoseconds in a u64: exact below 2^34 s
+        // (about 544 years), and every bound is far below that, so a
+        // duration beyond it is out of range anyway.
+        let (latency, timeout, retry) = (self.latency_target, self.timeout, self.retry_delay);
+        let exact = (latency.as_secs() | timeout.as_secs() | retry.as_secs()) < 1 << 34;
         let nanos = |d: Duration| {
             d.as_secs()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(d.subsec_nanos() as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(d.subsec_nanos() as u64)
         };
         let within = |d: Duration, min: Duration, max: Duration| {
             nanos(d).wrapping_sub(nanos(min)) <= nanos(max) - nanos(min)
         };
-        let (latency, timeout) = (nanos(self.latency_target), nanos(self.timeout));
+        // Positive and finite: as bits, 1 (the least subnormal) up to, not
+        // including, infinity; zero, negatives and NaN fall outside.
+        let rate = self.rate_limit_per_second.to_bits();
         names_ok
             && pipeline_ok
-            && within(self.latency_target, MIN_LATENCY_TARGET, MAX_LATENCY_TARGET)
-            && within(self.timeout, MIN_TIMEOUT, MAX_TIMEOUT)
-            && latency <= timeout
+            && exact
+            && within(latency, MIN_LATENCY_TARGET, MAX_LATENCY_TARGET)
+            && within(timeout, MIN_TIMEOUT, MAX_TIMEOUT)
+            && nanos(latency) <= nanos(timeout)
             && self.max_retries <= MAX_MAX_RETRIES
-            && within(self.retry_delay, MIN_RETRY_DELAY, MAX_RETRY_DELAY)
+            && within(retry, MIN_RETRY_DELAY, MAX_RETRY_DELAY)
             && self.max_concurrent_sessions >= 1
-            // Positive and finite (NaN fails both comparisons).
-            && self.rate_limit_per_second > 0.0
-            && self.rate_limit_per_second < f64::INFINITY
+            && rate.wrapping_sub(1) < f64::INFINITY.to_bits() - 1
             && self.rate_limit_burst >= 1
             && (self.processors.is_empty() || self.plain_processors())
             && (self.components.is_empty() || self.plain_components())
