@@ -148,11 +148,15 @@ impl Key {
         tail: 0,
     };
 
+    /// The key of a name of at most 16 bytes, which it covers whole.
     #[inline]
-    fn of(name: &str) -> Key {
+    fn short(name: &str) -> Option<Key> {
         let b = name.as_bytes();
         let n = b.len();
         let (head, tail) = if n >= 8 {
+            if n > 16 {
+                return None;
+            }
             (le_u64(&b[..8]), le_u64(&b[n - 8..]))
         } else if n >= 4 {
             (le_u32(&b[..4]), le_u32(&b[n - 4..]))
@@ -164,7 +168,21 @@ impl Key {
         } else {
             (0, 0)
         };
-        Key { len: n, head, tail }
+        Some(Key { len: n, head, tail })
+    }
+
+    /// The key of any name: for names over 16 bytes, their length and first
+    /// and last 8 bytes.
+    #[inline]
+    fn of(name: &str) -> Key {
+        Key::short(name).unwrap_or_else(|| {
+            let b = name.as_bytes();
+            Key {
+                len: b.len(),
+                head: le_u64(&b[..8]),
+                tail: le_u64(&b[b.len() - 8..]),
+            }
+        })
     }
 
     /// The key folded to one word, for hashing. Distinct keys may fold alike;
@@ -226,6 +244,11 @@ static QUOTES_PLAIN: [bool; 256] = {
     table
 };
 
+/// log2 of [`SMALL`].
+const SMALL_BITS: u32 = 6;
+/// The size of a small table's index.
+const SMALL: usize = 1 << SMALL_BITS;
+
 /// How many multipliers to try per index size before settling for probing.
 const SEEDS: u64 = 32;
 
@@ -249,17 +272,20 @@ fn position(key: &Key, seed: u64, shift: u32) -> usize {
 /// index has that many extra positions at its end). It is built perfect where
 /// possible: for the handful of names a registry holds, a multiplier is
 /// searched that gives every key a position of its own, so a lookup, found or
-/// not, is one hash and one key comparison. Larger tables settle for linear
-/// probing with the multiplier that needs the fewest probes.
+/// not, is one hash and one key comparison; if that works in [`SMALL`]
+/// positions, the index is `small`, of a size known to the compiler. Larger
+/// tables settle for linear probing with the multiplier that needs the fewest
+/// probes.
 struct Table<T: ?Sized> {
     names: Vec<&'static str>,
     slots: Vec<Slot<T>>,
     seed: u64,
+    /// The index when it is perfect in [`SMALL`] positions (tables of up to
+    /// about 20 names): its size is known here, so a lookup needs no bounds
+    /// check and shifts by a constant. Then `index` is empty.
+    small: Option<Box<[Probe<T>; SMALL]>>,
     shift: u32,
     probes: usize,
-    /// Names of `1..=fast_len` bytes take the one-probe path: 16 when the
-    /// index is perfect (keys cover such names whole), else 0.
-    fast_len: usize,
     index: Box<[Probe<T>]>,
     /// The end of not-found messages, from the closing quote of the name:
     /// `" is registered; available: a, b, c` (or `none`).
@@ -289,6 +315,13 @@ impl<T: ?Sized> Table<T> {
                 slot: Some(slots[i].clone()),
             };
         }
+        let small = if shift == 64 - SMALL_BITS && probes == 1 {
+            let small: Box<[Probe<T>; SMALL]> = index.try_into().ok().expect("SMALL positions");
+            index = Vec::new();
+            Some(small)
+        } else {
+            None
+        };
         let not_found_tail = format!(
             "\" is registered; available: {}",
             if names.is_empty() {
@@ -301,9 +334,9 @@ impl<T: ?Sized> Table<T> {
             names,
             slots,
             seed,
+            small,
             shift,
             probes,
-            fast_len: if probes == 1 { 16 } else { 0 },
             index: index.into_boxed_slice(),
             not_found_tail,
         }
@@ -319,7 +352,12 @@ impl<T: ?Sized> Table<T> {
     fn perfect_seed(keys: &[Key]) -> Option<(u64, u32)> {
         let min_bits = Self::min_bits(keys.len());
         let mut taken = Vec::new();
-        for bits in min_bits..min_bits + 4 {
+        // SMALL positions first, where lookups are cheapest.
+        let sizes = (min_bits <= SMALL_BITS)
+            .then_some(SMALL_BITS)
+            .into_iter()
+            .chain((min_bits..min_bits + 4).filter(|&b| b != SMALL_BITS));
+        for bits in sizes {
             let shift = 64 - bits;
             for seed in (0..SEEDS).map(seed) {
                 taken.clear();
@@ -365,22 +403,25 @@ impl<T: ?Sized> Table<T> {
     /// The index position holding `name`, if any.
     #[inline]
     fn probe(&self, name: &str) -> Option<&Probe<T>> {
-        let key = Key::of(name);
-        // The common case in one probe: a perfect index and a name of 1..=16 bytes.
-        if key.len.wrapping_sub(1) >= self.fast_len {
-            return self.probe_slow(name);
+        // The common case: a small perfect index and a name its key covers.
+        if let (Some(small), Some(key)) = (&self.small, Key::short(name)) {
+            let probe = &small[position(&key, self.seed, 64 - SMALL_BITS)];
+            return (probe.key == key).then_some(probe);
         }
-        let probe = self.index.get(position(&key, self.seed, self.shift))?;
-        (probe.key == key).then_some(probe)
+        self.probe_slow(name)
     }
 
-    /// [`Table::probe`] for every other case: several positions, and names
+    /// [`Table::probe`] for every other case: a probing index, and names
     /// compared in full where the key does not cover them.
     #[inline(never)]
     fn probe_slow(&self, name: &str) -> Option<&Probe<T>> {
         let key = Key::of(name);
         let at = position(&key, self.seed, self.shift);
-        self.index[at..at + self.probes]
+        let candidates = match &self.small {
+            Some(small) => &small[at..=at],
+            None => &self.index[at..at + self.probes],
+        };
+        candidates
             .iter()
             .find(|p| p.key == key && (key.len <= 16 || p.name == name))
     }
@@ -773,7 +814,7 @@ mod tests {
     fn small_tables_get_a_perfect_index() {
         let providers = ["cartesia", "livekit", "local", "pipecat", "vapi", "vocode"];
         let t = table(&providers);
-        assert_eq!((t.probes, t.fast_len), (1, 16));
+        assert!(t.small.is_some());
         for (i, n) in t.names.iter().enumerate() {
             assert_eq!(value(&t, n), Some(i));
         }
@@ -783,7 +824,23 @@ mod tests {
         for count in 0..=16 {
             let names: Vec<&'static str> = (0..count).map(|i| leak(format!("p{i}"))).collect();
             let t = table(&names);
-            assert_eq!((t.probes, t.fast_len), (1, 16), "{count} names");
+            assert!(t.small.is_some(), "{count} names");
+        }
+        // The empty name, and names the key does not cover, in a small table.
+        let long = "a-name-longer-than-sixteen";
+        let t = table(&["", long, "b", "local"]);
+        assert!(t.small.is_some());
+        for (i, n) in t.names.iter().enumerate() {
+            assert_eq!(value(&t, n), Some(i), "{n:?}");
+        }
+        // The first differs from `long` only in the middle (same length, first
+        // and last 8 bytes): only the full comparison tells them apart.
+        for n in [
+            "a-name-lONGER-THAN-sixteen",
+            "a-name-longer-than-sixteeN",
+            "c",
+        ] {
+            assert_eq!(value(&t, n), None, "{n:?}");
         }
     }
 
@@ -794,7 +851,7 @@ mod tests {
             .collect();
         let t = table(&names);
         assert!(t.probes > 1, "300 names are not expected to hash perfectly");
-        assert_eq!(t.fast_len, 0);
+        assert!(t.small.is_none());
         for (i, n) in t.names.iter().enumerate() {
             assert_eq!(value(&t, n), Some(i));
             assert_eq!(value(&t, &format!("{n}y")), None);
@@ -811,7 +868,7 @@ mod tests {
         assert_eq!(Key::of(a).fold(), Key::of(b).fold());
         let t = table(&[a, b, "local", "pipecat"]);
         assert!(t.probes > 1);
-        assert_eq!(t.fast_len, 0);
+        assert!(t.small.is_none());
         for (i, n) in t.names.iter().enumerate() {
             assert_eq!(value(&t, n), Some(i), "{n:?}");
         }
