@@ -16,8 +16,10 @@
 //! immutable merged table through [`arc_swap::ArcSwap`]; readers then load that
 //! table. No read takes a lock or bumps a counter shared with other readers, so
 //! lookups on several cores scale instead of bouncing one cache line between
-//! them. Tables are hashed on a few bytes of the name, so a lookup is one probe
-//! and one comparison for the short names providers have.
+//! them. Tables are hashed on a few bytes of the name with a multiplier chosen
+//! when the table is built so that every name has a position of its own: a
+//! lookup, found or not, is one hash and one comparison for the short names
+//! providers have.
 //!
 //! Names are interned: a name registered at run time is kept for the life of
 //! the process, so listings are `&'static str` and cost one allocation.
@@ -138,11 +140,23 @@ struct Key {
 }
 
 impl Key {
+    /// The key of no name (no `str` is `usize::MAX` bytes long): marks empty
+    /// index positions, so a probe needs no separate emptiness test.
+    const NONE: Key = Key {
+        len: usize::MAX,
+        head: 0,
+        tail: 0,
+    };
+
+    /// The key of a name of at most 16 bytes, which it covers whole.
     #[inline]
-    fn of(name: &str) -> Key {
+    fn short(name: &str) -> Option<Key> {
         let b = name.as_bytes();
         let n = b.len();
         let (head, tail) = if n >= 8 {
+            if n > 16 {
+                return None;
+            }
             (le_u64(&b[..8]), le_u64(&b[n - 8..]))
         } else if n >= 4 {
             (le_u32(&b[..4]), le_u32(&b[n - 4..]))
@@ -154,14 +168,28 @@ impl Key {
         } else {
             (0, 0)
         };
-        Key { len: n, head, tail }
+        Some(Key { len: n, head, tail })
     }
 
+    /// The key of any name: for names over 16 bytes, their length and first
+    /// and last 8 bytes.
     #[inline]
-    fn bucket(&self, mask: usize) -> usize {
-        let h = (self.head ^ self.tail.rotate_left(23) ^ self.len as u64)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (h >> 32) as usize & mask
+    fn of(name: &str) -> Key {
+        Key::short(name).unwrap_or_else(|| {
+            let b = name.as_bytes();
+            Key {
+                len: b.len(),
+                head: le_u64(&b[..8]),
+                tail: le_u64(&b[b.len() - 8..]),
+            }
+        })
+    }
+
+    /// The key folded to one word, for hashing. Distinct keys may fold alike;
+    /// the index then probes, it never confuses them.
+    #[inline]
+    fn fold(&self) -> u64 {
+        self.head ^ self.tail.rotate_left(23) ^ self.len as u64
     }
 }
 
@@ -179,70 +207,223 @@ fn le_u32(b: &[u8]) -> u64 {
     u32::from_le_bytes(a) as u64
 }
 
-const EMPTY: u32 = u32::MAX;
+/// One position of a table's index: an entry, or nothing (key [`Key::NONE`]).
+struct Probe<T: ?Sized> {
+    key: Key,
+    name: &'static str,
+    slot: Option<Slot<T>>,
+}
 
-/// An immutable name table: entries sorted by name, plus an open-addressing
-/// index on [`Key`].
+impl<T: ?Sized> Clone for Probe<T> {
+    fn clone(&self) -> Self {
+        Probe {
+            key: self.key,
+            name: self.name,
+            slot: self.slot.clone(),
+        }
+    }
+}
+
+impl<T: ?Sized> Probe<T> {
+    const EMPTY: Probe<T> = Probe {
+        key: Key::NONE,
+        name: "",
+        slot: None,
+    };
+}
+
+/// The bytes a name in a not-found message can show as they are, between
+/// plain double quotes: printable ASCII other than `"` and `\`.
+static QUOTES_PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x20;
+    while b < 0x7f {
+        table[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    table
+};
+
+/// log2 of [`SMALL`].
+const SMALL_BITS: u32 = 6;
+/// The size of a small table's index.
+const SMALL: usize = 1 << SMALL_BITS;
+
+/// How many multipliers to try per index size before settling for probing.
+const SEEDS: u64 = 32;
+
+/// The `i`th candidate multiplier (odd, well mixed: splitmix64).
+fn seed(i: u64) -> u64 {
+    let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) | 1
+}
+
+#[inline]
+fn position(key: &Key, seed: u64, shift: u32) -> usize {
+    (key.fold().wrapping_mul(seed) >> shift) as usize
+}
+
+/// An immutable name table: entries sorted by name, plus an index on [`Key`].
+///
+/// The index is a key's folded bytes times `seed`, top bits; a key is at that
+/// position or, at most `probes - 1` positions after it (no wrap-around: the
+/// index has that many extra positions at its end). It is built perfect where
+/// possible: for the handful of names a registry holds, a multiplier is
+/// searched that gives every key a position of its own, so a lookup, found or
+/// not, is one hash and one key comparison; if that works in [`SMALL`]
+/// positions, the index is `small`, of a size known to the compiler. Larger
+/// tables settle for linear probing with the multiplier that needs the fewest
+/// probes.
 struct Table<T: ?Sized> {
     names: Vec<&'static str>,
-    keys: Vec<Key>,
     slots: Vec<Slot<T>>,
-    index: Vec<u32>,
-    mask: usize,
-    /// `"a, b, c"` (or `"none"`), ready for not-found messages.
-    available: String,
+    seed: u64,
+    /// The index when it is perfect in [`SMALL`] positions (tables of up to
+    /// about 20 names): its size is known here, so a lookup needs no bounds
+    /// check and shifts by a constant. Then `index` is empty.
+    small: Option<Box<[Probe<T>; SMALL]>>,
+    shift: u32,
+    probes: usize,
+    index: Box<[Probe<T>]>,
+    /// The end of not-found messages, from the closing quote of the name:
+    /// `" is registered; available: a, b, c` (or `none`).
+    not_found_tail: String,
 }
 
 impl<T: ?Sized> Table<T> {
     /// A table of `entries`, which must be sorted by name with no repeats.
     fn new(entries: Vec<(&'static str, Slot<T>)>) -> Self {
-        let size = (entries.len() * 2).next_power_of_two().max(8);
-        let mask = size - 1;
-        let mut index = vec![EMPTY; size];
-        let mut names = Vec::with_capacity(entries.len());
-        let mut keys = Vec::with_capacity(entries.len());
-        let mut slots = Vec::with_capacity(entries.len());
-        for (i, (name, slot)) in entries.into_iter().enumerate() {
-            let key = Key::of(name);
-            let mut b = key.bucket(mask);
-            while index[b] != EMPTY {
-                b = (b + 1) & mask;
-            }
-            index[b] = i as u32;
-            names.push(name);
-            keys.push(key);
-            slots.push(slot);
+        let (names, slots): (Vec<_>, Vec<_>) = entries.into_iter().unzip();
+        let keys: Vec<Key> = names.iter().map(|n| Key::of(n)).collect();
+        let (seed, shift) = Self::perfect_seed(&keys).unwrap_or_else(|| {
+            // Linear probing at load 1/2, with the fewest probes.
+            let shift = 64 - Self::min_bits(keys.len());
+            let seed = (0..SEEDS)
+                .map(seed)
+                .min_by_key(|&seed| Self::place(&keys, seed, shift).1)
+                .expect("SEEDS > 0");
+            (seed, shift)
+        });
+        let (at, probes) = Self::place(&keys, seed, shift);
+        let mut index = vec![Probe::EMPTY; (1 << (64 - shift)) + probes - 1];
+        for (i, at) in at.into_iter().enumerate() {
+            index[at] = Probe {
+                key: keys[i],
+                name: names[i],
+                slot: Some(slots[i].clone()),
+            };
         }
-        let available = if names.is_empty() {
-            "none".to_owned()
+        let small = if shift == 64 - SMALL_BITS && probes == 1 {
+            let small: Box<[Probe<T>; SMALL]> = index.try_into().ok().expect("SMALL positions");
+            index = Vec::new();
+            Some(small)
         } else {
-            names.join(", ")
+            None
         };
+        let not_found_tail = format!(
+            "\" is registered; available: {}",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
         Table {
             names,
-            keys,
             slots,
-            index,
-            mask,
-            available,
+            seed,
+            small,
+            shift,
+            probes,
+            index: index.into_boxed_slice(),
+            not_found_tail,
         }
     }
 
+    /// log2 of the smallest index size: load at most 1/2, at least 4 positions.
+    fn min_bits(n: usize) -> u32 {
+        (n * 2).next_power_of_two().trailing_zeros().max(2)
+    }
+
+    /// A multiplier and shift giving every key its own position, trying loads
+    /// of 1/2 down to 1/16.
+    fn perfect_seed(keys: &[Key]) -> Option<(u64, u32)> {
+        let min_bits = Self::min_bits(keys.len());
+        let mut taken = Vec::new();
+        // SMALL positions first, where lookups are cheapest.
+        let sizes = (min_bits <= SMALL_BITS)
+            .then_some(SMALL_BITS)
+            .into_iter()
+            .chain((min_bits..min_bits + 4).filter(|&b| b != SMALL_BITS));
+        for bits in sizes {
+            let shift = 64 - bits;
+            for seed in (0..SEEDS).map(seed) {
+                taken.clear();
+                taken.resize(1 << bits, false);
+                if keys
+                    .iter()
+                    .all(|k| !std::mem::replace(&mut taken[position(k, seed, shift)], true))
+                {
+                    return Some((seed, shift));
+                }
+            }
+        }
+        None
+    }
+
+    /// Where each key goes (its position or the first free one after it), and
+    /// the most positions a lookup must then look at.
+    fn place(keys: &[Key], seed: u64, shift: u32) -> (Vec<usize>, usize) {
+        let mut taken = vec![false; (1 << (64 - shift)) + keys.len()];
+        let mut probes = 1;
+        let at = keys
+            .iter()
+            .map(|key| {
+                let home = position(key, seed, shift);
+                let mut at = home;
+                while taken[at] {
+                    at += 1;
+                }
+                taken[at] = true;
+                probes = probes.max(at - home + 1);
+                at
+            })
+            .collect();
+        (at, probes)
+    }
+
+    /// The value under `name`, if any.
     #[inline]
     fn find(&self, name: &str) -> Option<&Slot<T>> {
-        let key = Key::of(name);
-        let mut b = key.bucket(self.mask);
-        loop {
-            let i = self.index[b];
-            if i == EMPTY {
-                return None;
-            }
-            let i = i as usize;
-            if self.keys[i] == key && (key.len <= 16 || self.names[i] == name) {
-                return Some(&self.slots[i]);
-            }
-            b = (b + 1) & self.mask;
+        self.probe(name).and_then(|p| p.slot.as_ref())
+    }
+
+    /// The index position holding `name`, if any.
+    #[inline]
+    fn probe(&self, name: &str) -> Option<&Probe<T>> {
+        // The common case: a small perfect index and a name its key covers.
+        if let (Some(small), Some(key)) = (&self.small, Key::short(name)) {
+            let probe = &small[position(&key, self.seed, 64 - SMALL_BITS)];
+            return (probe.key == key).then_some(probe);
         }
+        self.probe_slow(name)
+    }
+
+    /// [`Table::probe`] for every other case: a probing index, and names
+    /// compared in full where the key does not cover them.
+    #[inline(never)]
+    fn probe_slow(&self, name: &str) -> Option<&Probe<T>> {
+        let key = Key::of(name);
+        let at = position(&key, self.seed, self.shift);
+        let candidates = match &self.small {
+            Some(small) => &small[at..=at],
+            None => &self.index[at..at + self.probes],
+        };
+        candidates
+            .iter()
+            .find(|p| p.key == key && (key.len <= 16 || p.name == name))
     }
 
     fn entries(&self) -> impl Iterator<Item = (&'static str, &Slot<T>)> {
@@ -256,6 +437,9 @@ impl<T: ?Sized> Table<T> {
 /// the same type with their own kinds.
 pub struct Registry<T: ?Sized + Send + Sync + 'static> {
     kind: &'static str,
+    /// The start of not-found messages, to the opening quote of the name:
+    /// `no provider named "`.
+    not_found_head: String,
     statics: Table<T>,
     duplicates: Vec<DuplicateEntry>,
     /// Whether the overlay holds anything, i.e. whether readers must use `merged`.
@@ -289,6 +473,7 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
         }
         Registry {
             kind,
+            not_found_head: format!("no {kind} named \""),
             statics: Table::new(statics),
             duplicates,
             overlay_active: AtomicBool::new(false),
@@ -345,8 +530,9 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
     }
 
     /// Whether anything is registered under `name` (a duplicated static name counts).
+    #[inline]
     pub fn is_registered(&self, name: &str) -> bool {
-        self.read(|table| table.find(name).is_some())
+        self.read_small(|table| table.probe(name).is_some())
     }
 
     /// The value registered under `name`.
@@ -370,11 +556,31 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
     /// Runs `f` on the table readers should use now.
     #[inline]
     fn read<R>(&self, f: impl FnOnce(&Table<T>) -> R) -> R {
+        let merged;
+        let table = if self.overlay_active.load(Ordering::Acquire) {
+            merged = self.merged.load();
+            &merged
+        } else {
+            &self.statics
+        };
+        f(table)
+    }
+
+    /// [`Registry::read`] for small `f`: the overlay case out of line, so the
+    /// static path is a leaf, without the registers and stack that loading
+    /// and releasing `merged` need.
+    #[inline]
+    fn read_small<R>(&self, f: impl Fn(&Table<T>) -> R) -> R {
         if self.overlay_active.load(Ordering::Acquire) {
-            f(&self.merged.load())
+            self.read_merged(f)
         } else {
             f(&self.statics)
         }
+    }
+
+    #[inline(never)]
+    fn read_merged<R>(&self, f: impl Fn(&Table<T>) -> R) -> R {
+        f(&self.merged.load())
     }
 
     /// Runs `f` on the value under `name` without cloning its `Arc` (reads stay
@@ -388,30 +594,29 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
         self.read(|table| match table.find(name) {
             Some(Slot::Ready(v)) => f(v),
             Some(Slot::Conflict(i)) => Err(self.conflict_error(op, &self.duplicates[*i])),
-            None => Err(self.not_found_error(op, name, &table.available)),
+            None => Err(self.not_found_error(op, name, table)),
         })
     }
 
-    fn not_found_error(&self, op: &'static str, name: &str, available: &str) -> BackendError {
-        // Built by hand rather than with `format!`: an unknown name is a hot
-        // path for callers probing the registry. Names that need escaping take
-        // the slower, quoting route.
-        let plain = name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
-        let mut message = String::with_capacity(48 + name.len() + available.len());
-        message.push_str("no ");
-        message.push_str(self.kind);
-        message.push_str(" named ");
-        if plain {
-            message.push('"');
-            message.push_str(name);
-            message.push('"');
+    #[inline(never)]
+    fn not_found_error(&self, op: &'static str, name: &str, table: &Table<T>) -> BackendError {
+        // Built from parts made in advance rather than with `format!`: an
+        // unknown name is a hot path for callers probing the registry. Names
+        // that need escaping take the slower, quoting route.
+        let (mut head, mut tail) = (&self.not_found_head[..], &table.not_found_tail[..]);
+        let quoted;
+        let name = if name.bytes().all(|b| QUOTES_PLAIN[b as usize]) {
+            name
         } else {
-            message.push_str(&format!("{name:?}"));
-        }
-        message.push_str(" is registered; available: ");
-        message.push_str(available);
+            // Without the quotes of `head` and `tail`: `{:?}` adds its own.
+            (head, tail) = (&head[..head.len() - 1], &tail[1..]);
+            quoted = format!("{name:?}");
+            &quoted
+        };
+        let mut message = String::with_capacity(head.len() + name.len() + tail.len());
+        message.push_str(head);
+        message.push_str(name);
+        message.push_str(tail);
         BackendError::new(op, ErrorCode::ProviderNotFound, message)
     }
 
@@ -578,4 +783,100 @@ pub fn registry() -> &'static BackendRegistry {
 /// (the specification's convenience factory).
 pub async fn new_backend(name: &str, config: &Config) -> Result<Arc<dyn VoiceBackend>> {
     registry().create(name, config).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(names: &[&'static str]) -> Table<usize> {
+        let mut names = names.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        Table::new(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (*n, Slot::Ready(Arc::new(i))))
+                .collect(),
+        )
+    }
+
+    fn value(table: &Table<usize>, name: &str) -> Option<usize> {
+        match table.find(name)? {
+            Slot::Ready(v) => Some(**v),
+            Slot::Conflict(_) => None,
+        }
+    }
+
+    fn leak(name: String) -> &'static str {
+        Box::leak(name.into_boxed_str())
+    }
+
+    #[test]
+    fn small_tables_get_a_perfect_index() {
+        let providers = ["cartesia", "livekit", "local", "pipecat", "vapi", "vocode"];
+        let t = table(&providers);
+        assert!(t.small.is_some());
+        for (i, n) in t.names.iter().enumerate() {
+            assert_eq!(value(&t, n), Some(i));
+        }
+        for n in ["", "pipecatt", "pipeca", "Local", "vapj", "vocodes"] {
+            assert_eq!(value(&t, n), None, "{n:?}");
+        }
+        for count in 0..=16 {
+            let names: Vec<&'static str> = (0..count).map(|i| leak(format!("p{i}"))).collect();
+            let t = table(&names);
+            assert!(t.small.is_some(), "{count} names");
+        }
+        // The empty name, and names the key does not cover, in a small table.
+        let long = "a-name-longer-than-sixteen";
+        let t = table(&["", long, "b", "local"]);
+        assert!(t.small.is_some());
+        for (i, n) in t.names.iter().enumerate() {
+            assert_eq!(value(&t, n), Some(i), "{n:?}");
+        }
+        // The first differs from `long` only in the middle (same length, first
+        // and last 8 bytes): only the full comparison tells them apart.
+        for n in [
+            "a-name-lONGER-THAN-sixteen",
+            "a-name-longer-than-sixteeN",
+            "c",
+        ] {
+            assert_eq!(value(&t, n), None, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn large_tables_probe_and_still_find_every_name() {
+        let names: Vec<&'static str> = (0..300)
+            .map(|i| leak(format!("component-{i}-{}", "x".repeat(i % 20))))
+            .collect();
+        let t = table(&names);
+        assert!(t.probes > 1, "300 names are not expected to hash perfectly");
+        assert!(t.small.is_none());
+        for (i, n) in t.names.iter().enumerate() {
+            assert_eq!(value(&t, n), Some(i));
+            assert_eq!(value(&t, &format!("{n}y")), None);
+        }
+    }
+
+    #[test]
+    fn names_that_fold_alike_are_still_told_apart() {
+        // 16-byte names: the key is bytes 0..8 and 8..16, folded as
+        // head ^ rotl(tail, 23) ^ len. Flipping bit 0 of the head and
+        // bit 41 (= rotr(1, 23)) of the tail keeps the fold: no multiplier can
+        // give these two names positions of their own, so the index probes.
+        let (a, b) = ("aaaaaaaaaaaaaaaa", "`aaaaaaaaaaaacaa");
+        assert_eq!(Key::of(a).fold(), Key::of(b).fold());
+        let t = table(&[a, b, "local", "pipecat"]);
+        assert!(t.probes > 1);
+        assert!(t.small.is_none());
+        for (i, n) in t.names.iter().enumerate() {
+            assert_eq!(value(&t, n), Some(i), "{n:?}");
+        }
+        for n in ["aaaaaaaaaaaaaaab", "`aaaaaaaaaaaacab", "", "locals"] {
+            assert_eq!(value(&t, n), None, "{n:?}");
+        }
+    }
 }

@@ -405,6 +405,264 @@ fn validate_reports_every_violation_at_once() {
     assert_eq!(violations.into_vec().len(), expected.len());
 }
 
+/// `validate` takes a shortcut for configs that plainly keep every rule; it
+/// must agree with the full check (`violations`) on each rule's edges, and its
+/// errors must be the full check's.
+#[test]
+fn validate_agrees_with_violations_on_every_rule_edge() {
+    type Change = Box<dyn Fn(&mut Config)>;
+    let processor = |name: &str, options: serde_json::Value| ProcessorConfig {
+        name: name.into(),
+        order: 0,
+        options,
+    };
+    let mut changes: Vec<(String, Change)> = Vec::new();
+    let mut add = |what: &str, change: Change| changes.push((what.to_owned(), change));
+    add("nothing", Box::new(|_| {}));
+    for (what, name) in [
+        ("empty", ""),
+        ("space", " local"),
+        ("tab", "local\t"),
+        ("newline", "\nlocal"),
+        ("no-break space", "local\u{a0}"),
+        ("non-ASCII, not space", "lokál"),
+        ("non-ASCII first", "élan"),
+        ("inner space", "lo cal"),
+        ("one byte", "l"),
+    ] {
+        add(
+            &format!("provider {what}"),
+            Box::new(move |c| c.provider = name.to_owned()),
+        );
+        for field in 0..6 {
+            add(
+                &format!("component {field} {what}"),
+                Box::new(move |c| {
+                    c.stt_provider = Some("whisper".into());
+                    c.tts_provider = Some("piper".into());
+                    let value = Some(name.to_owned());
+                    match field {
+                        0 => c.stt_provider = value,
+                        1 => c.tts_provider = value,
+                        2 => c.s2s_provider = value,
+                        3 => c.vad_provider = value,
+                        4 => c.turn_detection_provider = value,
+                        _ => c.noise_cancellation_provider = value,
+                    }
+                }),
+            );
+        }
+    }
+    type DurationField = fn(&mut Config) -> &mut Duration;
+    let durations: [(&str, DurationField, u64, u64); 3] = [
+        ("latency_target", |c| &mut c.latency_target, 100, 5_000),
+        ("timeout", |c| &mut c.timeout, 1_000, 300_000),
+        ("retry_delay", |c| &mut c.retry_delay, 100, 30_000),
+    ];
+    for (field, get, min, max) in durations {
+        for value in [
+            ms(0),
+            Duration::from_nanos(1),
+            ms(min) - Duration::from_nanos(1),
+            ms(min),
+            ms(min) + Duration::from_nanos(1),
+            ms(max) - Duration::from_nanos(1),
+            ms(max),
+            ms(max) + Duration::from_nanos(1),
+            Duration::from_secs((1 << 34) - 1),
+            Duration::from_secs(1 << 34),
+            Duration::from_secs(u64::MAX / 1_000_000_000 + 1),
+            Duration::MAX,
+        ] {
+            add(
+                &format!("{field} = {value:?}"),
+                Box::new(move |c| {
+                    // Keep latency_target <= timeout unless that is the point.
+                    c.timeout = Duration::from_secs(300);
+                    c.latency_target = ms(100);
+                    *get(c) = value;
+                }),
+            );
+        }
+    }
+    for (latency, timeout) in [(1_000, 1_000), (1_001, 1_000), (5_000, 4_999)] {
+        add(
+            &format!("latency_target {latency}ms, timeout {timeout}ms"),
+            Box::new(move |c| {
+                c.latency_target = ms(latency);
+                c.timeout = ms(timeout);
+            }),
+        );
+    }
+    for retries in [0, 10, 11, u32::MAX] {
+        add(
+            &format!("max_retries {retries}"),
+            Box::new(move |c| c.max_retries = retries),
+        );
+    }
+    for sessions in [0, 1] {
+        add(
+            &format!("max_concurrent_sessions {sessions}"),
+            Box::new(move |c| c.max_concurrent_sessions = sessions),
+        );
+    }
+    for rate in [
+        0.0,
+        -0.0,
+        -1.0,
+        f64::from_bits(1),
+        f64::MIN_POSITIVE,
+        1.0,
+        f64::MAX,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+    ] {
+        add(
+            &format!("rate_limit_per_second {rate}"),
+            Box::new(move |c| c.rate_limit_per_second = rate),
+        );
+    }
+    for burst in [0, 1] {
+        add(
+            &format!("rate_limit_burst {burst}"),
+            Box::new(move |c| c.rate_limit_burst = burst),
+        );
+    }
+    add(
+        "stt_tts without components",
+        Box::new(|c| c.pipeline_type = PipelineType::SttTts),
+    );
+    add(
+        "stt_tts without tts",
+        Box::new(|c| {
+            c.pipeline_type = PipelineType::SttTts;
+            c.stt_provider = Some("whisper".into());
+        }),
+    );
+    add(
+        "stt_tts complete",
+        Box::new(|c| {
+            c.pipeline_type = PipelineType::SttTts;
+            c.stt_provider = Some("whisper".into());
+            c.tts_provider = Some("piper".into());
+        }),
+    );
+    add("s2s without s2s", Box::new(|c| c.s2s_provider = None));
+    add(
+        "processors plain",
+        Box::new(move |c| {
+            c.processors = vec![
+                processor("gain", serde_json::json!({})),
+                processor("denoise", serde_json::json!({ "level": 2 })),
+            ]
+        }),
+    );
+    add(
+        "processors duplicated",
+        Box::new(move |c| {
+            c.processors = vec![
+                processor("gain", serde_json::json!({})),
+                processor("gain", serde_json::json!({})),
+            ]
+        }),
+    );
+    add(
+        "processor with options not an object",
+        Box::new(move |c| c.processors = vec![processor("gain", serde_json::json!([1]))]),
+    );
+    add(
+        "processor with a padded name",
+        Box::new(move |c| c.processors = vec![processor("gain ", serde_json::json!({}))]),
+    );
+    let section = |value: serde_json::Value| {
+        voice_backends::ProviderSection(value.as_object().unwrap().clone())
+    };
+    for (what, component, options) in [
+        ("used", "echo", serde_json::json!({ "pitch": 1 })),
+        ("default vad", "energy", serde_json::json!({})),
+        ("default turn detection", "silence", serde_json::json!({})),
+        ("unused", "whisper", serde_json::json!({})),
+        ("marker", "echo", serde_json::json!({ "api_key": REDACTED })),
+        (
+            "marker, not secret",
+            "echo",
+            serde_json::json!({ "note": REDACTED }),
+        ),
+    ] {
+        let options = section(options);
+        add(
+            &format!("component options {what}"),
+            Box::new(move |c| {
+                c.components.insert(component.into(), options.clone());
+            }),
+        );
+    }
+    add(
+        "component options for a processor",
+        Box::new(move |c| {
+            c.processors = vec![processor("gain", serde_json::json!({}))];
+            c.components
+                .insert("gain".into(), section(serde_json::json!({})));
+        }),
+    );
+    for (what, value) in [
+        (
+            "plain",
+            serde_json::json!({ "region": "eu", "api_key": "k" }),
+        ),
+        ("marker", serde_json::json!({ "api_key": REDACTED })),
+        (
+            "marker, not secret",
+            serde_json::json!({ "note": REDACTED }),
+        ),
+        (
+            "nested marker",
+            serde_json::json!({ "auth": { "client_secret": REDACTED } }),
+        ),
+        (
+            "marker in a list",
+            serde_json::json!({ "keys": [{ "token": REDACTED }] }),
+        ),
+        (
+            "nested plain",
+            serde_json::json!({ "auth": { "client_secret": "s" }, "list": [1, "a"] }),
+        ),
+    ] {
+        add(
+            &format!("provider_config {what}"),
+            Box::new(move |c| c.provider_config = section(value.clone())),
+        );
+    }
+
+    let mut valid = 0;
+    for (what, change) in &changes {
+        let mut config = base();
+        change(&mut config);
+        let violations = config.violations();
+        match config.validate() {
+            Ok(()) => {
+                assert!(
+                    violations.is_empty(),
+                    "{what}: validate passed {violations}"
+                );
+                valid += 1;
+            }
+            Err(error) => {
+                let full = violations.into_error("config.validate");
+                assert!(!full.details.is_empty(), "{what}: validate failed {error}");
+                assert_eq!(
+                    (error.op, error.code, &error.message, &error.details),
+                    (full.op, full.code, &full.message, &full.details),
+                    "{what}"
+                );
+            }
+        }
+    }
+    // Both outcomes were exercised.
+    assert!(valid > 20 && valid < changes.len() - 20, "{valid}");
+}
+
 #[test]
 fn violations_into_error_keeps_every_entry() {
     let mut violations = voice_backends::Violations::default();

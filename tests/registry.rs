@@ -366,3 +366,62 @@ fn unknown_names_with_odd_characters_are_quoted_safely() {
     assert!(err.message.contains(r#""evil\"\nname""#), "{}", err.message);
     assert!(!err.message.contains('\n'));
 }
+
+/// Lookups hit exactly the registered names, in tables of every size (small
+/// ones get a collision-free index, larger ones probe) and for names of every
+/// length, including names whose first and last bytes agree.
+#[test]
+fn lookups_find_exactly_the_registered_names() {
+    let repeated = (1..=20).map(|n| "a".repeat(n));
+    let varied = (0..40).map(|i: usize| format!("{}{i}", &"provider-name-long"[..i % 18]));
+    let pool: Vec<String> = repeated.chain(varied).collect();
+    for count in [1, 2, 3, 6, 12, 25, pool.len()] {
+        let reg = BackendRegistry::new();
+        let names: BTreeSet<String> = pool
+            .iter()
+            .step_by(pool.len() / count)
+            .take(count)
+            .cloned()
+            .collect();
+        for n in &names {
+            reg.register(n, DoubleProvider::new(n, &format!("tag:{n}")));
+        }
+        let mut all = names.clone();
+        all.extend(expected_static_names());
+        for n in &all {
+            assert!(reg.is_registered(n), "{n:?} of {count}");
+        }
+        for n in &names {
+            let p = reg.get_provider(n).unwrap();
+            assert_eq!(p.name(), n.as_str());
+        }
+        // Every name one edit away is found exactly when it is registered too.
+        let mut probes = BTreeSet::from([String::new()]);
+        for n in &all {
+            for i in 0..n.len() {
+                let mut changed = n.clone().into_bytes();
+                changed[i] = if changed[i] == b'a' { b'b' } else { b'a' };
+                probes.insert(String::from_utf8(changed).unwrap());
+                probes.insert(format!("{}{}", &n[..i], &n[i + 1..]));
+            }
+            probes.insert(format!("{n}a"));
+            probes.insert(format!("a{n}"));
+        }
+        for probe in &probes {
+            assert_eq!(
+                reg.is_registered(probe),
+                all.contains(probe),
+                "{probe:?} of {count}"
+            );
+        }
+        let err = reg.get_provider("nope").err().unwrap();
+        let listed: Vec<&str> = all.iter().map(String::as_str).collect();
+        assert_eq!(
+            err.message,
+            format!(
+                "no provider named \"nope\" is registered; available: {}",
+                listed.join(", ")
+            )
+        );
+    }
+}

@@ -237,6 +237,36 @@ fn bad_name(v: &mut Violations, path: &str, name: &str) {
     }
 }
 
+/// The bytes [`plain_name`] accepts at either end of a name: ASCII other than
+/// whitespace.
+static PLAIN_EDGE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x80 {
+        table[b] = !matches!(b, 9..=13 | 32);
+        b += 1;
+    }
+    table
+};
+
+/// Whether [`check_name`] plainly passes `name`: non-empty, and ASCII other
+/// than whitespace at both ends.
+#[inline]
+fn plain_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty() && PLAIN_EDGE[b[0] as usize] && PLAIN_EDGE[b[b.len() - 1] as usize]
+}
+
+/// Whether the redaction marker is anywhere in `value`, under any key.
+fn holds_redaction_marker(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s == REDACTED,
+        serde_json::Value::Object(map) => map.values().any(holds_redaction_marker),
+        serde_json::Value::Array(items) => items.iter().any(holds_redaction_marker),
+        _ => false,
+    }
+}
+
 #[inline]
 fn check_optional_name(v: &mut Violations, path: &str, name: Option<&str>) {
     if let Some(name) = name {
@@ -323,14 +353,125 @@ impl Config {
     /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
     /// `config.validate`) whose message lists every violation and whose
     /// `details` hold one entry per field path; see [`Config::violations`].
+    #[inline]
     pub fn validate(&self) -> Result<(), BackendError> {
-        self.violations().into_result("config.validate")
+        self.validate_for(HostedStages::NONE)
     }
 
     /// Like [`Config::validate`], for a provider whose service runs the
     /// `hosted` stages itself: those need no component in the config.
+    #[inline]
     pub fn validate_for(&self, hosted: HostedStages) -> Result<(), BackendError> {
+        // `validate` is on the path of every `BackendRegistry::create`: a config
+        // that plainly keeps every rule costs a few comparisons and no
+        // allocation. Anything else (including valid configs the quick check
+        // cannot vouch for) takes the full check, which builds the messages.
+        if self.plainly_valid(hosted) {
+            Ok(())
+        } else {
+            self.validate_in_full(hosted)
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn validate_in_full(&self, hosted: HostedStages) -> Result<(), BackendError> {
         self.violations_for(hosted).into_result("config.validate")
+    }
+
+    /// Whether this config keeps every rule of [`Config::violations`], decided
+    /// without allocating. May answer `false` for a valid config (a name that
+    /// starts or ends with a non-ASCII character, a `[redacted]` value under a
+    /// key that is not secret); never answers `true` for an invalid one.
+    #[inline]
+    fn plainly_valid(&self, hosted: HostedStages) -> bool {
+        let names_ok = plain_name(&self.provider)
+            && [
+                &self.stt_provider,
+                &self.tts_provider,
+                &self.s2s_provider,
+                &self.vad_provider,
+                &self.turn_detection_provider,
+                &self.noise_cancellation_provider,
+            ]
+            .into_iter()
+            .all(|n| n.as_deref().is_none_or(plain_name));
+        let pipeline_ok = hosted.hosts_pipeline()
+            || match self.pipeline_type {
+                PipelineType::SttTts => {
+                    (hosted.stt || self.stt_provider.is_some())
+                        && (hosted.tts || self.tts_provider.is_some())
+                }
+                PipelineType::S2s => self.s2s_provider.is_some(),
+            };
+        // Durations compared as nanoseconds in a u64: exact below 2^34 s
+        // (about 544 years), and every bound is far below that, so a
+        // duration beyond it is out of range anyway.
+        let (latency, timeout, retry) = (self.latency_target, self.timeout, self.retry_delay);
+        let exact = (latency.as_secs() | timeout.as_secs() | retry.as_secs()) < 1 << 34;
+        let nanos = |d: Duration| {
+            d.as_secs()
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(d.subsec_nanos() as u64)
+        };
+        let within = |d: Duration, min: Duration, max: Duration| {
+            nanos(d).wrapping_sub(nanos(min)) <= nanos(max) - nanos(min)
+        };
+        // Positive and finite: as bits, 1 (the least subnormal) up to, not
+        // including, infinity; zero, negatives and NaN fall outside.
+        let rate = self.rate_limit_per_second.to_bits();
+        names_ok
+            && pipeline_ok
+            && exact
+            && within(latency, MIN_LATENCY_TARGET, MAX_LATENCY_TARGET)
+            && within(timeout, MIN_TIMEOUT, MAX_TIMEOUT)
+            && nanos(latency) <= nanos(timeout)
+            && self.max_retries <= MAX_MAX_RETRIES
+            && within(retry, MIN_RETRY_DELAY, MAX_RETRY_DELAY)
+            && self.max_concurrent_sessions >= 1
+            && rate.wrapping_sub(1) < f64::INFINITY.to_bits() - 1
+            && self.rate_limit_burst >= 1
+            && (self.processors.is_empty() || self.plain_processors())
+            && (self.components.is_empty() || self.plain_components())
+            && (self.provider_config.0.is_empty()
+                || !self.provider_config.0.values().any(holds_redaction_marker))
+    }
+
+    /// Processors with plain, unique names and object options.
+    fn plain_processors(&self) -> bool {
+        self.processors.iter().enumerate().all(|(i, p)| {
+            plain_name(&p.name)
+                && p.options.is_object()
+                && !self.processors[..i].iter().any(|q| q.name == p.name)
+        })
+    }
+
+    /// Component options only for components in use, holding no redaction marker.
+    fn plain_components(&self) -> bool {
+        let uses = |name: &str| {
+            [
+                &self.stt_provider,
+                &self.tts_provider,
+                &self.s2s_provider,
+                &self.noise_cancellation_provider,
+            ]
+            .into_iter()
+            .any(|n| n.as_deref() == Some(name))
+                || self
+                    .vad_provider
+                    .as_deref()
+                    .unwrap_or(super::DEFAULT_VAD_PROVIDER)
+                    == name
+                || self
+                    .turn_detection_provider
+                    .as_deref()
+                    .unwrap_or(super::DEFAULT_TURN_DETECTION_PROVIDER)
+                    == name
+                || self.processors.iter().any(|p| p.name == name)
+        };
+        self.components
+            .iter()
+            .all(|(name, section)| uses(name) && !section.0.values().any(holds_redaction_marker))
     }
 
     /// Every rule this config breaks, each with its field path:

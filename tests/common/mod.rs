@@ -28,8 +28,12 @@ pub struct DoubleProvider {
     pub verdict: Verdict,
     pub validated: AtomicUsize,
     pub created: AtomicUsize,
-    /// Skip counting and keep no copy of the config (for benches: no shared writes).
+    /// Skip counting and keep no copy of the config (for benches: no shared
+    /// writes); backends made are [`LightBackend`]s.
     pub light: bool,
+    /// With `light`: hand out a clone of a backend made beforehand (one per
+    /// thread) instead of making one, so creating allocates nothing.
+    pub premade: bool,
 }
 
 impl DoubleProvider {
@@ -45,6 +49,7 @@ impl DoubleProvider {
             validated: AtomicUsize::new(0),
             created: AtomicUsize::new(0),
             light: false,
+            premade: false,
         }
     }
 
@@ -53,9 +58,20 @@ impl DoubleProvider {
         Arc::new(Self::light_value(name))
     }
 
+    /// A light double whose every `create_backend` allocates one
+    /// [`LightBackend`] (a zero-size value: the allocation is the `Arc`'s counts).
     pub fn light_value(name: &str) -> Self {
         let mut p = Self::plain(name, name);
         p.light = true;
+        p
+    }
+
+    /// A light double whose `create_backend` clones a [`LightBackend`] made
+    /// beforehand, one per thread (so threads share no reference count):
+    /// no allocation, one uncontended reference-count increment.
+    pub fn premade_value(name: &str) -> Self {
+        let mut p = Self::light_value(name);
+        p.premade = true;
         p
     }
 
@@ -67,6 +83,7 @@ impl DoubleProvider {
             validated: AtomicUsize::new(0),
             created: AtomicUsize::new(0),
             light: false,
+            premade: false,
         })
     }
 }
@@ -104,11 +121,14 @@ impl BackendProvider for DoubleProvider {
     }
 
     fn create_backend(&self, config: &Config) -> voice_backends::Result<Arc<dyn VoiceBackend>> {
+        if self.premade {
+            thread_local! {
+                static PREMADE: Arc<dyn VoiceBackend> = Arc::new(LightBackend);
+            }
+            return Ok(PREMADE.with(Arc::clone));
+        }
         if self.light {
-            return Ok(Arc::new(DoubleBackend {
-                provider: String::new(),
-                config: Mutex::new(None),
-            }));
+            return Ok(Arc::new(LightBackend));
         }
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(DoubleBackend {
@@ -188,6 +208,67 @@ impl VoiceBackend for DoubleBackend {
         config.validate()?;
         *self.config.lock().unwrap() = Some(Arc::new(config));
         Ok(())
+    }
+}
+
+/// The backend of light doubles: holds nothing (zero-size), so an
+/// `Arc<LightBackend>` is one 16-byte allocation; `provider()` is `"light"`.
+#[derive(Debug)]
+pub struct LightBackend;
+
+#[async_trait]
+impl VoiceBackend for LightBackend {
+    fn provider(&self) -> &str {
+        "light"
+    }
+    fn set_hooks(&self, _hooks: voice_backends::hooks::Hooks) {}
+    async fn start(&self) -> voice_backends::Result<()> {
+        Ok(())
+    }
+    async fn stop(&self) -> voice_backends::Result<()> {
+        Ok(())
+    }
+    async fn create_session(
+        &self,
+        _config: SessionConfig,
+    ) -> voice_backends::Result<Arc<dyn VoiceSession>> {
+        Err(BackendError::new(
+            "light.create_session",
+            ErrorCode::SessionLimitExceeded,
+            "the light double holds no sessions",
+        ))
+    }
+    async fn get_session(&self, id: &SessionId) -> voice_backends::Result<Arc<dyn VoiceSession>> {
+        Err(BackendError::new(
+            "light.get_session",
+            ErrorCode::SessionNotFound,
+            format!("no session {id}"),
+        ))
+    }
+    async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
+        Vec::new()
+    }
+    async fn close_session(&self, id: &SessionId) -> voice_backends::Result<()> {
+        Err(BackendError::new(
+            "light.close_session",
+            ErrorCode::SessionNotFound,
+            format!("no session {id}"),
+        ))
+    }
+    async fn health_check(&self) -> HealthStatus {
+        HealthStatus::new(Health::Healthy)
+    }
+    fn connection_state(&self) -> ConnectionState {
+        ConnectionState::Disconnected
+    }
+    fn active_session_count(&self) -> usize {
+        0
+    }
+    fn config(&self) -> Arc<Config> {
+        Arc::new(Config::new("light"))
+    }
+    async fn update_config(&self, config: Config) -> voice_backends::Result<()> {
+        config.validate()
     }
 }
 
