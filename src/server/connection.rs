@@ -406,8 +406,9 @@ impl Conn {
         // A run of failed inputs is reported to the client once.
         let mut failing = false;
         // The inputs that wait on a registration of their own (a phase
-        // change, the next event) are futures kept across wake-ups; every
-        // input is polled only when its own waker has fired.
+        // change, the next event) are futures kept across wake-ups. They and
+        // the stop task are polled only when their own waker has fired (see
+        // `Inputs`); reply audio and the socket on every wake-up.
         let mut phase_change = pin!(phase_change_of(self.phase.clone()));
         let mut next = pin!(next_event(events));
         let inputs = Inputs::new();
