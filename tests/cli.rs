@@ -597,3 +597,52 @@ fn serve_reports_an_address_in_use() {
     let err = stderr(&out);
     assert!(err.contains(&addr) && err.contains("--listen"), "{err}");
 }
+
+/// With logging on, a session's log lines (written from worker threads) must
+/// not stall the server: after a session ran a turn, health checks still
+/// answer and SIGTERM still stops it.
+#[test]
+fn serve_keeps_serving_while_sessions_log() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut serve = start_serve(&[], &[("RUST_LOG", "debug")]);
+    let addr = serve.addr;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .expect("the WebSocket opens");
+        ws.send(Message::Text(
+            r#"{"type":"start","user_id":"logger","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        ws.send(Message::Text(r#"{"type":"text","text":"hello"}"#.into()))
+            .await
+            .unwrap();
+        // The text turn is answered: its transcript comes back as an event.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let msg = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .expect("the session answers in time")
+                .expect("the session stays open")
+                .unwrap();
+            if let Message::Text(t) = msg
+                && t.contains("user_transcript")
+            {
+                break;
+            }
+        }
+        ws.close(None).await.unwrap();
+    });
+    let (status, _) = http_get(addr, "/healthz");
+    assert_eq!(status, 200, "health checks still answer");
+    sigterm(serve.child.id());
+    let status = wait_exit(&mut serve.child, Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}");
+}
