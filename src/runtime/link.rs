@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::{S2sEvent, S2sStream, TextToSpeech};
 
 /// How a link (or a connector) retries: `max_retries` retries after the
@@ -49,6 +50,71 @@ impl RetryPolicy {
         self.retry_delay
             .saturating_mul(1 << doublings)
             .min(MAX_RETRY_DELAY)
+    }
+
+    /// Runs `attempt` until it succeeds: each try bounded by `timeout`,
+    /// retryable errors retried after [`RetryPolicy::delay`] (`on_retry`
+    /// hears of each: retry number, delay, error), other errors returned at
+    /// once. The runtime connects and opens links with it; a link reconnects
+    /// with it.
+    ///
+    /// # Errors
+    ///
+    /// The last error, as `ConnectionFailed` (or the code of a
+    /// non-retryable cause) saying `could not connect to {service} after N
+    /// attempt(s)`, with the detail `attempts` and the cause as source.
+    pub async fn run<T, F, Fut>(
+        &self,
+        op: &'static str,
+        service: &str,
+        mut attempt: F,
+        mut on_retry: impl FnMut(u32, Duration, &BackendError),
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut retries = 0u32;
+        loop {
+            let outcome = match tokio::time::timeout(self.timeout, attempt()).await {
+                Ok(r) => r,
+                Err(_) => Err(BackendError::new(
+                    op,
+                    ErrorCode::ConnectionTimeout,
+                    format!(
+                        "connecting took longer than timeout = {}",
+                        humantime::format_duration(self.timeout)
+                    ),
+                )),
+            };
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && retries < self.max_retries => {
+                    retries += 1;
+                    let delay = self.delay(retries);
+                    on_retry(retries, delay, &e);
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => {
+                    let attempts = retries + 1;
+                    let code = if e.is_retryable() {
+                        ErrorCode::ConnectionFailed
+                    } else {
+                        e.code
+                    };
+                    return Err(BackendError::new(
+                        op,
+                        code,
+                        format!(
+                            "could not connect to {service} after {attempts} attempt(s): {}",
+                            e.message
+                        ),
+                    )
+                    .with_detail("attempts", attempts.to_string())
+                    .with_source(e));
+                }
+            }
+        }
     }
 }
 

@@ -362,24 +362,24 @@ impl Inner {
         let hosted = self.connector.hosted_stages();
         let pipeline = config.resolve_pipeline_for(&base, hosted)?;
         let id = next_session_id();
-        let link = retrying(
-            OP,
-            &self.provider,
-            RetryPolicy::from_config(&base),
-            || {
-                self.connector.open_link(LinkRequest {
-                    session_id: id.as_str(),
-                    user_id: &config.user_id,
-                    config: &base,
-                    metadata: &config.metadata,
-                    retry: RetryPolicy::from_config(&base),
-                })
-            },
-            |attempt, delay, e| {
-                tracing::warn!(attempt, code = %e.code, "opening the session's link failed, retrying in {delay:?}: {}", e.message);
-            },
-        )
-        .await?;
+        let link = RetryPolicy::from_config(&base)
+            .run(
+                OP,
+                &self.provider,
+                || {
+                    self.connector.open_link(LinkRequest {
+                        session_id: id.as_str(),
+                        user_id: &config.user_id,
+                        config: &base,
+                        metadata: &config.metadata,
+                        retry: RetryPolicy::from_config(&base),
+                    })
+                },
+                |attempt, delay, e| {
+                    tracing::warn!(attempt, code = %e.code, "opening the session's link failed, retrying in {delay:?}: {}", e.message);
+                },
+            )
+            .await?;
         let reg = self.components;
         let options = |name: &str| {
             base.components
@@ -669,10 +669,9 @@ impl RuntimeBackend {
         let config = self.inner.config();
         self.inner.set_state(ConnectionState::Connecting);
         let inner = &self.inner;
-        let result = retrying(
+        let result = RetryPolicy::from_config(&config).run(
             op,
             &inner.provider,
-            RetryPolicy::from_config(&config),
             || inner.connector.connect(&config),
             |attempt, delay, e| {
                 tracing::warn!(attempt, code = %e.code, "connect failed, retrying in {delay:?}: {}", e.message);
@@ -736,65 +735,6 @@ impl RuntimeBackend {
             .insert(session.id.clone(), session.clone());
         self.inner.metrics.session_opened();
         Ok(session)
-    }
-}
-
-/// Runs `attempt` until it succeeds, under `policy`: each try bounded by the
-/// policy's timeout, retryable errors retried after a doubling delay
-/// (`on_retry` hears of each), other errors returned at once. The final
-/// error is `ConnectionFailed` (or the non-retryable cause's code) naming
-/// the attempts and keeping the cause as its source.
-async fn retrying<T, F, Fut>(
-    op: &'static str,
-    provider: &str,
-    policy: RetryPolicy,
-    mut attempt: F,
-    mut on_retry: impl FnMut(u32, Duration, &BackendError),
-) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut retries = 0u32;
-    loop {
-        let outcome = match tokio::time::timeout(policy.timeout, attempt()).await {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::new(
-                op,
-                ErrorCode::ConnectionTimeout,
-                format!(
-                    "connecting took longer than timeout = {}",
-                    humantime::format_duration(policy.timeout)
-                ),
-            )),
-        };
-        match outcome {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && retries < policy.max_retries => {
-                retries += 1;
-                let delay = policy.delay(retries);
-                on_retry(retries, delay, &e);
-                tokio::time::sleep(delay).await;
-            }
-            Err(e) => {
-                let attempts = retries + 1;
-                let code = if e.is_retryable() {
-                    ErrorCode::ConnectionFailed
-                } else {
-                    e.code
-                };
-                return Err(BackendError::new(
-                    op,
-                    code,
-                    format!(
-                        "could not connect to {provider} after {attempts} attempt(s): {}",
-                        e.message
-                    ),
-                )
-                .with_detail("attempts", attempts.to_string())
-                .with_source(e));
-            }
-        }
     }
 }
 

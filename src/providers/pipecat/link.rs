@@ -28,10 +28,12 @@ use crate::runtime::{Link, RetryPolicy};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Frames waiting to go to the bot: two seconds of 20 ms audio. Beyond it
-/// (the bot reads slower than real time, or the link is reconnecting) new
-/// frames are dropped and counted: late audio is worth less than fresh audio.
-const OUT_QUEUE: usize = 100;
+/// Frames waiting to go to the bot: about ten seconds of 20 ms audio, so a
+/// burst faster than real time (buffered audio, a client catching up) gets
+/// through whole while the bot reads it. Beyond it (a bot that reads slower
+/// than real time for long, or a link that is reconnecting) new frames are
+/// dropped and counted. At most about 330 KB per session.
+const OUT_QUEUE: usize = 512;
 /// Events waiting for the session's task; reply audio beyond it is dropped
 /// and counted.
 const EVENT_QUEUE: usize = 256;
@@ -242,7 +244,6 @@ pub(super) async fn open(
             events: events_tx,
             converter: None,
             logged_malformed: false,
-            bot_speaking: false,
         }
         .run(ws, out_rx, early),
         span,
@@ -466,7 +467,6 @@ struct LinkTask {
     /// Converts the bot's audio, keyed by (from, to).
     converter: Option<(AudioFormat, AudioFormat, AudioConverter)>,
     logged_malformed: bool,
-    bot_speaking: bool,
 }
 
 impl LinkTask {
@@ -535,70 +535,62 @@ impl LinkTask {
             .counters
             .reconnects
             .fetch_add(1, Ordering::Relaxed);
-        self.bot_speaking = false;
         if let Some(sink) = self.shared.sink().take() {
             let _ = sink.tx.try_send(SpeakerMsg::Failed(cause.to_owned()));
         }
         let _ = self
             .events
             .try_send(S2sEvent::Connection(ConnectionState::Reconnecting));
-        let policy = self.settings.retry;
-        let mut last = cause.to_owned();
-        for retry in 1..=policy.max_retries {
-            tokio::select! {
-                () = self.events.closed() => return None,
-                () = tokio::time::sleep(policy.delay(retry)) => {}
+        let (settings, counters) = (&self.settings, &self.shared.counters);
+        let attempt = || async move {
+            let mut ws = dial(settings).await?;
+            if settings.client_ready {
+                send_client_ready(&mut ws, settings, counters).await?;
+                // What the bot said before it was ready is of no reply in flight.
+                await_bot_ready(&mut ws, settings).await?;
             }
-            // Audio queued while the bot was away is stale: drop it.
-            while out.try_recv().is_ok() {
-                self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, BackendError>(ws)
+        };
+        let outcome = tokio::select! {
+            () = self.events.closed() => return None,
+            r = settings.retry.run("pipecat.reconnect", "the Pipecat bot", attempt, |retry, delay, e| {
+                tracing::warn!(retry, "reconnecting to the Pipecat bot failed, retrying in {delay:?}: {}", e.message);
+            }) => r,
+        };
+        match outcome {
+            Ok(ws) => {
+                tracing::info!(bot = %self.settings.endpoint, "reconnected to the Pipecat bot");
+                // Audio queued while the bot was away is stale: drop it.
+                while out.try_recv().is_ok() {
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = self
+                    .events
+                    .send(S2sEvent::Connection(ConnectionState::Connected))
+                    .await;
+                Some(ws)
             }
-            let attempt = async {
-                let mut ws = dial(&self.settings).await?;
-                if self.settings.client_ready {
-                    send_client_ready(&mut ws, &self.settings, &self.shared.counters).await?;
-                    // What the bot said before it was ready is of no reply in flight.
-                    await_bot_ready(&mut ws, &self.settings).await?;
-                }
-                Ok::<_, BackendError>(ws)
-            };
-            match tokio::time::timeout(policy.timeout, attempt).await {
-                Ok(Ok(ws)) => {
-                    tracing::info!(bot = %self.settings.endpoint, retry, "reconnected to the Pipecat bot");
-                    let _ = self
-                        .events
-                        .send(S2sEvent::Connection(ConnectionState::Connected))
-                        .await;
-                    return Some(ws);
-                }
-                Ok(Err(e)) => last = e.message,
-                Err(_) => {
-                    last = format!(
-                        "connecting took longer than timeout = {}",
-                        humantime::format_duration(policy.timeout)
-                    )
-                }
+            Err(e) => {
+                let why = format!("{cause}; {}", e.message);
+                *self
+                    .shared
+                    .failed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
+                self.shared.is_failed.store(true, Ordering::Release);
+                let _ = self
+                    .events
+                    .send(S2sEvent::Failed {
+                        code: e.code,
+                        message: format!(
+                            "lost the Pipecat bot at {}: {why}",
+                            self.settings.endpoint
+                        ),
+                    })
+                    .await;
+                None
             }
-            tracing::warn!(retry, "reconnecting to the Pipecat bot failed: {last}");
         }
-        let why = format!(
-            "{cause}; {} reconnection attempt(s) failed, the last with: {last}",
-            policy.max_retries
-        );
-        *self
-            .shared
-            .failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
-        self.shared.is_failed.store(true, Ordering::Release);
-        let _ = self
-            .events
-            .send(S2sEvent::Failed {
-                code: ErrorCode::ConnectionFailed,
-                message: format!("lost the Pipecat bot at {}: {why}", self.settings.endpoint),
-            })
-            .await;
-        None
     }
 
     fn on_malformed(&mut self, what: &str) {
@@ -656,9 +648,7 @@ impl LinkTask {
                     self.emit(S2sEvent::AgentText(text));
                 }
             }
-            RtviEvent::BotStartedSpeaking => self.bot_speaking = true,
             RtviEvent::BotStoppedSpeaking => {
-                self.bot_speaking = false;
                 let mut sink = self.shared.sink();
                 match sink.as_ref() {
                     Some(s) if s.heard => {
@@ -678,6 +668,7 @@ impl LinkTask {
                 tracing::warn!(bot = %self.settings.endpoint, "the Pipecat bot reports an error: {message}");
             }
             RtviEvent::BotReady
+            | RtviEvent::BotStartedSpeaking
             | RtviEvent::UserStartedSpeaking
             | RtviEvent::UserStoppedSpeaking
             | RtviEvent::Other(_) => {}

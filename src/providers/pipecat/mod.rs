@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::backend::VoiceBackend;
-use crate::config::{Config, Secret, parse_provider_config};
+use crate::config::{Config, Secret, Violations, parse_provider_config};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::provider::{BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities};
 use crate::runtime::{Connector, Link, LinkRequest, RuntimeBackend};
@@ -75,10 +75,9 @@ impl PipecatConfig {
     /// credentials).
     pub fn from_config(config: &Config) -> Result<Self> {
         let parsed: PipecatConfig = parse_provider_config(config)?;
-        let mut err: Option<BackendError> = None;
+        let mut v = Violations::new();
         let mut fail = |path: &str, message: String| {
-            err.get_or_insert_with(|| BackendError::invalid_config(OP, "invalid pipecat config"))
-                .push_detail(format!("provider_config.{path}"), message);
+            v.push(format!("provider_config.{path}"), message);
         };
         match (&parsed.url, &parsed.url_template) {
             (None, None) => fail(
@@ -115,20 +114,7 @@ impl PipecatConfig {
         if parsed.auth_token.as_ref().is_some_and(Secret::is_empty) {
             fail("auth_token", "must be non-empty when set".into());
         }
-        match err {
-            None => Ok(parsed),
-            Some(mut e) => {
-                e.message = format!(
-                    "invalid pipecat config: {}",
-                    e.details
-                        .iter()
-                        .map(|(k, v)| format!("{k}: {v}"))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                );
-                Err(e)
-            }
-        }
+        v.into_result(OP).map(|()| parsed)
     }
 
     /// The URL a session connects to.
