@@ -16,8 +16,11 @@
 //!   `max_reply_audio` (60 s); beyond it the newest frames are dropped and
 //!   counted (`pipeline_frames_dropped_total{reason="output_overflow"}`).
 //! - Playout hands frames to the [`AudioReceiver`] paced in real time, at most
-//!   [`PLAYOUT_LEAD`] ahead; if the application does not read them and the
-//!   channel is full, frames are dropped and counted the same way.
+//!   [`PLAYOUT_LEAD`] ahead: once what was handed out has no more than
+//!   [`PLAYOUT_REFILL`] left to play, it is topped up to the lead in one go
+//!   (two 20 ms frames per wake-up, not one). If the application does not
+//!   read them and the channel is full, frames are dropped and counted the
+//!   same way.
 //! - Events go to a broadcast ring of [`EVENT_CAPACITY`] (64) events, shared
 //!   by every subscriber: a subscriber more than 64 events behind loses the
 //!   oldest ones (counted as `event_overflow`, and in [`SessionEvents::lost`]).
@@ -35,8 +38,8 @@
 //! new, in priority order: control messages (such as a barge-in) always go
 //! first, the timer last. The timer is set to the nearest deadline (the next
 //! reply frame's release, the end of playout, the stop deadline) and moved
-//! only when that deadline changes; when it fires, every reply frame that is
-//! due is released at once. A wake-up for component events handles up to 64
+//! only when that deadline changes; when it fires, the reply audio handed
+//! out is topped up to the lead at once. A wake-up for component events handles up to 64
 //! that are ready, stopping early when a control message is waiting.
 //!
 //! # Barge-in
@@ -72,6 +75,12 @@ use crate::session::{AudioReceiver, AudioSender, PipelineState, audio_channel};
 
 /// How far ahead of real time reply audio is handed to the receiver.
 pub const PLAYOUT_LEAD: Duration = Duration::from_millis(60);
+
+/// Reply audio is topped up (to [`PLAYOUT_LEAD`]) once what was handed to the
+/// receiver has this much or less left to play. The gap between the two is
+/// how much is handed out per wake-up of the session task; what is left is
+/// the slack for that wake-up being late.
+pub const PLAYOUT_REFILL: Duration = Duration::from_millis(20);
 /// Events kept for a subscriber that falls behind; see the
 /// [module documentation](self#buffers-and-overflow).
 pub const EVENT_CAPACITY: usize = 64;
@@ -776,14 +785,21 @@ struct Task {
 }
 
 impl Task {
-    /// When the next queued reply frame is due for release, if any.
+    /// When queued reply audio is next due for release, if any: when what was
+    /// handed out is down to [`PLAYOUT_REFILL`].
     fn release_at(&self) -> Option<Instant> {
         (!self.playout.pending.is_empty()).then(|| {
             self.playout
                 .play_end
-                .checked_sub(PLAYOUT_LEAD)
+                .checked_sub(PLAYOUT_REFILL)
                 .unwrap_or_else(Instant::now)
         })
+    }
+
+    /// Whether the next queued frame may go out at `now`: what was handed out
+    /// plays for less than [`PLAYOUT_LEAD`] more.
+    fn may_release(&self, now: Instant) -> bool {
+        !self.playout.pending.is_empty() && self.playout.play_end < now + PLAYOUT_LEAD
     }
 
     /// When the reply being played ends and the session goes back to
@@ -1026,13 +1042,13 @@ impl Task {
         on_reply_msg(&self.shared, &mut self.playout, &mut self.clock, msg);
     }
 
-    /// The timer fired: releases every reply frame that is due (stopping
-    /// early for a waiting control message, which goes first), then goes
-    /// back to listening if the reply has finished playing. Returns whether
-    /// the stop deadline has passed.
+    /// The timer fired: tops the reply audio handed out up to the lead
+    /// (stopping early for a waiting control message, which goes first), then
+    /// goes back to listening if the reply has finished playing. Returns
+    /// whether the stop deadline has passed.
     fn on_timer(&mut self, inputs: &Inputs) -> bool {
         let now = Instant::now();
-        while self.release_at().is_some_and(|at| at <= now) {
+        while self.may_release(now) {
             release(&self.shared, &mut self.playout, &mut self.clock, now);
             if inputs.marked(IN_CONTROL) {
                 return false;

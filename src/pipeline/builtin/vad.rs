@@ -244,15 +244,25 @@ impl Default for EnergyVad {
 /// The sum of the squares of s16le `bytes`' samples, exactly.
 ///
 /// Integer arithmetic, so the loop vectorises (an `f64` sum cannot be
-/// reordered): each square is at most 2^30 and fits a `u32`; the sum is kept in
-/// `u64`, exact for any frame shorter than 2^34 samples.
+/// reordered). Samples are taken in pairs: the sum of two squares is at most
+/// 2^31 and fits a `u32` (so the pair compiles to one multiply-add of 16-bit
+/// lanes), and the sum is kept in `u64`, exact for any frame shorter than
+/// 2^33 samples.
 fn s16le_sum_of_squares(bytes: &[u8]) -> u64 {
-    s16le_samples(bytes)
-        .map(|s| {
-            let x = i32::from(s);
-            u64::from((x * x) as u32)
-        })
-        .sum()
+    let square = |lo: u8, hi: u8| {
+        let x = i32::from(i16::from_le_bytes([lo, hi]));
+        x * x
+    };
+    let mut pairs = bytes.chunks_exact(4);
+    let mut sum = 0u64;
+    for p in &mut pairs {
+        // Wrapping: 2^30 + 2^30 overflows `i32` but not `u32`.
+        sum += u64::from(square(p[0], p[1]).wrapping_add(square(p[2], p[3])) as u32);
+    }
+    if let [lo, hi, ..] = *pairs.remainder() {
+        sum += u64::from(square(lo, hi) as u32);
+    }
+    sum
 }
 
 /// The RMS level of s16le `bytes` in dBFS (full scale is 32768), at least [`SILENCE_DB`].
@@ -415,7 +425,12 @@ mod tests {
             .iter()
             .flat_map(|s| s.to_le_bytes())
             .collect();
-        let mut cases = vec![extremes, vec![0x80; 641], vec![1, 0, 3]];
+        // Two full-scale negative samples in one pair: the largest pair sum.
+        let full_scale: Vec<u8> = [i16::MIN; 321]
+            .iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect();
+        let mut cases = vec![extremes, full_scale, vec![0x80; 641], vec![1, 0, 3]];
         for len in [2usize, 320, 640, 1920, 7] {
             for shift in [0u32, 4, 8, 12, 15] {
                 let bytes: Vec<u8> = (0..len / 2)
