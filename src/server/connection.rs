@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -30,6 +31,9 @@ const AUDIO_BLOCK: usize = 4 * 1024;
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// A client that takes no message for this long is considered gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many reply audio frames that are ready together go out in
+/// one write (playout hands out two 20 ms frames at a time).
+const AUDIO_BATCH: u64 = 8;
 /// How long a connection whose reading side failed is kept open after its
 /// close frame, so the client can read the frame before the socket goes.
 const LINGER: Duration = Duration::from_secs(1);
@@ -503,7 +507,7 @@ impl Conn {
                 Woke::Audio(frame) => {
                     // `None` cannot happen while the session is held here.
                     if let Some(frame) = frame
-                        && self.send(Message::Binary(frame.into_data())).await.is_err()
+                        && self.send_audio(frame, &mut audio).await.is_err()
                     {
                         return End::Gone;
                     }
@@ -645,6 +649,35 @@ impl Conn {
                 tracing::warn!("an event did not serialize: {e}");
                 Ok(())
             }
+        }
+    }
+
+    /// Sends `first` and the reply frames ready behind it (up to
+    /// [`AUDIO_BATCH`] in all) as binary messages in one write.
+    async fn send_audio(
+        &mut self,
+        first: AudioFrame,
+        audio: &mut AudioReceiver,
+    ) -> std::result::Result<(), Gone> {
+        let socket = &mut self.socket;
+        let batch = async {
+            socket.feed(Message::Binary(first.into_data())).await?;
+            let mut n = 1;
+            while n < AUDIO_BATCH
+                && let Some(frame) = audio.try_recv()
+            {
+                socket.feed(Message::Binary(frame.into_data())).await?;
+                n += 1;
+            }
+            socket.flush().await?;
+            Ok::<_, axum::Error>(n)
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, batch).await {
+            Ok(Ok(n)) => {
+                self.shared.metrics.messages_out(n);
+                Ok(())
+            }
+            _ => Err(Gone),
         }
     }
 

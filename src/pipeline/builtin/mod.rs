@@ -123,6 +123,7 @@ impl OptionChecks {
 }
 
 /// Reads s16le bytes as samples (a trailing odd byte is ignored).
+#[cfg(test)]
 fn s16le_samples(bytes: &[u8]) -> impl Iterator<Item = i16> + '_ {
     bytes
         .chunks_exact(2)

@@ -34,7 +34,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{OptionChecks, parse_options, s16le_samples};
+use super::{OptionChecks, parse_options};
 use crate::audio::{AudioEncoding, AudioFrame};
 use crate::error::Result;
 use crate::pipeline::{Vad, VadDecision, VadFactory};
@@ -363,6 +363,7 @@ crate::register_component!(vad, "energy", EnergyVadFactory::default);
 mod tests {
     use super::*;
     use crate::pipeline::INTERNAL_FORMAT;
+    use crate::pipeline::builtin::s16le_samples;
 
     fn frame(samples: &[i16]) -> AudioFrame {
         AudioFrame::from_i16(
