@@ -18,7 +18,7 @@
 //! - Playout hands frames to the [`AudioReceiver`] paced in real time, at most
 //!   [`PLAYOUT_LEAD`] ahead: once what was handed out has no more than
 //!   [`PLAYOUT_REFILL`] left to play, it is topped up to the lead in one go
-//!   (two 20 ms frames per wake-up, not one). If the application does not
+//!   (three 20 ms frames per wake-up, not one). If the application does not
 //!   read them and the channel is full, frames are dropped and counted the
 //!   same way.
 //! - Events go to a broadcast ring of [`EVENT_CAPACITY`] (64) events, shared
@@ -74,7 +74,7 @@ use crate::pipeline::{
 use crate::session::{AudioReceiver, AudioSender, PipelineState, audio_channel};
 
 /// How far ahead of real time reply audio is handed to the receiver.
-pub const PLAYOUT_LEAD: Duration = Duration::from_millis(60);
+pub const PLAYOUT_LEAD: Duration = Duration::from_millis(80);
 
 /// Reply audio is topped up (to [`PLAYOUT_LEAD`]) once what was handed to the
 /// receiver has this much or less left to play. The gap between the two is
@@ -379,6 +379,11 @@ impl Engine {
                 },
             ))
         }
+    }
+
+    /// The metrics this engine counts into (its backend's).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Runs one frame of user audio through the input path.

@@ -810,10 +810,8 @@ impl VoiceSession for RuntimeSession {
 
     async fn process_audio(&self, frame: AudioFrame) -> Result<()> {
         // Every call is counted; one in PROCESS_AUDIO_LATENCY_SAMPLE is timed.
-        let Some(backend) = self.backend.upgrade() else {
-            return self.engine.process_audio(frame);
-        };
-        let metrics = &backend.metrics;
+        // The engine's metrics are the backend's: no reference count to touch.
+        let metrics = self.engine.metrics();
         if self
             .frames
             .fetch_add(1, Ordering::Relaxed)

@@ -32,7 +32,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// A client that takes no message for this long is considered gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many reply audio frames that are ready together go out in
-/// one write (playout hands out two 20 ms frames at a time).
+/// one write (playout hands out three 20 ms frames at a time).
 const AUDIO_BATCH: u64 = 8;
 /// How long a connection whose reading side failed is kept open after its
 /// close frame, so the client can read the frame before the socket goes.
