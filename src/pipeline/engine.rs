@@ -1582,6 +1582,54 @@ mod tests {
         move |e| matches!(e, SessionEvent::State { to, .. } if *to == state)
     }
 
+    /// Reply audio is handed out in real time: never late, never more than
+    /// `PLAYOUT_LEAD` ahead, and topped up several frames at a time.
+    #[tokio::test(start_paused = true)]
+    async fn playout_keeps_the_receiver_within_the_lead_and_hands_out_batches() {
+        const FRAMES: usize = 30;
+        let engine = stt_tts_engine(FRAMES);
+        let mut rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 4);
+        let mut received = Vec::new();
+        for _ in 0..FRAMES {
+            let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("reply audio")
+                .expect("the receiver is open");
+            received.push((Instant::now(), f.data()[0]));
+        }
+        let bytes: Vec<u8> = received.iter().map(|&(_, b)| b).collect();
+        assert_eq!(bytes, (1..=FRAMES as u8).collect::<Vec<u8>>());
+        let start = received[0].0;
+        let frame = Duration::from_millis(20);
+        for (k, &(at, _)) in received.iter().enumerate() {
+            let due = start + frame * k as u32;
+            assert!(at <= due, "frame {k} came {:?} after it was due", at - due);
+            let handed_out_until = due + frame;
+            assert!(
+                handed_out_until - at <= PLAYOUT_LEAD,
+                "frame {k}: {:?} handed out ahead, more than the lead",
+                handed_out_until - at
+            );
+        }
+        // Frames come in groups: each wake-up tops up to the lead.
+        let mut times: Vec<Instant> = received.iter().map(|&(at, _)| at).collect();
+        times.dedup();
+        let per_wake = (PLAYOUT_LEAD - PLAYOUT_REFILL).as_millis() / frame.as_millis();
+        assert!(per_wake >= 2);
+        assert!(
+            times.len() <= FRAMES.div_ceil(per_wake as usize) + 2,
+            "{} hand-outs for {FRAMES} frames; expected about {per_wake} frames each",
+            times.len()
+        );
+        // And only as fast as real time: the last frame is handed out about
+        // when it is due, not at once.
+        let last_due = start + frame * (FRAMES as u32 - 1);
+        assert!(last_due - *times.last().unwrap() <= PLAYOUT_LEAD);
+        engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
     #[tokio::test]
     async fn an_stt_turn_is_transcribed_answered_and_played_in_order() {
         let engine = stt_tts_engine(10);
