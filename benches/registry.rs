@@ -30,7 +30,9 @@
 //! For the two-thread cases each thread runs the whole iteration count at the
 //! same time as the other; the time reported is wall time per iteration, so
 //! perfect scaling reports the same time as the single-thread case (twice the
-//! throughput), and full serialisation reports twice that time.
+//! throughput), and full serialisation reports twice that time. `1_spawned`
+//! is the same harness with one thread (spawned, joined, the operation called
+//! the same way), the like-for-like baseline for `2_threads`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -118,15 +120,16 @@ fn op_get_provider(reg: &BackendRegistry, _: &Config) {
     black_box(reg.get_provider(black_box("pipecat")).unwrap());
 }
 
-/// Wall time for each of two threads to run `iters` operations concurrently.
-fn two_threads<F: Op>(
+/// Wall time for each of `n` threads to run `iters` operations concurrently.
+fn threads<F: Op>(
+    n: usize,
     reg: &Arc<BackendRegistry>,
     config: &Arc<Config>,
     op: F,
     iters: u64,
 ) -> Duration {
-    let barrier = Arc::new(Barrier::new(3));
-    let workers: Vec<_> = (0..2)
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let workers: Vec<_> = (0..n)
         .map(|_| {
             let (reg, config, barrier) = (reg.clone(), config.clone(), barrier.clone());
             std::thread::spawn(move || {
@@ -158,8 +161,11 @@ fn bench_op<F: Op>(
     op: F,
 ) {
     group.bench_function(format!("{name}/1_thread"), |b| b.iter(|| op(reg, config)));
+    group.bench_function(format!("{name}/1_spawned"), |b| {
+        b.iter_custom(|iters| threads(1, reg, config, op, iters))
+    });
     group.bench_function(format!("{name}/2_threads"), |b| {
-        b.iter_custom(|iters| two_threads(reg, config, op, iters))
+        b.iter_custom(|iters| threads(2, reg, config, op, iters))
     });
 }
 
