@@ -31,9 +31,9 @@ const AUDIO_BLOCK: usize = 4 * 1024;
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// A client that takes no message for this long is considered gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many reply audio frames that are ready together go out in
-/// one write (playout hands out three 20 ms frames at a time).
-const AUDIO_BATCH: u64 = 8;
+/// At most this many reply audio frames that are ready together are queued
+/// at once (playout hands out three 20 ms frames at a time).
+const AUDIO_BATCH: usize = 8;
 /// How long a connection whose reading side failed is kept open after its
 /// close frame, so the client can read the frame before the socket goes.
 const LINGER: Duration = Duration::from_secs(1);
@@ -417,6 +417,10 @@ impl Conn {
         let mut next = pin!(next_event(events));
         let inputs = Inputs::new();
         let mut registered: Option<Waker> = None;
+        // Messages are queued as inputs are handled and written once nothing
+        // more is ready (`Woke::Flush`): a turn's events and the reply audio
+        // that comes with them go out in one write, not one each.
+        let mut unflushed = false;
         loop {
             let woke = std::future::poll_fn(|cx| {
                 if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -469,8 +473,15 @@ impl Conn {
                 let received = pin!(self.socket.recv()).poll(cx).map(Woke::Received);
                 if received.is_ready() {
                     inputs.mark(due);
+                    return received;
                 }
-                received
+                // Everything that was ready is handled: what it queued goes
+                // out now, in one write.
+                if unflushed {
+                    inputs.mark(due);
+                    return Poll::Ready(Woke::Flush);
+                }
+                Poll::Pending
             })
             .await;
             match woke {
@@ -498,19 +509,27 @@ impl Conn {
                             return self.session_closed(stop_requested);
                         }
                         Some(event) => {
-                            if self.send_event(&event).await.is_err() {
+                            if self.feed_event(&event).await.is_err() {
                                 return End::Gone;
                             }
+                            unflushed = true;
                         }
                     }
                 }
                 Woke::Audio(frame) => {
                     // `None` cannot happen while the session is held here.
-                    if let Some(frame) = frame
-                        && self.send_audio(frame, &mut audio).await.is_err()
-                    {
+                    if let Some(frame) = frame {
+                        if self.feed_audio(frame, &mut audio).await.is_err() {
+                            return End::Gone;
+                        }
+                        unflushed = true;
+                    }
+                }
+                Woke::Flush => {
+                    if self.flush().await.is_err() {
                         return End::Gone;
                     }
+                    unflushed = false;
                 }
                 Woke::Stopped(done) => {
                     let done = done.unwrap_or_else(|e| {
@@ -593,9 +612,10 @@ impl Conn {
                                     code: e.code,
                                     message: e.message,
                                 };
-                                if self.send_event(&event).await.is_err() {
+                                if self.feed_event(&event).await.is_err() {
                                     return End::Gone;
                                 }
+                                unflushed = true;
                             }
                         }
                     }
@@ -643,8 +663,14 @@ impl Conn {
     }
 
     async fn send_event(&mut self, event: &SessionEvent) -> std::result::Result<(), Gone> {
+        self.feed_event(event).await?;
+        self.flush().await
+    }
+
+    /// Queues `event` in the socket's write buffer (see [`Conn::flush`]).
+    async fn feed_event(&mut self, event: &SessionEvent) -> std::result::Result<(), Gone> {
         match serde_json::to_string(event) {
-            Ok(json) => self.send(Message::Text(json.into())).await,
+            Ok(json) => self.feed(Message::Text(json.into())).await,
             Err(e) => {
                 tracing::warn!("an event did not serialize: {e}");
                 Ok(())
@@ -652,43 +678,44 @@ impl Conn {
         }
     }
 
-    /// Sends `first` and the reply frames ready behind it (up to
-    /// [`AUDIO_BATCH`] in all) as binary messages in one write.
-    async fn send_audio(
+    /// Queues `first` and the reply frames ready behind it (up to
+    /// [`AUDIO_BATCH`] in all) as binary messages (see [`Conn::flush`]).
+    async fn feed_audio(
         &mut self,
         first: AudioFrame,
         audio: &mut AudioReceiver,
     ) -> std::result::Result<(), Gone> {
-        let socket = &mut self.socket;
-        let batch = async {
-            socket.feed(Message::Binary(first.into_data())).await?;
-            let mut n = 1;
-            while n < AUDIO_BATCH
-                && let Some(frame) = audio.try_recv()
-            {
-                socket.feed(Message::Binary(frame.into_data())).await?;
-                n += 1;
-            }
-            socket.flush().await?;
-            Ok::<_, axum::Error>(n)
-        };
-        match tokio::time::timeout(SEND_TIMEOUT, batch).await {
-            Ok(Ok(n)) => {
-                self.shared.metrics.messages_out(n);
-                Ok(())
-            }
-            _ => Err(Gone),
+        self.feed(Message::Binary(first.into_data())).await?;
+        for _ in 1..AUDIO_BATCH {
+            let Some(frame) = audio.try_recv() else { break };
+            self.feed(Message::Binary(frame.into_data())).await?;
         }
+        Ok(())
     }
 
-    async fn send(&mut self, message: Message) -> std::result::Result<(), Gone> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.socket.send(message)).await {
+    /// Queues `message` in the socket's write buffer. It is written by the
+    /// next [`Conn::flush`] (or sooner, if the buffer fills up).
+    async fn feed(&mut self, message: Message) -> std::result::Result<(), Gone> {
+        match tokio::time::timeout(SEND_TIMEOUT, self.socket.feed(message)).await {
             Ok(Ok(())) => {
                 self.shared.metrics.message_out();
                 Ok(())
             }
             _ => Err(Gone),
         }
+    }
+
+    /// Writes every queued message to the socket.
+    async fn flush(&mut self) -> std::result::Result<(), Gone> {
+        match tokio::time::timeout(SEND_TIMEOUT, self.socket.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Gone),
+        }
+    }
+
+    async fn send(&mut self, message: Message) -> std::result::Result<(), Gone> {
+        self.feed(message).await?;
+        self.flush().await
     }
 
     /// Sends a close frame; `false` if it could not be sent.
@@ -734,6 +761,8 @@ enum Woke {
     Event(SessionEvents, Option<SessionEvent>),
     Audio(Option<AudioFrame>),
     Received(Option<std::result::Result<Message, axum::Error>>),
+    /// Nothing else is ready and messages wait in the write buffer.
+    Flush,
 }
 
 /// The session loop's rarely woken inputs, one bit each.

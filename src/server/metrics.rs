@@ -116,12 +116,7 @@ impl ServerMetrics {
     }
 
     pub(super) fn message_out(&self) {
-        self.messages_out(1);
-    }
-
-    /// `n` messages the server sent in one write.
-    pub(super) fn messages_out(&self, n: u64) {
-        self.messages[shard()].outbound.fetch_add(n, Relaxed);
+        self.messages[shard()].outbound.fetch_add(1, Relaxed);
     }
 
     /// A close frame the server sent (code 0 stands for any other code).
