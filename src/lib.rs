@@ -38,7 +38,9 @@ pub use provider::{
     BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities, ProviderEntry,
 };
 pub use registry::{BackendRegistry, DuplicateEntry, Registry, new_backend, registry};
-pub use session::{AudioReceiver, PersistenceStatus, PipelineState, SessionId, VoiceSession};
+pub use session::{
+    AudioReceiver, PersistenceStatus, PipelineState, ProcessAudio, SessionId, VoiceSession,
+};
 
 #[doc(hidden)]
 pub mod __private {

@@ -3,8 +3,11 @@
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -212,6 +215,62 @@ impl AudioReceiver {
     }
 }
 
+/// The future of [`VoiceSession::process_audio`]: a result already known, or
+/// a boxed future that finishes the work.
+///
+/// ```
+/// # use voice_backends::session::ProcessAudio;
+/// # async fn run() -> voice_backends::Result<()> {
+/// // Done at once: nothing is allocated.
+/// ProcessAudio::ready(Ok(())).await?;
+/// // Work that waits.
+/// ProcessAudio::new(async { Ok(()) }).await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "futures do nothing unless awaited"]
+pub struct ProcessAudio<'a>(ProcessAudioInner<'a>);
+
+enum ProcessAudioInner<'a> {
+    Ready(Option<Result<()>>),
+    Waiting(Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>),
+}
+
+impl<'a> ProcessAudio<'a> {
+    /// A future that resolves to `result` at its first poll.
+    pub fn ready(result: Result<()>) -> Self {
+        ProcessAudio(ProcessAudioInner::Ready(Some(result)))
+    }
+
+    /// A future that runs `work`.
+    pub fn new(work: impl Future<Output = Result<()>> + Send + 'a) -> Self {
+        ProcessAudio(ProcessAudioInner::Waiting(Box::pin(work)))
+    }
+}
+
+impl Future for ProcessAudio<'_> {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        match &mut self.get_mut().0 {
+            ProcessAudioInner::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .expect("a ProcessAudio future polled after it finished"),
+            ),
+            ProcessAudioInner::Waiting(work) => work.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for ProcessAudio<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            ProcessAudioInner::Ready(_) => "ProcessAudio::Ready",
+            ProcessAudioInner::Waiting(_) => "ProcessAudio::Waiting",
+        })
+    }
+}
+
 /// One user's conversation with the agent, isolated from every other session.
 #[async_trait]
 pub trait VoiceSession: Send + Sync + fmt::Debug {
@@ -228,7 +287,13 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
     async fn stop(&self) -> Result<()>;
 
     /// Feeds user audio into the pipeline.
-    async fn process_audio(&self, frame: AudioFrame) -> Result<()>;
+    ///
+    /// Await the returned [`ProcessAudio`] like any `async fn`'s future. An
+    /// implementation that is done at once (the built-in runtime runs the
+    /// input path inline) returns [`ProcessAudio::ready`], which costs no
+    /// allocation per frame; one that has to wait wraps its future with
+    /// [`ProcessAudio::new`].
+    fn process_audio(&self, frame: AudioFrame) -> ProcessAudio<'_>;
 
     /// Sends audio straight to the user (e.g. a prompt), bypassing the agent.
     async fn send_audio(&self, frame: AudioFrame) -> Result<()>;

@@ -211,6 +211,46 @@ async fn bad_audio_is_a_clear_error_and_the_session_goes_on() {
     backend.stop().await.unwrap();
 }
 
+/// The input path runs inline: `process_audio` has done its work when it
+/// returns, and its future is a ready result (no allocation per frame).
+#[tokio::test]
+async fn process_audio_does_its_work_before_it_returns() {
+    let backend = echo_backend().await;
+    let session = backend
+        .create_session(SessionConfig::new("u"))
+        .await
+        .unwrap();
+    let mut events = session.events();
+    session.start().await.unwrap();
+    let mut audio = signal::silence(Duration::from_millis(500));
+    audio.extend(signal::utterance(
+        Duration::from_millis(600),
+        Duration::ZERO,
+        3,
+    ));
+    let mut frames = signal::frames(&audio, 20).into_iter();
+    // Frames of speech until the VAD hears it, each future ready at once and
+    // not awaited until after the event was looked for.
+    let mut started = false;
+    for frame in frames.by_ref() {
+        let fut = session.process_audio(frame);
+        assert_eq!(format!("{fut:?}"), "ProcessAudio::Ready");
+        started = std::iter::from_fn(|| events.try_recv())
+            .any(|e| matches!(e, SessionEvent::SpeechStarted));
+        fut.await.unwrap();
+        if started {
+            break;
+        }
+    }
+    assert!(started, "speech onset is reported by the call itself");
+    // A stopped session's call fails, also at once.
+    session.stop().await.unwrap();
+    let fut = session.process_audio(frames.next().unwrap());
+    assert_eq!(format!("{fut:?}"), "ProcessAudio::Ready");
+    assert!(fut.await.is_err());
+    backend.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receive_audio_is_taken_once_and_text_needs_an_agent() {
     let backend = echo_backend().await;

@@ -31,7 +31,9 @@ use crate::pipeline::events::SessionEvents;
 use crate::pipeline::{ComponentRegistries, components};
 use crate::provider::HostedStages;
 use crate::provider::ProviderCapabilities;
-use crate::session::{AudioReceiver, PersistenceStatus, PipelineState, SessionId, VoiceSession};
+use crate::session::{
+    AudioReceiver, PersistenceStatus, PipelineState, ProcessAudio, SessionId, VoiceSession,
+};
 
 mod link;
 pub use link::{Link, LinkRequest, MAX_RETRY_DELAY, RetryPolicy};
@@ -808,7 +810,9 @@ impl VoiceSession for RuntimeSession {
         result
     }
 
-    async fn process_audio(&self, frame: AudioFrame) -> Result<()> {
+    fn process_audio(&self, frame: AudioFrame) -> ProcessAudio<'_> {
+        // The input path runs inline, here: the future is ready at once and
+        // nothing is allocated per frame.
         // Every call is counted; one in PROCESS_AUDIO_LATENCY_SAMPLE is timed.
         // The engine's metrics are the backend's: no reference count to touch.
         let metrics = self.engine.metrics();
@@ -820,14 +824,14 @@ impl VoiceSession for RuntimeSession {
             let timer = metrics.observe(Op::ProcessAudio);
             let r = self.engine.process_audio(frame);
             timer.finish(&r);
-            return r;
+            return ProcessAudio::ready(r);
         }
         let r = self.engine.process_audio(frame);
         metrics.request(Op::ProcessAudio);
         if let Err(e) = &r {
             metrics.error(Op::ProcessAudio, e.code);
         }
-        r
+        ProcessAudio::ready(r)
     }
 
     async fn send_audio(&self, frame: AudioFrame) -> Result<()> {
