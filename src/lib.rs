@@ -24,6 +24,7 @@ pub mod session;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod wake;
 
 pub use agent::{Agent, AgentReply, AgentTurn, agent_fn};
 pub use audio::{AudioEncoding, AudioFormat, AudioFrame};

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use voice_backends::ErrorCode;
 use voice_backends::audio::{
-    AudioConverter, AudioEncoding, AudioFormat, AudioFrame, alaw_decode, alaw_encode,
-    convert_frame, f32_to_i16, i16_to_f32, level_dbfs, mulaw_decode, mulaw_encode, to_i16_samples,
+    AudioConverter, AudioEncoding, AudioFormat, AudioFrame, FormatFollower, alaw_decode,
+    alaw_encode, convert_frame, f32_to_i16, i16_to_f32, level_dbfs, mulaw_decode, mulaw_encode,
+    to_i16_samples,
 };
 
 use AudioEncoding::{Alaw, Mulaw, PcmF32Le, PcmS16Le};
@@ -1021,4 +1022,45 @@ fn arbitrary_input_never_panics() {
         let wrong = AudioFrame::new(other, vec![0u8; other.bytes_per_frame()]).unwrap();
         assert!(converter.convert(&wrong).is_err());
     }
+}
+
+/// A `FormatFollower` keeps one converter while the formats stay the same
+/// (so a resampled stream comes out as one converter makes it), hands frames
+/// already in the target format back untouched, and follows a source or
+/// target format that changes instead of failing.
+#[test]
+fn a_format_follower_keeps_its_converter_and_follows_changes() {
+    let from = format(PcmF32Le, 48_000, 1);
+    let to = format(PcmS16Le, 16_000, 1);
+    let input = sine(48_000, 440.0, 0.5, 4_800);
+    let frames: Vec<AudioFrame> = input.chunks(960).map(|c| f32_frame(48_000, 1, c)).collect();
+
+    let mut one = AudioConverter::new(from, to).unwrap();
+    let expected: Vec<u8> = frames
+        .iter()
+        .filter_map(|f| one.convert(f).unwrap())
+        .flat_map(|f| f.data().to_vec())
+        .collect();
+    let mut follower = FormatFollower::default();
+    let got: Vec<u8> = frames
+        .iter()
+        .filter_map(|f| follower.convert(f.clone(), to).unwrap())
+        .flat_map(|f| f.data().to_vec())
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(got, expected, "one converter's state carried across frames");
+
+    // Already in the target format: the same bytes come back.
+    let same = AudioFrame::new(to, vec![1u8; 640]).unwrap();
+    let back = follower.convert(same.clone(), to).unwrap().unwrap();
+    assert_eq!(back.data().as_ptr(), same.data().as_ptr());
+
+    // Another source format, then another target: converted, not refused.
+    let mulaw = AudioFrame::new(format(Mulaw, 8_000, 1), vec![0xFFu8; 160]).unwrap();
+    let out = follower.convert(mulaw, to).unwrap();
+    assert!(out.is_none_or(|f| f.format() == to));
+    let stereo = format(PcmS16Le, 16_000, 2);
+    let out = follower.convert(same, stereo).unwrap().unwrap();
+    assert_eq!(out.format(), stereo);
+    assert_eq!(out.data().len(), 1280);
 }

@@ -886,3 +886,41 @@ impl AudioConverter {
             .map_err(|e| e.with_op("audio.convert"))
     }
 }
+
+/// Converts a stream of frames to whatever format is asked for next, keeping
+/// one [`AudioConverter`] (and its resampler's state) while the source and
+/// target formats stay the same, and making a new one when either changes.
+/// A frame already in the target format is handed back as it is.
+///
+/// ```
+/// use voice_backends::audio::{AudioEncoding, AudioFormat, AudioFrame, FormatFollower};
+///
+/// let mut follower = FormatFollower::default();
+/// let mulaw = AudioFormat::new(AudioEncoding::Mulaw, 8_000, 1);
+/// let frame = AudioFrame::new(mulaw, vec![0xFFu8; 160])?;
+/// let out = follower.convert(frame, AudioFormat::PCM16_16K_MONO)?;
+/// assert!(out.is_some_and(|f| f.format() == AudioFormat::PCM16_16K_MONO));
+/// # Ok::<(), voice_backends::BackendError>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct FormatFollower {
+    /// Boxed: a pointer while no conversion is needed.
+    converter: Option<Box<AudioConverter>>,
+}
+
+impl FormatFollower {
+    /// `frame` in format `to`: itself when it is in `to` already, otherwise
+    /// through the kept converter. `None` while a resampler is still filling
+    /// up. Errors are [`AudioConverter::new`]'s and [`AudioConverter::convert`]'s.
+    pub fn convert(&mut self, frame: AudioFrame, to: AudioFormat) -> Result<Option<AudioFrame>> {
+        let from = frame.format();
+        if from == to {
+            return Ok(Some(frame));
+        }
+        let converter = match &mut self.converter {
+            Some(c) if c.from == from && c.to == to => c,
+            slot => slot.insert(Box::new(AudioConverter::new(from, to)?)),
+        };
+        converter.convert(&frame)
+    }
+}

@@ -54,7 +54,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -62,7 +62,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::agent::{Agent, AgentTurn};
-use crate::audio::{AudioConverter, AudioFormat, AudioFrame};
+use crate::audio::{AudioConverter, AudioFormat, AudioFrame, FormatFollower};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::AudioProcessor;
 use crate::metrics::{DropReason, LatencyStage, Metrics};
@@ -72,6 +72,7 @@ use crate::pipeline::{
     TurnSignal, Vad, VadDecision,
 };
 use crate::session::{AudioReceiver, AudioSender, PipelineState, audio_channel};
+use crate::wake::InputMarks;
 
 /// How far ahead of real time reply audio is handed to the receiver.
 pub const PLAYOUT_LEAD: Duration = Duration::from_millis(80);
@@ -157,7 +158,7 @@ struct Input {
     pre_roll: VecDeque<AudioFrame>,
     in_speech: bool,
     remote_turns: bool,
-    converter: Option<Box<(AudioFormat, AudioConverter)>>,
+    converter: FormatFollower,
 }
 
 struct Shared {
@@ -293,7 +294,7 @@ impl Engine {
                 pre_roll: VecDeque::new(),
                 in_speech: false,
                 remote_turns: parts.remote_turns,
-                converter: None,
+                converter: FormatFollower::default(),
             }),
             shared,
             receiver: Mutex::new(Some(receiver)),
@@ -393,24 +394,12 @@ impl Engine {
         self.metrics.bytes_in(frame.data().len() as u64);
         let mut input = self.input.lock().unwrap_or_else(PoisonError::into_inner);
         let input = &mut *input;
-        let frame = if frame.format() == INTERNAL_FORMAT {
-            frame
-        } else {
-            let format = frame.format();
-            let converter = match &mut input.converter {
-                Some(fc) if fc.0 == format => &mut fc.1,
-                slot => {
-                    let c =
-                        AudioConverter::new(format, INTERNAL_FORMAT).map_err(|e| e.with_op(OP))?;
-                    &mut slot.insert(Box::new((format, c))).1
-                }
-            };
-            match converter.convert(&frame).map_err(|e| {
+        let frame = match input.converter.convert(frame, INTERNAL_FORMAT) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => {
                 self.metrics.dropped(DropReason::InvalidAudio, 1);
-                e.with_op(OP)
-            })? {
-                Some(f) => f,
-                None => return Ok(()),
+                return Err(e.with_op(OP));
             }
         };
         let mut frame = frame;
@@ -441,11 +430,7 @@ impl Engine {
         }
         match signal {
             TurnSignal::SpeechStarted => {
-                input.in_speech = true;
-                self.shared.emit(SessionEvent::SpeechStarted);
-                if self.shared.replying.load(Ordering::Acquire) {
-                    self.barge_in(input);
-                }
+                self.speech_started(input);
                 // Hand over the pre-roll so recognition hears the onset.
                 let pre: Vec<AudioFrame> = input.pre_roll.drain(..).collect();
                 input.pre_roll_len = Duration::ZERO;
@@ -499,13 +484,7 @@ impl Engine {
         signal: TurnSignal,
     ) -> Result<()> {
         match signal {
-            TurnSignal::SpeechStarted => {
-                input.in_speech = true;
-                self.shared.emit(SessionEvent::SpeechStarted);
-                if self.shared.replying.load(Ordering::Acquire) {
-                    self.barge_in(input);
-                }
-            }
+            TurnSignal::SpeechStarted => self.speech_started(input),
             TurnSignal::TurnEnded if input.in_speech => {
                 input.in_speech = false;
                 input.turn.reset();
@@ -513,6 +492,16 @@ impl Engine {
             _ => {}
         }
         self.feed(input, &frame)
+    }
+
+    /// The user started speaking: reported, and a reply being produced or
+    /// played is cut.
+    fn speech_started(&self, input: &mut Input) {
+        input.in_speech = true;
+        self.shared.emit(SessionEvent::SpeechStarted);
+        if self.shared.replying.load(Ordering::Acquire) {
+            self.barge_in(input);
+        }
     }
 
     fn feed(&self, input: &mut Input, frame: &AudioFrame) -> Result<()> {
@@ -642,10 +631,10 @@ struct Playout {
     pending_len: Duration,
     /// When the audio handed out so far finishes playing.
     play_end: Instant,
-    converter: Option<AudioConverter>,
+    converter: FormatFollower,
 }
 
-/// The session task's inputs, one bit each in [`Signals::pending`].
+/// The session task's inputs, one bit each in its [`Inputs`].
 const IN_CONTROL: u8 = 1;
 const IN_STT: u8 = 1 << 1;
 const IN_S2S: u8 = 1 << 2;
@@ -653,108 +642,11 @@ const IN_REPLY: u8 = 1 << 3;
 const IN_REPLY_MSG: u8 = 1 << 4;
 const INPUTS: usize = 5;
 
-/// Which of the session task's inputs have signalled since they were last
-/// polled, and the waker of the task.
-struct Signals {
-    pending: AtomicU8,
-    task: Mutex<Option<Waker>>,
-}
-
-/// The waker an input is polled with: it marks the input and wakes the task.
-struct InputWaker {
-    signals: Arc<Signals>,
-    bit: u8,
-}
-
-impl Wake for InputWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.signals.pending.fetch_or(self.bit, Ordering::AcqRel);
-        if let Some(task) = &*self
-            .signals
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-        {
-            task.wake_by_ref();
-        }
-    }
-}
-
-/// Polls only the session task's inputs that have something new.
-///
-/// Each input (a channel, the reply future) is polled with a waker of its
-/// own, which marks the input before waking the task; an input is polled
-/// again only once marked (or while it keeps returning items), so a wake-up
-/// for one input does not poll the others. Polling every channel on every
-/// wake-up used to be most of the task's cost.
-struct Inputs {
-    signals: Arc<Signals>,
-    wakers: [Waker; INPUTS],
-}
-
-impl Inputs {
-    /// Every input marked, so each is polled (and registers) once.
-    fn new() -> Self {
-        let signals = Arc::new(Signals {
-            pending: AtomicU8::new((1 << INPUTS) - 1),
-            task: Mutex::new(None),
-        });
-        let wakers = std::array::from_fn(|i| {
-            Waker::from(Arc::new(InputWaker {
-                signals: signals.clone(),
-                bit: 1 << i,
-            }))
-        });
-        Inputs { signals, wakers }
-    }
-
-    /// Keeps the task's waker for the inputs' wakers to wake.
-    fn register(&self, task: &Waker) {
-        let mut slot = self
-            .signals
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if !slot.as_ref().is_some_and(|w| w.will_wake(task)) {
-            *slot = Some(task.clone());
-        }
-    }
-
-    /// Marks `bits`: inputs that (re)started and must be polled to register.
-    fn mark(&self, bits: u8) {
-        self.signals.pending.fetch_or(bits, Ordering::AcqRel);
-    }
-
-    /// Whether the input `bit` may have something new: it signalled, or its
-    /// last poll gave an item. (A control message waiting marks
-    /// [`IN_CONTROL`]; cheaper to read than the channel.)
-    fn marked(&self, bit: u8) -> bool {
-        self.signals.pending.load(Ordering::Acquire) & bit != 0
-    }
-
-    /// Polls the input `bit` with its own waker if it is marked. It stays
-    /// marked after an item (more may be waiting), unmarked once pending.
-    fn poll<T>(&self, bit: u8, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Option<T> {
-        let pending = &self.signals.pending;
-        if pending.load(Ordering::Acquire) & bit == 0 {
-            return None;
-        }
-        // Unmark first: a wake from here on marks it again.
-        pending.fetch_and(!bit, Ordering::AcqRel);
-        let waker = &self.wakers[bit.trailing_zeros() as usize];
-        match poll(&mut Context::from_waker(waker)) {
-            Poll::Ready(v) => {
-                pending.fetch_or(bit, Ordering::AcqRel);
-                Some(v)
-            }
-            Poll::Pending => None,
-        }
-    }
-}
+/// The session task polls only the inputs that have something new: each (a
+/// channel, the reply future) is polled with a waker of its own that marks
+/// it, and polled again only once marked or while it keeps returning items
+/// (see [`InputMarks`]).
+type Inputs = InputMarks<INPUTS>;
 
 /// What the session task woke for.
 enum Woke {
@@ -1093,12 +985,13 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
             pending: VecDeque::new(),
             pending_len: Duration::ZERO,
             play_end: Instant::now(),
-            converter: None,
+            converter: FormatFollower::default(),
         },
         stopping: None,
         cut: false,
     };
-    let inputs = Inputs::new();
+    // Every input marked, so each is polled (and registers) once.
+    let inputs = Inputs::new((1 << INPUTS) - 1);
     let timer = tokio::time::sleep_until(Instant::now());
     tokio::pin!(timer);
     // The deadline the timer is set to; `None` while it is not set (or fired).
@@ -1276,32 +1169,17 @@ fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, now: I
     };
     playout.pending_len = playout.pending_len.saturating_sub(frame.duration());
     playout.play_end = playout.play_end.max(now) + frame.duration();
-    let out = if frame.format() == shared.output_format {
-        Some(frame)
-    } else {
-        let converter = match &mut playout.converter {
-            Some(c) => c,
-            slot => match AudioConverter::new(frame.format(), shared.output_format) {
-                Ok(c) => slot.insert(c),
-                Err(e) => {
-                    shared.emit(SessionEvent::Error {
-                        code: e.code,
-                        message: e.message,
-                    });
-                    return;
-                }
-            },
-        };
-        match converter.convert(&frame) {
-            Ok(f) => f,
-            Err(e) => {
-                shared.metrics.dropped(DropReason::InvalidAudio, 1);
-                shared.emit(SessionEvent::Error {
-                    code: e.code,
-                    message: e.message,
-                });
-                None
-            }
+    // A frame that cannot be converted is dropped and reported; the reply
+    // still counts as started, so the session goes back to listening after it.
+    let out = match playout.converter.convert(frame, shared.output_format) {
+        Ok(f) => f,
+        Err(e) => {
+            shared.metrics.dropped(DropReason::InvalidAudio, 1);
+            shared.emit(SessionEvent::Error {
+                code: e.code,
+                message: e.message,
+            });
+            None
         }
     };
     if let Some(out) = out {

@@ -3,9 +3,8 @@
 
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -23,6 +22,7 @@ use crate::config::{Secret, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::events::{SessionEvent, SessionEvents};
 use crate::session::{AudioReceiver, VoiceSession};
+use crate::wake::InputMarks;
 
 /// The blocks received audio is copied to: six 20 ms frames at 16 kHz.
 const AUDIO_BLOCK: usize = 4 * 1024;
@@ -415,7 +415,8 @@ impl Conn {
         // `Inputs`); reply audio and the socket on every wake-up.
         let mut phase_change = pin!(phase_change_of(self.phase.clone()));
         let mut next = pin!(next_event(events));
-        let inputs = Inputs::new();
+        // Every input starts marked.
+        let inputs = Inputs::new(PHASE | STOPPER | EVENTS);
         let mut registered: Option<Waker> = None;
         // Messages are queued as inputs are handled and written once nothing
         // more is ready (`Woke::Flush`): a turn's events and the reply audio
@@ -775,86 +776,7 @@ const EVENTS: u8 = 1 << 2;
 /// own, which marks it and wakes the task, so the frequent wake-ups (client
 /// audio, reply audio) do not poll them. Polling them costs locks: the event
 /// channel's and the phase's waiter lists.
-struct Inputs {
-    marks: Arc<Marks>,
-    wakers: [Waker; 3],
-}
-
-struct Marks {
-    bits: AtomicU8,
-    task: std::sync::Mutex<Option<Waker>>,
-}
-
-/// The waker of one input.
-struct InputWaker {
-    marks: Arc<Marks>,
-    bit: u8,
-}
-
-impl Wake for InputWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.marks.bits.fetch_or(self.bit, Ordering::AcqRel);
-        let task = self
-            .marks
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(w) = task.as_ref() {
-            w.wake_by_ref();
-        }
-    }
-}
-
-impl Inputs {
-    /// Every input starts marked.
-    fn new() -> Inputs {
-        let marks = Arc::new(Marks {
-            bits: AtomicU8::new(PHASE | STOPPER | EVENTS),
-            task: std::sync::Mutex::new(None),
-        });
-        let waker = |bit| {
-            Waker::from(Arc::new(InputWaker {
-                marks: marks.clone(),
-                bit,
-            }))
-        };
-        let wakers = [waker(PHASE), waker(STOPPER), waker(EVENTS)];
-        Inputs { marks, wakers }
-    }
-
-    /// The task to wake when an input is marked.
-    fn register(&self, task: &Waker) {
-        *self
-            .marks
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
-    }
-
-    fn waker(&self, input: u8) -> &Waker {
-        &self.wakers[input.trailing_zeros() as usize]
-    }
-
-    /// The marked inputs, unmarking them.
-    fn take(&self) -> u8 {
-        // Mostly nothing is marked: a plain load, not a locked swap, for
-        // that. A mark set after the load wakes the task again.
-        if self.marks.bits.load(Ordering::Acquire) == 0 {
-            return 0;
-        }
-        self.marks.bits.swap(0, Ordering::AcqRel)
-    }
-
-    fn mark(&self, inputs: u8) {
-        if inputs != 0 {
-            self.marks.bits.fetch_or(inputs, Ordering::AcqRel);
-        }
-    }
-}
+type Inputs = InputMarks<3>;
 
 /// The next phase change: the receiver back, and the new phase (`Closing`
 /// when the server is gone).

@@ -165,28 +165,16 @@ impl VoiceBackend for DoubleBackend {
         &self,
         _config: SessionConfig,
     ) -> voice_backends::Result<Arc<dyn VoiceSession>> {
-        Err(BackendError::new(
-            "double.create_session",
-            ErrorCode::SessionLimitExceeded,
-            "the double holds no sessions",
-        ))
+        Err(holds_no_sessions("double.create_session"))
     }
     async fn get_session(&self, id: &SessionId) -> voice_backends::Result<Arc<dyn VoiceSession>> {
-        Err(BackendError::new(
-            "double.get_session",
-            ErrorCode::SessionNotFound,
-            format!("no session {id}"),
-        ))
+        Err(no_session("double.get_session", id))
     }
     async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
         Vec::new()
     }
     async fn close_session(&self, id: &SessionId) -> voice_backends::Result<()> {
-        Err(BackendError::new(
-            "double.close_session",
-            ErrorCode::SessionNotFound,
-            format!("no session {id}"),
-        ))
+        Err(no_session("double.close_session", id))
     }
     async fn health_check(&self) -> HealthStatus {
         HealthStatus::new(Health::Healthy).with_detail("double", "ok")
@@ -232,28 +220,16 @@ impl VoiceBackend for LightBackend {
         &self,
         _config: SessionConfig,
     ) -> voice_backends::Result<Arc<dyn VoiceSession>> {
-        Err(BackendError::new(
-            "light.create_session",
-            ErrorCode::SessionLimitExceeded,
-            "the light double holds no sessions",
-        ))
+        Err(holds_no_sessions("light.create_session"))
     }
     async fn get_session(&self, id: &SessionId) -> voice_backends::Result<Arc<dyn VoiceSession>> {
-        Err(BackendError::new(
-            "light.get_session",
-            ErrorCode::SessionNotFound,
-            format!("no session {id}"),
-        ))
+        Err(no_session("light.get_session", id))
     }
     async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
         Vec::new()
     }
     async fn close_session(&self, id: &SessionId) -> voice_backends::Result<()> {
-        Err(BackendError::new(
-            "light.close_session",
-            ErrorCode::SessionNotFound,
-            format!("no session {id}"),
-        ))
+        Err(no_session("light.close_session", id))
     }
     async fn health_check(&self) -> HealthStatus {
         HealthStatus::new(Health::Healthy)
@@ -270,6 +246,20 @@ impl VoiceBackend for LightBackend {
     async fn update_config(&self, config: Config) -> voice_backends::Result<()> {
         config.validate()
     }
+}
+
+/// The error of a double's `create_session`: doubles hold no sessions.
+fn holds_no_sessions(op: &'static str) -> BackendError {
+    BackendError::new(
+        op,
+        ErrorCode::SessionLimitExceeded,
+        "the double holds no sessions",
+    )
+}
+
+/// The error of a double's session lookups: there is never such a session.
+fn no_session(op: &'static str, id: &SessionId) -> BackendError {
+    BackendError::new(op, ErrorCode::SessionNotFound, format!("no session {id}"))
 }
 
 /// A valid config: an s2s pipeline with the echo component.

@@ -121,6 +121,20 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def transport_params(params_class):
+    """The transport settings of both bots: protobuf frames, audio both ways,
+    raw PCM (no WAV header), any origin."""
+    from pipecat.serializers.protobuf import ProtobufFrameSerializer
+
+    return params_class(
+        serializer=ProtobufFrameSerializer(),
+        audio_in_enabled=True,
+        audio_out_enabled=True,
+        add_wav_header=False,
+        allowed_origins=[],
+    )
+
+
 def build(args):
     """Define the processors and the session runner; needs Pipecat imported."""
     from pipecat.frames.frames import (
@@ -397,7 +411,6 @@ def build(args):
 async def serve_single_client(args):
     """Pipecat's single-client WebSocket server, one pipeline for all clients."""
     import pipecat.transports.websocket.server as ws_server
-    from pipecat.serializers.protobuf import ProtobufFrameSerializer
     from pipecat.transports.websocket.server import (
         SingleClientWebsocketServerParams,
         SingleClientWebsocketServerTransport,
@@ -470,13 +483,7 @@ async def serve_single_client(args):
                 self._drained.set()
 
     transport = OneSessionAtATime(
-        params=SingleClientWebsocketServerParams(
-            serializer=ProtobufFrameSerializer(),
-            audio_in_enabled=True,
-            audio_out_enabled=True,
-            add_wav_header=False,
-            allowed_origins=[],
-        ),
+        params=transport_params(SingleClientWebsocketServerParams),
         host=args.host,
         port=args.port,
     )
@@ -506,7 +513,6 @@ async def serve_fastapi(args):
     import uvicorn
     from fastapi import FastAPI, WebSocket
 
-    from pipecat.serializers.protobuf import ProtobufFrameSerializer
     from pipecat.transports.websocket.fastapi import (
         FastAPIWebsocketParams,
         FastAPIWebsocketTransport,
@@ -520,13 +526,7 @@ async def serve_fastapi(args):
         await websocket.accept()
         transport = FastAPIWebsocketTransport(
             websocket=websocket,
-            params=FastAPIWebsocketParams(
-                serializer=ProtobufFrameSerializer(),
-                audio_in_enabled=True,
-                audio_out_enabled=True,
-                add_wav_header=False,
-                allowed_origins=[],
-            ),
+            params=transport_params(FastAPIWebsocketParams),
         )
         worker, _stt = make_worker(transport)
 

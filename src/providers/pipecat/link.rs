@@ -19,7 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::proto::{self, Inbound};
 use super::rtvi::{self, RtviEvent};
-use crate::audio::{AudioConverter, AudioEncoding, AudioFormat, AudioFrame};
+use crate::audio::{AudioEncoding, AudioFormat, AudioFrame, FormatFollower};
 use crate::backend::ConnectionState;
 use crate::config::Secret;
 use crate::error::{BackendError, ErrorCode, Result};
@@ -230,7 +230,7 @@ pub(super) async fn open(
         out: out_tx.clone(),
         shared: shared.clone(),
         rate: settings.input_sample_rate,
-        converter: None,
+        converter: FormatFollower::default(),
     };
     let speaker = Speaker {
         out: out_tx,
@@ -242,7 +242,7 @@ pub(super) async fn open(
             settings,
             shared,
             events: events_tx,
-            converter: None,
+            converter: FormatFollower::default(),
             logged_malformed: false,
         }
         .run(ws, out_rx, early),
@@ -319,7 +319,7 @@ struct PipecatStream {
     out: mpsc::Sender<Vec<u8>>,
     shared: Arc<Shared>,
     rate: u32,
-    converter: Option<AudioConverter>,
+    converter: FormatFollower,
 }
 
 impl S2sStream for PipecatStream {
@@ -328,21 +328,10 @@ impl S2sStream for PipecatStream {
         if self.shared.is_failed.load(Ordering::Acquire) {
             return Err(self.shared.lost(OP));
         }
-        let pcm = if frame.format().sample_rate == self.rate
-            && frame.format().channels == 1
-            && frame.format().encoding == AudioEncoding::PcmS16Le
-        {
-            frame.data().clone()
-        } else {
-            let to = AudioFormat::new(AudioEncoding::PcmS16Le, self.rate, 1);
-            let converter = match &mut self.converter {
-                Some(c) => c,
-                slot => slot.insert(AudioConverter::new(frame.format(), to)?),
-            };
-            match converter.convert(frame)? {
-                Some(f) => f.into_data(),
-                None => return Ok(()),
-            }
+        let to = AudioFormat::new(AudioEncoding::PcmS16Le, self.rate, 1);
+        let pcm = match self.converter.convert(frame.clone(), to)? {
+            Some(f) => f.into_data(),
+            None => return Ok(()),
         };
         match self.out.try_send(proto::encode_audio(pcm, self.rate, 1)) {
             Ok(()) => Ok(()),
@@ -465,7 +454,7 @@ struct LinkTask {
     shared: Arc<Shared>,
     events: mpsc::Sender<S2sEvent>,
     /// Converts the bot's audio, keyed by (from, to).
-    converter: Option<(AudioFormat, AudioFormat, AudioConverter)>,
+    converter: FormatFollower,
     logged_malformed: bool,
 }
 
@@ -683,31 +672,12 @@ impl LinkTask {
     fn on_audio(&mut self, frame: AudioFrame) {
         let mut sink = self.shared.sink();
         let to = sink.as_ref().map_or(INTERNAL_FORMAT, |s| s.format);
-        let from = frame.format();
-        let frame = if from == to {
-            Some(frame)
-        } else {
-            let converter = match &mut self.converter {
-                Some((f, t, c)) if *f == from && *t == to => c,
-                slot => match AudioConverter::new(from, to) {
-                    Ok(c) => &mut slot.insert((from, to, c)).2,
-                    Err(e) => {
-                        drop(sink);
-                        self.on_malformed(&format!(
-                            "audio the client cannot convert: {}",
-                            e.message
-                        ));
-                        return;
-                    }
-                },
-            };
-            match converter.convert(&frame) {
-                Ok(f) => f,
-                Err(e) => {
-                    drop(sink);
-                    self.on_malformed(&format!("audio frame: {}", e.message));
-                    return;
-                }
+        let frame = match self.converter.convert(frame, to) {
+            Ok(f) => f,
+            Err(e) => {
+                drop(sink);
+                self.on_malformed(&format!("audio the client cannot take: {}", e.message));
+                return;
             }
         };
         let Some(frame) = frame else { return };
