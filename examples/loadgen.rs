@@ -89,8 +89,11 @@
 //! `silence`) with `max_concurrent_sessions` raised to the session count and
 //! the fallback rate limit raised, and its per-address limits
 //! (`max_connections_per_ip`, `connections_per_second_per_ip`) raised, on a
-//! tokio runtime of its own (`--server-threads`, default 2) separate from the
-//! clients'. Against `--url`, the server's per-address limits apply (32
+//! threads of its own, separate from the clients': `--server-threads`
+//! (default 2) workers, each a runtime of its own serving the connections
+//! handed to it ([`ServerConfig::workers`], as `voice-backends serve` runs
+//! by default), or with `--server-runtime shared` one work-stealing runtime
+//! of that many threads serving them all. Against `--url`, the server's per-address limits apply (32
 //! connections and 20 per second by default): the clients then spread over
 //! source addresses 127.0.0.2, 127.0.0.3, ... (`--source-ips`, default
 //! enough for 24 sessions each) and the ramp should be long enough for the
@@ -125,8 +128,8 @@ const READ_CHUNK: usize = 2048;
 /// How long a session waits for the server's close after `stop`.
 const STOP_WAIT: Duration = Duration::from_secs(15);
 const USAGE: &str = "usage: loadgen [--sessions N] [--seconds S] [--url ws://HOST:PORT/ws] \
-[--ramp S] [--source-ips N] [--server-threads N] [--client-threads N] \
-[--speech-ms MS] [--pause-ms MS]";
+[--ramp S] [--source-ips N] [--server-threads N] [--server-runtime workers|shared] \
+[--client-threads N] [--speech-ms MS] [--pause-ms MS]";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -136,6 +139,8 @@ struct Options {
     ramp: f64,
     source_ips: Option<usize>,
     server_threads: usize,
+    /// Serve on `server_threads` workers (true) or on one shared runtime.
+    server_workers: bool,
     client_threads: usize,
     speech_ms: u64,
     pause_ms: u64,
@@ -149,6 +154,7 @@ fn parse_args() -> Result<Options, String> {
         ramp: f64::NAN,
         source_ips: None,
         server_threads: 2,
+        server_workers: true,
         client_threads: 2,
         speech_ms: 1000,
         pause_ms: 3000,
@@ -170,6 +176,13 @@ fn parse_args() -> Result<Options, String> {
             "--ramp" => o.ramp = value.parse().map_err(|e| bad(&e))?,
             "--source-ips" => o.source_ips = Some(value.parse().map_err(|e| bad(&e))?),
             "--server-threads" => o.server_threads = value.parse().map_err(|e| bad(&e))?,
+            "--server-runtime" => {
+                o.server_workers = match value.as_str() {
+                    "workers" => true,
+                    "shared" => false,
+                    _ => return Err(bad(&"expected workers or shared")),
+                }
+            }
             "--client-threads" => o.client_threads = value.parse().map_err(|e| bad(&e))?,
             "--speech-ms" => o.speech_ms = value.parse().map_err(|e| bad(&e))?,
             "--pause-ms" => o.pause_ms = value.parse().map_err(|e| bad(&e))?,
@@ -1010,8 +1023,8 @@ fn thread_cpu() -> Cpu {
 }
 
 /// CPU time of the process, and of its threads by name prefix
-/// (`vb-server`, `vb-client`, other), from /proc. Threads that have ended
-/// are in the total only.
+/// (`vb-serve` for the server's `vb-server` and `vb-serve-N`, `vb-client`,
+/// other), from /proc. Threads that have ended are in the total only.
 fn cpu_seconds() -> (Cpu, BTreeMap<String, Cpu>) {
     let total = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -1024,7 +1037,7 @@ fn cpu_seconds() -> (Cpu, BTreeMap<String, Cpu>) {
                 continue;
             };
             if let Some((name, t)) = ticks(&stat) {
-                let group = if name.starts_with("vb-server") {
+                let group = if name.starts_with("vb-serve") {
                     "server"
                 } else if name.starts_with("vb-client") {
                     "clients"
@@ -1081,13 +1094,23 @@ struct InProcess {
 }
 
 fn start_server(o: &Options) -> Result<(InProcess, SocketAddr), String> {
+    // With workers, this runtime only starts the backend and accepts.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(o.server_threads)
+        .worker_threads(if o.server_workers {
+            1
+        } else {
+            o.server_threads
+        })
         .thread_name("vb-server")
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let sessions = o.sessions;
+    let workers = if o.server_workers {
+        o.server_threads
+    } else {
+        0
+    };
     let server = runtime.block_on(async move {
         let mut config = Config::new("local");
         config.pipeline_type = PipelineType::S2s;
@@ -1103,6 +1126,7 @@ fn start_server(o: &Options) -> Result<(InProcess, SocketAddr), String> {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_connections_per_ip: sessions + 16,
             connections_per_second_per_ip: 1e6,
+            workers,
             ..ServerConfig::default()
         };
         Server::bind(backend, server_config).await
@@ -1176,7 +1200,7 @@ fn main() {
 
     println!(
         "loadgen: {} sessions x {} s against {} ({}), ramp {} s, speech {}+0..300 ms / pause {} ms, \
-         server threads {}, client threads {}, source addresses {}",
+         server threads {} ({}), client threads {}, source addresses {}",
         o.sessions,
         o.seconds,
         url,
@@ -1189,6 +1213,11 @@ fn main() {
         o.speech_ms,
         o.pause_ms,
         o.server_threads,
+        if o.server_workers {
+            "workers"
+        } else {
+            "shared runtime"
+        },
         o.client_threads,
         if source_ips == 0 {
             "default".to_owned()

@@ -141,6 +141,11 @@ pub struct ServeArgs {
     /// server's).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
     pub max_frame_bytes: Option<usize>,
+    /// Threads serving the connections, each with every connection handed to
+    /// it and their sessions (default: one per core). 0 serves them on one
+    /// shared, work-stealing runtime instead.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
+    pub workers: Option<usize>,
 }
 
 /// Options of `providers`.
@@ -1242,6 +1247,9 @@ pub fn server_config(args: &ServeArgs) -> ServerConfig {
     if let Some(n) = args.max_frame_bytes {
         config.max_frame_bytes = n;
     }
+    config.workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     config
 }
 
@@ -1289,7 +1297,14 @@ pub fn serve(args: &ServeArgs, out: &mut dyn Write) -> Result<(), Failure> {
     let config = serve_config(args)?;
     init_logging(&config);
     let server_config = server_config(args);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // With worker threads serving the connections, this runtime only starts
+    // the backend, accepts connections and waits for the signal.
+    let mut runtime = if server_config.workers == 0 {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = runtime
         .enable_all()
         .thread_name("voice-backends")
         .build()
@@ -1567,6 +1582,8 @@ mod tests {
             "http://b",
             "--max-frame-bytes",
             "4096",
+            "--workers",
+            "3",
         ])
         .unwrap();
         let Command::Serve(args) = cli.command else {
@@ -1576,6 +1593,19 @@ mod tests {
         let server = server_config(&args);
         assert_eq!(server.listen.port(), 0);
         assert_eq!(server.max_frame_bytes, 4096);
+        assert_eq!(server.workers, 3);
+        let Command::Serve(args) = Cli::try_parse_from(["voice-backends", "serve"])
+            .unwrap()
+            .command
+        else {
+            panic!("not serve")
+        };
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(
+            server_config(&args).workers,
+            cores,
+            "one worker per core by default"
+        );
         assert!(Cli::try_parse_from(["voice-backends", "serve", "--listen", "nope"]).is_err());
         use clap::CommandFactory;
         Cli::command().debug_assert();

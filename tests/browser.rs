@@ -259,7 +259,8 @@ async fn a_spoken_turn_goes_round_trip_through_the_web_page() {
         return;
     }
 
-    // The echo backend behind the real server.
+    // The echo backend behind the real server, served as `voice-backends
+    // serve` serves it: on worker threads.
     let mut config = Config::new("local");
     config.pipeline_type = PipelineType::S2s;
     config.s2s_provider = Some("echo".into());
@@ -269,6 +270,7 @@ async fn a_spoken_turn_goes_round_trip_through_the_web_page() {
         backend,
         ServerConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            workers: 2,
             ..ServerConfig::default()
         },
     )

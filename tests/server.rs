@@ -978,6 +978,102 @@ async fn shutdown_lets_the_turn_in_flight_finish_then_closes_with_1001() {
     assert!(c.saw(|v| v["type"] == "latency"), "{:?}", c.seen);
     assert_eq!(c.seen.last().unwrap()["type"], "closed");
     assert_eq!(idle.expect_close().await.0, 1001);
+    assert_stopped(run, &backend, addr).await;
+}
+
+/// An auth hook that lets everyone in and notes the thread it ran on: the
+/// thread of the connection's task.
+#[derive(Default)]
+struct ThreadNames(std::sync::Mutex<Vec<String>>);
+
+#[async_trait]
+impl AuthHook for ThreadNames {
+    async fn authenticate(&self, _: Option<&Secret>) -> voice_backends::Result<Principal> {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        self.0.lock().unwrap().push(name);
+        Ok(Principal::new("ok"))
+    }
+
+    async fn authorize(&self, _: &Principal, _: Operation) -> voice_backends::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_take_connections_in_turn_serve_turns_and_drain_on_shutdown() {
+    let backend = registry().create("local", &echo_config()).await.unwrap();
+    backend.start().await.unwrap();
+    let threads = Arc::new(ThreadNames::default());
+    backend.set_hooks(Hooks {
+        auth: Some(threads.clone()),
+        ..Hooks::default()
+    });
+    let config = ServerConfig {
+        workers: 2,
+        ..server_config()
+    };
+    let server = Running::with_backend(backend.clone(), config).await;
+    let addr = server.addr;
+
+    let mut clients = Vec::new();
+    for user in ["a", "b", "c", "d"] {
+        let mut c = Client::connect(addr).await;
+        c.start(user).await;
+        clients.push(c);
+    }
+    let mut names = threads.0.lock().unwrap().clone();
+    names.sort();
+    assert_eq!(
+        names,
+        ["vb-serve-0", "vb-serve-0", "vb-serve-1", "vb-serve-1"],
+        "each connection's task runs on a worker, and the workers take turns"
+    );
+    let (status, _, body) = http_get(addr, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+
+    // A spoken turn on one worker while a session of the other talks too;
+    // the shutdown comes while the first reply plays.
+    let [first, second, ..] = &mut clients[..] else {
+        unreachable!()
+    };
+    let speech = Duration::from_millis(1500);
+    let pause = Duration::from_millis(900);
+    let (one, two) = (
+        signal::utterance(speech, pause, 9),
+        signal::utterance(speech, pause, 10),
+    );
+    tokio::join!(first.stream(&one), second.stream(&two));
+    for c in [&mut *first, &mut *second] {
+        c.wait_for("the turn to end", |v| v["type"] == "turn_ended")
+            .await;
+    }
+    let run = tokio::spawn(server.stop());
+    for c in &mut clients {
+        let (code, reason) = c.expect_close().await;
+        assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+        assert_eq!(c.seen.last().unwrap()["type"], "closed");
+    }
+    for c in &clients[..2] {
+        let reply = Duration::from_secs_f64(c.audio_bytes as f64 / 2.0 / f64::from(RATE));
+        assert!(
+            reply >= speech - Duration::from_millis(100),
+            "the whole reply arrived before the close: {reply:?}"
+        );
+        assert!(c.saw(|v| v["type"] == "latency"), "{:?}", c.seen);
+    }
+    assert_stopped(run, &backend, addr).await;
+}
+
+/// Checks a shutdown's end: `run` returned `Ok`, no session is left and
+/// nothing listens any more.
+async fn assert_stopped(
+    run: JoinHandle<voice_backends::Result<()>>,
+    backend: &Arc<dyn VoiceBackend>,
+    addr: SocketAddr,
+) {
     timeout(PATIENCE * 2, run)
         .await
         .expect("run returns")

@@ -59,9 +59,10 @@
 mod connection;
 mod metrics;
 mod protocol;
+mod workers;
 
 use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -85,6 +86,7 @@ use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::TokenBucketLimiter;
 
 use metrics::{Refusal, ServerMetrics};
+use workers::Workers;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -127,6 +129,16 @@ pub struct ServerConfig {
     pub start_timeout: Duration,
     /// How long in-flight turns may take to finish on shutdown; default 10 s.
     pub shutdown_deadline: Duration,
+    /// Threads that serve the connections, each a runtime of its own
+    /// (threads `vb-serve-0`, `vb-serve-1`, ...), at most 1024. Connections
+    /// are handed to them in turn, and everything of a connection (its
+    /// session and the session's timers and components) stays on its
+    /// thread, so no wake-up crosses threads and no task moves between
+    /// cores. One per core is the fastest way to serve many sessions.
+    ///
+    /// 0 (the default): connections are served on the runtime that calls
+    /// [`Server::run`], where its scheduler puts them.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -140,6 +152,7 @@ impl Default for ServerConfig {
             messages_per_second: 200.0,
             start_timeout: Duration::from_secs(10),
             shutdown_deadline: Duration::from_secs(10),
+            workers: 0,
         }
     }
 }
@@ -178,6 +191,16 @@ impl ServerConfig {
                 format!(
                     "messages_per_second must be a positive number, got {}",
                     self.messages_per_second
+                ),
+            ));
+        }
+        if self.workers > workers::MAX_WORKERS {
+            return Err(BackendError::invalid_config(
+                OP,
+                format!(
+                    "workers must be at most {}, got {} (0 serves on the caller's runtime)",
+                    workers::MAX_WORKERS,
+                    self.workers
                 ),
             ));
         }
@@ -370,19 +393,40 @@ impl Server {
             shared,
         } = self;
         let app = router(shared.clone());
-        let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
-        let listener = listener.tap_io(|tcp| {
-            // Audio is real time: do not hold small writes back.
-            let _ = tcp.set_nodelay(true);
-        });
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = accepting_stopped.await;
-        });
-        let mut serving = tokio::spawn(serve.into_future());
+        let (stop_accepting, accepting_stopped) = watch::channel(false);
+        // The server's own task, and the worker threads when there are any:
+        // they are dropped (ending whatever still runs on them) only once
+        // every connection has closed or the close grace is over.
+        let (mut serving, mut workers) = if shared.config.workers == 0 {
+            let listener = listener.tap_io(|tcp| {
+                // Audio is real time: do not hold small writes back.
+                let _ = tcp.set_nodelay(true);
+            });
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(workers::wait_true(accepting_stopped));
+            let serving = tokio::spawn(async move { serve.await.map_err(|e| e.to_string()) });
+            (serving, None)
+        } else {
+            let workers =
+                Workers::start(shared.config.workers, &app, local_addr, &accepting_stopped)
+                    .map_err(|e| {
+                        BackendError::new(
+                            "server.run",
+                            ErrorCode::ConnectionFailed,
+                            format!("could not start the server's worker threads: {e}"),
+                        )
+                        .with_source(e)
+                    })?;
+            let acceptor = workers.acceptor();
+            let serving = tokio::spawn(async move {
+                acceptor.run(listener, accepting_stopped).await;
+                Ok(())
+            });
+            (serving, Some(workers))
+        };
         tracing::info!(%local_addr, provider = shared.backend.provider(), "serving");
 
         tokio::pin!(shutdown);
@@ -406,7 +450,7 @@ impl Server {
             "shutting down; in-flight turns have {deadline:?}"
         );
         shared.phase.send_replace(Phase::Draining);
-        let _ = stop_accepting.send(());
+        stop_accepting.send_replace(true);
         match tokio::time::timeout(deadline, shared.backend.stop()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(code = %e.code, "backend stop: {}", e.message),
@@ -428,6 +472,16 @@ impl Server {
         {
             serving.abort();
         }
+        if let Some(workers) = &mut workers
+            && tokio::time::timeout(CLOSE_GRACE, workers.wait())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "HTTP requests were still in flight on the worker threads; dropping them"
+            );
+        }
+        drop(workers);
         tracing::info!(took = ?started.elapsed(), "stopped");
         Ok(())
     }
@@ -690,9 +744,29 @@ mod tests {
                 max_connections_per_ip: 0,
                 ..ServerConfig::default()
             },
+            ServerConfig {
+                workers: workers::MAX_WORKERS + 1,
+                ..ServerConfig::default()
+            },
         ] {
             assert_eq!(bad.validate().unwrap_err().code, ErrorCode::InvalidConfig);
         }
+        for workers in [0, 1, workers::MAX_WORKERS] {
+            let config = ServerConfig {
+                workers,
+                ..ServerConfig::default()
+            };
+            assert!(config.validate().is_ok(), "{workers} workers");
+        }
+        let too_many = ServerConfig {
+            workers: 5000,
+            ..ServerConfig::default()
+        };
+        let e = too_many.validate().unwrap_err();
+        assert!(
+            e.message.contains("workers must be at most 1024, got 5000"),
+            "{e}"
+        );
         assert_eq!(burst_of(200.0), 400);
         assert_eq!(burst_of(0.1), 1);
     }
