@@ -74,8 +74,10 @@
 //!   turn decided to first reply audio sent, measured inside the server).
 //! - CPU time of the process from `/proc/self/stat` (utime + stime over
 //!   wall time; 100 % is one core) and, in process, split between the
-//!   server's and the clients' runtime threads (`/proc/self/task/*/stat`);
-//!   RSS from `/proc/self/status` before the sessions, when all are
+//!   server's and the clients' runtime threads (`/proc/self/task/*/stat`),
+//!   each group with the time its threads were runnable but waited for a
+//!   CPU (`schedstat`: on a machine the clients share with the server, the
+//!   part of the latency that is neither's work); RSS from `/proc/self/status` before the sessions, when all are
 //!   connected, and at its peak, and the growth per session (in process it
 //!   includes the clients' own memory, a task and a 2 KiB read buffer each,
 //!   so it is an upper bound for the server).
@@ -976,11 +978,13 @@ async fn send_all(
     (sent, lateness)
 }
 
-/// User and system CPU seconds.
+/// User and system CPU seconds, and seconds spent runnable but waiting for
+/// a CPU (threads only: the process's total leaves it at 0).
 #[derive(Clone, Copy, Debug, Default)]
 struct Cpu {
     user: f64,
     system: f64,
+    waited: f64,
 }
 
 impl Cpu {
@@ -992,8 +996,26 @@ impl Cpu {
         Cpu {
             user: self.user - before.user,
             system: self.system - before.system,
+            waited: self.waited - before.waited,
         }
     }
+
+    fn add(&mut self, other: Cpu) {
+        self.user += other.user;
+        self.system += other.system;
+        self.waited += other.waited;
+    }
+}
+
+/// Seconds a thread has waited on a run queue, from its `schedstat` file
+/// (time on the CPU, time runnable but waiting, in nanoseconds; time
+/// slices). 0 where the kernel keeps no scheduler statistics.
+fn run_queue_wait(schedstat: &str) -> f64 {
+    schedstat
+        .split_whitespace()
+        .nth(1)
+        .and_then(|ns| ns.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
 }
 
 /// A thread's or process's name and CPU time from its `stat` file (clock
@@ -1010,16 +1032,20 @@ fn ticks(stat: &str) -> Option<(String, Cpu)> {
         Cpu {
             user: utime / 100.0,
             system: stime / 100.0,
+            waited: 0.0,
         },
     ))
 }
 
 /// The CPU time of the calling thread.
 fn thread_cpu() -> Cpu {
-    std::fs::read_to_string("/proc/thread-self/stat")
+    let mut cpu = std::fs::read_to_string("/proc/thread-self/stat")
         .ok()
         .and_then(|s| ticks(&s))
-        .map_or(Cpu::default(), |(_, t)| t)
+        .map_or(Cpu::default(), |(_, t)| t);
+    cpu.waited =
+        std::fs::read_to_string("/proc/thread-self/schedstat").map_or(0.0, |s| run_queue_wait(&s));
+    cpu
 }
 
 /// CPU time of the process, and of its threads by name prefix
@@ -1036,7 +1062,9 @@ fn cpu_seconds() -> (Cpu, BTreeMap<String, Cpu>) {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
-            if let Some((name, t)) = ticks(&stat) {
+            if let Some((name, mut t)) = ticks(&stat) {
+                t.waited = std::fs::read_to_string(entry.path().join("schedstat"))
+                    .map_or(0.0, |s| run_queue_wait(&s));
                 let group = if name.starts_with("vb-serve") {
                     "server"
                 } else if name.starts_with("vb-client") {
@@ -1044,9 +1072,10 @@ fn cpu_seconds() -> (Cpu, BTreeMap<String, Cpu>) {
                 } else {
                     "other"
                 };
-                let sum = by_group.entry(group.to_owned()).or_insert(Cpu::default());
-                sum.user += t.user;
-                sum.system += t.system;
+                by_group
+                    .entry(group.to_owned())
+                    .or_insert(Cpu::default())
+                    .add(t);
             }
         }
     }
@@ -1334,14 +1363,14 @@ fn main() {
             reports[i] = report;
         }
         lateness.merge(&late);
-        clients_cpu.user += cpu.user;
-        clients_cpu.system += cpu.system;
+        clients_cpu.add(cpu);
     }
     let wall = wall.elapsed();
     let (cpu_after, mut groups_after) = cpu_seconds();
-    let clients = groups_after.entry("clients".to_owned()).or_default();
-    clients.user += clients_cpu.user;
-    clients.system += clients_cpu.system;
+    groups_after
+        .entry("clients".to_owned())
+        .or_default()
+        .add(clients_cpu);
     done.store(true, Ordering::Release);
     let (rss_peak, rss_connected) = sampler.join().unwrap_or((0, None));
 
@@ -1438,11 +1467,12 @@ fn main() {
     for (group, after) in &groups_after {
         let used = after.since(groups_before.get(group).copied().unwrap_or_default());
         println!(
-            "  {group:<8} {:.1} s ({:.1} user, {:.1} system) = {:.0} %",
+            "  {group:<8} {:.1} s ({:.1} user, {:.1} system) = {:.0} %; waited {:.1} s for a CPU",
             used.total(),
             used.user,
             used.system,
-            100.0 * used.total() / secs
+            100.0 * used.total() / secs,
+            used.waited,
         );
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
