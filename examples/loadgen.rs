@@ -77,7 +77,9 @@
 //!   server's and the clients' runtime threads (`/proc/self/task/*/stat`),
 //!   each group with the time its threads were runnable but waited for a
 //!   CPU (`schedstat`: on a machine the clients share with the server, the
-//!   part of the latency that is neither's work); RSS from `/proc/self/status` before the sessions, when all are
+//!   part of the latency that is neither's work), and the machine's steal
+//!   time (`/proc/stat`: on a virtual machine, time its CPUs were taken
+//!   away by the host); RSS from `/proc/self/status` before the sessions, when all are
 //!   connected, and at its peak, and the growth per session (in process it
 //!   includes the clients' own memory, a task and a 2 KiB read buffer each,
 //!   so it is an upper bound for the server).
@@ -1082,6 +1084,19 @@ fn cpu_seconds() -> (Cpu, BTreeMap<String, Cpu>) {
     (total, by_group)
 }
 
+/// Seconds the hypervisor has run something else while the machine's
+/// virtual CPUs had work (`steal` in `/proc/stat`, all CPUs together); 0 on
+/// bare metal.
+fn steal_seconds() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let cpu = s.lines().find(|l| l.starts_with("cpu "))?;
+            cpu.split_whitespace().nth(8)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |ticks| ticks / 100.0)
+}
+
 /// The resident set size of the process, in bytes.
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -1257,6 +1272,7 @@ fn main() {
 
     let rss_before = rss_bytes();
     let (cpu_before, groups_before) = cpu_seconds();
+    let steal_before = steal_seconds();
     let wall = std::time::Instant::now();
 
     // Sample memory while the sessions run: the peak, and the value once
@@ -1367,6 +1383,7 @@ fn main() {
     }
     let wall = wall.elapsed();
     let (cpu_after, mut groups_after) = cpu_seconds();
+    let stolen = steal_seconds() - steal_before;
     groups_after
         .entry("clients".to_owned())
         .or_default()
@@ -1475,6 +1492,7 @@ fn main() {
             used.waited,
         );
     }
+    println!("  stolen   {stolen:.2} s: the hypervisor ran other work on this machine's CPUs");
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
         "memory: rss {:.1} MiB before, {} all connected, {:.1} MiB peak",

@@ -138,6 +138,9 @@ pub struct ServerConfig {
     ///
     /// 0 (the default): connections are served on the runtime that calls
     /// [`Server::run`], where its scheduler puts them.
+    ///
+    /// The workers end with `run`: dropping its future before it completes
+    /// ends them at once, with the connections they serve.
     pub workers: usize,
 }
 
