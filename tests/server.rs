@@ -1085,3 +1085,43 @@ async fn assert_stopped(
         "no longer listening"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_run_closes_the_listener_and_ends_the_workers_connections() {
+    for workers in [0, 2] {
+        let config = ServerConfig {
+            workers,
+            ..server_config()
+        };
+        let server = Running::start(echo_config(), config).await;
+        let mut c = Client::connect(server.addr).await;
+        c.start("dropped").await;
+        server.task.abort();
+        let refused = timeout(PATIENCE, async {
+            while TcpStream::connect(server.addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            refused.is_ok(),
+            "{workers} workers: the listener closes with run"
+        );
+        if workers == 0 {
+            // The session lives on, as a task of this runtime.
+            healthy_session_started(&mut c).await;
+            continue;
+        }
+        // The worker's runtime is shut down: the socket closes without a
+        // close handshake.
+        loop {
+            match c.next().await {
+                Got::End(_) => break,
+                Got::Close(code, reason) => {
+                    panic!("an orderly close ({code} {reason}) after a drop")
+                }
+                Got::Json(_) | Got::Audio(_) => {}
+            }
+        }
+    }
+}

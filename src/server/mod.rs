@@ -140,7 +140,9 @@ pub struct ServerConfig {
     /// [`Server::run`], where its scheduler puts them.
     ///
     /// The workers end with `run`: dropping its future before it completes
-    /// ends them at once, with the connections they serve.
+    /// ends them at once, with the connections they serve. (With 0, the
+    /// listener closes then too, but connections already upgraded to
+    /// WebSockets go on as tasks of the caller's runtime.)
     pub workers: usize,
 }
 
