@@ -141,9 +141,9 @@ pub struct ServeArgs {
     /// server's).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
     pub max_frame_bytes: Option<usize>,
-    /// Threads serving the connections, each with every connection handed to
-    /// it and their sessions (default: one per core). 0 serves them on one
-    /// shared, work-stealing runtime instead.
+    /// Threads serving the connections (default: one per core, at most
+    /// 1024). Each serves the connections handed to it, with their sessions;
+    /// 0 serves them all on one shared, work-stealing runtime instead.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
     pub workers: Option<usize>,
 }
@@ -1328,6 +1328,9 @@ pub async fn serve_until(
     out: &mut dyn Write,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Failure> {
+    server_config
+        .validate()
+        .map_err(|e| Failure::failed(format!("invalid server options: {}", e.message)))?;
     let backend: Arc<dyn VoiceBackend> = registry()
         .create(&config.provider, &config)
         .await

@@ -400,6 +400,19 @@ fn usage_errors_exit_2_and_say_what_to_fix() {
     assert!(stderr(&out).contains("PROVIDER"), "{}", stderr(&out));
 }
 
+#[test]
+fn out_of_range_server_options_exit_1_before_anything_starts() {
+    let out = run(&["serve", "--listen", "127.0.0.1:0", "--workers", "5000"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("invalid server options: workers must be at most 1024, got 5000"),
+        "{err}"
+    );
+    assert!(!err.contains("backend started"), "{err}");
+    assert!(stdout(&out).is_empty(), "nothing listened");
+}
+
 // --- serve -----------------------------------------------------------------------
 
 /// A running `serve`, killed if the test fails before it stops.

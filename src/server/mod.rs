@@ -163,7 +163,15 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    fn validate(&self) -> Result<()> {
+    /// Checks the options; [`Server::bind`] does too.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` naming the first option out of range: a
+    /// `max_frame_bytes` under 256, no connections per address, a rate that
+    /// is not a positive number, more than 1024 `workers`, or a zero
+    /// `start_timeout`.
+    pub fn validate(&self) -> Result<()> {
         const OP: &str = "server.bind";
         let rate_ok = |r: f64| r.is_finite() && r > 0.0;
         if self.max_frame_bytes < 256 {
@@ -203,7 +211,7 @@ impl ServerConfig {
             return Err(BackendError::invalid_config(
                 OP,
                 format!(
-                    "workers must be at most {}, got {} (0 serves on the caller's runtime)",
+                    "workers must be at most {}, got {}",
                     workers::MAX_WORKERS,
                     self.workers
                 ),
