@@ -1029,10 +1029,41 @@ async fn workers_take_connections_in_turn_serve_turns_and_drain_on_shutdown() {
     assert_eq!(
         names,
         ["vb-serve-0", "vb-serve-0", "vb-serve-1", "vb-serve-1"],
-        "each connection's task runs on a worker, and the workers take turns"
+        "each connection's task runs on a worker, and equal workers take turns"
     );
     let (status, _, body) = http_get(addr, "/healthz").await;
     assert_eq!(status, 200, "{body}");
+
+    // The per-worker gauge counts open connections: four sessions, plus the
+    // request that reads it once every earlier request's connection is gone.
+    let (_, _, text) = http_get(addr, "/metrics").await;
+    let workers = |text: &str| {
+        [0, 1].map(|w| {
+            metric(
+                text,
+                &format!("server_worker_connections{{worker=\"{w}\"}}"),
+            )
+        })
+    };
+    assert!(workers(&text).iter().all(|&n| n >= 2.0), "{text}");
+    // Two sessions stop; their connections are no longer counted.
+    for c in clients.drain(2..) {
+        let mut c = c;
+        c.send_json(json!({"type": "stop"})).await;
+        assert_eq!(c.expect_close().await.0, 1000);
+    }
+    let settled = timeout(PATIENCE, async {
+        loop {
+            let (_, _, text) = http_get(addr, "/metrics").await;
+            if workers(&text).iter().sum::<f64>() == 3.0 {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gauge falls to the two sessions left and the request reading it");
+    assert!(workers(&settled).iter().all(|&n| n >= 1.0), "{settled}");
 
     // A spoken turn on one worker while a session of the other talks too;
     // the shutdown comes while the first reply plays.

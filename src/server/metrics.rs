@@ -69,7 +69,15 @@ pub(super) struct ServerMetrics {
     refused: [AtomicU64; Refusal::ALL.len()],
     messages: [Messages; SHARDS],
     closed: [AtomicU64; CLOSE_CODES.len()],
+    /// TCP connections each worker thread serves now (empty without workers).
+    workers: Box<[WorkerLoad]>,
 }
+
+/// One worker's connection count, on a cache line of its own: the acceptor
+/// and the worker both write it.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(super) struct WorkerLoad(pub(super) AtomicUsize);
 
 /// Shards of the message counters, which every message of every connection
 /// adds to: a thread adds to its own shard (threads take the shards in turn),
@@ -129,6 +137,19 @@ impl ServerMetrics {
     }
 
     /// Appends the Prometheus text exposition of the server's families.
+    /// Counters for a server with `workers` worker threads.
+    pub(super) fn with_workers(workers: usize) -> Self {
+        ServerMetrics {
+            workers: (0..workers).map(|_| WorkerLoad::default()).collect(),
+            ..ServerMetrics::default()
+        }
+    }
+
+    /// The connection count of each worker thread.
+    pub(super) fn worker_loads(&self) -> &[WorkerLoad] {
+        &self.workers
+    }
+
     pub(super) fn render(&self, out: &mut String) {
         family(
             out,
@@ -201,6 +222,22 @@ impl ServerMetrics {
                 self.closed[i].load(Relaxed)
             );
         }
+        if self.workers.is_empty() {
+            return;
+        }
+        family(
+            out,
+            "server_worker_connections",
+            "gauge",
+            "TCP connections (HTTP and WebSocket) each worker thread serves now.",
+        );
+        for (i, load) in self.workers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "server_worker_connections{{worker=\"{i}\"}} {}",
+                load.0.load(Relaxed)
+            );
+        }
     }
 }
 
@@ -231,6 +268,19 @@ mod tests {
             "server_closes_total{code=\"1009\"} 1",
             "server_closes_total{code=\"other\"} 1",
             "# TYPE server_connections_active gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("server_worker_connections"), "no workers");
+
+        let m = ServerMetrics::with_workers(2);
+        m.worker_loads()[1].0.fetch_add(3, Relaxed);
+        let mut text = String::new();
+        m.render(&mut text);
+        for line in [
+            "# TYPE server_worker_connections gauge",
+            "server_worker_connections{worker=\"0\"} 0",
+            "server_worker_connections{worker=\"1\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

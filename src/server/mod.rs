@@ -130,9 +130,10 @@ pub struct ServerConfig {
     /// How long in-flight turns may take to finish on shutdown; default 10 s.
     pub shutdown_deadline: Duration,
     /// Threads that serve the connections, each a runtime of its own
-    /// (threads `vb-serve-0`, `vb-serve-1`, ...), at most 1024. Connections
-    /// are handed to them in turn, and everything of a connection (its
-    /// session and the session's timers and components) stays on its
+    /// (threads `vb-serve-0`, `vb-serve-1`, ...), at most 1024. A new
+    /// connection goes to the worker serving the fewest (the gauge
+    /// `server_worker_connections`), and everything of a connection (its
+    /// session and the session's timers and components) stays on that
     /// thread, so no wake-up crosses threads and no task moves between
     /// cores. One per core is the fastest way to serve many sessions.
     ///
@@ -369,13 +370,14 @@ impl Server {
             .with_source(e)
         })?;
         let (phase, _) = watch::channel(Phase::Running);
+        let metrics = ServerMetrics::with_workers(config.workers);
         Ok(Server {
             listener,
             local_addr,
             shared: Arc::new(Shared {
                 backend,
                 config,
-                metrics: ServerMetrics::default(),
+                metrics,
                 connection_rate,
                 per_ip: Mutex::new(HashMap::new()),
                 phase,
@@ -433,7 +435,7 @@ impl Server {
                         )
                         .with_source(e)
                     })?;
-            let acceptor = workers.acceptor();
+            let acceptor = workers.acceptor(Arc::clone(&shared));
             let serving = tokio::spawn(async move {
                 acceptor.run(listener, accepting_stopped).await;
                 Ok(())

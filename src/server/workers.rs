@@ -3,7 +3,10 @@
 //! to it, and no task ever moves between workers.
 //!
 //! One acceptor (on the runtime that calls [`Server::run`](super::Server::run))
-//! takes connections off the listener and hands them to the workers in turn.
+//! takes connections off the listener and hands each to the worker serving
+//! the fewest connections at that moment (the first such after the previous
+//! choice, so equal workers take turns); each worker's count is the gauge
+//! `server_worker_connections`.
 //! A connection's WebSocket task, its session's task, the components' tasks
 //! and their timers then all live on one thread: a wake-up between them is a
 //! push onto that thread's own run queue, never a notification to another
@@ -20,9 +23,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::serve::{Listener, ListenerExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
@@ -31,8 +39,87 @@ use tokio::task::JoinHandle;
 /// The most worker threads a server may have.
 pub(super) const MAX_WORKERS: usize = 1024;
 
+use super::Shared;
+use super::metrics::WorkerLoad;
+
 /// A connection accepted on the acceptor's runtime, on its way to a worker.
-type Handed = (std::net::TcpStream, SocketAddr);
+type Handed = (std::net::TcpStream, SocketAddr, Ticket);
+
+/// A connection counted against a worker until dropped.
+struct Ticket {
+    shared: Arc<Shared>,
+    worker: usize,
+}
+
+impl Ticket {
+    fn new(shared: &Arc<Shared>, worker: usize) -> Ticket {
+        shared.metrics.worker_loads()[worker]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+        Ticket {
+            shared: Arc::clone(shared),
+            worker,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.shared.metrics.worker_loads()[self.worker]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A worker's connection: the socket, counted against the worker while open.
+pub(super) struct Counted {
+    tcp: TcpStream,
+    _ticket: Ticket,
+}
+
+impl AsyncRead for Counted {
+    #[inline]
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    #[inline]
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
 
 /// The listener of one worker: the connections the acceptor hands it.
 struct Handoff {
@@ -41,19 +128,25 @@ struct Handoff {
 }
 
 impl Listener for Handoff {
-    type Io = TcpStream;
+    type Io = Counted;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+    async fn accept(&mut self) -> (Counted, SocketAddr) {
         loop {
-            let Some((stream, peer)) = self.incoming.recv().await else {
+            let Some((stream, peer, ticket)) = self.incoming.recv().await else {
                 // The acceptor has stopped; serving ends through the graceful
                 // shutdown signal, which comes with it.
                 return std::future::pending().await;
             };
             // Registers the socket with this worker's reactor.
             match TcpStream::from_std(stream) {
-                Ok(stream) => return (stream, peer),
+                Ok(tcp) => {
+                    let counted = Counted {
+                        tcp,
+                        _ticket: ticket,
+                    };
+                    return (counted, peer);
+                }
                 Err(e) => tracing::warn!(%peer, "dropped an accepted connection: {e}"),
             }
         }
@@ -100,9 +193,9 @@ impl Workers {
                 incoming,
                 local_addr,
             }
-            .tap_io(|tcp| {
+            .tap_io(|counted| {
                 // Audio is real time: do not hold small writes back.
-                let _ = tcp.set_nodelay(true);
+                let _ = counted.tcp.set_nodelay(true);
             });
             let serve = axum::serve(
                 listener,
@@ -122,9 +215,10 @@ impl Workers {
     }
 
     /// The acceptor that hands connections to these workers.
-    pub(super) fn acceptor(&self) -> Acceptor {
+    pub(super) fn acceptor(&self, shared: Arc<Shared>) -> Acceptor {
         Acceptor {
             handoffs: self.handoffs.clone(),
+            shared,
         }
     }
 
@@ -154,17 +248,18 @@ impl Drop for Workers {
 /// Takes connections off the listener for the [`Workers`].
 pub(super) struct Acceptor {
     handoffs: Vec<mpsc::UnboundedSender<Handed>>,
+    shared: Arc<Shared>,
 }
 
 impl Acceptor {
-    /// Accepts connections and hands them to the workers in turn until
+    /// Accepts connections and hands each to the least loaded worker until
     /// `stop_accepting` turns `true`.
     pub(super) async fn run(
         self,
         mut listener: TcpListener,
         mut stop_accepting: watch::Receiver<bool>,
     ) {
-        let mut next = 0;
+        let mut last = self.handoffs.len() - 1;
         loop {
             let (stream, peer) = tokio::select! {
                 // Retries by itself after errors, pausing when out of files.
@@ -179,12 +274,24 @@ impl Acceptor {
                     continue;
                 }
             };
-            if self.handoffs[next].send((stream, peer)).is_err() {
-                tracing::error!(worker = next, %peer, "a server worker has ended; dropped a connection");
+            let worker = least_loaded(self.shared.metrics.worker_loads(), last);
+            last = worker;
+            let ticket = Ticket::new(&self.shared, worker);
+            if self.handoffs[worker].send((stream, peer, ticket)).is_err() {
+                tracing::error!(worker, %peer, "a server worker has ended; dropped a connection");
             }
-            next = (next + 1) % self.handoffs.len();
         }
     }
+}
+
+/// The worker with the fewest connections; of equals, the first after
+/// `last`.
+fn least_loaded(loads: &[WorkerLoad], last: usize) -> usize {
+    let n = loads.len();
+    (1..=n)
+        .map(|step| (last + step) % n)
+        .min_by_key(|&i| loads[i].0.load(Ordering::Relaxed))
+        .unwrap_or(0)
 }
 
 /// Completes when `flag` turns `true` or its sender is dropped.
@@ -194,4 +301,34 @@ pub(super) async fn wait_true(mut flag: watch::Receiver<bool>) {
 
 async fn wait_true_ref(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|v| *v).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(counts: &[usize]) -> Vec<WorkerLoad> {
+        counts
+            .iter()
+            .map(|&n| {
+                let load = WorkerLoad::default();
+                load.0.store(n, Ordering::Relaxed);
+                load
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_least_loaded_worker_gets_the_connection_and_equals_take_turns() {
+        // Equal loads: the one after the last choice, wrapping around.
+        assert_eq!(least_loaded(&loads(&[0, 0, 0]), 2), 0);
+        assert_eq!(least_loaded(&loads(&[1, 0, 0]), 0), 1);
+        assert_eq!(least_loaded(&loads(&[1, 1, 0]), 1), 2);
+        assert_eq!(least_loaded(&loads(&[4, 4, 4]), 1), 2);
+        // A worker whose connections closed is filled up first, even out of turn.
+        assert_eq!(least_loaded(&loads(&[2, 0, 2]), 1), 1);
+        assert_eq!(least_loaded(&loads(&[2, 1, 2]), 1), 1);
+        assert_eq!(least_loaded(&loads(&[3, 5, 2]), 2), 2);
+        assert_eq!(least_loaded(&loads(&[7]), 0), 0);
+    }
 }
