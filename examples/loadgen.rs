@@ -93,7 +93,8 @@
 //! `silence`) with `max_concurrent_sessions` raised to the session count and
 //! the fallback rate limit raised, and its per-address limits
 //! (`max_connections_per_ip`, `connections_per_second_per_ip`) raised, on a
-//! threads of its own, separate from the clients': `--server-threads`
+//! threads of its own, separate from the clients' (and with the binary's
+//! allocator, mimalloc): `--server-threads`
 //! (default 2) workers, each a runtime of its own serving the connections
 //! handed to it ([`ServerConfig::workers`], as `voice-backends serve` runs
 //! by default), or with `--server-runtime shared` one work-stealing runtime
@@ -102,6 +103,11 @@
 //! source addresses 127.0.0.2, 127.0.0.3, ... (`--source-ips`, default
 //! enough for 24 sessions each) and the ramp should be long enough for the
 //! connection rate.
+
+/// The allocator of the `voice-backends` binary, so that the in-process
+/// server runs as `voice-backends serve` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
