@@ -413,10 +413,7 @@ impl Server {
         // they are dropped (ending whatever still runs on them) only once
         // every connection has closed or the close grace is over.
         let (mut serving, mut workers) = if shared.config.workers == 0 {
-            let listener = listener.tap_io(|tcp| {
-                // Audio is real time: do not hold small writes back.
-                let _ = tcp.set_nodelay(true);
-            });
+            let listener = listener.tap_io(|tcp| real_time(tcp));
             let serve = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -500,6 +497,12 @@ impl Server {
         tracing::info!(took = ?started.elapsed(), "stopped");
         Ok(())
     }
+}
+
+/// Sets up an accepted connection for real-time audio: small writes are not
+/// held back (no Nagle delay).
+fn real_time(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
 }
 
 fn router(shared: Arc<Shared>) -> Router {
