@@ -70,6 +70,14 @@
 //!   `silence` options (true in process; with `--url`, only if the served
 //!   config keeps them), and long enough pauses that a reply is over before
 //!   the next turn ends.
+//! - **reply lateness**: every reply is played as a client would play it,
+//!   from the arrival of its first frame on, each frame after the one
+//!   before in real time. For every reply frame, how long after its playing
+//!   time it arrived (0 when in time): a frame late here is a gap in the
+//!   reply audio of a client without a jitter buffer. The server hands reply
+//!   audio out up to 80 ms ahead and tops it up when 20 ms of it is left to
+//!   play, so a frame comes late only when a top-up, or its way to the
+//!   client, is more than about 20 ms late.
 //! - **first_audio_ms**: the server's own `latency` event per turn (end of
 //!   turn decided to first reply audio sent, measured inside the server).
 //! - CPU time of the process from `/proc/self/stat` (utime + stime over
@@ -133,6 +141,9 @@ use voice_backends::{Config, PipelineType, registry};
 const FRAME_TICKS: u64 = 20;
 const TICK: Duration = Duration::from_millis(1);
 const PATTERNS: u64 = 8;
+/// Playing time of one byte of reply audio (PCM s16le mono at 16 kHz, the
+/// rate every client announces), in nanoseconds.
+const NANOS_PER_REPLY_BYTE: u64 = 1_000_000_000 / (16_000 * 2);
 /// How much a session reads from its socket at once.
 const READ_CHUNK: usize = 2048;
 /// How long a session waits for the server's close after `stop`.
@@ -453,6 +464,8 @@ struct Report {
     connect: Option<Duration>,
     turns_predicted: usize,
     rtt_us: Vec<u32>,
+    /// Per reply frame after a turn, how late it came for real-time playout.
+    reply_late_us: Vec<u32>,
     first_audio_ms: Vec<f32>,
     turns_observed: usize,
     interrupted: usize,
@@ -617,6 +630,9 @@ async fn receive(
 ) -> Option<String> {
     let give_up = tokio::time::sleep_until(first_check.into());
     tokio::pin!(give_up);
+    // When the next reply frame is due for playout (ns since `epoch`), once
+    // a reply has begun.
+    let mut due: Option<u64> = None;
     loop {
         let mut consumed = 0;
         loop {
@@ -630,11 +646,18 @@ async fn receive(
             match opcode {
                 OP_BINARY => {
                     report.reply_frames += 1;
+                    let now = nanos(epoch.elapsed());
                     let sent = link.pending_turn.swap(0, Ordering::AcqRel);
                     if sent != 0 {
-                        let now = nanos(epoch.elapsed());
                         let rtt = Duration::from_nanos(now.saturating_sub(sent - 1));
                         report.rtt_us.push(micros(rtt));
+                        // A new reply: played from its first frame's arrival on.
+                        due = Some(now);
+                    }
+                    if let Some(due) = &mut due {
+                        let late = Duration::from_nanos(now.saturating_sub(*due));
+                        report.reply_late_us.push(micros(late));
+                        *due += (payload.end - payload.start) as u64 * NANOS_PER_REPLY_BYTE;
                     }
                 }
                 OP_TEXT => event(&buf[payload], report),
@@ -1468,6 +1491,14 @@ fn main() {
             .flat_map(|r| r.rtt_us.iter().copied())
             .collect(),
     );
+    let reply_late: Vec<u32> = reports
+        .iter()
+        .flat_map(|r| r.reply_late_us.iter().copied())
+        .collect();
+    let late_frames = reply_late.iter().filter(|&&us| us > 0).count();
+    let late_20 = reply_late.iter().filter(|&&us| us > 20_000).count();
+    summary_us("reply lateness (per frame)", reply_late);
+    println!("    late for playout: {late_frames} frames; more than 20 ms late: {late_20}");
     summary_us(
         "server first_audio_ms",
         reports
