@@ -1772,3 +1772,159 @@ fn parse_provider_config_never_echoes_a_secret() {
         everything(&error)
     );
 }
+
+// ---------------------------------------------------------------- damaged files
+
+/// Any damage to a config file gives a config or an `InvalidConfig` error, and
+/// no error ever shows a secret's value (nor any 5 characters of it).
+mod damaged {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SECRET: &str = "sk-Zq8Vw3Lp9Xr2Tn7";
+
+    fn toml_file() -> String {
+        format!(
+            "{MINIMAL_S2S}latency_target = \"300ms\"\n[provider_config]\nregion = \"eu\"\napi_key = \"{SECRET}\"\n"
+        )
+    }
+
+    fn yaml_file() -> String {
+        format!(
+            "provider: local\npipeline_type: s2s\ns2s_provider: echo\nlatency_target: 300ms\nprovider_config:\n  region: eu\n  api_key: {SECRET}\n"
+        )
+    }
+
+    fn json_file() -> String {
+        format!(
+            r#"{{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo", "latency_target": "300ms", "provider_config": {{"region": "eu", "api_key": "{SECRET}"}}}}"#
+        )
+    }
+
+    fn session_file() -> String {
+        format!(r#"{{"user_id": "u-1", "auth_token": "{SECRET}", "metadata": {{"team": "a"}}}}"#)
+    }
+
+    /// One change to a file: at a position (a fraction of its length).
+    #[derive(Clone, Debug)]
+    enum Damage {
+        Delete(f64),
+        Insert(f64, char),
+        Replace(f64, char),
+        Truncate(f64),
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        // Characters that matter to the three syntaxes, and a few that do not.
+        let ch = prop::sample::select(vec![
+            '"', '\'', '=', ':', '{', '}', '[', ']', ',', '\n', ' ', '#', '\\', '-', 'x', '1', '.',
+            'é', '\t',
+        ]);
+        let at = 0.0..1.0f64;
+        prop_oneof![
+            at.clone().prop_map(Damage::Delete),
+            (at.clone(), ch.clone()).prop_map(|(a, c)| Damage::Insert(a, c)),
+            (at.clone(), ch).prop_map(|(a, c)| Damage::Replace(a, c)),
+            at.prop_map(Damage::Truncate),
+        ]
+    }
+
+    fn apply(text: &str, damages: &[Damage]) -> String {
+        let mut chars: Vec<char> = text.chars().collect();
+        let index = |chars: &Vec<char>, at: f64| ((chars.len() as f64) * at) as usize;
+        for d in damages {
+            match *d {
+                Damage::Delete(at) if !chars.is_empty() => {
+                    let i = index(&chars, at).min(chars.len() - 1);
+                    chars.remove(i);
+                }
+                Damage::Insert(at, c) => {
+                    let i = index(&chars, at).min(chars.len());
+                    chars.insert(i, c);
+                }
+                Damage::Replace(at, c) if !chars.is_empty() => {
+                    let i = index(&chars, at).min(chars.len() - 1);
+                    chars[i] = c;
+                }
+                Damage::Truncate(at) => chars.truncate(index(&chars, at)),
+                _ => {}
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    /// The error's whole text shows no 5 characters of the secret.
+    fn assert_hides_secret(error: &BackendError, damaged: &str) {
+        let shown = everything(error);
+        let chars: Vec<char> = SECRET.chars().collect();
+        for window in chars.windows(5) {
+            let piece: String = window.iter().collect();
+            assert!(
+                !shown.contains(&piece),
+                "the error shows {piece:?} of the secret\nfile:\n{damaged}\nerror:\n{shown}"
+            );
+        }
+    }
+
+    fn check(
+        damaged: &str,
+        key: &str,
+        load: impl Fn(&str) -> Result<(), BackendError>,
+    ) -> Result<(), TestCaseError> {
+        // A damaged key name no longer marks the value as a secret.
+        prop_assume!(damaged.contains(key));
+        if let Err(error) = load(damaged) {
+            prop_assert_eq!(error.code, ErrorCode::InvalidConfig, "{}", error);
+            prop_assert!(!error.message.is_empty());
+            assert_hides_secret(&error, damaged);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn toml(damages in prop::collection::vec(damage(), 1..4)) {
+            check(&apply(&toml_file(), &damages), "api_key", |t| Config::from_toml_str(t).map(drop))?;
+        }
+
+        #[test]
+        fn yaml(damages in prop::collection::vec(damage(), 1..4)) {
+            check(&apply(&yaml_file(), &damages), "api_key", |t| Config::from_yaml_str(t).map(drop))?;
+        }
+
+        #[test]
+        fn json(damages in prop::collection::vec(damage(), 1..4)) {
+            check(&apply(&json_file(), &damages), "api_key", |t| Config::from_json_str(t).map(drop))?;
+        }
+
+        #[test]
+        fn session_json(damages in prop::collection::vec(damage(), 1..4)) {
+            check(&apply(&session_file(), &damages), "auth_token", |t| {
+                SessionConfig::from_json_str(t).map(drop)
+            })?;
+        }
+    }
+
+    /// The undamaged files load, so the properties above start from valid input.
+    #[test]
+    fn undamaged_files_load() {
+        for (name, text) in [
+            ("toml", toml_file()),
+            ("yaml", yaml_file()),
+            ("json", json_file()),
+        ] {
+            let config = match name {
+                "toml" => Config::from_toml_str(&text),
+                "yaml" => Config::from_yaml_str(&text),
+                _ => Config::from_json_str(&text),
+            }
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(config.provider_config.0["api_key"], SECRET, "{name}");
+            assert!(!format!("{config:?}").contains(SECRET), "{name}");
+        }
+        let session = SessionConfig::from_json_str(&session_file()).unwrap();
+        assert_eq!(session.auth_token.unwrap().expose(), SECRET);
+    }
+}

@@ -239,4 +239,82 @@ mod tests {
         let r = close_reason(&long);
         assert!(r.len() <= MAX_REASON_BYTES && r.ends_with("..."), "{r}");
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        const TOKEN: &str = "tok-Qm4Rv8Zx2Lw6";
+
+        fn value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                (-1e12..1e12f64).prop_map(Value::from),
+                "[a-z \\n]{0,12}".prop_map(Value::from),
+                Just(json!([16000, "x"])),
+                Just(json!({"a": 1})),
+            ]
+        }
+
+        proptest! {
+            /// A `start` message with a token and any other fields, of any
+            /// type, parses and checks or fails with a reason that fits a
+            /// close frame and never shows the token.
+            #[test]
+            fn start_errors_never_show_the_token(
+                user_id in prop::option::of(value()),
+                sample_rate in prop::option::of(prop_oneof![
+                    (0u32..100_000).prop_map(Value::from),
+                    value(),
+                ]),
+                extra in prop::option::of(("[a-z_]{1,8}", value())),
+                token_first in any::<bool>(),
+            ) {
+                let mut object = serde_json::Map::new();
+                object.insert("type".into(), json!("start"));
+                if token_first {
+                    object.insert("token".into(), json!(TOKEN));
+                }
+                if let Some(v) = user_id {
+                    object.insert("user_id".into(), v);
+                }
+                if let Some(v) = sample_rate {
+                    object.insert("sample_rate".into(), v);
+                }
+                if let Some((k, v)) = extra {
+                    object.entry(k).or_insert(v);
+                }
+                if !token_first {
+                    object.insert("token".into(), json!(TOKEN));
+                }
+                let text = Value::Object(object).to_string();
+                let reason = match ClientMessage::parse(&text) {
+                    Ok(ClientMessage::Start(s)) => {
+                        prop_assert_eq!(s.token.as_ref().map(|t| t.expose()), Some(TOKEN));
+                        s.check().err()
+                    }
+                    Ok(_) => return Err(TestCaseError::fail("not a start message")),
+                    Err(reason) => Some(reason),
+                };
+                if let Some(reason) = reason {
+                    prop_assert!(!reason.contains(TOKEN), "{}", reason);
+                    let cut = close_reason(&reason);
+                    prop_assert!(cut.len() <= MAX_REASON_BYTES);
+                    prop_assert!(!cut.is_empty());
+                }
+            }
+
+            /// Any text at all gives a message or a reason, never a panic.
+            #[test]
+            fn any_text_gives_a_message_or_a_reason(text in "\\PC{0,200}") {
+                if let Err(reason) = ClientMessage::parse(&text) {
+                    prop_assert!(!reason.is_empty());
+                    prop_assert!(close_reason(&reason).len() <= MAX_REASON_BYTES);
+                }
+            }
+        }
+    }
 }
