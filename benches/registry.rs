@@ -27,6 +27,13 @@
 //! - `get_provider`: lookup of `"pipecat"` and a clone of the provider's `Arc`
 //!   (a shared reference count: the two-thread case contends on it).
 //!
+//! Two controls, `registry/control/*`, touch no registry: `compute` (a
+//! chain of multiplies on a register, about as long as `create`) and `alloc`
+//! (the allocation and free `create`'s double makes). Work that shares
+//! nothing should scale perfectly; how far these fall short on two threads
+//! is the machine's own limit (two virtual CPUs that may share a core),
+//! which the registry's two-thread figures are to be read against.
+//!
 //! For the two-thread cases each thread runs the whole iteration count at the
 //! same time as the other; the time reported is wall time per iteration, so
 //! perfect scaling reports the same time as the single-thread case (twice the
@@ -169,8 +176,32 @@ fn bench_op<F: Op>(
     });
 }
 
+/// Control: 40 dependent multiplies on a register (about as long as
+/// `create`), touching no memory at all.
+fn control_compute(_: &BackendRegistry, _: &Config) {
+    let mut h = black_box(0xcbf2_9ce4_8422_2325_u64);
+    for _ in 0..40 {
+        h = (h ^ 0x70).wrapping_mul(0x0100_0000_01b3);
+    }
+    black_box(h);
+}
+
+/// Control: the allocation `create` makes (the double's backend in an `Arc`)
+/// and its drop, without the registry.
+fn control_alloc(_: &BackendRegistry, _: &Config) {
+    let backend: Arc<dyn voice_backends::VoiceBackend> = Arc::new(common::LightBackend);
+    black_box(backend);
+}
+
 fn bench(c: &mut Criterion) {
     let config = Arc::new(common::valid_config("pipecat"));
+    // What two threads get on this machine for work that shares nothing: the
+    // scale the registry's two-thread figures are to be read against.
+    let mut group = c.benchmark_group("registry/control");
+    let unused = Arc::new(BackendRegistry::new());
+    bench_op(&mut group, "compute", &unused, &config, control_compute);
+    bench_op(&mut group, "alloc", &unused, &config, control_alloc);
+    group.finish();
     for (shape, reg) in registries() {
         let mut group = c.benchmark_group(format!("registry/{shape}"));
         let g = &mut group;
