@@ -241,8 +241,9 @@ impl TokenBucketLimiter {
             bucket.tokens -= cost;
             Ok(())
         } else {
+            // A tiny rate can make the wait longer than a `Duration` holds.
             let missing = cost - bucket.tokens;
-            Err(Duration::from_secs_f64(missing / self.rate))
+            Err(Duration::try_from_secs_f64(missing / self.rate).unwrap_or(Duration::MAX))
         }
     }
 

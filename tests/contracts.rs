@@ -192,6 +192,21 @@ async fn token_bucket_memory_is_bounded_and_keeps_busy_keys() {
     assert!(limiter.check("busy").await.is_err());
 }
 
+#[tokio::test]
+async fn token_bucket_with_a_tiny_rate_refuses_with_the_longest_wait() {
+    // One unit per 1e20 s: the wait does not fit a `Duration`.
+    let limiter = TokenBucketLimiter::new(1e-20, 1).unwrap();
+    limiter.check("alice").await.unwrap();
+    let err = limiter.check("alice").await.err().unwrap();
+    assert_eq!(err.code, ErrorCode::RateLimitExceeded);
+    let wait: u128 = err.details["retry_after_ms"].parse().unwrap();
+    assert_eq!(wait, Duration::MAX.as_millis());
+    assert_eq!(
+        limiter.try_take_at("alice", 1, tokio::time::Instant::now()),
+        Err(Duration::MAX)
+    );
+}
+
 #[test]
 fn token_bucket_refuses_nonsense_parameters() {
     for (rate, burst) in [
