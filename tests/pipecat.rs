@@ -550,31 +550,79 @@ async fn a_single_client_bot_refuses_a_second_session_with_a_clear_error() {
 /// A fake bot speaking the wire protocol badly, then well: it sends what
 /// `frames` holds once a client connects, and keeps the connection open.
 async fn scripted_bot(frames: Vec<tokio_tungstenite::tungstenite::Message>) -> String {
+    scripted_bots(vec![frames]).await
+}
+
+/// [`scripted_bot`] with a script per connection, in order; connections after
+/// the last script get none.
+async fn scripted_bots(scripts: Vec<Vec<tokio_tungstenite::tungstenite::Message>>) -> String {
     use futures_util::{SinkExt, StreamExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let mut script = Some(frames);
+        let mut scripts = scripts.into_iter();
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             // Health probes connect without a handshake: skip them.
             let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
                 continue;
             };
-            let Some(frames) = script.take() else {
-                continue;
-            };
+            let frames = scripts.next().unwrap_or_default();
             tokio::spawn(async move {
                 // Wait for client-ready, then play the script.
                 let _ = ws.next().await;
                 for f in frames {
-                    ws.send(f).await.unwrap();
+                    if ws.send(f).await.is_err() {
+                        return;
+                    }
                 }
                 while ws.next().await.is_some() {}
             });
         }
     });
     format!("ws://{addr}/")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
+    use tokio_tungstenite::tungstenite::Message;
+    use voice_backends::providers::pipecat::proto;
+    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
+    let ready = rtvi(r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#);
+    // 3 MiB of audio in one message: over 90 s at 16 kHz.
+    let huge = Message::Binary(proto::encode_audio(vec![0u8; 3 << 20].into(), 16_000, 1).into());
+    let after = rtvi(
+        r#"{"label":"rtvi-ai","type":"user-transcription","data":{"text":"after the big one","user_id":"","timestamp":"t","final":true}}"#,
+    );
+    let url = scripted_bots(vec![vec![ready.clone(), huge], vec![ready, after]]).await;
+    // The bot never answers the turn its transcript starts: a short
+    // timeout bounds how long the graceful stop waits for it.
+    let mut config = config_for_url(&url);
+    config.timeout = Duration::from_secs(1);
+    let backend = started(config).await;
+    let s = backend
+        .create_session(SessionConfig::new("big"))
+        .await
+        .unwrap();
+    let mut events = s.events();
+    s.start().await.unwrap();
+    expect_event(&Pipecat, &mut events, "the link reconnecting", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Reconnecting
+            }
+        )
+    })
+    .await;
+    assert_eq!(final_transcript(&mut events).await, "after the big one");
+    let health = backend.health_check().await;
+    assert_eq!(
+        health.details.get("pipecat_reconnects").map(String::as_str),
+        Some("1"),
+        "{health:?}"
+    );
+    backend.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,7 +645,11 @@ async fn malformed_frames_and_json_are_counted_and_skipped_and_the_session_goes_
         ),
     ])
     .await;
-    let backend = started(config_for_url(&url)).await;
+    // The bot never answers the turn its transcript starts: a short
+    // timeout bounds how long the graceful stop waits for it.
+    let mut config = config_for_url(&url);
+    config.timeout = Duration::from_secs(1);
+    let backend = started(config).await;
     let s = backend
         .create_session(SessionConfig::new("tough"))
         .await

@@ -13,8 +13,8 @@
 //! - Pre-roll: the last 200 ms before speech onset, so STT and S2S hear the
 //!   start of the first word (VAD decides a little late); fixed size.
 //! - Reply audio waits in the session's playout queue, bounded by
-//!   `max_reply_audio` (60 s); beyond it the newest frames are dropped and
-//!   counted (`pipeline_frames_dropped_total{reason="output_overflow"}`).
+//!   `max_reply_audio` (60 s); a frame that would take it beyond is dropped
+//!   and counted (`pipeline_frames_dropped_total{reason="output_overflow"}`).
 //! - Playout hands frames to the [`AudioReceiver`] paced in real time, at most
 //!   [`PLAYOUT_LEAD`] ahead: once what was handed out has no more than
 //!   [`PLAYOUT_REFILL`] left to play, it is topped up to the lead in one go
@@ -1148,7 +1148,8 @@ fn on_reply_msg(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, m
 }
 
 fn enqueue(shared: &Shared, playout: &mut Playout, frame: AudioFrame) {
-    if playout.pending_len >= MAX_REPLY_AUDIO {
+    // Counted with the frame, so one huge frame cannot overshoot the bound.
+    if playout.pending_len + frame.duration() > MAX_REPLY_AUDIO {
         shared.metrics.dropped(DropReason::OutputOverflow, 1);
         return;
     }
@@ -1405,7 +1406,34 @@ mod tests {
         AudioFrame::new(INTERNAL_FORMAT, vec![byte; 640]).unwrap()
     }
 
+    /// Sends one frame per duration, frame `i` filled with byte `i + 1`.
+    struct SizedTts {
+        durations: Vec<Duration>,
+    }
+
+    #[async_trait::async_trait]
+    impl TextToSpeech for SizedTts {
+        async fn synthesize(
+            &self,
+            _text: &str,
+            format: AudioFormat,
+            out: &mpsc::Sender<AudioFrame>,
+        ) -> Result<()> {
+            for (i, &d) in self.durations.iter().enumerate() {
+                let data = vec![i as u8 + 1; format.bytes_for(d)];
+                if out.send(AudioFrame::new(format, data)?).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
     fn stt_tts_engine(tts_frames: usize) -> Engine {
+        engine_with_tts(Arc::new(NumberedTts { frames: tts_frames }))
+    }
+
+    fn engine_with_tts(tts: Arc<dyn TextToSpeech>) -> Engine {
         let (events, rx) = mpsc::channel(64);
         Engine::new(EngineParts {
             session_id: "s".into(),
@@ -1417,7 +1445,7 @@ mod tests {
             turn: Box::<ThreeSilent>::default(),
             stt: Some((Box::new(CountingStt { events, frames: 0 }), rx)),
             s2s: None,
-            tts: Some(Arc::new(NumberedTts { frames: tts_frames })),
+            tts: Some(tts),
             agent: Some(agent_fn(|turn| async move {
                 Ok(AgentReply::text(format!("you said {}", turn.transcript)))
             })),
@@ -1505,6 +1533,34 @@ mod tests {
         // when it is due, not at once.
         let last_due = start + frame * (FRAMES as u32 - 1);
         assert!(last_due - *times.last().unwrap() <= PLAYOUT_LEAD);
+        engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// A frame longer than the whole playout bound is dropped and counted, not
+    /// queued; the reply's other frames still play.
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_frame_over_the_playout_bound_is_dropped_whole() {
+        let ms = Duration::from_millis;
+        let engine = engine_with_tts(Arc::new(SizedTts {
+            durations: vec![ms(20), MAX_REPLY_AUDIO + ms(20), ms(20)],
+        }));
+        let metrics = engine.metrics.clone();
+        let mut rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 4);
+        let mut played = Vec::new();
+        for _ in 0..2 {
+            let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("reply audio")
+                .expect("the receiver is open");
+            played.push((f.data()[0], f.duration()));
+        }
+        assert_eq!(played, [(1, ms(20)), (3, ms(20))]);
+        assert_eq!(
+            metrics.snapshot().dropped.get(&DropReason::OutputOverflow),
+            Some(&1)
+        );
         engine.stop(Duration::from_secs(2)).await.unwrap();
     }
 

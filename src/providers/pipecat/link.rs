@@ -40,6 +40,13 @@ const EVENT_QUEUE: usize = 256;
 /// How long opening a link waits for RTVI `bot-ready` after `client-ready`
 /// (a bot without RTVI never sends it: the link opens anyway after this).
 const BOT_READY_WAIT: Duration = Duration::from_secs(1);
+/// The largest message taken from the bot: 2 MiB is over 20 s of 48 kHz mono
+/// audio in one frame, far more than a bot sends at once; a larger message
+/// fails the link instead of being read into memory whole.
+const MAX_BOT_MESSAGE: usize = 2 * 1024 * 1024;
+/// What is kept of the messages a bot sends before `bot-ready`, in bytes;
+/// later ones are dropped (and logged once).
+const MAX_EARLY_BYTES: usize = 2 * 1024 * 1024;
 /// How long a spoken reply may go without audio, once it started, before it
 /// counts as finished even though the bot did not say it stopped speaking.
 const REPLY_IDLE_END: Duration = Duration::from_secs(3);
@@ -96,7 +103,10 @@ pub(super) async fn dial(settings: &Settings) -> Result<Ws> {
         })?;
         request.headers_mut().insert("authorization", value);
     }
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_BOT_MESSAGE))
+        .max_frame_size(Some(MAX_BOT_MESSAGE));
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
         .await
         .map_err(|e| {
             let code = match &e {
@@ -261,6 +271,7 @@ pub(super) async fn open(
 /// are returned for the link to handle.
 async fn await_bot_ready(ws: &mut Ws, settings: &Settings) -> Result<Vec<Bytes>> {
     let mut early = Vec::new();
+    let (mut early_bytes, mut dropped_early) = (0, false);
     let deadline = tokio::time::Instant::now() + BOT_READY_WAIT;
     let refused = |cause: String| {
         BackendError::new(
@@ -281,7 +292,16 @@ async fn await_bot_ready(ws: &mut Ws, settings: &Settings) -> Result<Vec<Bytes>>
                 if ready {
                     return Ok(early);
                 }
-                early.push(b);
+                if early_bytes + b.len() <= MAX_EARLY_BYTES {
+                    early_bytes += b.len();
+                    early.push(b);
+                } else if !dropped_early {
+                    dropped_early = true;
+                    tracing::warn!(
+                        "the Pipecat bot sent more than {MAX_EARLY_BYTES} bytes before bot-ready; \
+                         the rest of it is dropped"
+                    );
+                }
             }
             Ok(Some(Ok(Message::Close(frame)))) => {
                 return Err(refused(close_cause(frame.as_ref())));
