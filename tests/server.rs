@@ -834,6 +834,57 @@ async fn a_flood_of_messages_closes_with_1008() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_far_ahead_of_real_time_closes_with_1008() {
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            max_audio_ahead: Duration::from_secs(1),
+            messages_per_second: 10_000.0,
+            ..server_config()
+        },
+    )
+    .await;
+    let frame = |ms: u64| signal::silence(Duration::from_millis(ms));
+    // 0.8 s at once, then real time: within the budget, and answered.
+    let mut c = Client::connect(server.addr).await;
+    c.start("catching-up").await;
+    for _ in 0..40 {
+        c.send_samples(&frame(20)).await;
+    }
+    c.stream(&signal::utterance(
+        Duration::from_millis(1000),
+        Duration::from_millis(900),
+        5,
+    ))
+    .await;
+    c.wait_for("the reply to end", |v| is_state(v, "speaking", "listening"))
+        .await;
+    c.send_json(json!({"type": "stop"})).await;
+    assert_eq!(c.expect_close().await.0, 1000);
+    // 3 s at once: closed once it is more than the budget ahead.
+    let reason = refused(&server, 1008, "audio faster than real time", async |c| {
+        c.start("flood").await;
+        for _ in 0..150 {
+            if c.send(Message::binary(vec![0u8; 640])).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(reason.contains("more than 1s ahead"), "{reason}");
+    // One message of 2 s (at 8 kHz, 32,000 bytes) is over it at once.
+    refused(&server, 1008, "audio faster than real time", async |c| {
+        c.send_json(json!({"type": "start", "user_id": "big", "sample_rate": 8000}))
+            .await;
+        c.wait_for("ready", |v| v["type"] == "ready").await;
+        c.send(Message::binary(vec![0u8; 32_000])).await.unwrap();
+    })
+    .await;
+    server.wait_sessions(0).await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_address_connection_limits_refuse_with_429() {
     // At most one connection at a time from one address.
     let server = Running::start(

@@ -91,7 +91,10 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: f64) -> Bucket {
-        let burst = f64::from(burst_of(rate));
+        Bucket::with_burst(rate, f64::from(burst_of(rate)))
+    }
+
+    fn with_burst(rate: f64, burst: f64) -> Bucket {
         Bucket {
             rate,
             burst,
@@ -101,12 +104,16 @@ impl Bucket {
     }
 
     fn take(&mut self) -> bool {
+        self.take_n(1.0)
+    }
+
+    fn take_n(&mut self, cost: f64) -> bool {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             true
         } else {
             false
@@ -152,6 +159,8 @@ pub(super) async fn serve(
     shared.metrics.connection_opened();
     let mut conn = Conn {
         bucket: Bucket::new(shared.config.messages_per_second),
+        // Seconds of audio: one per second, up to `max_audio_ahead` ahead.
+        audio_budget: Bucket::with_burst(1.0, shared.config.max_audio_ahead.as_secs_f64()),
         phase: shared.phase.subscribe(),
         shared: shared.clone(),
         socket,
@@ -182,6 +191,8 @@ struct Conn {
     shared: Arc<Shared>,
     socket: WebSocket,
     bucket: Bucket,
+    /// The audio the client may still send ahead of real time, in seconds.
+    audio_budget: Bucket,
     phase: watch::Receiver<Phase>,
     /// Where received audio is copied to; see [`Conn::own`].
     audio: BytesMut,
@@ -565,6 +576,18 @@ impl Conn {
                                     format!(
                                         "bad audio: {} bytes is not a whole number of 16-bit samples",
                                         data.len()
+                                    ),
+                                );
+                            }
+                            let seconds = data.len() as f64 / f64::from(2 * format.sample_rate);
+                            if !self.audio_budget.take_n(seconds) {
+                                return End::close(
+                                    protocol::POLICY,
+                                    format!(
+                                        "audio faster than real time: more than {} ahead",
+                                        humantime::format_duration(
+                                            self.shared.config.max_audio_ahead
+                                        )
                                     ),
                                 );
                             }

@@ -24,13 +24,14 @@
 //! 4. The server sends every [`SessionEvent`](crate::pipeline::events::SessionEvent)
 //!    as JSON text (`{"type":"state",...}`, `speech_started`, `turn_ended`,
 //!    `user_transcript`, `agent_text`, `interrupted`, `latency`, `error`,
-//!    `closed`) and the reply audio as binary messages, PCM s16le mono at the
+//!    `connection`, `closed`) and the reply audio as binary messages, PCM s16le mono at the
 //!    client's `sample_rate`.
 //!
 //! Every refusal closes with a code and a human reason: 1002 protocol
-//! violation, 1003 bad audio, 1008 origin, auth or message rate, 1009 message
-//! too big, 1011 internal error, 1013 capacity or rate limit (try again
-//! later), 1001 shutting down, 1000 normal. Origin and per-address connection
+//! violation, 1003 bad audio, 1008 origin, auth, message rate or audio
+//! faster than real time, 1009 message too big, 1011 internal error, 1013
+//! capacity or rate limit (try again later), 1001 shutting down, 1000
+//! normal. Origin and per-address connection
 //! limits are checked before the upgrade and refused with HTTP 403 and 429.
 //!
 //! # Example
@@ -99,6 +100,9 @@ const PCM_WORKLET_JS: &str = include_str!("assets/pcm-worklet.js");
 /// when frames queue up.
 const READ_BUFFER: usize = 2 * 1024;
 
+/// The least [`ServerConfig::max_audio_ahead`].
+const MIN_AUDIO_AHEAD: Duration = Duration::from_millis(100);
+
 /// How long the server waits for connections to finish their close
 /// handshakes, and for HTTP requests in flight, once shutting down.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -125,6 +129,13 @@ pub struct ServerConfig {
     /// Client messages per second on one connection, on average; default
     /// 200. Bursts of twice as many are allowed; beyond, close 1008.
     pub messages_per_second: f64,
+    /// How far ahead of real time a client's audio may run. Audio is taken
+    /// at one second of it per second, plus up to this much more at once (a
+    /// client catching up after a network stall, a recording sent whole);
+    /// audio beyond closes the connection with 1008, so that no client makes
+    /// its worker process audio faster than real time for long. Default
+    /// 10 s; at least 100 ms.
+    pub max_audio_ahead: Duration,
     /// How long a new connection has to send `start`; default 10 s.
     pub start_timeout: Duration,
     /// How long in-flight turns may take to finish on shutdown; default 10 s.
@@ -156,6 +167,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 32,
             connections_per_second_per_ip: 20.0,
             messages_per_second: 200.0,
+            max_audio_ahead: Duration::from_secs(10),
             start_timeout: Duration::from_secs(10),
             shutdown_deadline: Duration::from_secs(10),
             workers: 0,
@@ -170,8 +182,8 @@ impl ServerConfig {
     ///
     /// `InvalidConfig` naming the first option out of range: a
     /// `max_frame_bytes` under 256, no connections per address, a rate that
-    /// is not a positive number, more than 1024 `workers`, or a zero
-    /// `start_timeout`.
+    /// is not a positive number, more than 1024 `workers`, a
+    /// `max_audio_ahead` under 100 ms, or a zero `start_timeout`.
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "server.bind";
         let rate_ok = |r: f64| r.is_finite() && r > 0.0;
@@ -215,6 +227,15 @@ impl ServerConfig {
                     "workers must be at most {}, got {}",
                     workers::MAX_WORKERS,
                     self.workers
+                ),
+            ));
+        }
+        if self.max_audio_ahead < MIN_AUDIO_AHEAD {
+            return Err(BackendError::invalid_config(
+                OP,
+                format!(
+                    "max_audio_ahead must be at least 100ms, got {}",
+                    humantime::format_duration(self.max_audio_ahead)
                 ),
             ));
         }
@@ -766,6 +787,10 @@ mod tests {
                 workers: workers::MAX_WORKERS + 1,
                 ..ServerConfig::default()
             },
+            ServerConfig {
+                max_audio_ahead: Duration::from_millis(99),
+                ..ServerConfig::default()
+            },
         ] {
             assert_eq!(bad.validate().unwrap_err().code, ErrorCode::InvalidConfig);
         }
@@ -776,6 +801,11 @@ mod tests {
             };
             assert!(config.validate().is_ok(), "{workers} workers");
         }
+        let just_enough = ServerConfig {
+            max_audio_ahead: MIN_AUDIO_AHEAD,
+            ..ServerConfig::default()
+        };
+        assert!(just_enough.validate().is_ok());
         let too_many = ServerConfig {
             workers: 5000,
             ..ServerConfig::default()
