@@ -85,6 +85,10 @@ pub trait AuthHook: Send + Sync {
 }
 
 /// Rate limiting by key (a user id, a client address, ...).
+///
+/// The runtime checks it once per session creation, keyed by the auth hook's
+/// authenticated [`Principal::user_id`] when there is an auth hook, otherwise
+/// by the session's claimed `user_id`.
 #[async_trait]
 pub trait RateLimiter: Send + Sync {
     /// Takes one unit for `key`, or fails with `RateLimitExceeded` whose

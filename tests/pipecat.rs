@@ -626,6 +626,38 @@ async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dot_user_id_never_becomes_a_path_step_of_a_template_url() {
+    use tokio_tungstenite::tungstenite::Message;
+    use voice_backends::providers::pipecat::proto;
+    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
+    let ready = rtvi(r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#);
+    let bot = scripted_bots(vec![vec![ready]]).await;
+    let mut config = Config::new("pipecat");
+    config.timeout = Duration::from_secs(1);
+    config.max_retries = 0;
+    config
+        .provider_config
+        .0
+        .insert("url_template".into(), format!("{bot}u/{{user_id}}").into());
+    let backend = started(config).await;
+    for user in [".", ".."] {
+        let err = match backend.create_session(SessionConfig::new(user)).await {
+            Err(e) => e,
+            Ok(s) => s.start().await.unwrap_err(),
+        };
+        assert_eq!(err.code, ErrorCode::InvalidConfig, "{user}: {err}");
+        assert!(err.message.contains("path step"), "{user}: {err}");
+    }
+    // Dots among other characters are one segment, and connect.
+    let s = backend
+        .create_session(SessionConfig::new("a.b.."))
+        .await
+        .unwrap();
+    s.start().await.unwrap();
+    backend.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_and_json_are_counted_and_skipped_and_the_session_goes_on() {
     use tokio_tungstenite::tungstenite::Message;
     use voice_backends::providers::pipecat::proto;

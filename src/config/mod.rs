@@ -269,7 +269,9 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processors: Vec<ProcessorConfig>,
     /// Fallback rate limit (for providers without their own): session
-    /// creations per second per user, on average; default 10.
+    /// creations per second per user, on average; default 10. The user is
+    /// the auth hook's authenticated principal when there is an auth hook,
+    /// otherwise the session's `user_id`.
     #[serde(default = "default_rate_limit_per_second")]
     pub rate_limit_per_second: f64,
     /// Fallback rate limit: session creations per user at once; default 20.

@@ -24,7 +24,7 @@ use crate::audio::AudioFrame;
 use crate::backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
 use crate::config::{Config, PipelineType, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
-use crate::hooks::{Hooks, Operation, RateLimiter, TokenBucketLimiter, sort_processors};
+use crate::hooks::{Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter, sort_processors};
 use crate::metrics::{Metrics, Op, PROCESS_AUDIO_LATENCY_SAMPLE};
 use crate::pipeline::engine::{Engine, EngineParts};
 use crate::pipeline::events::SessionEvents;
@@ -325,9 +325,9 @@ impl Inner {
         )
     }
 
-    async fn authorize(&self, config: &SessionConfig, op: Operation) -> Result<()> {
+    async fn authorize(&self, config: &SessionConfig, op: Operation) -> Result<Option<Principal>> {
         let Some(auth) = self.hooks().auth else {
-            return Ok(());
+            return Ok(None);
         };
         let principal = auth
             .authenticate(config.auth_token.as_ref())
@@ -339,7 +339,8 @@ impl Inner {
         auth.authorize(&principal, op).await.map_err(|mut e| {
             e.code = ErrorCode::AuthorizationFailed;
             e
-        })
+        })?;
+        Ok(Some(principal))
     }
 
     async fn rate_limit(&self, key: &str) -> Result<()> {
@@ -706,10 +707,16 @@ impl RuntimeBackend {
             });
         }
         config.validate()?;
-        self.inner
+        let principal = self
+            .inner
             .authorize(&config, Operation::CreateSession)
             .await?;
-        self.inner.rate_limit(&config.user_id).await?;
+        // The authenticated user is charged, not the `user_id` the client
+        // claims: no one can spend another user's budget, or dodge their own
+        // by claiming new ids. Without an auth hook, the claimed id is all
+        // there is.
+        let key = principal.as_ref().map_or(&config.user_id, |p| &p.user_id);
+        self.inner.rate_limit(key).await?;
         let cap = self.inner.capacity();
         let reserved = self.inner.open.fetch_add(1, Ordering::AcqRel);
         if reserved >= cap {

@@ -645,6 +645,26 @@ pub async fn fallback_rate_limit(h: &dyn Harness) {
         .create_session(SessionConfig::new("other-user"))
         .await
         .expect("limits are per user");
+    // With an auth hook, the authenticated user is charged (the gate's
+    // principal is "ok"), whatever `user_id` the session claims.
+    backend.set_hooks(Hooks {
+        auth: Some(Arc::new(Gate {
+            token: "letmein",
+            allow: true,
+        })),
+        ..Hooks::default()
+    });
+    for claimed in ["same-user", "claimed-2"] {
+        backend
+            .create_session(SessionConfig::new(claimed).with_auth_token("letmein"))
+            .await
+            .unwrap_or_else(|e| panic!("{claimed}, charged to the principal: {e}"));
+    }
+    let err = backend
+        .create_session(SessionConfig::new("claimed-3").with_auth_token("letmein"))
+        .await
+        .expect_err("a new claimed user_id does not escape the principal's limit");
+    assert_eq!(err.code, ErrorCode::RateLimitExceeded);
     backend.stop().await.unwrap();
 }
 

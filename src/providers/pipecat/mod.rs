@@ -37,7 +37,9 @@ fn yes() -> bool {
 /// Give exactly one of `url` (every session connects to the same bot URL:
 /// Pipecat's single-client `WebsocketServerTransport`, or a multi-client
 /// endpoint) and `url_template` (one URL per session: `{session_id}` and
-/// `{user_id}` are replaced, percent-encoded).
+/// `{user_id}` are replaced, percent-encoded but for letters, digits, `-`,
+/// `_` and `~`; a `user_id` of `.` or `..`, which a URL reads as a path step
+/// even encoded, is refused).
 ///
 /// ```toml
 /// provider = "pipecat"
@@ -141,8 +143,16 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// Everything but letters, digits, `-`, `_` and `~` is percent-encoded, so a
+/// value is one path segment or query value whatever it holds (`/`, `?`,
+/// `#`, `&`, spaces, dots).
+const TEMPLATE_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'~');
+
 fn encode(value: &str) -> String {
-    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+    percent_encoding::utf8_percent_encode(value, TEMPLATE_VALUE).to_string()
 }
 
 fn render(template: &str, session_id: &str, user_id: &str) -> String {
@@ -248,6 +258,21 @@ impl Connector for PipecatConnector {
     }
 
     async fn open_link(&self, request: LinkRequest<'_>) -> Result<Option<Link>> {
+        // URL parsers read `.` and `..` as path steps even percent-encoded.
+        let uses_user = self
+            .config
+            .url_template
+            .as_deref()
+            .is_some_and(|t| t.contains("{user_id}"));
+        if uses_user && matches!(request.user_id, "." | "..") {
+            return Err(BackendError::invalid_config(
+                "pipecat.open_link",
+                format!(
+                    "user_id {:?} cannot go into url_template: a URL reads it as a path step",
+                    request.user_id
+                ),
+            ));
+        }
         let url = self.config.url_for(request.session_id, request.user_id);
         let settings = link::Settings {
             endpoint: endpoint(&url),
@@ -298,3 +323,32 @@ async fn probe(url: &str) -> Result<()> {
 }
 
 crate::register_provider!(NAME, PipecatProvider::new);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_values_stay_one_path_segment_or_query_value() {
+        let t = "ws://bot:8765/u/{user_id}/ws?session={session_id}";
+        assert_eq!(
+            render(t, "sess_1", "a b/c?d#e&f=g+h.i"),
+            "ws://bot:8765/u/a%20b%2Fc%3Fd%23e%26f%3Dg%2Bh%2Ei/ws?session=sess_1"
+        );
+        assert_eq!(
+            render(t, "s", "zoë"),
+            "ws://bot:8765/u/zo%C3%AB/ws?session=s"
+        );
+        for user in ["a/../b", "%2e%2e", "...", "~x-y_z"] {
+            let url = url::Url::parse(&render(t, "s", user)).unwrap();
+            let segments: Vec<&str> = url.path_segments().unwrap().collect();
+            assert_eq!(segments.len(), 3, "{user}: {url}");
+            assert_eq!(segments[0], "u");
+            assert_eq!(segments[2], "ws");
+            let decoded = percent_encoding::percent_decode_str(segments[1])
+                .decode_utf8()
+                .unwrap();
+            assert_eq!(decoded, user);
+        }
+    }
+}
