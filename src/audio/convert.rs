@@ -702,6 +702,16 @@ pub struct AudioConverter {
 }
 
 impl AudioConverter {
+    /// The format it converts from.
+    pub fn input_format(&self) -> AudioFormat {
+        self.from
+    }
+
+    /// The format it converts to.
+    pub fn output_format(&self) -> AudioFormat {
+        self.to
+    }
+
     /// A converter from `from` to `to`.
     ///
     /// Fails with [`ErrorCode::PipelineError`] when either format is invalid
@@ -908,7 +918,24 @@ pub struct FormatFollower {
     converter: Option<Box<AudioConverter>>,
 }
 
+impl From<Option<AudioConverter>> for FormatFollower {
+    /// A follower that starts with `converter` (made beforehand), if any.
+    fn from(converter: Option<AudioConverter>) -> Self {
+        FormatFollower {
+            converter: converter.map(Box::new),
+        }
+    }
+}
+
 impl FormatFollower {
+    /// Whether it holds a converter from `from` to `to` (made beforehand or
+    /// by an earlier frame).
+    pub fn holds(&self, from: AudioFormat, to: AudioFormat) -> bool {
+        self.converter
+            .as_ref()
+            .is_some_and(|c| c.from == from && c.to == to)
+    }
+
     /// `frame` in format `to`: itself when it is in `to` already, otherwise
     /// through the kept converter. `None` while a resampler is still filling
     /// up. Errors are [`AudioConverter::new`]'s and [`AudioConverter::convert`]'s.

@@ -124,6 +124,46 @@ pub struct EngineParts {
     /// turns itself (a final transcript from it ends a turn). Local VAD and
     /// turn detection still run, for barge-in.
     pub remote_turns: bool,
+    /// Converters made beforehand, used when their formats match: from
+    /// `input_format` to the internal format, and from the internal format to
+    /// `output_format`. A resampler between unrelated rates (44.1 kHz and
+    /// 16 kHz) takes milliseconds to make, so the runtime makes them on a
+    /// blocking thread rather than on the first frame. `None`: made when first
+    /// needed.
+    pub converters: PreparedConverters,
+}
+
+/// Converters for [`EngineParts::converters`].
+#[derive(Debug, Default)]
+pub struct PreparedConverters {
+    /// From the session's input format to the internal format.
+    pub input: Option<AudioConverter>,
+    /// From the internal format to the session's output format.
+    pub output: Option<AudioConverter>,
+}
+
+impl PreparedConverters {
+    /// Makes the converters a session with these formats needs (none for the
+    /// internal format). A format that cannot be converted gets none here; its
+    /// first frame reports the error.
+    pub fn for_formats(input: AudioFormat, output: AudioFormat) -> Self {
+        let make = |from: AudioFormat, to: AudioFormat| {
+            (from != to)
+                .then(|| AudioConverter::new(from, to).ok())
+                .flatten()
+        };
+        PreparedConverters {
+            input: make(input, INTERNAL_FORMAT),
+            output: make(INTERNAL_FORMAT, output),
+        }
+    }
+
+    /// Whether making them takes long enough to do off the async threads:
+    /// when a rate changes (a resampler's filter table is computed).
+    pub fn costly(input: AudioFormat, output: AudioFormat) -> bool {
+        input.sample_rate != INTERNAL_FORMAT.sample_rate
+            || output.sample_rate != INTERNAL_FORMAT.sample_rate
+    }
 }
 
 enum Control {
@@ -200,6 +240,7 @@ struct TaskParts {
     stt_events: Option<mpsc::Receiver<SttEvent>>,
     s2s_events: Option<mpsc::Receiver<S2sEvent>>,
     tts: Option<Arc<dyn TextToSpeech>>,
+    output_converter: Option<AudioConverter>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -294,7 +335,7 @@ impl Engine {
                 pre_roll: VecDeque::new(),
                 in_speech: false,
                 remote_turns: parts.remote_turns,
-                converter: FormatFollower::default(),
+                converter: FormatFollower::from(parts.converters.input),
             }),
             shared,
             receiver: Mutex::new(Some(receiver)),
@@ -303,8 +344,29 @@ impl Engine {
                 stt_events,
                 s2s_events,
                 tts: parts.tts,
+                output_converter: parts.converters.output,
             })),
         })
+    }
+
+    /// Whether the engine holds its input and its output converter (made
+    /// beforehand or by a frame) for formats `input` and `output`.
+    #[cfg(test)]
+    pub(crate) fn holds_converters(&self, input: AudioFormat, output: AudioFormat) -> (bool, bool) {
+        let input_held = self
+            .input
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .converter
+            .holds(input, INTERNAL_FORMAT);
+        let output_held = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|t| t.output_converter.as_ref())
+            .is_some_and(|c| c.input_format() == INTERNAL_FORMAT && c.output_format() == output);
+        (input_held, output_held)
     }
 
     /// Starts the session's task; the session listens from now on. Must be
@@ -971,6 +1033,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
         mut stt_events,
         mut s2s_events,
         tts,
+        output_converter,
     } = parts;
     let (reply_tx, mut reply_rx) = mpsc::channel::<ReplyMsg>(32);
     let mut task = Task {
@@ -985,7 +1048,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
             pending: VecDeque::new(),
             pending_len: Duration::ZERO,
             play_end: Instant::now(),
-            converter: FormatFollower::default(),
+            converter: FormatFollower::from(output_converter),
         },
         stopping: None,
         cut: false,
@@ -1452,6 +1515,7 @@ mod tests {
             metrics: Arc::new(Metrics::new("test")),
             agent_timeout: Duration::from_secs(5),
             remote_turns: false,
+            converters: PreparedConverters::default(),
         })
         .unwrap()
     }

@@ -26,7 +26,7 @@ use crate::config::{Config, PipelineType, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::{Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter, sort_processors};
 use crate::metrics::{Metrics, Op, PROCESS_AUDIO_LATENCY_SAMPLE};
-use crate::pipeline::engine::{Engine, EngineParts};
+use crate::pipeline::engine::{Engine, EngineParts, PreparedConverters};
 use crate::pipeline::events::SessionEvents;
 use crate::pipeline::{ComponentRegistries, components};
 use crate::provider::HostedStages;
@@ -438,6 +438,16 @@ impl Inner {
                 (None, Some((stream, rx)), tts)
             }
         };
+        let (input_format, output_format) = (config.input_format, config.output_format);
+        let converters = if PreparedConverters::costly(input_format, output_format) {
+            tokio::task::spawn_blocking(move || {
+                PreparedConverters::for_formats(input_format, output_format)
+            })
+            .await
+            .unwrap_or_default()
+        } else {
+            PreparedConverters::for_formats(input_format, output_format)
+        };
         let engine = Engine::new(EngineParts {
             session_id: id.to_string(),
             user_id: config.user_id.clone(),
@@ -453,6 +463,7 @@ impl Inner {
             metrics: self.metrics.clone(),
             agent_timeout: base.timeout,
             remote_turns,
+            converters,
         })
         .map_err(|e| e.with_op(OP))?;
         Ok(Arc::new(RuntimeSession {
@@ -896,5 +907,53 @@ impl VoiceSession for RuntimeSession {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::{AudioEncoding, AudioFormat};
+    use crate::config::PipelineType;
+    use crate::providers::local::LocalConnector;
+
+    async fn echo_backend() -> RuntimeBackend {
+        let mut config = Config::new("local");
+        config.pipeline_type = PipelineType::S2s;
+        config.s2s_provider = Some("echo".into());
+        let backend = RuntimeBackend::new(Arc::new(LocalConnector), &config).unwrap();
+        backend.start().await.unwrap();
+        backend
+    }
+
+    /// A session at another rate gets its resamplers when it is created (on a
+    /// blocking thread), not on its first frame of audio or reply.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_at_another_rate_gets_its_converters_up_front() {
+        let backend = echo_backend().await;
+        let cd = AudioFormat::new(AudioEncoding::PcmS16Le, 44_100, 1);
+        let phone = AudioFormat::new(AudioEncoding::Mulaw, 8_000, 1);
+        let session = backend
+            .create_session_inner(
+                SessionConfig::new("u")
+                    .with_input_format(cd)
+                    .with_output_format(phone),
+            )
+            .await
+            .unwrap();
+        assert_eq!(session.engine.holds_converters(cd, phone), (true, true));
+        // The internal format needs none.
+        let plain = backend
+            .create_session_inner(SessionConfig::new("v"))
+            .await
+            .unwrap();
+        assert_eq!(
+            plain.engine.holds_converters(
+                crate::pipeline::INTERNAL_FORMAT,
+                crate::pipeline::INTERNAL_FORMAT
+            ),
+            (false, false)
+        );
+        backend.stop().await.unwrap();
     }
 }

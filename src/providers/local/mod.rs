@@ -69,7 +69,7 @@ impl BackendProvider for LocalProvider {
 
 /// The local connector: nothing to connect to.
 #[derive(Debug)]
-struct LocalConnector;
+pub(crate) struct LocalConnector;
 
 #[async_trait]
 impl Connector for LocalConnector {
