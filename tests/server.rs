@@ -568,10 +568,25 @@ async fn protocol_violations_close_with_1002() {
             .await;
     })
     .await;
-    refused(&server, 1002, "sample_rate 96000", async |c| {
-        c.send_json(json!({"type": "start", "user_id": "d", "sample_rate": 96000}))
-            .await;
-    })
+    refused(
+        &server,
+        1002,
+        "sample_rate 96000 is not supported",
+        async |c| {
+            c.send_json(json!({"type": "start", "user_id": "d", "sample_rate": 96000}))
+                .await;
+        },
+    )
+    .await;
+    refused(
+        &server,
+        1002,
+        "sample_rate 47999 is not supported",
+        async |c| {
+            c.send_json(json!({"type": "start", "user_id": "d", "sample_rate": 47999}))
+                .await;
+        },
+    )
     .await;
     refused(&server, 1002, "expected start first", async |c| {
         c.send_json(json!({"type": "text", "text": "hi"})).await;
@@ -584,13 +599,13 @@ async fn protocol_violations_close_with_1002() {
     .await;
     server.wait_sessions(0).await;
     let (_, _, text) = http_get(server.addr, "/metrics").await;
-    assert_eq!(metric(&text, "server_closes_total{code=\"1002\"}"), 7.0);
+    assert_eq!(metric(&text, "server_closes_total{code=\"1002\"}"), 8.0);
     assert_eq!(
         metric(
             &text,
             "server_connections_refused_total{reason=\"protocol\"}"
         ),
-        4.0,
+        5.0,
         "violations before a session are refusals"
     );
     server.stop().await.unwrap();

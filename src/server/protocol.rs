@@ -23,10 +23,12 @@ pub(super) const INTERNAL: u16 = 1011;
 /// At capacity or rate limited: try again later.
 pub(super) const TRY_AGAIN: u16 = 1013;
 
-/// The lowest accepted `sample_rate`.
-pub(super) const MIN_SAMPLE_RATE: u32 = 8_000;
-/// The highest accepted `sample_rate`.
-pub(super) const MAX_SAMPLE_RATE: u32 = 48_000;
+/// The accepted `sample_rate`s: the usual rates from 8 to 48 kHz. An odd
+/// rate would cost a resampler with a large filter table (10 ms to make at
+/// 47,999 Hz) for no client's benefit.
+pub(super) const SAMPLE_RATES: [u32; 9] = [
+    8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000,
+];
 /// The longest accepted `user_id`, in characters.
 pub(super) const MAX_USER_ID_CHARS: usize = 128;
 
@@ -109,9 +111,10 @@ impl ClientMessage {
 impl Start {
     /// Checks the fields; the error is a close reason for 1002.
     pub(super) fn check(&self) -> Result<(), String> {
-        if !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&self.sample_rate) {
+        if !SAMPLE_RATES.contains(&self.sample_rate) {
             return Err(format!(
-                "sample_rate {} is outside {MIN_SAMPLE_RATE}..={MAX_SAMPLE_RATE}",
+                "sample_rate {} is not supported; use one of 8000, 11025, 12000, 16000, \
+                 22050, 24000, 32000, 44100, 48000",
                 self.sample_rate
             ));
         }
@@ -223,10 +226,18 @@ mod tests {
             sample_rate: rate,
             token: None,
         };
-        assert!(start("a", 8_000).check().is_ok());
-        assert!(start("a", 48_000).check().is_ok());
-        assert!(start("a", 7_999).check().unwrap_err().contains("7999"));
-        assert!(start("a", 48_001).check().is_err());
+        for rate in SAMPLE_RATES {
+            assert!(start("a", rate).check().is_ok(), "{rate}");
+        }
+        for rate in [0, 7_999, 8_001, 44_101, 47_999, 48_001, 96_000] {
+            let e = start("a", rate).check().unwrap_err();
+            assert!(
+                e.contains(&format!("sample_rate {rate} is not supported")),
+                "{e}"
+            );
+            assert!(e.contains("44100"), "{e}");
+            assert!(close_reason(&e) == e, "fits a close frame: {e}");
+        }
         assert!(start(" ", 16_000).check().is_err());
         assert!(start("a\nb", 16_000).check().is_err());
         assert!(start(&"x".repeat(129), 16_000).check().is_err());
