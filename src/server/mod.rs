@@ -12,7 +12,7 @@
 //!
 //! 1. The client's first message is text:
 //!    `{"type":"start","user_id":"alice","sample_rate":16000,"token":"optional"}`
-//!    (`sample_rate` 8000..=48000). The token may instead come in the
+//!    (`sample_rate` one of the usual rates, 8000 to 48000). The token may instead come in the
 //!    upgrade request's `Authorization: Bearer <token>` header; the start
 //!    message's token wins. It is given to the backend's auth hook.
 //! 2. The server answers
