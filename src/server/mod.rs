@@ -12,9 +12,9 @@
 //!
 //! 1. The client's first message is text:
 //!    `{"type":"start","user_id":"alice","sample_rate":16000,"token":"optional"}`
-//!    (`sample_rate` one of the usual rates, 8000 to 48000). The token may instead come in the
-//!    upgrade request's `Authorization: Bearer <token>` header; the start
-//!    message's token wins. It is given to the backend's auth hook.
+//!    (`sample_rate` one of the usual rates, 8000 to 48000). The token may
+//!    instead come in the upgrade request's `Authorization: Bearer <token>`
+//!    header; the start message's token wins, unless it is empty. It is given to the backend's auth hook.
 //! 2. The server answers
 //!    `{"type":"ready","session_id":"...","sample_rate":16000,"encoding":"pcm_s16le","channels":1}`.
 //! 3. The client streams binary messages of PCM s16le mono audio at its
