@@ -17,7 +17,7 @@ use voice_backends::testing::conformance::{Harness, expect_event, speak};
 use voice_backends::testing::signal;
 use voice_backends::{
     AgentReply, AudioEncoding, AudioFormat, Config, ConnectionState, ErrorCode, SessionConfig,
-    VoiceBackend, agent_fn, registry,
+    VoiceBackend, VoiceSession, agent_fn, registry,
 };
 
 // ---------------------------------------------------------------------------
@@ -583,6 +583,25 @@ async fn scripted_bots(scripts: Vec<Vec<tokio_tungstenite::tungstenite::Message>
     format!("ws://{addr}/")
 }
 
+/// A backend on the scripted bot at `url`, and a started session of `user`
+/// with its events. The bot never answers the turn its transcript starts: a
+/// short timeout bounds how long the graceful stop waits for it.
+async fn scripted_session(
+    url: &str,
+    user: &str,
+) -> (Arc<dyn VoiceBackend>, Arc<dyn VoiceSession>, SessionEvents) {
+    let mut config = config_for_url(url);
+    config.timeout = Duration::from_secs(1);
+    let backend = started(config).await;
+    let session = backend
+        .create_session(SessionConfig::new(user))
+        .await
+        .unwrap();
+    let events = session.events();
+    session.start().await.unwrap();
+    (backend, session, events)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
     use tokio_tungstenite::tungstenite::Message;
@@ -595,17 +614,7 @@ async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
         r#"{"label":"rtvi-ai","type":"user-transcription","data":{"text":"after the big one","user_id":"","timestamp":"t","final":true}}"#,
     );
     let url = scripted_bots(vec![vec![ready.clone(), huge], vec![ready, after]]).await;
-    // The bot never answers the turn its transcript starts: a short
-    // timeout bounds how long the graceful stop waits for it.
-    let mut config = config_for_url(&url);
-    config.timeout = Duration::from_secs(1);
-    let backend = started(config).await;
-    let s = backend
-        .create_session(SessionConfig::new("big"))
-        .await
-        .unwrap();
-    let mut events = s.events();
-    s.start().await.unwrap();
+    let (backend, _session, mut events) = scripted_session(&url, "big").await;
     expect_event(&Pipecat, &mut events, "the link reconnecting", |e| {
         matches!(
             e,
@@ -677,17 +686,7 @@ async fn malformed_frames_and_json_are_counted_and_skipped_and_the_session_goes_
         ),
     ])
     .await;
-    // The bot never answers the turn its transcript starts: a short
-    // timeout bounds how long the graceful stop waits for it.
-    let mut config = config_for_url(&url);
-    config.timeout = Duration::from_secs(1);
-    let backend = started(config).await;
-    let s = backend
-        .create_session(SessionConfig::new("tough"))
-        .await
-        .unwrap();
-    let mut events = s.events();
-    s.start().await.unwrap();
+    let (backend, _session, mut events) = scripted_session(&url, "tough").await;
     assert_eq!(final_transcript(&mut events).await, "still here");
     let health = backend.health_check().await;
     assert_eq!(

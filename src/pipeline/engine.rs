@@ -1442,21 +1442,30 @@ mod tests {
         }
     }
 
-    /// Says anything as `frames` 20 ms frames whose bytes are 1, 2, 3, ...
-    struct NumberedTts {
-        frames: usize,
+    /// Says anything as one frame per duration, whose bytes are 1, 2, 3, ...
+    struct FramesTts {
+        durations: Vec<Duration>,
+    }
+
+    impl FramesTts {
+        /// `frames` frames of 20 ms.
+        fn numbered(frames: usize) -> Self {
+            FramesTts {
+                durations: vec![Duration::from_millis(20); frames],
+            }
+        }
     }
 
     #[async_trait::async_trait]
-    impl TextToSpeech for NumberedTts {
+    impl TextToSpeech for FramesTts {
         async fn synthesize(
             &self,
             _text: &str,
             format: AudioFormat,
             out: &mpsc::Sender<AudioFrame>,
         ) -> Result<()> {
-            for i in 0..self.frames {
-                let data = vec![(i % 250 + 1) as u8; format.bytes_for(Duration::from_millis(20))];
+            for (i, &d) in self.durations.iter().enumerate() {
+                let data = vec![(i % 250 + 1) as u8; format.bytes_for(d)];
                 if out.send(AudioFrame::new(format, data)?).await.is_err() {
                     break;
                 }
@@ -1469,31 +1478,8 @@ mod tests {
         AudioFrame::new(INTERNAL_FORMAT, vec![byte; 640]).unwrap()
     }
 
-    /// Sends one frame per duration, frame `i` filled with byte `i + 1`.
-    struct SizedTts {
-        durations: Vec<Duration>,
-    }
-
-    #[async_trait::async_trait]
-    impl TextToSpeech for SizedTts {
-        async fn synthesize(
-            &self,
-            _text: &str,
-            format: AudioFormat,
-            out: &mpsc::Sender<AudioFrame>,
-        ) -> Result<()> {
-            for (i, &d) in self.durations.iter().enumerate() {
-                let data = vec![i as u8 + 1; format.bytes_for(d)];
-                if out.send(AudioFrame::new(format, data)?).await.is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        }
-    }
-
     fn stt_tts_engine(tts_frames: usize) -> Engine {
-        engine_with_tts(Arc::new(NumberedTts { frames: tts_frames }))
+        engine_with_tts(Arc::new(FramesTts::numbered(tts_frames)))
     }
 
     fn engine_with_tts(tts: Arc<dyn TextToSpeech>) -> Engine {
@@ -1605,7 +1591,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reply_frame_over_the_playout_bound_is_dropped_whole() {
         let ms = Duration::from_millis;
-        let engine = engine_with_tts(Arc::new(SizedTts {
+        let engine = engine_with_tts(Arc::new(FramesTts {
             durations: vec![ms(20), MAX_REPLY_AUDIO + ms(20), ms(20)],
         }));
         let metrics = engine.metrics.clone();
