@@ -634,6 +634,78 @@ async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
     backend.stop().await.unwrap();
 }
 
+/// A bot that says it is ready, then reads nothing more (a stalled process).
+async fn deaf_bot() -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use voice_backends::providers::pipecat::proto;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let _ = ws.next().await;
+                let ready = proto::encode_message(
+                    r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#.to_owned(),
+                );
+                let _ = ws
+                    .send(tokio_tungstenite::tungstenite::Message::Binary(
+                        ready.into(),
+                    ))
+                    .await;
+                // Hold the connection, read nothing.
+                std::future::pending::<()>().await;
+                drop(ws);
+            });
+        }
+    });
+    format!("ws://{addr}/")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_that_stops_reading_loses_the_link_after_the_timeout() {
+    let url = deaf_bot().await;
+    let (backend, session, mut events) = scripted_session(&url, "deaf").await;
+    // Audio until the socket's buffers are full and the link stalls; after
+    // the timeout (1 s) it is given up and reopened.
+    let frame = signal::silence(Duration::from_millis(20));
+    let reconnecting = |e: &SessionEvent| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Reconnecting
+            }
+        )
+    };
+    let feed = async {
+        loop {
+            for _ in 0..256 {
+                let f = voice_backends::AudioFrame::from_i16(16_000, 1, &frame).unwrap();
+                let _ = session.process_audio(f).await;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let seen = timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            () = feed => unreachable!(),
+            e = expect_event(&Pipecat, &mut events, "the link reconnecting", reconnecting) => e,
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the stalled link was given up");
+    let health = backend.health_check().await;
+    assert_ne!(
+        health.details.get("pipecat_reconnects").map(String::as_str),
+        Some("0"),
+        "{health:?}"
+    );
+    backend.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dot_user_id_never_becomes_a_path_step_of_a_template_url() {
     use tokio_tungstenite::tungstenite::Message;

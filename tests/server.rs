@@ -23,8 +23,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use voice_backends::server::{Server, ServerConfig};
 use voice_backends::testing::signal;
 use voice_backends::{
-    AuthHook, BackendError, Config, ErrorCode, Hooks, Operation, PipelineType, Principal, Secret,
-    VoiceBackend, registry,
+    AuthHook, BackendError, Config, ConnectionState, ErrorCode, Hooks, Operation, PipelineType,
+    Principal, Secret, VoiceBackend, registry,
 };
 
 /// How long anything may take on a loaded machine before the test fails.
@@ -1066,6 +1066,50 @@ impl AuthHook for ThreadNames {
     async fn authorize(&self, _: &Principal, _: Operation) -> voice_backends::Result<()> {
         Ok(())
     }
+}
+
+/// A turn longer than the shutdown deadline: the connections close at the
+/// deadline, and the backend still stops (its sessions finish on their own
+/// deadline) instead of being left half-stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_shutdown_deadline_the_backend_still_stops() {
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            shutdown_deadline: Duration::from_millis(200),
+            ..server_config()
+        },
+    )
+    .await;
+    let (addr, backend) = (server.addr, server.backend.clone());
+    let mut c = Client::connect(addr).await;
+    c.start("long").await;
+    c.stream(&signal::utterance(
+        Duration::from_millis(1500),
+        Duration::from_millis(900),
+        9,
+    ))
+    .await;
+    c.wait_for("the reply", |v| is_state(v, "processing", "speaking"))
+        .await;
+    let run = tokio::spawn(server.stop());
+    assert_eq!(c.expect_close().await.0, 1001);
+    timeout(PATIENCE, run)
+        .await
+        .expect("run returns")
+        .unwrap()
+        .expect("run returns Ok");
+    // The reply (about 2.5 s) outlasts the deadline; the backend's stop goes
+    // on until it has played out.
+    timeout(PATIENCE, async {
+        while backend.connection_state() != ConnectionState::Disconnected
+            || backend.active_session_count() != 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the backend stopped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

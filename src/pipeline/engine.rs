@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -218,6 +218,9 @@ struct Shared {
     replying: AtomicBool,
     /// The S2S stream is a remote service that ends turns itself.
     remote_turns: bool,
+    /// Set once the session has ended (its task finished, or it was stopped
+    /// before it started), for every `stop` caller to wait on.
+    finished: watch::Sender<bool>,
 }
 
 /// One session's pipeline.
@@ -320,6 +323,7 @@ impl Engine {
             turns: AtomicU64::new(0),
             replying: AtomicBool::new(false),
             remote_turns: parts.remote_turns,
+            finished: watch::Sender::new(false),
         });
         Ok(Engine {
             accepting: AtomicBool::new(false),
@@ -372,20 +376,21 @@ impl Engine {
     /// Starts the session's task; the session listens from now on. Must be
     /// called inside a tokio runtime. Starting twice is an error.
     pub fn start(&self) -> Result<()> {
-        let parts = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| {
+        // Taking the parts and accepting are one step under the lock, so a
+        // `stop` sees either a session that never started or a running one.
+        let parts = {
+            let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+            let parts = task.take().ok_or_else(|| {
                 BackendError::new(
                     "session.start",
                     ErrorCode::PipelineError,
                     "the session was already started (a stopped session cannot restart)",
                 )
             })?;
+            self.accepting.store(true, Ordering::Release);
+            parts
+        };
         let shared = self.shared.clone();
-        self.accepting.store(true, Ordering::Release);
         shared.set_state(PipelineState::Listening);
         let span = tracing::info_span!("session", session_id = %shared.session_id);
         tokio::spawn(run(shared, parts).instrument(span));
@@ -619,33 +624,45 @@ impl Engine {
     /// Stops: refuses new input, lets a reply in flight finish within
     /// `deadline`, then closes the session's task.
     pub async fn stop(&self, deadline: Duration) -> Result<()> {
-        if !self.accepting.swap(false, Ordering::AcqRel) {
-            if self
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-                .is_some()
-            {
-                // Never started: nothing runs, and it cannot start any more.
-                self.shared.set_state(PipelineState::Idle);
-                self.shared.emit(SessionEvent::Closed);
+        let running = {
+            let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.accepting.swap(false, Ordering::AcqRel) {
+                true
+            } else {
+                if task.take().is_some() {
+                    // Never started: nothing runs, and it cannot start any more.
+                    self.shared.set_state(PipelineState::Idle);
+                    self.shared.emit(SessionEvent::Closed);
+                    self.shared.finished.send_replace(true);
+                }
+                false
             }
-            return Ok(());
-        }
-        let (done, wait) = oneshot::channel();
-        let _ = self.shared.control.send(Control::Stop {
-            deadline: Instant::now() + deadline,
-            done,
-        });
+        };
         // The task ends by the deadline; a little slack for the final events.
-        match tokio::time::timeout(deadline + Duration::from_secs(1), wait).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(BackendError::new(
+        let patience = deadline + Duration::from_secs(1);
+        let ended = if running {
+            let (done, wait) = oneshot::channel();
+            let _ = self.shared.control.send(Control::Stop {
+                deadline: Instant::now() + deadline,
+                done,
+            });
+            tokio::time::timeout(patience, wait).await.is_ok()
+        } else {
+            // Stopping already (another caller asked first), or stopped:
+            // wait for the end as that caller does.
+            let mut finished = self.shared.finished.subscribe();
+            tokio::time::timeout(patience, finished.wait_for(|&f| f))
+                .await
+                .is_ok()
+        };
+        if ended {
+            Ok(())
+        } else {
+            Err(BackendError::new(
                 "session.stop",
                 ErrorCode::Timeout,
                 format!("the session did not stop within {deadline:?}"),
-            )),
+            ))
         }
     }
 }
@@ -1187,6 +1204,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
     drop(reply);
     shared.set_state(PipelineState::Idle);
     shared.emit(SessionEvent::Closed);
+    shared.finished.send_replace(true);
     if let Some((_, done)) = stopping {
         let _ = done.send(());
     }
@@ -1612,6 +1630,29 @@ mod tests {
             Some(&1)
         );
         engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// A second `stop` (a client's stop, then its disconnect) returns when the
+    /// session has ended, as the first does, not at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_second_stop_waits_for_the_end_as_the_first_does() {
+        let engine = Arc::new(stt_tts_engine(100));
+        let mut events = engine.subscribe();
+        let mut rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 4);
+        rx.recv().await.expect("the reply plays");
+        let first = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.stop(Duration::from_secs(10)).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(engine.state(), PipelineState::Speaking);
+        engine.stop(Duration::from_secs(10)).await.unwrap();
+        // The 2 s reply played out, then the session closed.
+        assert_eq!(engine.state(), PipelineState::Idle);
+        next_event(&mut events, "the close", |e| *e == SessionEvent::Closed).await;
+        first.await.unwrap().unwrap();
     }
 
     #[tokio::test]

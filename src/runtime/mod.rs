@@ -729,9 +729,9 @@ impl RuntimeBackend {
         let key = principal.as_ref().map_or(&config.user_id, |p| &p.user_id);
         self.inner.rate_limit(key).await?;
         let cap = self.inner.capacity();
-        let reserved = self.inner.open.fetch_add(1, Ordering::AcqRel);
-        if reserved >= cap {
-            self.inner.open.fetch_sub(1, Ordering::AcqRel);
+        // Given back if anything below fails, or if this future is dropped
+        // part-way (a caller's timeout): only a session in the table keeps it.
+        let Some(place) = Reservation::take(&self.inner.open, cap) else {
             return Err(BackendError::new(
                 OP,
                 ErrorCode::SessionLimitExceeded,
@@ -740,21 +740,57 @@ impl RuntimeBackend {
                 ),
             )
             .with_detail("capacity", cap.to_string()));
-        }
-        let session = match self.inner.build_session(config).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.inner.open.fetch_sub(1, Ordering::AcqRel);
-                return Err(e);
-            }
         };
-        self.inner
-            .sessions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(session.id.clone(), session.clone());
+        let session = self.inner.build_session(config).await?;
+        {
+            let mut sessions = self
+                .inner
+                .sessions
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            // `stop` turns `accepting` off before it looks at the table: a
+            // session opened while it ran is refused here, under the same
+            // lock, rather than left behind on a stopped backend.
+            if !self.inner.accepting.load(Ordering::Acquire) {
+                drop(sessions);
+                return Err(BackendError::new(
+                    OP,
+                    ErrorCode::ContextCanceled,
+                    "the backend stopped while the session was being opened",
+                ));
+            }
+            sessions.insert(session.id.clone(), session.clone());
+        }
+        place.keep();
         self.inner.metrics.session_opened();
         Ok(session)
+    }
+}
+
+/// A place under the backend's capacity (`Inner::open`), given back when
+/// dropped unless [`Reservation::keep`] hands it to a session in the table.
+struct Reservation<'a> {
+    open: &'a AtomicUsize,
+}
+
+impl<'a> Reservation<'a> {
+    fn take(open: &'a AtomicUsize, cap: usize) -> Option<Self> {
+        if open.fetch_add(1, Ordering::AcqRel) >= cap {
+            open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Reservation { open })
+    }
+
+    /// The session holds the place now; removing it gives the place back.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -924,6 +960,58 @@ mod tests {
         let backend = RuntimeBackend::new(Arc::new(LocalConnector), &config).unwrap();
         backend.start().await.unwrap();
         backend
+    }
+
+    fn cd_quality(user: &str) -> SessionConfig {
+        let cd = AudioFormat::new(AudioEncoding::PcmS16Le, 44_100, 1);
+        SessionConfig::new(user)
+            .with_input_format(cd)
+            .with_output_format(cd)
+    }
+
+    /// A creation dropped part-way (a caller's timeout) gives its place back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_creation_gives_its_place_back() {
+        let mut config = Config::new("local");
+        config.pipeline_type = PipelineType::S2s;
+        config.s2s_provider = Some("echo".into());
+        config.max_concurrent_sessions = 1;
+        let backend = RuntimeBackend::new(Arc::new(LocalConnector), &config).unwrap();
+        backend.start().await.unwrap();
+        // A 44.1 kHz session waits for its resamplers: cut off there.
+        let cut = tokio::time::timeout(
+            Duration::ZERO,
+            backend.create_session_inner(cd_quality("cut")),
+        )
+        .await;
+        assert!(cut.is_err(), "the creation was still waiting");
+        backend
+            .create_session(SessionConfig::new("next"))
+            .await
+            .expect("the one place is free again");
+        backend.stop().await.unwrap();
+    }
+
+    /// A session being opened while the backend stops is refused, not left
+    /// behind on the stopped backend.
+    // One thread: the creation runs up to its wait for the resamplers before
+    // `stop` starts.
+    #[tokio::test]
+    async fn a_session_opened_while_the_backend_stops_is_not_left_behind() {
+        let backend = Arc::new(echo_backend().await);
+        let creating = tokio::spawn({
+            let backend = backend.clone();
+            async move { backend.create_session_inner(cd_quality("late")).await }
+        });
+        tokio::task::yield_now().await;
+        backend.stop().await.unwrap();
+        match creating.await.unwrap() {
+            Err(e) => assert_eq!(e.code, ErrorCode::ContextCanceled, "{e}"),
+            // Done before `stop` looked: then `stop` stopped it.
+            Ok(s) => assert_eq!(s.state(), crate::session::PipelineState::Idle),
+        }
+        assert_eq!(backend.active_session_count(), 0);
+        assert!(backend.list_sessions().await.is_empty());
     }
 
     /// A session at another rate gets its resamplers when it is created (on a

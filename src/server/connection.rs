@@ -415,7 +415,8 @@ impl Conn {
     ) -> End {
         // Whether client audio and text still go to the session: not after
         // the client's `stop`, nor while the server drains.
-        let mut input_open = *self.phase.borrow_and_update() == Phase::Running;
+        let phase = *self.phase.borrow_and_update();
+        let mut input_open = phase == Phase::Running;
         let mut stop_requested = false;
         let mut stopper: Option<JoinHandle<Result<()>>> = None;
         // A run of failed inputs is reported to the client once.
@@ -426,6 +427,13 @@ impl Conn {
         // `Inputs`); reply audio and the socket on every wake-up.
         let mut phase_change = pin!(phase_change_of(self.phase.clone()));
         let mut next = pin!(next_event(events));
+        if phase == Phase::Closing {
+            // The last phase: no change of it will come to wait for.
+            if self.finish(next.as_mut(), &mut audio).await.is_err() {
+                return End::Gone;
+            }
+            return End::close(protocol::GOING_AWAY, "server shutting down");
+        }
         // Every input starts marked.
         let inputs = Inputs::new(PHASE | STOPPER | EVENTS);
         let mut registered: Option<Waker> = None;

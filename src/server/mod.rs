@@ -484,10 +484,20 @@ impl Server {
         );
         shared.phase.send_replace(Phase::Draining);
         stop_accepting.send_replace(true);
-        match tokio::time::timeout(deadline, shared.backend.stop()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(code = %e.code, "backend stop: {}", e.message),
-            Err(_) => tracing::warn!("in-flight turns did not finish within {deadline:?}"),
+        // On a task of its own: past the deadline the connections close, and
+        // the backend's stop goes on to its end (its sessions' own deadlines)
+        // rather than being cut off half-way.
+        let stopping = tokio::spawn({
+            let backend = shared.backend.clone();
+            async move { backend.stop().await }
+        });
+        match tokio::time::timeout(deadline, stopping).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(code = %e.code, "backend stop: {}", e.message),
+            Ok(Err(e)) => tracing::warn!("backend stop failed: {e}"),
+            Err(_) => tracing::warn!(
+                "in-flight turns did not finish within {deadline:?}; the backend goes on stopping"
+            ),
         }
         shared.phase.send_replace(Phase::Closing);
         if tokio::time::timeout(CLOSE_GRACE, shared.tracker.wait_idle())

@@ -40,6 +40,8 @@ const EVENT_QUEUE: usize = 256;
 /// How long opening a link waits for RTVI `bot-ready` after `client-ready`
 /// (a bot without RTVI never sends it: the link opens anyway after this).
 const BOT_READY_WAIT: Duration = Duration::from_secs(1);
+/// How long closing the link may wait for the bot to take the close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// The largest message taken from the bot: 2 MiB is over 20 s of 48 kHz mono
 /// audio in one frame, far more than a bot sends at once; a larger message
 /// fails the link instead of being read into memory whole.
@@ -486,7 +488,7 @@ impl LinkTask {
         loop {
             match self.serve(&mut ws, &mut out).await {
                 Ended::SessionGone => {
-                    let _ = ws.close(None).await;
+                    let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
                     return;
                 }
                 Ended::Lost(cause) => {
@@ -518,20 +520,32 @@ impl LinkTask {
                 },
                 next = out.recv() => {
                     let Some(first) = next else { return Ended::SessionGone };
-                    let mut batch = 1u64;
-                    if let Err(e) = ws.feed(Message::Binary(first.into())).await {
-                        return Ended::Lost(describe(&e));
-                    }
-                    while let Ok(more) = out.try_recv() {
-                        batch += 1;
-                        if let Err(e) = ws.feed(Message::Binary(more.into())).await {
-                            return Ended::Lost(describe(&e));
+                    let write = async {
+                        let mut batch = 1u64;
+                        ws.feed(Message::Binary(first.into())).await?;
+                        while let Ok(more) = out.try_recv() {
+                            batch += 1;
+                            ws.feed(Message::Binary(more.into())).await?;
+                        }
+                        ws.flush().await?;
+                        Ok::<u64, tungstenite::Error>(batch)
+                    };
+                    // A bot that stops reading (a stalled process) would
+                    // hold the link, and the session's stop, for as long as
+                    // TCP keeps trying.
+                    let patience = self.shared.reply_timeout;
+                    match tokio::time::timeout(patience, write).await {
+                        Ok(Ok(batch)) => {
+                            self.shared.counters.sent.fetch_add(batch, Ordering::Relaxed);
+                        }
+                        Ok(Err(e)) => return Ended::Lost(describe(&e)),
+                        Err(_) => {
+                            return Ended::Lost(format!(
+                                "the bot took nothing for {}",
+                                humantime::format_duration(patience)
+                            ));
                         }
                     }
-                    if let Err(e) = ws.flush().await {
-                        return Ended::Lost(describe(&e));
-                    }
-                    self.shared.counters.sent.fetch_add(batch, Ordering::Relaxed);
                 }
             }
         }
