@@ -1276,6 +1276,12 @@ fn init_logging(config: &Config) {
         },
         _ => EnvFilter::new(level),
     };
+    // tungstenite logs a client handshake's whole request at trace level,
+    // the bot's `Authorization` header and URL included: never that.
+    let filter = match "tungstenite=debug".parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1122,6 +1122,86 @@ fn provider_secrets_absent_from_debug_and_saved_output() {
     assert!(json.contains(REDACTED), "{json}");
 }
 
+/// Secrets in places whose key does not say so: under a secret key holding
+/// an object, in URLs (user name, password, `token=` query values), under
+/// `Authorization`, in processor options and in a session's connection URL.
+#[test]
+fn secrets_in_objects_urls_processors_and_session_urls_are_redacted() {
+    let hidden = [
+        "sk-NESTED-1",
+        "pw-URL-2",
+        "tk-QUERY-3",
+        "ab-AUTHZ-4",
+        "sk-PROC-5",
+        "pw-PROC-6",
+    ];
+    let mut config = Config::builder("local")
+        .pipeline_type(PipelineType::S2s)
+        .s2s_provider("echo")
+        .provider_option("api_keys", serde_json::json!({"openai": "sk-NESTED-1"}))
+        .provider_option(
+            "url",
+            "wss://bob:pw-URL-2@bot.example/ws?token=tk-QUERY-3&room=7",
+        )
+        .provider_option(
+            "headers",
+            serde_json::json!({"Authorization": "Bearer ab-AUTHZ-4"}),
+        )
+        .build()
+        .unwrap();
+    config.processors.push(ProcessorConfig {
+        name: "denoise".into(),
+        order: 1,
+        options: serde_json::json!({"api_key": "sk-PROC-5", "endpoint": "https://u:pw-PROC-6@x.example/"}),
+    });
+    let shown = [
+        format!("{config:?}"),
+        config.to_toml_string().unwrap(),
+        config.to_json_string().unwrap(),
+    ];
+    for text in &shown {
+        for secret in hidden {
+            assert!(!text.contains(secret), "{secret} shows in:\n{text}");
+        }
+        // What is not secret stays readable.
+        assert!(
+            text.contains("bot.example") && text.contains("room=7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("denoise") && text.contains("x.example"),
+            "{text}"
+        );
+    }
+    // The values themselves are kept.
+    assert_eq!(
+        config.provider_config.0["url"],
+        "wss://bob:pw-URL-2@bot.example/ws?token=tk-QUERY-3&room=7"
+    );
+
+    let session = SessionConfig::new("u")
+        .with_connection_url("wss://ann:pw-SESS-7@host.example/s?api_key=k-SESS-8&x=1");
+    for text in [format!("{session:?}"), session.to_json_string().unwrap()] {
+        assert!(
+            !text.contains("pw-SESS-7") && !text.contains("k-SESS-8"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host.example") && text.contains("x=1"),
+            "{text}"
+        );
+    }
+    assert!(session.connection_url.unwrap().contains("pw-SESS-7"));
+
+    // A URL without a scheme: what parses as one may be a user name.
+    let bad = SessionConfig::new("u").with_connection_url("apikey:s3cr3t-SCHEME@bot:8765/ws");
+    let e = bad.violations().into_result("t").unwrap_err();
+    assert!(
+        !everything(&e).contains("s3cr3t") && !everything(&e).contains("apikey"),
+        "{e}"
+    );
+}
+
 #[test]
 fn provider_secrets_absent_from_validation_errors() {
     let mut config = config_with_secrets();

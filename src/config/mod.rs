@@ -110,7 +110,9 @@ pub enum LogLevel {
 }
 
 /// A custom audio processor to run on every incoming frame, by name.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// `Debug` and `Serialize` redact its options as [`ProviderSection`]'s.
+#[derive(Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessorConfig {
     /// The registered name of the processor.
@@ -124,12 +126,120 @@ pub struct ProcessorConfig {
     pub options: serde_json::Value,
 }
 
+/// The options as `Debug` and `Serialize` show them.
+#[derive(Serialize)]
+struct ShownProcessor<'a> {
+    name: &'a str,
+    order: i32,
+    #[serde(skip_serializing_if = "is_empty_object")]
+    options: serde_json::Value,
+}
+
+impl ProcessorConfig {
+    fn shown(&self) -> ShownProcessor<'_> {
+        ShownProcessor {
+            name: &self.name,
+            order: self.order,
+            options: redact_value(&self.options),
+        }
+    }
+}
+
+impl fmt::Debug for ProcessorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = self.shown();
+        f.debug_struct("ProcessorConfig")
+            .field("name", &shown.name)
+            .field("order", &shown.order)
+            .field("options", &shown.options)
+            .finish()
+    }
+}
+
+impl Serialize for ProcessorConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.shown().serialize(serializer)
+    }
+}
+
+/// `value` with every secret in it replaced: the whole value under a
+/// secret-looking key ([`ProviderSection::is_secret_key`]), at any depth, and
+/// in URLs the user name, password and secret-looking query values
+/// ([`redact_url`]).
+fn redact_value(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if ProviderSection::is_secret_key(k) {
+                        Value::String(REDACTED.to_owned())
+                    } else {
+                        redact_value(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(redact_value).collect()),
+        Value::String(text) => Value::String(redact_url(text).into_owned()),
+        other => other.clone(),
+    }
+}
+
+/// `text` with, if it is a URL, its user name and password and the values of
+/// secret-looking query parameters replaced by `redacted`
+/// (`wss://redacted:redacted@bot/ws?token=redacted&room=1`). Other text is
+/// returned as it is.
+pub fn redact_url(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    const HIDDEN: &str = "redacted";
+    if !text.contains("://") {
+        return Cow::Borrowed(text);
+    }
+    let Ok(mut url) = url::Url::parse(text) else {
+        return Cow::Borrowed(text);
+    };
+    let mut changed = false;
+    if !url.username().is_empty() {
+        changed |= url.set_username(HIDDEN).is_ok();
+    }
+    if url.password().is_some() {
+        changed |= url.set_password(Some(HIDDEN)).is_ok();
+    }
+    if url
+        .query_pairs()
+        .any(|(k, _)| ProviderSection::is_secret_key(&k))
+    {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if ProviderSection::is_secret_key(&k) {
+                    HIDDEN.to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
+    }
+    if changed {
+        Cow::Owned(url.to_string())
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
 /// The provider-specific section of a [`Config`], as a JSON object.
 ///
 /// It is checked by the provider against its own typed config. Until then its
-/// values are untyped, so `Debug` and `Serialize` redact every value whose key
-/// looks secret (it contains `key`, `secret`, `token`, `password` or
-/// `credential`, in any case).
+/// values are untyped, so `Debug` and `Serialize` redact every value (an
+/// object or list too) whose key looks secret (it contains `key`, `secret`,
+/// `token`, `password`, `passwd`, `credential` or `authorization`, in any
+/// case), and in URLs the user name, password and secret-looking query
+/// values ([`redact_url`]).
 #[derive(Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct ProviderSection(pub serde_json::Map<String, serde_json::Value>);
@@ -138,37 +248,26 @@ impl ProviderSection {
     /// Whether a key of the section names a secret, so its value is redacted.
     pub fn is_secret_key(key: &str) -> bool {
         let k = key.to_ascii_lowercase();
-        ["key", "secret", "token", "password", "credential"]
-            .iter()
-            .any(|w| k.contains(w))
+        [
+            "key",
+            "secret",
+            "token",
+            "password",
+            "passwd",
+            "credential",
+            "authorization",
+        ]
+        .iter()
+        .any(|w| k.contains(w))
     }
 
-    /// A copy with every secret-looking value (at any depth) replaced by `[redacted]`.
+    /// A copy with every secret-looking value (at any depth) replaced by
+    /// `[redacted]`, and the secrets in URLs by `redacted`.
     pub fn redacted(&self) -> serde_json::Map<String, serde_json::Value> {
-        fn redact(v: &serde_json::Value) -> serde_json::Value {
-            match v {
-                serde_json::Value::Object(m) => serde_json::Value::Object(redact_map(m)),
-                serde_json::Value::Array(a) => {
-                    serde_json::Value::Array(a.iter().map(redact).collect())
-                }
-                other => other.clone(),
-            }
+        match redact_value(&serde_json::Value::Object(self.0.clone())) {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("an object stays an object"),
         }
-        fn redact_map(
-            m: &serde_json::Map<String, serde_json::Value>,
-        ) -> serde_json::Map<String, serde_json::Value> {
-            m.iter()
-                .map(|(k, v)| {
-                    let v = if ProviderSection::is_secret_key(k) && !v.is_object() {
-                        serde_json::Value::String(REDACTED.to_owned())
-                    } else {
-                        redact(v)
-                    };
-                    (k.clone(), v)
-                })
-                .collect()
-        }
-        redact_map(&self.0)
     }
 
     /// Whether the section has no keys.
@@ -324,8 +423,13 @@ pub struct SessionConfig {
     #[serde(default)]
     pub transport: Transport,
     /// Where the provider should connect this session, if it needs one
-    /// (`ws`, `wss`, `http` or `https`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (`ws`, `wss`, `http` or `https`). `Debug` and the saved form show it
+    /// without its user name, password and secret-looking query values.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_redacted_url"
+    )]
     pub connection_url: Option<String>,
     /// The token given to the backend's auth hook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,7 +460,10 @@ impl fmt::Debug for SessionConfig {
         f.debug_struct("SessionConfig")
             .field("user_id", &self.user_id)
             .field("transport", &self.transport)
-            .field("connection_url", &self.connection_url)
+            .field(
+                "connection_url",
+                &self.connection_url.as_deref().map(redact_url),
+            )
             .field("auth_token", &self.auth_token)
             .field("pipeline", &self.pipeline)
             .field("metadata", &self.metadata)
@@ -365,6 +472,13 @@ impl fmt::Debug for SessionConfig {
             .field("agent", &self.agent.as_ref().map(|_| "<agent>"))
             .finish()
     }
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    url.as_deref().map(redact_url).serialize(serializer)
 }
 
 fn default_audio_format() -> crate::audio::AudioFormat {

@@ -699,11 +699,16 @@ impl SessionConfig {
                 Ok(parsed) => {
                     let scheme = parsed.scheme();
                     if !matches!(scheme, "ws" | "wss" | "http" | "https") {
+                        // Without `://`, what parsed as the scheme may be a
+                        // user name (`user:password@host`): not quoted.
+                        let what = if url.contains("://") {
+                            format!("scheme {scheme:?} is not supported")
+                        } else {
+                            "has no scheme".to_owned()
+                        };
                         v.push(
                             "connection_url",
-                            format!(
-                                "scheme {scheme:?} is not supported; use ws, wss, http or https"
-                            ),
+                            format!("{what}; use ws, wss, http or https"),
                         );
                     }
                 }

@@ -46,7 +46,10 @@ fn yes() -> bool {
 /// [provider_config]
 /// url_template = "ws://127.0.0.1:8765/ws?session={session_id}"
 /// ```
-#[derive(Clone, Debug, Deserialize, JsonSchema)]
+///
+/// `Debug` shows the URLs without their user names, passwords and
+/// secret-looking query values.
+#[derive(Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PipecatConfig {
     /// The bot's WebSocket URL (`ws://` or `wss://`), the same for every session.
@@ -54,6 +57,10 @@ pub struct PipecatConfig {
     /// The bot's WebSocket URL per session, with `{session_id}` and/or `{user_id}`.
     pub url_template: Option<String>,
     /// Sent as `Authorization: Bearer <token>` when connecting.
+    ///
+    /// tungstenite logs the whole handshake request, this header included,
+    /// at `trace` level: keep the `tungstenite` target below `trace` in your
+    /// subscriber (the `voice-backends` binary always does).
     pub auth_token: Option<Secret>,
     /// The bot's input sample rate in Hz (Pipecat's default 16000); user audio
     /// is resampled to it, because nothing resamples it on the bot's side.
@@ -63,6 +70,22 @@ pub struct PipecatConfig {
     /// before `bot-ready`).
     #[serde(default = "yes")]
     pub client_ready: bool,
+}
+
+impl std::fmt::Debug for PipecatConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::config::redact_url;
+        f.debug_struct("PipecatConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "url_template",
+                &self.url_template.as_deref().map(redact_url),
+            )
+            .field("auth_token", &self.auth_token)
+            .field("input_sample_rate", &self.input_sample_rate)
+            .field("client_ready", &self.client_ready)
+            .finish()
+    }
 }
 
 impl PipecatConfig {
@@ -133,10 +156,13 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
     match url::Url::parse(url) {
         Ok(u) if matches!(u.scheme(), "ws" | "wss") && u.host_str().is_some() => Ok(()),
         Ok(u) if u.host_str().is_none() => Err("has no host; expected e.g. ws://host:8765/".into()),
-        Ok(u) => Err(format!(
+        // Without `://`, what parsed as the scheme may be a user name
+        // (`user:password@host`): not quoted.
+        Ok(u) if url.contains("://") => Err(format!(
             "scheme {:?} is not supported; use ws or wss",
             u.scheme()
         )),
+        Ok(_) => Err("has no ws:// or wss:// scheme; expected e.g. ws://host:8765/".into()),
         Err(e) => Err(format!(
             "is not a valid URL ({e}); expected e.g. ws://host:8765/"
         )),
