@@ -1248,7 +1248,9 @@ pub fn server_config(args: &ServeArgs) -> ServerConfig {
         config.max_frame_bytes = n;
     }
     config.workers = args.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(crate::server::MAX_WORKERS)
     });
     config
 }

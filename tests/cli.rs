@@ -563,6 +563,27 @@ fn serve_runs_a_config_file_at_its_log_level() {
     assert!(!log.contains("INFO"), "{log}");
 }
 
+/// The README's `pipecat` config: the bot hosts STT and TTS, so it names no
+/// components, and both `validate` and `serve` take it.
+#[cfg(feature = "pipecat")]
+#[test]
+fn the_readme_pipecat_config_validates_and_serves() {
+    let text = "provider = \"pipecat\"\nmax_retries = 3\nretry_delay = \"500ms\"\n\n\
+                [provider_config]\n\
+                url_template = \"ws://127.0.0.1:8765/ws?session={session_id}\"\n\
+                input_sample_rate = 16000\n";
+    let (out, _) = validate("pipecat.toml", text);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let (_dir, path) = temp_file("pipecat.toml", text);
+    let mut serve = start_serve(&["--config", path.to_str().unwrap()], &[]);
+    let (status, body) = http_get(serve.addr, "/healthz");
+    assert!(body.contains("pipecat"), "{status} {body}");
+    sigterm(serve.child.id());
+    let status = wait_exit(&mut serve.child, Duration::from_secs(30));
+    let log = serve.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+}
+
 #[test]
 fn serve_refuses_an_invalid_environment_overlay() {
     let out = Command::new(BIN)

@@ -1049,10 +1049,23 @@ fn from_path_errors() {
     let invalid = dir.path().join("invalid.yaml");
     std::fs::write(&invalid, "provider: local\nmax_retries: 20\n").unwrap();
     let error = Config::from_path(&invalid).unwrap_err();
-    assert_eq!(
-        paths(&error),
-        set(&["max_retries", "stt_provider", "tts_provider"])
-    );
+    // The components the pipeline needs depend on the provider: creating
+    // the backend checks them, not loading.
+    assert_eq!(paths(&error), set(&["max_retries"]));
+}
+
+/// Loading checks what holds for any provider; the pipeline's components are
+/// the provider's to require, when the backend is created.
+#[tokio::test]
+async fn loading_leaves_the_pipeline_components_to_the_provider() {
+    let config = Config::from_toml_str("provider = \"local\"\n").unwrap();
+    let error = voice_backends::registry()
+        .create("local", &config)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(error.code, ErrorCode::InvalidConfig);
+    assert_eq!(paths(&error), set(&["stt_provider", "tts_provider"]));
 }
 
 #[test]
@@ -1531,6 +1544,9 @@ fn env_overrides_every_kind_of_field() {
                 ("VB_ENABLE_TRACING", "false"),
                 ("VB_LOG_LEVEL", "warn"),
                 ("VB_PROCESSORS", r#"[{"name": "gain", "order": 1}]"#),
+                ("VB_RATE_LIMIT_PER_SECOND", "2.5"),
+                ("VB_RATE_LIMIT_BURST", "50"),
+                ("VB_COMPONENTS", r#"{"silence": {"min_silence": "700ms"}}"#),
             ],
         )
         .unwrap();
@@ -1551,6 +1567,12 @@ fn env_overrides_every_kind_of_field() {
     assert_eq!(config.log_level, LogLevel::Warn);
     assert_eq!(config.processors.len(), 1);
     assert_eq!(config.processors[0].name, "gain");
+    assert_eq!(config.rate_limit_per_second, 2.5);
+    assert_eq!(config.rate_limit_burst, 50);
+    assert_eq!(
+        config.components["silence"].0["min_silence"],
+        serde_json::json!("700ms")
+    );
 }
 
 #[test]
@@ -1593,10 +1615,7 @@ fn env_result_is_validated() {
             [("VB_TIMEOUT", "10m"), ("VB_PIPELINE_TYPE", "stt_tts")],
         )
         .unwrap_err();
-    assert_eq!(
-        paths(&error),
-        set(&["timeout", "stt_provider", "tts_provider"])
-    );
+    assert_eq!(paths(&error), set(&["timeout"]));
     assert_eq!(config, base());
 }
 

@@ -17,7 +17,7 @@ use crate::error::BackendError;
 const ENV_OP: &str = "config.env";
 
 /// The upper-cased names of the top-level [`Config`] fields.
-const FIELDS: [&str; 19] = [
+const FIELDS: [&str; 22] = [
     "PROVIDER",
     "PROVIDER_CONFIG",
     "PIPELINE_TYPE",
@@ -37,6 +37,9 @@ const FIELDS: [&str; 19] = [
     "ENABLE_LOGGING",
     "LOG_LEVEL",
     "PROCESSORS",
+    "RATE_LIMIT_PER_SECOND",
+    "RATE_LIMIT_BURST",
+    "COMPONENTS",
 ];
 
 /// The marker that starts a `provider_config` key in a variable name, and
@@ -156,7 +159,7 @@ impl Config {
         let mut next = self.clone();
         overlay(&mut next, prefix, vars, &mut violations);
         violations.into_result(ENV_OP)?;
-        next.violations().into_result(ENV_OP)?;
+        next.violations_for_any_provider().into_result(ENV_OP)?;
         *self = next;
         Ok(())
     }
@@ -177,7 +180,7 @@ fn from_vars(
     }
     overlay(&mut config, prefix, vars, &mut violations);
     violations.into_result(ENV_OP)?;
-    config.violations().into_result(ENV_OP)?;
+    config.violations_for_any_provider().into_result(ENV_OP)?;
     Ok(config)
 }
 
@@ -272,6 +275,22 @@ fn apply_var(config: &mut Config, field: &str, value: &str) -> Result<(), String
             let json = parse_json(value, "a JSON array of processors")?;
             config.processors = serde_json::from_value::<Vec<ProcessorConfig>>(json)
                 .map_err(|e| format!("is not a JSON array of processors: {e}"))?;
+        }
+        "RATE_LIMIT_PER_SECOND" => {
+            config.rate_limit_per_second = value
+                .parse()
+                .map_err(|_| format!("{shown} is not a number"))?;
+        }
+        "RATE_LIMIT_BURST" => config.rate_limit_burst = parse_u32(value, &shown)?,
+        "COMPONENTS" => {
+            let json = parse_json(value, "a JSON object of component options")?;
+            let parsed = serde_json::from_value::<BTreeMap<String, ProviderSection>>(json)
+                .map_err(|_| {
+                    "is not a JSON object of component names to objects of options".to_owned()
+                })?;
+            for (name, options) in parsed {
+                merge(&mut config.components.entry(name).or_default().0, options.0);
+            }
         }
         "PROVIDER_CONFIG" => match parse_json(value, "a JSON object")? {
             serde_json::Value::Object(map) => merge(&mut config.provider_config.0, map),

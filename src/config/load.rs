@@ -190,7 +190,7 @@ fn parse<T: DeserializeOwned>(
 
 fn load(input: &str, format: Format, origin: Option<&Path>) -> Result<Config, BackendError> {
     let config: Config = parse(input, format, origin, LOAD_OP)?;
-    config.violations().into_result(LOAD_OP)?;
+    config.violations_for_any_provider().into_result(LOAD_OP)?;
     Ok(config)
 }
 
@@ -213,7 +213,9 @@ impl Config {
     /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
     /// `config.load`): `invalid TOML: line L, column C: ...` for a syntax error,
     /// an unknown key (named in the message) or a value of the wrong type;
-    /// otherwise every violation found by [`Config::violations`].
+    /// otherwise every violation found by
+    /// [`Config::violations_for_any_provider`] (the components the pipeline
+    /// needs depend on the provider: `BackendRegistry::create` checks them).
     pub fn from_toml_str(toml: &str) -> Result<Config, BackendError> {
         load(toml, Format::Toml, None)
     }

@@ -494,6 +494,16 @@ impl Config {
         self.violations_for(HostedStages::NONE)
     }
 
+    /// Every rule this config breaks whichever provider it names: all of
+    /// [`Config::violations`] but the components the pipeline needs, which
+    /// depend on the stages the provider hosts (`pipecat` needs no
+    /// `stt_provider`; `local` does). Loading checks these;
+    /// [`BackendRegistry::create`](crate::BackendRegistry::create) checks the
+    /// rest with the provider's [`HostedStages`].
+    pub fn violations_for_any_provider(&self) -> Violations {
+        self.violations_for(HostedStages::STT_TTS)
+    }
+
     /// Every rule this config breaks for a provider whose service runs the
     /// `hosted` stages itself (they need no component name).
     pub fn violations_for(&self, hosted: HostedStages) -> Violations {

@@ -62,6 +62,8 @@ mod metrics;
 mod protocol;
 mod workers;
 
+pub use workers::MAX_WORKERS;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};

@@ -37,8 +37,8 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-/// The most worker threads a server may have.
-pub(super) const MAX_WORKERS: usize = 1024;
+/// The most worker threads a server may have ([`ServerConfig::workers`](super::ServerConfig::workers)).
+pub const MAX_WORKERS: usize = 1024;
 
 use super::metrics::WorkerLoad;
 use super::{Shared, real_time};
