@@ -119,6 +119,8 @@ pub struct ServerConfig {
     /// whose pages may open WebSockets. Empty (the default): only pages of the
     /// same host, whose `Origin` host and port equal the `Host` header.
     /// Clients that send no `Origin` (not browsers) are always allowed.
+    /// Each is checked to be written as browsers send it (no default port,
+    /// path or wildcard), or it could never match.
     pub allowed_origins: Vec<String>,
     /// The largest WebSocket message accepted, in bytes; larger ones close
     /// the connection with 1009. Default 64 KiB.
@@ -182,8 +184,8 @@ impl ServerConfig {
     ///
     /// # Errors
     ///
-    /// `InvalidConfig` naming the first option out of range: a
-    /// `max_frame_bytes` under 256, no connections per address, a rate that
+    /// `InvalidConfig` naming the first option out of range: an allowed
+    /// origin that no browser would send, a `max_frame_bytes` under 256, no connections per address, a rate that
     /// is not a positive number, more than 1024 `workers`, a
     /// `max_audio_ahead` under 100 ms, or a zero `start_timeout`.
     pub fn validate(&self) -> Result<()> {
@@ -232,6 +234,9 @@ impl ServerConfig {
                 ),
             ));
         }
+        for origin in &self.allowed_origins {
+            check_allowed_origin(origin).map_err(|why| BackendError::invalid_config(OP, why))?;
+        }
         if self.max_audio_ahead < MIN_AUDIO_AHEAD {
             return Err(BackendError::invalid_config(
                 OP,
@@ -248,6 +253,27 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// That `origin` is written as browsers send `Origin` (`scheme://host[:port]`,
+/// no default port, path or wildcard), so it can match one.
+fn check_allowed_origin(origin: &str) -> std::result::Result<(), String> {
+    let trimmed = origin.trim_end_matches('/');
+    let bad = |how: String| format!("allowed origin {origin:?} {how}");
+    let url = url::Url::parse(trimmed).map_err(|_| {
+        bad("is not an origin; write scheme://host[:port], e.g. https://app.example.com".into())
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad("is not an http or https origin".into()));
+    }
+    let canonical = url.origin().ascii_serialization();
+    if canonical.eq_ignore_ascii_case(trimmed) {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "never matches: browsers send it as {canonical:?} (no default port, path or query)"
+        )))
     }
 }
 
@@ -804,6 +830,44 @@ mod tests {
                 ..ServerConfig::default()
             },
         ] {
+            assert_eq!(bad.validate().unwrap_err().code, ErrorCode::InvalidConfig);
+        }
+        for origin in [
+            "*",
+            "app.example.com",
+            "https://app.example.com:443",
+            "https://app.example.com/page",
+            "ftp://files.example.com",
+        ] {
+            let bad = ServerConfig {
+                allowed_origins: vec![origin.into()],
+                ..ServerConfig::default()
+            };
+            let e = bad.validate().unwrap_err();
+            assert!(e.message.contains(origin), "{e}");
+        }
+        let e = ServerConfig {
+            allowed_origins: vec!["https://app.example.com:443".into()],
+            ..ServerConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.message.contains("\"https://app.example.com\""), "{e}");
+        for good in [
+            "https://app.example.com",
+            "http://localhost:8089/",
+            "HTTPS://App.Example.com",
+        ] {
+            let config = ServerConfig {
+                allowed_origins: vec![good.into()],
+                ..ServerConfig::default()
+            };
+            assert!(config.validate().is_ok(), "{good}");
+        }
+        for bad in [ServerConfig {
+            max_frame_bytes: 10,
+            ..ServerConfig::default()
+        }] {
             assert_eq!(bad.validate().unwrap_err().code, ErrorCode::InvalidConfig);
         }
         for workers in [0, 1, workers::MAX_WORKERS] {
