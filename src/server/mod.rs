@@ -864,12 +864,6 @@ mod tests {
             };
             assert!(config.validate().is_ok(), "{good}");
         }
-        for bad in [ServerConfig {
-            max_frame_bytes: 10,
-            ..ServerConfig::default()
-        }] {
-            assert_eq!(bad.validate().unwrap_err().code, ErrorCode::InvalidConfig);
-        }
         for workers in [0, 1, workers::MAX_WORKERS] {
             let config = ServerConfig {
                 workers,
