@@ -1576,6 +1576,21 @@ fn env_overrides_every_kind_of_field() {
 }
 
 #[test]
+fn env_prefix_must_be_able_to_match() {
+    for (prefix, suggested) in [("vb", "\"VB\""), ("my-app", "\"MY_APP\""), ("9X", "\"9X\"")] {
+        let e = base()
+            .apply_env(prefix, [("VB_TIMEOUT", "10s")])
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidConfig);
+        assert!(e.message.contains("upper-case letters"), "{e}");
+        assert!(e.message.contains(suggested), "{e}");
+    }
+    let mut config = base();
+    config.apply_env("VB_", [("VB_TIMEOUT", "10s")]).unwrap();
+    assert_eq!(config.timeout, Duration::from_secs(10));
+}
+
+#[test]
 fn env_typo_is_rejected_and_config_unchanged() {
     let mut config = base();
     let error = config

@@ -185,13 +185,32 @@ fn from_vars(
 }
 
 /// `prefix` without a trailing `_`; an empty prefix is refused because it
-/// would claim every variable.
+/// would claim every variable, and one that is not upper-case letters,
+/// digits and `_` because the field names it prefixes are (it could match
+/// nothing, silently).
 fn normalize_prefix(prefix: &str) -> Result<&str, BackendError> {
     let trimmed = prefix.strip_suffix('_').unwrap_or(prefix);
     if trimmed.is_empty() {
         return Err(BackendError::invalid_config(
             ENV_OP,
             "the environment variable prefix must be non-empty, e.g. \"VB\"",
+        ));
+    }
+    let well_formed = trimmed
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && !trimmed.starts_with(|c: char| c.is_ascii_digit());
+    if !well_formed {
+        return Err(BackendError::invalid_config(
+            ENV_OP,
+            format!(
+                "the environment variable prefix {:?} must be upper-case letters, digits and _ \
+                 (not starting with a digit), as the variables are: e.g. {:?}",
+                trimmed.chars().take(40).collect::<String>(),
+                trimmed
+                    .to_ascii_uppercase()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            ),
         ));
     }
     Ok(trimmed)
