@@ -1201,6 +1201,30 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
             )
         })?;
     }
+    // What `validate` checks beyond loading: the provider's own config and
+    // the components and their options, so a backend whose every session
+    // would fail is refused here, not served.
+    let problems = semantic_problems(&config);
+    if !problems.is_empty() {
+        let noun = if problems.len() == 1 {
+            "error"
+        } else {
+            "errors"
+        };
+        let mut message = format!("invalid config: {} {noun}", problems.len());
+        for p in &problems {
+            let path = p.path.as_deref().unwrap_or("config");
+            message.push_str(&format!("\n  {path}: {}", p.message));
+        }
+        message.push_str(&match &args.config {
+            Some(path) => format!(
+                "\nrun `voice-backends validate {}` to see every error with its line",
+                path.display()
+            ),
+            None => "\nfix the settings named above".to_owned(),
+        });
+        return Err(Failure::failed(message));
+    }
     Ok(config)
 }
 

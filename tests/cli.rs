@@ -584,6 +584,40 @@ fn the_readme_pipecat_config_validates_and_serves() {
     assert!(status.success(), "{log}");
 }
 
+/// A component option `validate` refuses would fail every session: `serve`
+/// refuses it too, before starting anything.
+#[test]
+fn serve_refuses_component_options_validate_refuses() {
+    let text = "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n\
+                [components.silence]\nmin_speech = \"1h\"\n";
+    let (_dir, path) = temp_file("bad-options.toml", text);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    // Were it served, it would not exit: kill it then (on drop of the guard).
+    let status = {
+        struct Kill<'a>(&'a mut Child);
+        impl Drop for Kill<'_> {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+            }
+        }
+        let guard = Kill(&mut child);
+        wait_exit(guard.0, Duration::from_secs(30))
+    };
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(status.code(), Some(1));
+    assert!(stdout(&out).is_empty(), "never listened: {}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("components.silence.min_speech"), "{err}");
+    assert!(err.contains("voice-backends validate"), "{err}");
+}
+
 #[test]
 fn serve_refuses_an_invalid_environment_overlay() {
     let out = Command::new(BIN)
