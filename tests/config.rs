@@ -852,6 +852,20 @@ fn parse_errors_never_echo_secret_values() {
     assert!(!everything(&error).contains("9990001"), "{error}");
 }
 
+/// Error columns count characters, whatever their size in bytes.
+#[test]
+fn json_error_columns_count_characters() {
+    let ascii = Config::from_json_str(r#"{"provider": "abcd", "timeout": 5}"#).unwrap_err();
+    let wide = Config::from_json_str(r#"{"provider": "ローカル", "timeout": 5}"#).unwrap_err();
+    let column = |e: &BackendError| {
+        let at = e.message.find("column ").expect("a column");
+        e.message[at..].split(':').next().unwrap().to_owned()
+    };
+    assert_eq!(column(&ascii), column(&wide), "{ascii} / {wide}");
+    let empty = Config::from_json_str("").unwrap_err();
+    assert!(!empty.message.contains("column 0"), "{empty}");
+}
+
 #[test]
 fn toml_error_does_not_quote_the_source_line() {
     // The parser's own rendering would print the offending line, secret included.

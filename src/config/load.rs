@@ -88,6 +88,19 @@ fn redact_message(message: String, secret: bool) -> String {
 
 /// `message` without the ` at line L column C` the YAML and JSON parsers
 /// write into it (the position is reported separately).
+/// serde_json counts a column in bytes; the column in characters (at least 1),
+/// as editors show it.
+fn char_column(input: &str, line: usize, byte_column: usize) -> usize {
+    let Some(text) = input.split('\n').nth(line.saturating_sub(1)) else {
+        return byte_column.max(1);
+    };
+    let mut end = byte_column.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].chars().count().max(1)
+}
+
 fn strip_position(message: String, line: usize, column: usize) -> String {
     let suffix = format!(" at line {line} column {column}");
     match message.find(&suffix) {
@@ -152,7 +165,8 @@ fn parse<T: DeserializeOwned>(
                 },
                 Err(e) => (describe_path(e.path()), e.into_inner()),
             };
-            let position = (e.line() > 0).then(|| (e.line(), e.column()));
+            let position =
+                (e.line() > 0).then(|| (e.line(), char_column(input, e.line(), e.column())));
             let inner = strip_position(e.to_string(), e.line(), e.column());
             (position, key, inner)
         }
