@@ -852,6 +852,37 @@ fn parse_errors_never_echo_secret_values() {
     assert!(!everything(&error).contains("9990001"), "{error}");
 }
 
+/// A key given twice in the provider's section, a component's options or a
+/// processor's options is an error in JSON and YAML, as in TOML, at any depth,
+/// and the values are not shown.
+#[test]
+fn keys_given_twice_in_option_tables_are_errors_in_every_format() {
+    let json = [
+        r#"{"provider":"local","pipeline_type":"s2s","s2s_provider":"echo","provider_config":{"url":"ws://a/","url":"ws://b/"}}"#,
+        r#"{"provider":"local","pipeline_type":"s2s","s2s_provider":"echo","provider_config":{"nested":{"api_key":"sk-DUP-1","api_key":"sk-DUP-2"}}}"#,
+        r#"{"provider":"local","pipeline_type":"s2s","s2s_provider":"echo","components":{"silence":{"min_silence":"1s"},"silence":{}}}"#,
+        r#"{"provider":"local","pipeline_type":"s2s","s2s_provider":"echo","processors":[{"name":"g","options":{"db":1,"db":2}}]}"#,
+    ];
+    for (text, twice) in json.iter().zip(["url", "api_key", "silence", "db"]) {
+        let e = Config::from_json_str(text).unwrap_err();
+        assert_invalid(&e);
+        assert!(e.message.contains(&format!("`{twice}` given twice")), "{e}");
+        assert!(!everything(&e).contains("sk-DUP"), "{e}");
+    }
+    let yaml = "provider: local\npipeline_type: s2s\ns2s_provider: echo\nprovider_config:\n  region: eu\n  region: us\n";
+    let e = Config::from_yaml_str(yaml).unwrap_err();
+    assert!(e.message.contains("`region` given twice"), "{e}");
+    // Distinct keys are fine, and nested tables keep their values.
+    let ok = Config::from_json_str(
+        r#"{"provider":"local","pipeline_type":"s2s","s2s_provider":"echo","provider_config":{"a":{"b":[1,{"c":true}]},"d":null}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::Value::Object(ok.provider_config.0),
+        serde_json::json!({"a": {"b": [1, {"c": true}]}, "d": null})
+    );
+}
+
 /// Error columns count characters, whatever their size in bytes.
 #[test]
 fn json_error_columns_count_characters() {

@@ -78,7 +78,12 @@ fn describe_path(path: &serde_path_to_error::Path) -> (String, bool) {
 /// secret-looking key and may quote it. Unknown- and missing-field messages
 /// name keys only, so they are kept.
 fn redact_message(message: String, secret: bool) -> String {
-    let names_only = message.starts_with("unknown field") || message.starts_with("missing field");
+    // Messages that name keys or kinds of value, never a value.
+    let names_only = message.starts_with("unknown field")
+        || message.starts_with("missing field")
+        || message.starts_with("expected a table of options, found")
+        || ((message.starts_with("key `") || message.starts_with("component `"))
+            && message.ends_with("` given twice"));
     if secret && !names_only {
         "invalid value (redacted)".to_owned()
     } else {
@@ -86,8 +91,6 @@ fn redact_message(message: String, secret: bool) -> String {
     }
 }
 
-/// `message` without the ` at line L column C` the YAML and JSON parsers
-/// write into it (the position is reported separately).
 /// serde_json counts a column in bytes; the column in characters (at least 1),
 /// as editors show it.
 fn char_column(input: &str, line: usize, byte_column: usize) -> usize {
@@ -101,6 +104,8 @@ fn char_column(input: &str, line: usize, byte_column: usize) -> usize {
     text[..end].chars().count().max(1)
 }
 
+/// `message` without the ` at line L column C` the YAML and JSON parsers
+/// write into it (the position is reported separately).
 fn strip_position(message: String, line: usize, column: usize) -> String {
     let suffix = format!(" at line {line} column {column}");
     match message.find(&suffix) {

@@ -121,7 +121,11 @@ pub struct ProcessorConfig {
     #[serde(default)]
     pub order: i32,
     /// Processor-specific options.
-    #[serde(default = "empty_object", skip_serializing_if = "is_empty_object")]
+    #[serde(
+        default = "empty_object",
+        skip_serializing_if = "is_empty_object",
+        deserialize_with = "strict::value"
+    )]
     #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub options: serde_json::Value,
 }
@@ -240,9 +244,137 @@ pub fn redact_url(text: &str) -> std::borrow::Cow<'_, str> {
 /// `token`, `password`, `passwd`, `credential` or `authorization`, in any
 /// case), and in URLs the user name, password and secret-looking query
 /// values ([`redact_url`]).
-#[derive(Clone, Default, PartialEq, Deserialize, JsonSchema)]
+///
+/// A key given twice, at any depth, is an error in every format (TOML refuses
+/// it anyway; JSON and YAML parsers would keep the last).
+#[derive(Clone, Default, PartialEq, JsonSchema)]
 #[serde(transparent)]
 pub struct ProviderSection(pub serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for ProviderSection {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match strict::value(deserializer)? {
+            serde_json::Value::Object(map) => Ok(ProviderSection(map)),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a table of options, found {}",
+                strict::kind(&other)
+            ))),
+        }
+    }
+}
+
+/// Deserializing JSON-like values that refuse a key given twice.
+mod strict {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+
+    /// A value, refusing duplicate keys at any depth.
+    pub(super) fn value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(StrictVisitor)
+    }
+
+    /// A component options map, refusing a component named twice.
+    pub(super) fn sections<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<std::collections::BTreeMap<String, super::ProviderSection>, D::Error> {
+        struct Sections;
+        impl<'de> Visitor<'de> for Sections {
+            type Value = std::collections::BTreeMap<String, super::ProviderSection>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of components, each a table of options")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = std::collections::BTreeMap::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if out.contains_key(&name) {
+                        return Err(de::Error::custom(format!("component `{name}` given twice")));
+                    }
+                    let section = map.next_value::<super::ProviderSection>()?;
+                    out.insert(name, section);
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_map(Sections)
+    }
+
+    /// What kind of value `v` is, for messages that must not quote it.
+    pub(super) fn kind(v: &Value) -> &'static str {
+        match v {
+            Value::Null => "nothing",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "a list",
+            Value::Object(_) => "a table",
+        }
+    }
+
+    struct StrictVisitor;
+
+    struct Strict(Value);
+
+    impl<'de> de::Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(StrictVisitor).map(Strict)
+        }
+    }
+
+    impl<'de> Visitor<'de> for StrictVisitor {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a value")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_owned()))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(StrictVisitor)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(Strict(v)) = seq.next_element()? {
+                items.push(v);
+            }
+            Ok(Value::Array(items))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    return Err(de::Error::custom(format!("key `{key}` given twice")));
+                }
+                let Strict(v) = map.next_value()?;
+                out.insert(key, v);
+            }
+            Ok(Value::Object(out))
+        }
+    }
+}
 
 impl ProviderSection {
     /// Whether a key of the section names a secret, so its value is redacted.
@@ -378,7 +510,11 @@ pub struct Config {
     pub rate_limit_burst: u32,
     /// Options of pipeline components, by component name (`[components.silence]`).
     /// Values whose key looks secret are redacted like `provider_config`'s.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "strict::sections"
+    )]
     pub components: BTreeMap<String, ProviderSection>,
 }
 
