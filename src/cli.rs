@@ -1282,7 +1282,9 @@ pub fn server_config(args: &ServeArgs) -> ServerConfig {
 /// The log filter: `RUST_LOG` when it is set and parses, else the config's
 /// `log_level`.
 fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
 
     let level = match config.log_level {
         LogLevel::Trace => "trace",
@@ -1291,6 +1293,8 @@ fn init_logging(config: &Config) {
         LogLevel::Warn => "warn",
         LogLevel::Error => "error",
     };
+    // `enable_logging = false` silences the binary, unless RUST_LOG asks.
+    let level = if config.enable_logging { level } else { "off" };
     let mut bad_rust_log = None;
     let filter = match std::env::var("RUST_LOG") {
         Ok(value) if !value.trim().is_empty() => match EnvFilter::try_new(&value) {
@@ -1302,17 +1306,20 @@ fn init_logging(config: &Config) {
         },
         _ => EnvFilter::new(level),
     };
-    // tungstenite logs a client handshake's whole request at trace level,
-    // the bot's `Authorization` header and URL included: never that.
-    let filter = match "tungstenite=debug".parse() {
-        Ok(cap) => filter.add_directive(cap),
-        Err(_) => filter,
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // `enable_tracing = false`: events only, no spans (no context on lines).
+    // And never tungstenite's `trace` level: it logs a client handshake's
+    // whole request, the bot's `Authorization` header and URL included.
+    let spans = config.enable_tracing;
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_filter(filter)
+        .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+            let handshake_dump =
+                meta.target().starts_with("tungstenite") && *meta.level() == tracing::Level::TRACE;
+            !handshake_dump && (spans || meta.is_event())
+        }));
+    let _ = tracing_subscriber::registry().with(layer).try_init();
     if let Some(e) = bad_rust_log {
         tracing::warn!("RUST_LOG does not parse ({e}); logging at the config's level {level}");
     }

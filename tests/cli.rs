@@ -618,6 +618,47 @@ fn serve_refuses_component_options_validate_refuses() {
     assert!(err.contains("voice-backends validate"), "{err}");
 }
 
+/// `enable_logging = false`: the binary logs nothing (RUST_LOG unset), and
+/// still serves and stops gracefully.
+#[test]
+fn serve_with_logging_off_logs_nothing() {
+    let (_dir, path) = temp_file(
+        "quiet.toml",
+        "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\nenable_logging = false\n",
+    );
+    let mut serve = start_serve(&["--config", path.to_str().unwrap()], &[("RUST_LOG", "")]);
+    assert_eq!(http_get(serve.addr, "/healthz").0, 200);
+    sigterm(serve.child.id());
+    let status = wait_exit(&mut serve.child, Duration::from_secs(30));
+    let log = serve.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.trim().is_empty(), "logged: {log}");
+}
+
+/// `enable_tracing = false`: the log lines come without span context.
+#[test]
+fn serve_with_tracing_off_logs_lines_without_span_context() {
+    let log_of = |tracing: bool| {
+        let (_dir, path) = temp_file(
+            "spans.toml",
+            &format!(
+                "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\nenable_tracing = {tracing}\n"
+            ),
+        );
+        let mut serve = start_serve(&["--config", path.to_str().unwrap()], &[]);
+        sigterm(serve.child.id());
+        let status = wait_exit(&mut serve.child, Duration::from_secs(30));
+        let log = serve.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "{log}");
+        log
+    };
+    let with = log_of(true);
+    assert!(with.contains("backend.start{provider=local}: "), "{with}");
+    let without = log_of(false);
+    assert!(without.contains("connection state"), "{without}");
+    assert!(!without.contains("backend.start{"), "{without}");
+}
+
 #[test]
 fn serve_refuses_an_invalid_environment_overlay() {
     let out = Command::new(BIN)

@@ -1072,6 +1072,18 @@ impl AuthHook for ThreadNames {
 /// deadline, and the backend still stops (its sessions finish on their own
 /// deadline) instead of being left half-stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_off_in_the_config_means_no_metrics_endpoint() {
+    let mut config = echo_config();
+    config.enable_metrics = false;
+    let server = Running::start(config, server_config()).await;
+    let (status, _, body) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("enable_metrics = false"), "{body}");
+    assert_eq!(http_get(server.addr, "/healthz").await.0, 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_shutdown_deadline_the_backend_still_stops() {
     let server = Running::start(
         echo_config(),

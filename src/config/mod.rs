@@ -484,13 +484,21 @@ pub struct Config {
     /// Sessions open at once on the backend; at least 1, default 100.
     #[serde(default = "default_max_concurrent_sessions")]
     pub max_concurrent_sessions: u32,
-    /// Emit tracing spans (default true).
+    /// Whether spans are recorded (default true). The `voice-backends`
+    /// binary records none when false: its log lines then carry no session
+    /// or connection context. In a program of your own, the `tracing`
+    /// subscriber you install decides.
     #[serde(default = "default_true")]
     pub enable_tracing: bool,
-    /// Record metrics (default true).
+    /// Whether metrics are exposed (default true): when false, the server's
+    /// `/metrics` answers 404. The backend still counts (a few atomic adds
+    /// per operation), and [`crate::Metrics::register_otel`] is yours to
+    /// call or not.
     #[serde(default = "default_true")]
     pub enable_metrics: bool,
-    /// Emit log events (default true).
+    /// Whether the `voice-backends` binary logs (default true): when false it
+    /// logs nothing, unless `RUST_LOG` asks for it. In a program of your own,
+    /// the `tracing` subscriber you install decides.
     #[serde(default = "default_true")]
     pub enable_logging: bool,
     /// Log level (default `info`).

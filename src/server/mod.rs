@@ -599,6 +599,13 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    if !shared.backend.config().enable_metrics {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are off: the backend's config has enable_metrics = false\n",
+        )
+            .into_response();
+    }
     let mut text = match shared.backend.metrics() {
         Some(m) => crate::metrics::render_prometheus_all(&[&m]),
         None => String::new(),
