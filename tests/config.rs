@@ -598,6 +598,21 @@ fn validate_agrees_with_violations_on_every_rule_edge() {
             }),
         );
     }
+    for (what, options) in [
+        ("options", serde_json::json!({ "voice": "x" })),
+        ("empty options", serde_json::json!({})),
+    ] {
+        let options = section(options);
+        add(
+            &format!("text-to-speech {what}"),
+            Box::new(move |c| {
+                c.pipeline_type = PipelineType::SttTts;
+                c.stt_provider = Some("whisper".into());
+                c.tts_provider = Some("piper".into());
+                c.components.insert("piper".into(), options.clone());
+            }),
+        );
+    }
     add(
         "component options for a processor",
         Box::new(move |c| {
@@ -880,6 +895,36 @@ fn keys_given_twice_in_option_tables_are_errors_in_every_format() {
     assert_eq!(
         serde_json::Value::Object(ok.provider_config.0),
         serde_json::json!({"a": {"b": [1, {"c": true}]}, "d": null})
+    );
+}
+
+/// Options for the text-to-speech component would never reach it: an error.
+#[test]
+fn text_to_speech_options_are_refused() {
+    let mut config = base();
+    config.pipeline_type = PipelineType::SttTts;
+    config.stt_provider = Some("whisper".into());
+    config.tts_provider = Some("piper".into());
+    config.components.insert(
+        "piper".into(),
+        serde_json::from_value(serde_json::json!({"voice": "amy"})).unwrap(),
+    );
+    assert_eq!(violation_paths(&config), set(&["components.piper"]));
+    let e = config.validate().unwrap_err();
+    assert!(
+        e.details["components.piper"].contains("take no options"),
+        "{e}"
+    );
+    // The same name as a processor too: its options go there.
+    config.processors.push(ProcessorConfig {
+        name: "piper".into(),
+        order: 0,
+        options: serde_json::json!({}),
+    });
+    assert!(
+        violation_paths(&config).is_empty(),
+        "{:?}",
+        config.violations()
     );
 }
 

@@ -469,9 +469,36 @@ impl Config {
                     == name
                 || self.processors.iter().any(|p| p.name == name)
         };
-        self.components
-            .iter()
-            .all(|(name, section)| uses(name) && !section.0.values().any(holds_redaction_marker))
+        self.components.iter().all(|(name, section)| {
+            uses(name)
+                && !(self.speaks_only(name) && !section.is_empty())
+                && !section.0.values().any(holds_redaction_marker)
+        })
+    }
+
+    /// Whether `name` is used as the text-to-speech component and nothing
+    /// else: such a component is given no options.
+    fn speaks_only(&self, name: &str) -> bool {
+        let is = |o: &Option<String>| o.as_deref() == Some(name);
+        is(&self.tts_provider)
+            && ![
+                &self.stt_provider,
+                &self.s2s_provider,
+                &self.noise_cancellation_provider,
+            ]
+            .into_iter()
+            .any(is)
+            && self
+                .vad_provider
+                .as_deref()
+                .unwrap_or(super::DEFAULT_VAD_PROVIDER)
+                != name
+            && self
+                .turn_detection_provider
+                .as_deref()
+                .unwrap_or(super::DEFAULT_TURN_DETECTION_PROVIDER)
+                != name
+            && !self.processors.iter().any(|p| p.name == name)
     }
 
     /// Every rule this config breaks, each with its field path:
@@ -668,6 +695,14 @@ impl Config {
                     path.clone(),
                     format!(
                         "options for {name:?}, which this config does not use (it uses: {used})"
+                    ),
+                );
+            } else if self.speaks_only(name) && !section.is_empty() {
+                v.push(
+                    path.clone(),
+                    format!(
+                        "options for {name:?}, the text-to-speech component: text-to-speech \
+                         components take no options, so these would be ignored"
                     ),
                 );
             }
