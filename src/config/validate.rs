@@ -471,7 +471,7 @@ impl Config {
         };
         self.components.iter().all(|(name, section)| {
             uses(name)
-                && !(self.speaks_only(name) && !section.is_empty())
+                && (section.is_empty() || !self.speaks_only(name))
                 && !section.0.values().any(holds_redaction_marker)
         })
     }
