@@ -545,19 +545,27 @@ fn serve_answers_health_checks_and_stops_gracefully_on_sigterm() {
     assert!(log.contains("stopped gracefully"), "{log}");
 }
 
-#[test]
-fn serve_runs_a_config_file_at_its_log_level() {
-    let (_dir, path) = temp_file(
-        "serve.yaml",
-        "provider: local\npipeline_type: s2s\ns2s_provider: echo\nlog_level: warn\n",
-    );
-    // An empty RUST_LOG leaves the level to the config.
-    let mut serve = start_serve(&["--config", path.to_str().unwrap()], &[("RUST_LOG", "")]);
+/// Serves the config file `name` holding `text` (with `env`), checks it is
+/// healthy, stops it with SIGTERM and returns its log once it exited 0.
+fn serve_and_stop(name: &str, text: &str, env: &[(&str, &str)]) -> String {
+    let (_dir, path) = temp_file(name, text);
+    let mut serve = start_serve(&["--config", path.to_str().unwrap()], env);
     assert_eq!(http_get(serve.addr, "/healthz").0, 200);
     sigterm(serve.child.id());
     let status = wait_exit(&mut serve.child, Duration::from_secs(30));
     let log = serve.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{log}");
+    log
+}
+
+#[test]
+fn serve_runs_a_config_file_at_its_log_level() {
+    // An empty RUST_LOG leaves the level to the config.
+    let log = serve_and_stop(
+        "serve.yaml",
+        "provider: local\npipeline_type: s2s\ns2s_provider: echo\nlog_level: warn\n",
+        &[("RUST_LOG", "")],
+    );
     // At `warn`, the info-level lifecycle lines are not logged.
     assert!(!log.contains("stopped gracefully"), "{log}");
     assert!(!log.contains("INFO"), "{log}");
@@ -622,16 +630,11 @@ fn serve_refuses_component_options_validate_refuses() {
 /// still serves and stops gracefully.
 #[test]
 fn serve_with_logging_off_logs_nothing() {
-    let (_dir, path) = temp_file(
+    let log = serve_and_stop(
         "quiet.toml",
         "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\nenable_logging = false\n",
+        &[("RUST_LOG", "")],
     );
-    let mut serve = start_serve(&["--config", path.to_str().unwrap()], &[("RUST_LOG", "")]);
-    assert_eq!(http_get(serve.addr, "/healthz").0, 200);
-    sigterm(serve.child.id());
-    let status = wait_exit(&mut serve.child, Duration::from_secs(30));
-    let log = serve.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
-    assert!(status.success(), "{log}");
     assert!(log.trim().is_empty(), "logged: {log}");
 }
 
@@ -639,18 +642,13 @@ fn serve_with_logging_off_logs_nothing() {
 #[test]
 fn serve_with_tracing_off_logs_lines_without_span_context() {
     let log_of = |tracing: bool| {
-        let (_dir, path) = temp_file(
+        serve_and_stop(
             "spans.toml",
             &format!(
                 "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\nenable_tracing = {tracing}\n"
             ),
-        );
-        let mut serve = start_serve(&["--config", path.to_str().unwrap()], &[]);
-        sigterm(serve.child.id());
-        let status = wait_exit(&mut serve.child, Duration::from_secs(30));
-        let log = serve.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(status.success(), "{log}");
-        log
+            &[],
+        )
     };
     let with = log_of(true);
     assert!(with.contains("backend.start{provider=local}: "), "{with}");
