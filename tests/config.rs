@@ -1144,6 +1144,25 @@ fn from_path_errors() {
     assert_eq!(paths(&error), set(&["max_retries"]));
 }
 
+/// Options a component refuses fail the backend's creation, not every
+/// session later.
+#[tokio::test]
+async fn component_options_are_checked_when_the_backend_is_made() {
+    let config = Config::from_toml_str(
+        "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n\
+         [components.silence]\nmin_speech = \"1h\"\n",
+    )
+    .unwrap();
+    let error = voice_backends::registry()
+        .create("local", &config)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(error.code, ErrorCode::InvalidConfig);
+    assert_eq!(paths(&error), set(&["components.silence"]));
+    assert!(error.message.contains("min_speech"), "{error}");
+}
+
 /// Loading checks what holds for any provider; the pipeline's components are
 /// the provider's to require, when the backend is created.
 #[tokio::test]

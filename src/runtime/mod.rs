@@ -205,16 +205,27 @@ fn fallback_limiter(config: &Config) -> Result<TokenBucketLimiter> {
     TokenBucketLimiter::new(config.rate_limit_per_second, config.rate_limit_burst)
 }
 
-/// Checks that every component the config names is registered.
+/// Checks that every component the config names is registered, and that the
+/// ones made without side effects (VAD, turn detection, processors) accept
+/// their options, so a backend whose every session would fail is not made.
+/// (STT and S2S components are opened per session, which may connect
+/// somewhere: their options are checked then.)
 fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
     let mut err: Option<BackendError> = None;
     let mut note = |path: &str, r: Result<()>| {
         if let Err(e) = r {
             let e2 = err.get_or_insert_with(|| {
-                BackendError::invalid_config("backend.new", "unknown pipeline components")
+                BackendError::invalid_config("backend.new", "pipeline components")
             });
             e2.push_detail(path, e.message);
         }
+    };
+    let options = |name: &str| {
+        config
+            .components
+            .get(name)
+            .map(|s| serde_json::Value::Object(s.0.clone()))
+            .unwrap_or(serde_json::Value::Null)
     };
     if let Some(n) = &config.stt_provider {
         note("stt_provider", reg.stt.get(n).map(|_| ()));
@@ -226,29 +237,51 @@ fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
         note("s2s_provider", reg.s2s.get(n).map(|_| ()));
     }
     let vad = config.vad_provider.as_deref().unwrap_or(DEFAULT_VAD);
-    note("vad_provider", reg.vad.get(vad).map(|_| ()));
+    match reg.vad.get(vad) {
+        Ok(f) => note(
+            &format!("components.{vad}"),
+            f.create(&options(vad)).map(drop),
+        ),
+        Err(e) => note("vad_provider", Err(e)),
+    }
     let turn = config
         .turn_detection_provider
         .as_deref()
         .unwrap_or(DEFAULT_TURN_DETECTOR);
-    note("turn_detection_provider", reg.turn.get(turn).map(|_| ()));
+    match reg.turn.get(turn) {
+        Ok(f) => note(
+            &format!("components.{turn}"),
+            f.create(&options(turn)).map(drop),
+        ),
+        Err(e) => note("turn_detection_provider", Err(e)),
+    }
     if let Some(n) = &config.noise_cancellation_provider {
-        note(
-            "noise_cancellation_provider",
-            reg.processor.get(n).map(|_| ()),
-        );
+        match reg.processor.get(n) {
+            Ok(f) => note(
+                &format!("components.{n}"),
+                f.create(&options(n), i32::MIN).map(drop),
+            ),
+            Err(e) => note("noise_cancellation_provider", Err(e)),
+        }
     }
     for (i, p) in config.processors.iter().enumerate() {
-        note(
-            &format!("processors[{i}].name"),
-            reg.processor.get(&p.name).map(|_| ()),
-        );
+        match reg.processor.get(&p.name) {
+            Ok(f) => {
+                let (path, opts) = if p.options.as_object().is_some_and(|o| !o.is_empty()) {
+                    (format!("processors[{i}].options"), p.options.clone())
+                } else {
+                    (format!("components.{}", p.name), options(&p.name))
+                };
+                note(&path, f.create(&opts, p.order).map(drop));
+            }
+            Err(e) => note(&format!("processors[{i}].name"), Err(e)),
+        }
     }
     match err {
         None => Ok(()),
         Some(mut e) => {
             e.message = format!(
-                "unknown pipeline components: {}",
+                "pipeline components: {}",
                 e.details
                     .iter()
                     .map(|(k, v)| format!("{k}: {v}"))
