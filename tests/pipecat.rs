@@ -706,6 +706,44 @@ async fn a_bot_that_stops_reading_loses_the_link_after_the_timeout() {
     backend.stop().await.unwrap();
 }
 
+/// A bot whose audio changes format every frame would make a resampler per
+/// frame: after 4 changes in a second, the frames that change it again are
+/// skipped (counted as malformed), and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_changing_format_every_frame_is_skipped_past_four_changes_a_second() {
+    use tokio_tungstenite::tungstenite::Message;
+    use voice_backends::providers::pipecat::proto;
+    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
+    let mut script = vec![rtvi(
+        r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#,
+    )];
+    for i in 0..20 {
+        let rate = if i % 2 == 0 { 24_000 } else { 16_000 };
+        let bytes = vec![0u8; (rate / 50 * 2) as usize];
+        script.push(Message::Binary(
+            proto::encode_audio(bytes.into(), rate, 1).into(),
+        ));
+    }
+    script.push(rtvi(
+        r#"{"label":"rtvi-ai","type":"user-transcription","data":{"text":"still here","user_id":"","timestamp":"t","final":true}}"#,
+    ));
+    let url = scripted_bot(script).await;
+    let (backend, _session, mut events) = scripted_session(&url, "wobbly").await;
+    assert_eq!(final_transcript(&mut events).await, "still here");
+    // Changes 1 to 4 (frames 1 to 4) are taken; after them the format is
+    // 24 kHz, and each 16 kHz frame (5, 7, ..., 19) would change it again.
+    let health = backend.health_check().await;
+    assert_eq!(
+        health
+            .details
+            .get("pipecat_messages_malformed")
+            .map(String::as_str),
+        Some("8"),
+        "{health:?}"
+    );
+    backend.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dot_user_id_never_becomes_a_path_step_of_a_template_url() {
     use tokio_tungstenite::tungstenite::Message;
