@@ -674,13 +674,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
     use crate::runtime::{DEFAULT_TURN_DETECTOR, DEFAULT_VAD};
 
     let reg = components();
-    let options = |name: &str| {
-        config
-            .components
-            .get(name)
-            .map(|s| serde_json::Value::Object(s.0.clone()))
-            .unwrap_or(serde_json::Value::Null)
-    };
+    let options = |name: &str| config.component_options(name);
     // Components whose options were already reported: one report per name.
     let mut checked: BTreeSet<String> = BTreeSet::new();
     let mut options_checked = |name: &str| checked.insert(name.to_owned());
@@ -748,11 +742,12 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         match reg.processor.get(&p.name) {
             Err(e) => problems.push(Problem::at(path, e.message)),
             Ok(factory) => {
-                let inline = p.options.as_object().is_some_and(|o| !o.is_empty());
-                let (opts, fallback) = if inline {
-                    (p.options.clone(), format!("processors[{i}].options"))
+                let inline = p.has_inline_options();
+                let opts = config.processor_options(p);
+                let fallback = if inline {
+                    format!("processors[{i}].options")
                 } else {
-                    (options(&p.name), format!("components.{}", p.name))
+                    format!("components.{}", p.name)
                 };
                 if (inline || options_checked(&p.name))
                     && let Err(e) = factory.create(&opts, p.order)

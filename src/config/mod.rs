@@ -140,6 +140,12 @@ struct ShownProcessor<'a> {
 }
 
 impl ProcessorConfig {
+    /// Whether it gives options of its own (a non-empty `options` table),
+    /// which then replace `[components.<name>]`.
+    pub fn has_inline_options(&self) -> bool {
+        self.options.as_object().is_some_and(|o| !o.is_empty())
+    }
+
     fn shown(&self) -> ShownProcessor<'_> {
         ShownProcessor {
             name: &self.name,

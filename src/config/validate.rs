@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::{
     Config, MAX_LATENCY_TARGET, MAX_MAX_RETRIES, MAX_RETRY_DELAY, MAX_TIMEOUT, MIN_LATENCY_TARGET,
-    MIN_RETRY_DELAY, MIN_TIMEOUT, PipelineOverride, PipelineType, ProviderSection, REDACTED,
-    SessionConfig,
+    MIN_RETRY_DELAY, MIN_TIMEOUT, PipelineOverride, PipelineType, ProcessorConfig, ProviderSection,
+    REDACTED, SessionConfig,
 };
 use crate::error::BackendError;
 use crate::provider::HostedStages;
@@ -654,6 +654,26 @@ impl Config {
 }
 
 impl Config {
+    /// The options `[components.<name>]` gives component `name` (`null`
+    /// when it gives none).
+    pub fn component_options(&self, name: &str) -> serde_json::Value {
+        self.components
+            .get(name)
+            .map(|s| serde_json::Value::Object(s.0.clone()))
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The options `processor` runs with: its own `options` when it has any
+    /// ([`ProcessorConfig::has_inline_options`]), else its name's
+    /// `[components.<name>]`.
+    pub fn processor_options(&self, processor: &ProcessorConfig) -> serde_json::Value {
+        if processor.has_inline_options() {
+            processor.options.clone()
+        } else {
+            self.component_options(&processor.name)
+        }
+    }
+
     /// The component names this config uses (pipeline stages, VAD and turn
     /// detection, defaults included, noise cancellation and processors).
     pub fn component_names(&self) -> Vec<&str> {

@@ -220,13 +220,7 @@ fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
             e2.push_detail(path, e.message);
         }
     };
-    let options = |name: &str| {
-        config
-            .components
-            .get(name)
-            .map(|s| serde_json::Value::Object(s.0.clone()))
-            .unwrap_or(serde_json::Value::Null)
-    };
+    let options = |name: &str| config.component_options(name);
     if let Some(n) = &config.stt_provider {
         note("stt_provider", reg.stt.get(n).map(|_| ()));
     }
@@ -267,12 +261,15 @@ fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
     for (i, p) in config.processors.iter().enumerate() {
         match reg.processor.get(&p.name) {
             Ok(f) => {
-                let (path, opts) = if p.options.as_object().is_some_and(|o| !o.is_empty()) {
-                    (format!("processors[{i}].options"), p.options.clone())
+                let path = if p.has_inline_options() {
+                    format!("processors[{i}].options")
                 } else {
-                    (format!("components.{}", p.name), options(&p.name))
+                    format!("components.{}", p.name)
                 };
-                note(&path, f.create(&opts, p.order).map(drop));
+                note(
+                    &path,
+                    f.create(&config.processor_options(p), p.order).map(drop),
+                );
             }
             Err(e) => note(&format!("processors[{i}].name"), Err(e)),
         }
@@ -417,12 +414,7 @@ impl Inner {
             )
             .await?;
         let reg = self.components;
-        let options = |name: &str| {
-            base.components
-                .get(name)
-                .map(|s| serde_json::Value::Object(s.0.clone()))
-                .unwrap_or(serde_json::Value::Null)
-        };
+        let options = |name: &str| base.component_options(name);
         let vad_name = base.vad_provider.as_deref().unwrap_or(DEFAULT_VAD);
         let vad = reg.vad.get(vad_name)?.create(&options(vad_name))?;
         let turn_name = base
@@ -435,11 +427,7 @@ impl Inner {
             processors.push(reg.processor.get(n)?.create(&options(n), i32::MIN)?);
         }
         for p in &base.processors {
-            let opts = if p.options.as_object().is_some_and(|o| !o.is_empty()) {
-                p.options.clone()
-            } else {
-                options(&p.name)
-            };
+            let opts = base.processor_options(p);
             processors.push(reg.processor.get(&p.name)?.create(&opts, p.order)?);
         }
         sort_processors(&mut processors);
