@@ -1064,3 +1064,33 @@ fn a_format_follower_keeps_its_converter_and_follows_changes() {
     assert_eq!(out.format(), stereo);
     assert_eq!(out.data().len(), 1280);
 }
+
+/// A stream whose format changes every frame makes at most
+/// `MAX_CONVERTERS_PER_SECOND` converters in a second; frames that would need
+/// another are refused, the ones the kept converter takes still convert.
+#[test]
+fn a_format_follower_makes_a_bounded_number_of_converters_a_second() {
+    use voice_backends::audio::{FormatFollower, MAX_CONVERTERS_PER_SECOND};
+    let mut follower = FormatFollower::default();
+    let (mut converted, mut refused) = (0, 0);
+    for i in 0..20 {
+        let rate = if i % 2 == 0 { 24_000 } else { 48_000 };
+        let frame = AudioFrame::from_i16(rate, 1, &vec![0i16; rate as usize / 50]).unwrap();
+        match follower.convert(frame, AudioFormat::PCM16_16K_MONO) {
+            Ok(_) => converted += 1,
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::PipelineError);
+                assert!(e.message.contains("more than 4 times in a second"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(MAX_CONVERTERS_PER_SECOND, 4);
+    // Frames 0 to 3 make the 4; then every 24 kHz frame is refused and every
+    // 48 kHz frame goes through the kept converter.
+    assert_eq!((converted, refused), (12, 8));
+    assert!(follower.holds(
+        AudioFormat::new(AudioEncoding::PcmS16Le, 48_000, 1),
+        AudioFormat::PCM16_16K_MONO
+    ));
+}

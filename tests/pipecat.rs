@@ -707,10 +707,10 @@ async fn a_bot_that_stops_reading_loses_the_link_after_the_timeout() {
 }
 
 /// A bot whose audio changes format every frame would make a resampler per
-/// frame: after 4 changes in a second, the frames that change it again are
-/// skipped (counted as malformed), and the session goes on.
+/// frame: after 4 in a second, the frames that need another are skipped
+/// (counted as malformed), and the session goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audio_changing_format_every_frame_is_skipped_past_four_changes_a_second() {
+async fn audio_changing_format_every_frame_is_skipped_past_four_resamplers_a_second() {
     use tokio_tungstenite::tungstenite::Message;
     use voice_backends::providers::pipecat::proto;
     let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
@@ -718,7 +718,8 @@ async fn audio_changing_format_every_frame_is_skipped_past_four_changes_a_second
         r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#,
     )];
     for i in 0..20 {
-        let rate = if i % 2 == 0 { 24_000 } else { 16_000 };
+        // Neither is the session's 16 kHz: each needs a resampler.
+        let rate = if i % 2 == 0 { 24_000 } else { 48_000 };
         let bytes = vec![0u8; (rate / 50 * 2) as usize];
         script.push(Message::Binary(
             proto::encode_audio(bytes.into(), rate, 1).into(),
@@ -730,8 +731,8 @@ async fn audio_changing_format_every_frame_is_skipped_past_four_changes_a_second
     let url = scripted_bot(script).await;
     let (backend, _session, mut events) = scripted_session(&url, "wobbly").await;
     assert_eq!(final_transcript(&mut events).await, "still here");
-    // Changes 1 to 4 (frames 1 to 4) are taken; after them the format is
-    // 24 kHz, and each 16 kHz frame (5, 7, ..., 19) would change it again.
+    // Frames 0 to 3 make the 4 resamplers; the one kept is then for 48 kHz,
+    // and each 24 kHz frame after (4, 6, ..., 18) would need another.
     let health = backend.health_check().await;
     assert_eq!(
         health

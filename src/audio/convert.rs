@@ -902,6 +902,12 @@ impl AudioConverter {
 /// target formats stay the same, and making a new one when either changes.
 /// A frame already in the target format is handed back as it is.
 ///
+/// Making a converter can take milliseconds (a resampler between unrelated
+/// rates computes a filter table), so at most
+/// [`MAX_CONVERTERS_PER_SECOND`] are made in any second: a frame that would
+/// need another within it is refused, and a stream whose format changes
+/// every frame cannot turn into a resampler per frame.
+///
 /// ```
 /// use voice_backends::audio::{AudioEncoding, AudioFormat, AudioFrame, FormatFollower};
 ///
@@ -915,14 +921,32 @@ impl AudioConverter {
 #[derive(Debug, Default)]
 pub struct FormatFollower {
     /// Boxed: a pointer while no conversion is needed.
-    converter: Option<Box<AudioConverter>>,
+    kept: Option<Box<Kept>>,
+}
+
+/// Converters a [`FormatFollower`] makes in any one second at most.
+pub const MAX_CONVERTERS_PER_SECOND: u32 = 4;
+
+/// The converter a [`FormatFollower`] keeps, and how many it made lately.
+#[derive(Debug)]
+struct Kept {
+    converter: AudioConverter,
+    /// The start of the current one-second window, and converters made in it.
+    window: std::time::Instant,
+    made: u32,
 }
 
 impl From<Option<AudioConverter>> for FormatFollower {
     /// A follower that starts with `converter` (made beforehand), if any.
     fn from(converter: Option<AudioConverter>) -> Self {
         FormatFollower {
-            converter: converter.map(Box::new),
+            kept: converter.map(|converter| {
+                Box::new(Kept {
+                    converter,
+                    window: std::time::Instant::now(),
+                    made: 0,
+                })
+            }),
         }
     }
 }
@@ -931,23 +955,50 @@ impl FormatFollower {
     /// Whether it holds a converter from `from` to `to` (made beforehand or
     /// by an earlier frame).
     pub fn holds(&self, from: AudioFormat, to: AudioFormat) -> bool {
-        self.converter
+        self.kept
             .as_ref()
-            .is_some_and(|c| c.from == from && c.to == to)
+            .is_some_and(|k| k.converter.from == from && k.converter.to == to)
     }
 
     /// `frame` in format `to`: itself when it is in `to` already, otherwise
     /// through the kept converter. `None` while a resampler is still filling
-    /// up. Errors are [`AudioConverter::new`]'s and [`AudioConverter::convert`]'s.
+    /// up. Errors are [`AudioConverter::new`]'s and [`AudioConverter::convert`]'s,
+    /// and [`ErrorCode::PipelineError`] for a frame that would need a new
+    /// converter when [`MAX_CONVERTERS_PER_SECOND`] were made in the last
+    /// second (the kept one stays).
     pub fn convert(&mut self, frame: AudioFrame, to: AudioFormat) -> Result<Option<AudioFrame>> {
         let from = frame.format();
         if from == to {
             return Ok(Some(frame));
         }
-        let converter = match &mut self.converter {
-            Some(c) if c.from == from && c.to == to => c,
-            slot => slot.insert(Box::new(AudioConverter::new(from, to)?)),
+        let kept = match &mut self.kept {
+            Some(k) if k.converter.from == from && k.converter.to == to => k,
+            Some(k) => {
+                let now = std::time::Instant::now();
+                if now.duration_since(k.window) >= Duration::from_secs(1) {
+                    k.window = now;
+                    k.made = 0;
+                }
+                if k.made >= MAX_CONVERTERS_PER_SECOND {
+                    return Err(pipeline_error(
+                        "audio.convert",
+                        format!(
+                            "the audio format changed more than {MAX_CONVERTERS_PER_SECOND} \
+                             times in a second; a frame in {from} is refused until the \
+                             second is over (each change makes a new converter)"
+                        ),
+                    ));
+                }
+                k.converter = AudioConverter::new(from, to)?;
+                k.made += 1;
+                k
+            }
+            slot => slot.insert(Box::new(Kept {
+                converter: AudioConverter::new(from, to)?,
+                window: std::time::Instant::now(),
+                made: 1,
+            })),
         };
-        converter.convert(&frame)
+        kept.converter.convert(&frame)
     }
 }

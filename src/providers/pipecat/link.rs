@@ -256,7 +256,6 @@ pub(super) async fn open(
             events: events_tx,
             converter: FormatFollower::default(),
             logged_malformed: false,
-            formats: FormatChanges::default(),
         }
         .run(ws, out_rx, early),
         span,
@@ -479,50 +478,6 @@ struct LinkTask {
     /// Converts the bot's audio, keyed by (from, to).
     converter: FormatFollower,
     logged_malformed: bool,
-    /// The bot's audio format and how often it changed lately.
-    formats: FormatChanges,
-}
-
-/// Most changes of the bot's audio format per second: each makes a new
-/// resampler (up to about 10 ms of CPU for an odd rate), so frames that
-/// would change it more often are skipped as malformed.
-const MAX_FORMAT_CHANGES_PER_SECOND: u32 = 4;
-
-/// The bot's audio format, and its changes in the current second.
-#[derive(Default)]
-struct FormatChanges {
-    last: Option<AudioFormat>,
-    window: Option<tokio::time::Instant>,
-    changes: u32,
-}
-
-impl FormatChanges {
-    /// Whether a frame in `format` is taken (a change counts against the
-    /// budget; a change over it is refused and leaves the format as it was).
-    fn take(&mut self, format: AudioFormat) -> bool {
-        match self.last {
-            None => {
-                self.last = Some(format);
-                return true;
-            }
-            Some(last) if last == format => return true,
-            Some(_) => {}
-        }
-        let now = tokio::time::Instant::now();
-        if self
-            .window
-            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.changes = 0;
-        }
-        if self.changes >= MAX_FORMAT_CHANGES_PER_SECOND {
-            return false;
-        }
-        self.changes += 1;
-        self.last = Some(format);
-        true
-    }
 }
 
 impl LinkTask {
@@ -749,12 +704,6 @@ impl LinkTask {
     }
 
     fn on_audio(&mut self, frame: AudioFrame) {
-        if !self.formats.take(frame.format()) {
-            self.on_malformed(&format!(
-                "audio whose format changes more than {MAX_FORMAT_CHANGES_PER_SECOND} times a second"
-            ));
-            return;
-        }
         let mut sink = self.shared.sink();
         let to = sink.as_ref().map_or(INTERNAL_FORMAT, |s| s.format);
         let frame = match self.converter.convert(frame, to) {
