@@ -547,6 +547,24 @@ async fn a_single_client_bot_refuses_a_second_session_with_a_clear_error() {
     backend.stop().await.unwrap();
 }
 
+/// An RTVI message as the bot's serializer frames it.
+fn rtvi(json: &str) -> tokio_tungstenite::tungstenite::Message {
+    use voice_backends::providers::pipecat::proto;
+    tokio_tungstenite::tungstenite::Message::Binary(proto::encode_message(json.to_owned()).into())
+}
+
+/// RTVI `bot-ready`.
+fn bot_ready() -> tokio_tungstenite::tungstenite::Message {
+    rtvi(r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#)
+}
+
+/// RTVI final `user-transcription` of `text`.
+fn final_transcription(text: &str) -> tokio_tungstenite::tungstenite::Message {
+    rtvi(&format!(
+        r#"{{"label":"rtvi-ai","type":"user-transcription","data":{{"text":"{text}","user_id":"","timestamp":"t","final":true}}}}"#
+    ))
+}
+
 /// A fake bot speaking the wire protocol badly, then well: it sends what
 /// `frames` holds once a client connects, and keeps the connection open.
 async fn scripted_bot(frames: Vec<tokio_tungstenite::tungstenite::Message>) -> String {
@@ -606,13 +624,10 @@ async fn scripted_session(
 async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
     use tokio_tungstenite::tungstenite::Message;
     use voice_backends::providers::pipecat::proto;
-    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
-    let ready = rtvi(r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#);
+    let ready = bot_ready();
     // 3 MiB of audio in one message: over 90 s at 16 kHz.
     let huge = Message::Binary(proto::encode_audio(vec![0u8; 3 << 20].into(), 16_000, 1).into());
-    let after = rtvi(
-        r#"{"label":"rtvi-ai","type":"user-transcription","data":{"text":"after the big one","user_id":"","timestamp":"t","final":true}}"#,
-    );
+    let after = final_transcription("after the big one");
     let url = scripted_bots(vec![vec![ready.clone(), huge], vec![ready, after]]).await;
     let (backend, _session, mut events) = scripted_session(&url, "big").await;
     expect_event(&Pipecat, &mut events, "the link reconnecting", |e| {
@@ -637,7 +652,6 @@ async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
 /// A bot that says it is ready, then reads nothing more (a stalled process).
 async fn deaf_bot() -> String {
     use futures_util::{SinkExt, StreamExt};
-    use voice_backends::providers::pipecat::proto;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -648,14 +662,7 @@ async fn deaf_bot() -> String {
                     return;
                 };
                 let _ = ws.next().await;
-                let ready = proto::encode_message(
-                    r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#.to_owned(),
-                );
-                let _ = ws
-                    .send(tokio_tungstenite::tungstenite::Message::Binary(
-                        ready.into(),
-                    ))
-                    .await;
+                let _ = ws.send(bot_ready()).await;
                 // Hold the connection, read nothing.
                 std::future::pending::<()>().await;
                 drop(ws);
@@ -713,10 +720,7 @@ async fn a_bot_that_stops_reading_loses_the_link_after_the_timeout() {
 async fn audio_changing_format_every_frame_is_skipped_past_four_resamplers_a_second() {
     use tokio_tungstenite::tungstenite::Message;
     use voice_backends::providers::pipecat::proto;
-    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
-    let mut script = vec![rtvi(
-        r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#,
-    )];
+    let mut script = vec![bot_ready()];
     for i in 0..20 {
         // Neither is the session's 16 kHz: each needs a resampler.
         let rate = if i % 2 == 0 { 24_000 } else { 48_000 };
@@ -725,9 +729,7 @@ async fn audio_changing_format_every_frame_is_skipped_past_four_resamplers_a_sec
             proto::encode_audio(bytes.into(), rate, 1).into(),
         ));
     }
-    script.push(rtvi(
-        r#"{"label":"rtvi-ai","type":"user-transcription","data":{"text":"still here","user_id":"","timestamp":"t","final":true}}"#,
-    ));
+    script.push(final_transcription("still here"));
     let url = scripted_bot(script).await;
     let (backend, _session, mut events) = scripted_session(&url, "wobbly").await;
     assert_eq!(final_transcript(&mut events).await, "still here");
@@ -747,10 +749,7 @@ async fn audio_changing_format_every_frame_is_skipped_past_four_resamplers_a_sec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dot_user_id_never_becomes_a_path_step_of_a_template_url() {
-    use tokio_tungstenite::tungstenite::Message;
-    use voice_backends::providers::pipecat::proto;
-    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
-    let ready = rtvi(r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#);
+    let ready = bot_ready();
     let bot = scripted_bots(vec![vec![ready]]).await;
     let mut config = Config::new("pipecat");
     config.timeout = Duration::from_secs(1);
@@ -781,9 +780,8 @@ async fn a_dot_user_id_never_becomes_a_path_step_of_a_template_url() {
 async fn malformed_frames_and_json_are_counted_and_skipped_and_the_session_goes_on() {
     use tokio_tungstenite::tungstenite::Message;
     use voice_backends::providers::pipecat::proto;
-    let rtvi = |json: &str| Message::Binary(proto::encode_message(json.to_owned()).into());
     let url = scripted_bot(vec![
-        rtvi(r#"{"label":"rtvi-ai","type":"bot-ready","id":"x","data":{}}"#),
+        bot_ready(),
         Message::Binary(vec![0xff, 0xff, 0xff].into()),
         Message::Binary(Vec::new().into()),
         Message::Text("not protobuf".into()),
@@ -792,9 +790,7 @@ async fn malformed_frames_and_json_are_counted_and_skipped_and_the_session_goes_
         rtvi(r#"{"label":"rtvi-ai","type":"user-transcription","data":{}}"#),
         Message::Binary(proto::encode_audio(vec![1u8, 2, 3].into(), 24_000, 1).into()),
         rtvi(r#"{"label":"someone-else","type":"anything"}"#),
-        rtvi(
-            r#"{"label":"rtvi-ai","type":"user-transcription","data":{"text":"still here","user_id":"","timestamp":"t","final":true}}"#,
-        ),
+        final_transcription("still here"),
     ])
     .await;
     let (backend, _session, mut events) = scripted_session(&url, "tough").await;
