@@ -1144,6 +1144,18 @@ fn from_path_errors() {
     assert_eq!(paths(&error), set(&["max_retries"]));
 }
 
+/// Why the `local` provider refuses to make a backend of `config`: an
+/// `InvalidConfig` error.
+async fn local_backend_error(config: &Config) -> BackendError {
+    let error = voice_backends::registry()
+        .create("local", config)
+        .await
+        .err()
+        .expect("the backend is refused");
+    assert_eq!(error.code, ErrorCode::InvalidConfig, "{error}");
+    error
+}
+
 /// Options a component refuses fail the backend's creation, not every
 /// session later.
 #[tokio::test]
@@ -1153,12 +1165,7 @@ async fn component_options_are_checked_when_the_backend_is_made() {
          [components.silence]\nmin_speech = \"1h\"\n",
     )
     .unwrap();
-    let error = voice_backends::registry()
-        .create("local", &config)
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(error.code, ErrorCode::InvalidConfig);
+    let error = local_backend_error(&config).await;
     assert_eq!(paths(&error), set(&["components.silence"]));
     assert!(error.message.contains("min_speech"), "{error}");
 }
@@ -1168,12 +1175,7 @@ async fn component_options_are_checked_when_the_backend_is_made() {
 #[tokio::test]
 async fn loading_leaves_the_pipeline_components_to_the_provider() {
     let config = Config::from_toml_str("provider = \"local\"\n").unwrap();
-    let error = voice_backends::registry()
-        .create("local", &config)
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(error.code, ErrorCode::InvalidConfig);
+    let error = local_backend_error(&config).await;
     assert_eq!(paths(&error), set(&["stt_provider", "tts_provider"]));
 }
 
