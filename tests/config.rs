@@ -1147,11 +1147,9 @@ fn from_path_errors() {
 /// Why the `local` provider refuses to make a backend of `config`: an
 /// `InvalidConfig` error.
 async fn local_backend_error(config: &Config) -> BackendError {
-    let error = voice_backends::registry()
-        .create("local", config)
-        .await
-        .err()
-        .expect("the backend is refused");
+    let Err(error) = voice_backends::registry().create("local", config).await else {
+        panic!("the backend is refused");
+    };
     assert_eq!(error.code, ErrorCode::InvalidConfig, "{error}");
     error
 }
