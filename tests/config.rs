@@ -2104,8 +2104,22 @@ mod damaged {
         Ok(())
     }
 
+    /// 400 cases, or `PROPTEST_CASES` for a longer search; about a third of
+    /// the damages hit the secret's key name and are set aside.
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(400);
+        ProptestConfig {
+            cases,
+            max_global_rejects: cases.saturating_mul(2),
+            ..ProptestConfig::default()
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(400))]
+        #![proptest_config(config())]
 
         #[test]
         fn toml(damages in prop::collection::vec(damage(), 1..4)) {
@@ -2128,6 +2142,73 @@ mod damaged {
                 SessionConfig::from_json_str(t).map(drop)
             })?;
         }
+    }
+
+    /// A damaged file can run a secret key into its value, which is then read
+    /// as one unknown key: the error names the key up to where it stops being
+    /// a plain name.
+    #[test]
+    fn a_secret_key_run_into_its_value_is_cut_where_it_stops_being_a_name() {
+        let session = format!(r#"{{"user_id": "u-1", "auth_token: {SECRET}", "metadata": {{"team"#);
+        let error = SessionConfig::from_json_str(&session).unwrap_err();
+        assert_hides_secret(&error, &session);
+        assert!(
+            error
+                .message
+                .contains("auth_token…: unknown field `auth_token…`"),
+            "{error}"
+        );
+
+        let config = format!(
+            r#"{{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo", "api_key = {SECRET}": 1}}"#
+        );
+        let error = Config::from_json_str(&config).unwrap_err();
+        assert_hides_secret(&error, &config);
+        assert!(
+            error.message.contains("unknown field `api_key…`"),
+            "{error}"
+        );
+
+        let twice = format!(
+            r#"{{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo",
+                "provider_config": {{"token {SECRET}": 1, "token {SECRET}": 2}}}}"#
+        );
+        let error = Config::from_json_str(&twice).unwrap_err();
+        assert_hides_secret(&error, &twice);
+        assert!(
+            error.message.contains("key `token…` given twice"),
+            "{error}"
+        );
+
+        // An unclosed quote in YAML swallows the lines below it into a value
+        // the parser then quotes.
+        let yaml = format!(
+            "provider: local\npipeline_type: s2s\ns2s_provider: echo\nlatency_target: '00ms\nprovider_config:\n  region: eu\n  api_key: {SECRET}'\n"
+        );
+        let error = Config::from_yaml_str(&yaml).unwrap_err();
+        assert_hides_secret(&error, &yaml);
+        assert!(
+            error
+                .message
+                .contains(r#"string "00ms provider_config: region: eu api_key…""#),
+            "{error}"
+        );
+
+        // Damage can move a secret to where a key goes.
+        let moved = format!(
+            "provider: local\npipeline_type: s2s\ns2s_provider: echo\nprovider_config:\n  api_key:\n{SECRET}:\n"
+        );
+        let error = Config::from_yaml_str(&moved).unwrap_err();
+        assert_hides_secret(&error, &moved);
+        assert!(error.message.contains("unknown field `sk-…`"), "{error}");
+
+        // Plain names are shown whole, secret-looking or not.
+        let plain = r#"{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo", "api_key_2": 1, "a b": 2}"#;
+        let error = Config::from_json_str(plain).unwrap_err();
+        assert!(
+            error.message.contains("unknown field `api_key_2`"),
+            "{error}"
+        );
     }
 
     /// The undamaged files load, so the properties above start from valid input.

@@ -61,7 +61,7 @@ fn describe_path(path: &serde_path_to_error::Path) -> (String, bool) {
                 if !out.is_empty() {
                     out.push('.');
                 }
-                out.push_str(key);
+                out.push_str(&ProviderSection::shown_key(key));
             }
             Segment::Unknown => {
                 if !out.is_empty() {
@@ -87,7 +87,7 @@ fn redact_message(message: String, secret: bool) -> String {
     if secret && !names_only {
         "invalid value (redacted)".to_owned()
     } else {
-        message
+        ProviderSection::redact_quoted(&message)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Secret;
+use crate::config::{ProviderSection, Secret};
 
 /// Normal closure: the session stopped.
 pub(super) const NORMAL: u16 = 1000;
@@ -89,7 +89,12 @@ impl ClientMessage {
             return Err("bad start message: token must be a string".into());
         }
         let body = serde_json::Value::Object(object);
-        let field_error = |e: serde_json::Error| format!("bad {kind} message: {e}");
+        let field_error = |e: serde_json::Error| {
+            format!(
+                "bad {kind} message: {}",
+                ProviderSection::redact_quoted(&e.to_string())
+            )
+        };
         match kind.as_str() {
             "start" => serde_json::from_value::<Start>(body)
                 .map(ClientMessage::Start)
@@ -281,7 +286,15 @@ mod tests {
                     (0u32..100_000).prop_map(Value::from),
                     value(),
                 ]),
-                extra in prop::option::of(("[a-z_]{1,8}", value())),
+                // A short key, or a token key run into its value.
+                extra in prop::option::of((
+                    prop_oneof![
+                        "[a-z_]{1,8}",
+                        Just(format!("token: {TOKEN}")),
+                        Just(format!("token{TOKEN}")),
+                    ],
+                    value(),
+                )),
                 token_first in any::<bool>(),
             ) {
                 let mut object = serde_json::Map::new();

@@ -28,6 +28,7 @@ pub use vad::{EnergyVad, EnergyVadFactory, EnergyVadOptions};
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
 
+use crate::config::ProviderSection;
 use crate::error::{BackendError, Result};
 use crate::pipeline::options_or_empty;
 
@@ -59,12 +60,12 @@ fn parse_options<T: DeserializeOwned>(component: &str, options: &serde_json::Val
             Segment::Seq { index } => path.push_str(&format!("[{index}]")),
             Segment::Map { key } | Segment::Enum { variant: key } => {
                 path.push('.');
-                path.push_str(key);
+                path.push_str(&ProviderSection::shown_key(key));
             }
             Segment::Unknown => path.push_str(".?"),
         }
     }
-    let message = error.into_inner().to_string();
+    let message = ProviderSection::redact_quoted(&error.into_inner().to_string());
     // serde reports an unknown key at its parent; point at the key itself.
     if let Some(key) = message
         .strip_prefix("unknown field `")
