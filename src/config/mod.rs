@@ -603,8 +603,8 @@ pub struct Config {
     pub enable_tracing: bool,
     /// Whether metrics are exposed (default true): when false, the server's
     /// `/metrics` answers 404. The backend still counts (a few atomic adds
-    /// per operation), and [`crate::Metrics::register_otel`] is yours to
-    /// call or not.
+    /// per operation), and [`Metrics`](crate::metrics::Metrics)'s
+    /// `register_otel` (feature `otel`) is yours to call or not.
     #[serde(default = "default_true")]
     pub enable_metrics: bool,
     /// Whether the `voice-backends` binary logs (default true): when false it
