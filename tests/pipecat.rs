@@ -895,8 +895,77 @@ mod decoding {
         }
 
         #[test]
-        fn arbitrary_text_parses_to_rtvi_or_an_error(text in ".{0,200}") {
-            let _ = rtvi::parse(&text);
+        fn text_that_is_not_a_json_object_is_a_pipeline_error(text in ".{0,200}") {
+            let is_object = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text).is_ok();
+            match rtvi::parse(&text) {
+                Err(e) => {
+                    prop_assert_eq!(e.code, voice_backends::ErrorCode::PipelineError);
+                    prop_assert!(e.message.starts_with("message frame is not a JSON object") || is_object, "{}", e);
+                }
+                Ok(_) => prop_assert!(is_object, "{:?} parsed", text),
+            }
+        }
+
+        #[test]
+        fn rtvi_messages_parse_to_their_event_or_name_what_is_missing(
+            rtvi_label in any::<bool>(),
+            kind in prop::option::of(prop_oneof![
+                Just("user-transcription".to_owned()),
+                Just("bot-tts-text".to_owned()),
+                Just("bot-ready".to_owned()),
+                Just("bot-interrupted".to_owned()),
+                Just("error".to_owned()),
+                "x-[a-z-]{1,10}",
+            ]),
+            text in prop::option::of(".{0,40}"),
+            is_final in prop::option::of(any::<bool>()),
+        ) {
+            let mut data = serde_json::Map::new();
+            if let Some(t) = &text {
+                data.insert("text".into(), t.clone().into());
+            }
+            if let Some(f) = is_final {
+                data.insert("final".into(), f.into());
+            }
+            let mut message = serde_json::json!({
+                "label": if rtvi_label { rtvi::LABEL } else { "other" },
+                "data": data,
+            });
+            if let Some(k) = &kind {
+                message["type"] = k.clone().into();
+            }
+            let parsed = rtvi::parse(&message.to_string());
+            let missing = |what: &str| -> Result<(), TestCaseError> {
+                let e = parsed.as_ref().expect_err("a message missing a field is refused");
+                prop_assert_eq!(e.code, voice_backends::ErrorCode::PipelineError);
+                prop_assert!(e.message.contains(what), "{}", e);
+                Ok(())
+            };
+            match (rtvi_label, kind.as_deref(), &text) {
+                (false, _, _) => prop_assert_eq!(parsed.unwrap(), None),
+                (true, None, _) => missing("without a type")?,
+                (true, Some("user-transcription"), Some(t)) => prop_assert_eq!(
+                    parsed.unwrap(),
+                    Some(rtvi::RtviEvent::UserTranscription { text: t.clone(), is_final: is_final.unwrap_or(false) })
+                ),
+                (true, Some("bot-tts-text"), Some(t)) => {
+                    prop_assert_eq!(parsed.unwrap(), Some(rtvi::RtviEvent::BotText(t.clone())))
+                }
+                (true, Some(k @ ("user-transcription" | "bot-tts-text")), None) => {
+                    missing(&format!("RTVI {k} message without data.text"))?
+                }
+                (true, Some("bot-ready"), _) => prop_assert_eq!(parsed.unwrap(), Some(rtvi::RtviEvent::BotReady)),
+                (true, Some("bot-interrupted"), _) => {
+                    prop_assert_eq!(parsed.unwrap(), Some(rtvi::RtviEvent::BotInterrupted))
+                }
+                (true, Some("error"), _) => prop_assert_eq!(
+                    parsed.unwrap(),
+                    Some(rtvi::RtviEvent::Error("the bot reported an error".into()))
+                ),
+                (true, Some(other), _) => {
+                    prop_assert_eq!(parsed.unwrap(), Some(rtvi::RtviEvent::Other(other.to_owned())))
+                }
+            }
         }
 
         #[test]
