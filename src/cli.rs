@@ -1279,20 +1279,63 @@ pub fn server_config(args: &ServeArgs) -> ServerConfig {
 fn init_logging(config: &Config) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, Layer};
 
-    let level = match config.log_level {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (layer, bad_rust_log) = log_layer(
+        config,
+        rust_log.as_deref(),
+        std::io::stderr,
+        std::io::stderr().is_terminal(),
+    );
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+    if let Some(e) = bad_rust_log {
+        tracing::warn!(
+            "RUST_LOG does not parse ({e}); logging at the config's level {}",
+            level_name(config)
+        );
+    }
+}
+
+/// The level `config` logs at: its `log_level`, or `off` with
+/// `enable_logging = false`.
+fn level_name(config: &Config) -> &'static str {
+    if !config.enable_logging {
+        return "off";
+    }
+    match config.log_level {
         LogLevel::Trace => "trace",
         LogLevel::Debug => "debug",
         LogLevel::Info => "info",
         LogLevel::Warn => "warn",
         LogLevel::Error => "error",
-    };
-    // `enable_logging = false` silences the binary, unless RUST_LOG asks.
-    let level = if config.enable_logging { level } else { "off" };
+    }
+}
+
+/// The binary's log layer, writing to `writer`, and why `rust_log` was set
+/// aside when it does not parse.
+///
+/// - The level is the config's ([`level_name`]), unless `rust_log` (the
+///   `RUST_LOG` variable) is set and parses.
+/// - `enable_tracing = false`: events only, no spans (no context on lines).
+/// - Never tungstenite's `trace` level, whatever the filter: it logs a client
+///   handshake's whole request, the bot's `Authorization` header and URL
+///   included.
+fn log_layer<S, W>(
+    config: &Config,
+    rust_log: Option<&str>,
+    writer: W,
+    ansi: bool,
+) -> (impl tracing_subscriber::Layer<S>, Option<String>)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::{EnvFilter, Layer};
+
+    let level = level_name(config);
     let mut bad_rust_log = None;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.trim().is_empty() => match EnvFilter::try_new(&value) {
+    let filter = match rust_log {
+        Some(value) if !value.trim().is_empty() => match EnvFilter::try_new(value) {
             Ok(filter) => filter,
             Err(e) => {
                 bad_rust_log = Some(format!("{e}"));
@@ -1301,23 +1344,17 @@ fn init_logging(config: &Config) {
         },
         _ => EnvFilter::new(level),
     };
-    // `enable_tracing = false`: events only, no spans (no context on lines).
-    // And never tungstenite's `trace` level: it logs a client handshake's
-    // whole request, the bot's `Authorization` header and URL included.
     let spans = config.enable_tracing;
     let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer)
+        .with_ansi(ansi)
         .with_filter(filter)
         .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
             let handshake_dump =
                 meta.target().starts_with("tungstenite") && *meta.level() == tracing::Level::TRACE;
             !handshake_dump && (spans || meta.is_event())
         }));
-    let _ = tracing_subscriber::registry().with(layer).try_init();
-    if let Some(e) = bad_rust_log {
-        tracing::warn!("RUST_LOG does not parse ({e}); logging at the config's level {level}");
-    }
+    (layer, bad_rust_log)
 }
 
 /// `voice-backends serve`: builds, starts and serves the backend until
@@ -1454,6 +1491,80 @@ fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Failur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the binary's log layer writes for a few events, at `rust_log`.
+    fn logged(config: &Config, rust_log: Option<&str>) -> String {
+        use std::sync::Mutex;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let (layer, bad) = log_layer(config, rust_log, move || writer.clone(), false);
+        assert_eq!(bad, None);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("session", user = "u-7");
+            let _entered = span.enter();
+            tracing::trace!(
+                target: "tungstenite::handshake::client",
+                "Client handshake request: Authorization: Bearer sk-hidden-1"
+            );
+            tracing::debug!(target: "tungstenite::protocol", "received frame");
+            tracing::trace!(target: "voice_backends::server", "trace line kept");
+            tracing::info!(target: "voice_backends::server", "info line kept");
+        });
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn tungstenite_trace_lines_are_never_logged_whatever_the_level() {
+        let mut config = default_config();
+        config.log_level = LogLevel::Trace;
+        for rust_log in [None, Some("trace"), Some("tungstenite=trace")] {
+            let out = logged(&config, rust_log);
+            assert!(!out.contains("sk-hidden-1"), "{rust_log:?}: {out}");
+            if rust_log != Some("tungstenite=trace") {
+                assert!(out.contains("trace line kept"), "{rust_log:?}: {out}");
+            }
+            // tungstenite's other levels still come through.
+            assert!(out.contains("received frame"), "{rust_log:?}: {out}");
+        }
+    }
+
+    #[test]
+    fn the_log_switches_silence_lines_and_spans() {
+        let mut config = default_config();
+        config.log_level = LogLevel::Info;
+        let out = logged(&config, None);
+        assert!(
+            out.contains("info line kept") && out.contains("session"),
+            "{out}"
+        );
+        assert!(!out.contains("trace line kept"), "{out}");
+
+        config.enable_tracing = false;
+        let out = logged(&config, None);
+        assert!(
+            out.contains("info line kept") && !out.contains("session"),
+            "{out}"
+        );
+
+        config.enable_logging = false;
+        assert_eq!(logged(&config, None), "");
+        // RUST_LOG still asks for lines.
+        assert!(logged(&config, Some("info")).contains("info line kept"));
+    }
 
     fn seg(path: &str) -> Vec<Segment> {
         segments(path)
