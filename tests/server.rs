@@ -1047,6 +1047,109 @@ async fn shutdown_lets_the_turn_in_flight_finish_then_closes_with_1001() {
     assert_stopped(run, &backend, addr).await;
 }
 
+/// The `local` backend, but `create_session` holds its session until the
+/// gate opens, and `stop` only reports that it was called (so the server
+/// reaches its closing phase while a session is still being made).
+#[derive(Debug)]
+struct Gated {
+    inner: Arc<dyn VoiceBackend>,
+    gate: Arc<tokio::sync::Semaphore>,
+    entered: Arc<tokio::sync::Notify>,
+    stop_called: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl VoiceBackend for Gated {
+    fn provider(&self) -> &str {
+        self.inner.provider()
+    }
+    fn set_hooks(&self, hooks: Hooks) {
+        self.inner.set_hooks(hooks)
+    }
+    async fn start(&self) -> voice_backends::Result<()> {
+        self.inner.start().await
+    }
+    async fn stop(&self) -> voice_backends::Result<()> {
+        self.stop_called.notify_one();
+        Ok(())
+    }
+    async fn create_session(
+        &self,
+        config: voice_backends::SessionConfig,
+    ) -> voice_backends::Result<Arc<dyn voice_backends::VoiceSession>> {
+        self.entered.notify_one();
+        let _pass = self.gate.acquire().await.expect("the gate stays open");
+        self.inner.create_session(config).await
+    }
+    async fn get_session(
+        &self,
+        id: &voice_backends::SessionId,
+    ) -> voice_backends::Result<Arc<dyn voice_backends::VoiceSession>> {
+        self.inner.get_session(id).await
+    }
+    async fn list_sessions(&self) -> Vec<Arc<dyn voice_backends::VoiceSession>> {
+        self.inner.list_sessions().await
+    }
+    async fn close_session(&self, id: &voice_backends::SessionId) -> voice_backends::Result<()> {
+        self.inner.close_session(id).await
+    }
+    async fn health_check(&self) -> voice_backends::HealthStatus {
+        self.inner.health_check().await
+    }
+    fn connection_state(&self) -> ConnectionState {
+        self.inner.connection_state()
+    }
+    fn active_session_count(&self) -> usize {
+        self.inner.active_session_count()
+    }
+    fn config(&self) -> Arc<Config> {
+        self.inner.config()
+    }
+    async fn update_config(&self, config: Config) -> voice_backends::Result<()> {
+        self.inner.update_config(config).await
+    }
+}
+
+/// A session that is made only once the server has begun closing its
+/// connections still gets its close frame at once (1001), rather than
+/// waiting for a phase change that will never come and being dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_made_after_closing_began_is_closed_with_1001() {
+    let inner = registry().create("local", &echo_config()).await.unwrap();
+    inner.start().await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let stop_called = Arc::new(tokio::sync::Notify::new());
+    let backend = Arc::new(Gated {
+        inner: inner.clone(),
+        gate: gate.clone(),
+        entered: entered.clone(),
+        stop_called: stop_called.clone(),
+    });
+    let server = Running::with_backend(backend, server_config()).await;
+    let mut c = Client::connect(server.addr).await;
+    c.send_json(json!({"type": "start", "user_id": "late", "sample_rate": RATE}))
+        .await;
+    timeout(PATIENCE, entered.notified())
+        .await
+        .expect("the connection asks for its session");
+    let run = tokio::spawn(server.stop());
+    timeout(PATIENCE, stop_called.notified())
+        .await
+        .expect("the server stops the backend");
+    // The server turns to closing right after the backend's stop returns.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.add_permits(1);
+    let (code, reason) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    timeout(PATIENCE, run)
+        .await
+        .expect("run returns")
+        .unwrap()
+        .expect("run returns Ok");
+    inner.stop().await.unwrap();
+}
+
 /// An auth hook that lets everyone in and notes the thread it ran on: the
 /// thread of the connection's task.
 #[derive(Default)]
