@@ -1166,6 +1166,16 @@ async fn component_options_are_checked_when_the_backend_is_made() {
     let error = local_backend_error(&config).await;
     assert_eq!(paths(&error), set(&["components.silence"]));
     assert!(error.message.contains("min_speech"), "{error}");
+
+    // The speech-to-speech component's options too, without opening a stream.
+    let config = Config::from_toml_str(
+        "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n\
+         [components.echo]\nmax_turn = \"1h\"\n",
+    )
+    .unwrap();
+    let error = local_backend_error(&config).await;
+    assert_eq!(paths(&error), set(&["components.echo"]));
+    assert!(error.message.contains("max_turn"), "{error}");
 }
 
 /// Loading checks what holds for any provider; the pipeline's components are

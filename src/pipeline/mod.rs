@@ -124,6 +124,19 @@ pub trait SpeechToText: Send + Sync {
         options: &serde_json::Value,
         events: mpsc::Sender<SttEvent>,
     ) -> Result<Box<dyn SttStream>>;
+
+    /// Checks `options` (`[components.<name>]`, or `null`) without opening
+    /// anything: called once when a backend is made, so options it would
+    /// refuse fail there, not in every session. The default accepts any
+    /// options (they are then checked by [`SpeechToText::open`] only).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` naming the option that is wrong.
+    fn check_options(&self, options: &serde_json::Value) -> Result<()> {
+        let _ = options;
+        Ok(())
+    }
 }
 
 /// A text-to-speech service.
@@ -189,6 +202,17 @@ pub trait SpeechToSpeech: Send + Sync {
         options: &serde_json::Value,
         events: mpsc::Sender<S2sEvent>,
     ) -> Result<Box<dyn S2sStream>>;
+
+    /// Checks `options` without opening anything, as
+    /// [`SpeechToText::check_options`] does. The default accepts any options.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` naming the option that is wrong.
+    fn check_options(&self, options: &serde_json::Value) -> Result<()> {
+        let _ = options;
+        Ok(())
+    }
 }
 
 /// Link-time registration of a speech-to-text component.

@@ -221,14 +221,28 @@ fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
         }
     };
     let options = |name: &str| config.component_options(name);
+    // Speech components are checked by name, and their options (without
+    // opening a stream) for the pipeline that uses them.
     if let Some(n) = &config.stt_provider {
-        note("stt_provider", reg.stt.get(n).map(|_| ()));
+        match reg.stt.get(n) {
+            Ok(stt) if config.pipeline_type == PipelineType::SttTts => {
+                note(&format!("components.{n}"), stt.check_options(&options(n)));
+            }
+            Ok(_) => {}
+            Err(e) => note("stt_provider", Err(e)),
+        }
     }
     if let Some(n) = &config.tts_provider {
         note("tts_provider", reg.tts.get(n).map(|_| ()));
     }
     if let Some(n) = &config.s2s_provider {
-        note("s2s_provider", reg.s2s.get(n).map(|_| ()));
+        match reg.s2s.get(n) {
+            Ok(s2s) if config.pipeline_type == PipelineType::S2s => {
+                note(&format!("components.{n}"), s2s.check_options(&options(n)));
+            }
+            Ok(_) => {}
+            Err(e) => note("s2s_provider", Err(e)),
+        }
     }
     let vad = config.vad_provider.as_deref().unwrap_or(DEFAULT_VAD);
     match reg.vad.get(vad) {

@@ -149,6 +149,10 @@ impl SpeechToSpeech for EchoS2s {
     ) -> Result<Box<dyn S2sStream>> {
         Ok(Box::new(self.open_stream(options, events)?))
     }
+
+    fn check_options(&self, options: &serde_json::Value) -> Result<()> {
+        EchoOptions::from_value(options).map(drop)
+    }
 }
 
 crate::register_component!(s2s, "echo", EchoS2s::default);
