@@ -174,6 +174,11 @@ enum Control {
     Interrupt {
         turn: u64,
     },
+    /// The speech service refused to end turn `turn`: no transcript or
+    /// reply will come for it.
+    TurnFailed {
+        turn: u64,
+    },
     Text(String),
     Stop {
         deadline: Instant,
@@ -460,6 +465,9 @@ impl Engine {
         self.check_accepting(OP)?;
         self.metrics.bytes_in(frame.data().len() as u64);
         let mut input = self.input.lock().unwrap_or_else(PoisonError::into_inner);
+        // Again under the lock `stop` takes to refuse input: a turn this frame
+        // ends is queued before `stop`'s message, or not at all.
+        self.check_accepting(OP)?;
         let input = &mut *input;
         let frame = match input.converter.convert(frame, INTERNAL_FORMAT) {
             Ok(Some(f)) => f,
@@ -520,11 +528,17 @@ impl Engine {
                     endpointing: input.silence,
                 });
                 input.turn.reset();
+                let mut ended = Ok(());
                 if let Some(stt) = input.stt.as_mut() {
-                    stt.end_turn().map_err(|e| e.with_op(OP))?;
+                    ended = stt.end_turn();
                 }
-                if let Some(s2s) = input.s2s.as_mut() {
-                    s2s.end_turn().map_err(|e| e.with_op(OP))?;
+                if let (Ok(()), Some(s2s)) = (&ended, input.s2s.as_mut()) {
+                    ended = s2s.end_turn();
+                }
+                if let Err(e) = ended {
+                    // Nothing will answer this turn: back to listening.
+                    let _ = self.shared.control.send(Control::TurnFailed { turn });
+                    return Err(e.with_op(OP));
                 }
             }
             _ if input.in_speech => self.feed(input, &frame)?,
@@ -626,7 +640,13 @@ impl Engine {
     pub async fn stop(&self, deadline: Duration) -> Result<()> {
         let running = {
             let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-            if self.accepting.swap(false, Ordering::AcqRel) {
+            // Under the input lock too: a frame being processed finishes first
+            // (see `process_audio`).
+            let accepting = {
+                let _input = self.input.lock().unwrap_or_else(PoisonError::into_inner);
+                self.accepting.swap(false, Ordering::AcqRel)
+            };
+            if accepting {
                 true
             } else {
                 if task.take().is_some() {
@@ -853,6 +873,12 @@ impl Task {
                     self.on_s2s(ev, reply_rx);
                 }
             }
+            Control::TurnFailed { turn } => {
+                if self.clock.turn == turn && self.reply.is_none() {
+                    self.reply_done = true;
+                    self.settle_if_silent();
+                }
+            }
             Control::Text(text) => {
                 self.clock = TurnClock {
                     turn: shared.turns.fetch_add(1, Ordering::AcqRel) + 1,
@@ -907,6 +933,9 @@ impl Task {
     /// Drops the reply in flight and everything queued of it, and listens.
     fn cut_reply(&mut self, turn: u64, reply_rx: &mut mpsc::Receiver<ReplyMsg>) {
         let shared = &*self.shared;
+        // Again, from the task: a frame it released after the input path's
+        // flush (before this message reached it) is dropped too.
+        shared.output.flush();
         self.reply = None;
         while reply_rx.try_recv().is_ok() {}
         self.playout.pending.clear();
@@ -1016,6 +1045,20 @@ impl Task {
 
     fn on_reply_msg(&mut self, msg: ReplyMsg) {
         on_reply_msg(&self.shared, &mut self.playout, &mut self.clock, msg);
+    }
+
+    /// A turn's answer is over without any audio to play (an agent error or
+    /// timeout, empty text, no speaker, a speaker that said nothing or
+    /// failed): back to listening. With audio, the playout does it once the
+    /// audio has played ([`Task::idle_at`]).
+    fn settle_if_silent(&mut self) {
+        if !self.clock.first_audio_sent
+            && self.playout.pending.is_empty()
+            && self.shared.state() == PipelineState::Processing
+        {
+            self.shared.replying.store(false, Ordering::Release);
+            self.shared.set_state(PipelineState::Listening);
+        }
     }
 
     /// The timer fired: tops the reply audio handed out up to the lead
@@ -1171,6 +1214,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
                     });
                     tracing::warn!(code = %e.code, "turn failed: {}", e.message);
                 }
+                task.settle_if_silent();
             }
             Woke::ReplyMsg(msg) => task.on_reply_msg(msg),
             Woke::Timer => {
@@ -1336,8 +1380,6 @@ fn start_reply(
                 e
             })?,
             Err(_) => {
-                shared.replying.store(false, Ordering::Release);
-                shared.set_state(PipelineState::Listening);
                 return Err(BackendError::new(
                     "session.agent",
                     ErrorCode::Timeout,
@@ -1351,15 +1393,12 @@ fn start_reply(
         let _ = tx
             .send(ReplyMsg::AgentText(reply.text.clone(), started.elapsed()))
             .await;
+        // Empty text, or no synthesis configured (the reply is text only):
+        // the session task goes back to listening once the text is out.
         if reply.text.is_empty() {
-            shared.replying.store(false, Ordering::Release);
-            shared.set_state(PipelineState::Listening);
             return Ok(());
         }
         let Some(tts) = tts else {
-            // No synthesis configured: the reply is text only.
-            shared.replying.store(false, Ordering::Release);
-            shared.set_state(PipelineState::Listening);
             return Ok(());
         };
         let _ = tx.send(ReplyMsg::TtsStarted).await;
@@ -1460,6 +1499,48 @@ mod tests {
         }
     }
 
+    /// Hears audio, but cannot end a turn (its service is gone).
+    struct FailingStt;
+
+    impl SttStream for FailingStt {
+        fn push_audio(&mut self, _: &AudioFrame) -> Result<()> {
+            Ok(())
+        }
+
+        fn end_turn(&mut self) -> Result<()> {
+            Err(BackendError::new(
+                "stt.end_turn",
+                ErrorCode::ConnectionFailed,
+                "the STT service is gone",
+            ))
+        }
+    }
+
+    /// Says nothing: fails with `fail`, or succeeds without audio.
+    struct SilentTts {
+        fail: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl TextToSpeech for SilentTts {
+        async fn synthesize(
+            &self,
+            _: &str,
+            _: AudioFormat,
+            _: &mpsc::Sender<AudioFrame>,
+        ) -> Result<()> {
+            if self.fail {
+                Err(BackendError::new(
+                    "tts",
+                    ErrorCode::ConnectionFailed,
+                    "the TTS service is gone",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
     /// Says anything as one frame per duration, whose bytes are 1, 2, 3, ...
     struct FramesTts {
         durations: Vec<Duration>,
@@ -1501,7 +1582,28 @@ mod tests {
     }
 
     fn engine_with_tts(tts: Arc<dyn TextToSpeech>) -> Engine {
+        engine_with(
+            Some(tts),
+            agent_fn(|turn| async move {
+                Ok(AgentReply::text(format!("you said {}", turn.transcript)))
+            }),
+            false,
+        )
+    }
+
+    /// An STT + TTS engine with `tts` (or none), `agent`, and an STT that
+    /// refuses to end turns when `failing_stt`.
+    fn engine_with(
+        tts: Option<Arc<dyn TextToSpeech>>,
+        agent: Arc<dyn crate::agent::Agent>,
+        failing_stt: bool,
+    ) -> Engine {
         let (events, rx) = mpsc::channel(64);
+        let stt: Box<dyn SttStream> = if failing_stt {
+            Box::new(FailingStt)
+        } else {
+            Box::new(CountingStt { events, frames: 0 })
+        };
         Engine::new(EngineParts {
             session_id: "s".into(),
             user_id: "u".into(),
@@ -1510,12 +1612,10 @@ mod tests {
             processors: Vec::new(),
             vad: Box::new(FirstByte),
             turn: Box::<ThreeSilent>::default(),
-            stt: Some((Box::new(CountingStt { events, frames: 0 }), rx)),
+            stt: Some((stt, rx)),
             s2s: None,
-            tts: Some(tts),
-            agent: Some(agent_fn(|turn| async move {
-                Ok(AgentReply::text(format!("you said {}", turn.transcript)))
-            })),
+            tts,
+            agent: Some(agent),
             metrics: Arc::new(Metrics::new("test")),
             agent_timeout: Duration::from_secs(5),
             remote_turns: false,
@@ -1740,7 +1840,7 @@ mod tests {
         {
             leftover += 1;
         }
-        assert!(leftover <= 3, "{leftover} frames of the cut reply played");
+        assert_eq!(leftover, 0, "frames of the cut reply played");
         // The turn that barged in (1 frame so far, then 5 more) is answered.
         speak(&engine, 5);
         let answer = next_event(&mut events, "the second answer", |e| {
@@ -1760,5 +1860,138 @@ mod tests {
         assert_eq!(first.data()[0], 1, "the second reply from its start");
         engine.stop(Duration::from_millis(100)).await.unwrap();
         next_event(&mut events, "the close", |e| *e == SessionEvent::Closed).await;
+    }
+
+    /// The events of one turn from its end up to the state going back to
+    /// listening (or a timeout's panic).
+    async fn events_until_listening(events: &mut SessionEvents) -> Vec<SessionEvent> {
+        let mut seen = Vec::new();
+        let wait = async {
+            loop {
+                let e = events.recv().await.expect("the session's events");
+                let done = to(PipelineState::Listening)(&e);
+                seen.push(e);
+                if done {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap_or_else(|_| panic!("never back to listening; saw {seen:?}"));
+        seen
+    }
+
+    /// A turn answered without any audio goes back to listening, whatever
+    /// the reason, and the next turn is not taken for a barge-in.
+    #[tokio::test]
+    async fn a_turn_answered_without_audio_goes_back_to_listening() {
+        let failing_agent = agent_fn(|_| async move {
+            Err(BackendError::new(
+                "agent",
+                ErrorCode::AgentError,
+                "the agent broke",
+            ))
+        });
+        let echo_agent = || {
+            agent_fn(
+                |turn| async move { Ok(AgentReply::text(format!("you said {}", turn.transcript))) },
+            )
+        };
+        let empty_agent = agent_fn(|_| async move { Ok(AgentReply::text("")) });
+        let cases: Vec<(&str, Engine, Option<ErrorCode>)> = vec![
+            (
+                "agent error",
+                engine_with(Some(Arc::new(FramesTts::numbered(3))), failing_agent, false),
+                Some(ErrorCode::AgentError),
+            ),
+            (
+                "tts error",
+                engine_with(
+                    Some(Arc::new(SilentTts { fail: true })),
+                    echo_agent(),
+                    false,
+                ),
+                Some(ErrorCode::PipelineError),
+            ),
+            (
+                "tts silent",
+                engine_with(
+                    Some(Arc::new(SilentTts { fail: false })),
+                    echo_agent(),
+                    false,
+                ),
+                None,
+            ),
+            ("no tts", engine_with(None, echo_agent(), false), None),
+            (
+                "empty text",
+                engine_with(Some(Arc::new(FramesTts::numbered(3))), empty_agent, false),
+                None,
+            ),
+        ];
+        for (case, engine, error) in cases {
+            let mut events = engine.subscribe();
+            let _rx = engine.take_receiver().unwrap();
+            engine.start().unwrap();
+            for turn in 1..=2 {
+                speak(&engine, 4);
+                next_event(&mut events, "processing", to(PipelineState::Processing)).await;
+                let seen = events_until_listening(&mut events).await;
+                assert_eq!(engine.state(), PipelineState::Listening, "{case}");
+                let errors: Vec<ErrorCode> = seen
+                    .iter()
+                    .filter_map(|e| match e {
+                        SessionEvent::Error { code, .. } => Some(*code),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(
+                    errors,
+                    Vec::from_iter(error),
+                    "{case}, turn {turn}: {seen:?}"
+                );
+                assert!(
+                    !seen
+                        .iter()
+                        .any(|e| matches!(e, SessionEvent::Interrupted { .. })),
+                    "{case}, turn {turn}: no reply was cut: {seen:?}"
+                );
+                // What the agent said comes before the state changes back.
+                if error.is_none() {
+                    let text = seen
+                        .iter()
+                        .position(|e| matches!(e, SessionEvent::AgentText { .. }));
+                    assert_eq!(text, Some(seen.len() - 2), "{case}, turn {turn}: {seen:?}");
+                }
+            }
+            engine.stop(Duration::from_secs(2)).await.unwrap();
+        }
+    }
+
+    /// A speech service that cannot end a turn: the frame that ended it
+    /// reports the error, and the session listens again.
+    #[tokio::test]
+    async fn a_turn_the_stt_cannot_end_goes_back_to_listening() {
+        let engine = engine_with(
+            Some(Arc::new(FramesTts::numbered(3))),
+            agent_fn(|_| async move { Ok(AgentReply::text("hi")) }),
+            true,
+        );
+        let mut events = engine.subscribe();
+        let _rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        for _ in 0..4 {
+            engine.process_audio(frame(9)).unwrap();
+        }
+        engine.process_audio(frame(0)).unwrap();
+        engine.process_audio(frame(0)).unwrap();
+        let e = engine.process_audio(frame(0)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ConnectionFailed, "{e}");
+        assert_eq!(e.op, "session.process_audio");
+        next_event(&mut events, "processing", to(PipelineState::Processing)).await;
+        events_until_listening(&mut events).await;
+        assert_eq!(engine.state(), PipelineState::Listening);
+        engine.stop(Duration::from_secs(2)).await.unwrap();
     }
 }
