@@ -226,6 +226,29 @@ struct Shared {
     /// Set once the session has ended (its task finished, or it was stopped
     /// before it started), for every `stop` caller to wait on.
     finished: watch::Sender<bool>,
+    /// The latest partial transcript not yet shown to the turn detector
+    /// (`hint_ready` says there is one, so a frame checks one flag).
+    hint: Mutex<Option<String>>,
+    hint_ready: AtomicBool,
+}
+
+impl Shared {
+    /// Keeps `partial` for the turn detector, which sees it with the next frame.
+    fn hint(&self, partial: &str) {
+        let mut hint = self.hint.lock().unwrap_or_else(PoisonError::into_inner);
+        *hint = Some(partial.to_owned());
+        self.hint_ready.store(true, Ordering::Release);
+    }
+
+    /// The partial transcript kept since the last frame, if any.
+    fn take_hint(&self) -> Option<String> {
+        if !self.hint_ready.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut hint = self.hint.lock().unwrap_or_else(PoisonError::into_inner);
+        self.hint_ready.store(false, Ordering::Release);
+        hint.take()
+    }
 }
 
 /// One session's pipeline.
@@ -329,6 +352,8 @@ impl Engine {
             replying: AtomicBool::new(false),
             remote_turns: parts.remote_turns,
             finished: watch::Sender::new(false),
+            hint: Mutex::new(None),
+            hint_ready: AtomicBool::new(false),
         });
         Ok(Engine {
             accepting: AtomicBool::new(false),
@@ -498,6 +523,14 @@ impl Engine {
             input.silence = Duration::ZERO;
         } else {
             input.silence += duration;
+        }
+        // The latest partial transcript, for detectors that judge whether the
+        // user sounds finished; only within a turn (a late partial of the
+        // last one is dropped).
+        if let Some(partial) = self.shared.take_hint()
+            && input.in_speech
+        {
+            input.turn.hint_transcript(&partial);
         }
         let signal = input.turn.update(&decision, duration);
         if input.remote_turns {
@@ -904,6 +937,7 @@ impl Task {
         let shared = &*self.shared;
         match ev {
             SttEvent::Partial(text) => {
+                shared.hint(&text);
                 shared.emit(SessionEvent::UserTranscript {
                     text,
                     is_final: false,
@@ -991,6 +1025,9 @@ impl Task {
                 is_final: true,
             } if shared.remote_turns => self.remote_turn_ended(text, reply_rx),
             S2sEvent::UserTranscript { text, is_final } => {
+                if !is_final {
+                    shared.hint(&text);
+                }
                 shared.emit(SessionEvent::UserTranscript { text, is_final });
             }
             S2sEvent::AgentText(text) => shared.emit(SessionEvent::AgentText { text }),
@@ -1992,6 +2029,80 @@ mod tests {
         next_event(&mut events, "processing", to(PipelineState::Processing)).await;
         events_until_listening(&mut events).await;
         assert_eq!(engine.state(), PipelineState::Listening);
+        engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// Partial transcripts reach the turn detector: with the silence
+    /// detector, a partial that sounds unfinished ("10 frames", no full stop)
+    /// holds the turn open for `max_endpointing_delay` instead of ending it
+    /// after `min_endpointing_delay`.
+    #[tokio::test]
+    async fn partial_transcripts_reach_the_turn_detector() {
+        use crate::pipeline::builtin::turn::{SilenceTurnDetector, SilenceTurnOptions};
+        let options = SilenceTurnOptions::default();
+        let (min, max) = (options.min_endpointing_delay, options.max_endpointing_delay);
+        let (stt_events, stt_rx) = mpsc::channel(64);
+        let engine = Engine::new(EngineParts {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            input_format: INTERNAL_FORMAT,
+            output_format: INTERNAL_FORMAT,
+            processors: Vec::new(),
+            vad: Box::new(FirstByte),
+            turn: Box::new(SilenceTurnDetector::new(options)),
+            stt: Some((
+                Box::new(CountingStt {
+                    events: stt_events,
+                    frames: 0,
+                }),
+                stt_rx,
+            )),
+            s2s: None,
+            tts: None,
+            agent: None,
+            metrics: Arc::new(Metrics::new("test")),
+            agent_timeout: Duration::from_secs(5),
+            remote_turns: false,
+            converters: PreparedConverters::default(),
+        })
+        .unwrap();
+        let mut events = engine.subscribe();
+        let _rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        for _ in 0..10 {
+            engine.process_audio(frame(9)).unwrap();
+        }
+        next_event(&mut events, "a partial", |e| {
+            matches!(
+                e,
+                SessionEvent::UserTranscript {
+                    is_final: false,
+                    ..
+                }
+            )
+        })
+        .await;
+        let frame_len = frame(0).duration();
+        let mut silence = Duration::ZERO;
+        let ended = loop {
+            engine.process_audio(frame(0)).unwrap();
+            silence += frame_len;
+            let mut ended = false;
+            while let Some(e) = events.try_recv() {
+                ended |= matches!(e, SessionEvent::TurnEnded { .. });
+            }
+            if ended || silence > max {
+                break silence;
+            }
+        };
+        assert!(
+            ended > min,
+            "the turn ended after {ended:?}, the delay for a finished sentence"
+        );
+        assert_eq!(
+            ended, max,
+            "the turn ends after the delay for an unfinished one"
+        );
         engine.stop(Duration::from_secs(2)).await.unwrap();
     }
 }
