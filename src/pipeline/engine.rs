@@ -558,7 +558,7 @@ impl Engine {
                 self.shared.emit(SessionEvent::TurnEnded { turn });
                 let _ = self.shared.control.send(Control::TurnEnded {
                     turn,
-                    endpointing: input.silence,
+                    endpointing: input.turn.endpointing().unwrap_or(input.silence),
                 });
                 input.turn.reset();
                 let mut ended = Ok(());
@@ -2104,5 +2104,84 @@ mod tests {
             "the turn ends after the delay for an unfinished one"
         );
         engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// Speech at byte 9, a VAD's hangover at byte 5 (speech, but below the
+    /// probability the silence detector counts), silence at 0.
+    struct WithHangover;
+
+    impl Vad for WithHangover {
+        fn process(&mut self, frame: &AudioFrame) -> VadDecision {
+            let (speech, probability) = match frame.data().first() {
+                Some(9) => (true, 1.0),
+                Some(5) => (true, 0.3),
+                _ => (false, 0.0),
+            };
+            VadDecision {
+                speech,
+                probability,
+                level_db: 0.0,
+            }
+        }
+    }
+
+    /// The turn's endpointing latency is the silence the turn detector
+    /// waited, a VAD hangover included.
+    #[tokio::test]
+    async fn endpointing_is_the_silence_the_detector_waited() {
+        use crate::pipeline::builtin::turn::{SilenceTurnDetector, SilenceTurnOptions};
+        let options = SilenceTurnOptions::default();
+        let min = options.min_endpointing_delay;
+        let (stt_events, stt_rx) = mpsc::channel(64);
+        let engine = Engine::new(EngineParts {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            input_format: INTERNAL_FORMAT,
+            output_format: INTERNAL_FORMAT,
+            processors: Vec::new(),
+            vad: Box::new(WithHangover),
+            turn: Box::new(SilenceTurnDetector::new(options)),
+            // Full stops: the turn ends after the shorter delay.
+            stt: Some((Box::new(PlainStt { events: stt_events }), stt_rx)),
+            s2s: None,
+            tts: Some(Arc::new(FramesTts::numbered(2))),
+            agent: Some(agent_fn(|_| async move { Ok(AgentReply::text("ok.")) })),
+            metrics: Arc::new(Metrics::new("test")),
+            agent_timeout: Duration::from_secs(5),
+            remote_turns: false,
+            converters: PreparedConverters::default(),
+        })
+        .unwrap();
+        let mut events = engine.subscribe();
+        let _rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        for byte in [9; 10].into_iter().chain([5; 8]).chain([0; 40]) {
+            engine.process_audio(frame(byte)).unwrap();
+        }
+        let SessionEvent::Latency(l) = next_event(&mut events, "the latency", |e| {
+            matches!(e, SessionEvent::Latency(_))
+        })
+        .await
+        else {
+            unreachable!()
+        };
+        assert_eq!(l.endpointing, min, "{l:?}");
+        engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// Transcribes every turn as "done." at once.
+    struct PlainStt {
+        events: mpsc::Sender<SttEvent>,
+    }
+
+    impl SttStream for PlainStt {
+        fn push_audio(&mut self, _: &AudioFrame) -> Result<()> {
+            Ok(())
+        }
+
+        fn end_turn(&mut self) -> Result<()> {
+            let _ = self.events.try_send(SttEvent::Final("done.".into()));
+            Ok(())
+        }
     }
 }

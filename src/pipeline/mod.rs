@@ -76,6 +76,15 @@ pub trait TurnDetector: Send {
     fn update(&mut self, vad: &VadDecision, frame_duration: Duration) -> TurnSignal;
     /// The latest partial transcript, for detectors that judge completeness.
     fn hint_transcript(&mut self, _partial: &str) {}
+    /// Right after [`TurnDetector::update`] returned
+    /// [`TurnSignal::TurnEnded`]: the silence this detector waited before
+    /// ending the turn, reported as the turn's endpointing latency. The
+    /// default, `None`, has the engine count the silence since the VAD's last
+    /// speech frame, which undercounts a detector that treats some of those
+    /// frames (a VAD's hangover, short bursts) as silence.
+    fn endpointing(&self) -> Option<Duration> {
+        None
+    }
     /// Starts over (after a turn ends or the session restarts).
     fn reset(&mut self);
 }

@@ -159,6 +159,8 @@ pub struct SilenceTurnDetector {
     silence: Duration,
     /// Whether the latest hint looks complete (true without one).
     hint_complete: bool,
+    /// The silence that ended the last turn.
+    ended_after: Duration,
 }
 
 impl SilenceTurnDetector {
@@ -170,6 +172,7 @@ impl SilenceTurnDetector {
             burst: Duration::ZERO,
             silence: Duration::ZERO,
             hint_complete: true,
+            ended_after: Duration::ZERO,
         }
     }
 
@@ -226,6 +229,7 @@ impl TurnDetector for SilenceTurnDetector {
                 self.silence += frame_duration;
                 if self.silence >= self.endpointing_delay() {
                     self.state = State::Idle;
+                    self.ended_after = self.silence;
                     self.silence = Duration::ZERO;
                     self.hint_complete = true;
                     TurnSignal::TurnEnded
@@ -234,6 +238,10 @@ impl TurnDetector for SilenceTurnDetector {
                 }
             }
         }
+    }
+
+    fn endpointing(&self) -> Option<Duration> {
+        Some(self.ended_after)
     }
 
     fn hint_transcript(&mut self, partial: &str) {
