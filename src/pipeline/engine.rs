@@ -811,6 +811,41 @@ struct Task {
     /// A remote service's reply was cut: its audio still arriving is dropped
     /// until the service ends that reply or the user's next turn ends.
     cut: bool,
+    /// The speech-to-text stream's final transcripts, matched to turns.
+    finals: Finals,
+}
+
+/// Which final transcript belongs to which turn: each turn that ends asks the
+/// STT stream for one, and they come in order.
+#[derive(Default)]
+struct Finals {
+    /// Whether there is a speech-to-text stream.
+    enabled: bool,
+    /// Turns ended whose final transcript has not come yet.
+    pending: u32,
+    /// How many of the first `pending` belong to turns already over: cut by
+    /// a barge-in (the user went on speaking), superseded by a text turn, or
+    /// given up on. They are reported but not answered by themselves.
+    stale: u32,
+    /// Whether stale transcripts are carried into the next answered turn
+    /// (after a barge-in: they are the start of what the user is saying).
+    carry: bool,
+    /// The carried transcripts.
+    carried: String,
+    /// When the final transcript of the last turn is due.
+    due: Option<Instant>,
+}
+
+impl Finals {
+    /// Every transcript still to come belongs to a turn that is over.
+    fn supersede(&mut self, carry: bool) {
+        self.stale = self.pending;
+        self.carry = carry;
+        if !carry {
+            self.carried.clear();
+        }
+        self.due = None;
+    }
 }
 
 impl Task {
@@ -841,10 +876,11 @@ impl Task {
             .then_some(self.playout.play_end)
     }
 
-    /// The nearest of the task's deadlines: release, idle and stop.
+    /// The nearest of the task's deadlines: release, idle, the final
+    /// transcript and stop.
     fn next_deadline(&self) -> Option<Instant> {
         let stop_at = self.stopping.as_ref().map(|(d, _)| *d);
-        [self.release_at(), self.idle_at(), stop_at]
+        [self.release_at(), self.idle_at(), self.finals.due, stop_at]
             .into_iter()
             .flatten()
             .min()
@@ -888,8 +924,13 @@ impl Task {
                 };
                 self.reply_done = false;
                 shared.set_state(PipelineState::Processing);
+                if self.finals.enabled {
+                    self.finals.pending += 1;
+                    self.finals.due = Some(Instant::now() + shared.agent_timeout);
+                }
             }
             Control::Interrupt { turn } => {
+                self.finals.supersede(true);
                 // Reply audio the S2S model had already queued is part of the
                 // cut reply; what else it sent is handled after the cut.
                 let mut kept = Vec::new();
@@ -907,12 +948,17 @@ impl Task {
                 }
             }
             Control::TurnFailed { turn } => {
+                // No transcript will come for it.
+                self.finals.pending = self.finals.pending.saturating_sub(1);
+                self.finals.stale = self.finals.stale.min(self.finals.pending);
+                self.finals.due = None;
                 if self.clock.turn == turn && self.reply.is_none() {
                     self.reply_done = true;
                     self.settle_if_silent();
                 }
             }
             Control::Text(text) => {
+                self.finals.supersede(false);
                 self.clock = TurnClock {
                     turn: shared.turns.fetch_add(1, Ordering::AcqRel) + 1,
                     ended_at: Some(Instant::now()),
@@ -944,6 +990,25 @@ impl Task {
                 });
             }
             SttEvent::Final(text) => {
+                let finals = &mut self.finals;
+                finals.pending = finals.pending.saturating_sub(1);
+                if finals.stale > 0 {
+                    // The transcript of a turn that is over.
+                    finals.stale -= 1;
+                    if finals.carry && !text.trim().is_empty() {
+                        if !finals.carried.is_empty() {
+                            finals.carried.push(' ');
+                        }
+                        finals.carried.push_str(text.trim());
+                    }
+                    shared.emit(SessionEvent::UserTranscript {
+                        text,
+                        is_final: true,
+                    });
+                    return;
+                }
+                finals.due = None;
+                let carried = std::mem::take(&mut finals.carried);
                 if let Some(t) = self.clock.ended_at {
                     self.clock.stt = Some(t.elapsed());
                     shared.metrics.turn_latency(LatencyStage::Stt, t.elapsed());
@@ -952,6 +1017,13 @@ impl Task {
                     text: text.clone(),
                     is_final: true,
                 });
+                // What the user said before cutting in on their own turn
+                // comes first.
+                let text = match (carried.is_empty(), text.trim().is_empty()) {
+                    (true, _) => text,
+                    (false, true) => carried,
+                    (false, false) => format!("{carried} {}", text.trim()),
+                };
                 if text.trim().is_empty() {
                     // Nothing was recognised: no turn to answer.
                     shared.replying.store(false, Ordering::Release);
@@ -1104,6 +1176,22 @@ impl Task {
     /// whether the stop deadline has passed.
     fn on_timer(&mut self, inputs: &Inputs) -> bool {
         let now = Instant::now();
+        if self.finals.due.is_some_and(|due| due <= now) {
+            // The transcript never came: the turn is given up on.
+            self.finals.supersede(false);
+            if self.reply.is_none() && self.shared.state() == PipelineState::Processing {
+                self.shared.emit(SessionEvent::Error {
+                    code: ErrorCode::Timeout,
+                    message: format!(
+                        "no final transcript of turn {} within timeout = {}",
+                        self.clock.turn,
+                        humantime::format_duration(self.shared.agent_timeout)
+                    ),
+                });
+                self.reply_done = true;
+                self.settle_if_silent();
+            }
+        }
         while self.may_release(now) {
             release(&self.shared, &mut self.playout, &mut self.clock, now);
             if inputs.marked(IN_CONTROL) {
@@ -1149,6 +1237,10 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
         },
         stopping: None,
         cut: false,
+        finals: Finals {
+            enabled: stt_events.is_some(),
+            ..Finals::default()
+        },
     };
     // Every input marked, so each is polled (and registers) once.
     let inputs = Inputs::new((1 << INPUTS) - 1);
@@ -2183,5 +2275,159 @@ mod tests {
             let _ = self.events.try_send(SttEvent::Final("done.".into()));
             Ok(())
         }
+    }
+
+    /// Holds each turn's final transcript ("turn N") until the test sends it.
+    struct HeldStt {
+        turns: usize,
+        held: Arc<Mutex<VecDeque<String>>>,
+    }
+
+    impl SttStream for HeldStt {
+        fn push_audio(&mut self, _: &AudioFrame) -> Result<()> {
+            Ok(())
+        }
+
+        fn end_turn(&mut self) -> Result<()> {
+            self.turns += 1;
+            self.held
+                .lock()
+                .unwrap()
+                .push_back(format!("turn {}", self.turns));
+            Ok(())
+        }
+    }
+
+    /// An engine whose STT holds its finals, and the means to send them.
+    fn held_engine(
+        agent_timeout: Duration,
+    ) -> (Engine, Arc<Mutex<VecDeque<String>>>, mpsc::Sender<SttEvent>) {
+        let held = Arc::new(Mutex::new(VecDeque::new()));
+        let (stt_events, stt_rx) = mpsc::channel(64);
+        let engine = Engine::new(EngineParts {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            input_format: INTERNAL_FORMAT,
+            output_format: INTERNAL_FORMAT,
+            processors: Vec::new(),
+            vad: Box::new(FirstByte),
+            turn: Box::<ThreeSilent>::default(),
+            stt: Some((
+                Box::new(HeldStt {
+                    turns: 0,
+                    held: held.clone(),
+                }),
+                stt_rx,
+            )),
+            s2s: None,
+            tts: Some(Arc::new(FramesTts::numbered(2))),
+            agent: Some(agent_fn(|turn| async move {
+                Ok(AgentReply::text(format!("you said {}", turn.transcript)))
+            })),
+            metrics: Arc::new(Metrics::new("test")),
+            agent_timeout,
+            remote_turns: false,
+            converters: PreparedConverters::default(),
+        })
+        .unwrap();
+        (engine, held, stt_events)
+    }
+
+    async fn release(held: &Arc<Mutex<VecDeque<String>>>, stt: &mpsc::Sender<SttEvent>) {
+        let text = held.lock().unwrap().pop_front().expect("a held final");
+        stt.send(SttEvent::Final(text)).await.unwrap();
+    }
+
+    /// The agent's answers from now until the session has been listening,
+    /// with nothing more happening, for a while.
+    async fn answers_until_quiet(events: &mut SessionEvents) -> Vec<String> {
+        let mut answers = Vec::new();
+        while let Ok(Some(e)) =
+            tokio::time::timeout(Duration::from_millis(300), events.recv()).await
+        {
+            if let SessionEvent::AgentText { text } = e {
+                answers.push(text);
+            }
+        }
+        answers
+    }
+
+    /// A spoken turn's transcript that comes after a text turn superseded it
+    /// is reported, but not answered: the text turn's reply stands.
+    #[tokio::test]
+    async fn a_late_transcript_does_not_replace_the_text_turn_after_it() {
+        let (engine, held, stt) = held_engine(Duration::from_secs(5));
+        let mut events = engine.subscribe();
+        let _rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 4);
+        next_event(&mut events, "processing", to(PipelineState::Processing)).await;
+        engine.send_text("typed").unwrap();
+        release(&held, &stt).await;
+        let spoken = next_event(
+            &mut events,
+            "the spoken transcript",
+            |e| matches!(e, SessionEvent::UserTranscript { text, .. } if text == "turn 1"),
+        )
+        .await;
+        assert_eq!(
+            spoken,
+            SessionEvent::UserTranscript {
+                text: "turn 1".into(),
+                is_final: true
+            }
+        );
+        assert_eq!(answers_until_quiet(&mut events).await, ["you said typed"]);
+        engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// The user cuts in on their own turn before its transcript came: the
+    /// next answer is to both parts, in order.
+    #[tokio::test]
+    async fn a_turn_cut_before_its_transcript_is_answered_with_the_next() {
+        let (engine, held, stt) = held_engine(Duration::from_secs(5));
+        let mut events = engine.subscribe();
+        let _rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 4);
+        next_event(&mut events, "processing", to(PipelineState::Processing)).await;
+        // The user speaks again (a barge-in on the turn being processed).
+        speak(&engine, 4);
+        next_event(&mut events, "the cut", |e| {
+            matches!(e, SessionEvent::Interrupted { .. })
+        })
+        .await;
+        release(&held, &stt).await;
+        release(&held, &stt).await;
+        assert_eq!(
+            answers_until_quiet(&mut events).await,
+            ["you said turn 1 turn 2"]
+        );
+        engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// A turn whose transcript never comes is given up on after the timeout,
+    /// with an error, and the session listens again.
+    #[tokio::test]
+    async fn a_transcript_that_never_comes_is_given_up_on() {
+        let (engine, held, stt) = held_engine(Duration::from_millis(200));
+        let mut events = engine.subscribe();
+        let _rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        speak(&engine, 4);
+        next_event(&mut events, "processing", to(PipelineState::Processing)).await;
+        let seen = events_until_listening(&mut events).await;
+        assert!(
+            seen.iter().any(|e| matches!(e, SessionEvent::Error { code: ErrorCode::Timeout, message } if message.contains("no final transcript of turn 1"))),
+            "{seen:?}"
+        );
+        // Its transcript, if it comes after all, is not answered.
+        release(&held, &stt).await;
+        assert!(answers_until_quiet(&mut events).await.is_empty());
+        // The next turn is answered as usual.
+        speak(&engine, 4);
+        release(&held, &stt).await;
+        assert_eq!(answers_until_quiet(&mut events).await, ["you said turn 2"]);
+        engine.stop(Duration::from_secs(2)).await.unwrap();
     }
 }
