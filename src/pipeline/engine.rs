@@ -264,6 +264,9 @@ pub struct Engine {
     shared: Arc<Shared>,
     receiver: Mutex<Option<AudioReceiver>>,
     task: Mutex<Option<TaskParts>>,
+    /// The converter `send_audio` used last, kept for the next call in the
+    /// same format (a resampler's filter table takes milliseconds to make).
+    send_converter: Mutex<Option<AudioConverter>>,
 }
 
 struct TaskParts {
@@ -272,6 +275,21 @@ struct TaskParts {
     s2s_events: Option<mpsc::Receiver<S2sEvent>>,
     tts: Option<Arc<dyn TextToSpeech>>,
     output_converter: Option<AudioConverter>,
+}
+
+impl Drop for Engine {
+    /// An engine dropped while running (without [`Engine::stop`]) stops at
+    /// once: its task would otherwise wait for input forever, holding the
+    /// session's audio receiver open.
+    fn drop(&mut self) {
+        if self.accepting.swap(false, Ordering::AcqRel) {
+            let (done, _) = oneshot::channel();
+            let _ = self.shared.control.send(Control::Stop {
+                deadline: Instant::now(),
+                done,
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -373,6 +391,7 @@ impl Engine {
             }),
             shared,
             receiver: Mutex::new(Some(receiver)),
+            send_converter: Mutex::new(None),
             task: Mutex::new(Some(TaskParts {
                 control: control_rx,
                 stt_events,
@@ -644,7 +663,8 @@ impl Engine {
     /// Sends audio straight to the user, bypassing the agent.
     pub async fn send_audio(&self, frame: AudioFrame) -> Result<()> {
         self.check_accepting("session.send_audio")?;
-        let frame = to_format(&frame, self.shared.output_format)
+        let frame = self
+            .to_output_format(&frame)
             .map_err(|e| e.with_op("session.send_audio"))?;
         self.shared.metrics.bytes_out(frame.data().len() as u64);
         self.shared.output.send(frame).await.map_err(|_| {
@@ -720,21 +740,35 @@ impl Engine {
     }
 }
 
-fn to_format(frame: &AudioFrame, to: AudioFormat) -> Result<AudioFrame> {
-    if frame.format() == to {
-        return Ok(frame.clone());
+impl Engine {
+    /// `frame` in the session's output format, converted on its own (the
+    /// resampler is flushed: each call is a whole piece of audio).
+    fn to_output_format(&self, frame: &AudioFrame) -> Result<AudioFrame> {
+        let to = self.shared.output_format;
+        if frame.format() == to {
+            return Ok(frame.clone());
+        }
+        if frame.format().sample_rate == to.sample_rate {
+            return crate::audio::convert_frame(frame, to);
+        }
+        let mut kept = self
+            .send_converter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let c = match kept.as_mut() {
+            Some(c) if c.input_format() == frame.format() && c.output_format() == to => c,
+            _ => kept.insert(AudioConverter::new(frame.format(), to)?),
+        };
+        let head = c.convert(frame);
+        // Flushed whatever happened: the next call starts a new stream.
+        let tail = c.flush();
+        let (head, tail) = (head?, tail?);
+        let mut data = Vec::new();
+        for f in head.iter().chain(tail.iter()) {
+            data.extend_from_slice(f.data());
+        }
+        AudioFrame::new(to, data)
     }
-    if frame.format().sample_rate == to.sample_rate {
-        return crate::audio::convert_frame(frame, to);
-    }
-    let mut c = AudioConverter::new(frame.format(), to)?;
-    let head = c.convert(frame)?;
-    let tail = c.flush()?;
-    let mut data = Vec::new();
-    for f in head.iter().chain(tail.iter()) {
-        data.extend_from_slice(f.data());
-    }
-    AudioFrame::new(to, data)
 }
 
 /// What the session task knows about the turn being answered.
@@ -2429,5 +2463,62 @@ mod tests {
         release(&held, &stt).await;
         assert_eq!(answers_until_quiet(&mut events).await, ["you said turn 2"]);
         engine.stop(Duration::from_secs(2)).await.unwrap();
+    }
+
+    /// `send_audio` keeps its resampler between calls, and each call is
+    /// still converted on its own: the same clip twice gives the same audio
+    /// twice, as a fresh converter gives it.
+    #[tokio::test]
+    async fn send_audio_reuses_its_resampler_and_converts_each_call_whole() {
+        let engine = stt_tts_engine(1);
+        let mut rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        let from = AudioFormat::new(crate::audio::AudioEncoding::PcmS16Le, 44_100, 1);
+        let samples: Vec<u8> = (0..4410i32)
+            .flat_map(|i| (((i * 37) % 2000 - 1000) as i16).to_le_bytes())
+            .collect();
+        let clip = AudioFrame::new(from, samples).unwrap();
+        let mut fresh = AudioConverter::new(from, INTERNAL_FORMAT).unwrap();
+        let mut expected = fresh
+            .convert(&clip)
+            .unwrap()
+            .map(|f| f.data().to_vec())
+            .unwrap_or_default();
+        expected.extend(
+            fresh
+                .flush()
+                .unwrap()
+                .map(|f| f.data().to_vec())
+                .unwrap_or_default(),
+        );
+        for call in 0..2 {
+            engine.send_audio(clip.clone()).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the audio")
+                .expect("the receiver is open");
+            assert_eq!(got.format(), INTERNAL_FORMAT);
+            assert_eq!(got.data().as_ref(), &expected[..], "call {call}");
+        }
+        assert!(
+            engine.send_converter.lock().unwrap().is_some(),
+            "the resampler is kept"
+        );
+        engine.stop(Duration::from_secs(1)).await.unwrap();
+    }
+
+    /// An engine dropped while running ends its task: the reply audio
+    /// receiver sees the end, and the session reports it closed.
+    #[tokio::test]
+    async fn a_running_engine_dropped_without_stop_ends_its_task() {
+        let engine = stt_tts_engine(1);
+        let mut events = engine.subscribe();
+        let mut rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        next_event(&mut events, "listening", to(PipelineState::Listening)).await;
+        drop(engine);
+        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(matches!(end, Ok(None)), "the receiver ends");
+        next_event(&mut events, "the close", |e| *e == SessionEvent::Closed).await;
     }
 }
