@@ -100,11 +100,17 @@ pub enum Op {
     HealthCheck,
     /// `VoiceBackend::update_config`.
     UpdateConfig,
+    /// A conversational turn, counted as a request when it ends (as
+    /// `pipeline_turns_total` counts it); its errors are those of its
+    /// answer: the agent's error or timeout, a speech service that failed,
+    /// a transcript that never came, a remote link lost. Its stages' times
+    /// are in `pipeline_turn_latency_seconds`, not here.
+    Turn,
 }
 
 impl Op {
     /// Every operation, in declaration order.
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 11] = [
         Op::Start,
         Op::Stop,
         Op::CreateSession,
@@ -115,6 +121,7 @@ impl Op {
         Op::SendText,
         Op::HealthCheck,
         Op::UpdateConfig,
+        Op::Turn,
     ];
 
     /// The snake_case label value, e.g. `"create_session"`.
@@ -130,6 +137,7 @@ impl Op {
             Op::SendText => "send_text",
             Op::HealthCheck => "health_check",
             Op::UpdateConfig => "update_config",
+            Op::Turn => "turn",
         }
     }
 }
@@ -145,23 +153,29 @@ impl fmt::Display for Op {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum LatencyStage {
-    /// From the end of the user's speech to the first audio of the reply.
+    /// From the end-of-turn decision to the first audio of the reply sent to
+    /// the user. The user waits `endpointing` more: from the end of their
+    /// speech, the wait is `endpointing` plus this.
     FirstAudio,
-    /// Speech-to-text: from the end of the user's speech to the final transcript.
+    /// Speech-to-text: from the end-of-turn decision to the final transcript.
     Stt,
     /// The application's agent: from the transcript to its reply.
     Agent,
     /// Text-to-speech: from the reply text to its first audio.
     Tts,
+    /// The silence waited before the turn was judged over (on the audio
+    /// clock), counted from the end of the user's speech.
+    Endpointing,
 }
 
 impl LatencyStage {
     /// Every stage, in declaration order.
-    pub const ALL: [LatencyStage; 4] = [
+    pub const ALL: [LatencyStage; 5] = [
         LatencyStage::FirstAudio,
         LatencyStage::Stt,
         LatencyStage::Agent,
         LatencyStage::Tts,
+        LatencyStage::Endpointing,
     ];
 
     /// The snake_case label value, e.g. `"first_audio"`.
@@ -170,6 +184,7 @@ impl LatencyStage {
             LatencyStage::FirstAudio => "first_audio",
             LatencyStage::Stt => "stt",
             LatencyStage::Agent => "agent",
+            LatencyStage::Endpointing => "endpointing",
             LatencyStage::Tts => "tts",
         }
     }
@@ -488,6 +503,7 @@ impl Metrics {
     /// Counts one finished user turn (`pipeline_turns_total`).
     pub fn turn(&self) {
         self.turns.fetch_add(1, Relaxed);
+        self.request(Op::Turn);
     }
 
     /// The current values, as plain data.
@@ -700,7 +716,7 @@ const THROUGHPUT: (&str, &str) = (
 );
 const TURN_LATENCY: (&str, &str) = (
     "pipeline_turn_latency_seconds",
-    "Duration of the stages of a conversational turn, in seconds; first_audio runs from the end of the user's speech to the first reply audio.",
+    "Duration of the stages of a conversational turn, in seconds; endpointing is the silence waited before the turn was judged over, and first_audio runs from that decision to the first reply audio.",
 );
 const DROPPED: (&str, &str) = (
     "pipeline_frames_dropped_total",

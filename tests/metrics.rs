@@ -195,10 +195,14 @@ fn label_names_of_the_enums() {
             "send_text",
             "health_check",
             "update_config",
+            "turn",
         ]
     );
     let stages: Vec<&str> = LatencyStage::ALL.iter().map(|s| s.as_str()).collect();
-    assert_eq!(stages, ["first_audio", "stt", "agent", "tts"]);
+    assert_eq!(
+        stages,
+        ["first_audio", "stt", "agent", "tts", "endpointing"]
+    );
     let reasons: Vec<&str> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
     assert_eq!(
         reasons,

@@ -65,7 +65,7 @@ use crate::agent::{Agent, AgentTurn};
 use crate::audio::{AudioConverter, AudioFormat, AudioFrame, FormatFollower};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::AudioProcessor;
-use crate::metrics::{DropReason, LatencyStage, Metrics};
+use crate::metrics::{DropReason, LatencyStage, Metrics, Op};
 use crate::pipeline::events::{SessionEvent, SessionEvents, TurnLatency};
 use crate::pipeline::{
     INTERNAL_FORMAT, S2sEvent, S2sStream, SttEvent, SttStream, TextToSpeech, TurnDetector,
@@ -507,11 +507,11 @@ impl Engine {
     pub fn process_audio(&self, frame: AudioFrame) -> Result<()> {
         const OP: &str = "session.process_audio";
         self.check_accepting(OP)?;
-        self.metrics.bytes_in(frame.data().len() as u64);
         let mut input = self.input.lock().unwrap_or_else(PoisonError::into_inner);
         // Again under the lock `stop` takes to refuse input: a turn this frame
         // ends is queued before `stop`'s message, or not at all.
         self.check_accepting(OP)?;
+        self.metrics.bytes_in(frame.data().len() as u64);
         let input = &mut *input;
         let frame = match input.converter.convert(frame, INTERNAL_FORMAT) {
             Ok(Some(f)) => f,
@@ -666,14 +666,16 @@ impl Engine {
         let frame = self
             .to_output_format(&frame)
             .map_err(|e| e.with_op("session.send_audio"))?;
-        self.shared.metrics.bytes_out(frame.data().len() as u64);
+        let bytes = frame.data().len() as u64;
         self.shared.output.send(frame).await.map_err(|_| {
             BackendError::new(
                 "session.send_audio",
                 ErrorCode::PipelineError,
                 "the session's audio receiver is gone",
             )
-        })
+        })?;
+        self.shared.metrics.bytes_out(bytes);
+        Ok(())
     }
 
     /// Treats `text` as the user's final transcript of a new turn.
@@ -780,6 +782,8 @@ struct TurnClock {
     stt: Option<Duration>,
     agent: Option<Duration>,
     tts_started: Option<Instant>,
+    /// The turn's `Latency` event is out (its first audio went to the user).
+    latency_reported: bool,
     tts_first_audio: Option<Duration>,
     first_audio_sent: bool,
 }
@@ -957,6 +961,9 @@ impl Task {
                     ..TurnClock::default()
                 };
                 self.reply_done = false;
+                shared
+                    .metrics
+                    .turn_latency(LatencyStage::Endpointing, endpointing);
                 shared.set_state(PipelineState::Processing);
                 if self.finals.enabled {
                     self.finals.pending += 1;
@@ -1166,6 +1173,7 @@ impl Task {
             S2sEvent::Connection(state) => shared.emit(SessionEvent::Connection { state }),
             S2sEvent::Failed { code, message } => {
                 tracing::error!(code = %code, "the session's link failed: {message}");
+                shared.metrics.error(Op::Turn, code);
                 shared.emit(SessionEvent::Error { code, message });
                 shared.emit(SessionEvent::Connection {
                     state: crate::backend::ConnectionState::Error,
@@ -1214,6 +1222,7 @@ impl Task {
             // The transcript never came: the turn is given up on.
             self.finals.supersede(false);
             if self.reply.is_none() && self.shared.state() == PipelineState::Processing {
+                self.shared.metrics.error(Op::Turn, ErrorCode::Timeout);
                 self.shared.emit(SessionEvent::Error {
                     code: ErrorCode::Timeout,
                     message: format!(
@@ -1371,6 +1380,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
                     task.on_reply_msg(msg);
                 }
                 if let Err(e) = result {
+                    task.shared.metrics.error(Op::Turn, e.code);
                     task.shared.emit(SessionEvent::Error {
                         code: e.code,
                         message: e.message.clone(),
@@ -1471,16 +1481,24 @@ fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, now: I
             None
         }
     };
+    let mut sent = false;
     if let Some(out) = out {
         let bytes = out.data().len() as u64;
         match shared.output.try_send(out) {
-            Ok(()) => shared.metrics.bytes_out(bytes),
+            Ok(()) => {
+                shared.metrics.bytes_out(bytes);
+                sent = true;
+            }
             Err(_) => shared.metrics.dropped(DropReason::OutputOverflow, 1),
         }
     }
     if !clock.first_audio_sent {
         clock.first_audio_sent = true;
         shared.set_state(PipelineState::Speaking);
+    }
+    // The turn's latency runs to the first audio that actually went out.
+    if sent && !clock.latency_reported {
+        clock.latency_reported = true;
         if let Some(t) = clock.ended_at {
             let first_audio = t.elapsed();
             shared
@@ -2128,6 +2146,23 @@ mod tests {
                     assert_eq!(text, Some(seen.len() - 2), "{case}, turn {turn}: {seen:?}");
                 }
             }
+            // Each turn is a request of the `turn` operation, and its failure
+            // one of its errors.
+            let m = engine.metrics().snapshot();
+            assert_eq!(m.requests[&Op::Turn], 2, "{case}");
+            let turn_errors: u64 = m
+                .errors
+                .iter()
+                .filter(|((op, _), _)| *op == Op::Turn)
+                .map(|(_, n)| n)
+                .sum();
+            match error {
+                Some(code) => {
+                    assert_eq!(m.errors[&(Op::Turn, code)], 2, "{case}");
+                    assert_eq!(turn_errors, 2, "{case}");
+                }
+                None => assert_eq!(turn_errors, 0, "{case}"),
+            }
             engine.stop(Duration::from_secs(2)).await.unwrap();
         }
     }
@@ -2292,6 +2327,9 @@ mod tests {
             unreachable!()
         };
         assert_eq!(l.endpointing, min, "{l:?}");
+        let m = engine.metrics().snapshot();
+        let waited = &m.turn_latency[&LatencyStage::Endpointing];
+        assert_eq!((waited.count, waited.sum), (1, min.as_secs_f64()));
         engine.stop(Duration::from_secs(2)).await.unwrap();
     }
 
@@ -2455,6 +2493,10 @@ mod tests {
             seen.iter().any(|e| matches!(e, SessionEvent::Error { code: ErrorCode::Timeout, message } if message.contains("no final transcript of turn 1"))),
             "{seen:?}"
         );
+        assert_eq!(
+            engine.metrics().snapshot().errors[&(Op::Turn, ErrorCode::Timeout)],
+            1
+        );
         // Its transcript, if it comes after all, is not answered.
         release(&held, &stt).await;
         assert!(answers_until_quiet(&mut events).await.is_empty());
@@ -2520,5 +2562,19 @@ mod tests {
         let end = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
         assert!(matches!(end, Ok(None)), "the receiver ends");
         next_event(&mut events, "the close", |e| *e == SessionEvent::Closed).await;
+    }
+
+    /// Audio sent to a receiver that is gone is not counted as sent.
+    #[tokio::test]
+    async fn audio_that_is_not_sent_is_not_counted() {
+        let engine = stt_tts_engine(1);
+        let rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        engine.send_audio(frame(3)).await.unwrap();
+        assert_eq!(engine.metrics().snapshot().bytes_out, 640);
+        drop(rx);
+        assert!(engine.send_audio(frame(3)).await.is_err());
+        assert_eq!(engine.metrics().snapshot().bytes_out, 640);
+        engine.stop(Duration::from_secs(1)).await.unwrap();
     }
 }

@@ -794,10 +794,12 @@ impl RuntimeBackend {
                     "the backend stopped while the session was being opened",
                 ));
             }
+            // Counted before it can be seen (and closed) by anyone else, so
+            // the gauge never dips below the table.
+            self.inner.metrics.session_opened();
             sessions.insert(session.id.clone(), session.clone());
         }
         place.keep();
-        self.inner.metrics.session_opened();
         Ok(session)
     }
 }
