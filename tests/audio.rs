@@ -182,6 +182,21 @@ fn f32_to_s16_clamps_scales_and_rounds() {
     assert_eq!(f32_to_i16(-0.5 / 32768.0), -1);
     assert_eq!(f32_to_i16(0.49 / 32768.0), 0);
     assert_eq!(f32_to_i16(1.51 / 32768.0), 2);
+    // Just under half a step (0.49999997 when scaled) rounds toward zero,
+    // though in f32 the sum with 0.5 would round up to 1.
+    let just_under = f32::from_bits((0.5f32 / 32768.0).to_bits() - 1);
+    assert_eq!(f32_to_i16(just_under), 0);
+    assert_eq!(f32_to_i16(-just_under), 0);
+    // Every f32 from -1 to 1 in steps of a thousandth of a step agrees with
+    // rounding half away from zero done in f64.
+    for i in -32_768_000i32..=32_768_000 {
+        if i % 7 != 0 {
+            continue;
+        }
+        let x = i as f32 / 32_768_000.0;
+        let want = (f64::from(x * 32768.0)).round().clamp(-32768.0, 32767.0) as i16;
+        assert_eq!(f32_to_i16(x), want, "{x:e}");
+    }
 
     let out = convert_frame(
         &f32_frame(16_000, 1, &[-1.0, 0.0, 1.0, 2.0, f32::NAN, -0.25]),
@@ -1050,10 +1065,13 @@ fn a_format_follower_keeps_its_converter_and_follows_changes() {
     assert!(!expected.is_empty());
     assert_eq!(got, expected, "one converter's state carried across frames");
 
-    // Already in the target format: the same bytes come back.
+    // Already in the target format: the resampler's last audio comes first,
+    // then the frame's own bytes; after that, the same bytes come back.
     let same = AudioFrame::new(to, vec![1u8; 640]).unwrap();
     let back = follower.convert(same.clone(), to).unwrap().unwrap();
-    assert_eq!(back.data().as_ptr(), same.data().as_ptr());
+    assert!(back.data().len() > 640 && back.data().ends_with(same.data()));
+    let again = follower.convert(same.clone(), to).unwrap().unwrap();
+    assert_eq!(again.data().as_ptr(), same.data().as_ptr());
 
     // Another source format, then another target: converted, not refused.
     let mulaw = AudioFrame::new(format(Mulaw, 8_000, 1), vec![0xFFu8; 160]).unwrap();
@@ -1093,4 +1111,89 @@ fn a_format_follower_makes_a_bounded_number_of_converters_a_second() {
         AudioFormat::new(AudioEncoding::PcmS16Le, 48_000, 1),
         AudioFormat::PCM16_16K_MONO
     ));
+}
+
+/// Samples of `frames` (s16 mono), all joined.
+fn joined_samples(frames: impl IntoIterator<Item = Option<AudioFrame>>) -> Vec<i16> {
+    frames
+        .into_iter()
+        .flatten()
+        .flat_map(|f| {
+            f.data()
+                .chunks_exact(2)
+                .map(|b| i16::from_le_bytes([b[0], b[1]]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// What a resampler still holds when the format changes comes out in front
+/// of the next frame, not lost and not played later: 200 ms at 8 kHz, then
+/// 200 ms already at 16 kHz, then 200 ms at 8 kHz again, give 600 ms at
+/// 16 kHz in order, and `flush` ends the stream.
+#[test]
+fn a_format_follower_loses_nothing_when_the_format_changes() {
+    use voice_backends::audio::FormatFollower;
+    let to = AudioFormat::PCM16_16K_MONO;
+    let mut follower = FormatFollower::default();
+    let mut out = Vec::new();
+    let frame = |rate: u32, value: i16| {
+        AudioFrame::from_i16(rate, 1, &vec![value; rate as usize / 100]).unwrap()
+    };
+    for _ in 0..20 {
+        out.push(follower.convert(frame(8_000, 1000), to).unwrap());
+    }
+    let first = joined_samples(out.drain(..)).len();
+    for _ in 0..20 {
+        out.push(follower.convert(frame(16_000, 2000), to).unwrap());
+    }
+    let second = joined_samples(out.drain(..));
+    // The 8 kHz stream's last samples, then the 16 kHz frames as they are.
+    assert_eq!(first + second.len(), 6400, "{first} + {}", second.len());
+    let tail = 3200 - first;
+    assert!(tail > 0, "the resampler held some audio");
+    // (The filter rings a little against the zero padding at the very end.)
+    assert!(
+        second[..tail].iter().all(|&s| (400..=1200).contains(&s)),
+        "{:?}",
+        &second[..tail]
+    );
+    assert!(second[tail..].iter().all(|&s| s == 2000));
+    for _ in 0..20 {
+        out.push(follower.convert(frame(8_000, -1000), to).unwrap());
+    }
+    out.push(follower.flush(to).unwrap());
+    let third = joined_samples(out.drain(..));
+    assert_eq!(third.len(), 3200);
+    // Nothing of the first stream is left to come out in the third.
+    assert!(third.iter().all(|&s| s <= 0), "{:?}", &third[..80]);
+    assert_eq!(
+        follower.flush(to).unwrap(),
+        None,
+        "nothing is held after a flush"
+    );
+}
+
+/// `reset` drops what the resampler holds: a cut stream's end never comes out.
+#[test]
+fn a_format_follower_reset_drops_the_held_audio() {
+    use voice_backends::audio::FormatFollower;
+    let to = AudioFormat::PCM16_16K_MONO;
+    let mut follower = FormatFollower::default();
+    let frame = AudioFrame::from_i16(8_000, 1, &[1000i16; 80]).unwrap();
+    let mut first = Vec::new();
+    for _ in 0..10 {
+        first.push(follower.convert(frame.clone(), to).unwrap());
+    }
+    let heard = joined_samples(first).len();
+    assert!(heard < 1600, "the resampler holds some audio");
+    follower.reset();
+    assert_eq!(follower.flush(to).unwrap(), None);
+    let silence = AudioFrame::from_i16(16_000, 1, &[0i16; 160]).unwrap();
+    let out = follower.convert(silence, to).unwrap().unwrap();
+    assert_eq!(
+        out.data().len(),
+        320,
+        "the frame alone, nothing in front of it"
+    );
 }

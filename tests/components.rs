@@ -291,6 +291,38 @@ fn silence_detector_waits_up_to_the_max_delay_when_the_hint_is_incomplete() {
     }
 }
 
+/// A pause a little shorter than the endpointing delay, then more speech:
+/// one turn, not one that ends just as the user goes on (the first
+/// `min_speech` of the new burst is not counted as silence).
+#[test]
+fn silence_detector_does_not_end_a_turn_as_the_user_goes_on() {
+    for pause in [ms(400), ms(440), ms(480)] {
+        let mut t = turn(Value::Null);
+        let mut v = utterance_decisions(Duration::from_secs(1), Duration::from_secs(1), pause);
+        v.extend(utterance_decisions(
+            ms(0),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ));
+        let s = signals(&mut *t, &v);
+        assert_eq!(
+            s.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [TurnSignal::SpeechStarted, TurnSignal::TurnEnded],
+            "{pause:?}: {s:?}"
+        );
+        // The turn ends 500 ms after the second part.
+        let end = Duration::from_secs(2) + pause + Duration::from_secs(1) + ms(500);
+        assert_close(s[1].1, end, FRAME, "TurnEnded");
+    }
+    // A click within the pause counts as silence: the turn ends on time.
+    let mut t = turn(Value::Null);
+    let mut v = utterance_decisions(Duration::from_secs(1), Duration::from_secs(1), ms(200));
+    v.extend(utterance_decisions(ms(0), ms(40), Duration::from_secs(1)));
+    let s = signals(&mut *t, &v);
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_close(s[1].1, Duration::from_secs(2) + ms(500), FRAME, "TurnEnded");
+}
+
 #[test]
 fn silence_detector_ignores_a_40ms_click() {
     let mut t = turn(Value::Null);

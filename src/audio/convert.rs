@@ -29,10 +29,11 @@ pub fn i16_to_f32(sample: i16) -> f32 {
 /// 32768, rounds half away from zero and saturates at 32767; NaN gives 0.
 #[inline]
 pub fn f32_to_i16(sample: f32) -> i16 {
-    let scaled = sample.clamp(-1.0, 1.0) * 32768.0;
+    let scaled = f64::from(sample.clamp(-1.0, 1.0) * 32768.0);
     // `as` truncates toward zero, so adding half with the value's sign rounds
-    // half away from zero; NaN casts to 0 and 32768 saturates to 32767.
-    (scaled + 0.5f32.copysign(scaled)) as i16
+    // half away from zero (in f64, where the sum is exact: in f32 it rounds
+    // 0.49999997 + 0.5 up to 1); NaN casts to 0 and 32768 saturates to 32767.
+    (scaled + 0.5f64.copysign(scaled)) as i16
 }
 
 /// Reads an f32 sample from input: NaN becomes 0, anything else is clamped to -1..=1.
@@ -902,6 +903,12 @@ impl AudioConverter {
 /// target formats stay the same, and making a new one when either changes.
 /// A frame already in the target format is handed back as it is.
 ///
+/// What a resampler still holds (a few milliseconds) is not lost when the
+/// format changes: it comes out in front of the next frame in the same
+/// target format, whether that frame passes through or goes through a new
+/// converter. [`FormatFollower::flush`] ends a stream (its last audio out),
+/// [`FormatFollower::reset`] drops it (a reply cut short).
+///
 /// Making a converter can take milliseconds (a resampler between unrelated
 /// rates computes a filter table), so at most
 /// [`MAX_CONVERTERS_PER_SECOND`] are made in any second: a frame that would
@@ -931,6 +938,9 @@ pub const MAX_CONVERTERS_PER_SECOND: u32 = 4;
 #[derive(Debug)]
 struct Kept {
     converter: AudioConverter,
+    /// Whether the converter may hold audio not yet out (it resampled
+    /// something since it was made or flushed).
+    holding: bool,
     /// The start of the current one-second window, and converters made in it.
     window: std::time::Instant,
     made: u32,
@@ -943,6 +953,7 @@ impl From<Option<AudioConverter>> for FormatFollower {
             kept: converter.map(|converter| {
                 Box::new(Kept {
                     converter,
+                    holding: false,
                     window: std::time::Instant::now(),
                     made: 0,
                 })
@@ -969,8 +980,11 @@ impl FormatFollower {
     pub fn convert(&mut self, frame: AudioFrame, to: AudioFormat) -> Result<Option<AudioFrame>> {
         let from = frame.format();
         if from == to {
-            return Ok(Some(frame));
+            // What the kept resampler still holds goes out first.
+            let tail = self.tail_for(to)?;
+            return join(tail, Some(frame));
         }
+        let mut tail = None;
         let kept = match &mut self.kept {
             Some(k) if k.converter.from == from && k.converter.to == to => k,
             Some(k) => {
@@ -989,16 +1003,75 @@ impl FormatFollower {
                         ),
                     ));
                 }
-                k.converter = AudioConverter::new(from, to)?;
+                let next = AudioConverter::new(from, to)?;
+                // The old converter's last audio, in front of the new one's.
+                if k.holding {
+                    let old = k.converter.flush()?;
+                    tail = old.filter(|f| f.format() == to);
+                }
+                k.converter = next;
+                k.holding = false;
                 k.made += 1;
                 k
             }
             slot => slot.insert(Box::new(Kept {
                 converter: AudioConverter::new(from, to)?,
+                holding: false,
                 window: std::time::Instant::now(),
                 made: 1,
             })),
         };
-        kept.converter.convert(&frame)
+        kept.holding |= kept.converter.resamples();
+        let out = kept.converter.convert(&frame)?;
+        join(tail, out)
+    }
+
+    /// Ends the stream: what the kept resampler still holds, in format `to`
+    /// (`None` when it holds nothing, or converts to another format).
+    ///
+    /// # Errors
+    ///
+    /// [`AudioConverter::flush`]'s.
+    pub fn flush(&mut self, to: AudioFormat) -> Result<Option<AudioFrame>> {
+        self.tail_for(to)
+    }
+
+    /// Drops what the kept resampler still holds (the stream was cut).
+    pub fn reset(&mut self) {
+        if let Some(k) = self.kept.as_mut()
+            && k.holding
+        {
+            // The converter starts a new stream; its old audio is dropped.
+            let _ = k.converter.flush();
+            k.holding = false;
+        }
+    }
+
+    /// Flushes the kept converter if it may hold audio, keeping the output
+    /// when it is in format `to`.
+    fn tail_for(&mut self, to: AudioFormat) -> Result<Option<AudioFrame>> {
+        match self.kept.as_mut() {
+            Some(k) if k.holding => {
+                k.holding = false;
+                Ok(k.converter.flush()?.filter(|f| f.format() == to))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// `head` then `rest` as one frame (they are in the same format).
+fn join(head: Option<AudioFrame>, rest: Option<AudioFrame>) -> Result<Option<AudioFrame>> {
+    match (head, rest) {
+        (None, rest) => Ok(rest),
+        (head, None) => Ok(head),
+        (Some(head), Some(rest)) => {
+            let mut data = Vec::with_capacity(head.data().len() + rest.data().len());
+            data.extend_from_slice(head.data());
+            data.extend_from_slice(rest.data());
+            AudioFrame::new(rest.format(), data)
+                .map(Some)
+                .map_err(|e| e.with_op("audio.convert"))
+        }
     }
 }

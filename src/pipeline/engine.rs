@@ -1083,6 +1083,7 @@ impl Task {
         // Again, from the task: a frame it released after the input path's
         // flush (before this message reached it) is dropped too.
         shared.output.flush();
+        self.playout.converter.reset();
         self.reply = None;
         while reply_rx.try_recv().is_ok() {}
         self.playout.pending.clear();
@@ -1242,6 +1243,14 @@ impl Task {
             }
         }
         if self.idle_at().is_some_and(|at| at <= now) {
+            // The reply's last few milliseconds, still in its resampler.
+            if let Ok(Some(tail)) = self.playout.converter.flush(self.shared.output_format) {
+                let bytes = tail.data().len() as u64;
+                match self.shared.output.try_send(tail) {
+                    Ok(()) => self.shared.metrics.bytes_out(bytes),
+                    Err(_) => self.shared.metrics.dropped(DropReason::OutputOverflow, 1),
+                }
+            }
             self.shared.replying.store(false, Ordering::Release);
             self.shared.set_state(PipelineState::Listening);
         }

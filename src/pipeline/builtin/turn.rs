@@ -205,11 +205,13 @@ impl Default for SilenceTurnDetector {
 impl TurnDetector for SilenceTurnDetector {
     fn update(&mut self, vad: &VadDecision, frame_duration: Duration) -> TurnSignal {
         let speech = vad.speech && vad.probability >= SPEECH_PROBABILITY;
-        if speech {
+        // The burst this frame broke off, if any.
+        let broken = if speech {
             self.burst += frame_duration;
+            Duration::ZERO
         } else {
-            self.burst = Duration::ZERO;
-        }
+            std::mem::take(&mut self.burst)
+        };
         let confirmed = speech && self.burst >= self.options.min_speech;
         match self.state {
             State::Idle => {
@@ -225,6 +227,16 @@ impl TurnDetector for SilenceTurnDetector {
                 if confirmed {
                     self.silence = Duration::ZERO;
                     return TurnSignal::Continue;
+                }
+                if speech {
+                    // A burst that may yet be speech: the turn does not end
+                    // while it lasts (the user may be going on).
+                    return TurnSignal::Continue;
+                }
+                // A burst shorter than `min_speech` was a click or a breath:
+                // it counts as silence, with this frame.
+                if broken < self.options.min_speech {
+                    self.silence += broken;
                 }
                 self.silence += frame_duration;
                 if self.silence >= self.endpointing_delay() {
