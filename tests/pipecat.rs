@@ -710,6 +710,13 @@ async fn a_bot_that_stops_reading_loses_the_link_after_the_timeout() {
         Some("0"),
         "{health:?}"
     );
+    // The audio the stalled link could not take is in the backend's metrics
+    // (pipeline_frames_dropped_total{reason="input_overflow"}) as well.
+    let dropped: u64 = health.details["pipecat_frames_dropped"].parse().unwrap();
+    let metrics = backend.metrics().expect("the backend's metrics").snapshot();
+    let input_overflow = metrics.dropped[&voice_backends::metrics::DropReason::InputOverflow];
+    assert!(input_overflow > 0, "{health:?}");
+    assert!(input_overflow <= dropped, "{input_overflow} > {dropped}");
     backend.stop().await.unwrap();
 }
 

@@ -131,6 +131,10 @@ pub struct LinkRequest<'a> {
     pub metadata: &'a BTreeMap<String, serde_json::Value>,
     /// How to retry when the link drops during the session.
     pub retry: RetryPolicy,
+    /// The backend's metrics: a link counts there what it drops
+    /// ([`Metrics::dropped`](crate::metrics::Metrics::dropped)), e.g. user
+    /// audio the service cannot take fast enough.
+    pub metrics: &'a Arc<crate::metrics::Metrics>,
 }
 
 impl fmt::Debug for LinkRequest<'_> {

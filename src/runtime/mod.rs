@@ -420,6 +420,7 @@ impl Inner {
                         config: &base,
                         metadata: &config.metadata,
                         retry: RetryPolicy::from_config(&base),
+                        metrics: &self.metrics,
                     })
                 },
                 |attempt, delay, e| {

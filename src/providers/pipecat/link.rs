@@ -23,6 +23,7 @@ use crate::audio::{AudioEncoding, AudioFormat, AudioFrame, FormatFollower};
 use crate::backend::ConnectionState;
 use crate::config::Secret;
 use crate::error::{BackendError, ErrorCode, Result};
+use crate::metrics::{DropReason, Metrics};
 use crate::pipeline::{INTERNAL_FORMAT, S2sEvent, S2sStream, TextToSpeech};
 use crate::runtime::{Link, RetryPolicy};
 
@@ -66,6 +67,28 @@ pub(super) struct Counters {
     pub dropped: AtomicU64,
     /// Times a link lost its bot and reconnected.
     pub reconnects: AtomicU64,
+    /// The backend's metrics, which count the drops too (set by the first
+    /// link).
+    pub metrics: std::sync::OnceLock<Arc<Metrics>>,
+}
+
+impl Counters {
+    /// One user frame that did not go to the bot (its queue was full, or it
+    /// went stale while the bot was away).
+    fn dropped_input(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.metrics.get() {
+            m.dropped(DropReason::InputOverflow, 1);
+        }
+    }
+
+    /// One event or reply frame the session's side had no room for.
+    fn dropped_output(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.metrics.get() {
+            m.dropped(DropReason::OutputOverflow, 1);
+        }
+    }
 }
 
 /// Where and how one link connects.
@@ -358,7 +381,7 @@ impl S2sStream for PipecatStream {
         match self.out.try_send(proto::encode_audio(pcm, self.rate, 1)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.dropped_input();
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(self.shared.lost(OP)),
@@ -585,7 +608,7 @@ impl LinkTask {
                 tracing::info!(bot = %self.settings.endpoint, "reconnected to the Pipecat bot");
                 // Audio queued while the bot was away is stale: drop it.
                 while out.try_recv().is_ok() {
-                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.dropped_input();
                 }
                 let _ = self
                     .events
@@ -629,7 +652,7 @@ impl LinkTask {
 
     fn emit(&self, event: S2sEvent) {
         if self.events.try_send(event).is_err() {
-            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared.counters.dropped_output();
         }
     }
 
@@ -719,7 +742,7 @@ impl LinkTask {
             Some(s) => {
                 s.heard = true;
                 if s.tx.try_send(SpeakerMsg::Audio(frame)).is_err() {
-                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.dropped_output();
                 }
             }
             None => {

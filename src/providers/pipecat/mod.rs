@@ -299,6 +299,7 @@ impl Connector for PipecatConnector {
                 ),
             ));
         }
+        let _ = self.counters.metrics.set(request.metrics.clone());
         let url = self.config.url_for(request.session_id, request.user_id);
         let settings = link::Settings {
             endpoint: endpoint(&url),
