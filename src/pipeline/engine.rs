@@ -536,7 +536,8 @@ impl Engine {
                 }
             };
         }
-        let decision: VadDecision = input.vad.process(&frame);
+        let decision: VadDecision =
+            tracing::trace_span!("vad").in_scope(|| input.vad.process(&frame));
         let duration = frame.duration();
         if decision.speech {
             input.silence = Duration::ZERO;
@@ -551,7 +552,8 @@ impl Engine {
         {
             input.turn.hint_transcript(&partial);
         }
-        let signal = input.turn.update(&decision, duration);
+        let signal = tracing::trace_span!("turn_detection")
+            .in_scope(|| input.turn.update(&decision, duration));
         if input.remote_turns {
             return self.remote_turn_input(input, frame, signal);
         }
@@ -639,11 +641,13 @@ impl Engine {
 
     fn feed(&self, input: &mut Input, frame: &AudioFrame) -> Result<()> {
         if let Some(stt) = input.stt.as_mut() {
-            stt.push_audio(frame)
+            tracing::trace_span!("stt")
+                .in_scope(|| stt.push_audio(frame))
                 .map_err(|e| e.with_op("session.process_audio"))?;
         }
         if let Some(s2s) = input.s2s.as_mut() {
-            s2s.push_audio(frame)
+            tracing::trace_span!("s2s")
+                .in_scope(|| s2s.push_audio(frame))
                 .map_err(|e| e.with_op("session.process_audio"))?;
         }
         Ok(())

@@ -573,6 +573,7 @@ impl VoiceBackend for RuntimeBackend {
         result.map(|s| s as Arc<dyn VoiceSession>)
     }
 
+    #[tracing::instrument(name = "backend.get_session", skip_all, fields(provider = %self.inner.provider, session_id = %id))]
     async fn get_session(&self, id: &SessionId) -> Result<Arc<dyn VoiceSession>> {
         let timer = self.inner.metrics.observe(Op::GetSession);
         let result = self
@@ -587,6 +588,7 @@ impl VoiceBackend for RuntimeBackend {
         result.map(|s| s as Arc<dyn VoiceSession>)
     }
 
+    #[tracing::instrument(name = "backend.list_sessions", skip_all, fields(provider = %self.inner.provider))]
     async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
         let mut list = self.inner.sessions_snapshot();
         list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -907,6 +909,9 @@ impl VoiceSession for RuntimeSession {
         // nothing is allocated per frame.
         // Every call is counted; one in PROCESS_AUDIO_LATENCY_SAMPLE is timed.
         // The engine's metrics are the backend's: no reference count to touch.
+        // A span per frame, at `trace` level: a check of one flag when off.
+        let span = tracing::trace_span!("session.process_audio", session_id = %self.id);
+        let _entered = span.enter();
         let metrics = self.engine.metrics();
         if self
             .frames
@@ -926,6 +931,7 @@ impl VoiceSession for RuntimeSession {
         ProcessAudio::ready(r)
     }
 
+    #[tracing::instrument(name = "session.send_audio", level = "trace", skip_all, fields(session_id = %self.id))]
     async fn send_audio(&self, frame: AudioFrame) -> Result<()> {
         let metrics = self.metrics();
         let timer = metrics.as_ref().map(|m| m.observe(Op::SendAudio));
@@ -936,10 +942,12 @@ impl VoiceSession for RuntimeSession {
         r
     }
 
+    #[tracing::instrument(name = "session.receive_audio", skip_all, fields(session_id = %self.id))]
     fn receive_audio(&self) -> Result<AudioReceiver> {
         self.engine.take_receiver()
     }
 
+    #[tracing::instrument(name = "session.send_text", skip_all, fields(session_id = %self.id))]
     async fn send_text(&self, text: &str) -> Result<()> {
         self.timed(Op::SendText, || self.engine.send_text(text))
     }
@@ -968,6 +976,7 @@ impl VoiceSession for RuntimeSession {
             .clone()
     }
 
+    #[tracing::instrument(name = "session.update_metadata", skip_all, fields(session_id = %self.id))]
     async fn update_metadata(&self, metadata: BTreeMap<String, serde_json::Value>) -> Result<()> {
         let mut current = self
             .metadata
