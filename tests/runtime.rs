@@ -205,6 +205,16 @@ async fn health_reports_the_service_and_capacity() {
     let h = backend.health_check().await;
     assert_eq!(h.status, Health::Unhealthy);
     assert_eq!(h.details["service"], "service down");
+    // A failed check is an error of the health_check operation.
+    let m = backend.metrics().unwrap().snapshot();
+    assert_eq!(m.requests[&voice_backends::metrics::Op::HealthCheck], 1);
+    assert_eq!(
+        m.errors[&(
+            voice_backends::metrics::Op::HealthCheck,
+            ErrorCode::ConnectionFailed
+        )],
+        1
+    );
 }
 
 #[tokio::test]

@@ -633,24 +633,31 @@ impl VoiceBackend for RuntimeBackend {
             .with_detail("connection", state.as_str())
             .with_detail("sessions", format!("{open}/{cap}"))
             .with_detail("provider", self.inner.provider.clone());
+        // The check itself fails (an error in the metrics) when the service
+        // does not answer or answers with an error.
+        let mut result: Result<()> = Ok(());
         if state == ConnectionState::Connected {
             let timeout = self.inner.config().timeout;
             match tokio::time::timeout(timeout, self.inner.connector.health()).await {
                 Ok(Ok(details)) => health.details.extend(details),
                 Ok(Err(e)) => {
                     health.status = Health::Unhealthy;
-                    health.details.insert("service".into(), e.message);
+                    health.details.insert("service".into(), e.message.clone());
+                    result = Err(e);
                 }
                 Err(_) => {
                     health.status = Health::Unhealthy;
-                    health.details.insert(
-                        "service".into(),
-                        format!("no answer within {}", humantime::format_duration(timeout)),
-                    );
+                    let message =
+                        format!("no answer within {}", humantime::format_duration(timeout));
+                    health.details.insert("service".into(), message.clone());
+                    result = Err(BackendError::new(
+                        "backend.health_check",
+                        ErrorCode::Timeout,
+                        message,
+                    ));
                 }
             }
         }
-        let result: Result<()> = Ok(());
         timer.finish(&result);
         health
     }
