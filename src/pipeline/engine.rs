@@ -1785,6 +1785,29 @@ mod tests {
         )
     }
 
+    /// The parts of a test engine: `stt` and its events, the `FirstByte` VAD,
+    /// the `ThreeSilent` turn detector, no speaker and no agent (override
+    /// with struct update syntax).
+    fn parts(stt: Box<dyn SttStream>, events: mpsc::Receiver<SttEvent>) -> EngineParts {
+        EngineParts {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            input_format: INTERNAL_FORMAT,
+            output_format: INTERNAL_FORMAT,
+            processors: Vec::new(),
+            vad: Box::new(FirstByte),
+            turn: Box::<ThreeSilent>::default(),
+            stt: Some((stt, events)),
+            s2s: None,
+            tts: None,
+            agent: None,
+            metrics: Arc::new(Metrics::new("test")),
+            agent_timeout: Duration::from_secs(5),
+            remote_turns: false,
+            converters: PreparedConverters::default(),
+        }
+    }
+
     /// An STT + TTS engine with `tts` (or none), `agent`, and an STT that
     /// refuses to end turns when `failing_stt`.
     fn engine_with(
@@ -1799,21 +1822,9 @@ mod tests {
             Box::new(CountingStt { events, frames: 0 })
         };
         Engine::new(EngineParts {
-            session_id: "s".into(),
-            user_id: "u".into(),
-            input_format: INTERNAL_FORMAT,
-            output_format: INTERNAL_FORMAT,
-            processors: Vec::new(),
-            vad: Box::new(FirstByte),
-            turn: Box::<ThreeSilent>::default(),
-            stt: Some((stt, rx)),
-            s2s: None,
             tts,
             agent: Some(agent),
-            metrics: Arc::new(Metrics::new("test")),
-            agent_timeout: Duration::from_secs(5),
-            remote_turns: false,
-            converters: PreparedConverters::default(),
+            ..parts(stt, rx)
         })
         .unwrap()
     }
@@ -2217,27 +2228,14 @@ mod tests {
         let (min, max) = (options.min_endpointing_delay, options.max_endpointing_delay);
         let (stt_events, stt_rx) = mpsc::channel(64);
         let engine = Engine::new(EngineParts {
-            session_id: "s".into(),
-            user_id: "u".into(),
-            input_format: INTERNAL_FORMAT,
-            output_format: INTERNAL_FORMAT,
-            processors: Vec::new(),
-            vad: Box::new(FirstByte),
             turn: Box::new(SilenceTurnDetector::new(options)),
-            stt: Some((
+            ..parts(
                 Box::new(CountingStt {
                     events: stt_events,
                     frames: 0,
                 }),
                 stt_rx,
-            )),
-            s2s: None,
-            tts: None,
-            agent: None,
-            metrics: Arc::new(Metrics::new("test")),
-            agent_timeout: Duration::from_secs(5),
-            remote_turns: false,
-            converters: PreparedConverters::default(),
+            )
         })
         .unwrap();
         let mut events = engine.subscribe();
@@ -2308,22 +2306,12 @@ mod tests {
         let min = options.min_endpointing_delay;
         let (stt_events, stt_rx) = mpsc::channel(64);
         let engine = Engine::new(EngineParts {
-            session_id: "s".into(),
-            user_id: "u".into(),
-            input_format: INTERNAL_FORMAT,
-            output_format: INTERNAL_FORMAT,
-            processors: Vec::new(),
             vad: Box::new(WithHangover),
             turn: Box::new(SilenceTurnDetector::new(options)),
-            // Full stops: the turn ends after the shorter delay.
-            stt: Some((Box::new(PlainStt { events: stt_events }), stt_rx)),
-            s2s: None,
             tts: Some(Arc::new(FramesTts::numbered(2))),
             agent: Some(agent_fn(|_| async move { Ok(AgentReply::text("ok.")) })),
-            metrics: Arc::new(Metrics::new("test")),
-            agent_timeout: Duration::from_secs(5),
-            remote_turns: false,
-            converters: PreparedConverters::default(),
+            // Full stops: the turn ends after the shorter delay.
+            ..parts(Box::new(PlainStt { events: stt_events }), stt_rx)
         })
         .unwrap();
         let mut events = engine.subscribe();
@@ -2390,29 +2378,18 @@ mod tests {
         let held = Arc::new(Mutex::new(VecDeque::new()));
         let (stt_events, stt_rx) = mpsc::channel(64);
         let engine = Engine::new(EngineParts {
-            session_id: "s".into(),
-            user_id: "u".into(),
-            input_format: INTERNAL_FORMAT,
-            output_format: INTERNAL_FORMAT,
-            processors: Vec::new(),
-            vad: Box::new(FirstByte),
-            turn: Box::<ThreeSilent>::default(),
-            stt: Some((
+            tts: Some(Arc::new(FramesTts::numbered(2))),
+            agent: Some(agent_fn(|turn| async move {
+                Ok(AgentReply::text(format!("you said {}", turn.transcript)))
+            })),
+            agent_timeout,
+            ..parts(
                 Box::new(HeldStt {
                     turns: 0,
                     held: held.clone(),
                 }),
                 stt_rx,
-            )),
-            s2s: None,
-            tts: Some(Arc::new(FramesTts::numbered(2))),
-            agent: Some(agent_fn(|turn| async move {
-                Ok(AgentReply::text(format!("you said {}", turn.transcript)))
-            })),
-            metrics: Arc::new(Metrics::new("test")),
-            agent_timeout,
-            remote_turns: false,
-            converters: PreparedConverters::default(),
+            )
         })
         .unwrap();
         (engine, held, stt_events)
