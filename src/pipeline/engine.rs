@@ -2567,4 +2567,85 @@ mod tests {
         assert_eq!(engine.metrics().snapshot().bytes_out, 640);
         engine.stop(Duration::from_secs(1)).await.unwrap();
     }
+
+    /// `FirstByte`, but a frame whose first byte is 7 is silence that holds
+    /// the input path until the test lets it go.
+    struct HoldingVad {
+        entered: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Vad for HoldingVad {
+        fn process(&mut self, audio: &AudioFrame) -> VadDecision {
+            if audio.data().first() == Some(&7) {
+                let _ = self.entered.send(());
+                let _ = self.release.recv();
+                return FirstByte.process(&frame(0));
+            }
+            FirstByte.process(audio)
+        }
+    }
+
+    /// `stop` while another thread is in `process_audio` with the frame that
+    /// ends a turn: the turn is queued before the stop, so it is answered
+    /// before the session closes, and nothing follows `Closed`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn a_stop_during_the_frame_that_ends_a_turn_lets_the_turn_finish() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let (stt_events, stt_rx) = mpsc::channel(64);
+        let engine = Arc::new(
+            Engine::new(EngineParts {
+                vad: Box::new(HoldingVad {
+                    entered: entered_tx,
+                    release: release_rx,
+                }),
+                tts: Some(Arc::new(FramesTts::numbered(2))),
+                agent: Some(agent_fn(|turn| async move {
+                    Ok(AgentReply::text(format!("you said {}", turn.transcript)))
+                })),
+                ..parts(
+                    Box::new(CountingStt {
+                        events: stt_events,
+                        frames: 0,
+                    }),
+                    stt_rx,
+                )
+            })
+            .unwrap(),
+        );
+        let mut events = engine.subscribe();
+        let _rx = engine.take_receiver().unwrap();
+        engine.start().unwrap();
+        for byte in [9, 9, 9, 9, 0, 0] {
+            engine.process_audio(frame(byte)).unwrap();
+        }
+        // The third silent frame ends the turn; the VAD holds it.
+        let e = engine.clone();
+        let ending = tokio::task::spawn_blocking(move || e.process_audio(frame(7)));
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        let e = engine.clone();
+        let stopping = tokio::spawn(async move { e.stop(Duration::from_secs(5)).await });
+        // Time for `stop` to get as far as it can while the frame is held.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        ending.await.unwrap().unwrap();
+        stopping.await.unwrap().unwrap();
+        let mut seen = Vec::new();
+        while let Ok(Some(e)) =
+            tokio::time::timeout(Duration::from_millis(500), events.recv()).await
+        {
+            seen.push(e);
+        }
+        let closed = seen.iter().position(|e| *e == SessionEvent::Closed);
+        assert_eq!(closed, Some(seen.len() - 1), "Closed comes last: {seen:?}");
+        assert!(
+            seen.iter().any(
+                |e| matches!(e, SessionEvent::AgentText { text } if text == "you said 7 frames")
+            ),
+            "the turn was answered before the close: {seen:?}"
+        );
+    }
 }
