@@ -1,6 +1,12 @@
 #![cfg(feature = "testing")]
 //! Spans: every public operation of a backend and a session, and every stage
 //! of the pipeline, opens one (the per-frame ones at `trace` level).
+//!
+//! A test binary of its own (not part of `tests/local.rs`): the spans are
+//! seen through a thread-local subscriber, and `tracing` caches whether a
+//! callsite is of interest process-wide, so other tests hitting the same
+//! callsites at the same time hid some of them from it (seen when it ran
+//! inside `tests/local.rs`).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

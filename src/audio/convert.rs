@@ -1061,7 +1061,10 @@ impl FormatFollower {
 }
 
 /// `head` then `rest` as one frame (they are in the same format).
-fn join(head: Option<AudioFrame>, rest: Option<AudioFrame>) -> Result<Option<AudioFrame>> {
+pub(crate) fn join(
+    head: Option<AudioFrame>,
+    rest: Option<AudioFrame>,
+) -> Result<Option<AudioFrame>> {
     match (head, rest) {
         (None, rest) => Ok(rest),
         (head, None) => Ok(head),

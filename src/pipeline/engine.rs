@@ -768,12 +768,10 @@ impl Engine {
         let head = c.convert(frame);
         // Flushed whatever happened: the next call starts a new stream.
         let tail = c.flush();
-        let (head, tail) = (head?, tail?);
-        let mut data = Vec::new();
-        for f in head.iter().chain(tail.iter()) {
-            data.extend_from_slice(f.data());
+        match crate::audio::join(head?, tail?)? {
+            Some(out) => Ok(out),
+            None => AudioFrame::new(to, Vec::new()),
         }
-        AudioFrame::new(to, data)
     }
 }
 
@@ -1249,11 +1247,7 @@ impl Task {
         if self.idle_at().is_some_and(|at| at <= now) {
             // The reply's last few milliseconds, still in its resampler.
             if let Ok(Some(tail)) = self.playout.converter.flush(self.shared.output_format) {
-                let bytes = tail.data().len() as u64;
-                match self.shared.output.try_send(tail) {
-                    Ok(()) => self.shared.metrics.bytes_out(bytes),
-                    Err(_) => self.shared.metrics.dropped(DropReason::OutputOverflow, 1),
-                }
+                send_out(&self.shared, tail);
             }
             self.shared.replying.store(false, Ordering::Release);
             self.shared.set_state(PipelineState::Listening);
@@ -1474,6 +1468,22 @@ fn enqueue(shared: &Shared, playout: &mut Playout, frame: AudioFrame) {
     playout.pending.push_back(frame);
 }
 
+/// Hands reply audio to the receiver without waiting, counting it as sent
+/// or, when the receiver's queue is full, as dropped. Whether it went out.
+fn send_out(shared: &Shared, frame: AudioFrame) -> bool {
+    let bytes = frame.data().len() as u64;
+    match shared.output.try_send(frame) {
+        Ok(()) => {
+            shared.metrics.bytes_out(bytes);
+            true
+        }
+        Err(_) => {
+            shared.metrics.dropped(DropReason::OutputOverflow, 1);
+            false
+        }
+    }
+}
+
 /// Hands the next queued reply frame to the receiver (`now` is the time).
 fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, now: Instant) {
     let Some(frame) = playout.pending.pop_front() else {
@@ -1494,17 +1504,7 @@ fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, now: I
             None
         }
     };
-    let mut sent = false;
-    if let Some(out) = out {
-        let bytes = out.data().len() as u64;
-        match shared.output.try_send(out) {
-            Ok(()) => {
-                shared.metrics.bytes_out(bytes);
-                sent = true;
-            }
-            Err(_) => shared.metrics.dropped(DropReason::OutputOverflow, 1),
-        }
-    }
+    let sent = out.is_some_and(|out| send_out(shared, out));
     if !clock.first_audio_sent {
         clock.first_audio_sent = true;
         shared.set_state(PipelineState::Speaking);
