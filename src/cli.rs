@@ -350,7 +350,7 @@ pub fn providers_table(infos: &[ProviderInfo]) -> String {
 ///
 /// [`exit::FAILURE`] if a provider cannot be listed or the output not written.
 pub fn providers(args: &ProvidersArgs, out: &mut dyn Write) -> Result<(), Failure> {
-    let infos = provider_infos().map_err(|e| Failure::failed(e.message))?;
+    let infos = provider_infos().map_err(|e| Failure::failed(e.into_fields().message))?;
     if args.json {
         let json = serde_json::to_string_pretty(&infos)
             .map_err(|e| Failure::failed(format!("cannot write JSON: {e}")))?;
@@ -373,7 +373,7 @@ pub fn providers(args: &ProvidersArgs, out: &mut dyn Write) -> Result<(), Failur
 pub fn provider_schema(provider: &str) -> Result<serde_json::Value, Failure> {
     let provider = registry()
         .get_provider(provider)
-        .map_err(|e| Failure::usage(e.message))?;
+        .map_err(|e| Failure::usage(e.into_fields().message))?;
     Ok(provider.config_schema().schema)
 }
 
@@ -638,7 +638,7 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
 
     if !flagged.contains("provider") {
         match registry().get_provider(&config.provider) {
-            Err(e) => problems.push(Problem::at("provider", e.message)),
+            Err(e) => problems.push(Problem::at("provider", e.into_fields().message)),
             Ok(provider) => {
                 if let Err(e) = provider.validate_config(config) {
                     push_error(&mut problems, "provider_config", e);
@@ -653,6 +653,7 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
 /// Adds `error` as one problem per detail (keyed by field path), or as one
 /// problem at `fallback` when it has none.
 fn push_error(problems: &mut Vec<Problem>, fallback: &str, error: BackendError) {
+    let error = error.into_fields();
     let details: Vec<_> = error
         .details
         .into_iter()
@@ -689,7 +690,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
     if !flagged.contains(vad_path) {
         let name = vad.unwrap_or(DEFAULT_VAD);
         match reg.vad.get(name) {
-            Err(e) => problems.push(Problem::at(vad_path, e.message)),
+            Err(e) => problems.push(Problem::at(vad_path, e.into_fields().message)),
             Ok(factory) => {
                 if options_checked(name)
                     && let Err(e) = factory.create(&options(name))
@@ -707,7 +708,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
             .as_deref()
             .unwrap_or(DEFAULT_TURN_DETECTOR);
         match reg.turn.get(name) {
-            Err(e) => problems.push(Problem::at(turn_path, e.message)),
+            Err(e) => problems.push(Problem::at(turn_path, e.into_fields().message)),
             Ok(factory) => {
                 if options_checked(name)
                     && let Err(e) = factory.create(&options(name))
@@ -723,7 +724,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(noise_path)
     {
         match reg.processor.get(name) {
-            Err(e) => problems.push(Problem::at(noise_path, e.message)),
+            Err(e) => problems.push(Problem::at(noise_path, e.into_fields().message)),
             Ok(factory) => {
                 if options_checked(name)
                     && let Err(e) = factory.create(&options(name), i32::MIN)
@@ -740,7 +741,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
             continue;
         }
         match reg.processor.get(&p.name) {
-            Err(e) => problems.push(Problem::at(path, e.message)),
+            Err(e) => problems.push(Problem::at(path, e.into_fields().message)),
             Ok(factory) => {
                 let inline = p.has_inline_options();
                 let opts = config.processor_options(p);
@@ -763,7 +764,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(stt_path)
     {
         match reg.stt.get(name) {
-            Err(e) => problems.push(Problem::at(stt_path, e.message)),
+            Err(e) => problems.push(Problem::at(stt_path, e.into_fields().message)),
             Ok(stt) => {
                 if config.pipeline_type == PipelineType::SttTts && options_checked(name) {
                     let (tx, _rx) = tokio::sync::mpsc::channel(1);
@@ -780,7 +781,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(tts_path)
         && let Err(e) = reg.tts.get(name)
     {
-        problems.push(Problem::at(tts_path, e.message));
+        problems.push(Problem::at(tts_path, e.into_fields().message));
     }
 
     let s2s_path = "s2s_provider";
@@ -788,7 +789,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(s2s_path)
     {
         match reg.s2s.get(name) {
-            Err(e) => problems.push(Problem::at(s2s_path, e.message)),
+            Err(e) => problems.push(Problem::at(s2s_path, e.into_fields().message)),
             Ok(s2s) => {
                 if config.pipeline_type == PipelineType::S2s && options_checked(name) {
                     let (tx, _rx) = tokio::sync::mpsc::channel(1);

@@ -129,9 +129,21 @@ impl fmt::Display for ErrorCode {
 ///
 /// `Display` reads `op: code: message`, e.g.
 /// `registry.create: provider_not_found: no provider named "livekt"; available: local, pipecat`.
-#[derive(Debug, thiserror::Error)]
-#[error("{op}: {code}: {message}")]
-pub struct BackendError {
+///
+/// The fields ([`ErrorFields`]: `op`, `code`, `message`, `details`,
+/// `source`) are read and written through the error itself (`err.code`,
+/// `err.message.push_str(..)`); they live behind one pointer so that a
+/// `Result` of this crate is no wider than its `Ok` value plus a word, which
+/// keeps the success path of hot calls (`process_audio`, `registry.create`)
+/// free of copying a large error slot around.
+pub struct BackendError(Box<ErrorFields>);
+
+/// The fields of a [`BackendError`], reached through it by `Deref`.
+///
+/// Build one with a struct literal and turn it into an error with `.into()`,
+/// or take an error apart with [`BackendError::into_fields`].
+#[derive(Debug)]
+pub struct ErrorFields {
     /// The operation that failed, e.g. `"registry.create"` or `"session.process_audio"`.
     pub op: &'static str,
     /// What went wrong.
@@ -141,20 +153,80 @@ pub struct BackendError {
     /// Structured context: for `InvalidConfig`, one entry per field path.
     pub details: BTreeMap<String, String>,
     /// The underlying cause, if any.
-    #[source]
     pub source: Option<BoxError>,
+}
+
+impl std::ops::Deref for BackendError {
+    type Target = ErrorFields;
+    #[inline]
+    fn deref(&self) -> &ErrorFields {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for BackendError {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut ErrorFields {
+        &mut self.0
+    }
+}
+
+impl fmt::Debug for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendError")
+            .field("op", &self.op)
+            .field("code", &self.code)
+            .field("message", &self.message)
+            .field("details", &self.details)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.op, self.code, self.message)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl BackendError {
+    /// The fields, by value (to move the message or details out).
+    pub fn into_fields(self) -> ErrorFields {
+        *self.0
+    }
+}
+
+impl From<BackendError> for ErrorFields {
+    fn from(e: BackendError) -> Self {
+        *e.0
+    }
+}
+
+impl From<ErrorFields> for BackendError {
+    fn from(fields: ErrorFields) -> Self {
+        BackendError(Box::new(fields))
+    }
 }
 
 impl BackendError {
     /// A new error with no details and no source.
     pub fn new(op: &'static str, code: ErrorCode, message: impl Into<String>) -> Self {
-        BackendError {
+        BackendError(Box::new(ErrorFields {
             op,
             code,
             message: message.into(),
             details: BTreeMap::new(),
             source: None,
-        }
+        }))
     }
 
     /// Adds (or extends) one detail entry; a second value for the same key is

@@ -30,7 +30,7 @@ pub use agent::{Agent, AgentReply, AgentTurn, agent_fn};
 pub use audio::{AudioEncoding, AudioFormat, AudioFrame};
 pub use backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
 pub use config::*;
-pub use error::{BackendError, ErrorCode, Result};
+pub use error::{BackendError, ErrorCode, ErrorFields, Result};
 pub use hooks::{
     AudioProcessor, AuthHook, DataKind, DataRetentionHook, Hooks, Operation, Principal,
     RateLimiter, TokenBucketLimiter,

@@ -2,7 +2,7 @@
 
 use std::error::Error as _;
 
-use voice_backends::{BackendError, ErrorCode};
+use voice_backends::{BackendError, ErrorCode, ErrorFields};
 
 #[test]
 fn thirteen_codes_with_their_specified_names() {
@@ -79,4 +79,39 @@ fn display_details_and_source() {
 fn errors_cross_threads() {
     fn assert_send_sync<T: Send + Sync + 'static>() {}
     assert_send_sync::<BackendError>();
+}
+
+#[test]
+fn fields_are_reached_through_the_error_and_taken_apart_whole() {
+    let mut e = BackendError::invalid_config("config.validate", "two problems")
+        .with_detail("timeout", "0s is out of range");
+    e.code = ErrorCode::Timeout;
+    e.message.push_str(" (and more)");
+    assert!(e.is_retryable());
+    let fields = e.into_fields();
+    assert_eq!(fields.message, "two problems (and more)");
+    assert_eq!(fields.details["timeout"], "0s is out of range");
+    let again: BackendError = ErrorFields {
+        op: "registry.create",
+        ..fields
+    }
+    .into();
+    assert_eq!(
+        again.to_string(),
+        "registry.create: timeout: two problems (and more)"
+    );
+    assert!(format!("{again:?}").starts_with("BackendError { op: \"registry.create\""));
+}
+
+#[test]
+fn a_result_is_no_wider_than_its_value_and_a_word() {
+    use std::mem::size_of;
+    use std::sync::Arc;
+    // The error is one pointer, so the hot `Ok` paths move small values.
+    assert_eq!(size_of::<BackendError>(), size_of::<usize>());
+    assert_eq!(size_of::<voice_backends::Result<()>>(), size_of::<usize>());
+    assert!(
+        size_of::<voice_backends::Result<Arc<dyn voice_backends::VoiceBackend>>>()
+            <= 3 * size_of::<usize>()
+    );
 }

@@ -798,7 +798,7 @@ impl SessionConfig {
             ("output_format", &self.output_format),
         ] {
             if let Err(e) = format.validate() {
-                v.push(path, e.message);
+                v.push(path, e.into_fields().message);
             }
         }
         v

@@ -1499,7 +1499,7 @@ fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnClock, now: I
             shared.metrics.dropped(DropReason::InvalidAudio, 1);
             shared.emit(SessionEvent::Error {
                 code: e.code,
-                message: e.message,
+                message: e.into_fields().message,
             });
             None
         }

@@ -217,7 +217,7 @@ fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
             let e2 = err.get_or_insert_with(|| {
                 BackendError::invalid_config("backend.new", "pipeline components")
             });
-            e2.push_detail(path, e.message);
+            e2.push_detail(path, e.into_fields().message);
         }
     };
     let options = |name: &str| config.component_options(name);

@@ -642,7 +642,7 @@ impl Conn {
                                 tracing::debug!(code = %e.code, "client input failed: {}", e.message);
                                 let event = SessionEvent::Error {
                                     code: e.code,
-                                    message: e.message,
+                                    message: e.into_fields().message,
                                 };
                                 if self.feed_event(&event).await.is_err() {
                                     return End::Gone;
