@@ -1,7 +1,7 @@
 //! Metrics of the shared runtime: one [`Metrics`] per backend, shared as
 //! `Arc<Metrics>`, recorded with plain atomics and read as a
 //! [`MetricsSnapshot`], as Prometheus text, or (with the `otel` feature) through
-//! OpenTelemetry observable instruments.
+//! OpenTelemetry instruments.
 //!
 //! # Metric families
 //!
@@ -37,7 +37,9 @@
 //!
 //! Every label set is small and fixed, so every series is pre-allocated when
 //! the [`Metrics`] is built: recording is one or two relaxed atomic additions,
-//! with no lock, no map lookup and no allocation.
+//! with no lock, no map lookup and no allocation. Once
+//! `Metrics::register_otel` (feature `otel`) has run, a latency is also recorded into an
+//! OpenTelemetry histogram (see there).
 //!
 //! # Example
 //!
@@ -339,11 +341,6 @@ impl AtomicHistogram {
         self.sum_nanos.fetch_add(nanos, Relaxed);
     }
 
-    #[cfg(feature = "otel")]
-    fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
-    }
-
     fn sum_seconds(&self) -> f64 {
         nanos_to_seconds(self.sum_nanos.load(Relaxed))
     }
@@ -393,6 +390,10 @@ pub struct Metrics {
     dropped: [AtomicU64; REASONS],
     interruptions: AtomicU64,
     turns: AtomicU64,
+    /// The OpenTelemetry histograms latencies are also recorded into, one
+    /// set per [`Metrics::register_otel`] call; empty until then.
+    #[cfg(feature = "otel")]
+    otel: arc_swap::ArcSwap<Vec<Arc<otel::Histograms>>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -420,6 +421,8 @@ impl Metrics {
             dropped: counters(),
             interruptions: AtomicU64::new(0),
             turns: AtomicU64::new(0),
+            #[cfg(feature = "otel")]
+            otel: arc_swap::ArcSwap::from_pointee(Vec::new()),
         }
     }
 
@@ -443,6 +446,8 @@ impl Metrics {
     /// Observations longer than a day add one day to the histogram's sum.
     pub fn latency(&self, op: Op, elapsed: Duration) {
         self.latency[op as usize].record(elapsed);
+        #[cfg(feature = "otel")]
+        self.otel_latency(op, elapsed);
     }
 
     /// Starts timing one `op`; [`OpTimer::finish`] then records the request,
@@ -488,6 +493,8 @@ impl Metrics {
     /// Observations longer than a day add one day to the histogram's sum.
     pub fn turn_latency(&self, stage: LatencyStage, elapsed: Duration) {
         self.turn_latency[stage as usize].record(elapsed);
+        #[cfg(feature = "otel")]
+        self.otel_turn_latency(stage, elapsed);
     }
 
     /// Counts `n` frames dropped for `reason` (`pipeline_frames_dropped_total`).
@@ -890,31 +897,54 @@ fn escape_label_value(out: &mut String, value: &str) {
 mod otel {
     use std::borrow::Cow;
     use std::sync::{Arc, Weak};
+    use std::time::Duration;
 
     use opentelemetry::KeyValue;
-    use opentelemetry::metrics::{AsyncInstrument, Meter};
+    use opentelemetry::metrics::{AsyncInstrument, Histogram, Meter};
 
     use super::{
-        AtomicHistogram, DROPPED, DropReason, ERRORS, INTERRUPTIONS, LATENCY, LatencyStage,
-        Metrics, Op, REQUESTS, Relaxed, SESSIONS_ACTIVE, SESSIONS_TOTAL, THROUGHPUT, TURN_LATENCY,
-        TURNS,
+        DROPPED, DropReason, ERRORS, INTERRUPTIONS, LATENCY, LATENCY_BUCKETS, LatencyStage,
+        MAX_OBSERVATION_NANOS, Metrics, Op, REQUESTS, Relaxed, SESSIONS_ACTIVE, SESSIONS_TOTAL,
+        THROUGHPUT, TURN_LATENCY, TURNS,
     };
     use crate::error::ErrorCode;
 
+    /// The two latency histograms of one [`Metrics::register_otel`] call,
+    /// with the attribute sets of every series made in advance.
+    pub(super) struct Histograms {
+        latency: Histogram<f64>,
+        turn_latency: Histogram<f64>,
+        by_op: Vec<[KeyValue; 2]>,
+        by_stage: Vec<[KeyValue; 2]>,
+    }
+
+    /// Seconds, with the same one-day cap as the atomic histograms' sum.
+    fn seconds(elapsed: Duration) -> f64 {
+        elapsed
+            .min(Duration::from_nanos(MAX_OBSERVATION_NANOS))
+            .as_secs_f64()
+    }
+
     impl Metrics {
-        /// Registers this backend's metrics with an OpenTelemetry `meter` as
-        /// observable instruments whose callbacks read the same atomics at
-        /// collection time, so recording costs nothing extra.
+        /// Registers this backend's metrics with an OpenTelemetry `meter`.
         ///
         /// Names and attributes are those of the Prometheus exposition
-        /// (see the [module docs](crate::metrics)): counters become
-        /// observable counters, `backend_sessions_active` an observable
-        /// up-down counter. The OpenTelemetry API has no observable
-        /// histogram, so each histogram is exported as two observable
-        /// counters, `<name>_sum` (seconds, `f64`) and `<name>_count`; the
-        /// buckets are only in [`Metrics::render_prometheus`] and
-        /// [`Metrics::snapshot`]. Series keyed by operation, error code or
-        /// stage are observed once they are non-zero.
+        /// (see the [module docs](crate::metrics)):
+        ///
+        /// - Counters become observable counters and
+        ///   `backend_sessions_active` an observable up-down counter. Their
+        ///   callbacks read the same atomics at collection time, so they
+        ///   report everything counted since the `Metrics` was made, and
+        ///   counting costs nothing extra. Series keyed by operation or
+        ///   error code are observed once they are non-zero.
+        /// - The two latency families become OpenTelemetry histograms
+        ///   (`f64`, unit `s`) with the bucket bounds of
+        ///   [`LATENCY_BUCKETS`]. The OpenTelemetry API has no observable
+        ///   histogram, so each latency is also recorded into them as it is
+        ///   observed: they hold what was observed after this call, and a
+        ///   latency costs one histogram update per registration on top of
+        ///   the atomics (latencies are per operation and per turn, and
+        ///   `process_audio`'s are sampled, so this is not per frame).
         ///
         /// The callbacks hold a weak reference: once the last `Arc` of this
         /// `Metrics` is dropped they observe nothing. Register each `Metrics`
@@ -969,7 +999,7 @@ mod otel {
                 }
             });
 
-            histogram(meter, &weak, LATENCY, by_op, |m| &m.latency);
+            let latency = histogram(meter, LATENCY);
 
             let attrs = [provider.clone()];
             let w = weak.clone();
@@ -997,7 +1027,7 @@ mod otel {
                 obs.observe(m.bytes_out.load(Relaxed), &attrs[1]);
             });
 
-            histogram(meter, &weak, TURN_LATENCY, by_stage, |m| &m.turn_latency);
+            let turn_latency = histogram(meter, TURN_LATENCY);
 
             let attrs: Vec<[KeyValue; 2]> = DropReason::ALL
                 .iter()
@@ -1018,6 +1048,36 @@ mod otel {
             u64_counter(meter, &weak, TURNS, None, move |m, obs| {
                 obs.observe(m.turns.load(Relaxed), &attrs);
             });
+
+            let histograms = Arc::new(Histograms {
+                latency,
+                turn_latency,
+                by_op,
+                by_stage,
+            });
+            self.otel.rcu(|current| {
+                let mut next = Vec::with_capacity(current.len() + 1);
+                next.extend(current.iter().map(Arc::clone));
+                next.push(Arc::clone(&histograms));
+                next
+            });
+        }
+
+        #[inline]
+        pub(super) fn otel_latency(&self, op: Op, elapsed: Duration) {
+            let sets = self.otel.load();
+            for h in sets.iter() {
+                h.latency.record(seconds(elapsed), &h.by_op[op as usize]);
+            }
+        }
+
+        #[inline]
+        pub(super) fn otel_turn_latency(&self, stage: LatencyStage, elapsed: Duration) {
+            let sets = self.otel.load();
+            for h in sets.iter() {
+                h.turn_latency
+                    .record(seconds(elapsed), &h.by_stage[stage as usize]);
+            }
         }
     }
 
@@ -1048,47 +1108,13 @@ mod otel {
         let _ = builder.build();
     }
 
-    /// A histogram as two observable counters, `<name>_sum` and `<name>_count`,
-    /// one series per non-empty histogram of `select(metrics)`.
-    fn histogram<const N: usize>(
-        meter: &Meter,
-        weak: &Weak<Metrics>,
-        (name, help): (&'static str, &'static str),
-        attrs: Vec<[KeyValue; 2]>,
-        select: fn(&Metrics) -> &[AtomicHistogram; N],
-    ) {
-        let sum_attrs = attrs.clone();
-        let w = weak.clone();
-        let _ = meter
-            .f64_observable_counter(format!("{name}_sum"))
-            .with_description(format!("{help} Sum of the observations."))
+    /// A latency histogram with the bucket bounds of the Prometheus exposition.
+    fn histogram(meter: &Meter, (name, help): (&'static str, &'static str)) -> Histogram<f64> {
+        meter
+            .f64_histogram(name)
+            .with_description(help)
             .with_unit("s")
-            .with_callback(move |obs| {
-                if let Some(m) = w.upgrade() {
-                    for (h, attrs) in select(&m).iter().zip(&sum_attrs) {
-                        if h.count() > 0 {
-                            obs.observe(h.sum_seconds(), attrs);
-                        }
-                    }
-                }
-            })
-            .build();
-        u64_counter(
-            meter,
-            weak,
-            (
-                format!("{name}_count"),
-                format!("{help} Number of observations."),
-            ),
-            None,
-            move |m, obs| {
-                for (h, attrs) in select(m).iter().zip(&attrs) {
-                    let count = h.count();
-                    if count > 0 {
-                        obs.observe(count, attrs);
-                    }
-                }
-            },
-        );
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build()
     }
 }

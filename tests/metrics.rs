@@ -780,7 +780,7 @@ mod otel {
         InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
     };
     use voice_backends::ErrorCode;
-    use voice_backends::metrics::{DropReason, LatencyStage, Metrics, Op};
+    use voice_backends::metrics::{DropReason, LATENCY_BUCKETS, LatencyStage, Metrics, Op};
 
     /// A `ManualReader` the test can keep a handle to after giving it to the
     /// provider.
@@ -805,7 +805,9 @@ mod otel {
         }
     }
 
-    /// `(metric name, sorted attributes) -> value`, every value as f64.
+    /// `(metric name, sorted attributes) -> value`, every value as f64. A
+    /// histogram's point is given as `<name>_count`, `<name>_sum` and
+    /// `<name>_bucket`s (`le` attribute, not cumulative, `+Inf` last).
     type Points = Vec<(String, Vec<(String, String)>, f64)>;
 
     fn collect(reader: &SharedReader) -> Points {
@@ -844,6 +846,26 @@ mod otel {
                             points.push((name.clone(), a, dp.value() as f64));
                         }
                     }
+                    AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                        assert_eq!(metric.unit(), "s", "{name}");
+                        for dp in h.data_points() {
+                            let a = attrs(&mut dp.attributes());
+                            points.push((format!("{name}_count"), a.clone(), dp.count() as f64));
+                            points.push((format!("{name}_sum"), a.clone(), dp.sum()));
+                            let bounds: Vec<f64> = dp.bounds().collect();
+                            assert_eq!(bounds, LATENCY_BUCKETS, "{name}");
+                            let les = bounds
+                                .iter()
+                                .map(|b| b.to_string())
+                                .chain(["+Inf".to_owned()]);
+                            for (le, n) in les.zip(dp.bucket_counts()) {
+                                let mut a = a.clone();
+                                a.push(("le".to_owned(), le));
+                                a.sort();
+                                points.push((format!("{name}_bucket"), a, n as f64));
+                            }
+                        }
+                    }
                     other => panic!("{name}: unexpected data {other:?}"),
                 }
             }
@@ -875,6 +897,10 @@ mod otel {
         let meter = provider.meter("voice-backends-test");
 
         let m = Arc::new(Metrics::new("local"));
+        // Counted before registration: the counters report it (they read the
+        // atomics), the histograms do not (they see what is recorded later).
+        m.request(Op::Stop);
+        m.latency(Op::Stop, Duration::from_millis(5));
         m.register_otel(&meter);
 
         // Recorded after registration: read at collection time.
@@ -903,14 +929,6 @@ mod otel {
         };
         assert_eq!(v("backend_requests_total", &[p, start]), 2.0);
         assert_eq!(
-            value(
-                &points,
-                "backend_requests_total",
-                &[p, ("operation", "stop")]
-            ),
-            None
-        );
-        assert_eq!(
             v(
                 "backend_errors_total",
                 &[p, start, ("code", "connection_timeout")]
@@ -919,6 +937,36 @@ mod otel {
         );
         assert_eq!(v("backend_latency_seconds_count", &[p, start]), 2.0);
         assert!((v("backend_latency_seconds_sum", &[p, start]) - 1.0).abs() < 1e-12);
+        // 250 ms falls in the bucket up to 0.25 s (bounds are inclusive), 750 ms
+        // in the one up to 1 s; every other bucket is empty.
+        let bucket = |le: &str| v("backend_latency_seconds_bucket", &[p, start, ("le", le)]);
+        assert_eq!(bucket("0.25"), 1.0);
+        assert_eq!(bucket("1"), 1.0);
+        let filled: f64 = LATENCY_BUCKETS
+            .iter()
+            .map(|b| bucket(&b.to_string()))
+            .chain([bucket("+Inf")])
+            .sum();
+        assert_eq!(filled, 2.0);
+        // The same buckets as the Prometheus exposition's (cumulative there).
+        let snapshot = &m.snapshot().latency[&Op::Start];
+        let mut cumulative = 0.0;
+        for (bound, count) in &snapshot.buckets {
+            cumulative += bucket(&bound.to_string());
+            assert_eq!(cumulative, *count as f64, "le {bound}");
+        }
+        assert_eq!(
+            v("backend_requests_total", &[p, ("operation", "stop")]),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &points,
+                "backend_latency_seconds_count",
+                &[p, ("operation", "stop")]
+            ),
+            None
+        );
         assert_eq!(v("backend_sessions_active", &[p]), 1.0);
         assert_eq!(v("backend_sessions_total", &[p]), 2.0);
         assert_eq!(
@@ -932,6 +980,13 @@ mod otel {
         let first = ("stage", "first_audio");
         assert_eq!(v("pipeline_turn_latency_seconds_count", &[p, first]), 1.0);
         assert!((v("pipeline_turn_latency_seconds_sum", &[p, first]) - 0.5).abs() < 1e-12);
+        assert_eq!(
+            v(
+                "pipeline_turn_latency_seconds_bucket",
+                &[p, first, ("le", "0.5")]
+            ),
+            1.0
+        );
         assert_eq!(
             v(
                 "pipeline_frames_dropped_total",
@@ -961,6 +1016,45 @@ mod otel {
         let points = collect(&reader);
         assert_eq!(value(&points, "pipeline_turns_total", &[p]), None);
         provider.shutdown().unwrap();
+    }
+
+    #[test]
+    fn each_meter_registered_gets_every_latency_once() {
+        let readers = [
+            SharedReader(Arc::new(ManualReader::builder().build())),
+            SharedReader(Arc::new(ManualReader::builder().build())),
+        ];
+        let providers = readers
+            .clone()
+            .map(|reader| SdkMeterProvider::builder().with_reader(reader).build());
+        let m = Arc::new(Metrics::new("local"));
+        for provider in &providers {
+            m.register_otel(&provider.meter("voice-backends-test"));
+        }
+        m.latency(Op::CreateSession, Duration::from_millis(3));
+        m.turn_latency(LatencyStage::Agent, Duration::from_millis(40));
+        let p = ("provider", "local");
+        for reader in &readers {
+            let points = collect(reader);
+            let count = |name: &str, attrs: &[(&str, &str)]| value(&points, name, attrs);
+            assert_eq!(
+                count(
+                    "backend_latency_seconds_count",
+                    &[p, ("operation", "create_session")]
+                ),
+                Some(1.0)
+            );
+            assert_eq!(
+                count(
+                    "pipeline_turn_latency_seconds_bucket",
+                    &[p, ("stage", "agent"), ("le", "0.05")]
+                ),
+                Some(1.0)
+            );
+        }
+        for provider in providers {
+            provider.shutdown().unwrap();
+        }
     }
 
     #[test]
