@@ -27,9 +27,11 @@
 //! - `get_provider`: lookup of `"pipecat"` and a clone of the provider's `Arc`
 //!   (a shared reference count: the two-thread case contends on it).
 //!
-//! Two controls, `registry/control/*`, touch no registry: `compute` (a
-//! chain of multiplies on a register, about as long as `create`) and `alloc`
-//! (the allocation and free `create`'s double makes). Work that shares
+//! Three controls, `registry/control/*`, touch no registry: `compute` (a
+//! chain of multiplies on a register, about as long as `create`), `alloc`
+//! (the allocation and free `create`'s double makes) and `premade` (the
+//! clone and drop of a thread's premade backend that `create_premade`'s
+//! double makes: the least a `create` that returns an `Arc` can cost). Work that shares
 //! nothing should scale perfectly; how far these fall short on two threads
 //! is the machine's own limit (two virtual CPUs that may share a core),
 //! which the registry's two-thread figures are to be read against.
@@ -193,6 +195,15 @@ fn control_alloc(_: &BackendRegistry, _: &Config) {
     black_box(backend);
 }
 
+/// Control: what `create_premade`'s double does to hand out its backend (a
+/// clone of a thread-local `Arc`), and the caller's drop, without the registry.
+fn control_premade(_: &BackendRegistry, _: &Config) {
+    thread_local! {
+        static PREMADE: Arc<dyn voice_backends::VoiceBackend> = Arc::new(common::LightBackend);
+    }
+    black_box(PREMADE.with(Arc::clone));
+}
+
 fn bench(c: &mut Criterion) {
     let config = Arc::new(common::valid_config("pipecat"));
     // What two threads get on this machine for work that shares nothing: the
@@ -201,6 +212,7 @@ fn bench(c: &mut Criterion) {
     let unused = Arc::new(BackendRegistry::new());
     bench_op(&mut group, "compute", &unused, &config, control_compute);
     bench_op(&mut group, "alloc", &unused, &config, control_alloc);
+    bench_op(&mut group, "premade", &unused, &config, control_premade);
     group.finish();
     for (shape, reg) in registries() {
         let mut group = c.benchmark_group(format!("registry/{shape}"));

@@ -205,7 +205,9 @@ impl fmt::Display for LatencyStage {
 pub enum DropReason {
     /// The session's output audio queue was full.
     OutputOverflow,
-    /// The session's event queue was full.
+    /// The session's event queue was full: a subscriber fell behind and
+    /// missed events. Counted per subscriber, so an event two lagging
+    /// subscribers both missed counts twice.
     EventOverflow,
     /// The session's input audio queue was full.
     InputOverflow,
