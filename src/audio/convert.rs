@@ -529,9 +529,20 @@ impl Resampling {
                 (0, d.round().max(0.0) as usize)
             }
         };
-        // An input sample comes out once `taps / 2 + 2` samples after it are in.
-        let latency_frames = half + pre_pad as u64 + 2;
-        let latency = Duration::from_nanos(latency_frames * 1_000_000_000 / rin);
+        // rubato emits its k-th output once it has `(k + 1) / ratio + 2` input
+        // frames (compared in floats: at a tie it may wait for one more frame,
+        // which the bound below allows for). The pre-pad adds no wait. Output j of
+        // the stream is rubato's output j + delay_frames, and rubato's input runs
+        // pre_pad frames ahead of the stream's, so output j (time j / rate_out)
+        // comes out once the stream's input reaches time
+        // j / rate_out + (delay_frames + 1) / rate_out + (2 - pre_pad) / rate_in.
+        // In units of 1 / lcm(rate_in, rate_out) = 1 / (up * rate_in):
+        let latency_units =
+            ((delay_frames as u64 + 1) * down + 2 * up).saturating_sub(pre_pad as u64 * up);
+        let lcm = up * rin;
+        let latency = Duration::from_nanos(
+            (u128::from(latency_units) * 1_000_000_000).div_ceil(u128::from(lcm)) as u64,
+        );
 
         let out_len = resampler.output_frames_max() * channels;
         let mut this = Resampling {
@@ -764,9 +775,11 @@ impl AudioConverter {
         matches!(self.stage, Stage::Resample(_))
     }
 
-    /// The delay the resampler adds: an input sample reaches the output once
-    /// this much more input has been fed after it. Zero when the rate does
-    /// not change; 2 to 5 ms for the usual speech rates (about 4 ms for
+    /// The delay the resampler adds: the longest an output sample waits for
+    /// input. The output sample for time `t` comes out once the input sample
+    /// for time `t + latency()` (or, between samples, the one before it) has
+    /// been fed, so output lags input by at most this much. Zero when the rate
+    /// does not change; 2 to 5 ms for the usual speech rates (about 4 ms for
     /// 8 kHz <-> 16 kHz and 16 kHz <-> 48 kHz, 3 ms for 44.1 kHz <-> 48 kHz).
     pub fn latency(&self) -> Duration {
         match &self.stage {
@@ -1075,6 +1088,72 @@ pub(crate) fn join(
             AudioFrame::new(rest.format(), data)
                 .map(Some)
                 .map_err(|e| e.with_op("audio.convert"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RATES: [u32; 5] = [8_000, 16_000, 24_000, 44_100, 48_000];
+
+    /// Output sample frames the converter gives for `samples` (mono s16 at `rate`).
+    fn feed(converter: &mut AudioConverter, rate: u32, samples: &[i16]) -> u64 {
+        let frame = AudioFrame::from_i16(rate, 1, samples).unwrap();
+        let out = converter.convert(&frame).unwrap();
+        out.map_or(0, |f| f.sample_frames() as u64)
+    }
+
+    /// Measures how long output samples wait for input: 200 ms in 20 ms
+    /// frames, then 20 ms one sample at a time. Output sample `j` belongs
+    /// to time `j / rate_out` (the stream is time-aligned); its wait is the
+    /// time of the input sample whose arrival brings it out, less its own
+    /// time. The longest wait is `latency()`, to within one output sample;
+    /// after every 20 ms frame the output owed is at most `latency()`.
+    #[test]
+    fn latency_is_the_longest_an_output_sample_waits_for_input() {
+        for rin in RATES {
+            for rout in RATES.into_iter().filter(|&r| r != rin) {
+                let pcm = |rate| AudioFormat::new(AudioEncoding::PcmS16Le, rate, 1);
+                let mut converter = AudioConverter::new(pcm(rin), pcm(rout)).unwrap();
+                let latency = converter.latency().as_secs_f64();
+                // Times in units of 1 / lcm(rin, rout).
+                let lcm = u64::from(rin) / gcd(rin.into(), rout.into()) * u64::from(rout);
+                let (per_in, per_out) = (lcm / u64::from(rin), lcm / u64::from(rout));
+                let frame = vec![0i16; rin as usize / 50];
+                let (mut fed, mut out) = (0u64, 0u64);
+                for _ in 0..10 {
+                    out += feed(&mut converter, rin, &frame);
+                    fed += frame.len() as u64;
+                    let owed = (fed * u64::from(rout)).div_ceil(u64::from(rin)) - out;
+                    assert!(
+                        owed as f64 / f64::from(rout) <= latency + 1e-12,
+                        "{rin} -> {rout}: {owed} output samples owed after {fed} in, \
+                         latency {latency}"
+                    );
+                }
+                let mut longest = 0u64;
+                for _ in 0..frame.len() {
+                    let came = feed(&mut converter, rin, &[0]);
+                    fed += 1;
+                    for j in out..out + came {
+                        longest = longest.max(((fed - 1) * per_in).saturating_sub(j * per_out));
+                    }
+                    out += came;
+                }
+                let measured = longest as f64 / lcm as f64;
+                // One output sample, and the nanosecond latency() is rounded up to.
+                let sample = 1.0 / f64::from(rout);
+                assert!(
+                    (latency - measured).abs() <= sample + 1e-9,
+                    "{rin} -> {rout}: latency() {:.1} us, measured {:.1} us (one output \
+                     sample is {:.1} us)",
+                    latency * 1e6,
+                    measured * 1e6,
+                    sample * 1e6
+                );
+            }
         }
     }
 }
