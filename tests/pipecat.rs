@@ -649,6 +649,135 @@ async fn a_message_over_the_size_limit_fails_the_link_which_reconnects() {
     backend.stop().await.unwrap();
 }
 
+/// A reply the agent makes while the link is reconnecting goes to the bot
+/// once it is back: the first connection drops after 300 ms, the second takes
+/// 900 ms to say `bot-ready` (a restarting bot) and reports the texts it is
+/// given to speak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_made_while_the_link_reconnects_reaches_the_bot() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use voice_backends::providers::pipecat::proto::{self, Inbound};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (spoken_tx, mut spoken) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let mut connection = 0;
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                continue;
+            };
+            connection += 1;
+            let (first, spoken_tx) = (connection == 1, spoken_tx.clone());
+            tokio::spawn(async move {
+                let _ = ws.next().await; // client-ready
+                if first {
+                    ws.send(bot_ready()).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                let (mut write, mut read) = ws.split();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    let _ = write.send(bot_ready()).await;
+                    std::future::pending::<()>().await;
+                    drop(write);
+                });
+                while let Some(Ok(m)) = read.next().await {
+                    if let Message::Binary(b) = m
+                        && let Ok(Inbound::Text(t)) = proto::decode(b)
+                    {
+                        let _ = spoken_tx.send(t);
+                    }
+                }
+            });
+        }
+    });
+    let mut config = config_for_url(&format!("ws://{addr}/"));
+    config.max_retries = 3;
+    config.retry_delay = Duration::from_millis(200);
+    config.timeout = Duration::from_secs(4);
+    let backend = started(config).await;
+    let agent =
+        agent_fn(
+            |turn| async move { Ok(AgentReply::text(format!("reply to {}", turn.transcript))) },
+        );
+    let session = backend
+        .create_session(SessionConfig::new("typist").with_agent(agent))
+        .await
+        .unwrap();
+    let mut events = session.events();
+    session.start().await.unwrap();
+    let state = |wanted: ConnectionState| move |e: &SessionEvent| matches!(e, SessionEvent::Connection { state } if *state == wanted);
+    expect_event(
+        &Pipecat,
+        &mut events,
+        "reconnecting",
+        state(ConnectionState::Reconnecting),
+    )
+    .await;
+    session.send_text("typed meanwhile").await.unwrap();
+    expect_event(
+        &Pipecat,
+        &mut events,
+        "connected",
+        state(ConnectionState::Connected),
+    )
+    .await;
+    let got = timeout(Duration::from_secs(3), spoken.recv()).await;
+    assert_eq!(
+        got.ok().flatten().as_deref(),
+        Some("reply to typed meanwhile"),
+        "{:?}",
+        backend.health_check().await
+    );
+    let health = backend.health_check().await;
+    assert_eq!(
+        health.details.get("pipecat_reconnects").map(String::as_str),
+        Some("1")
+    );
+    backend.stop().await.unwrap();
+}
+
+/// A transcript the bot sends behind more audio than the session's event
+/// queue holds, before the application starts the session (a bot greeting
+/// on connect), still reaches the session: only audio is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transcript_behind_more_audio_than_the_queue_holds_is_not_lost() {
+    use tokio_tungstenite::tungstenite::Message;
+    use voice_backends::providers::pipecat::proto;
+    let mut script = vec![bot_ready()];
+    for _ in 0..300 {
+        let audio = proto::encode_audio(vec![0u8; 640].into(), 16_000, 1);
+        script.push(Message::Binary(audio.into()));
+    }
+    script.push(final_transcription("hello behind the greeting"));
+    let url = scripted_bot(script).await;
+    let mut config = config_for_url(&url);
+    config.timeout = Duration::from_secs(1);
+    let backend = started(config).await;
+    let session = backend
+        .create_session(SessionConfig::new("late"))
+        .await
+        .unwrap();
+    let mut events = session.events();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    session.start().await.unwrap();
+    assert_eq!(
+        final_transcript(&mut events).await,
+        "hello behind the greeting"
+    );
+    let health = backend.health_check().await;
+    let dropped: u64 = health.details["pipecat_frames_dropped"].parse().unwrap();
+    assert!(
+        dropped > 0,
+        "the audio beyond the queue is dropped: {health:?}"
+    );
+    backend.stop().await.unwrap();
+}
+
 /// A bot that says it is ready, then reads nothing more (a stalled process).
 async fn deaf_bot() -> String {
     use futures_util::{SinkExt, StreamExt};
@@ -704,13 +833,23 @@ async fn a_bot_that_stops_reading_loses_the_link_after_the_timeout() {
     })
     .await;
     assert!(seen.is_ok(), "the stalled link was given up");
-    // The link goes on dropping stale audio as it reconnects, and counts a
-    // drop in its own counter before the metrics: read the metrics first.
+    // The bot takes the new connection (it reads again until its buffers
+    // fill): the reconnect counts once it is made.
+    expect_event(&Pipecat, &mut events, "the link connected again", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Connected
+            }
+        )
+    })
+    .await;
+    // Nothing is fed any more, so nothing more is dropped.
     let metrics = backend.metrics().expect("the backend's metrics").snapshot();
     let health = backend.health_check().await;
-    assert_ne!(
+    assert_eq!(
         health.details.get("pipecat_reconnects").map(String::as_str),
-        Some("0"),
+        Some("1"),
         "{health:?}"
     );
     // The audio the stalled link could not take is in the backend's metrics

@@ -29,14 +29,32 @@ use crate::runtime::{Link, RetryPolicy};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A message waiting to go to the bot.
+enum Outbound {
+    /// The user's audio: stale once the bot was away, and dropped then.
+    Audio(Vec<u8>),
+    /// The text of the agent's reply `reply` for the bot to speak: still
+    /// wanted after a reconnect while that reply is the one in flight.
+    Text { reply: u64, frame: Vec<u8> },
+}
+
+impl Outbound {
+    fn into_frame(self) -> Vec<u8> {
+        match self {
+            Outbound::Audio(frame) | Outbound::Text { frame, .. } => frame,
+        }
+    }
+}
+
 /// Frames waiting to go to the bot: about ten seconds of 20 ms audio, so a
 /// burst faster than real time (buffered audio, a client catching up) gets
 /// through whole while the bot reads it. Beyond it (a bot that reads slower
 /// than real time for long, or a link that is reconnecting) new frames are
 /// dropped and counted. At most about 330 KB per session.
 const OUT_QUEUE: usize = 512;
-/// Events waiting for the session's task; reply audio beyond it is dropped
-/// and counted.
+/// Events waiting for the session's task. Audio beyond it is dropped and
+/// counted; any other event (a transcript, the end of a reply) waits for room,
+/// holding the link's reading of the bot until there is.
 const EVENT_QUEUE: usize = 256;
 /// How long opening a link waits for RTVI `bot-ready` after `client-ready`
 /// (a bot without RTVI never sends it: the link opens anyway after this).
@@ -65,7 +83,7 @@ pub(super) struct Counters {
     pub malformed: AtomicU64,
     /// User frames or reply audio dropped because a queue was full.
     pub dropped: AtomicU64,
-    /// Times a link lost its bot and reconnected.
+    /// Times a link lost its bot and connected to it again.
     pub reconnects: AtomicU64,
     /// The backend's metrics, which count the drops too (set by the first
     /// link).
@@ -279,6 +297,7 @@ pub(super) async fn open(
             events: events_tx,
             converter: FormatFollower::default(),
             logged_malformed: false,
+            resend: Vec::new(),
         }
         .run(ws, out_rx, early),
         span,
@@ -361,7 +380,7 @@ async fn send_client_ready(ws: &mut Ws, settings: &Settings, counters: &Counters
 
 /// The user's audio to the bot.
 struct PipecatStream {
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Outbound>,
     shared: Arc<Shared>,
     rate: u32,
     converter: FormatFollower,
@@ -378,7 +397,10 @@ impl S2sStream for PipecatStream {
             Some(f) => f.into_data(),
             None => return Ok(()),
         };
-        match self.out.try_send(proto::encode_audio(pcm, self.rate, 1)) {
+        match self
+            .out
+            .try_send(Outbound::Audio(proto::encode_audio(pcm, self.rate, 1)))
+        {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.shared.counters.dropped_input();
@@ -401,7 +423,7 @@ impl S2sStream for PipecatStream {
 
 /// Speaks the agent's text through the bot's TTS.
 struct Speaker {
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Outbound>,
     shared: Arc<Shared>,
 }
 
@@ -444,8 +466,9 @@ impl TextToSpeech for Speaker {
             shared: &self.shared,
             id,
         };
+        let frame = proto::encode_text(text);
         self.out
-            .send(proto::encode_text(text))
+            .send(Outbound::Text { reply: id, frame })
             .await
             .map_err(|_| self.shared.lost(OP))?;
         let mut heard = false;
@@ -501,12 +524,15 @@ struct LinkTask {
     /// Converts the bot's audio, keyed by (from, to).
     converter: FormatFollower,
     logged_malformed: bool,
+    /// Replies' texts kept through a reconnect, written first on the new
+    /// connection.
+    resend: Vec<Vec<u8>>,
 }
 
 impl LinkTask {
-    async fn run(mut self, mut ws: Ws, mut out: mpsc::Receiver<Vec<u8>>, early: Vec<Bytes>) {
+    async fn run(mut self, mut ws: Ws, mut out: mpsc::Receiver<Outbound>, early: Vec<Bytes>) {
         for message in early {
-            self.on_message(message);
+            self.on_message(message).await;
         }
         loop {
             match self.serve(&mut ws, &mut out).await {
@@ -526,13 +552,27 @@ impl LinkTask {
     }
 
     /// Carries messages both ways until one side ends.
-    async fn serve(&mut self, ws: &mut Ws, out: &mut mpsc::Receiver<Vec<u8>>) -> Ended {
+    async fn serve(&mut self, ws: &mut Ws, out: &mut mpsc::Receiver<Outbound>) -> Ended {
+        if !self.resend.is_empty() {
+            let texts = std::mem::take(&mut self.resend);
+            let write = async {
+                let n = texts.len() as u64;
+                for frame in texts {
+                    ws.feed(Message::Binary(frame.into())).await?;
+                }
+                ws.flush().await?;
+                Ok::<u64, tungstenite::Error>(n)
+            };
+            if let Err(ended) = Self::written(&self.shared, write).await {
+                return ended;
+            }
+        }
         loop {
             tokio::select! {
                 biased;
                 () = self.events.closed() => return Ended::SessionGone,
                 msg = ws.next() => match msg {
-                    Some(Ok(Message::Binary(b))) => self.on_message(b),
+                    Some(Ok(Message::Binary(b))) => self.on_message(b).await,
                     Some(Ok(Message::Text(t))) => {
                         self.on_malformed(&format!("a {}-byte text message (the protobuf serializer sends binary)", t.len()));
                     }
@@ -545,42 +585,47 @@ impl LinkTask {
                     let Some(first) = next else { return Ended::SessionGone };
                     let write = async {
                         let mut batch = 1u64;
-                        ws.feed(Message::Binary(first.into())).await?;
+                        ws.feed(Message::Binary(first.into_frame().into())).await?;
                         while let Ok(more) = out.try_recv() {
                             batch += 1;
-                            ws.feed(Message::Binary(more.into())).await?;
+                            ws.feed(Message::Binary(more.into_frame().into())).await?;
                         }
                         ws.flush().await?;
                         Ok::<u64, tungstenite::Error>(batch)
                     };
-                    // A bot that stops reading (a stalled process) would
-                    // hold the link, and the session's stop, for as long as
-                    // TCP keeps trying.
-                    let patience = self.shared.reply_timeout;
-                    match tokio::time::timeout(patience, write).await {
-                        Ok(Ok(batch)) => {
-                            self.shared.counters.sent.fetch_add(batch, Ordering::Relaxed);
-                        }
-                        Ok(Err(e)) => return Ended::Lost(describe(&e)),
-                        Err(_) => {
-                            return Ended::Lost(format!(
-                                "the bot took nothing for {}",
-                                humantime::format_duration(patience)
-                            ));
-                        }
+                    if let Err(ended) = Self::written(&self.shared, write).await {
+                        return ended;
                     }
                 }
             }
         }
     }
 
+    /// Waits for `write` (which yields how many messages it wrote) and counts
+    /// what it wrote. A bot that stops reading (a stalled process) would hold
+    /// the link, and the session's stop, for as long as TCP keeps trying: the
+    /// write gets the reply timeout, then the bot counts as lost.
+    async fn written(
+        shared: &Shared,
+        write: impl std::future::Future<Output = std::result::Result<u64, tungstenite::Error>>,
+    ) -> std::result::Result<(), Ended> {
+        let patience = shared.reply_timeout;
+        match tokio::time::timeout(patience, write).await {
+            Ok(Ok(n)) => {
+                shared.counters.sent.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(Ended::Lost(describe(&e))),
+            Err(_) => Err(Ended::Lost(format!(
+                "the bot took nothing for {}",
+                humantime::format_duration(patience)
+            ))),
+        }
+    }
+
     /// Reconnects under the retry policy; `None` when the session is gone
     /// or every attempt failed (then the session hears `Failed`).
-    async fn reconnect(&mut self, cause: &str, out: &mut mpsc::Receiver<Vec<u8>>) -> Option<Ws> {
-        self.shared
-            .counters
-            .reconnects
-            .fetch_add(1, Ordering::Relaxed);
+    async fn reconnect(&mut self, cause: &str, out: &mut mpsc::Receiver<Outbound>) -> Option<Ws> {
         if let Some(sink) = self.shared.sink().take() {
             let _ = sink.tx.try_send(SpeakerMsg::Failed(cause.to_owned()));
         }
@@ -606,9 +651,23 @@ impl LinkTask {
         match outcome {
             Ok(ws) => {
                 tracing::info!(bot = %self.settings.endpoint, "reconnected to the Pipecat bot");
-                // Audio queued while the bot was away is stale: drop it.
-                while out.try_recv().is_ok() {
-                    self.shared.counters.dropped_input();
+                self.shared
+                    .counters
+                    .reconnects
+                    .fetch_add(1, Ordering::Relaxed);
+                // Audio queued while the bot was away is stale: drop it. The
+                // text of the reply in flight (one the agent made while the
+                // link was reconnecting) goes to the bot first; a text whose
+                // reply already failed with the old connection is dropped.
+                let current = self.shared.sink().as_ref().map(|s| s.id);
+                while let Ok(message) = out.try_recv() {
+                    match message {
+                        Outbound::Audio(_) => self.shared.counters.dropped_input(),
+                        Outbound::Text { reply, frame } if Some(reply) == current => {
+                            self.resend.push(frame);
+                        }
+                        Outbound::Text { .. } => {}
+                    }
                 }
                 let _ = self
                     .events
@@ -650,13 +709,24 @@ impl LinkTask {
         }
     }
 
-    fn emit(&self, event: S2sEvent) {
-        if self.events.try_send(event).is_err() {
-            self.shared.counters.dropped_output();
+    /// Hands `event` to the session's task. Audio that finds the queue full
+    /// is dropped and counted; any other event waits for room (it may end a
+    /// turn or a reply, and losing it would lose the turn).
+    async fn emit(&mut self, event: S2sEvent) {
+        match event {
+            S2sEvent::Audio(_) => {
+                if self.events.try_send(event).is_err() {
+                    self.shared.counters.dropped_output();
+                }
+            }
+            // An error means the session is gone; `serve` sees that next.
+            _ => {
+                let _ = self.events.send(event).await;
+            }
         }
     }
 
-    fn on_message(&mut self, bytes: Bytes) {
+    async fn on_message(&mut self, bytes: Bytes) {
         self.shared
             .counters
             .received
@@ -667,49 +737,57 @@ impl LinkTask {
             Ok(Inbound::Message(json)) => match rtvi::parse(&json) {
                 Err(e) => self.on_malformed(&e.message),
                 Ok(None) => {}
-                Ok(Some(ev)) => self.on_rtvi(ev),
+                Ok(Some(ev)) => self.on_rtvi(ev).await,
             },
-            Ok(Inbound::Transcription { text, .. }) => self.emit(S2sEvent::UserTranscript {
-                text,
-                is_final: true,
-            }),
+            Ok(Inbound::Transcription { text, .. }) => {
+                self.emit(S2sEvent::UserTranscript {
+                    text,
+                    is_final: true,
+                })
+                .await
+            }
             Ok(Inbound::Text(text)) => {
-                if self.shared.sink().is_none() {
-                    self.emit(S2sEvent::AgentText(text));
+                let speaking = self.shared.sink().is_some();
+                if !speaking {
+                    self.emit(S2sEvent::AgentText(text)).await;
                 }
             }
-            Ok(Inbound::Interruption) => self.on_interrupted(),
+            Ok(Inbound::Interruption) => self.on_interrupted().await,
         }
     }
 
-    fn on_rtvi(&mut self, ev: RtviEvent) {
+    async fn on_rtvi(&mut self, ev: RtviEvent) {
         match ev {
             RtviEvent::UserTranscription { text, is_final } => {
-                self.emit(S2sEvent::UserTranscript { text, is_final })
+                self.emit(S2sEvent::UserTranscript { text, is_final }).await
             }
             RtviEvent::BotText(text) => {
                 // While the bot speaks the agent's text, the agent's text is
                 // already in the session's events.
-                if self.shared.sink().is_none() {
-                    self.emit(S2sEvent::AgentText(text));
+                let speaking = self.shared.sink().is_some();
+                if !speaking {
+                    self.emit(S2sEvent::AgentText(text)).await;
                 }
             }
             RtviEvent::BotStoppedSpeaking => {
-                let mut sink = self.shared.sink();
-                match sink.as_ref() {
-                    Some(s) if s.heard => {
-                        let _ = s.tx.try_send(SpeakerMsg::Done);
-                        *sink = None;
+                let ended_unasked = {
+                    let mut sink = self.shared.sink();
+                    match sink.as_ref() {
+                        Some(s) if s.heard => {
+                            let _ = s.tx.try_send(SpeakerMsg::Done);
+                            *sink = None;
+                            false
+                        }
+                        // Not this reply's end: it has not started speaking yet.
+                        Some(_) => false,
+                        None => true,
                     }
-                    // Not this reply's end: it has not started speaking yet.
-                    Some(_) => {}
-                    None => {
-                        drop(sink);
-                        self.emit(S2sEvent::ReplyDone);
-                    }
+                };
+                if ended_unasked {
+                    self.emit(S2sEvent::ReplyDone).await;
                 }
             }
-            RtviEvent::BotInterrupted => self.on_interrupted(),
+            RtviEvent::BotInterrupted => self.on_interrupted().await,
             RtviEvent::Error(message) => {
                 tracing::warn!(bot = %self.settings.endpoint, "the Pipecat bot reports an error: {message}");
             }
@@ -721,9 +799,9 @@ impl LinkTask {
         }
     }
 
-    fn on_interrupted(&mut self) {
-        self.emit(S2sEvent::Interrupted);
+    async fn on_interrupted(&mut self) {
         self.shared.sink().take();
+        self.emit(S2sEvent::Interrupted).await;
     }
 
     fn on_audio(&mut self, frame: AudioFrame) {
@@ -747,7 +825,9 @@ impl LinkTask {
             }
             None => {
                 drop(sink);
-                self.emit(S2sEvent::Audio(frame));
+                if self.events.try_send(S2sEvent::Audio(frame)).is_err() {
+                    self.shared.counters.dropped_output();
+                }
             }
         }
     }
