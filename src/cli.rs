@@ -681,9 +681,19 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
     let mut options_checked = |name: &str| checked.insert(name.to_owned());
 
     // Opening speech streams may spawn tasks: give them a runtime that never
-    // runs them (dropped right after), so nothing connects anywhere.
-    let runtime = tokio::runtime::Builder::new_current_thread().build().ok();
-    let _guard = runtime.as_ref().map(tokio::runtime::Runtime::enter);
+    // runs them (shut down right after), so nothing connects anywhere. It is
+    // shut down in the background: dropping a runtime blocks, which panics
+    // when the caller runs on a runtime of its own.
+    struct Idle(Option<tokio::runtime::Runtime>);
+    impl Drop for Idle {
+        fn drop(&mut self) {
+            if let Some(runtime) = self.0.take() {
+                runtime.shutdown_background();
+            }
+        }
+    }
+    let runtime = Idle(tokio::runtime::Builder::new_current_thread().build().ok());
+    let _guard = runtime.0.as_ref().map(tokio::runtime::Runtime::enter);
 
     let vad = config.vad_provider.as_deref();
     let vad_path = "vad_provider";
@@ -1492,6 +1502,18 @@ fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Failur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checks make a runtime of their own for the components they open;
+    /// called from async code, they must not panic dropping it.
+    #[tokio::test]
+    async fn validation_runs_from_async_code() {
+        let valid = "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n";
+        assert!(validate_str(valid, ConfigFormat::Toml, "ok.toml").is_empty());
+        let unknown = valid.replace("\"echo\"", "\"no-such-model\"");
+        let found = validate_str(&unknown, ConfigFormat::Toml, "bad.toml");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].to_string().contains("s2s_provider"), "{found:?}");
+    }
 
     /// What the binary's log layer writes for a few events, at `rust_log`.
     fn logged(config: &Config, rust_log: Option<&str>) -> String {

@@ -1381,3 +1381,91 @@ async fn dropping_run_closes_the_listener_and_ends_the_workers_connections() {
         }
     }
 }
+
+/// A frame written as-is, to break WebSocket framing on purpose.
+fn raw_frame(data: &[u8], op: tungstenite::protocol::frame::coding::Data) -> Message {
+    use tungstenite::protocol::frame::{Frame, coding::OpCode};
+    Message::Frame(Frame::message(data.to_vec(), OpCode::Data(op), true))
+}
+
+/// Invalid UTF-8 in a text message before `start`: closed with 1007 and a
+/// reason, and counted as a refusal (the connection never had a session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_message_that_is_not_utf8_is_closed_with_1007() {
+    use tungstenite::protocol::frame::coding::Data;
+    let server = Running::echo().await;
+    let mut c = Client::connect(server.addr).await;
+    c.send(raw_frame(&[0x7b, 0xff, 0xfe, 0x7d], Data::Text))
+        .await
+        .unwrap();
+    let got = c.next().await;
+    assert!(
+        matches!(got, Got::Close(1007, ref reason) if reason.contains("UTF-8")),
+        "{got:?}"
+    );
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "server_connections_refused_total{reason=\"protocol\"}"
+        ),
+        1.0
+    );
+}
+
+/// Broken framing mid-session (a continuation frame with nothing to
+/// continue): closed with 1002 naming the problem, and the session is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_websocket_framing_mid_session_is_closed_with_1002() {
+    use tungstenite::protocol::frame::coding::Data;
+    let server = Running::echo().await;
+    let mut c = Client::connect(server.addr).await;
+    c.start("framing").await;
+    c.send(raw_frame(&[0, 0], Data::Continue)).await.unwrap();
+    let got = loop {
+        match c.next().await {
+            Got::Json(_) | Got::Audio(_) => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(got, Got::Close(1002, ref reason) if reason.contains("WebSocket protocol error")),
+        "{got:?}"
+    );
+    server.wait_sessions(0).await;
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "server_connections_refused_total{reason=\"protocol\"}"
+        ),
+        0.0,
+        "a connection that had a session is not a refusal"
+    );
+}
+
+/// A message far over `max_frame_bytes` before `start` ends a connection
+/// that never had a session: it counts as a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_message_before_start_counts_as_a_refusal() {
+    let server = Running::start(
+        echo_config(),
+        ServerConfig {
+            max_frame_bytes: 4096,
+            ..server_config()
+        },
+    )
+    .await;
+    let mut c = Client::connect(server.addr).await;
+    let _ = c.send(Message::text(" ".repeat(40_000))).await;
+    let got = c.next().await;
+    assert!(matches!(got, Got::Close(1009, _)), "{got:?}");
+    let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "server_connections_refused_total{reason=\"protocol\"}"
+        ),
+        1.0
+    );
+}

@@ -47,9 +47,14 @@ enum End {
         reason: String,
         refusal: Option<Refusal>,
     },
-    /// The reading side failed (a message far over the limit): send a close
-    /// frame, best effort, and let the socket go.
-    Broken { code: u16, reason: String },
+    /// The reading side failed (a message far over the limit, broken
+    /// WebSocket framing): send a close frame, best effort, and let the
+    /// socket go. `refusal` as for `Close`.
+    Broken {
+        code: u16,
+        reason: String,
+        refusal: Option<Refusal>,
+    },
     /// The client went away or the socket failed: nothing more to send.
     Gone,
 }
@@ -177,7 +182,14 @@ pub(super) async fn serve(
             }
             conn.close(code, &reason).await;
         }
-        End::Broken { code, reason } => {
+        End::Broken {
+            code,
+            reason,
+            refusal,
+        } => {
+            if let Some(r) = refusal {
+                shared.metrics.refused(r);
+            }
             conn.send_close(code, &reason).await;
             tokio::time::sleep(LINGER).await;
         }
@@ -299,6 +311,17 @@ impl Conn {
                     };
                     return Err(End::refuse(code, reason, refusal));
                 }
+                Err(End::Broken {
+                    code,
+                    reason,
+                    refusal: None,
+                }) => {
+                    return Err(End::Broken {
+                        code,
+                        reason,
+                        refusal: Some(Refusal::Protocol),
+                    });
+                }
                 Err(end) => return Err(end),
             };
             return match ClientMessage::parse(&text) {
@@ -388,20 +411,43 @@ impl Conn {
         self.audio.split().freeze()
     }
 
-    /// How a failed read ends the connection.
+    /// How a failed read ends the connection: a message over the limit or
+    /// broken WebSocket framing gets a close frame saying so; a socket that
+    /// failed gets nothing more.
     fn read_error(&self, e: &axum::Error) -> End {
-        let text = e.to_string();
-        if text.contains("Space limit exceeded") || text.contains("too long") {
-            End::Broken {
-                code: protocol::TOO_BIG,
-                reason: format!(
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        let broken = |code, reason: String| End::Broken {
+            code,
+            reason,
+            refusal: None,
+        };
+        let too_big = || {
+            broken(
+                protocol::TOO_BIG,
+                format!(
                     "message too big: at most {} bytes allowed",
                     self.shared.config.max_frame_bytes
                 ),
+            )
+        };
+        match std::error::Error::source(e).and_then(|s| s.downcast_ref::<WsError>()) {
+            Some(WsError::Capacity(_)) => too_big(),
+            Some(WsError::Protocol(p)) => {
+                broken(protocol::PROTOCOL, format!("WebSocket protocol error: {p}"))
             }
-        } else {
-            tracing::debug!("reading from the client failed: {text}");
-            End::Gone
+            Some(WsError::Utf8(_)) => broken(
+                protocol::INVALID_PAYLOAD,
+                "a text message that is not valid UTF-8".into(),
+            ),
+            _ => {
+                let text = e.to_string();
+                if text.contains("Space limit exceeded") || text.contains("too long") {
+                    too_big()
+                } else {
+                    tracing::debug!("reading from the client failed: {text}");
+                    End::Gone
+                }
+            }
         }
     }
 

@@ -14,6 +14,8 @@ pub(super) const GOING_AWAY: u16 = 1001;
 pub(super) const PROTOCOL: u16 = 1002;
 /// The client sent audio the server cannot take.
 pub(super) const UNSUPPORTED: u16 = 1003;
+/// A text message whose payload is not valid UTF-8.
+pub(super) const INVALID_PAYLOAD: u16 = 1007;
 /// Refused: origin, authentication, authorization or message rate.
 pub(super) const POLICY: u16 = 1008;
 /// A message was larger than `max_frame_bytes`.
