@@ -5,7 +5,7 @@
 //!
 //! | command | what it does |
 //! | --- | --- |
-//! | `serve [--config FILE] [--listen ADDR] [--env-prefix PREFIX] [--allowed-origin ORIGIN]... [--max-frame-bytes N]` | runs the HTTP + WebSocket [`Server`] in front of a backend |
+//! | `serve [--config FILE] [--listen ADDR] [--workers N] [--env-prefix PREFIX] [--allowed-origin ORIGIN]... [--max-frame-bytes N]` | runs the HTTP + WebSocket [`Server`] in front of a backend |
 //! | `providers [--json]` | lists the compiled-in providers and their capabilities |
 //! | `schema PROVIDER` | prints a provider's `provider_config` JSON Schema |
 //! | `validate FILE` | checks a config file and reports every error with its field path and line |
@@ -47,7 +47,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::VoiceBackend;
 use crate::config::{Config, LogLevel, PipelineType};
-use crate::error::BackendError;
+use crate::error::{BackendError, ErrorCode};
 use crate::provider::ProviderCapabilities;
 use crate::registry::registry;
 use crate::server::{Server, ServerConfig};
@@ -1432,16 +1432,19 @@ pub async fn serve_until(
     })?;
     tracing::info!(provider = %config.provider, "backend started");
 
-    let listen = server_config.listen;
     let server = match Server::bind(Arc::clone(&backend), server_config).await {
         Ok(server) => server,
         Err(e) => {
             let _ = backend.stop().await;
-            return Err(Failure::failed(format!(
-                "cannot listen on {listen}: {}; pick another address with --listen \
-                 (port 0 picks a free one)",
-                e.message
-            )));
+            // The message names the address ("could not listen on ...").
+            return Err(Failure::failed(if e.code == ErrorCode::ConnectionFailed {
+                format!(
+                    "{}; pick another address with --listen (port 0 picks a free one)",
+                    e.message
+                )
+            } else {
+                e.into_fields().message
+            }));
         }
     };
     let addr = server.local_addr();

@@ -702,7 +702,14 @@ fn serve_reports_an_address_in_use() {
     let out = run(&["serve", "--listen", &addr]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains(&addr) && err.contains("--listen"), "{err}");
+    // Named once, with what to do.
+    assert_eq!(err.matches(&addr).count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("could not listen on {addr}: ")),
+        "{err}"
+    );
+    assert!(err.contains("pick another address with --listen"), "{err}");
+    assert!(stdout(&out).is_empty(), "nothing listened");
 }
 
 /// With logging on, a session's log lines (written from worker threads) must

@@ -1404,6 +1404,7 @@ async fn a_text_message_that_is_not_utf8_is_closed_with_1007() {
         "{got:?}"
     );
     let (_, _, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(metric(&text, "server_closes_total{code=\"1007\"}"), 1.0);
     assert_eq!(
         metric(
             &text,

@@ -108,3 +108,49 @@ async fn every_public_operation_and_pipeline_stage_has_a_span() {
     let missing: Vec<_> = expected.iter().filter(|n| !seen.contains(*n)).collect();
     assert!(missing.is_empty(), "no span for {missing:?}; saw {seen:?}");
 }
+
+/// The server's own operations: binding, serving, and its HTTP endpoints.
+#[cfg(feature = "server")]
+#[tokio::test(flavor = "current_thread")]
+async fn the_server_and_its_endpoints_have_spans() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use voice_backends::server::{Server, ServerConfig};
+
+    let names = SpanNames::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(names.clone()));
+
+    let backend = registry().create("local", &Local.config()).await.unwrap();
+    backend.start().await.unwrap();
+    let config = ServerConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(backend.clone(), config).await.unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    for path in ["/healthz", "/metrics"] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+    }
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    backend.stop().await.unwrap();
+
+    let seen = names.0.lock().unwrap().clone();
+    for name in [
+        "server.bind",
+        "server.run",
+        "server.healthz",
+        "server.metrics",
+    ] {
+        assert!(seen.contains(name), "no span {name:?} among {seen:?}");
+    }
+}

@@ -464,6 +464,8 @@ impl Conn {
         let phase = *self.phase.borrow_and_update();
         let mut input_open = phase == Phase::Running;
         let mut stop_requested = false;
+        // Whether the session's reply audio may still bring frames.
+        let mut audio_open = true;
         let mut stopper: Option<JoinHandle<Result<()>>> = None;
         // A run of failed inputs is reported to the client once.
         let mut failing = false;
@@ -532,7 +534,7 @@ impl Conn {
                 }
                 // Reply audio and the socket wake the task directly: they are
                 // the frequent ones, and cheap to poll.
-                if let Poll::Ready(frame) = pin!(audio.recv()).poll(cx) {
+                if audio_open && let Poll::Ready(frame) = pin!(audio.recv()).poll(cx) {
                     inputs.mark(due);
                     return Poll::Ready(Woke::Audio(frame));
                 }
@@ -582,15 +584,16 @@ impl Conn {
                         }
                     }
                 }
-                Woke::Audio(frame) => {
-                    // `None` cannot happen while the session is held here.
-                    if let Some(frame) = frame {
-                        if self.feed_audio(frame, &mut audio).await.is_err() {
-                            return End::Gone;
-                        }
-                        unflushed = true;
+                Woke::Audio(Some(frame)) => {
+                    if self.feed_audio(frame, &mut audio).await.is_err() {
+                        return End::Gone;
                     }
+                    unflushed = true;
                 }
+                // The session's reply audio ended before the session did (a
+                // session of the application's own may do that): no more
+                // polling it, the `Closed` event ends the connection.
+                Woke::Audio(None) => audio_open = false,
                 Woke::Flush => {
                     if self.flush().await.is_err() {
                         return End::Gone;
@@ -804,15 +807,18 @@ impl Conn {
         } else {
             tracing::info!(code, "refusing: {reason}");
         }
-        self.shared.metrics.closed_with(code);
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        matches!(
+        let sent = matches!(
             tokio::time::timeout(CLOSE_WAIT, self.socket.send(Message::Close(Some(frame)))).await,
             Ok(Ok(()))
-        )
+        );
+        if sent {
+            self.shared.metrics.closed_with(code);
+        }
+        sent
     }
 
     /// Closes with `code` and `reason`, then waits for the client's answer

@@ -17,7 +17,9 @@ pub(super) enum Refusal {
     /// Too many connections from the address (HTTP 429), or the backend is
     /// full (close 1013).
     Capacity,
-    /// The client broke the protocol before its session started (close 1002).
+    /// The client broke the protocol before its session started (close
+    /// 1002; 1007 for text that is not UTF-8, 1009 for a message over the
+    /// limit).
     Protocol,
     /// No `start` within `start_timeout` (close 1002).
     StartTimeout,
@@ -54,7 +56,7 @@ impl Refusal {
 }
 
 /// The close codes the server sends, in label order.
-const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1003, 1008, 1009, 1011, 1013, 0];
+const CLOSE_CODES: [u16; 10] = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 1013, 0];
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

@@ -396,6 +396,7 @@ impl Server {
     ///
     /// `InvalidConfig` for a bad `config`; `ConnectionFailed` when the address
     /// cannot be bound.
+    #[tracing::instrument(name = "server.bind", skip_all, fields(listen = %config.listen))]
     pub async fn bind(backend: Arc<dyn VoiceBackend>, config: ServerConfig) -> Result<Server> {
         config.validate()?;
         let connection_rate = TokenBucketLimiter::new(
@@ -450,6 +451,7 @@ impl Server {
     /// # Errors
     ///
     /// `ConnectionFailed` if serving fails before `shutdown` resolves.
+    #[tracing::instrument(name = "server.run", skip_all, fields(addr = %self.local_addr))]
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let Server {
             listener,
@@ -589,6 +591,7 @@ fn javascript(body: &'static str) -> Response {
         .into_response()
 }
 
+#[tracing::instrument(name = "server.healthz", skip_all)]
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let health = shared.backend.health_check().await;
     let status = match health.status {
@@ -598,6 +601,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     (status, axum::Json(health)).into_response()
 }
 
+#[tracing::instrument(name = "server.metrics", skip_all)]
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     if !shared.backend.config().enable_metrics {
         return (
