@@ -738,6 +738,14 @@ async fn a_reply_made_while_the_link_reconnects_reaches_the_bot() {
         health.details.get("pipecat_reconnects").map(String::as_str),
         Some("1")
     );
+    // Each connection's bot-ready, read while connecting, counts as received.
+    assert_eq!(
+        health
+            .details
+            .get("pipecat_messages_received")
+            .map(String::as_str),
+        Some("2")
+    );
     backend.stop().await.unwrap();
 }
 

@@ -267,7 +267,7 @@ pub(super) async fn open(
     let mut early = Vec::new();
     if settings.client_ready {
         send_client_ready(&mut ws, &settings, &counters).await?;
-        early = await_bot_ready(&mut ws, &settings).await?;
+        early = await_bot_ready(&mut ws, &settings, &counters).await?;
     }
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -313,7 +313,14 @@ pub(super) async fn open(
 /// bot that refuses the client (a single-client bot closing with 1013) fails
 /// here, where the runtime retries and reports it. Messages that came first
 /// are returned for the link to handle.
-async fn await_bot_ready(ws: &mut Ws, settings: &Settings) -> Result<Vec<Bytes>> {
+///
+/// `bot-ready` and what is not kept count as received here; what is kept
+/// counts when the link handles it.
+async fn await_bot_ready(
+    ws: &mut Ws,
+    settings: &Settings,
+    counters: &Counters,
+) -> Result<Vec<Bytes>> {
     let mut early = Vec::new();
     let (mut early_bytes, mut dropped_early) = (0, false);
     let deadline = tokio::time::Instant::now() + BOT_READY_WAIT;
@@ -334,12 +341,16 @@ async fn await_bot_ready(ws: &mut Ws, settings: &Settings) -> Result<Vec<Bytes>>
                         if matches!(rtvi::parse(json), Ok(Some(RtviEvent::BotReady)))
                 );
                 if ready {
+                    counters.received.fetch_add(1, Ordering::Relaxed);
                     return Ok(early);
                 }
                 if early_bytes + b.len() <= MAX_EARLY_BYTES {
                     early_bytes += b.len();
                     early.push(b);
-                } else if !dropped_early {
+                    continue;
+                }
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                if !dropped_early {
                     dropped_early = true;
                     tracing::warn!(
                         "the Pipecat bot sent more than {MAX_EARLY_BYTES} bytes before bot-ready; \
@@ -638,7 +649,10 @@ impl LinkTask {
             if settings.client_ready {
                 send_client_ready(&mut ws, settings, counters).await?;
                 // What the bot said before it was ready is of no reply in flight.
-                await_bot_ready(&mut ws, settings).await?;
+                let early = await_bot_ready(&mut ws, settings, counters).await?;
+                counters
+                    .received
+                    .fetch_add(early.len() as u64, Ordering::Relaxed);
             }
             Ok::<_, BackendError>(ws)
         };
