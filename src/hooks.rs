@@ -125,11 +125,16 @@ pub trait DataRetentionHook: Send + Sync {
 /// [`crate::VoiceBackend::set_hooks`]. Every hook is optional.
 #[derive(Clone, Default)]
 pub struct Hooks {
-    /// Authenticates and authorizes session creation (and other operations).
+    /// Authenticates and authorizes session creation: the runtime calls it
+    /// with [`Operation::CreateSession`] and the session config's token. (The
+    /// other [`Operation`]s are for an application's own checks: the
+    /// operations on a session already made take no token.)
     pub auth: Option<std::sync::Arc<dyn AuthHook>>,
     /// Replaces the framework's fallback rate limiter.
     pub rate_limiter: Option<std::sync::Arc<dyn RateLimiter>>,
-    /// Decides what may be kept and for how long.
+    /// Decides what may be kept and for how long. Nothing consults it yet:
+    /// sessions keep nothing beyond their life (`PersistenceStatus::Ephemeral`);
+    /// the session store, when it comes, will ask it before storing anything.
     pub retention: Option<std::sync::Arc<dyn DataRetentionHook>>,
 }
 
@@ -170,7 +175,8 @@ const SHARDS: usize = 16;
 /// The framework's fallback rate limiter: a token bucket per key.
 ///
 /// Each key may take up to `burst` units at once and `rate` units per second on
-/// average. Memory is bounded: at most `max_keys` buckets are kept; beyond that,
+/// average. Memory is bounded: about `max_keys` buckets are kept (the keys
+/// are spread over 16 shards, each holding `max_keys / 16` rounded up); beyond that,
 /// buckets that have refilled completely (idle keys) are dropped first, then the
 /// fullest ones.
 pub struct TokenBucketLimiter {
@@ -220,7 +226,11 @@ impl TokenBucketLimiter {
         })
     }
 
-    /// Takes `cost` units for `key` at `now`; on refusal, how long until they are available.
+    /// Takes `cost` units for `key` at `now`; on refusal, how long until they
+    /// are available. A cost above the burst is never granted: its wait is
+    /// `Duration::MAX`. Calls may come with a `now` a little older than an
+    /// earlier call's (callers read the clock before taking the lock); the
+    /// time between is refilled once.
     pub fn try_take_at(
         &self,
         key: &str,
@@ -240,10 +250,12 @@ impl TokenBucketLimiter {
         });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.updated = now;
+        bucket.updated = bucket.updated.max(now);
         if bucket.tokens >= cost {
             bucket.tokens -= cost;
             Ok(())
+        } else if cost > self.burst {
+            Err(Duration::MAX)
         } else {
             // A tiny rate can make the wait longer than a `Duration` holds.
             let missing = cost - bucket.tokens;

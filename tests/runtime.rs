@@ -268,3 +268,278 @@ async fn metrics_count_operations_and_errors() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
 }
+
+/// Lifecycle races, rate-limit state and hook error codes.
+mod lifecycle_and_limits {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use voice_backends::hooks::{
+        AuthHook, Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter,
+    };
+    use voice_backends::runtime::{Connector, RuntimeBackend};
+    use voice_backends::{
+        AgentReply, BackendError, Config, ConnectionState, ErrorCode, PipelineType,
+        ProviderCapabilities, SessionConfig, VoiceBackend, agent_fn, registry,
+    };
+
+    fn local() -> Config {
+        let mut c = Config::new("local");
+        c.pipeline_type = PipelineType::S2s;
+        c.s2s_provider = Some("echo".into());
+        c
+    }
+
+    /// A config update that leaves the rate limit alone (here: only `timeout`)
+    /// keeps every user's bucket: nobody gets a fresh burst.
+    #[tokio::test]
+    async fn a_config_update_that_keeps_the_rate_limit_keeps_the_buckets() {
+        let mut c = local();
+        c.rate_limit_burst = 1;
+        c.rate_limit_per_second = 0.001;
+        let b = registry().create("local", &c).await.unwrap();
+        b.start().await.unwrap();
+        b.create_session(SessionConfig::new("u")).await.unwrap();
+        let e = b
+            .create_session(SessionConfig::new("u"))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ErrorCode::RateLimitExceeded);
+        let mut c2 = (*b.config()).clone();
+        c2.timeout = Duration::from_secs(12);
+        b.update_config(c2).await.unwrap();
+        let r = b.create_session(SessionConfig::new("u")).await;
+        assert_eq!(
+            r.err().map(|e| e.code),
+            Some(ErrorCode::RateLimitExceeded),
+            "changing the timeout gave user u a fresh burst"
+        );
+    }
+
+    /// A call with an older `now` (a caller that read the clock before waiting
+    /// for the shard lock) does not move the bucket's time back, so no interval
+    /// is refilled twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_with_an_older_clock_reading_refills_nothing_twice() {
+        let l = TokenBucketLimiter::new(1.0, 1).unwrap();
+        let t0 = tokio::time::Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(l.try_take_at("k", 1, t0).is_ok());
+        assert!(l.try_take_at("k", 1, t1).is_ok()); // refilled 1 over 1 s
+        let _ = l.try_take_at("k", 1, t0); // a late caller with an older clock reading: refused
+        // Still t1: burst 1 + 1 s * 1/s = 2 units at most in [t0, t1].
+        assert!(
+            l.try_take_at("k", 1, t1).is_err(),
+            "a third unit within 1 s at rate 1/s, burst 1"
+        );
+    }
+
+    /// A cost above the burst can never be granted: the wait is `Duration::MAX`.
+    #[tokio::test(start_paused = true)]
+    async fn a_cost_above_the_burst_is_refused_for_good() {
+        let l = TokenBucketLimiter::new(1.0, 2).unwrap();
+        let now = tokio::time::Instant::now();
+        // Never granted, so no finite wait is promised.
+        assert_eq!(l.try_take_at("k", 5, now), Err(Duration::MAX));
+        let later = now + Duration::from_secs(1000);
+        assert_eq!(l.try_take_at("k", 5, later), Err(Duration::MAX));
+        // What the burst allows is still granted.
+        assert_eq!(l.try_take_at("k", 2, later), Ok(()));
+    }
+
+    /// A `close_session` whose caller gives up (a timeout) while a turn is in
+    /// flight: the stop goes on, and the session leaves the table once it ended,
+    /// freeing its place of the capacity.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_close_whose_caller_gives_up_still_frees_the_place() {
+        let mut c = local();
+        c.max_concurrent_sessions = 1;
+        let b = registry().create("local", &c).await.unwrap();
+        b.start().await.unwrap();
+        let agent = agent_fn(|_t| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(AgentReply::text("late"))
+        });
+        let s = b
+            .create_session(SessionConfig::new("u").with_agent(agent))
+            .await
+            .unwrap();
+        s.start().await.unwrap();
+        s.send_text("hi").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(20), b.close_session(s.id())).await;
+        tokio::time::sleep(Duration::from_millis(2000)).await; // the turn and stop are long over
+        assert_eq!(
+            s.state(),
+            voice_backends::PipelineState::Idle,
+            "the session did stop"
+        );
+        assert_eq!(
+            b.active_session_count(),
+            0,
+            "a stopped session is still counted"
+        );
+        b.create_session(SessionConfig::new("v"))
+            .await
+            .expect("the only place is taken by a stopped session");
+    }
+
+    struct Conn {
+        n: AtomicU32,
+    }
+    #[async_trait]
+    impl Connector for Conn {
+        fn provider(&self) -> &str {
+            "conn"
+        }
+        fn capabilities(&self) -> ProviderCapabilities {
+            ProviderCapabilities::default()
+        }
+        fn validate_config(&self, _c: &Config) -> voice_backends::Result<()> {
+            Ok(())
+        }
+        async fn connect(&self, _c: &Config) -> voice_backends::Result<()> {
+            if self.n.fetch_add(1, Ordering::SeqCst) == 0 {
+                Ok(())
+            } else {
+                Err(BackendError::new(
+                    "conn",
+                    ErrorCode::AuthenticationFailed,
+                    "key revoked",
+                ))
+            }
+        }
+    }
+
+    /// A second `start` that fails leaves the backend in `Error`, accepting no sessions.
+    #[tokio::test]
+    async fn a_failed_restart_accepts_no_sessions() {
+        let mut c = local();
+        c.provider = "conn".into();
+        let b = RuntimeBackend::new(
+            Arc::new(Conn {
+                n: AtomicU32::new(0),
+            }),
+            &c,
+        )
+        .unwrap();
+        b.start().await.unwrap();
+        assert!(b.start().await.is_err());
+        assert_eq!(b.connection_state(), ConnectionState::Error);
+        let r = b.create_session(SessionConfig::new("u")).await;
+        assert_eq!(
+            r.err().map(|e| e.code),
+            Some(ErrorCode::ConnectionFailed),
+            "a session opened on a backend in the Error state"
+        );
+    }
+
+    struct SlowConn;
+    #[async_trait]
+    impl Connector for SlowConn {
+        fn provider(&self) -> &str {
+            "conn"
+        }
+        fn capabilities(&self) -> ProviderCapabilities {
+            ProviderCapabilities::default()
+        }
+        fn validate_config(&self, _c: &Config) -> voice_backends::Result<()> {
+            Ok(())
+        }
+        async fn connect(&self, _c: &Config) -> voice_backends::Result<()> {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(())
+        }
+    }
+
+    /// A `stop` while `start` connects wins: `start` fails with
+    /// `ContextCanceled` and the backend stays disconnected.
+    #[tokio::test]
+    async fn a_stop_during_start_wins() {
+        let mut c = local();
+        c.provider = "conn".into();
+        let b = Arc::new(RuntimeBackend::new(Arc::new(SlowConn), &c).unwrap());
+        let starting = tokio::spawn({
+            let b = b.clone();
+            async move { b.start().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.stop().await.unwrap();
+        assert_eq!(b.connection_state(), ConnectionState::Disconnected);
+        let started = starting.await.unwrap();
+        assert_eq!(
+            started.as_ref().err().map(|e| e.code),
+            Some(ErrorCode::ContextCanceled)
+        );
+        assert!(
+            started.is_err() && b.connection_state() == ConnectionState::Disconnected,
+            "start() overrode a stop() that returned first: {started:?}, {}",
+            b.connection_state()
+        );
+    }
+
+    struct FlakyAuth;
+    #[async_trait]
+    impl AuthHook for FlakyAuth {
+        async fn authenticate(
+            &self,
+            _t: Option<&voice_backends::Secret>,
+        ) -> voice_backends::Result<Principal> {
+            Err(BackendError::new(
+                "idp",
+                ErrorCode::Timeout,
+                "identity provider did not answer",
+            ))
+        }
+        async fn authorize(&self, _p: &Principal, _o: Operation) -> voice_backends::Result<()> {
+            Ok(())
+        }
+    }
+    struct DownLimiter;
+    #[async_trait]
+    impl RateLimiter for DownLimiter {
+        async fn check(&self, _k: &str) -> voice_backends::Result<()> {
+            Err(BackendError::new(
+                "redis",
+                ErrorCode::ConnectionFailed,
+                "redis unreachable",
+            ))
+        }
+    }
+
+    /// A hook that cannot answer (its service timed out or is down) keeps its
+    /// error code; a refusal is re-coded as the hook's kind of refusal.
+    #[tokio::test]
+    async fn hook_outages_keep_their_codes() {
+        let b = registry().create("local", &local()).await.unwrap();
+        b.start().await.unwrap();
+        b.set_hooks(Hooks {
+            auth: Some(Arc::new(FlakyAuth)),
+            ..Hooks::default()
+        });
+        let e = b
+            .create_session(SessionConfig::new("u").with_auth_token("t"))
+            .await
+            .err()
+            .unwrap();
+        let auth_code = e.code;
+        b.set_hooks(Hooks {
+            rate_limiter: Some(Arc::new(DownLimiter)),
+            ..Hooks::default()
+        });
+        let e = b
+            .create_session(SessionConfig::new("u"))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            (auth_code, e.code),
+            (ErrorCode::Timeout, ErrorCode::ConnectionFailed),
+            "an IdP timeout reported as a (non-retryable) bad token; a limiter outage as the user's rate limit (without retry_after_ms: {:?})",
+            e.details
+        );
+    }
+}

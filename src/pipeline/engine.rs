@@ -694,6 +694,12 @@ impl Engine {
         Ok(())
     }
 
+    /// Turns `true` once the session has ended (its task finished, or it
+    /// was stopped before it started).
+    pub fn ended(&self) -> watch::Receiver<bool> {
+        self.shared.finished.subscribe()
+    }
+
     /// Stops: refuses new input, lets a reply in flight finish within
     /// `deadline`, then closes the session's task.
     pub async fn stop(&self, deadline: Duration) -> Result<()> {

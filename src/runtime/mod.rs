@@ -4,8 +4,8 @@
 //! A provider contributes a [`Connector`] (how to reach its service); the
 //! [`RuntimeBackend`] around it owns everything else once, for every provider:
 //! the session table with unique ids and strict isolation, capacity, the auth
-//! hook, rate limiting (the provider's own or the framework's fallback), the
-//! data-retention hook, health checks, the connection state machine,
+//! hook, rate limiting (the provider's own or the framework's fallback),
+//! health checks, the connection state machine,
 //! connection retries with exponential backoff, timeouts, graceful stop,
 //! validated config updates, tracing spans and metrics.
 
@@ -105,6 +105,10 @@ struct Inner {
     open: AtomicUsize,
     state: AtomicU8,
     accepting: AtomicBool,
+    /// Bumped by every `stop`; a `start` that a `stop` overtook (the number
+    /// changed while it connected) does not publish its connection. Held
+    /// while `start` publishes and while `stop` bumps it.
+    lifecycle: std::sync::Mutex<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -190,6 +194,7 @@ impl RuntimeBackend {
                 open: AtomicUsize::new(0),
                 state: AtomicU8::new(conn_code(ConnectionState::Disconnected)),
                 accepting: AtomicBool::new(false),
+                lifecycle: std::sync::Mutex::new(0),
             }),
         })
     }
@@ -199,6 +204,24 @@ impl RuntimeBackend {
     pub fn capacity(&self) -> usize {
         self.inner.capacity()
     }
+}
+
+/// A hook's error as the operation reports it: `refusal` (the hook said no),
+/// unless the hook itself could not answer (its service timed out or is
+/// unreachable, or the call was cancelled), which keeps its code so the
+/// caller can tell a refusal from an outage and retry the latter.
+fn hook_error(mut e: BackendError, refusal: ErrorCode) -> BackendError {
+    let outage = matches!(
+        e.code,
+        ErrorCode::ConnectionFailed
+            | ErrorCode::ConnectionTimeout
+            | ErrorCode::Timeout
+            | ErrorCode::ContextCanceled
+    );
+    if !outage {
+        e.code = refusal;
+    }
+    e
 }
 
 fn fallback_limiter(config: &Config) -> Result<TokenBucketLimiter> {
@@ -309,6 +332,12 @@ impl Inner {
         conn_from(self.state.load(Ordering::Acquire))
     }
 
+    fn lifecycle(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn set_state(&self, s: ConnectionState) {
         let before = conn_from(self.state.swap(conn_code(s), Ordering::AcqRel));
         if before != s {
@@ -376,14 +405,10 @@ impl Inner {
         let principal = auth
             .authenticate(config.auth_token.as_ref())
             .await
-            .map_err(|mut e| {
-                e.code = ErrorCode::AuthenticationFailed;
-                e
-            })?;
-        auth.authorize(&principal, op).await.map_err(|mut e| {
-            e.code = ErrorCode::AuthorizationFailed;
-            e
-        })?;
+            .map_err(|e| hook_error(e, ErrorCode::AuthenticationFailed))?;
+        auth.authorize(&principal, op)
+            .await
+            .map_err(|e| hook_error(e, ErrorCode::AuthorizationFailed))?;
         Ok(Some(principal))
     }
 
@@ -397,10 +422,10 @@ impl Inner {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
         };
-        limiter.check(key).await.map_err(|mut e| {
-            e.code = ErrorCode::RateLimitExceeded;
-            e
-        })
+        limiter
+            .check(key)
+            .await
+            .map_err(|e| hook_error(e, ErrorCode::RateLimitExceeded))
     }
 
     async fn build_session(self: &Arc<Self>, config: SessionConfig) -> Result<Arc<RuntimeSession>> {
@@ -532,9 +557,29 @@ impl VoiceBackend for RuntimeBackend {
     async fn start(&self) -> Result<()> {
         const OP: &str = "backend.start";
         let timer = self.inner.metrics.observe(Op::Start);
-        let result = self.connect_with_retries(OP).await;
-        if result.is_ok() {
-            self.inner.accepting.store(true, Ordering::Release);
+        let generation = *self.inner.lifecycle();
+        let mut result = self.connect_with_retries(OP).await;
+        {
+            let lifecycle = self.inner.lifecycle();
+            if *lifecycle != generation {
+                // A `stop` came while connecting and has disconnected: this
+                // start is over, and publishes nothing.
+                result = Err(BackendError::new(
+                    OP,
+                    ErrorCode::ContextCanceled,
+                    "the backend was stopped while it started",
+                ));
+            } else {
+                // A failed (re)start accepts no new sessions.
+                self.inner
+                    .accepting
+                    .store(result.is_ok(), Ordering::Release);
+                self.inner.set_state(if result.is_ok() {
+                    ConnectionState::Connected
+                } else {
+                    ConnectionState::Error
+                });
+            }
         }
         timer.finish(&result);
         result
@@ -543,7 +588,11 @@ impl VoiceBackend for RuntimeBackend {
     #[tracing::instrument(name = "backend.stop", skip_all, fields(provider = %self.inner.provider))]
     async fn stop(&self) -> Result<()> {
         let timer = self.inner.metrics.observe(Op::Stop);
-        self.inner.accepting.store(false, Ordering::Release);
+        {
+            let mut lifecycle = self.inner.lifecycle();
+            *lifecycle += 1;
+            self.inner.accepting.store(false, Ordering::Release);
+        }
         let sessions = self.inner.sessions_snapshot();
         let mut set = tokio::task::JoinSet::new();
         for s in sessions {
@@ -706,16 +755,25 @@ impl VoiceBackend for RuntimeBackend {
                 .map_err(|e| e.with_op(OP))?;
             check_components(self.inner.components, &config).map_err(|e| e.with_op(OP))?;
             let limiter = fallback_limiter(&config)?;
-            *self
-                .inner
-                .fallback_limiter
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::new(limiter);
-            *self
+            // The config's lock is held while the limiter changes, so two
+            // updates cannot leave one's limiter with the other's config.
+            let mut current = self
                 .inner
                 .config
                 .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+                .unwrap_or_else(PoisonError::into_inner);
+            // The users' buckets stay as they are unless the limit changed:
+            // an unrelated change must not hand everyone a full burst.
+            if current.rate_limit_per_second != config.rate_limit_per_second
+                || current.rate_limit_burst != config.rate_limit_burst
+            {
+                *self
+                    .inner
+                    .fallback_limiter
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(limiter);
+            }
+            *current = Arc::new(config);
             Ok(())
         })();
         timer.finish(&result);
@@ -728,22 +786,18 @@ impl RuntimeBackend {
         let config = self.inner.config();
         self.inner.set_state(ConnectionState::Connecting);
         let inner = &self.inner;
-        let result = RetryPolicy::from_config(&config).run(
-            op,
-            &inner.provider,
-            || inner.connector.connect(&config),
-            |attempt, delay, e| {
-                tracing::warn!(attempt, code = %e.code, "connect failed, retrying in {delay:?}: {}", e.message);
-                inner.set_state(ConnectionState::Reconnecting);
-            },
-        )
-        .await;
-        inner.set_state(if result.is_ok() {
-            ConnectionState::Connected
-        } else {
-            ConnectionState::Error
-        });
-        result
+        // Retries of this first connection stay `Connecting` (`Reconnecting`
+        // is for a connection that was lost).
+        RetryPolicy::from_config(&config)
+            .run(
+                op,
+                &inner.provider,
+                || inner.connector.connect(&config),
+                |attempt, delay, e| {
+                    tracing::warn!(attempt, code = %e.code, "connect failed, retrying in {delay:?}: {}", e.message);
+                },
+            )
+            .await
     }
 
     async fn create_session_inner(&self, config: SessionConfig) -> Result<Arc<RuntimeSession>> {
@@ -886,6 +940,49 @@ impl RuntimeSession {
     }
 }
 
+/// Takes a stopping session out of its backend's table. If the caller of
+/// `stop` gives up waiting (its future is dropped), the stop it asked for
+/// goes on, and the session leaves the table once it has ended (or after
+/// the stop's deadline), so it does not hold a place of the backend's
+/// capacity for good.
+struct Removal<'a> {
+    session: &'a RuntimeSession,
+    pending: bool,
+}
+
+impl Removal<'_> {
+    fn now(&mut self) {
+        self.pending = false;
+        if let Some(b) = self.session.backend.upgrade() {
+            b.remove_session(&self.session.id);
+        }
+    }
+}
+
+impl Drop for Removal<'_> {
+    fn drop(&mut self) {
+        if !self.pending {
+            return;
+        }
+        let (backend, id) = (self.session.backend.clone(), self.session.id.clone());
+        let remove = move || {
+            if let Some(b) = backend.upgrade() {
+                b.remove_session(&id);
+            }
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return remove();
+        };
+        let mut ended = self.session.engine.ended();
+        // As long as `stop` itself waits, and a little more.
+        let patience = self.session.timeout + Duration::from_secs(2);
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(patience, ended.wait_for(|&e| e)).await;
+            remove();
+        });
+    }
+}
+
 #[async_trait]
 impl VoiceSession for RuntimeSession {
     fn id(&self) -> &SessionId {
@@ -904,10 +1001,12 @@ impl VoiceSession for RuntimeSession {
 
     async fn stop(&self) -> Result<()> {
         let span = tracing::info_span!("session.stop", session_id = %self.id);
+        let mut removal = Removal {
+            session: self,
+            pending: true,
+        };
         let result = self.engine.stop(self.timeout).instrument(span).await;
-        if let Some(b) = self.backend.upgrade() {
-            b.remove_session(&self.id);
-        }
+        removal.now();
         result
     }
 
