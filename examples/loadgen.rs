@@ -22,7 +22,8 @@
 //! all of them are being answered at once (with a 2 s ramp the p99 round
 //! trip at 1,000 sessions was about twice the one with a 4.15 s ramp). Each
 //! connects (with `TCP_NODELAY`), does the
-//! WebSocket upgrade, sends `{"type":"start","sample_rate":16000}`, waits for
+//! WebSocket upgrade, sends
+//! `{"type":"start","user_id":"load-<n>","sample_rate":16000}`, waits for
 //! `ready`, then writes one binary message of 20 ms of PCM s16le mono 16 kHz
 //! audio every 20 ms, on the clock (a late frame does not delay the next
 //! ones). The audio is [`signal::speech_like`] utterances (`--speech-ms`,

@@ -515,7 +515,8 @@ pub fn validate_file(path: &Path) -> Vec<Diagnostic> {
 ///
 /// A file that does not parse (bad syntax, an unknown key, a value of the
 /// wrong type) has exactly one problem, the first the parser met. A file that
-/// parses is checked by [`Config::violations`], by its provider's
+/// parses is checked by [`Config::violations_for`] the stages its provider
+/// hosts, by its provider's
 /// [`crate::BackendProvider::validate_config`], and against the registered pipeline
 /// components: every name must be registered, and the options of each
 /// VAD, turn detector, audio processor, speech-to-text and speech-to-speech
@@ -1265,7 +1266,7 @@ fn config_failure(context: &str, error: &BackendError, hint: &str) -> Failure {
 }
 
 /// The server config of `serve`: [`ServerConfig::default`] with the command
-/// line's `--listen`, `--allowed-origin` and `--max-frame-bytes`.
+/// line's `--listen`, `--workers`, `--allowed-origin` and `--max-frame-bytes`.
 pub fn server_config(args: &ServeArgs) -> ServerConfig {
     let mut config = ServerConfig {
         listen: args.listen,

@@ -16,7 +16,7 @@
 //! | `backend_sessions_active` | gauge | |
 //! | `backend_sessions_total` | counter | |
 //! | `backend_throughput_bytes` | counter | `direction` (`in`, `out`) |
-//! | `pipeline_turn_latency_seconds` | histogram | `stage` (`first_audio`, `stt`, `agent`, `tts`) |
+//! | `pipeline_turn_latency_seconds` | histogram | `stage` (`endpointing`, `first_audio`, `stt`, `agent`, `tts`) |
 //! | `pipeline_frames_dropped_total` | counter | `reason` |
 //! | `pipeline_interruptions_total` | counter | |
 //! | `pipeline_turns_total` | counter | |

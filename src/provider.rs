@@ -163,8 +163,42 @@ pub type ProviderEntry = StaticEntry<dyn BackendProvider>;
 /// non-capturing closure) returning the provider value. Crates outside
 /// `voice-backends` can use it too; they need no direct `linkme` dependency.
 ///
-/// ```ignore
+/// ```
+/// # use std::sync::Arc;
+/// # use voice_backends::{
+/// #     BackendError, BackendProvider, Config, ConfigSchema, ErrorCode, ProviderCapabilities,
+/// #     VoiceBackend,
+/// # };
+/// # #[derive(Debug)]
+/// # struct AcmeProvider;
+/// # impl AcmeProvider {
+/// #     fn new() -> Self {
+/// #         AcmeProvider
+/// #     }
+/// # }
+/// # impl BackendProvider for AcmeProvider {
+/// #     fn name(&self) -> &str {
+/// #         "acme"
+/// #     }
+/// #     fn capabilities(&self) -> ProviderCapabilities {
+/// #         ProviderCapabilities::default()
+/// #     }
+/// #     fn validate_config(&self, _: &Config) -> voice_backends::Result<()> {
+/// #         Ok(())
+/// #     }
+/// #     fn create_backend(&self, _: &Config) -> voice_backends::Result<Arc<dyn VoiceBackend>> {
+/// #         Err(BackendError::new("acme.create_backend", ErrorCode::ConnectionFailed, "no service"))
+/// #     }
+/// #     fn config_schema(&self) -> ConfigSchema {
+/// #         ConfigSchema::of::<()>("acme")
+/// #     }
+/// # }
+/// // At module level, once per provider:
 /// voice_backends::register_provider!("acme", AcmeProvider::new);
+///
+/// # fn main() {
+/// assert!(voice_backends::registry().is_registered("acme"));
+/// # }
 /// ```
 #[macro_export]
 macro_rules! register_provider {

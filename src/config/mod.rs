@@ -544,9 +544,6 @@ impl Serialize for ProviderSection {
 /// s2s_provider = "echo"
 /// latency_target = "300ms"
 /// timeout = "10s"
-///
-/// [provider_config]
-/// region = "eu"
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -315,8 +315,13 @@ pub fn components() -> &'static ComponentRegistries {
 /// `processor`; then the name and a function returning the component value
 /// (for `vad`, `turn` and `processor`, the factory).
 ///
-/// ```ignore
-/// voice_backends::register_component!(vad, "energy", EnergyVadFactory::default);
+/// ```no_run
+/// use voice_backends::pipeline::builtin::EnergyVadFactory;
+///
+/// // At module level: the built-in energy VAD under a name of your own (a
+/// // second registration of a name that is taken makes that name unusable).
+/// voice_backends::register_component!(vad, "my-energy", EnergyVadFactory::default);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! register_component {

@@ -28,8 +28,9 @@
 //!    client's `sample_rate`.
 //!
 //! Every refusal closes with a code and a human reason: 1002 protocol
-//! violation, 1003 bad audio, 1008 origin, auth, message rate or audio
-//! faster than real time, 1009 message too big, 1011 internal error, 1013
+//! violation, 1003 bad audio, 1007 text that is not UTF-8, 1008 auth,
+//! message rate or audio faster than real time, 1009 message too big, 1011
+//! internal error, 1013
 //! capacity or rate limit (try again later), 1001 shutting down, 1000
 //! normal. Origin and per-address connection
 //! limits are checked before the upgrade and refused with HTTP 403 and 429.

@@ -4,12 +4,20 @@
 //! A provider's tests describe how to make its backend with a [`Harness`] and
 //! expand [`conformance_suite!`](crate::conformance_suite) once:
 //!
-//! ```ignore
+//! ```no_run
+//! use voice_backends::{Config, PipelineType};
+//!
 //! struct Local;
 //! impl voice_backends::testing::conformance::Harness for Local {
-//!     fn config(&self) -> voice_backends::Config { /* provider = "local", ... */ }
+//!     fn config(&self) -> Config {
+//!         let mut config = Config::new("local");
+//!         config.pipeline_type = PipelineType::S2s;
+//!         config.s2s_provider = Some("echo".into());
+//!         config
+//!     }
 //! }
 //! voice_backends::conformance_suite!(Local);
+//! # fn main() {}
 //! ```
 //!
 //! Each check is also a plain `async fn` taking the harness, for providers
