@@ -160,8 +160,12 @@ pub trait AudioProcessor: Send {
     /// Where it runs: lower runs first.
     fn order(&self) -> i32;
 
-    /// Transforms one frame. An error drops the frame and is reported as a
-    /// `PipelineError` event; the session goes on.
+    /// Transforms one frame, in the pipeline's format
+    /// ([`INTERNAL_FORMAT`](crate::pipeline::INTERNAL_FORMAT)), and returns it
+    /// in that format. An error, or a frame in another format, drops the
+    /// frame and is reported as a `PipelineError` (the event and
+    /// `process_audio`'s error, with the processor's error as its source);
+    /// the session goes on.
     fn process(&mut self, frame: AudioFrame) -> Result<AudioFrame>;
 }
 

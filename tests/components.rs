@@ -671,3 +671,60 @@ fn energy_options_round_trip_through_json() {
     assert_eq!(back, o);
     assert_eq!(back.onset, ms(60));
 }
+
+/// The start of the user's speech reaches the S2S model however long the
+/// VAD's onset and the turn detector's `min_speech` make the wait before the
+/// turn starts: the engine keeps that much more audio from before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_onset_and_min_speech_still_hand_over_the_start_of_the_turn() {
+    use voice_backends::pipeline::events::SessionEvent;
+    use voice_backends::{Config, SessionConfig, registry};
+
+    for (onset, min_speech) in [("60ms", "100ms"), ("300ms", "400ms")] {
+        let config = Config::from_toml_str(&format!(
+            "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n\
+             [components.energy]\nonset = \"{onset}\"\n\
+             [components.silence]\nmin_speech = \"{min_speech}\"\n"
+        ))
+        .unwrap();
+        let backend = registry().create("local", &config).await.unwrap();
+        backend.start().await.unwrap();
+        let session = backend
+            .create_session(SessionConfig::new("onset"))
+            .await
+            .unwrap();
+        let mut events = session.events();
+        let mut replies = session.receive_audio().unwrap();
+        session.start().await.unwrap();
+        // Silence, 800 ms of steady noise (no pause to break the onset), silence.
+        let speech = signal::noise(Duration::from_millis(800), -20.0, 7);
+        let mut audio = signal::silence(Duration::from_millis(300));
+        audio.extend_from_slice(&speech);
+        audio.extend(signal::silence(Duration::from_millis(900)));
+        for f in signal::frames(&audio, 20) {
+            session.process_audio(f).await.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !matches!(
+                events.recv().await,
+                Some(SessionEvent::TurnEnded { .. }) | None
+            ) {}
+        })
+        .await
+        .expect("the turn ends");
+        let mut echoed = Vec::new();
+        while let Ok(Some(f)) =
+            tokio::time::timeout(Duration::from_millis(500), replies.recv()).await
+        {
+            echoed.extend(signal::samples_of([&f]));
+        }
+        backend.stop().await.unwrap();
+        // The first 10 ms of the speech are in what the echo model heard.
+        let head = &speech[..160];
+        assert!(
+            echoed.windows(head.len()).any(|w| w == head),
+            "onset {onset}, min_speech {min_speech}: the echo ({} ms) lacks the speech's start",
+            echoed.len() / 16
+        );
+    }
+}

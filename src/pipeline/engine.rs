@@ -87,7 +87,9 @@ pub const PLAYOUT_REFILL: Duration = Duration::from_millis(20);
 pub const EVENT_CAPACITY: usize = 64;
 /// Reply audio queued for playout at most.
 pub const MAX_REPLY_AUDIO: Duration = Duration::from_secs(60);
-/// Audio kept from before speech onset.
+/// Audio kept from before speech onset, on top of what the VAD and the turn
+/// detector hear before they report it ([`Vad::lookback`],
+/// [`TurnDetector::lookback`]).
 pub const PRE_ROLL: Duration = Duration::from_millis(200);
 /// Frames the output channel holds (about a second of 20 ms frames).
 const OUTPUT_CHANNEL_FRAMES: usize = 64;
@@ -200,6 +202,9 @@ struct Input {
     processors: Vec<Box<dyn AudioProcessor>>,
     silence: Duration,
     pre_roll_len: Duration,
+    /// How much audio `pre_roll` keeps: [`PRE_ROLL`] plus the VAD's and the
+    /// turn detector's lookback.
+    pre_roll_limit: Duration,
     pre_roll: VecDeque<AudioFrame>,
     in_speech: bool,
     remote_turns: bool,
@@ -373,6 +378,7 @@ impl Engine {
             hint: Mutex::new(None),
             hint_ready: AtomicBool::new(false),
         });
+        let pre_roll_limit = PRE_ROLL + parts.vad.lookback() + parts.turn.lookback();
         Ok(Engine {
             accepting: AtomicBool::new(false),
             metrics: parts.metrics,
@@ -384,6 +390,7 @@ impl Engine {
                 processors: parts.processors,
                 silence: Duration::ZERO,
                 pre_roll_len: Duration::ZERO,
+                pre_roll_limit,
                 pre_roll: VecDeque::new(),
                 in_speech: false,
                 remote_turns: parts.remote_turns,
@@ -523,18 +530,35 @@ impl Engine {
         };
         let mut frame = frame;
         for p in input.processors.iter_mut() {
-            frame = match p.process(frame) {
-                Ok(f) => f,
-                Err(e) => {
-                    self.metrics.dropped(DropReason::InvalidAudio, 1);
-                    let e = e.with_op(OP);
-                    self.shared.emit(SessionEvent::Error {
-                        code: e.code,
-                        message: format!("processor {:?}: {}", p.name(), e.message),
-                    });
-                    return Err(e);
+            let failed = match p.process(frame) {
+                Ok(f) if f.format() == INTERNAL_FORMAT => {
+                    frame = f;
+                    continue;
                 }
+                Ok(f) => BackendError::new(
+                    OP,
+                    ErrorCode::PipelineError,
+                    format!(
+                        "processor {:?} returned {:?} audio; processors must return the \
+                         pipeline's format, {:?}",
+                        p.name(),
+                        f.format(),
+                        INTERNAL_FORMAT
+                    ),
+                ),
+                Err(e) => BackendError::new(
+                    OP,
+                    ErrorCode::PipelineError,
+                    format!("processor {:?}: {}", p.name(), e.message),
+                )
+                .with_source(e),
             };
+            self.metrics.dropped(DropReason::InvalidAudio, 1);
+            self.shared.emit(SessionEvent::Error {
+                code: failed.code,
+                message: failed.message.clone(),
+            });
+            return Err(failed);
         }
         let decision: VadDecision =
             tracing::trace_span!("vad").in_scope(|| input.vad.process(&frame));
@@ -599,7 +623,7 @@ impl Engine {
             _ => {
                 input.pre_roll_len += duration;
                 input.pre_roll.push_back(frame);
-                while input.pre_roll_len > PRE_ROLL {
+                while input.pre_roll_len > input.pre_roll_limit {
                     match input.pre_roll.pop_front() {
                         Some(old) => input.pre_roll_len -= old.duration(),
                         None => break,
@@ -1571,14 +1595,20 @@ fn start_reply(
     let fut = async move {
         let started = Instant::now();
         let limit = shared.agent_timeout;
-        let answer = agent
-            .respond(turn_input)
-            .instrument(tracing::info_span!("agent", turn));
+        let answer =
+            unwound(agent.respond(turn_input)).instrument(tracing::info_span!("agent", turn));
         let reply = match tokio::time::timeout(limit, answer).await {
-            Ok(r) => r.map_err(|mut e| {
+            Ok(Ok(r)) => r.map_err(|mut e| {
                 e.code = ErrorCode::AgentError;
                 e
             })?,
+            Ok(Err(panic)) => {
+                return Err(BackendError::new(
+                    "session.agent",
+                    ErrorCode::AgentError,
+                    format!("the agent panicked answering turn {turn}: {panic}"),
+                ));
+            }
             Err(_) => {
                 return Err(BackendError::new(
                     "session.agent",
@@ -1623,7 +1653,38 @@ fn start_reply(
             e
         })
     };
+    // A panic in synthesis (or anywhere in the reply) fails the reply, not
+    // the session's task.
+    let fut = async move {
+        unwound(fut).await.unwrap_or_else(|panic| {
+            Err(BackendError::new(
+                "session.reply",
+                ErrorCode::PipelineError,
+                format!("the reply panicked: {panic}"),
+            ))
+        })
+    };
     Some(Box::pin(fut))
+}
+
+/// Runs `fut`, turning a panic while it is polled into `Err` with the
+/// panic's message, so an application's agent or component that panics
+/// fails its reply instead of the session's task. (The panic hook still
+/// reports it as usual.)
+async fn unwound<F: Future>(fut: F) -> std::result::Result<F::Output, String> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned()))),
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -2653,5 +2714,140 @@ mod tests {
             ),
             "the turn was answered before the close: {seen:?}"
         );
+    }
+
+    /// A processor that fails with a code of its own choosing.
+    struct FailingProcessor(ErrorCode);
+
+    impl crate::hooks::AudioProcessor for FailingProcessor {
+        fn name(&self) -> &str {
+            "denoise"
+        }
+        fn order(&self) -> i32 {
+            0
+        }
+        fn process(&mut self, _: AudioFrame) -> Result<AudioFrame> {
+            Err(BackendError::new("denoise", self.0, "the model broke"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_processor_error_is_a_pipeline_error_naming_the_processor() {
+        let (tx, rx) = mpsc::channel(64);
+        let engine = Engine::new(EngineParts {
+            processors: vec![Box::new(FailingProcessor(ErrorCode::InvalidConfig))],
+            agent: None,
+            ..parts(
+                Box::new(CountingStt {
+                    events: tx,
+                    frames: 0,
+                }),
+                rx,
+            )
+        })
+        .unwrap();
+        let mut events = engine.subscribe();
+        engine.start().unwrap();
+        let e = engine.process_audio(frame(9)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PipelineError);
+        assert!(e.message.contains("\"denoise\": the model broke"), "{e}");
+        let cause = std::error::Error::source(&e).expect("the processor's error as the source");
+        assert!(cause.to_string().contains("invalid_config"), "{cause}");
+        let event = next_event(&mut events, "error", |e| {
+            matches!(e, SessionEvent::Error { .. })
+        })
+        .await;
+        assert!(
+            matches!(event, SessionEvent::Error { code: ErrorCode::PipelineError, ref message } if message.contains("denoise")),
+            "{event:?}"
+        );
+    }
+
+    /// Hands back every frame at 48 kHz (three copies of each sample).
+    struct To48k;
+
+    impl crate::hooks::AudioProcessor for To48k {
+        fn name(&self) -> &str {
+            "upsample"
+        }
+        fn order(&self) -> i32 {
+            0
+        }
+        fn process(&mut self, f: AudioFrame) -> Result<AudioFrame> {
+            let format = AudioFormat::new(crate::audio::AudioEncoding::PcmS16Le, 48_000, 1);
+            let data: Vec<u8> = f.data().chunks(2).flat_map(|s| s.repeat(3)).collect();
+            AudioFrame::new(format, data)
+        }
+    }
+
+    /// Notes the format of every frame it is given.
+    struct FormatsStt(Arc<Mutex<Vec<AudioFormat>>>);
+
+    impl SttStream for FormatsStt {
+        fn push_audio(&mut self, f: &AudioFrame) -> Result<()> {
+            self.0.lock().unwrap().push(f.format());
+            Ok(())
+        }
+        fn end_turn(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_processor_that_changes_the_format_fails_and_feeds_nothing_on() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (_tx, rx) = mpsc::channel(64);
+        let engine = Engine::new(EngineParts {
+            processors: vec![Box::new(To48k)],
+            ..parts(Box::new(FormatsStt(seen.clone())), rx)
+        })
+        .unwrap();
+        engine.start().unwrap();
+        for _ in 0..3 {
+            let e = engine.process_audio(frame(9)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PipelineError);
+            assert!(
+                e.message.contains("\"upsample\"") && e.message.contains("48000"),
+                "{e}"
+            );
+        }
+        assert_eq!(*seen.lock().unwrap(), Vec::<AudioFormat>::new());
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_panics_fails_its_turn_and_the_session_goes_on() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let agent = agent_fn(move |_turn| {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    panic!("the agent's bug");
+                }
+                Ok(AgentReply::text("fine now"))
+            }
+        });
+        let engine = engine_with(Some(Arc::new(FramesTts::numbered(3))), agent, false);
+        let mut events = engine.subscribe();
+        engine.start().unwrap();
+        next_event(&mut events, "listening", to(PipelineState::Listening)).await;
+        speak(&engine, 4);
+        let seen = events_until_listening(&mut events).await;
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                SessionEvent::Error { code: ErrorCode::AgentError, message }
+                    if message.contains("panicked") && message.contains("the agent's bug")
+            )),
+            "{seen:?}"
+        );
+        // The next turn is answered.
+        speak(&engine, 4);
+        next_event(
+            &mut events,
+            "the second answer",
+            |e| matches!(e, SessionEvent::AgentText { text, .. } if text == "fine now"),
+        )
+        .await;
     }
 }

@@ -53,6 +53,13 @@ pub trait Vad: Send {
     fn process(&mut self, frame: &AudioFrame) -> VadDecision;
     /// Forgets adaptive state (e.g. after a long pause).
     fn reset(&mut self) {}
+    /// How much speech this VAD hears before it says so (an onset it waits
+    /// out): the engine keeps that much more audio from before the frame
+    /// that starts a turn, so recognition hears the turn's first syllable.
+    /// Zero by default.
+    fn lookback(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// What turn detection concluded after a frame.
@@ -84,6 +91,12 @@ pub trait TurnDetector: Send {
     /// frames (a VAD's hangover, short bursts) as silence.
     fn endpointing(&self) -> Option<Duration> {
         None
+    }
+    /// How much speech this detector hears before it starts a turn (a
+    /// minimum length of speech it waits out); see [`Vad::lookback`]. Zero
+    /// by default.
+    fn lookback(&self) -> Duration {
+        Duration::ZERO
     }
     /// Starts over (after a turn ends or the session restarts).
     fn reset(&mut self);

@@ -62,6 +62,10 @@ pub struct SilenceTurnOptions {
     pub max_endpointing_delay: Duration,
     /// The shortest unbroken speech that counts: shorter bursts (clicks, taps,
     /// coughs) neither start a turn nor extend one; default 100ms, at most 2s.
+    /// A pause the VAD hears between syllables breaks a burst, so values much
+    /// above a syllable's length (about 200 ms) may never start a turn on
+    /// real speech. The engine keeps this much more audio from before a
+    /// turn's start, so recognition still hears its beginning.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub min_speech: Duration,
@@ -203,6 +207,10 @@ impl Default for SilenceTurnDetector {
 }
 
 impl TurnDetector for SilenceTurnDetector {
+    fn lookback(&self) -> Duration {
+        self.options.min_speech
+    }
+
     fn update(&mut self, vad: &VadDecision, frame_duration: Duration) -> TurnSignal {
         let speech = vad.speech && vad.probability >= SPEECH_PROBABILITY;
         // The burst this frame broke off, if any.

@@ -283,6 +283,10 @@ fn logistic(x: f32) -> f32 {
 }
 
 impl Vad for EnergyVad {
+    fn lookback(&self) -> Duration {
+        self.options.onset
+    }
+
     fn process(&mut self, frame: &AudioFrame) -> VadDecision {
         let duration = frame.duration();
         let level_db = if frame.format().encoding == AudioEncoding::PcmS16Le {
