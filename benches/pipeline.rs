@@ -9,13 +9,14 @@
 //! the next utterance barges in on the reply). One criterion iteration is one
 //! frame, so the reported time is the time per frame.
 //!
-//! The session's own task, the echo model's reply thread and a task draining
+//! The session's own task, the echo model's reply task and a task draining
 //! the session's output audio and events run on a second tokio worker thread;
 //! the measured thread only calls `process_audio` back to back (pushing far
 //! faster than real time). The runtime is a multi-thread runtime with one
 //! worker: `block_on` runs the measured loop on the bench thread.
 //!
-//! Reference (Pipecat 1.14 on the same machine, same shape): 55, 77, 150 and
+//! Reference (Pipecat 1.14 on the same machine, same shape, measured when
+//! the goal was set; not re-run here): 55, 77, 150 and
 //! 240 us per frame for K = 0, 1, 5, 10; the goal is 50x lower (about 1.1,
 //! 1.5, 3 and 4.8 us).
 //!

@@ -27,11 +27,13 @@
 //! - `get_provider`: lookup of `"pipecat"` and a clone of the provider's `Arc`
 //!   (a shared reference count: the two-thread case contends on it).
 //!
-//! Three controls, `registry/control/*`, touch no registry: `compute` (a
+//! Four controls, `registry/control/*`, touch no registry: `compute` (a
 //! chain of multiplies on a register, about as long as `create`), `alloc`
-//! (the allocation and free `create`'s double makes) and `premade` (the
+//! (the allocation and free `create`'s double makes), `premade` (the
 //! clone and drop of a thread's premade backend that `create_premade`'s
-//! double makes: the least a `create` that returns an `Arc` can cost). Work that shares
+//! double makes: the least a `create` that returns an `Arc` can cost) and
+//! `shared_arc` (the clone and drop of one `Arc` that every thread shares:
+//! what `get_provider` adds to a lookup, contended on two threads). Work that shares
 //! nothing should scale perfectly; how far these fall short on two threads
 //! is the machine's own limit (two virtual CPUs that may share a core),
 //! which the registry's two-thread figures are to be read against.
@@ -204,6 +206,15 @@ fn control_premade(_: &BackendRegistry, _: &Config) {
     black_box(PREMADE.with(Arc::clone));
 }
 
+/// Control: the clone and drop of one `Arc` shared by every thread, as
+/// `get_provider` clones the provider's.
+fn control_shared_arc(_: &BackendRegistry, _: &Config) {
+    static SHARED: std::sync::OnceLock<Arc<common::LightBackend>> = std::sync::OnceLock::new();
+    black_box(Arc::clone(
+        SHARED.get_or_init(|| Arc::new(common::LightBackend)),
+    ));
+}
+
 fn bench(c: &mut Criterion) {
     let config = Arc::new(common::valid_config("pipecat"));
     // What two threads get on this machine for work that shares nothing: the
@@ -213,6 +224,13 @@ fn bench(c: &mut Criterion) {
     bench_op(&mut group, "compute", &unused, &config, control_compute);
     bench_op(&mut group, "alloc", &unused, &config, control_alloc);
     bench_op(&mut group, "premade", &unused, &config, control_premade);
+    bench_op(
+        &mut group,
+        "shared_arc",
+        &unused,
+        &config,
+        control_shared_arc,
+    );
     group.finish();
     for (shape, reg) in registries() {
         let mut group = c.benchmark_group(format!("registry/{shape}"));
