@@ -14,9 +14,13 @@ use voice_backends::{
     SessionConfig, VoiceBackend,
 };
 
-/// Fails `failures` times with `code`, then connects; or hangs when `hang`.
+/// Fails `failures` times with `code`, then connects, until attempt
+/// `fails_from` (counted from 0), from which it fails again; or hangs when
+/// `hang`. Each attempt takes `delay`.
 struct Flaky {
     failures: u32,
+    fails_from: u32,
+    delay: Duration,
     code: ErrorCode,
     hang: bool,
     attempts: AtomicU32,
@@ -29,6 +33,8 @@ impl Flaky {
     fn new(failures: u32, code: ErrorCode) -> Self {
         Flaky {
             failures,
+            fails_from: u32::MAX,
+            delay: Duration::ZERO,
             code,
             hang: false,
             attempts: AtomicU32::new(0),
@@ -62,7 +68,8 @@ impl Connector for Flaky {
         if self.hang {
             std::future::pending::<()>().await;
         }
-        if n < self.failures {
+        tokio::time::sleep(self.delay).await;
+        if n < self.failures || n >= self.fails_from {
             Err(BackendError::new(
                 "flaky.connect",
                 self.code,
@@ -272,18 +279,19 @@ async fn metrics_count_operations_and_errors() {
 /// Lifecycle races, rate-limit state and hook error codes.
 mod lifecycle_and_limits {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
 
     use async_trait::async_trait;
     use voice_backends::hooks::{
         AuthHook, Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter,
     };
-    use voice_backends::runtime::{Connector, RuntimeBackend};
+    use voice_backends::runtime::RuntimeBackend;
     use voice_backends::{
-        AgentReply, BackendError, Config, ConnectionState, ErrorCode, PipelineType,
-        ProviderCapabilities, SessionConfig, VoiceBackend, agent_fn, registry,
+        AgentReply, BackendError, Config, ConnectionState, ErrorCode, PipelineType, SessionConfig,
+        VoiceBackend, agent_fn, registry,
     };
+
+    use super::Flaky;
 
     fn local() -> Config {
         let mut c = Config::new("local");
@@ -387,45 +395,17 @@ mod lifecycle_and_limits {
             .expect("the only place is taken by a stopped session");
     }
 
-    struct Conn {
-        n: AtomicU32,
-    }
-    #[async_trait]
-    impl Connector for Conn {
-        fn provider(&self) -> &str {
-            "conn"
-        }
-        fn capabilities(&self) -> ProviderCapabilities {
-            ProviderCapabilities::default()
-        }
-        fn validate_config(&self, _c: &Config) -> voice_backends::Result<()> {
-            Ok(())
-        }
-        async fn connect(&self, _c: &Config) -> voice_backends::Result<()> {
-            if self.n.fetch_add(1, Ordering::SeqCst) == 0 {
-                Ok(())
-            } else {
-                Err(BackendError::new(
-                    "conn",
-                    ErrorCode::AuthenticationFailed,
-                    "key revoked",
-                ))
-            }
-        }
-    }
-
     /// A second `start` that fails leaves the backend in `Error`, accepting no sessions.
     #[tokio::test]
     async fn a_failed_restart_accepts_no_sessions() {
         let mut c = local();
-        c.provider = "conn".into();
-        let b = RuntimeBackend::new(
-            Arc::new(Conn {
-                n: AtomicU32::new(0),
-            }),
-            &c,
-        )
-        .unwrap();
+        c.provider = "flaky".into();
+        // The first start connects; a second one is refused for good.
+        let connector = Flaky {
+            fails_from: 1,
+            ..Flaky::new(0, ErrorCode::AuthenticationFailed)
+        };
+        let b = RuntimeBackend::new(Arc::new(connector), &c).unwrap();
         b.start().await.unwrap();
         assert!(b.start().await.is_err());
         assert_eq!(b.connection_state(), ConnectionState::Error);
@@ -437,31 +417,17 @@ mod lifecycle_and_limits {
         );
     }
 
-    struct SlowConn;
-    #[async_trait]
-    impl Connector for SlowConn {
-        fn provider(&self) -> &str {
-            "conn"
-        }
-        fn capabilities(&self) -> ProviderCapabilities {
-            ProviderCapabilities::default()
-        }
-        fn validate_config(&self, _c: &Config) -> voice_backends::Result<()> {
-            Ok(())
-        }
-        async fn connect(&self, _c: &Config) -> voice_backends::Result<()> {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Ok(())
-        }
-    }
-
     /// A `stop` while `start` connects wins: `start` fails with
     /// `ContextCanceled` and the backend stays disconnected.
     #[tokio::test]
     async fn a_stop_during_start_wins() {
         let mut c = local();
-        c.provider = "conn".into();
-        let b = Arc::new(RuntimeBackend::new(Arc::new(SlowConn), &c).unwrap());
+        c.provider = "flaky".into();
+        let connector = Flaky {
+            delay: Duration::from_millis(200),
+            ..Flaky::new(0, ErrorCode::ConnectionFailed)
+        };
+        let b = Arc::new(RuntimeBackend::new(Arc::new(connector), &c).unwrap());
         let starting = tokio::spawn({
             let b = b.clone();
             async move { b.start().await }

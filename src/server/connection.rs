@@ -171,25 +171,19 @@ pub(super) async fn serve(
         socket,
         audio: BytesMut::new(),
     };
-    match conn.run(header_token).await {
-        End::Close {
-            code,
-            reason,
-            refusal,
-        } => {
-            if let Some(r) = refusal {
-                shared.metrics.refused(r);
-            }
-            conn.close(code, &reason).await;
-        }
-        End::Broken {
-            code,
-            reason,
-            refusal,
-        } => {
-            if let Some(r) = refusal {
-                shared.metrics.refused(r);
-            }
+    let end = conn.run(header_token).await;
+    if let End::Close {
+        refusal: Some(r), ..
+    }
+    | End::Broken {
+        refusal: Some(r), ..
+    } = &end
+    {
+        shared.metrics.refused(*r);
+    }
+    match end {
+        End::Close { code, reason, .. } => conn.close(code, &reason).await,
+        End::Broken { code, reason, .. } => {
             conn.send_close(code, &reason).await;
             tokio::time::sleep(LINGER).await;
         }
