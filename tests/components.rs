@@ -714,7 +714,7 @@ async fn a_longer_onset_and_min_speech_still_hand_over_the_start_of_the_turn() {
         .expect("the turn ends");
         let mut echoed = Vec::new();
         while let Ok(Some(f)) =
-            tokio::time::timeout(Duration::from_millis(500), replies.recv()).await
+            tokio::time::timeout(Duration::from_millis(1500), replies.recv()).await
         {
             echoed.extend(signal::samples_of([&f]));
         }

@@ -801,18 +801,17 @@ impl Conn {
         } else {
             tracing::info!(code, "refusing: {reason}");
         }
+        // Counted before the frame goes out, so a client that reads the close
+        // and then the metrics finds it counted.
+        self.shared.metrics.closed_with(code);
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        let sent = matches!(
+        matches!(
             tokio::time::timeout(CLOSE_WAIT, self.socket.send(Message::Close(Some(frame)))).await,
             Ok(Ok(()))
-        );
-        if sent {
-            self.shared.metrics.closed_with(code);
-        }
-        sent
+        )
     }
 
     /// Closes with `code` and `reason`, then waits for the client's answer
