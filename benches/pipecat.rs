@@ -15,7 +15,11 @@
 //!   audio receiver: the bot's time plus everything this crate adds (engine,
 //!   agent call, link, decoding, conversion, playout).
 //!
-//! The difference of the two medians is the bridge's added latency per turn.
+//! Criterion runs the two one after the other. The bridge's added latency
+//! per turn is then measured paired (`roundtrip/paired`, printed after them):
+//! after a warm-up of both, raw and library turns alternate, and the report
+//! gives each path's median turn, the median of the per-pair differences
+//! (library minus raw) and a 95 % bootstrap interval of that median.
 //!
 //! `cargo bench --features pipecat --bench pipecat`
 
@@ -248,6 +252,76 @@ mod roundtrip {
             })
         });
         group.finish();
+        rt.block_on(paired(&mut ws, &mut lib));
+    }
+
+    /// Turns alternated between the two paths, after a warm-up of each.
+    const PAIRS: usize = 200;
+    const WARM_UP: usize = 20;
+
+    async fn paired(ws: &mut Ws, lib: &mut Library) {
+        for _ in 0..WARM_UP {
+            raw_turn(ws).await;
+            library_turn(lib).await;
+        }
+        let (mut raw, mut through, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..PAIRS {
+            // Which path goes first alternates too.
+            let (r, l) = if i % 2 == 0 {
+                let r = raw_turn(ws).await;
+                (r, library_turn(lib).await)
+            } else {
+                let l = library_turn(lib).await;
+                (raw_turn(ws).await, l)
+            };
+            let (r, l) = (r.as_secs_f64() * 1e3, l.as_secs_f64() * 1e3);
+            raw.push(r);
+            through.push(l);
+            diff.push(l - r);
+        }
+        let (low, high) = bootstrap_median(&diff, 2000);
+        println!(
+            "pipecat/roundtrip/paired: {PAIRS} pairs; median turn raw {:.2} ms, through the \
+             library {:.2} ms; library minus raw: median {:+.2} ms (95 % bootstrap interval \
+             {low:+.2} to {high:+.2} ms)",
+            median(&mut raw),
+            median(&mut through),
+            median(&mut diff.clone()),
+        );
+    }
+
+    fn median(values: &mut [f64]) -> f64 {
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        }
+    }
+
+    /// The 2.5th and 97.5th percentiles of the median over `rounds`
+    /// resamples (with replacement) of `values`.
+    fn bootstrap_median(values: &[f64], rounds: usize) -> (f64, f64) {
+        // A fixed-seed xorshift: the interval is the same for the same data.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut medians: Vec<f64> = (0..rounds)
+            .map(|_| {
+                let mut sample: Vec<f64> = (0..values.len())
+                    .map(|_| values[(next() % values.len() as u64) as usize])
+                    .collect();
+                median(&mut sample)
+            })
+            .collect();
+        medians.sort_by(f64::total_cmp);
+        let at = |q: f64| medians[((rounds - 1) as f64 * q).round() as usize];
+        (at(0.025), at(0.975))
     }
 }
 
