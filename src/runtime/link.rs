@@ -14,9 +14,69 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::audio::AudioFrame;
 use crate::config::Config;
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::{S2sEvent, S2sStream, TextToSpeech};
+
+/// What became of an event handed to [`LinkEvents`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handed {
+    /// Queued for the session's task.
+    Queued,
+    /// Audio dropped: the queue was full. The link counts it.
+    Dropped,
+    /// The session is gone: the link may end.
+    SessionGone,
+}
+
+/// The sending side of a [`Link`]'s events, made with its receiver by
+/// [`LinkEvents::channel`].
+///
+/// One policy for every provider's link: audio that finds the queue full is
+/// dropped (the session's task fell behind, or has not started yet, and stale
+/// audio is worth less than a link that keeps reading its service); every
+/// other event (a transcript, the end of a reply, a connection change) waits
+/// for room, since losing it would lose a turn.
+#[derive(Clone, Debug)]
+pub struct LinkEvents {
+    tx: mpsc::Sender<S2sEvent>,
+}
+
+impl LinkEvents {
+    /// A queue of `capacity` events: the sender for the link's task, the
+    /// receiver for [`Link::events`].
+    pub fn channel(capacity: usize) -> (LinkEvents, mpsc::Receiver<S2sEvent>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (LinkEvents { tx }, rx)
+    }
+
+    /// Hands over `event`: audio without waiting (dropped when the queue is
+    /// full), anything else once there is room.
+    pub async fn send(&self, event: S2sEvent) -> Handed {
+        match event {
+            S2sEvent::Audio(frame) => self.audio(frame),
+            event => match self.tx.send(event).await {
+                Ok(()) => Handed::Queued,
+                Err(_) => Handed::SessionGone,
+            },
+        }
+    }
+
+    /// Hands over reply audio without waiting: dropped when the queue is full.
+    pub fn audio(&self, frame: AudioFrame) -> Handed {
+        match self.tx.try_send(S2sEvent::Audio(frame)) {
+            Ok(()) => Handed::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => Handed::Dropped,
+            Err(mpsc::error::TrySendError::Closed(_)) => Handed::SessionGone,
+        }
+    }
+
+    /// Resolves once the session is gone (its receiver dropped).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
 
 /// How a link (or a connector) retries: `max_retries` retries after the
 /// first attempt, the first `retry_delay` after a failure, each next delay
@@ -179,6 +239,48 @@ impl fmt::Debug for Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn silence() -> AudioFrame {
+        AudioFrame::new(crate::pipeline::INTERNAL_FORMAT, vec![0u8; 640]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn audio_is_dropped_when_full_and_other_events_wait_for_room() {
+        let (events, mut rx) = LinkEvents::channel(2);
+        assert_eq!(events.audio(silence()), Handed::Queued);
+        assert_eq!(
+            events.send(S2sEvent::Audio(silence())).await,
+            Handed::Queued
+        );
+        assert_eq!(events.audio(silence()), Handed::Dropped);
+        assert_eq!(
+            events.send(S2sEvent::Audio(silence())).await,
+            Handed::Dropped
+        );
+        // A transcript waits until the session's task takes something.
+        let sender = events.clone();
+        let transcript = tokio::spawn(async move {
+            sender
+                .send(S2sEvent::UserTranscript {
+                    text: "hello".into(),
+                    is_final: true,
+                })
+                .await
+        });
+        tokio::task::yield_now().await;
+        assert!(!transcript.is_finished(), "it waits for room");
+        assert!(matches!(rx.recv().await, Some(S2sEvent::Audio(_))));
+        assert_eq!(transcript.await.unwrap(), Handed::Queued);
+        assert!(matches!(rx.recv().await, Some(S2sEvent::Audio(_))));
+        assert!(matches!(
+            rx.recv().await,
+            Some(S2sEvent::UserTranscript { ref text, .. }) if text == "hello"
+        ));
+        drop(rx);
+        assert_eq!(events.audio(silence()), Handed::SessionGone);
+        assert_eq!(events.send(S2sEvent::ReplyDone).await, Handed::SessionGone);
+        events.closed().await;
+    }
 
     #[test]
     fn delays_double_from_retry_delay_up_to_a_minute() {

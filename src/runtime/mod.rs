@@ -36,7 +36,7 @@ use crate::session::{
 };
 
 mod link;
-pub use link::{Link, LinkRequest, MAX_RETRY_DELAY, RetryPolicy};
+pub use link::{Handed, Link, LinkEvents, LinkRequest, MAX_RETRY_DELAY, RetryPolicy};
 
 /// The VAD used when the config names none.
 pub const DEFAULT_VAD: &str = crate::config::DEFAULT_VAD_PROVIDER;

@@ -25,7 +25,7 @@ use crate::config::Secret;
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::metrics::{DropReason, Metrics};
 use crate::pipeline::{INTERNAL_FORMAT, S2sEvent, S2sStream, TextToSpeech};
-use crate::runtime::{Link, RetryPolicy};
+use crate::runtime::{Handed, Link, LinkEvents, RetryPolicy};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -53,8 +53,8 @@ impl Outbound {
 /// dropped and counted. At most about 330 KB per session.
 const OUT_QUEUE: usize = 512;
 /// Events waiting for the session's task. Audio beyond it is dropped and
-/// counted; any other event (a transcript, the end of a reply) waits for room,
-/// holding the link's reading of the bot until there is.
+/// counted; any other event waits for room ([`LinkEvents`]), holding the
+/// link's reading of the bot until there is.
 const EVENT_QUEUE: usize = 256;
 /// How long opening a link waits for RTVI `bot-ready` after `client-ready`
 /// (a bot without RTVI never sends it: the link opens anyway after this).
@@ -270,7 +270,7 @@ pub(super) async fn open(
         early = await_bot_ready(&mut ws, &settings, &counters).await?;
     }
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (events_tx, events_rx) = LinkEvents::channel(EVENT_QUEUE);
     let shared = Arc::new(Shared {
         counters,
         sink: Mutex::new(None),
@@ -531,7 +531,7 @@ enum Ended {
 struct LinkTask {
     settings: Settings,
     shared: Arc<Shared>,
-    events: mpsc::Sender<S2sEvent>,
+    events: LinkEvents,
     /// Converts the bot's audio, keyed by (from, to).
     converter: FormatFollower,
     logged_malformed: bool,
@@ -640,9 +640,8 @@ impl LinkTask {
         if let Some(sink) = self.shared.sink().take() {
             let _ = sink.tx.try_send(SpeakerMsg::Failed(cause.to_owned()));
         }
-        let _ = self
-            .events
-            .try_send(S2sEvent::Connection(ConnectionState::Reconnecting));
+        self.emit(S2sEvent::Connection(ConnectionState::Reconnecting))
+            .await;
         let (settings, counters) = (&self.settings, &self.shared.counters);
         let attempt = || async move {
             let mut ws = dial(settings).await?;
@@ -683,9 +682,7 @@ impl LinkTask {
                         Outbound::Text { .. } => {}
                     }
                 }
-                let _ = self
-                    .events
-                    .send(S2sEvent::Connection(ConnectionState::Connected))
+                self.emit(S2sEvent::Connection(ConnectionState::Connected))
                     .await;
                 Some(ws)
             }
@@ -697,16 +694,12 @@ impl LinkTask {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
                 self.shared.is_failed.store(true, Ordering::Release);
-                let _ = self
-                    .events
-                    .send(S2sEvent::Failed {
-                        code: e.code,
-                        message: format!(
-                            "lost the Pipecat bot at {}: {why}",
-                            self.settings.endpoint
-                        ),
-                    })
-                    .await;
+                let message = format!("lost the Pipecat bot at {}: {why}", self.settings.endpoint);
+                self.emit(S2sEvent::Failed {
+                    code: e.code,
+                    message,
+                })
+                .await;
                 None
             }
         }
@@ -723,20 +716,16 @@ impl LinkTask {
         }
     }
 
-    /// Hands `event` to the session's task. Audio that finds the queue full
-    /// is dropped and counted; any other event waits for room (it may end a
-    /// turn or a reply, and losing it would lose the turn).
+    /// Hands `event` to the session's task ([`LinkEvents::send`]), counting
+    /// dropped audio. A session that is gone is seen by `serve` next.
     async fn emit(&mut self, event: S2sEvent) {
-        match event {
-            S2sEvent::Audio(_) => {
-                if self.events.try_send(event).is_err() {
-                    self.shared.counters.dropped_output();
-                }
-            }
-            // An error means the session is gone; `serve` sees that next.
-            _ => {
-                let _ = self.events.send(event).await;
-            }
+        let handed = self.events.send(event).await;
+        self.count(handed);
+    }
+
+    fn count(&self, handed: Handed) {
+        if handed == Handed::Dropped {
+            self.shared.counters.dropped_output();
         }
     }
 
@@ -839,9 +828,8 @@ impl LinkTask {
             }
             None => {
                 drop(sink);
-                if self.events.try_send(S2sEvent::Audio(frame)).is_err() {
-                    self.shared.counters.dropped_output();
-                }
+                let handed = self.events.audio(frame);
+                self.count(handed);
             }
         }
     }
