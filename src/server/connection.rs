@@ -7,30 +7,32 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::{Bytes, BytesMut};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-use super::metrics::Refusal;
+use super::frames::{Bucket, FrameViolation};
+use super::http::{Slot, Socket};
+use super::metrics::{Dropped, Refusal};
 use super::protocol::{self, ClientMessage, Ready, Start};
-use super::{ConnectionSlot, Phase, Shared, burst_of};
+use super::{Phase, Shared};
 use crate::audio::{AudioEncoding, AudioFormat, AudioFrame};
 use crate::config::{Secret, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::events::{SessionEvent, SessionEvents};
 use crate::session::{AudioReceiver, VoiceSession};
 use crate::wake::InputMarks;
+use tokio_tungstenite::tungstenite::Error as WsError;
 
 /// The blocks received audio is copied to: six 20 ms frames at 16 kHz.
 const AUDIO_BLOCK: usize = 4 * 1024;
-/// How long the server waits for a client to take a message, and for the
-/// client's answer to a close frame.
+/// How long the server waits for a client to take its close frame, and for
+/// the client's answer to it.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
-/// A client that takes no message for this long is considered gone.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many reply audio frames that are ready together are queued
 /// at once (playout hands out three 20 ms frames at a time).
 const AUDIO_BATCH: usize = 8;
@@ -55,8 +57,12 @@ enum End {
         reason: String,
         refusal: Option<Refusal>,
     },
-    /// The client went away or the socket failed: nothing more to send.
-    Gone,
+    /// The client answered the server's close frame or sent its own: the
+    /// handshake is done.
+    ClientClosed,
+    /// The client went away without a close frame, or stopped reading:
+    /// nothing more to send.
+    Gone(Gone),
 }
 
 impl End {
@@ -77,52 +83,19 @@ impl End {
     }
 }
 
-/// The socket failed or the client stopped reading.
-struct Gone;
+/// Why nothing more can be sent to the client.
+#[derive(Clone, Copy, Debug)]
+enum Gone {
+    /// The client went away without a close frame (reset or closed TCP), or
+    /// a write failed.
+    Vanished,
+    /// The client took nothing for `send_timeout`: it stopped reading.
+    NotReading,
+}
 
 impl From<Gone> for End {
-    fn from(_: Gone) -> End {
-        End::Gone
-    }
-}
-
-/// A token bucket for one connection's messages.
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: f64) -> Bucket {
-        Bucket::with_burst(rate, f64::from(burst_of(rate)))
-    }
-
-    fn with_burst(rate: f64, burst: f64) -> Bucket {
-        Bucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        self.take_n(1.0)
-    }
-
-    fn take_n(&mut self, cost: f64) -> bool {
-        let now = Instant::now();
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= cost {
-            self.tokens -= cost;
-            true
-        } else {
-            false
-        }
+    fn from(gone: Gone) -> End {
+        End::Gone(gone)
     }
 }
 
@@ -157,15 +130,14 @@ impl Drop for SessionGuard {
 /// Serves one upgraded WebSocket until it ends.
 pub(super) async fn serve(
     shared: Arc<Shared>,
-    socket: WebSocket,
+    socket: Socket,
     header_token: Option<Secret>,
-    slot: ConnectionSlot,
+    slot: Slot,
 ) {
     shared.metrics.connection_opened();
     let mut conn = Conn {
-        bucket: Bucket::new(shared.config.messages_per_second),
         // Seconds of audio: one per second, up to `max_audio_ahead` ahead.
-        audio_budget: Bucket::with_burst(1.0, shared.config.max_audio_ahead.as_secs_f64()),
+        audio_budget: Bucket::new(1.0, shared.config.max_audio_ahead.as_secs_f64()),
         phase: shared.phase.subscribe(),
         shared: shared.clone(),
         socket,
@@ -181,22 +153,37 @@ pub(super) async fn serve(
     {
         shared.metrics.refused(*r);
     }
+    let gone = match &end {
+        End::Gone(gone) => Some(*gone),
+        _ => None,
+    };
     match end {
         End::Close { code, reason, .. } => conn.close(code, &reason).await,
         End::Broken { code, reason, .. } => {
             conn.send_close(code, &reason).await;
             tokio::time::sleep(LINGER).await;
         }
-        End::Gone => tracing::debug!("client gone"),
+        End::ClientClosed => {}
+        End::Gone(Gone::Vanished) => tracing::debug!("client gone"),
+        End::Gone(Gone::NotReading) => tracing::info!(
+            "closing: the client took nothing for {}: it stopped reading",
+            humantime::format_duration(shared.config.send_timeout)
+        ),
     }
     shared.metrics.connection_closed();
+    // The address's slot is free before the connection is counted as gone,
+    // so whoever reads the count can connect again.
     drop(slot);
+    match gone {
+        Some(Gone::Vanished) => shared.metrics.vanished(),
+        Some(Gone::NotReading) => shared.metrics.dropped(Dropped::NotReading),
+        None => {}
+    }
 }
 
 struct Conn {
     shared: Arc<Shared>,
-    socket: WebSocket,
-    bucket: Bucket,
+    socket: Socket,
     /// The audio the client may still send ahead of real time, in seconds.
     audio_budget: Bucket,
     phase: watch::Receiver<Phase>,
@@ -251,8 +238,8 @@ impl Conn {
         }
         let ready = Ready::new(session.id().as_str(), format.sample_rate);
         let ready = serde_json::to_string(&ready).unwrap_or_default();
-        if self.send(Message::Text(ready.into())).await.is_err() {
-            return End::Gone;
+        if let Err(gone) = self.send(Message::Text(ready.into())).await {
+            return gone.into();
         }
         tracing::info!(sample_rate = format.sample_rate, "session started");
         self.session_loop(&session, &mut guard, events, audio, format)
@@ -281,7 +268,7 @@ impl Conn {
                     ));
                 }
                 _ = self.phase.changed() => continue,
-                received = self.socket.recv() => received,
+                received = self.socket.next() => received,
             };
             let text = match self.incoming(received).await {
                 Ok(Incoming::Nothing) => continue,
@@ -310,10 +297,15 @@ impl Conn {
                     reason,
                     refusal: None,
                 }) => {
+                    let refusal = if code == protocol::POLICY {
+                        Refusal::RateLimit
+                    } else {
+                        Refusal::Protocol
+                    };
                     return Err(End::Broken {
                         code,
                         reason,
-                        refusal: Some(Refusal::Protocol),
+                        refusal: Some(refusal),
                     });
                 }
                 Err(end) => return Err(end),
@@ -343,39 +335,29 @@ impl Conn {
     }
 
     /// Checks one received message: the connection's end (client gone, too
-    /// big, over the message rate), or what it carries.
+    /// big), or what it carries. The message rate is checked as its frames
+    /// arrive, by the [`FrameGuard`](super::frames::FrameGuard).
     async fn incoming(
         &mut self,
-        received: Option<std::result::Result<Message, axum::Error>>,
+        received: Option<std::result::Result<Message, WsError>>,
     ) -> std::result::Result<Incoming, End> {
         let message = match received {
-            None => return Err(End::Gone),
+            None => return Err(Gone::Vanished.into()),
             Some(Err(e)) => return Err(self.read_error(&e)),
             Some(Ok(m)) => m,
         };
         let size = match &message {
             Message::Close(_) => {
                 self.finish_close_handshake().await;
-                return Err(End::Gone);
+                return Err(End::ClientClosed);
             }
-            Message::Pong(_) => return Ok(Incoming::Nothing),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                return Ok(Incoming::Nothing);
+            }
             Message::Text(t) => t.len(),
             Message::Binary(b) => b.len(),
-            Message::Ping(_) => 0,
         };
-        if matches!(message, Message::Text(_) | Message::Binary(_)) {
-            self.shared.metrics.message_in();
-        }
-        if !self.bucket.take() {
-            let rate = self.shared.config.messages_per_second;
-            return Err(End::close(
-                protocol::POLICY,
-                format!(
-                    "message rate exceeded: more than {rate} messages per second (burst {})",
-                    burst_of(rate)
-                ),
-            ));
-        }
+        self.shared.metrics.message_in();
         let max = self.shared.config.max_frame_bytes;
         if size > max {
             return Err(End::close(
@@ -408,8 +390,8 @@ impl Conn {
     /// How a failed read ends the connection: a message over the limit or
     /// broken WebSocket framing gets a close frame saying so; a socket that
     /// failed gets nothing more.
-    fn read_error(&self, e: &axum::Error) -> End {
-        use tokio_tungstenite::tungstenite::Error as WsError;
+    fn read_error(&self, e: &WsError) -> End {
+        use tokio_tungstenite::tungstenite::error::ProtocolError;
         let broken = |code, reason: String| End::Broken {
             code,
             reason,
@@ -424,23 +406,30 @@ impl Conn {
                 ),
             )
         };
-        match std::error::Error::source(e).and_then(|s| s.downcast_ref::<WsError>()) {
-            Some(WsError::Capacity(_)) => too_big(),
-            Some(WsError::Protocol(p)) => {
+        match e {
+            WsError::Capacity(_) => too_big(),
+            // The client closed or reset TCP without a close frame: gone, not
+            // refused.
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+            | WsError::ConnectionClosed
+            | WsError::AlreadyClosed => Gone::Vanished.into(),
+            WsError::Protocol(p) => {
                 broken(protocol::PROTOCOL, format!("WebSocket protocol error: {p}"))
             }
-            Some(WsError::Utf8(_)) => broken(
+            WsError::Utf8(_) => broken(
                 protocol::INVALID_PAYLOAD,
                 "a text message that is not valid UTF-8".into(),
             ),
-            _ => {
-                let text = e.to_string();
-                if text.contains("Space limit exceeded") || text.contains("too long") {
-                    too_big()
-                } else {
-                    tracing::debug!("reading from the client failed: {text}");
-                    End::Gone
+            WsError::Io(io) => match FrameViolation::of(io) {
+                Some(violation) => broken(protocol::POLICY, violation.to_string()),
+                None => {
+                    tracing::debug!("reading from the client failed: {io}");
+                    Gone::Vanished.into()
                 }
+            },
+            other => {
+                tracing::debug!("reading from the client failed: {other}");
+                Gone::Vanished.into()
             }
         }
     }
@@ -471,13 +460,19 @@ impl Conn {
         let mut next = pin!(next_event(events));
         if phase == Phase::Closing {
             // The last phase: no change of it will come to wait for.
-            if self.finish(next.as_mut(), &mut audio).await.is_err() {
-                return End::Gone;
+            if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+                return gone.into();
             }
             return End::close(protocol::GOING_AWAY, "server shutting down");
         }
+        // A session whose client sends nothing for `idle_timeout` is closed.
+        // The timer is set again only when it fires, for the time left after
+        // the last message heard.
+        let idle_timeout = self.shared.config.idle_timeout;
+        let mut last_heard = Instant::now();
+        let mut idle = pin!(tokio::time::sleep(idle_timeout));
         // Every input starts marked.
-        let inputs = Inputs::new(PHASE | STOPPER | EVENTS);
+        let inputs = Inputs::new(PHASE | STOPPER | EVENTS | IDLE);
         let mut registered: Option<Waker> = None;
         // Messages are queued as inputs are handled and written once nothing
         // more is ready (`Woke::Flush`): a turn's events and the reply audio
@@ -526,13 +521,18 @@ impl Conn {
                 }) {
                     return Poll::Ready(w);
                 }
+                if let Poll::Ready(w) =
+                    poll(IDLE, &mut |cx| idle.as_mut().poll(cx).map(|()| Woke::Idle))
+                {
+                    return Poll::Ready(w);
+                }
                 // Reply audio and the socket wake the task directly: they are
                 // the frequent ones, and cheap to poll.
                 if audio_open && let Poll::Ready(frame) = pin!(audio.recv()).poll(cx) {
                     inputs.mark(due);
                     return Poll::Ready(Woke::Audio(frame));
                 }
-                let received = pin!(self.socket.recv()).poll(cx).map(Woke::Received);
+                let received = self.socket.poll_next_unpin(cx).map(Woke::Received);
                 if received.is_ready() {
                     inputs.mark(due);
                     return received;
@@ -547,6 +547,19 @@ impl Conn {
             })
             .await;
             match woke {
+                Woke::Idle => {
+                    let heard = last_heard + idle_timeout;
+                    if Instant::now() >= heard {
+                        return End::close(
+                            protocol::POLICY,
+                            format!(
+                                "idle: no audio or message for {}",
+                                humantime::format_duration(idle_timeout)
+                            ),
+                        );
+                    }
+                    idle.as_mut().reset(heard);
+                }
                 Woke::Phase(rx, phase) => match phase {
                     Phase::Running => phase_change.set(phase_change_of(rx)),
                     Phase::Draining => {
@@ -554,8 +567,8 @@ impl Conn {
                         phase_change.set(phase_change_of(rx));
                     }
                     Phase::Closing => {
-                        if self.finish(next.as_mut(), &mut audio).await.is_err() {
-                            return End::Gone;
+                        if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+                            return gone.into();
                         }
                         return End::close(protocol::GOING_AWAY, "server shutting down");
                     }
@@ -565,22 +578,22 @@ impl Conn {
                     match event {
                         Some(SessionEvent::Closed) | None => {
                             guard.closed();
-                            if self.finish(next.as_mut(), &mut audio).await.is_err() {
-                                return End::Gone;
+                            if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+                                return gone.into();
                             }
                             return self.session_closed(stop_requested);
                         }
                         Some(event) => {
-                            if self.feed_event(&event).await.is_err() {
-                                return End::Gone;
+                            if let Err(gone) = self.feed_event(&event).await {
+                                return gone.into();
                             }
                             unflushed = true;
                         }
                     }
                 }
                 Woke::Audio(Some(frame)) => {
-                    if self.feed_audio(frame, &mut audio).await.is_err() {
-                        return End::Gone;
+                    if let Err(gone) = self.feed_audio(frame, &mut audio).await {
+                        return gone.into();
                     }
                     unflushed = true;
                 }
@@ -589,8 +602,8 @@ impl Conn {
                 // polling it, the `Closed` event ends the connection.
                 Woke::Audio(None) => audio_open = false,
                 Woke::Flush => {
-                    if self.flush().await.is_err() {
-                        return End::Gone;
+                    if let Err(gone) = self.flush().await {
+                        return gone.into();
                     }
                     unflushed = false;
                 }
@@ -608,8 +621,8 @@ impl Conn {
                     // `stop` returns once the session has closed: its last
                     // events are waiting in `events`.
                     guard.closed();
-                    if self.finish(next.as_mut(), &mut audio).await.is_err() {
-                        return End::Gone;
+                    if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+                        return gone.into();
                     }
                     return self.session_closed(true);
                 }
@@ -618,6 +631,9 @@ impl Conn {
                         Ok(p) => p,
                         Err(end) => return end,
                     };
+                    if !matches!(payload, Incoming::Nothing) {
+                        last_heard = Instant::now();
+                    }
                     let outcome = match payload {
                         Incoming::Nothing => Ok(()),
                         Incoming::Binary(data) => {
@@ -631,7 +647,7 @@ impl Conn {
                                 );
                             }
                             let seconds = data.len() as f64 / f64::from(2 * format.sample_rate);
-                            if !self.audio_budget.take_n(seconds) {
+                            if !self.audio_budget.take_at(seconds, Instant::now()) {
                                 return End::close(
                                     protocol::POLICY,
                                     format!(
@@ -687,8 +703,8 @@ impl Conn {
                                     code: e.code,
                                     message: e.into_fields().message,
                                 };
-                                if self.feed_event(&event).await.is_err() {
-                                    return End::Gone;
+                                if let Err(gone) = self.feed_event(&event).await {
+                                    return gone.into();
                                 }
                                 unflushed = true;
                             }
@@ -771,20 +787,23 @@ impl Conn {
     /// Queues `message` in the socket's write buffer. It is written by the
     /// next [`Conn::flush`] (or sooner, if the buffer fills up).
     async fn feed(&mut self, message: Message) -> std::result::Result<(), Gone> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.socket.feed(message)).await {
+        match tokio::time::timeout(self.shared.config.send_timeout, self.socket.feed(message)).await
+        {
             Ok(Ok(())) => {
                 self.shared.metrics.message_out();
                 Ok(())
             }
-            _ => Err(Gone),
+            Ok(Err(_)) => Err(Gone::Vanished),
+            Err(_) => Err(Gone::NotReading),
         }
     }
 
     /// Writes every queued message to the socket.
     async fn flush(&mut self) -> std::result::Result<(), Gone> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.socket.flush()).await {
+        match tokio::time::timeout(self.shared.config.send_timeout, self.socket.flush()).await {
             Ok(Ok(())) => Ok(()),
-            _ => Err(Gone),
+            Ok(Err(_)) => Err(Gone::Vanished),
+            Err(_) => Err(Gone::NotReading),
         }
     }
 
@@ -805,7 +824,7 @@ impl Conn {
         // and then the metrics finds it counted.
         self.shared.metrics.closed_with(code);
         let frame = CloseFrame {
-            code,
+            code: code.into(),
             reason: reason.into(),
         };
         matches!(
@@ -825,7 +844,7 @@ impl Conn {
     /// Reads until the socket ends (the close answer is sent on the way).
     async fn finish_close_handshake(&mut self) {
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            while let Some(Ok(_)) = self.socket.recv().await {}
+            while let Some(Ok(_)) = self.socket.next().await {}
         })
         .await;
     }
@@ -833,11 +852,13 @@ impl Conn {
 
 /// What woke the session loop.
 enum Woke {
+    /// The idle timer fired.
+    Idle,
     Phase(watch::Receiver<Phase>, Phase),
     Stopped(std::result::Result<Result<()>, tokio::task::JoinError>),
     Event(SessionEvents, Option<SessionEvent>),
     Audio(Option<AudioFrame>),
-    Received(Option<std::result::Result<Message, axum::Error>>),
+    Received(Option<std::result::Result<Message, WsError>>),
     /// Nothing else is ready and messages wait in the write buffer.
     Flush,
 }
@@ -846,13 +867,14 @@ enum Woke {
 const PHASE: u8 = 1;
 const STOPPER: u8 = 1 << 1;
 const EVENTS: u8 = 1 << 2;
+const IDLE: u8 = 1 << 3;
 
 /// Which of the session loop's rare inputs (a phase change, the stop task,
-/// session events) may have something: each is polled with a waker of its
+/// session events, the idle timer) may have something: each is polled with a waker of its
 /// own, which marks it and wakes the task, so the frequent wake-ups (client
 /// audio, reply audio) do not poll them. Polling them costs locks: the event
 /// channel's and the phase's waiter lists.
-type Inputs = InputMarks<3>;
+type Inputs = InputMarks<4>;
 
 /// The next phase change: the receiver back, and the new phase (`Closing`
 /// when the server is gone).

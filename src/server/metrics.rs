@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 pub(super) enum Refusal {
     /// The `Origin` header is not allowed (HTTP 403).
     Origin,
+    /// The `Host` header names a host the server may not be reached by
+    /// (HTTP 403).
+    Host,
     /// The auth hook refused the token (close 1008).
     Auth,
     /// Too many connections per second from the address (HTTP 429), or the
@@ -30,8 +33,9 @@ pub(super) enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 9] = [
         Refusal::Origin,
+        Refusal::Host,
         Refusal::Auth,
         Refusal::RateLimit,
         Refusal::Capacity,
@@ -44,6 +48,7 @@ impl Refusal {
     const fn as_str(self) -> &'static str {
         match self {
             Refusal::Origin => "origin",
+            Refusal::Host => "host",
             Refusal::Auth => "auth",
             Refusal::RateLimit => "rate_limit",
             Refusal::Capacity => "capacity",
@@ -51,6 +56,35 @@ impl Refusal {
             Refusal::StartTimeout => "start_timeout",
             Refusal::Shutdown => "shutdown",
             Refusal::Error => "error",
+        }
+    }
+}
+
+/// Why the server dropped a connection without a WebSocket close frame (the
+/// `reason` label of `server_connections_dropped_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Dropped {
+    /// An HTTP connection beyond `max_http_connections_per_ip`.
+    AddressLimit,
+    /// An HTTP connection that sent no whole request within
+    /// `request_timeout` (idle keep-alive included).
+    RequestTimeout,
+    /// A WebSocket client that took nothing for `send_timeout`.
+    NotReading,
+}
+
+impl Dropped {
+    const ALL: [Dropped; 3] = [
+        Dropped::AddressLimit,
+        Dropped::RequestTimeout,
+        Dropped::NotReading,
+    ];
+
+    const fn as_str(self) -> &'static str {
+        match self {
+            Dropped::AddressLimit => "address_limit",
+            Dropped::RequestTimeout => "request_timeout",
+            Dropped::NotReading => "not_reading",
         }
     }
 }
@@ -71,6 +105,13 @@ pub(super) struct ServerMetrics {
     refused: [AtomicU64; Refusal::ALL.len()],
     messages: [Messages; SHARDS],
     closed: [AtomicU64; CLOSE_CODES.len()],
+    /// WebSocket connections whose client went without a close frame.
+    vanished: AtomicU64,
+    /// Connections closed by the server without a close frame, by why
+    /// ([`Dropped`]).
+    dropped: [AtomicU64; Dropped::ALL.len()],
+    /// Failed `accept` calls (out of file descriptors, memory, ...).
+    accept_errors: AtomicU64,
     /// TCP connections each worker thread serves now (empty without workers).
     workers: Box<[WorkerLoad]>,
 }
@@ -119,6 +160,21 @@ impl ServerMetrics {
 
     pub(super) fn refused(&self, reason: Refusal) {
         self.refused[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A WebSocket client went without a close frame.
+    pub(super) fn vanished(&self) {
+        self.vanished.fetch_add(1, Relaxed);
+    }
+
+    /// The server dropped a connection without a close frame.
+    pub(super) fn dropped(&self, why: Dropped) {
+        self.dropped[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// `accept` failed.
+    pub(super) fn accept_failed(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
     }
 
     pub(super) fn message_in(&self) {
@@ -224,6 +280,42 @@ impl ServerMetrics {
                 self.closed[i].load(Relaxed)
             );
         }
+        family(
+            out,
+            "server_connections_vanished_total",
+            "counter",
+            "WebSocket connections whose client went without a close frame (reset or closed TCP).",
+        );
+        let _ = writeln!(
+            out,
+            "server_connections_vanished_total {}",
+            self.vanished.load(Relaxed)
+        );
+        family(
+            out,
+            "server_connections_dropped_total",
+            "counter",
+            "Connections the server closed without a WebSocket close frame, by reason.",
+        );
+        for d in Dropped::ALL {
+            let _ = writeln!(
+                out,
+                "server_connections_dropped_total{{reason=\"{}\"}} {}",
+                d.as_str(),
+                self.dropped[d as usize].load(Relaxed)
+            );
+        }
+        family(
+            out,
+            "server_accept_errors_total",
+            "counter",
+            "Failed accepts of new TCP connections (out of file descriptors, memory, ...).",
+        );
+        let _ = writeln!(
+            out,
+            "server_accept_errors_total {}",
+            self.accept_errors.load(Relaxed)
+        );
         if self.workers.is_empty() {
             return;
         }
@@ -258,6 +350,9 @@ mod tests {
         m.message_out();
         m.closed_with(1009);
         m.closed_with(4000);
+        m.vanished();
+        m.dropped(Dropped::NotReading);
+        m.accept_failed();
         let mut text = String::new();
         m.render(&mut text);
         for line in [
@@ -269,6 +364,10 @@ mod tests {
             "server_messages_total{direction=\"out\"} 2",
             "server_closes_total{code=\"1009\"} 1",
             "server_closes_total{code=\"other\"} 1",
+            "server_connections_vanished_total 1",
+            "server_connections_dropped_total{reason=\"not_reading\"} 1",
+            "server_connections_dropped_total{reason=\"address_limit\"} 0",
+            "server_accept_errors_total 1",
             "# TYPE server_connections_active gauge",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");

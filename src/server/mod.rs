@@ -59,26 +59,26 @@
 //! ```
 
 mod connection;
+mod frames;
+mod http;
 mod metrics;
-mod protocol;
+pub(crate) mod protocol;
 mod workers;
 
+pub use http::raise_open_files_limit;
 pub use workers::MAX_WORKERS;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -89,6 +89,7 @@ use crate::config::Secret;
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::TokenBucketLimiter;
 
+use http::{Kind, PerAddress, Serving, Slot, Upgrade};
 use metrics::{Refusal, ServerMetrics};
 use workers::Workers;
 
@@ -105,6 +106,9 @@ const READ_BUFFER: usize = 2 * 1024;
 
 /// The least [`ServerConfig::max_audio_ahead`].
 const MIN_AUDIO_AHEAD: Duration = Duration::from_millis(100);
+
+/// The least [`ServerConfig::send_buffer_bytes`].
+const MIN_SEND_BUFFER: usize = 4 * 1024;
 
 /// How long the server waits for connections to finish their close
 /// handshakes, and for HTTP requests in flight, once shutting down.
@@ -126,8 +130,47 @@ pub struct ServerConfig {
     /// The largest WebSocket message accepted, in bytes; larger ones close
     /// the connection with 1009. Default 64 KiB.
     pub max_frame_bytes: usize,
+    /// Host names the server may be reached by: the `Host` header of every
+    /// request must name one (its port is not compared), or the request is
+    /// refused with 403, so that a page of another site whose name an
+    /// attacker points at this server's address (DNS rebinding) cannot use
+    /// it. An entry is a name (`voice.example.com`), an IP address
+    /// (`192.0.2.7`, `[2001:db8::7]`), a domain with its subdomains
+    /// (`.example.com`), or `*` for any host. Requests without a `Host`
+    /// header are allowed (browsers always send one).
+    ///
+    /// Empty (the default): when the server listens on a loopback address,
+    /// `localhost`, names ending in `.localhost`, and IP addresses; on any
+    /// other address, any host (list the server's names when it is reachable
+    /// from other machines).
+    pub allowed_hosts: Vec<String>,
     /// WebSocket connections open at once from one IP address; default 32.
     pub max_connections_per_ip: usize,
+    /// HTTP connections not (yet) upgraded to a WebSocket open at once from
+    /// one IP address: requests for the page, `/healthz` or `/metrics`, idle
+    /// keep-alive connections, upgrades under way; default 16. A connection
+    /// beyond is closed as soon as it is accepted.
+    pub max_http_connections_per_ip: usize,
+    /// How long an HTTP connection may take to send a request's headers,
+    /// counted from when it opens and again from the end of each response
+    /// (so it is also how long an idle keep-alive connection is kept);
+    /// default 10 s.
+    pub request_timeout: Duration,
+    /// How long a started session may go without a message from its client
+    /// (binary audio or text; pings and pongs do not count) before it is
+    /// closed with 1008 `idle: ...`; default 60 s.
+    pub idle_timeout: Duration,
+    /// How long the server waits for a client to take what it sends (reply
+    /// audio and events): a write that cannot complete in this time (the
+    /// client stopped reading and the buffers between are full) closes the
+    /// connection and stops its session; default 10 s.
+    pub send_timeout: Duration,
+    /// The kernel send buffer of each connection, in bytes (Linux doubles
+    /// it): with the socket's own write buffer, how much of its reply a
+    /// client that stops reading holds before the server's writes wait (and
+    /// [`send_timeout`](Self::send_timeout) starts to run); default 256 KiB,
+    /// at least 4 KiB. The reply's audio at 48 kHz is 96 KB per second.
+    pub send_buffer_bytes: usize,
     /// New WebSocket connections per second from one IP address, on average;
     /// default 20. Bursts of twice as many are allowed.
     pub connections_per_second_per_ip: f64,
@@ -168,8 +211,14 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8089)),
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             max_frame_bytes: 64 * 1024,
             max_connections_per_ip: 32,
+            max_http_connections_per_ip: 16,
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(10),
+            send_buffer_bytes: 256 * 1024,
             connections_per_second_per_ip: 20.0,
             messages_per_second: 200.0,
             max_audio_ahead: Duration::from_secs(10),
@@ -186,9 +235,11 @@ impl ServerConfig {
     /// # Errors
     ///
     /// `InvalidConfig` naming the first option out of range: an allowed
-    /// origin that no browser would send, a `max_frame_bytes` under 256, no connections per address, a rate that
-    /// is not a positive number, more than 1024 `workers`, a
-    /// `max_audio_ahead` under 100 ms, or a zero `start_timeout`.
+    /// origin that no browser would send, an allowed host that is not a
+    /// host name, a `max_frame_bytes` under 256, no connections per address,
+    /// a rate that is not a positive number, more than 1024 `workers`, a
+    /// `max_audio_ahead` under 100 ms, a zero timeout, or a
+    /// `send_buffer_bytes` under 4 KiB.
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "server.bind";
         let rate_ok = |r: f64| r.is_finite() && r > 0.0;
@@ -206,6 +257,24 @@ impl ServerConfig {
                 OP,
                 "max_connections_per_ip must be at least 1",
             ));
+        }
+        if self.max_http_connections_per_ip == 0 {
+            return Err(BackendError::invalid_config(
+                OP,
+                "max_http_connections_per_ip must be at least 1",
+            ));
+        }
+        if self.send_buffer_bytes < MIN_SEND_BUFFER {
+            return Err(BackendError::invalid_config(
+                OP,
+                format!(
+                    "send_buffer_bytes must be at least {MIN_SEND_BUFFER}, got {}",
+                    self.send_buffer_bytes
+                ),
+            ));
+        }
+        for host in &self.allowed_hosts {
+            check_allowed_host(host).map_err(|why| BackendError::invalid_config(OP, why))?;
         }
         if !rate_ok(self.connections_per_second_per_ip) {
             return Err(BackendError::invalid_config(
@@ -247,11 +316,18 @@ impl ServerConfig {
                 ),
             ));
         }
-        if self.start_timeout.is_zero() {
-            return Err(BackendError::invalid_config(
-                OP,
-                "start_timeout must be more than zero",
-            ));
+        for (name, timeout) in [
+            ("start_timeout", self.start_timeout),
+            ("request_timeout", self.request_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("send_timeout", self.send_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(BackendError::invalid_config(
+                    OP,
+                    format!("{name} must be more than zero"),
+                ));
+            }
         }
         Ok(())
     }
@@ -278,6 +354,86 @@ fn check_allowed_origin(origin: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// That `entry` of [`ServerConfig::allowed_hosts`] can match a `Host`: `*`,
+/// a host name or IP address without port, or `.` and a domain.
+fn check_allowed_host(entry: &str) -> std::result::Result<(), String> {
+    let bad = || {
+        format!(
+            "allowed host {entry:?} is not a host: write a name (voice.example.com), an IP \
+             address, .example.com for a domain and its subdomains, or * for any host"
+        )
+    };
+    if entry == "*" {
+        return Ok(());
+    }
+    if entry.contains('*') {
+        return Err(bad());
+    }
+    let name = entry.strip_prefix('.').unwrap_or(entry);
+    match parse_host(name) {
+        Some((url::Host::Domain(_), None)) => Ok(()),
+        Some((_, None)) if !entry.starts_with('.') => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+/// The host and port of a `Host` header's value (`name[:port]`,
+/// `[v6]:port`), lowercased; `None` when it is not one.
+fn parse_host(value: &str) -> Option<(url::Host<String>, Option<u16>)> {
+    if value.is_empty() || value.contains(['/', '@', '?', '#', '\\', ' ']) {
+        return None;
+    }
+    let url = url::Url::parse(&format!("http://{value}/")).ok()?;
+    Some((url.host()?.to_owned(), url.port()))
+}
+
+/// Whether a request's `Host` names the server as
+/// [`ServerConfig::allowed_hosts`] allows; the error is the reason.
+fn check_host(
+    allowed: &[String],
+    local: SocketAddr,
+    headers: &HeaderMap,
+) -> std::result::Result<(), String> {
+    let Some(value) = headers.get(header::HOST) else {
+        return Ok(());
+    };
+    let shown = || {
+        String::from_utf8_lossy(value.as_bytes())
+            .chars()
+            .take(100)
+            .collect::<String>()
+    };
+    let refused = || Err(format!("host not allowed: {}", shown()));
+    let Some((host, _)) = value.to_str().ok().and_then(parse_host) else {
+        return refused();
+    };
+    let ok = if allowed.is_empty() {
+        !local.ip().is_loopback()
+            || match &host {
+                url::Host::Domain(name) => name == "localhost" || name.ends_with(".localhost"),
+                url::Host::Ipv4(_) | url::Host::Ipv6(_) => true,
+            }
+    } else {
+        allowed.iter().any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            match (entry.strip_prefix('.'), &host) {
+                (Some(domain), url::Host::Domain(name)) => {
+                    let domain = domain.to_ascii_lowercase();
+                    *name == domain
+                        || name
+                            .strip_suffix(domain.as_str())
+                            .is_some_and(|sub| sub.ends_with('.'))
+                }
+                (Some(_), _) => false,
+                (None, _) => parse_host(entry).is_some_and(|(listed, _)| listed == host),
+            }
+        })
+    };
+    if ok { Ok(()) } else { refused() }
+}
+
 /// Twice `rate`, as a whole burst of at least 1.
 fn burst_of(rate: f64) -> u32 {
     (rate * 2.0).ceil().clamp(1.0, u32::MAX as f64) as u32
@@ -296,9 +452,9 @@ enum Phase {
 
 /// Counts live WebSocket connections so shutdown can wait for them.
 #[derive(Debug, Default)]
-struct Tracker {
-    live: AtomicUsize,
-    idle: Notify,
+pub(super) struct Tracker {
+    pub(super) live: AtomicUsize,
+    pub(super) idle: Notify,
 }
 
 impl Tracker {
@@ -321,9 +477,13 @@ struct Shared {
     config: ServerConfig,
     metrics: ServerMetrics,
     connection_rate: TokenBucketLimiter,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// The server's address, to know whether it listens on loopback.
+    local_addr: SocketAddr,
+    /// HTTP connections not upgraded, per address.
+    http: PerAddress,
+    /// WebSocket connections, per address.
+    websockets: PerAddress,
     phase: watch::Sender<Phase>,
-    tracker: Tracker,
 }
 
 impl std::fmt::Debug for Shared {
@@ -332,51 +492,6 @@ impl std::fmt::Debug for Shared {
             .field("backend", &self.backend.provider())
             .field("config", &self.config)
             .finish_non_exhaustive()
-    }
-}
-
-/// One WebSocket connection's claim on its address's connection slots and on
-/// the shutdown tracker; released on drop.
-struct ConnectionSlot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl ConnectionSlot {
-    /// Takes a slot for `ip`, or `None` when the address has all of its own.
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<ConnectionSlot> {
-        let mut per_ip = shared.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= shared.config.max_connections_per_ip {
-            return None;
-        }
-        *n += 1;
-        shared.tracker.live.fetch_add(1, Ordering::AcqRel);
-        Some(ConnectionSlot {
-            shared: shared.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        {
-            let mut per_ip = self
-                .shared
-                .per_ip
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(n) = per_ip.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per_ip.remove(&self.ip);
-                }
-            }
-        }
-        if self.shared.tracker.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.shared.tracker.idle.notify_waiters();
-        }
     }
 }
 
@@ -404,7 +519,11 @@ impl Server {
             config.connections_per_second_per_ip,
             burst_of(config.connections_per_second_per_ip),
         )?;
-        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        match raise_open_files_limit() {
+            Ok(limit) => tracing::debug!(limit, "open files limit"),
+            Err(e) => tracing::debug!("could not raise the open files limit: {e}"),
+        }
+        let listener = http::listen(config.listen, config.send_buffer_bytes).map_err(|e| {
             BackendError::new(
                 "server.bind",
                 ErrorCode::ConnectionFailed,
@@ -427,12 +546,13 @@ impl Server {
             local_addr,
             shared: Arc::new(Shared {
                 backend,
-                config,
                 metrics,
                 connection_rate,
-                per_ip: Mutex::new(HashMap::new()),
+                local_addr,
+                http: PerAddress::new(config.max_http_connections_per_ip),
+                websockets: PerAddress::new(config.max_connections_per_ip),
+                config,
                 phase,
-                tracker: Tracker::default(),
             }),
         })
     }
@@ -464,33 +584,28 @@ impl Server {
         // The server's own task, and the worker threads when there are any:
         // they are dropped (ending whatever still runs on them) only once
         // every connection has closed or the close grace is over.
-        let (mut serving, mut workers) = if shared.config.workers == 0 {
-            let listener = listener.tap_io(|tcp| real_time(tcp));
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(workers::wait_true(accepting_stopped));
-            let serving = tokio::spawn(async move { serve.await.map_err(|e| e.to_string()) });
-            (serving, None)
+        let serving = if shared.config.workers == 0 {
+            Serving::Here
         } else {
-            let workers =
-                Workers::start(shared.config.workers, &app, local_addr, &accepting_stopped)
-                    .map_err(|e| {
-                        BackendError::new(
-                            "server.run",
-                            ErrorCode::ConnectionFailed,
-                            format!("could not start the server's worker threads: {e}"),
-                        )
-                        .with_source(e)
-                    })?;
-            let acceptor = workers.acceptor(Arc::clone(&shared));
-            let serving = tokio::spawn(async move {
-                acceptor.run(listener, accepting_stopped).await;
-                Ok(())
-            });
-            (serving, Some(workers))
+            Serving::Workers(Workers::start(shared.config.workers).map_err(|e| {
+                BackendError::new(
+                    "server.run",
+                    ErrorCode::ConnectionFailed,
+                    format!("could not start the server's worker threads: {e}"),
+                )
+                .with_source(e)
+            })?)
         };
+        // The acceptor, and the worker threads when there are any: they are
+        // dropped (ending whatever still runs on them) only once every
+        // connection has closed or the close grace is over.
+        let mut serving = tokio::spawn(http::accept(
+            listener,
+            shared.clone(),
+            app,
+            serving,
+            accepting_stopped,
+        ));
         tracing::info!(%local_addr, provider = shared.backend.provider(), "serving");
 
         tokio::pin!(shutdown);
@@ -499,8 +614,7 @@ impl Server {
             ended = &mut serving => {
                 shared.phase.send_replace(Phase::Closing);
                 let message = match ended {
-                    Ok(Ok(())) => "the server stopped on its own".to_owned(),
-                    Ok(Err(e)) => format!("serving failed: {e}"),
+                    Ok(_) => "the server stopped on its own".to_owned(),
                     Err(e) => format!("the serving task failed: {e}"),
                 };
                 return Err(BackendError::new("server.run", ErrorCode::ConnectionFailed, message));
@@ -531,31 +645,26 @@ impl Server {
             ),
         }
         shared.phase.send_replace(Phase::Closing);
-        if tokio::time::timeout(CLOSE_GRACE, shared.tracker.wait_idle())
+        if tokio::time::timeout(CLOSE_GRACE, shared.websockets.tracker.wait_idle())
             .await
             .is_err()
         {
             tracing::warn!(
-                open = shared.tracker.live.load(Ordering::Acquire),
+                open = shared.websockets.tracker.live.load(Ordering::Acquire),
                 "WebSocket connections did not close in time; dropping them"
             );
         }
-        if tokio::time::timeout(CLOSE_GRACE, &mut serving)
-            .await
-            .is_err()
-        {
-            serving.abort();
+        // The acceptor returns once its HTTP connections have finished, with
+        // the worker threads, which end when dropped here (aborting it drops
+        // them too), with whatever they still serve.
+        match tokio::time::timeout(CLOSE_GRACE, &mut serving).await {
+            Ok(served) => drop(served),
+            Err(_) => {
+                tracing::warn!("HTTP requests were still in flight; dropping them");
+                serving.abort();
+                let _ = serving.await;
+            }
         }
-        if let Some(workers) = &mut workers
-            && tokio::time::timeout(CLOSE_GRACE, workers.wait())
-                .await
-                .is_err()
-        {
-            tracing::warn!(
-                "HTTP requests were still in flight on the worker threads; dropping them"
-            );
-        }
-        drop(workers);
         tracing::info!(took = ?started.elapsed(), "stopped");
         Ok(())
     }
@@ -563,7 +672,7 @@ impl Server {
 
 /// Sets up an accepted connection for real-time audio: small writes are not
 /// held back (no Nagle delay).
-fn real_time(tcp: &tokio::net::TcpStream) {
+pub(super) fn real_time(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
 }
 
@@ -643,7 +752,7 @@ async fn websocket(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     shared.metrics.connection_attempt();
     if *shared.phase.borrow() != Phase::Running {
@@ -673,7 +782,7 @@ async fn websocket(
             ),
         );
     }
-    let Some(slot) = ConnectionSlot::take(&shared, ip) else {
+    let Some(slot) = Slot::take(&shared, ip, Kind::WebSocket) else {
         return refuse(
             &shared,
             Refusal::Capacity,
@@ -685,26 +794,33 @@ async fn websocket(
         );
     };
     let header_token = bearer_token(&headers);
-    // Messages up to twice the limit are read whole, so the 1009 close is an
-    // orderly handshake; larger ones are cut off as soon as their header says so.
-    let hard_limit = shared.config.max_frame_bytes.saturating_mul(2);
     let span = tracing::info_span!(
         "server.connection",
         peer = %ip,
         session_id = tracing::field::Empty,
         user_id = tracing::field::Empty,
     );
-    upgrade
-        .max_message_size(hard_limit)
-        .max_frame_size(hard_limit)
-        // Audio frames are small (640 bytes for 20 ms at 16 kHz): the 128 KiB
-        // default, zeroed before every read, dominated the server's CPU under
-        // load, and 16 KiB was still 8 % of it. Larger messages are still
-        // read whole, this much per read.
-        .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| {
-            connection::serve(shared, socket, header_token, slot).instrument(span)
-        })
+    let serving = shared.clone();
+    upgrade.accept(&shared, move |socket| {
+        connection::serve(serving, socket, header_token, slot).instrument(span)
+    })
+}
+
+/// The refusal (403) of a request whose `Host` the server may not be reached
+/// by ([`ServerConfig::allowed_hosts`]); `None` when it may.
+fn host_refusal(shared: &Shared, uri: &axum::http::Uri, headers: &HeaderMap) -> Option<Response> {
+    let message = check_host(&shared.config.allowed_hosts, shared.local_addr, headers).err()?;
+    if uri.path() == "/ws" {
+        shared.metrics.connection_attempt();
+        return Some(refuse(
+            shared,
+            Refusal::Host,
+            StatusCode::FORBIDDEN,
+            message,
+        ));
+    }
+    tracing::debug!("refused a request: {message}");
+    Some((StatusCode::FORBIDDEN, message).into_response())
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -800,6 +916,83 @@ mod tests {
         assert!(check_origin(&allowed, &h("http://app.example:3000")).is_ok());
         assert!(check_origin(&allowed, &h("http://app.example")).is_err());
         assert!(check_origin(&allowed, &headers(&[("host", "api.example")])).is_ok());
+    }
+
+    #[test]
+    fn hosts_are_checked_against_rebinding() {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 8089));
+        let anywhere = SocketAddr::from(([0, 0, 0, 0], 8089));
+        let check = |allowed: &[&str], local, host: &str| {
+            let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+            check_host(&allowed, local, &headers(&[("host", host)]))
+        };
+        // Bound to loopback: loopback names and IP addresses only.
+        for ok in [
+            "localhost:8089",
+            "LOCALHOST",
+            "app.localhost:8089",
+            "127.0.0.1:8089",
+            "[::1]:8089",
+            "10.1.2.3",
+        ] {
+            assert!(check(&[], loopback, ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "rebind.example:18089",
+            "localhost.example.com",
+            "evillocalhost",
+            "a@localhost",
+            "",
+        ] {
+            let e = check(&[], loopback, bad).unwrap_err();
+            assert!(e.starts_with("host not allowed"), "{e}");
+        }
+        assert!(check_host(&[], loopback, &headers(&[])).is_ok());
+        // Bound elsewhere with nothing listed: any host.
+        assert!(check(&[], anywhere, "rebind.example:18089").is_ok());
+        // Listed hosts, names and domains.
+        let listed = [
+            "voice.example.com",
+            ".example.org",
+            "192.0.2.7",
+            "[2001:db8::7]",
+        ];
+        for ok in [
+            "voice.example.com:443",
+            "VOICE.example.com",
+            "example.org",
+            "a.b.example.org",
+            "192.0.2.7:8089",
+            "[2001:db8::7]:1",
+        ] {
+            assert!(check(&listed, anywhere, ok).is_ok(), "{ok}");
+            assert!(check(&listed, loopback, ok).is_ok(), "{ok}");
+        }
+        for bad in ["example.com", "badexample.org", "localhost", "192.0.2.8"] {
+            assert!(check(&listed, loopback, bad).is_err(), "{bad}");
+        }
+        assert!(check(&["*"], loopback, "rebind.example").is_ok());
+        // Entries are checked.
+        for good in [
+            "*",
+            "voice.example.com",
+            ".example.com",
+            "192.0.2.7",
+            "[::1]",
+        ] {
+            assert!(check_allowed_host(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "http://a.com",
+            "a.com:80",
+            "a.com/x",
+            ".192.0.2.7",
+            "*.example.com",
+        ] {
+            let e = check_allowed_host(bad).unwrap_err();
+            assert!(e.contains("is not a host"), "{e}");
+        }
     }
 
     #[test]

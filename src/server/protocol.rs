@@ -40,11 +40,11 @@ const MAX_REASON_BYTES: usize = 123;
 /// The body of a `start` message (its `type` removed).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct Start {
-    pub(super) user_id: String,
-    pub(super) sample_rate: u32,
+pub(crate) struct Start {
+    pub(crate) user_id: String,
+    pub(crate) sample_rate: u32,
     #[serde(default)]
-    pub(super) token: Option<Secret>,
+    pub(crate) token: Option<Secret>,
 }
 
 /// The body of a `text` message.
@@ -60,7 +60,7 @@ struct Text {
 struct Stop {}
 
 /// A text message from the client.
-pub(super) enum ClientMessage {
+pub(crate) enum ClientMessage {
     /// Open the session.
     Start(Start),
     /// Text in place of speech.
@@ -71,7 +71,7 @@ pub(super) enum ClientMessage {
 
 impl ClientMessage {
     /// Parses a client text message; the error is a close reason for 1002.
-    pub(super) fn parse(text: &str) -> Result<ClientMessage, String> {
+    pub(crate) fn parse(text: &str) -> Result<ClientMessage, String> {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
         let serde_json::Value::Object(mut object) = value else {
@@ -117,7 +117,7 @@ impl ClientMessage {
 
 impl Start {
     /// Checks the fields; the error is a close reason for 1002.
-    pub(super) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if !SAMPLE_RATES.contains(&self.sample_rate) {
             return Err(format!(
                 "sample_rate {} is not supported; use one of 8000, 11025, 12000, 16000, \
@@ -173,7 +173,7 @@ fn shorten(text: &str, max: usize) -> String {
 }
 
 /// `reason` cut to fit a close frame (123 bytes), on a character boundary.
-pub(super) fn close_reason(reason: &str) -> String {
+pub(crate) fn close_reason(reason: &str) -> String {
     if reason.len() <= MAX_REASON_BYTES {
         return reason.to_owned();
     }

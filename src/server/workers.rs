@@ -2,7 +2,7 @@
 //! each worker is a runtime with one thread, serving the connections handed
 //! to it, and no task ever moves between workers.
 //!
-//! One acceptor (on the runtime that calls [`Server::run`](super::Server::run))
+//! The acceptor (on the runtime that calls [`Server::run`](super::Server::run))
 //! takes connections off the listener and hands each to the worker serving
 //! the fewest connections at that moment (the first such after the previous
 //! choice, so equal workers take turns); each worker's count is the gauge
@@ -30,21 +30,17 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use axum::Router;
-use axum::serve::{Listener, ListenerExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
 /// The most worker threads a server may have ([`ServerConfig::workers`](super::ServerConfig::workers)).
 pub const MAX_WORKERS: usize = 1024;
 
+use super::Shared;
+use super::http::{Slot, serve_http};
 use super::metrics::WorkerLoad;
-use super::{Shared, real_time};
-
-/// A connection accepted on the acceptor's runtime, on its way to a worker.
-type Handed = (std::net::TcpStream, SocketAddr, Ticket);
 
 /// A connection counted against a worker until dropped.
 struct Ticket {
@@ -122,115 +118,69 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// The listener of one worker: the connections the acceptor hands it.
-struct Handoff {
-    incoming: mpsc::UnboundedReceiver<Handed>,
-    local_addr: SocketAddr,
+/// The running workers. Dropping them ends every worker at once, with
+/// whatever it still serves.
+pub(super) struct Workers {
+    runtimes: Vec<Runtime>,
+    /// The worker that took the last connection.
+    last: usize,
 }
 
-impl Listener for Handoff {
-    type Io = Counted;
-    type Addr = SocketAddr;
+impl Workers {
+    /// Starts `count` workers (threads `vb-serve-0`, `vb-serve-1`, ...).
+    pub(super) fn start(count: usize) -> io::Result<Workers> {
+        let mut runtimes = Vec::with_capacity(count);
+        for i in 0..count {
+            runtimes.push(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name(format!("vb-serve-{i}"))
+                    .enable_all()
+                    .build()?,
+            );
+        }
+        Ok(Workers {
+            last: count.saturating_sub(1),
+            runtimes,
+        })
+    }
 
-    async fn accept(&mut self) -> (Counted, SocketAddr) {
-        loop {
-            let Some((stream, peer, ticket)) = self.incoming.recv().await else {
-                // The acceptor has stopped; serving ends through the graceful
-                // shutdown signal, which comes with it.
-                return std::future::pending().await;
-            };
-            // Registers the socket with this worker's reactor.
+    /// Hands an accepted connection to the least loaded worker, which
+    /// serves it (see [`serve_http`]).
+    pub(super) fn serve(
+        &mut self,
+        shared: &Arc<Shared>,
+        app: &Router,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        slot: Slot,
+        stop: watch::Receiver<bool>,
+    ) {
+        // Taken off this runtime's reactor; the worker registers it with its own.
+        let stream = match tcp.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%peer, "dropped an accepted connection: {e}");
+                return;
+            }
+        };
+        let worker = least_loaded(shared.metrics.worker_loads(), self.last);
+        self.last = worker;
+        let ticket = Ticket::new(shared, worker);
+        let shared = Arc::clone(shared);
+        let app = app.clone();
+        self.runtimes[worker].spawn(async move {
             match TcpStream::from_std(stream) {
                 Ok(tcp) => {
                     let counted = Counted {
                         tcp,
                         _ticket: ticket,
                     };
-                    return (counted, peer);
+                    serve_http(shared, app, counted, peer, slot, stop).await;
                 }
                 Err(e) => tracing::warn!(%peer, "dropped an accepted connection: {e}"),
             }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local_addr)
-    }
-}
-
-/// The running workers. Dropping them ends every worker at once, with
-/// whatever it still serves.
-pub(super) struct Workers {
-    handoffs: Vec<mpsc::UnboundedSender<Handed>>,
-    /// One per worker: its server, which completes once the worker has
-    /// stopped accepting and its connections have closed.
-    serving: Vec<JoinHandle<()>>,
-    runtimes: Vec<Runtime>,
-}
-
-impl Workers {
-    /// Starts `count` workers (threads `vb-serve-0`, `vb-serve-1`, ...)
-    /// serving `app`. Each stops accepting when `stop_accepting` turns `true`
-    /// and completes once its connections have closed.
-    pub(super) fn start(
-        count: usize,
-        app: &Router,
-        local_addr: SocketAddr,
-        stop_accepting: &watch::Receiver<bool>,
-    ) -> io::Result<Workers> {
-        let mut workers = Workers {
-            handoffs: Vec::with_capacity(count),
-            serving: Vec::with_capacity(count),
-            runtimes: Vec::with_capacity(count),
-        };
-        for i in 0..count {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name(format!("vb-serve-{i}"))
-                .enable_all()
-                .build()?;
-            let (handoff, incoming) = mpsc::unbounded_channel();
-            let listener = Handoff {
-                incoming,
-                local_addr,
-            }
-            .tap_io(|counted| real_time(&counted.tcp));
-            let serve = axum::serve(
-                listener,
-                app.clone()
-                    .into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(wait_true(stop_accepting.clone()));
-            workers.serving.push(runtime.spawn(async move {
-                if let Err(e) = serve.await {
-                    tracing::error!("a server worker failed: {e}");
-                }
-            }));
-            workers.handoffs.push(handoff);
-            workers.runtimes.push(runtime);
-        }
-        Ok(workers)
-    }
-
-    /// The acceptor that hands connections to these workers.
-    pub(super) fn acceptor(&self, shared: Arc<Shared>) -> Acceptor {
-        Acceptor {
-            handoffs: self.handoffs.clone(),
-            shared,
-        }
-    }
-
-    /// Waits until every worker's server has completed: it has stopped
-    /// accepting and its HTTP requests are answered. (Upgraded WebSocket
-    /// connections are no longer the server's; they run on as tasks of the
-    /// worker until they end or the workers are dropped.)
-    pub(super) async fn wait(&mut self) {
-        // Each is removed once complete, so a wait that was cancelled can be
-        // taken up again.
-        while let Some(serving) = self.serving.last_mut() {
-            let _ = serving.await;
-            self.serving.pop();
-        }
+        });
     }
 }
 
@@ -239,45 +189,6 @@ impl Drop for Workers {
         // Without waiting for the threads: this may run inside a runtime.
         for runtime in self.runtimes.drain(..) {
             runtime.shutdown_background();
-        }
-    }
-}
-
-/// Takes connections off the listener for the [`Workers`].
-pub(super) struct Acceptor {
-    handoffs: Vec<mpsc::UnboundedSender<Handed>>,
-    shared: Arc<Shared>,
-}
-
-impl Acceptor {
-    /// Accepts connections and hands each to the least loaded worker until
-    /// `stop_accepting` turns `true`.
-    pub(super) async fn run(
-        self,
-        mut listener: TcpListener,
-        mut stop_accepting: watch::Receiver<bool>,
-    ) {
-        let mut last = self.handoffs.len() - 1;
-        loop {
-            let (stream, peer) = tokio::select! {
-                // Retries by itself after errors, pausing when out of files.
-                accepted = Listener::accept(&mut listener) => accepted,
-                () = wait_true_ref(&mut stop_accepting) => return,
-            };
-            // Taken off this runtime's reactor; the worker registers it with its own.
-            let stream = match stream.into_std() {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!(%peer, "dropped an accepted connection: {e}");
-                    continue;
-                }
-            };
-            let worker = least_loaded(self.shared.metrics.worker_loads(), last);
-            last = worker;
-            let ticket = Ticket::new(&self.shared, worker);
-            if self.handoffs[worker].send((stream, peer, ticket)).is_err() {
-                tracing::error!(worker, %peer, "a server worker has ended; dropped a connection");
-            }
         }
     }
 }
@@ -293,11 +204,7 @@ fn least_loaded(loads: &[WorkerLoad], last: usize) -> usize {
 }
 
 /// Completes when `flag` turns `true` or its sender is dropped.
-pub(super) async fn wait_true(mut flag: watch::Receiver<bool>) {
-    wait_true_ref(&mut flag).await;
-}
-
-async fn wait_true_ref(flag: &mut watch::Receiver<bool>) {
+pub(super) async fn wait_true_ref(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|v| *v).await;
 }
 
