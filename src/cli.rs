@@ -137,6 +137,13 @@ pub struct ServeArgs {
     /// server's own host may.
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
+    /// A host name the server may be reached by (repeat for several), e.g.
+    /// `voice.example.com`, `.example.com` for a domain and its subdomains,
+    /// or `*` for any. Requests whose `Host` names another are refused
+    /// (against DNS rebinding). Without any: loopback names and IP addresses
+    /// when listening on loopback, any host otherwise.
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    pub allowed_hosts: Vec<String>,
     /// The largest WebSocket message accepted, in bytes (default: the
     /// server's).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
@@ -523,6 +530,8 @@ pub fn validate_file(path: &Path) -> Vec<Diagnostic> {
 /// component in use must be accepted by it.
 pub fn validate_str(text: &str, format: ConfigFormat, file: &str) -> Vec<Diagnostic> {
     let parsed: Result<Config, ()> = match format {
+        // Too deep for the parsers: the loader refuses it (see `MAX_NESTING_DEPTH`).
+        _ if crate::config::nesting_exceeded(text, format.name()) => Err(()),
         ConfigFormat::Toml => toml::from_str(text).map_err(|_| ()),
         ConfigFormat::Yaml => serde_yaml_ng::from_str(text).map_err(|_| ()),
         ConfigFormat::Json => serde_json::from_str(text).map_err(|_| ()),
@@ -639,7 +648,7 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
 
     if !flagged.contains("provider") {
         match registry().get_provider(&config.provider) {
-            Err(e) => problems.push(Problem::at("provider", e.into_fields().message)),
+            Err(e) => problems.push(Problem::at("provider", quoted_input(e))),
             Ok(provider) => {
                 if let Err(e) = provider.validate_config(config) {
                     push_error(&mut problems, "provider_config", e);
@@ -649,6 +658,13 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
     }
     component_problems(config, &flagged, &mut problems);
     problems
+}
+
+/// The message of a registry error about a name the config gives, the name
+/// shown as every config error shows input (cut where it looks secret; see
+/// [`crate::shown_in_error`]).
+fn quoted_input(error: BackendError) -> String {
+    crate::config::ProviderSection::redact_quoted(&error.into_fields().message)
 }
 
 /// Adds `error` as one problem per detail (keyed by field path), or as one
@@ -701,7 +717,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
     if !flagged.contains(vad_path) {
         let name = vad.unwrap_or(DEFAULT_VAD);
         match reg.vad.get(name) {
-            Err(e) => problems.push(Problem::at(vad_path, e.into_fields().message)),
+            Err(e) => problems.push(Problem::at(vad_path, quoted_input(e))),
             Ok(factory) => {
                 if options_checked(name)
                     && let Err(e) = factory.create(&options(name))
@@ -719,7 +735,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
             .as_deref()
             .unwrap_or(DEFAULT_TURN_DETECTOR);
         match reg.turn.get(name) {
-            Err(e) => problems.push(Problem::at(turn_path, e.into_fields().message)),
+            Err(e) => problems.push(Problem::at(turn_path, quoted_input(e))),
             Ok(factory) => {
                 if options_checked(name)
                     && let Err(e) = factory.create(&options(name))
@@ -735,7 +751,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(noise_path)
     {
         match reg.processor.get(name) {
-            Err(e) => problems.push(Problem::at(noise_path, e.into_fields().message)),
+            Err(e) => problems.push(Problem::at(noise_path, quoted_input(e))),
             Ok(factory) => {
                 if options_checked(name)
                     && let Err(e) = factory.create(&options(name), i32::MIN)
@@ -752,7 +768,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
             continue;
         }
         match reg.processor.get(&p.name) {
-            Err(e) => problems.push(Problem::at(path, e.into_fields().message)),
+            Err(e) => problems.push(Problem::at(path, quoted_input(e))),
             Ok(factory) => {
                 let inline = p.has_inline_options();
                 let opts = config.processor_options(p);
@@ -775,7 +791,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(stt_path)
     {
         match reg.stt.get(name) {
-            Err(e) => problems.push(Problem::at(stt_path, e.into_fields().message)),
+            Err(e) => problems.push(Problem::at(stt_path, quoted_input(e))),
             Ok(stt) => {
                 if config.pipeline_type == PipelineType::SttTts && options_checked(name) {
                     let (tx, _rx) = tokio::sync::mpsc::channel(1);
@@ -792,7 +808,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(tts_path)
         && let Err(e) = reg.tts.get(name)
     {
-        problems.push(Problem::at(tts_path, e.into_fields().message));
+        problems.push(Problem::at(tts_path, quoted_input(e)));
     }
 
     let s2s_path = "s2s_provider";
@@ -800,7 +816,7 @@ fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mu
         && !flagged.contains(s2s_path)
     {
         match reg.s2s.get(name) {
-            Err(e) => problems.push(Problem::at(s2s_path, e.into_fields().message)),
+            Err(e) => problems.push(Problem::at(s2s_path, quoted_input(e))),
             Ok(s2s) => {
                 if config.pipeline_type == PipelineType::S2s && options_checked(name) {
                     let (tx, _rx) = tokio::sync::mpsc::channel(1);
@@ -1266,7 +1282,8 @@ fn config_failure(context: &str, error: &BackendError, hint: &str) -> Failure {
 }
 
 /// The server config of `serve`: [`ServerConfig::default`] with the command
-/// line's `--listen`, `--workers`, `--allowed-origin` and `--max-frame-bytes`.
+/// line's `--listen`, `--workers`, `--allowed-origin`, `--allowed-host` and
+/// `--max-frame-bytes`.
 pub fn server_config(args: &ServeArgs) -> ServerConfig {
     let mut config = ServerConfig {
         listen: args.listen,
@@ -1275,6 +1292,7 @@ pub fn server_config(args: &ServeArgs) -> ServerConfig {
     if !args.allowed_origins.is_empty() {
         config.allowed_origins = args.allowed_origins.clone();
     }
+    config.allowed_hosts = args.allowed_hosts.clone();
     if let Some(n) = args.max_frame_bytes {
         config.max_frame_bytes = n;
     }
@@ -1755,6 +1773,8 @@ mod tests {
             "http://a",
             "--allowed-origin",
             "http://b",
+            "--allowed-host",
+            "voice.example.com",
             "--max-frame-bytes",
             "4096",
             "--workers",
@@ -1769,6 +1789,7 @@ mod tests {
         assert_eq!(server.listen.port(), 0);
         assert_eq!(server.max_frame_bytes, 4096);
         assert_eq!(server.workers, 3);
+        assert_eq!(server.allowed_hosts, ["voice.example.com"]);
         let Command::Serve(args) = Cli::try_parse_from(["voice-backends", "serve"])
             .unwrap()
             .command

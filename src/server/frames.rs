@@ -428,7 +428,7 @@ mod tests {
         let mut counter = FrameCounter::new(10.0, 1);
         counter.feed(&frame(FIN | 0x2, b"a"), now).unwrap();
         counter
-            .feed(&frame(FIN | 0x2, b"a"), now + Duration::from_millis(100))
+            .feed(&frame(FIN | 0x2, b"a"), now + Duration::from_millis(150))
             .unwrap();
     }
 }

@@ -370,9 +370,12 @@ fn check_allowed_host(entry: &str) -> std::result::Result<(), String> {
         return Err(bad());
     }
     let name = entry.strip_prefix('.').unwrap_or(entry);
+    // Written as the host alone: no port (not even the default one, which
+    // parsing drops), no path.
+    let alone = |host: &url::Host<String>| host.to_string().eq_ignore_ascii_case(name);
     match parse_host(name) {
-        Some((url::Host::Domain(_), None)) => Ok(()),
-        Some((_, None)) if !entry.starts_with('.') => Ok(()),
+        Some((host @ url::Host::Domain(_), None)) if alone(&host) => Ok(()),
+        Some((host, None)) if !entry.starts_with('.') && alone(&host) => Ok(()),
         _ => Err(bad()),
     }
 }
