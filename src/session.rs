@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -127,24 +127,51 @@ pub enum PersistenceStatus {
 
 /// A bounded channel for a session's outgoing audio whose queued frames can be
 /// flushed from the sending side (barge-in discards reply audio at once, even
-/// frames already handed to the channel).
+/// frames already handed to the channel), and which the sending side can end
+/// while it still holds its sender ([`AudioSender::close`]: the session has
+/// stopped).
 pub fn audio_channel(capacity: usize) -> (AudioSender, AudioReceiver) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let epoch = Arc::new(AtomicU64::new(0));
+    let state = Arc::new(ChannelState {
+        epoch: AtomicU64::new(0),
+        closed: AtomicBool::new(false),
+    });
     (
         AudioSender {
             tx,
-            epoch: epoch.clone(),
+            state: state.clone(),
         },
-        AudioReceiver { rx, epoch },
+        AudioReceiver {
+            rx,
+            state,
+            ending: false,
+        },
     )
+}
+
+/// What both ends of an [`audio_channel`] share.
+#[derive(Debug)]
+struct ChannelState {
+    /// Bumped by [`AudioSender::flush`]: frames sent before are skipped.
+    epoch: AtomicU64,
+    /// Set by [`AudioSender::close`].
+    closed: AtomicBool,
+}
+
+/// What an [`audio_channel`] carries.
+#[derive(Debug)]
+enum Queued {
+    /// A frame, sent when [`ChannelState::epoch`] was this number.
+    Frame(u64, AudioFrame),
+    /// Sent by [`AudioSender::close`] to wake a receiver waiting for a frame.
+    Closed,
 }
 
 /// The sending end of [`audio_channel`].
 #[derive(Clone, Debug)]
 pub struct AudioSender {
-    tx: mpsc::Sender<(u64, AudioFrame)>,
-    epoch: Arc<AtomicU64>,
+    tx: mpsc::Sender<Queued>,
+    state: Arc<ChannelState>,
 }
 
 /// Why [`AudioSender::try_send`] did not queue a frame.
@@ -152,65 +179,112 @@ pub struct AudioSender {
 pub enum AudioSendError {
     /// The receiver is not keeping up and the channel is full.
     Full,
-    /// The receiver is gone.
+    /// The receiver is gone, or the stream was closed.
     Closed,
 }
 
 impl AudioSender {
     /// Queues a frame without waiting.
     pub fn try_send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        self.tx.try_send((epoch, frame)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => AudioSendError::Full,
-            mpsc::error::TrySendError::Closed(_) => AudioSendError::Closed,
-        })
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(AudioSendError::Closed);
+        }
+        let epoch = self.state.epoch.load(Ordering::Acquire);
+        self.tx
+            .try_send(Queued::Frame(epoch, frame))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => AudioSendError::Full,
+                mpsc::error::TrySendError::Closed(_) => AudioSendError::Closed,
+            })
     }
 
     /// Queues a frame, waiting for room.
     pub async fn send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
-        let epoch = self.epoch.load(Ordering::Acquire);
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(AudioSendError::Closed);
+        }
+        let epoch = self.state.epoch.load(Ordering::Acquire);
         self.tx
-            .send((epoch, frame))
+            .send(Queued::Frame(epoch, frame))
             .await
             .map_err(|_| AudioSendError::Closed)
     }
 
     /// Discards every frame queued so far: the receiver skips them.
     pub fn flush(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.state.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Whether the receiver is gone.
+    /// Ends the stream, though senders remain: the receiver hands out the
+    /// frames already queued, then `None`; frames sent from now on are
+    /// refused ([`AudioSendError::Closed`]). Closing twice does nothing more.
+    pub fn close(&self) {
+        if !self.state.closed.swap(true, Ordering::AcqRel) {
+            // Wakes a receiver waiting for a frame. A full channel needs no
+            // wake-up: its receiver has frames to take, and sees the close
+            // when it next asks for one.
+            let _ = self.tx.try_send(Queued::Closed);
+        }
+    }
+
+    /// Whether frames are refused: the receiver is gone, or the stream was
+    /// closed ([`AudioSender::close`]).
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.state.closed.load(Ordering::Acquire) || self.tx.is_closed()
     }
 }
 
 /// The receiving end of a session's outgoing (reply) audio.
 #[derive(Debug)]
 pub struct AudioReceiver {
-    rx: mpsc::Receiver<(u64, AudioFrame)>,
-    epoch: Arc<AtomicU64>,
+    rx: mpsc::Receiver<Queued>,
+    state: Arc<ChannelState>,
+    /// The stream was closed and the channel told so: it hands out what it
+    /// holds, then ends.
+    ending: bool,
 }
 
 impl AudioReceiver {
-    /// The next frame, or `None` once the session has stopped.
+    /// The next frame, or `None` once the session has stopped (or was
+    /// dropped) and the frames queued before have been taken.
     pub async fn recv(&mut self) -> Option<AudioFrame> {
         loop {
-            let (epoch, frame) = self.rx.recv().await?;
-            if epoch == self.epoch.load(Ordering::Acquire) {
+            self.see_close();
+            let queued = self.rx.recv().await?;
+            if let Some(frame) = self.fresh(queued) {
                 return Some(frame);
             }
         }
     }
 
-    /// A frame if one is ready now.
+    /// A frame if one is ready now (`None` too once the stream has ended).
     pub fn try_recv(&mut self) -> Option<AudioFrame> {
         loop {
-            let (epoch, frame) = self.rx.try_recv().ok()?;
-            if epoch == self.epoch.load(Ordering::Acquire) {
+            self.see_close();
+            let queued = self.rx.try_recv().ok()?;
+            if let Some(frame) = self.fresh(queued) {
                 return Some(frame);
             }
+        }
+    }
+
+    /// The frame in `queued`, unless it was flushed (or is the close's
+    /// wake-up).
+    fn fresh(&self, queued: Queued) -> Option<AudioFrame> {
+        match queued {
+            Queued::Frame(epoch, frame) if epoch == self.state.epoch.load(Ordering::Acquire) => {
+                Some(frame)
+            }
+            _ => None,
+        }
+    }
+
+    /// Once the stream was closed, closes the channel: it refuses new frames
+    /// and ends after the ones it holds.
+    fn see_close(&mut self) {
+        if !self.ending && self.state.closed.load(Ordering::Acquire) {
+            self.rx.close();
+            self.ending = true;
         }
     }
 }
@@ -302,7 +376,10 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
     /// the session's output format.
     ///
     /// There is one stream per session: the first call takes it, later calls
-    /// fail with `PipelineError`.
+    /// fail with `PipelineError`. The stream ends ([`AudioReceiver::recv`]
+    /// gives `None`) once the session has stopped, however it was stopped,
+    /// after the audio it already holds (a graceful stop's last reply); one
+    /// taken after the stop ends at once.
     fn receive_audio(&self) -> Result<AudioReceiver>;
 
     /// Sends text in place of speech: it is treated as the user's final
@@ -312,7 +389,12 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
     /// Subscribes to the session's events (state changes, transcripts, agent
     /// text, interruptions, errors, per-turn latency). Each subscriber gets
     /// every event from now on; one that falls behind loses the oldest ones
-    /// (counted in metrics) rather than slowing the session.
+    /// (counted in metrics) rather than slowing the session. When the
+    /// session has a link to its provider's service (one that runs pipeline
+    /// stages itself, as Pipecat does), the first event is the link's
+    /// current state ([`SessionEvent::Connection`](crate::pipeline::events::SessionEvent::Connection)),
+    /// since the link connects when the session is created, before anyone
+    /// can subscribe.
     fn events(&self) -> SessionEvents;
 
     /// Sets the agent that answers each finished user turn.
@@ -329,4 +411,75 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
 
     /// Merges `metadata` into the session's metadata (a `null` value removes a key).
     async fn update_metadata(&self, metadata: BTreeMap<String, serde_json::Value>) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::AudioFormat;
+
+    fn frame(byte: u8) -> AudioFrame {
+        AudioFrame::new(AudioFormat::PCM16_16K_MONO, vec![byte; 640]).unwrap()
+    }
+
+    /// A closed stream hands out the frames queued before the close (not the
+    /// flushed ones), then ends; frames sent after it are refused.
+    #[tokio::test]
+    async fn a_closed_stream_hands_out_what_it_holds_then_ends() {
+        let (tx, mut rx) = audio_channel(8);
+        tx.try_send(frame(1)).unwrap();
+        tx.flush();
+        tx.try_send(frame(2)).unwrap();
+        tx.send(frame(3)).await.unwrap();
+        tx.close();
+        tx.close();
+        assert!(tx.is_closed());
+        assert_eq!(tx.try_send(frame(4)), Err(AudioSendError::Closed));
+        assert_eq!(tx.send(frame(4)).await, Err(AudioSendError::Closed));
+        assert_eq!(rx.recv().await.map(|f| f.data()[0]), Some(2));
+        assert_eq!(rx.try_recv().map(|f| f.data()[0]), Some(3));
+        assert!(rx.recv().await.is_none());
+        assert!(rx.try_recv().is_none());
+    }
+
+    /// The close wakes a receiver waiting for a frame, even one whose `recv`
+    /// future was polled once and dropped (a caller polling it by hand).
+    #[tokio::test]
+    async fn the_close_wakes_a_receiver_waiting_for_a_frame() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let (tx, mut rx) = audio_channel(8);
+        let woken = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = std::task::Waker::from(woken.clone());
+        let polled = std::pin::pin!(rx.recv()).poll(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        tx.close();
+        assert!(
+            woken.0.load(Ordering::SeqCst),
+            "the close woke the receiver"
+        );
+        assert!(rx.recv().await.is_none());
+
+        let (tx, mut rx) = audio_channel(8);
+        let waiting = tokio::spawn(async move { rx.recv().await.is_none() });
+        tokio::task::yield_now().await;
+        tx.close();
+        assert!(waiting.await.unwrap(), "the waiting receiver ended");
+    }
+
+    /// A channel full at the close (no room for the wake-up) still ends once
+    /// its frames are taken.
+    #[tokio::test]
+    async fn a_full_channel_ends_after_its_frames() {
+        let (tx, mut rx) = audio_channel(1);
+        tx.try_send(frame(1)).unwrap();
+        assert_eq!(tx.try_send(frame(2)), Err(AudioSendError::Full));
+        tx.close();
+        assert_eq!(rx.recv().await.map(|f| f.data()[0]), Some(1));
+        assert!(rx.recv().await.is_none());
+    }
 }

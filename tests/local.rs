@@ -358,3 +358,131 @@ async fn options_for_the_default_components_are_accepted() {
     .unwrap_err();
     assert!(err.details.contains_key("components.silense"), "{err}");
 }
+
+/// How a session is ended, in the tests of the end of its reply audio.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    /// `session.stop()`.
+    SessionStop,
+    /// `backend.close_session(id)`.
+    CloseSession,
+    /// `backend.stop()`.
+    BackendStop,
+}
+
+/// Reads a session's reply audio in a task until the stream ends, ends the
+/// session by `ending` while a spoken turn is answered and while the test
+/// still holds the session, and checks that the reading task completes,
+/// having had the turn's echo first (a graceful stop finishes the turn).
+async fn the_reply_audio_ends_when(ending: Ending) {
+    let backend = echo_backend().await;
+    let session = backend
+        .create_session(SessionConfig::new("listener"))
+        .await
+        .unwrap();
+    let mut events = session.events();
+    let mut rx = session.receive_audio().unwrap();
+    session.start().await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut frames = 0usize;
+        while rx.recv().await.is_some() {
+            frames += 1;
+        }
+        frames
+    });
+    speak(
+        &*session,
+        Duration::from_millis(600),
+        Duration::from_millis(900),
+        3,
+        Duration::ZERO,
+    )
+    .await;
+    expect_event(&Local, &mut events, "turn end", |e| {
+        matches!(e, SessionEvent::TurnEnded { turn: 1 })
+    })
+    .await;
+    match ending {
+        Ending::SessionStop => session.stop().await.unwrap(),
+        Ending::CloseSession => backend.close_session(session.id()).await.unwrap(),
+        Ending::BackendStop => backend.stop().await.unwrap(),
+    }
+    let frames = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .unwrap_or_else(|_| panic!("the reply audio did not end after {ending:?}"))
+        .unwrap();
+    assert!(
+        frames > 0,
+        "the turn's echo came before the end ({ending:?})"
+    );
+    // Held to here: the stream ended with the session, not with its last handle.
+    drop(session);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reply_audio_ends_when_the_session_stops() {
+    the_reply_audio_ends_when(Ending::SessionStop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reply_audio_ends_when_the_backend_closes_the_session() {
+    the_reply_audio_ends_when(Ending::CloseSession).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reply_audio_ends_when_the_backend_stops() {
+    the_reply_audio_ends_when(Ending::BackendStop).await;
+}
+
+/// Audio queued before the stop is still handed out, then the stream ends;
+/// a stream taken after the stop (of a started session or of one never
+/// started) ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_audio_queued_before_the_stop_is_delivered_then_the_stream_ends() {
+    let backend = echo_backend().await;
+    let session = backend
+        .create_session(SessionConfig::new("late reader"))
+        .await
+        .unwrap();
+    let mut rx = session.receive_audio().unwrap();
+    session.start().await.unwrap();
+    let prompt = signal::frames(&signal::speech_like(Duration::from_millis(60), 5), 20);
+    for f in &prompt {
+        session.send_audio(f.clone()).await.unwrap();
+    }
+    session.stop().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut got = Vec::new();
+        while let Some(f) = rx.recv().await {
+            got.push(f);
+        }
+        got
+    })
+    .await
+    .expect("the reply audio did not end after the stop");
+    assert_eq!(
+        signal::samples_of(&read),
+        signal::samples_of(&prompt),
+        "what was queued before the stop is handed out whole"
+    );
+    assert!(rx.try_recv().is_none());
+
+    for started in [true, false] {
+        let session = backend
+            .create_session(SessionConfig::new("after the stop"))
+            .await
+            .unwrap();
+        if started {
+            session.start().await.unwrap();
+        }
+        session.stop().await.unwrap();
+        let mut rx = session.receive_audio().unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(
+            matches!(end, Ok(None)),
+            "a stream taken after the stop (started: {started}) ends at once"
+        );
+        assert!(rx.try_recv().is_none());
+    }
+    backend.stop().await.unwrap();
+}

@@ -374,6 +374,44 @@ async fn many_sessions_share_the_multi_client_bot_without_cross_talk() {
     backend.stop().await.unwrap();
 }
 
+/// The link to the bot connects inside `create_session`, before the
+/// application can subscribe: a subscriber hears the link's state first (so
+/// the first connect is seen), then the session's own events; the link
+/// closes with the session, and a subscriber after that hears so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_hears_the_links_state_first() {
+    require_bot!();
+    let backend = started(config_for_template(shared_bot())).await;
+    let s = backend
+        .create_session(SessionConfig::new("subscriber"))
+        .await
+        .unwrap();
+    let mut events = s.events();
+    let connected = SessionEvent::Connection {
+        state: ConnectionState::Connected,
+    };
+    assert_eq!(events.try_recv(), Some(connected));
+    s.start().await.unwrap();
+    assert_eq!(
+        timeout(Duration::from_secs(5), events.recv()).await,
+        Ok(Some(SessionEvent::State {
+            from: voice_backends::PipelineState::Idle,
+            to: voice_backends::PipelineState::Listening,
+        })),
+        "the state once, then the session's events"
+    );
+    s.stop().await.unwrap();
+    let disconnected = SessionEvent::Connection {
+        state: ConnectionState::Disconnected,
+    };
+    expect_event(&Pipecat, &mut events, "the link closing", |e| {
+        *e == disconnected
+    })
+    .await;
+    assert_eq!(s.events().try_recv(), Some(disconnected));
+    backend.stop().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // The bot goes away
 

@@ -512,3 +512,249 @@ mod lifecycle_and_limits {
         );
     }
 }
+
+/// The connection state of a session's link, as a subscriber hears it.
+mod link_state {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
+    use voice_backends::pipeline::{S2sEvent, S2sStream};
+    use voice_backends::runtime::{Connector, Link, LinkEvents, LinkRequest, RuntimeBackend};
+    use voice_backends::{
+        AudioFrame, Config, ConnectionState, ErrorCode, PipelineState, ProviderCapabilities,
+        SessionConfig, VoiceBackend, registry,
+    };
+
+    /// A link that takes the user's audio and says nothing by itself.
+    struct Mute;
+
+    impl S2sStream for Mute {
+        fn push_audio(&mut self, _: &AudioFrame) -> voice_backends::Result<()> {
+            Ok(())
+        }
+        fn end_turn(&mut self) -> voice_backends::Result<()> {
+            Ok(())
+        }
+        fn interrupt(&mut self) {}
+    }
+
+    /// A connector whose sessions get a [`Mute`] link; the test speaks for
+    /// the link through the sender of its events (`link`).
+    #[derive(Default)]
+    struct Linked {
+        link: Mutex<Option<LinkEvents>>,
+    }
+
+    #[async_trait]
+    impl Connector for Linked {
+        fn provider(&self) -> &str {
+            "linked"
+        }
+        fn capabilities(&self) -> ProviderCapabilities {
+            ProviderCapabilities::default()
+        }
+        fn validate_config(&self, _: &Config) -> voice_backends::Result<()> {
+            Ok(())
+        }
+        async fn connect(&self, _: &Config) -> voice_backends::Result<()> {
+            Ok(())
+        }
+        async fn open_link(&self, _: LinkRequest<'_>) -> voice_backends::Result<Option<Link>> {
+            let (events, rx) = LinkEvents::channel(16);
+            *self.link.lock().unwrap() = Some(events);
+            Ok(Some(Link {
+                stream: Box::new(Mute),
+                events: rx,
+                speaker: None,
+            }))
+        }
+    }
+
+    impl Linked {
+        fn events(&self) -> LinkEvents {
+            self.link
+                .lock()
+                .unwrap()
+                .clone()
+                .expect("a link was opened")
+        }
+    }
+
+    fn config(provider: &str) -> Config {
+        let mut c = Config::new(provider);
+        c.pipeline_type = voice_backends::PipelineType::S2s;
+        c.s2s_provider = Some("echo".into());
+        c
+    }
+
+    fn connection(state: ConnectionState) -> SessionEvent {
+        SessionEvent::Connection { state }
+    }
+
+    /// The next event that satisfies `wanted`, within 5 s.
+    async fn next(
+        events: &mut SessionEvents,
+        wanted: impl Fn(&SessionEvent) -> bool,
+    ) -> SessionEvent {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let e = events.recv().await.expect("the session's events go on");
+                if wanted(&e) {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("the event came in time")
+    }
+
+    fn is_connection(e: &SessionEvent) -> bool {
+        matches!(e, SessionEvent::Connection { .. })
+    }
+
+    /// The link connects when the session is created, before anyone could
+    /// subscribe: each subscriber hears the link's state as of its
+    /// subscription first, then every change. A session without a link (the
+    /// `local` provider) hears no such event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_hears_the_links_state_first_then_its_changes() {
+        let connector = Arc::new(Linked::default());
+        let backend = RuntimeBackend::new(connector.clone(), &config("linked")).unwrap();
+        backend.start().await.unwrap();
+        let session = backend
+            .create_session(SessionConfig::new("u"))
+            .await
+            .unwrap();
+        let mut first = session.events();
+        assert_eq!(
+            first.try_recv(),
+            Some(connection(ConnectionState::Connected))
+        );
+        assert_eq!(first.try_recv(), None, "the state once, then live events");
+        session.start().await.unwrap();
+        assert_eq!(
+            first.recv().await,
+            Some(SessionEvent::State {
+                from: PipelineState::Idle,
+                to: PipelineState::Listening
+            })
+        );
+
+        let link = connector.events();
+        link.send(S2sEvent::Connection(ConnectionState::Reconnecting))
+            .await;
+        assert_eq!(
+            next(&mut first, is_connection).await,
+            connection(ConnectionState::Reconnecting)
+        );
+        let mut second = session.events();
+        assert_eq!(
+            second.try_recv(),
+            Some(connection(ConnectionState::Reconnecting))
+        );
+        link.send(S2sEvent::Connection(ConnectionState::Connected))
+            .await;
+        for events in [&mut first, &mut second] {
+            assert_eq!(
+                next(events, is_connection).await,
+                connection(ConnectionState::Connected)
+            );
+        }
+        link.send(S2sEvent::Failed {
+            code: ErrorCode::ConnectionFailed,
+            message: "gone".into(),
+        })
+        .await;
+        assert_eq!(
+            next(&mut first, is_connection).await,
+            connection(ConnectionState::Error)
+        );
+        assert_eq!(
+            session.events().try_recv(),
+            Some(connection(ConnectionState::Error))
+        );
+
+        // The link closes with the session.
+        session.stop().await.unwrap();
+        assert_eq!(
+            next(&mut first, is_connection).await,
+            connection(ConnectionState::Disconnected)
+        );
+        assert_eq!(first.recv().await, Some(SessionEvent::Closed));
+        assert_eq!(
+            session.events().try_recv(),
+            Some(connection(ConnectionState::Disconnected))
+        );
+        backend.stop().await.unwrap();
+
+        let local = registry().create("local", &config("local")).await.unwrap();
+        local.start().await.unwrap();
+        let session = local.create_session(SessionConfig::new("u")).await.unwrap();
+        let mut events = session.events();
+        assert_eq!(events.try_recv(), None, "no link, no connection state");
+        session.start().await.unwrap();
+        session.stop().await.unwrap();
+        while let Some(e) = events.try_recv() {
+            assert!(!is_connection(&e), "{e:?}");
+        }
+        local.stop().await.unwrap();
+    }
+
+    /// Subscribing while the link's state keeps changing: each subscriber's
+    /// first state is followed by the change after it, never by the same
+    /// state again (a change counted twice) nor by a later one (a change
+    /// lost). The link alternates between two states, so each next
+    /// connection event a subscriber hears must differ from the one before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_while_subscribing_is_neither_lost_nor_repeated() {
+        let connector = Arc::new(Linked::default());
+        let backend = RuntimeBackend::new(connector.clone(), &config("linked")).unwrap();
+        backend.start().await.unwrap();
+        let session = backend
+            .create_session(SessionConfig::new("u"))
+            .await
+            .unwrap();
+        session.start().await.unwrap();
+        let link = connector.events();
+        let flapping = tokio::spawn(async move {
+            for i in 0..20_000 {
+                let state = if i % 2 == 0 {
+                    ConnectionState::Reconnecting
+                } else {
+                    ConnectionState::Connected
+                };
+                link.send(S2sEvent::Connection(state)).await;
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let mut checked = 0;
+        while !flapping.is_finished() {
+            let mut events = session.events();
+            let Some(SessionEvent::Connection { state }) = events.try_recv() else {
+                panic!("a subscription starts with the link's state");
+            };
+            let mut heard = vec![state];
+            while heard.len() < 3 {
+                match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+                    Ok(Some(SessionEvent::Connection { state })) => heard.push(state),
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            if events.lost() > 0 {
+                continue;
+            }
+            for pair in heard.windows(2) {
+                assert_ne!(pair[0], pair[1], "a change lost or repeated: {heard:?}");
+            }
+            checked += usize::from(heard.len() >= 2);
+        }
+        flapping.await.unwrap();
+        assert!(checked > 0, "no subscriber overlapped a change");
+        backend.stop().await.unwrap();
+    }
+}

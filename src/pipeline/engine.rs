@@ -63,6 +63,7 @@ use tracing::Instrument;
 
 use crate::agent::{Agent, AgentTurn};
 use crate::audio::{AudioConverter, AudioFormat, AudioFrame, FormatFollower};
+use crate::backend::ConnectionState;
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::AudioProcessor;
 use crate::metrics::{DropReason, LatencyStage, Metrics, Op};
@@ -126,6 +127,12 @@ pub struct EngineParts {
     /// turns itself (a final transcript from it ends a turn). Local VAD and
     /// turn detection still run, for barge-in.
     pub remote_turns: bool,
+    /// `s2s` is a session's link to its provider's service
+    /// ([`crate::runtime::Link`]), connected when the engine is made. The
+    /// engine then keeps the link's state from its
+    /// [`S2sEvent::Connection`] events, and each new subscriber hears that
+    /// state first ([`Engine::subscribe`]).
+    pub link: bool,
     /// Converters made beforehand, used when their formats match: from
     /// `input_format` to the internal format, and from the internal format to
     /// `output_format`. A resampler between unrelated rates (44.1 kHz and
@@ -231,6 +238,11 @@ struct Shared {
     /// Set once the session has ended (its task finished, or it was stopped
     /// before it started), for every `stop` caller to wait on.
     finished: watch::Sender<bool>,
+    /// The state of the session's link to its provider's service (`None`
+    /// without one). Held while a [`SessionEvent::Connection`] is published
+    /// and while a subscriber subscribes, so a new subscriber starts from
+    /// the state as of its subscription and hears every change after it.
+    link: Mutex<Option<ConnectionState>>,
     /// The latest partial transcript not yet shown to the turn detector
     /// (`hint_ready` says there is one, so a frame checks one flag).
     hint: Mutex<Option<String>>,
@@ -342,6 +354,50 @@ impl Shared {
     fn state(&self) -> PipelineState {
         state_from(self.state.load(Ordering::Acquire))
     }
+
+    /// Publishes the link's new state (kept for later subscribers when the
+    /// session has a link).
+    fn connection(&self, state: ConnectionState) {
+        let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = link.as_mut() {
+            *current = state;
+        }
+        self.emit(SessionEvent::Connection { state });
+    }
+
+    /// The session has ended: back to idle, its link (if any) disconnected,
+    /// the reply audio stream closed (the receiver hands out what it holds,
+    /// then ends), [`SessionEvent::Closed`], and every `stop` caller told.
+    /// Once only: later calls do nothing.
+    fn finish(&self) {
+        if *self.finished.borrow() {
+            return;
+        }
+        self.set_state(PipelineState::Idle);
+        let linked = self
+            .link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|s| s != ConnectionState::Disconnected);
+        if linked {
+            // The link's events are no longer read: it closes.
+            self.connection(ConnectionState::Disconnected);
+        }
+        self.output.close();
+        self.emit(SessionEvent::Closed);
+        self.finished.send_replace(true);
+    }
+}
+
+/// Finishes the session ([`Shared::finish`]) when the session's task ends,
+/// however it ends: had the task panicked, or had its runtime shut down, the
+/// reply audio would otherwise never end and `stop` would wait in vain.
+struct Finish(Arc<Shared>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
 }
 
 impl Engine {
@@ -375,6 +431,7 @@ impl Engine {
             replying: AtomicBool::new(false),
             remote_turns: parts.remote_turns,
             finished: watch::Sender::new(false),
+            link: Mutex::new(parts.link.then_some(ConnectionState::Connected)),
             hint: Mutex::new(None),
             hint_ready: AtomicBool::new(false),
         });
@@ -458,12 +515,26 @@ impl Engine {
         self.shared.state()
     }
 
-    /// A new subscription to the session's events.
+    /// A new subscription to the session's events. With a link, its first
+    /// event is the link's state ([`SessionEvent::Connection`]) as of the
+    /// subscription: a link connects when the session is created, before
+    /// anyone could subscribe.
     pub fn subscribe(&self) -> SessionEvents {
-        SessionEvents::new(
+        // Under the lock that publishing a change of the link takes: a change
+        // is either in the state read here or among the events received.
+        let link = self
+            .shared
+            .link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let events = SessionEvents::new(
             self.shared.events.subscribe(),
             Some(self.shared.metrics.clone()),
-        )
+        );
+        match *link {
+            Some(state) => events.starting_with(SessionEvent::Connection { state }),
+            None => events,
+        }
     }
 
     /// Takes the session's output audio stream (once).
@@ -740,9 +811,7 @@ impl Engine {
             } else {
                 if task.take().is_some() {
                     // Never started: nothing runs, and it cannot start any more.
-                    self.shared.set_state(PipelineState::Idle);
-                    self.shared.emit(SessionEvent::Closed);
-                    self.shared.finished.send_replace(true);
+                    self.shared.finish();
                 }
                 false
             }
@@ -1203,14 +1272,12 @@ impl Task {
                     self.cut = true;
                 }
             }
-            S2sEvent::Connection(state) => shared.emit(SessionEvent::Connection { state }),
+            S2sEvent::Connection(state) => shared.connection(state),
             S2sEvent::Failed { code, message } => {
                 tracing::error!(code = %code, "the session's link failed: {message}");
                 shared.metrics.error(Op::Turn, code);
                 shared.emit(SessionEvent::Error { code, message });
-                shared.emit(SessionEvent::Connection {
-                    state: crate::backend::ConnectionState::Error,
-                });
+                shared.connection(ConnectionState::Error);
                 shared.set_state(PipelineState::Error);
             }
             S2sEvent::ReplyDone => {
@@ -1300,6 +1367,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
         tts,
         output_converter,
     } = parts;
+    let _finish = Finish(shared.clone());
     let (reply_tx, mut reply_rx) = mpsc::channel::<ReplyMsg>(32);
     let mut task = Task {
         shared,
@@ -1456,9 +1524,7 @@ async fn run(shared: Arc<Shared>, parts: TaskParts) {
         ..
     } = task;
     drop(reply);
-    shared.set_state(PipelineState::Idle);
-    shared.emit(SessionEvent::Closed);
-    shared.finished.send_replace(true);
+    shared.finish();
     if let Some((_, done)) = stopping {
         let _ = done.send(());
     }
@@ -1871,6 +1937,7 @@ mod tests {
             metrics: Arc::new(Metrics::new("test")),
             agent_timeout: Duration::from_secs(5),
             remote_turns: false,
+            link: false,
             converters: PreparedConverters::default(),
         }
     }

@@ -93,7 +93,11 @@ pub enum SessionEvent {
         message: String,
     },
     /// The session's link to its provider's service changed state (only
-    /// providers whose service runs pipeline stages have one).
+    /// providers whose service runs pipeline stages have one). A new
+    /// subscription to a session with a link starts with this event, carrying
+    /// the link's state at the time (the link connects while the session is
+    /// created); the link closes with the session (`Disconnected`, just
+    /// before [`SessionEvent::Closed`]).
     Connection {
         /// The link's state now.
         state: crate::backend::ConnectionState,
@@ -105,6 +109,8 @@ pub enum SessionEvent {
 /// A subscription to a session's events; see [`crate::VoiceSession::events`].
 #[derive(Debug)]
 pub struct SessionEvents {
+    /// Handed out before anything from `rx`: a state as of the subscription.
+    first: Option<SessionEvent>,
     rx: broadcast::Receiver<SessionEvent>,
     metrics: Option<Arc<Metrics>>,
     lost: u64,
@@ -114,15 +120,27 @@ impl SessionEvents {
     /// A subscription reading `rx`, counting lost events in `metrics`.
     pub fn new(rx: broadcast::Receiver<SessionEvent>, metrics: Option<Arc<Metrics>>) -> Self {
         SessionEvents {
+            first: None,
             rx,
             metrics,
             lost: 0,
         }
     }
 
+    /// The subscription with `event` handed out first, before what `rx`
+    /// brings: how a subscriber learns a state set before it subscribed (the
+    /// session link's connection).
+    pub(crate) fn starting_with(mut self, event: SessionEvent) -> Self {
+        self.first = Some(event);
+        self
+    }
+
     /// The next event, or `None` after [`SessionEvent::Closed`] has been read
     /// and the session is gone.
     pub async fn recv(&mut self) -> Option<SessionEvent> {
+        if let Some(event) = self.first.take() {
+            return Some(event);
+        }
         loop {
             match self.rx.recv().await {
                 Ok(event) => return Some(event),
@@ -134,6 +152,9 @@ impl SessionEvents {
 
     /// An event if one is ready now.
     pub fn try_recv(&mut self) -> Option<SessionEvent> {
+        if let Some(event) = self.first.take() {
+            return Some(event);
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(event) => return Some(event),

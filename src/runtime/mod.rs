@@ -471,7 +471,8 @@ impl Inner {
             processors.push(reg.processor.get(&p.name)?.create(&opts, p.order)?);
         }
         sort_processors(&mut processors);
-        let remote_turns = link.is_some() && hosted.stt;
+        let linked = link.is_some();
+        let remote_turns = linked && hosted.stt;
         let (stt, s2s, tts) = match (link, pipeline.pipeline_type) {
             (Some(link), _) => {
                 let tts = match (link.speaker, &base.tts_provider) {
@@ -524,6 +525,7 @@ impl Inner {
             metrics: self.metrics.clone(),
             agent_timeout: base.timeout,
             remote_turns,
+            link: linked,
             converters,
         })
         .map_err(|e| e.with_op(OP))?;
