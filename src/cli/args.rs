@@ -1,0 +1,72 @@
+//! The clap argument structs of the commands, and their defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// The address `serve` listens on by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8089";
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The backend config: a .toml, .yaml/.yml or .json file. Without it, the
+    /// local echo backend (see `serve --help`).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The address to listen on; port 0 picks a free port (the line printed at
+    /// start says which).
+    #[arg(long, short = 'l', value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Overlay the environment variables `{PREFIX}_{FIELD}` on the config,
+    /// e.g. `--env-prefix VB` reads VB_LATENCY_TARGET=300ms. Nothing is read
+    /// from the environment without it.
+    #[arg(long, value_name = "PREFIX")]
+    pub env_prefix: Option<String>,
+    /// A browser origin allowed to open WebSockets (repeat for several), e.g.
+    /// `https://app.example.com`. Without any, only pages served by this
+    /// server's own host may.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+    /// A host name the server may be reached by (repeat for several), e.g.
+    /// `voice.example.com`, `.example.com` for a domain and its subdomains,
+    /// or `*` for any. Requests whose `Host` names another are refused
+    /// (against DNS rebinding). Without any: loopback names and IP addresses
+    /// when listening on loopback, any host otherwise.
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    pub allowed_hosts: Vec<String>,
+    /// The largest WebSocket message accepted, in bytes (default: the
+    /// server's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
+    pub max_frame_bytes: Option<usize>,
+    /// Threads serving the connections (default: one per core, at most
+    /// 1024). Each serves the connections handed to it, with their sessions;
+    /// 0 serves them all on one shared, work-stealing runtime instead.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
+    pub workers: Option<usize>,
+}
+
+/// Options of `providers`.
+#[derive(Debug, Clone, Args)]
+pub struct ProvidersArgs {
+    /// Print JSON (an array of `{"name", "capabilities"}`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `schema`.
+#[derive(Debug, Clone, Args)]
+pub struct SchemaArgs {
+    /// The provider's registered name, e.g. `local` (see `voice-backends providers`).
+    #[arg(value_name = "PROVIDER")]
+    pub provider: String,
+}
+
+/// Options of `validate`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// The config file to check: .toml, .yaml/.yml or .json.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}

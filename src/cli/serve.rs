@@ -1,0 +1,448 @@
+//! `serve`: the backend and server configs, logging set-up, the server's run
+//! and its shutdown signals.
+
+use std::future::Future;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+
+use crate::backend::VoiceBackend;
+use crate::config::{Config, LogLevel, PipelineType};
+use crate::error::{BackendError, ErrorCode};
+use crate::registry::registry;
+use crate::server::{Server, ServerConfig};
+
+use super::validate::semantic_problems;
+use super::{Failure, ServeArgs, write_failed};
+
+/// The default backend config of `serve`: the `local` provider with the
+/// `echo` speech-to-speech model, `energy` VAD and `silence` turn detection.
+/// It needs no keys and no models.
+pub fn default_config() -> Config {
+    let mut config = Config::new("local");
+    config.pipeline_type = PipelineType::S2s;
+    config.s2s_provider = Some("echo".to_owned());
+    config.vad_provider = Some("energy".to_owned());
+    config.turn_detection_provider = Some("silence".to_owned());
+    config
+}
+
+/// The backend config `serve` would use: the file of `--config` (or
+/// [`default_config`]), with the environment overlaid when `--env-prefix` is
+/// given.
+///
+/// # Errors
+///
+/// [`exit::FAILURE`] naming every invalid field.
+///
+/// [`exit::FAILURE`]: super::exit::FAILURE
+pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_path(path).map_err(|e| {
+            config_failure(
+                &format!("invalid config file {}", path.display()),
+                &e,
+                &format!(
+                    "run `voice-backends validate {}` to see every error with its line",
+                    path.display()
+                ),
+            )
+        })?,
+        None => default_config(),
+    };
+    if let Some(prefix) = &args.env_prefix {
+        config.apply_process_env(prefix).map_err(|e| {
+            config_failure(
+                &format!("invalid config after applying the {prefix}_* environment variables"),
+                &e,
+                &format!("fix or unset the {prefix}_* environment variables named above"),
+            )
+        })?;
+    }
+    // What `validate` checks beyond loading: the provider's own config and
+    // the components and their options, so a backend whose every session
+    // would fail is refused here, not served.
+    let problems = semantic_problems(&config);
+    if !problems.is_empty() {
+        let noun = if problems.len() == 1 {
+            "error"
+        } else {
+            "errors"
+        };
+        let mut message = format!("invalid config: {} {noun}", problems.len());
+        for p in &problems {
+            let path = p.path.as_deref().unwrap_or("config");
+            message.push_str(&format!("\n  {path}: {}", p.message));
+        }
+        message.push_str(&match &args.config {
+            Some(path) => format!(
+                "\nrun `voice-backends validate {}` to see every error with its line",
+                path.display()
+            ),
+            None => "\nfix the settings named above".to_owned(),
+        });
+        return Err(Failure::failed(message));
+    }
+    Ok(config)
+}
+
+/// A config error as a failure: `context` and one `  PATH: MESSAGE` line per
+/// invalid field (or, for a parse error or an error without fields, the
+/// error's own message, which has the position), then `hint`.
+fn config_failure(context: &str, error: &BackendError, hint: &str) -> Failure {
+    let details: Vec<_> = error
+        .details
+        .iter()
+        .filter(|(path, _)| path.as_str() != "file")
+        .collect();
+    let parse_error = ["TOML", "YAML", "JSON"]
+        .iter()
+        .any(|f| error.message.starts_with(&format!("invalid {f}:")));
+    let mut message = if details.is_empty() || parse_error {
+        error.message.clone()
+    } else {
+        let noun = if details.len() == 1 {
+            "error"
+        } else {
+            "errors"
+        };
+        let mut m = format!("{context}: {} {noun}", details.len());
+        for (path, detail) in details {
+            m.push_str(&format!("\n  {path}: {detail}"));
+        }
+        m
+    };
+    message.push_str(&format!("\n{hint}"));
+    Failure::failed(message)
+}
+
+/// The server config of `serve`: [`ServerConfig::default`] with the command
+/// line's `--listen`, `--workers`, `--allowed-origin`, `--allowed-host` and
+/// `--max-frame-bytes`.
+pub fn server_config(args: &ServeArgs) -> ServerConfig {
+    let mut config = ServerConfig {
+        listen: args.listen,
+        ..ServerConfig::default()
+    };
+    if !args.allowed_origins.is_empty() {
+        config.allowed_origins = args.allowed_origins.clone();
+    }
+    config.allowed_hosts = args.allowed_hosts.clone();
+    if let Some(n) = args.max_frame_bytes {
+        config.max_frame_bytes = n;
+    }
+    config.workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(crate::server::MAX_WORKERS)
+    });
+    config
+}
+
+/// The log filter: `RUST_LOG` when it is set and parses, else the config's
+/// `log_level`.
+fn init_logging(config: &Config) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (layer, bad_rust_log) = log_layer(
+        config,
+        rust_log.as_deref(),
+        std::io::stderr,
+        std::io::stderr().is_terminal(),
+    );
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+    if let Some(e) = bad_rust_log {
+        tracing::warn!(
+            "RUST_LOG does not parse ({e}); logging at the config's level {}",
+            level_name(config)
+        );
+    }
+}
+
+/// The level `config` logs at: its `log_level`, or `off` with
+/// `enable_logging = false`.
+fn level_name(config: &Config) -> &'static str {
+    if !config.enable_logging {
+        return "off";
+    }
+    match config.log_level {
+        LogLevel::Trace => "trace",
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warn => "warn",
+        LogLevel::Error => "error",
+    }
+}
+
+/// The binary's log layer, writing to `writer`, and why `rust_log` was set
+/// aside when it does not parse.
+///
+/// - The level is the config's ([`level_name`]), unless `rust_log` (the
+///   `RUST_LOG` variable) is set and parses.
+/// - `enable_tracing = false`: events only, no spans (no context on lines).
+/// - Never tungstenite's `trace` level, whatever the filter: it logs a client
+///   handshake's whole request, the bot's `Authorization` header and URL
+///   included.
+fn log_layer<S, W>(
+    config: &Config,
+    rust_log: Option<&str>,
+    writer: W,
+    ansi: bool,
+) -> (impl tracing_subscriber::Layer<S>, Option<String>)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::{EnvFilter, Layer};
+
+    let level = level_name(config);
+    let mut bad_rust_log = None;
+    let filter = match rust_log {
+        Some(value) if !value.trim().is_empty() => match EnvFilter::try_new(value) {
+            Ok(filter) => filter,
+            Err(e) => {
+                bad_rust_log = Some(format!("{e}"));
+                EnvFilter::new(level)
+            }
+        },
+        _ => EnvFilter::new(level),
+    };
+    let spans = config.enable_tracing;
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .with_filter(filter)
+        .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+            let handshake_dump =
+                meta.target().starts_with("tungstenite") && *meta.level() == tracing::Level::TRACE;
+            !handshake_dump && (spans || meta.is_event())
+        }));
+    (layer, bad_rust_log)
+}
+
+/// `voice-backends serve`: builds, starts and serves the backend until
+/// SIGTERM or Ctrl-C, then stops gracefully.
+///
+/// # Errors
+///
+/// [`exit::FAILURE`] for an invalid config, a backend that does not start, an
+/// address that cannot be bound, or a server that stops with an error.
+///
+/// [`exit::FAILURE`]: super::exit::FAILURE
+pub fn serve(args: &ServeArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let config = serve_config(args)?;
+    init_logging(&config);
+    let server_config = server_config(args);
+    // With worker threads serving the connections, this runtime only starts
+    // the backend, accepts connections and waits for the signal.
+    let mut runtime = if server_config.workers == 0 {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = runtime
+        .enable_all()
+        .thread_name("voice-backends")
+        .build()
+        .map_err(|e| Failure::failed(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
+        serve_until(config, server_config, out, shutdown).await
+    })
+}
+
+/// Serves `config`'s backend on `server_config` until `shutdown` completes,
+/// then stops gracefully. Writes `listening on http://ADDR` to `out` once the
+/// socket is bound.
+///
+/// # Errors
+///
+/// As [`serve`].
+pub async fn serve_until(
+    config: Config,
+    server_config: ServerConfig,
+    out: &mut dyn Write,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Failure> {
+    server_config
+        .validate()
+        .map_err(|e| Failure::failed(format!("invalid server options: {}", e.message)))?;
+    let backend: Arc<dyn VoiceBackend> = registry()
+        .create(&config.provider, &config)
+        .await
+        .map_err(|e| {
+            config_failure(
+                "the backend could not be created",
+                &e,
+                "check the config with `voice-backends validate FILE` and the provider \
+                 names with `voice-backends providers`",
+            )
+        })?;
+    backend.start().await.map_err(|e| {
+        Failure::failed(format!(
+            "the {} backend did not start: {}",
+            config.provider, e.message
+        ))
+    })?;
+    tracing::info!(provider = %config.provider, "backend started");
+
+    let server = match Server::bind(Arc::clone(&backend), server_config).await {
+        Ok(server) => server,
+        Err(e) => {
+            let _ = backend.stop().await;
+            // The message names the address ("could not listen on ...").
+            return Err(Failure::failed(if e.code == ErrorCode::ConnectionFailed {
+                format!(
+                    "{}; pick another address with --listen (port 0 picks a free one)",
+                    e.message
+                )
+            } else {
+                e.into_fields().message
+            }));
+        }
+    };
+    let addr = server.local_addr();
+    writeln!(out, "listening on http://{addr}")
+        .and_then(|()| out.flush())
+        .map_err(write_failed)?;
+    tracing::info!(%addr, "listening");
+
+    server.run(shutdown).await.map_err(|e| {
+        tracing::error!(error = %e, "the server stopped with an error");
+        Failure::failed(format!("the server stopped with an error: {e}"))
+    })?;
+    tracing::info!("stopped gracefully");
+    Ok(())
+}
+
+/// A future that completes on the first SIGTERM or Ctrl-C (SIGINT), logging
+/// which; after it, a second signal exits the process at once with status
+/// 130.
+///
+/// # Errors
+///
+/// [`exit::FAILURE`] if the signal handlers cannot be installed. Must be
+/// called inside a tokio runtime.
+///
+/// [`exit::FAILURE`]: super::exit::FAILURE
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Failure> {
+    #[cfg(unix)]
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::failed(format!("cannot handle SIGTERM: {e}")))?;
+    Ok(async move {
+        #[cfg(unix)]
+        let which = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        };
+        #[cfg(not(unix))]
+        let which = {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        };
+        tracing::info!(
+            signal = which,
+            "shutdown requested; stopping gracefully (send it again to exit at once)"
+        );
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            tokio::select! {
+                _ = terminate.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::warn!("second signal: exiting without waiting for the graceful stop");
+            std::process::exit(130);
+        });
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{ConfigFormat, validate_str};
+
+    /// What the binary's log layer writes for a few events, at `rust_log`.
+    fn logged(config: &Config, rust_log: Option<&str>) -> String {
+        use std::sync::Mutex;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let (layer, bad) = log_layer(config, rust_log, move || writer.clone(), false);
+        assert_eq!(bad, None);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("session", user = "u-7");
+            let _entered = span.enter();
+            tracing::trace!(
+                target: "tungstenite::handshake::client",
+                "Client handshake request: Authorization: Bearer sk-hidden-1"
+            );
+            tracing::debug!(target: "tungstenite::protocol", "received frame");
+            tracing::trace!(target: "voice_backends::server", "trace line kept");
+            tracing::info!(target: "voice_backends::server", "info line kept");
+        });
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn tungstenite_trace_lines_are_never_logged_whatever_the_level() {
+        let mut config = default_config();
+        config.log_level = LogLevel::Trace;
+        for rust_log in [None, Some("trace"), Some("tungstenite=trace")] {
+            let out = logged(&config, rust_log);
+            assert!(!out.contains("sk-hidden-1"), "{rust_log:?}: {out}");
+            if rust_log != Some("tungstenite=trace") {
+                assert!(out.contains("trace line kept"), "{rust_log:?}: {out}");
+            }
+            // tungstenite's other levels still come through.
+            assert!(out.contains("received frame"), "{rust_log:?}: {out}");
+        }
+    }
+
+    #[test]
+    fn the_log_switches_silence_lines_and_spans() {
+        let mut config = default_config();
+        config.log_level = LogLevel::Info;
+        let out = logged(&config, None);
+        assert!(
+            out.contains("info line kept") && out.contains("session"),
+            "{out}"
+        );
+        assert!(!out.contains("trace line kept"), "{out}");
+
+        config.enable_tracing = false;
+        let out = logged(&config, None);
+        assert!(
+            out.contains("info line kept") && !out.contains("session"),
+            "{out}"
+        );
+
+        config.enable_logging = false;
+        assert_eq!(logged(&config, None), "");
+        // RUST_LOG still asks for lines.
+        assert!(logged(&config, Some("info")).contains("info line kept"));
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        let config = default_config();
+        assert!(config.validate().is_ok());
+        let text = config.to_toml_string().unwrap();
+        assert_eq!(validate_str(&text, ConfigFormat::Toml, "x.toml"), []);
+    }
+}

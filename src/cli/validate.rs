@@ -1,0 +1,500 @@
+//! `validate`: the config checks (parse, generic rules, the provider's own
+//! validation, the registered components) and the diagnostics they print.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use crate::config::{Config, PipelineType};
+use crate::error::BackendError;
+use crate::registry::registry;
+
+use super::locate::locate;
+use super::{Failure, ValidateArgs, write_failed};
+
+/// The file formats a config can be written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigFormat {
+    /// `.toml`
+    Toml,
+    /// `.yaml` or `.yml`
+    Yaml,
+    /// `.json`
+    Json,
+}
+
+impl ConfigFormat {
+    /// The format given by `path`'s extension (in any case), as
+    /// [`Config::from_path`] reads it.
+    pub fn from_path(path: &Path) -> Option<ConfigFormat> {
+        let extension = path.extension()?.to_string_lossy().to_ascii_lowercase();
+        match extension.as_str() {
+            "toml" => Some(ConfigFormat::Toml),
+            "yaml" | "yml" => Some(ConfigFormat::Yaml),
+            "json" => Some(ConfigFormat::Json),
+            _ => None,
+        }
+    }
+
+    /// `TOML`, `YAML` or `JSON`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConfigFormat::Toml => "TOML",
+            ConfigFormat::Yaml => "YAML",
+            ConfigFormat::Json => "JSON",
+        }
+    }
+}
+
+/// One problem `validate` found.
+///
+/// `Display` is `FILE:LINE:COL: PATH: MESSAGE`, leaving out the position and
+/// the path when they are unknown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file, as named on the command line.
+    pub file: String,
+    /// Line and column (from 1) of the offending key or value, when known.
+    pub position: Option<(usize, usize)>,
+    /// The field path, e.g. `latency_target` or `components.silence.min_speech`.
+    pub path: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some((line, column)) = self.position {
+            write!(f, ":{line}:{column}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(path) = &self.path {
+            write!(f, "{path}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// `voice-backends validate FILE`: prints every problem, or `FILE: ok`.
+///
+/// # Errors
+///
+/// [`exit::FAILURE`] when the file has any problem (each printed to `out`).
+///
+/// [`exit::FAILURE`]: super::exit::FAILURE
+pub fn validate(args: &ValidateArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let file = args.file.display().to_string();
+    let diagnostics = validate_file(&args.file);
+    for d in &diagnostics {
+        writeln!(out, "{d}").map_err(write_failed)?;
+    }
+    if diagnostics.is_empty() {
+        writeln!(out, "{file}: ok").map_err(write_failed)?;
+    }
+    out.flush().map_err(write_failed)?;
+    match diagnostics.len() {
+        0 => Ok(()),
+        n => Err(Failure::failed(format!(
+            "{file}: {n} config {}; fix {} and run validate again",
+            if n == 1 { "error" } else { "errors" },
+            if n == 1 { "it" } else { "them" },
+        ))),
+    }
+}
+
+/// Every problem of the config file at `path` (empty when it is valid); an
+/// unreadable file or an unsupported extension is one problem.
+pub fn validate_file(path: &Path) -> Vec<Diagnostic> {
+    let file = path.display().to_string();
+    let whole = |message: String| {
+        vec![Diagnostic {
+            file: file.clone(),
+            position: None,
+            path: None,
+            message,
+        }]
+    };
+    let Some(format) = ConfigFormat::from_path(path) else {
+        let found = match path.extension() {
+            Some(ext) => format!("extension {:?}", ext.to_string_lossy()),
+            None => "no extension".to_owned(),
+        };
+        return whole(format!(
+            "unsupported config file ({found}); use .toml, .yaml, .yml or .json"
+        ));
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => validate_str(&text, format, &file),
+        Err(e) => whole(format!("cannot read the file: {e}")),
+    }
+}
+
+/// Every problem of `text`, a config in `format`, reported as being in
+/// `file`, in the order they appear in the file (problems without a position
+/// last).
+///
+/// A file that does not parse (bad syntax, an unknown key, a value of the
+/// wrong type) has exactly one problem, the first the parser met. A file that
+/// parses is checked by [`Config::violations_for`] the stages its provider
+/// hosts, by its provider's
+/// [`crate::BackendProvider::validate_config`], and against the registered pipeline
+/// components: every name must be registered, and the options of each
+/// VAD, turn detector, audio processor, speech-to-text and speech-to-speech
+/// component in use must be accepted by it.
+pub fn validate_str(text: &str, format: ConfigFormat, file: &str) -> Vec<Diagnostic> {
+    let parsed: Result<Config, ()> = match format {
+        // Too deep for the parsers: the loader refuses it (see `MAX_NESTING_DEPTH`).
+        _ if crate::config::nesting_exceeded(text, format.name()) => Err(()),
+        ConfigFormat::Toml => toml::from_str(text).map_err(|_| ()),
+        ConfigFormat::Yaml => serde_yaml_ng::from_str(text).map_err(|_| ()),
+        ConfigFormat::Json => serde_json::from_str(text).map_err(|_| ()),
+    };
+    let problems = match parsed {
+        Ok(config) => semantic_problems(&config),
+        Err(()) => vec![parse_problem(text, format)],
+    };
+    let mut diagnostics: Vec<Diagnostic> = problems
+        .into_iter()
+        .map(|p| {
+            let position = p.position.or_else(|| {
+                p.path
+                    .as_deref()
+                    .and_then(|path| locate(text, format, path))
+            });
+            Diagnostic {
+                file: file.to_owned(),
+                position,
+                path: p.path,
+                message: p.message,
+            }
+        })
+        .collect();
+    // In file order; those without a position last, in the order found.
+    diagnostics.sort_by_key(|d| (d.position.is_none(), d.position));
+    diagnostics
+}
+
+/// A problem before its file and position are known.
+pub(super) struct Problem {
+    position: Option<(usize, usize)>,
+    pub(super) path: Option<String>,
+    pub(super) message: String,
+}
+
+impl Problem {
+    fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            position: None,
+            path: Some(path.into()),
+            message: message.into(),
+        }
+    }
+}
+
+/// The parse error of `text`, taken from the crate's loader so its message
+/// is the same (and as careful with secrets) as [`Config::from_path`]'s.
+fn parse_problem(text: &str, format: ConfigFormat) -> Problem {
+    let result = match format {
+        ConfigFormat::Toml => Config::from_toml_str(text),
+        ConfigFormat::Yaml => Config::from_yaml_str(text),
+        ConfigFormat::Json => Config::from_json_str(text),
+    };
+    let error = match result {
+        Err(e) => e,
+        Ok(_) => {
+            return Problem {
+                position: None,
+                path: None,
+                message: format!("does not parse as {}", format.name()),
+            };
+        }
+    };
+    // `invalid FORMAT: [line L, column C: ][PATH: ]MESSAGE`, with a detail
+    // PATH -> MESSAGE when there is a path.
+    let prefix = format!("invalid {}: ", format.name());
+    let rest = error
+        .message
+        .strip_prefix(&prefix)
+        .unwrap_or(&error.message);
+    let (position, rest) = split_position(rest);
+    match error.details.iter().find(|(key, _)| key.as_str() != "file") {
+        Some((path, message)) => Problem {
+            position,
+            path: Some(path.clone()),
+            message: format!("invalid {}: {message}", format.name()),
+        },
+        None => Problem {
+            position,
+            path: None,
+            message: format!("invalid {}: {rest}", format.name()),
+        },
+    }
+}
+
+/// Splits `line L, column C: ` off the front of `message`.
+fn split_position(message: &str) -> (Option<(usize, usize)>, &str) {
+    let parse = || {
+        let rest = message.strip_prefix("line ")?;
+        let (line, rest) = rest.split_once(", column ")?;
+        let (column, rest) = rest.split_once(": ")?;
+        Some(((line.parse().ok()?, column.parse().ok()?), rest))
+    };
+    match parse() {
+        Some((position, rest)) => (Some(position), rest),
+        None => (None, message),
+    }
+}
+
+/// Every semantic problem of a config that parsed.
+pub(super) fn semantic_problems(config: &Config) -> Vec<Problem> {
+    // Stages the provider's service runs need no component in the config.
+    let hosted = registry()
+        .get_provider(&config.provider)
+        .map(|p| p.hosted_stages())
+        .unwrap_or_default();
+    let mut problems: Vec<Problem> = config
+        .violations_for(hosted)
+        .into_iter()
+        .map(|v| Problem::at(v.path, v.message))
+        .collect();
+    let flagged: BTreeSet<String> = problems.iter().filter_map(|p| p.path.clone()).collect();
+
+    if !flagged.contains("provider") {
+        match registry().get_provider(&config.provider) {
+            Err(e) => problems.push(Problem::at("provider", quoted_input(e))),
+            Ok(provider) => {
+                if let Err(e) = provider.validate_config(config) {
+                    push_error(&mut problems, "provider_config", e);
+                }
+            }
+        }
+    }
+    component_problems(config, &flagged, &mut problems);
+    problems
+}
+
+/// The message of a registry error about a name the config gives, the name
+/// shown as every config error shows input (cut where it looks secret; see
+/// [`crate::shown_in_error`]).
+fn quoted_input(error: BackendError) -> String {
+    crate::config::ProviderSection::redact_quoted(&error.into_fields().message)
+}
+
+/// Adds `error` as one problem per detail (keyed by field path), or as one
+/// problem at `fallback` when it has none.
+fn push_error(problems: &mut Vec<Problem>, fallback: &str, error: BackendError) {
+    let error = error.into_fields();
+    let details: Vec<_> = error
+        .details
+        .into_iter()
+        .filter(|(key, _)| key != "file")
+        .collect();
+    if details.is_empty() {
+        problems.push(Problem::at(fallback, error.message));
+    } else {
+        for (path, message) in details {
+            problems.push(Problem::at(path, message));
+        }
+    }
+}
+
+/// Checks every component the config names against the global component
+/// registries: the name is registered and accepts its options.
+fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mut Vec<Problem>) {
+    use crate::pipeline::components;
+    use crate::runtime::{DEFAULT_TURN_DETECTOR, DEFAULT_VAD};
+
+    let reg = components();
+    let options = |name: &str| config.component_options(name);
+    // Components whose options were already reported: one report per name.
+    let mut checked: BTreeSet<String> = BTreeSet::new();
+    let mut options_checked = |name: &str| checked.insert(name.to_owned());
+
+    // Opening speech streams may spawn tasks: give them a runtime that never
+    // runs them (shut down right after), so nothing connects anywhere. It is
+    // shut down in the background: dropping a runtime blocks, which panics
+    // when the caller runs on a runtime of its own.
+    struct Idle(Option<tokio::runtime::Runtime>);
+    impl Drop for Idle {
+        fn drop(&mut self) {
+            if let Some(runtime) = self.0.take() {
+                runtime.shutdown_background();
+            }
+        }
+    }
+    let runtime = Idle(tokio::runtime::Builder::new_current_thread().build().ok());
+    let _guard = runtime.0.as_ref().map(tokio::runtime::Runtime::enter);
+
+    let vad = config.vad_provider.as_deref();
+    let vad_path = "vad_provider";
+    if !flagged.contains(vad_path) {
+        let name = vad.unwrap_or(DEFAULT_VAD);
+        match reg.vad.get(name) {
+            Err(e) => problems.push(Problem::at(vad_path, quoted_input(e))),
+            Ok(factory) => {
+                if options_checked(name)
+                    && let Err(e) = factory.create(&options(name))
+                {
+                    push_error(problems, &format!("components.{name}"), e);
+                }
+            }
+        }
+    }
+
+    let turn_path = "turn_detection_provider";
+    if !flagged.contains(turn_path) {
+        let name = config
+            .turn_detection_provider
+            .as_deref()
+            .unwrap_or(DEFAULT_TURN_DETECTOR);
+        match reg.turn.get(name) {
+            Err(e) => problems.push(Problem::at(turn_path, quoted_input(e))),
+            Ok(factory) => {
+                if options_checked(name)
+                    && let Err(e) = factory.create(&options(name))
+                {
+                    push_error(problems, &format!("components.{name}"), e);
+                }
+            }
+        }
+    }
+
+    let noise_path = "noise_cancellation_provider";
+    if let Some(name) = config.noise_cancellation_provider.as_deref()
+        && !flagged.contains(noise_path)
+    {
+        match reg.processor.get(name) {
+            Err(e) => problems.push(Problem::at(noise_path, quoted_input(e))),
+            Ok(factory) => {
+                if options_checked(name)
+                    && let Err(e) = factory.create(&options(name), i32::MIN)
+                {
+                    push_error(problems, &format!("components.{name}"), e);
+                }
+            }
+        }
+    }
+
+    for (i, p) in config.processors.iter().enumerate() {
+        let path = format!("processors[{i}].name");
+        if flagged.contains(&path) {
+            continue;
+        }
+        match reg.processor.get(&p.name) {
+            Err(e) => problems.push(Problem::at(path, quoted_input(e))),
+            Ok(factory) => {
+                let inline = p.has_inline_options();
+                let opts = config.processor_options(p);
+                let fallback = if inline {
+                    format!("processors[{i}].options")
+                } else {
+                    format!("components.{}", p.name)
+                };
+                if (inline || options_checked(&p.name))
+                    && let Err(e) = factory.create(&opts, p.order)
+                {
+                    push_error(problems, &fallback, e);
+                }
+            }
+        }
+    }
+
+    let stt_path = "stt_provider";
+    if let Some(name) = config.stt_provider.as_deref()
+        && !flagged.contains(stt_path)
+    {
+        match reg.stt.get(name) {
+            Err(e) => problems.push(Problem::at(stt_path, quoted_input(e))),
+            Ok(stt) => {
+                if config.pipeline_type == PipelineType::SttTts && options_checked(name) {
+                    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+                    if let Err(e) = stt.open(&options(name), tx) {
+                        push_error(problems, &format!("components.{name}"), e);
+                    }
+                }
+            }
+        }
+    }
+
+    let tts_path = "tts_provider";
+    if let Some(name) = config.tts_provider.as_deref()
+        && !flagged.contains(tts_path)
+        && let Err(e) = reg.tts.get(name)
+    {
+        problems.push(Problem::at(tts_path, quoted_input(e)));
+    }
+
+    let s2s_path = "s2s_provider";
+    if let Some(name) = config.s2s_provider.as_deref()
+        && !flagged.contains(s2s_path)
+    {
+        match reg.s2s.get(name) {
+            Err(e) => problems.push(Problem::at(s2s_path, quoted_input(e))),
+            Ok(s2s) => {
+                if config.pipeline_type == PipelineType::S2s && options_checked(name) {
+                    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+                    if let Err(e) = s2s.open(&options(name), tx) {
+                        push_error(problems, &format!("components.{name}"), e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checks make a runtime of their own for the components they open;
+    /// called from async code, they must not panic dropping it.
+    #[tokio::test]
+    async fn validation_runs_from_async_code() {
+        let valid = "provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n";
+        assert!(validate_str(valid, ConfigFormat::Toml, "ok.toml").is_empty());
+        let unknown = valid.replace("\"echo\"", "\"no-such-model\"");
+        let found = validate_str(&unknown, ConfigFormat::Toml, "bad.toml");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].to_string().contains("s2s_provider"), "{found:?}");
+    }
+
+    #[test]
+    fn positions_split_off_messages() {
+        assert_eq!(
+            split_position("line 3, column 7: timeout: bad"),
+            (Some((3, 7)), "timeout: bad")
+        );
+        assert_eq!(split_position("no position"), (None, "no position"));
+    }
+
+    #[test]
+    fn diagnostics_display_with_and_without_position() {
+        let mut d = Diagnostic {
+            file: "c.toml".into(),
+            position: Some((4, 1)),
+            path: Some("timeout".into()),
+            message: "bad".into(),
+        };
+        assert_eq!(d.to_string(), "c.toml:4:1: timeout: bad");
+        d.position = None;
+        d.path = None;
+        assert_eq!(d.to_string(), "c.toml: bad");
+    }
+
+    #[cfg(feature = "pipecat")]
+    #[test]
+    fn a_provider_hosting_stt_and_tts_needs_no_components() {
+        let pipecat = "provider = \"pipecat\"\n[provider_config]\nurl = \"ws://127.0.0.1:8765/\"\n";
+        assert_eq!(validate_str(pipecat, ConfigFormat::Toml, "p.toml"), []);
+        let local = "provider = \"local\"\n";
+        let problems = validate_str(local, ConfigFormat::Toml, "l.toml");
+        assert!(
+            problems
+                .iter()
+                .any(|d| d.to_string().contains("requires stt_provider")),
+            "{problems:?}"
+        );
+    }
+}
