@@ -2242,3 +2242,537 @@ mod damaged {
         assert_eq!(session.auth_token.unwrap().expose(), SECRET);
     }
 }
+
+// ---------------------------------------------------------------- secret-looking values in errors
+
+/// Secret-looking values, each with the part of it no error may show.
+const SECRET_LOOKING: [(&str, &str); 5] = [
+    ("sk_live_abcdefghijklmnopqrstuvwx", "abcdefghijklmnop"),
+    ("Bearer abcdefghijklmnopqrstu", "abcdefghijklmnopqrstu"),
+    (
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+        "eyJhbGciOiJIUzI1NiJ9",
+    ),
+    ("wss://bot:hunter2hunter2@example.com/ws", "hunter2hunter2"),
+    ("Zq8Vw3Lp9Xr2Tn7Ks4", "Zq8Vw3Lp9Xr2Tn7Ks4"),
+];
+
+/// `error`'s message, `Display` and `Debug` (details included) show neither
+/// `value` nor its `hidden` part.
+fn assert_hides(error: &BackendError, value: &str, hidden: &str) {
+    for (what, shown) in [
+        ("to_string", error.to_string()),
+        ("Debug", format!("{error:?}")),
+        ("message", error.message.clone()),
+    ] {
+        assert!(
+            !shown.contains(value) && !shown.contains(hidden),
+            "{what} shows the secret-looking {value:?}:\n{shown}"
+        );
+    }
+}
+
+#[test]
+fn env_overlay_errors_never_quote_a_secret_looking_value() {
+    for field in [
+        "VB_LATENCY_TARGET",
+        "VB_TIMEOUT",
+        "VB_MAX_RETRIES",
+        "VB_RATE_LIMIT_PER_SECOND",
+        "VB_ENABLE_TRACING",
+        "VB_LOG_LEVEL",
+        "VB_PIPELINE_TYPE",
+    ] {
+        for (value, hidden) in SECRET_LOOKING {
+            let error = base().apply_env("VB", [(field, value)]).unwrap_err();
+            assert_invalid(&error);
+            assert!(error.details.contains_key(field), "{error}");
+            assert_hides(&error, value, hidden);
+        }
+        // A harmless wrong value is still quoted.
+        let error = base().apply_env("VB", [(field, "fast")]).unwrap_err();
+        assert!(error.message.contains("\"fast\""), "{error}");
+    }
+
+    // A duration whose unit is the secret: the parser's own message quotes it.
+    let error = base()
+        .apply_env("VB", [("VB_TIMEOUT", "5 sk_live_abcdefghijklmnop")])
+        .unwrap_err();
+    assert_hides(&error, "sk_live_abcdefghijklmnop", "abcdefghijklmnop");
+    let error = base()
+        .apply_env("VB", [("VB_TIMEOUT", "5 parsecs")])
+        .unwrap_err();
+    assert!(error.message.contains("\"5 parsecs\""), "{error}");
+    assert!(error.message.contains("\"parsecs\""), "{error}");
+
+    // Processors that do not parse are reported with serde's message, which
+    // quotes what it met.
+    for (value, hidden) in SECRET_LOOKING {
+        let processors = serde_json::json!([{ "name": "x", value: 1 }]).to_string();
+        let error = base()
+            .apply_env("VB", [("VB_PROCESSORS", processors.as_str())])
+            .unwrap_err();
+        assert_hides(&error, value, hidden);
+    }
+    let error = base()
+        .apply_env("VB", [("VB_PROCESSORS", r#"[{"name": "x", "ordr": 1}]"#)])
+        .unwrap_err();
+    assert!(error.message.contains("`ordr`"), "{error}");
+}
+
+#[test]
+fn validation_errors_never_quote_a_secret_looking_name() {
+    type Field = fn(&mut Config) -> &mut Option<String>;
+    let fields: [(&str, Field); 6] = [
+        ("stt_provider", |c| &mut c.stt_provider),
+        ("tts_provider", |c| &mut c.tts_provider),
+        ("s2s_provider", |c| &mut c.s2s_provider),
+        ("vad_provider", |c| &mut c.vad_provider),
+        ("turn_detection_provider", |c| {
+            &mut c.turn_detection_provider
+        }),
+        ("noise_cancellation_provider", |c| {
+            &mut c.noise_cancellation_provider
+        }),
+    ];
+    for (value, hidden) in SECRET_LOOKING {
+        // A name padded with whitespace is quoted to show the padding.
+        let mut config = base();
+        config.provider = format!(" {value}");
+        let error = config.validate().unwrap_err();
+        assert!(error.details.contains_key("provider"), "{error}");
+        assert_hides(&error, value, hidden);
+        for (path, field) in fields {
+            let mut config = base();
+            *field(&mut config) = Some(format!("{value} "));
+            let error = config.validate().unwrap_err();
+            assert!(error.details.contains_key(path), "{error}");
+            assert_hides(&error, value, hidden);
+
+            // Options for a component the config does not use list the
+            // names it does use.
+            let mut config = base();
+            *field(&mut config) = Some(value.to_owned());
+            config
+                .components
+                .insert("unused".into(), section(serde_json::json!({"x": 1})));
+            let error = config.validate().unwrap_err();
+            assert!(error.details.contains_key("components.unused"), "{error}");
+            assert_hides(&error, value, hidden);
+        }
+
+        // Options under a secret-looking component name.
+        let mut config = base();
+        config
+            .components
+            .insert(value.to_owned(), section(serde_json::json!({"x": 1})));
+        let error = config.validate().unwrap_err();
+        assert_hides(&error, value, hidden);
+
+        // A processor name given twice.
+        let mut config = base();
+        for _ in 0..2 {
+            config.processors.push(ProcessorConfig {
+                name: value.to_owned(),
+                order: 0,
+                options: serde_json::json!({}),
+            });
+        }
+        let error = config.validate().unwrap_err();
+        assert_hides(&error, value, hidden);
+
+        // A session's pipeline override.
+        let mut session = SessionConfig::new("u-1");
+        session.pipeline = Some(PipelineOverride {
+            s2s_provider: Some(format!(" {value}")),
+            ..PipelineOverride::default()
+        });
+        let error = session.validate().unwrap_err();
+        assert_hides(&error, value, hidden);
+        let error = session.resolve_pipeline(&base()).unwrap_err();
+        assert_hides(&error, value, hidden);
+    }
+
+    // Harmless names are still quoted whole.
+    let mut config = base();
+    config.s2s_provider = Some(" pipcat".into());
+    let error = config.validate().unwrap_err();
+    assert!(error.message.contains("\" pipcat\""), "{error}");
+    let mut config = base();
+    config
+        .components
+        .insert("pipcat".into(), section(serde_json::json!({"x": 1})));
+    let error = config.validate().unwrap_err();
+    assert!(error.message.contains("options for \"pipcat\""), "{error}");
+    assert!(error.details.contains_key("components.pipcat"), "{error}");
+}
+
+fn section(value: serde_json::Value) -> voice_backends::ProviderSection {
+    voice_backends::ProviderSection(value.as_object().unwrap().clone())
+}
+
+#[test]
+fn parse_errors_never_quote_a_secret_looking_value() {
+    for (value, hidden) in SECRET_LOOKING {
+        let quoted = serde_json::to_string(value).unwrap();
+        // A value of the wrong type, a duration that does not parse, and the
+        // value where a key goes.
+        let toml = [
+            format!("{MINIMAL_S2S}max_retries = {quoted}\n"),
+            format!("{MINIMAL_S2S}latency_target = {quoted}\n"),
+            format!("{MINIMAL_S2S}{quoted} = 1\n"),
+            format!("{MINIMAL_S2S}[provider_config]\n{quoted} = 1\n{quoted} = 2\n"),
+        ];
+        for text in &toml {
+            let error = Config::from_toml_str(text).unwrap_err();
+            assert_invalid(&error);
+            assert_hides(&error, value, hidden);
+        }
+        let yaml_head = "provider: local\npipeline_type: s2s\ns2s_provider: echo\n";
+        let yaml = [
+            format!("{yaml_head}max_retries: {quoted}\n"),
+            format!("{yaml_head}latency_target: {quoted}\n"),
+            format!("{yaml_head}{quoted}: 1\n"),
+            format!("{yaml_head}pipeline_type: {quoted}\n"),
+        ];
+        for text in &yaml {
+            let error = Config::from_yaml_str(text).unwrap_err();
+            assert_invalid(&error);
+            assert_hides(&error, value, hidden);
+        }
+        let json_head = r#"{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo""#;
+        let json = [
+            format!("{json_head}, \"max_retries\": {quoted}}}"),
+            format!("{json_head}, \"latency_target\": {quoted}}}"),
+            format!("{json_head}, {quoted}: 1}}"),
+            format!("{json_head}, \"log_level\": {quoted}}}"),
+        ];
+        for text in &json {
+            let error = Config::from_json_str(text).unwrap_err();
+            assert_invalid(&error);
+            assert_hides(&error, value, hidden);
+        }
+        let session = [
+            format!(r#"{{"user_id": "u-1", "transport": {quoted}}}"#),
+            format!(r#"{{"user_id": "u-1", {quoted}: 1}}"#),
+        ];
+        for text in &session {
+            let error = SessionConfig::from_json_str(text).unwrap_err();
+            assert_invalid(&error);
+            assert_hides(&error, value, hidden);
+        }
+    }
+
+    // Harmless wrong values and keys are still quoted.
+    let error =
+        Config::from_toml_str(&format!("{MINIMAL_S2S}max_retries = \"many\"\n")).unwrap_err();
+    assert!(error.message.contains("\"many\""), "{error}");
+    let error = Config::from_yaml_str(
+        "provider: local\npipeline_type: s2s\ns2s_provider: echo\nlatency_target: soon\n",
+    )
+    .unwrap_err();
+    assert!(error.message.contains("\"soon\""), "{error}");
+    let error = Config::from_json_str(
+        r#"{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo", "regoin": 1}"#,
+    )
+    .unwrap_err();
+    assert!(error.message.contains("`regoin`"), "{error}");
+}
+
+/// `voice-backends validate` quotes the registry's message for a name that
+/// is not registered.
+#[cfg(feature = "cli")]
+#[test]
+fn cli_validate_never_quotes_a_secret_looking_name() {
+    use voice_backends::cli::{ConfigFormat, validate_str};
+
+    let shown = |text: &str| {
+        validate_str(text, ConfigFormat::Toml, "c.toml")
+            .iter()
+            .map(|d| format!("{d}\n{d:?}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let configs = |name: &str| {
+        let name = serde_json::to_string(name).unwrap();
+        [
+            format!("provider = {name}\npipeline_type = \"s2s\"\ns2s_provider = \"echo\"\n"),
+            format!("provider = \"local\"\npipeline_type = \"s2s\"\ns2s_provider = {name}\n"),
+            format!("provider = \"local\"\nstt_provider = {name}\ntts_provider = \"echo\"\n"),
+            format!("provider = \"local\"\nstt_provider = \"echo\"\ntts_provider = {name}\n"),
+            format!("{MINIMAL_S2S}vad_provider = {name}\n"),
+            format!("{MINIMAL_S2S}turn_detection_provider = {name}\n"),
+            format!("{MINIMAL_S2S}noise_cancellation_provider = {name}\n"),
+            format!("{MINIMAL_S2S}[[processors]]\nname = {name}\n"),
+        ]
+    };
+    for (value, hidden) in SECRET_LOOKING {
+        for text in configs(value) {
+            let out = shown(&text);
+            assert!(out.contains("named"), "{text}\n{out}");
+            assert!(
+                !out.contains(value) && !out.contains(hidden),
+                "{text}\n{out}"
+            );
+        }
+    }
+    for text in configs("pipcat") {
+        let out = shown(&text);
+        assert!(out.contains("named \"pipcat\""), "{text}\n{out}");
+    }
+}
+
+// ---------------------------------------------------------------- nesting depth
+
+use voice_backends::MAX_NESTING_DEPTH;
+
+const YAML_HEAD: &str = "provider: local\npipeline_type: s2s\ns2s_provider: echo\n";
+
+/// `error` refuses nesting past the limit, naming it and the line.
+fn assert_too_deep(error: &BackendError, format: &str, line: usize) {
+    assert_invalid(error);
+    assert!(
+        error
+            .message
+            .starts_with(&format!("invalid {format}: line {line}, column ")),
+        "{error}"
+    );
+    assert!(
+        error.message.contains(&format!(
+            "nested deeper than the limit of {MAX_NESTING_DEPTH} levels"
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_before_it_is_parsed() {
+    let n = 40_000;
+    // Flow style: unclosed, closed, and flow mappings.
+    let error = Config::from_yaml_str(&format!("a: {}", "[".repeat(n))).unwrap_err();
+    assert_too_deep(&error, "YAML", 1);
+    let closed = format!(
+        "{YAML_HEAD}provider_config:\n  a: {}{}\n",
+        "[".repeat(n),
+        "]".repeat(n)
+    );
+    assert_too_deep(&Config::from_yaml_str(&closed).unwrap_err(), "YAML", 5);
+    let maps = format!("{YAML_HEAD}provider_config: {}1\n", "{a: ".repeat(n));
+    assert_too_deep(&Config::from_yaml_str(&maps).unwrap_err(), "YAML", 4);
+    // A flow collection over many lines: the one on line 6 is level 3.
+    let lines = format!("{YAML_HEAD}provider_config:\n  a:\n{}", "  [\n".repeat(n));
+    assert_too_deep(
+        &Config::from_yaml_str(&lines).unwrap_err(),
+        "YAML",
+        6 + MAX_NESTING_DEPTH - 3 + 1,
+    );
+
+    // Block style: sequences on one line, and mappings by indentation.
+    let error = Config::from_yaml_str(&format!("{}x\n", "- ".repeat(n))).unwrap_err();
+    assert_too_deep(&error, "YAML", 1);
+    let seqs = format!(
+        "{YAML_HEAD}provider_config:\n  a:\n    {}x\n",
+        "- ".repeat(n)
+    );
+    assert_too_deep(&Config::from_yaml_str(&seqs).unwrap_err(), "YAML", 6);
+    let mut indented = format!("{YAML_HEAD}provider_config:\n");
+    for i in 0..200 {
+        indented.push_str(&format!("{}k{i}:\n", "  ".repeat(i + 1)));
+    }
+    // provider_config's map is level 2, so `k{i}` opens level i + 2.
+    assert_too_deep(
+        &Config::from_yaml_str(&indented).unwrap_err(),
+        "YAML",
+        5 + MAX_NESTING_DEPTH - 1,
+    );
+}
+
+#[test]
+fn deeply_nested_toml_and_json_are_refused_the_same_way() {
+    let n = 40_000;
+    let toml = format!("{MINIMAL_S2S}[provider_config]\na = {}", "[".repeat(n));
+    assert_too_deep(&Config::from_toml_str(&toml).unwrap_err(), "TOML", 6);
+    let tables = format!("{MINIMAL_S2S}[provider_config]\na = {}", "{ b = ".repeat(n));
+    assert_too_deep(&Config::from_toml_str(&tables).unwrap_err(), "TOML", 6);
+    let header = format!("{MINIMAL_S2S}[provider_config{}]\n", ".a".repeat(200));
+    assert_too_deep(&Config::from_toml_str(&header).unwrap_err(), "TOML", 5);
+    let dotted = format!(
+        "{MINIMAL_S2S}[provider_config]\na{} = 1\n",
+        ".a".repeat(200)
+    );
+    assert_too_deep(&Config::from_toml_str(&dotted).unwrap_err(), "TOML", 6);
+
+    let json = format!(
+        "{{\"provider\": \"local\",\n\"provider_config\": {{\"a\": {}",
+        "[".repeat(n)
+    );
+    assert_too_deep(&Config::from_json_str(&json).unwrap_err(), "JSON", 2);
+    let session = format!(
+        "{{\"user_id\": \"u-1\", \"metadata\": {{\"a\": {}",
+        "{\"b\": ".repeat(n)
+    );
+    let error = SessionConfig::from_json_str(&session).unwrap_err();
+    assert_eq!(error.op, "session_config.load");
+    assert_too_deep(&error, "JSON", 1);
+
+    // The environment's JSON values too.
+    let deep = format!("{{\"a\": {}", "[".repeat(n));
+    let error = base()
+        .apply_env("VB", [("VB_PROVIDER_CONFIG", deep.as_str())])
+        .unwrap_err();
+    assert!(
+        error.details["VB_PROVIDER_CONFIG"].contains(&format!(
+            "nested deeper than the limit of {MAX_NESTING_DEPTH} levels"
+        )),
+        "{error}"
+    );
+}
+
+/// `voice-backends validate` refuses deep nesting before the parser sees it.
+#[cfg(feature = "cli")]
+#[test]
+fn cli_validate_refuses_deep_nesting() {
+    use voice_backends::cli::{ConfigFormat, validate_str};
+
+    let yaml = format!("a: {}", "[".repeat(40_000));
+    let found = validate_str(&yaml, ConfigFormat::Yaml, "deep.yaml");
+    assert_eq!(found.len(), 1, "{found:?}");
+    let shown = found[0].to_string();
+    assert!(shown.starts_with("deep.yaml:1:"), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "nested deeper than the limit of {MAX_NESTING_DEPTH} levels"
+        )),
+        "{shown}"
+    );
+}
+
+#[test]
+fn nesting_up_to_the_limit_loads() {
+    // `provider_config` (and a session's `metadata`) is level 2, so `inner`
+    // lists inside it reach the limit exactly.
+    let inner = MAX_NESTING_DEPTH - 2;
+    let depth_of = |value: &serde_json::Value| {
+        let mut depth = 0;
+        let mut at = value;
+        while let Some(first) = at.as_array().and_then(|a| a.first()) {
+            depth += 1;
+            at = first;
+        }
+        depth
+    };
+    for extra in [0, 1] {
+        let n = inner + extra;
+        let yaml_flow = format!(
+            "{YAML_HEAD}provider_config:\n  a: {}1{}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        let yaml_block = format!(
+            "{YAML_HEAD}provider_config:\n  a:\n    {}1\n",
+            "- ".repeat(n)
+        );
+        let toml = format!(
+            "{MINIMAL_S2S}[provider_config]\na = {}1{}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        let json = format!(
+            r#"{{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo", "provider_config": {{"a": {}1{}}}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        let loaded = [
+            Config::from_yaml_str(&yaml_flow),
+            Config::from_yaml_str(&yaml_block),
+            Config::from_toml_str(&toml),
+            Config::from_json_str(&json),
+        ];
+        for result in loaded {
+            match (extra, result) {
+                (0, Ok(config)) => assert_eq!(depth_of(&config.provider_config.0["a"]), n),
+                (0, Err(e)) => panic!("at the limit: {e}"),
+                (_, Ok(_)) => panic!("past the limit, loaded"),
+                (_, Err(e)) => assert!(
+                    e.message.contains(&format!(
+                        "nested deeper than the limit of {MAX_NESTING_DEPTH} levels"
+                    )),
+                    "{e}"
+                ),
+            }
+        }
+        let session = format!(
+            r#"{{"user_id": "u-1", "metadata": {{"a": {}1{}}}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        assert_eq!(SessionConfig::from_json_str(&session).is_ok(), extra == 0);
+    }
+
+    // Mappings by indentation, to the limit.
+    let mut indented = format!("{YAML_HEAD}provider_config:\n");
+    for i in 0..=inner {
+        let value = if i == inner { " 1" } else { "" };
+        indented.push_str(&format!("{}k{i}:{value}\n", "  ".repeat(i + 1)));
+    }
+    let config = Config::from_yaml_str(&indented).unwrap();
+    assert!(config.provider_config.0.contains_key("k0"));
+}
+
+#[test]
+fn brackets_in_strings_comments_and_block_scalars_do_not_count() {
+    let many = 500;
+    let open = "[".repeat(many);
+    let curly = "{".repeat(many);
+    let dashes = "- ".repeat(many);
+
+    let yaml = format!(
+        "{YAML_HEAD}provider_config:\n  \
+         double: \"{open}{curly}\"\n  \
+         single: '{open} it''s {curly}'\n  \
+         plain: x{open}{curly}\n  \
+         # {open} {dashes}\n  \
+         folded: >\n    {open}\n    {dashes}x\n\n    {curly}\n  \
+         literal: |-\n    {curly}\n      {dashes}\n    {open}\n  \
+         multi: \"a {open}\n    b {curly}\"\n  \
+         list: [\"{open}\", '{curly}', \"]]]\", x, # {open}\n    ]\n  \
+         after: [[1]]\n\
+         latency_target: 300ms # {open}\n"
+    );
+    let config = Config::from_yaml_str(&yaml).unwrap_or_else(|e| panic!("{e}"));
+    let section = &config.provider_config.0;
+    assert_eq!(section["double"], format!("{open}{curly}"));
+    assert_eq!(section["single"], format!("{open} it's {curly}"));
+    assert_eq!(section["plain"], format!("x{open}{curly}"));
+    assert_eq!(section["folded"], format!("{open} {dashes}x\n{curly}\n"));
+    assert_eq!(section["literal"], format!("{curly}\n  {dashes}\n{open}"));
+    assert_eq!(section["multi"], format!("a {open} b {curly}"));
+    assert_eq!(section["list"][3], "x");
+    assert_eq!(section["after"], serde_json::json!([[1]]));
+    assert_eq!(config.latency_target, ms(300));
+
+    let toml = format!(
+        "{MINIMAL_S2S}[provider_config]\n\
+         double = \"{open}\\\"{curly}\"\n\
+         single = '{curly}'\n\
+         multi = \"\"\"\n{open}\n{curly}\"\"\"\n\
+         literal = '''{open}\n{curly}'''\n\
+         # {open}\n\
+         list = [\"{open}\", '{curly}', # {open}\n  \"]]]\"]\n\
+         \"a.b[[\" = 1\n\
+         [provider_config.\"x.y.z[[\"]\n\
+         c = 1 # {open}\n"
+    );
+    let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"));
+    let section = &config.provider_config.0;
+    assert_eq!(section["double"], format!("{open}\"{curly}"));
+    assert_eq!(section["multi"], format!("{open}\n{curly}"));
+    assert_eq!(section["list"][2], "]]]");
+    assert_eq!(section["x.y.z[["]["c"], 1);
+
+    let json = format!(
+        r#"{{"provider": "local", "pipeline_type": "s2s", "s2s_provider": "echo", "provider_config": {{"a": "{open}\"{curly}\\", "b": ["]]]", "{open}"]}}}}"#
+    );
+    let config = Config::from_json_str(&json).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.provider_config.0["a"], format!("{open}\"{curly}\\"));
+}

@@ -216,10 +216,15 @@ impl ConfigBuilder {
                 let message = if ProviderSection::is_secret_key(&key) {
                     "could not be serialized to JSON".to_owned()
                 } else {
-                    format!("could not be serialized to JSON: {e}")
+                    format!(
+                        "could not be serialized to JSON: {}",
+                        ProviderSection::redact_quoted(&e.to_string())
+                    )
                 };
-                self.problems
-                    .push(format!("provider_config.{key}"), message);
+                self.problems.push(
+                    format!("provider_config.{}", ProviderSection::shown_key(&key)),
+                    message,
+                );
             }
         }
         self

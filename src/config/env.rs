@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::{Config, ProcessorConfig, ProviderSection, Violations};
+use super::secret::{quoted, redact_quoted};
+use super::{Config, ProcessorConfig, ProviderSection, Violations, shown_in_error};
 use crate::error::BackendError;
 
 const ENV_OP: &str = "config.env";
@@ -87,7 +88,10 @@ impl Config {
     /// field (with the accepted names) or holds a value that does not parse;
     /// or, when all parse, every violation of the result (see
     /// [`Config::violations`]). The value of a secret-looking variable (see
-    /// [`ProviderSection::is_secret_key`]) never appears in a message. On
+    /// [`ProviderSection::is_secret_key`]) never appears in a message, and
+    /// other values are quoted as [`shown_in_error`](crate::shown_in_error)
+    /// shows them (a secret-looking value is cut). A JSON value nested deeper
+    /// than [`MAX_NESTING_DEPTH`](crate::MAX_NESTING_DEPTH) is refused. On
     /// error the config is left unchanged.
     pub fn apply_env<I, K, V>(&mut self, prefix: &str, vars: I) -> Result<(), BackendError>
     where
@@ -201,15 +205,25 @@ fn normalize_prefix(prefix: &str) -> Result<&str, BackendError> {
         .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
         && !trimmed.starts_with(|c: char| c.is_ascii_digit());
     if !well_formed {
+        let shown: String = trimmed.chars().take(40).collect();
+        // The suggestion is the prefix itself, upper-cased: none for one that
+        // looks secret.
+        let suggestion = if super::looks_secret(&shown) {
+            String::new()
+        } else {
+            format!(
+                ": e.g. {:?}",
+                shown
+                    .to_ascii_uppercase()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            )
+        };
         return Err(BackendError::invalid_config(
             ENV_OP,
             format!(
-                "the environment variable prefix {:?} must be upper-case letters, digits and _ \
-                 (not starting with a digit), as the variables are: e.g. {:?}",
-                trimmed.chars().take(40).collect::<String>(),
-                trimmed
-                    .to_ascii_uppercase()
-                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+                "the environment variable prefix {} must be upper-case letters, digits and _ \
+                 (not starting with a digit), as the variables are{suggestion}",
+                quoted(&shown),
             ),
         ));
     }
@@ -222,14 +236,15 @@ fn process_vars(prefix: &str, violations: &mut Violations) -> Vec<(String, Strin
     let start = format!("{prefix}_");
     let mut vars = Vec::new();
     for (name, value) in std::env::vars_os() {
-        let shown = name.to_string_lossy().into_owned();
-        if !shown.starts_with(&start) {
+        let lossy = name.to_string_lossy().into_owned();
+        if !lossy.starts_with(&start) {
             continue;
         }
+        let shown = shown_in_error(&lossy).into_owned();
         match (name.into_string(), value.into_string()) {
             (Ok(name), Ok(value)) => vars.push((name, value)),
             (Err(_), _) => violations.push(shown, "the variable's name is not valid UTF-8"),
-            (Ok(name), Err(_)) => violations.push(name, "the value is not valid UTF-8"),
+            (Ok(_), Err(_)) => violations.push(shown, "the value is not valid UTF-8"),
         }
     }
     vars
@@ -252,10 +267,11 @@ fn overlay(
         .collect();
     for (name, value) in &vars {
         let field = &name[start.len()..];
+        let shown = || shown_in_error(name).into_owned();
         if !is_known(field) {
-            violations.push(name.clone(), unknown_message(prefix, field));
+            violations.push(shown(), unknown_message(prefix, field));
         } else if let Err(message) = apply_var(config, field, value) {
-            violations.push(name.clone(), message);
+            violations.push(shown(), message);
         }
     }
 }
@@ -292,8 +308,13 @@ fn apply_var(config: &mut Config, field: &str, value: &str) -> Result<(), String
         }
         "PROCESSORS" => {
             let json = parse_json(value, "a JSON array of processors")?;
-            config.processors = serde_json::from_value::<Vec<ProcessorConfig>>(json)
-                .map_err(|e| format!("is not a JSON array of processors: {e}"))?;
+            config.processors =
+                serde_json::from_value::<Vec<ProcessorConfig>>(json).map_err(|e| {
+                    format!(
+                        "is not a JSON array of processors: {}",
+                        redact_quoted(&e.to_string())
+                    )
+                })?;
         }
         "RATE_LIMIT_PER_SECOND" => {
             config.rate_limit_per_second = value
@@ -326,12 +347,14 @@ fn apply_var(config: &mut Config, field: &str, value: &str) -> Result<(), String
     Ok(())
 }
 
-/// How a value may be shown in a message: quoted, unless its variable looks secret.
+/// How a value may be shown in a message: not at all when its variable looks
+/// secret, otherwise quoted as [`shown_in_error`] shows it (cut when the value
+/// itself looks secret).
 fn shown_value(field: &str, value: &str) -> String {
     if ProviderSection::is_secret_key(field) {
         "the value (redacted)".to_owned()
     } else {
-        format!("{value:?}")
+        quoted(value)
     }
 }
 
@@ -345,8 +368,16 @@ fn parse_enum<T: DeserializeOwned>(value: &str, shown: &str, expected: &str) -> 
 }
 
 fn parse_duration(value: &str, shown: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|e| format!("{shown} is not a duration such as 500ms, 30s or 1m 30s ({e})"))
+    humantime::parse_duration(value).map_err(|e| {
+        // The parser's message may repeat part of the value (the unit, or the
+        // number before a missing unit): left out when the value looks secret.
+        let why = if super::looks_secret(value) {
+            String::new()
+        } else {
+            format!(" ({})", redact_quoted(&e.to_string()))
+        };
+        format!("{shown} is not a duration such as 500ms, 30s or 1m 30s{why}")
+    })
 }
 
 fn parse_u32(value: &str, shown: &str) -> Result<u32, String> {
@@ -364,9 +395,18 @@ fn parse_bool(value: &str, shown: &str) -> Result<bool, String> {
 }
 
 /// Parses JSON without ever quoting the input: only syntax errors (which give
-/// a position, not the text) are possible here.
+/// a position, not the text) are possible here, and nesting deeper than
+/// [`MAX_NESTING_DEPTH`](super::MAX_NESTING_DEPTH) is refused before parsing.
 fn parse_json(value: &str, expected: &str) -> Result<serde_json::Value, String> {
-    serde_json::from_str(value).map_err(|e| format!("is not {expected}: {e}"))
+    if let Some(at) = super::depth::json(value) {
+        return Err(format!(
+            "is not {expected}: {} (at column {})",
+            super::depth::too_deep_message(),
+            value[..at].chars().count() + 1
+        ));
+    }
+    serde_json::from_str(value)
+        .map_err(|e| format!("is not {expected}: {}", redact_quoted(&e.to_string())))
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -411,7 +451,7 @@ fn set_provider_key(config: &mut Config, keys: &str, value: &str) -> Result<(), 
     let mut path = String::from("provider_config");
     for key in parents {
         path.push('.');
-        path.push_str(key);
+        path.push_str(&shown_in_error(key));
         let entry = map
             .entry(key.clone())
             .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
@@ -433,7 +473,10 @@ fn set_provider_key(config: &mut Config, keys: &str, value: &str) -> Result<(), 
 /// every accepted name.
 fn unknown_message(prefix: &str, field: &str) -> String {
     let suggestion = if let Some(rest) = field.strip_prefix("PROVIDER_CONFIG_") {
-        Some(format!("PROVIDER_CONFIG{KEY_SEPARATOR}{rest}"))
+        Some(format!(
+            "PROVIDER_CONFIG{KEY_SEPARATOR}{}",
+            shown_in_error(rest)
+        ))
     } else {
         FIELDS
             .iter()

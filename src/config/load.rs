@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
 
-use super::{Config, ProviderSection, SessionConfig};
+use super::{Config, ProviderSection, SessionConfig, depth};
 use crate::error::BackendError;
 
 const LOAD_OP: &str = "config.load";
@@ -115,6 +115,8 @@ fn strip_position(message: String, line: usize, column: usize) -> String {
 }
 
 /// Parses `input` as `T`, turning a parser error into `InvalidConfig`.
+/// Text nested deeper than [`MAX_NESTING_DEPTH`](super::MAX_NESTING_DEPTH) is
+/// refused first, without a parser reading it.
 ///
 /// The message is
 /// `invalid <FORMAT>: [<file>: ][line L, column C: ][<key path>: ]<parser message>`,
@@ -128,8 +130,18 @@ fn parse<T: DeserializeOwned>(
     origin: Option<&Path>,
     op: &'static str,
 ) -> Result<T, BackendError> {
-    let (position, (key, secret), inner) = match format {
-        Format::Toml => {
+    let too_deep = match format {
+        Format::Toml => depth::toml(input),
+        Format::Yaml => depth::yaml(input),
+        Format::Json => depth::json(input),
+    };
+    let (position, (key, secret), inner) = match (too_deep, format) {
+        (Some(offset), _) => (
+            Some(line_column(input, offset)),
+            Default::default(),
+            depth::too_deep_message(),
+        ),
+        (None, Format::Toml) => {
             let result = toml::Deserializer::parse(input)
                 .map_err(|e| (None, e))
                 .and_then(|de| {
@@ -145,7 +157,7 @@ fn parse<T: DeserializeOwned>(
                 ),
             }
         }
-        Format::Yaml => {
+        (None, Format::Yaml) => {
             let de = serde_yaml_ng::Deserializer::from_str(input);
             match serde_path_to_error::deserialize(de) {
                 Ok(v) => return Ok(v),
@@ -161,7 +173,7 @@ fn parse<T: DeserializeOwned>(
                 }
             }
         }
-        Format::Json => {
+        (None, Format::Json) => {
             let mut de = serde_json::Deserializer::from_str(input);
             let (key, e) = match serde_path_to_error::deserialize(&mut de) {
                 Ok(v) => match de.end() {
@@ -231,8 +243,12 @@ impl Config {
     ///
     /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
     /// `config.load`): `invalid TOML: line L, column C: ...` for a syntax error,
-    /// an unknown key (named in the message) or a value of the wrong type;
-    /// otherwise every violation found by
+    /// an unknown key (named in the message), a value of the wrong type or
+    /// nesting deeper than [`MAX_NESTING_DEPTH`](crate::MAX_NESTING_DEPTH)
+    /// (`nested deeper than the limit of 64 levels of tables and lists`, at
+    /// the line where it is passed); quoted keys and values are shown as
+    /// [`shown_in_error`](crate::shown_in_error) shows them; otherwise every
+    /// violation found by
     /// [`Config::violations_for_any_provider`] (the components the pipeline
     /// needs depend on the provider: `BackendRegistry::create` checks them).
     pub fn from_toml_str(toml: &str) -> Result<Config, BackendError> {
@@ -312,7 +328,13 @@ impl Config {
     /// `null` in `provider_config`).
     pub fn to_toml_string(&self) -> Result<String, BackendError> {
         toml::to_string(self).map_err(|e| {
-            BackendError::invalid_config(SAVE_OP, format!("cannot write config as TOML: {e}"))
+            BackendError::invalid_config(
+                SAVE_OP,
+                format!(
+                    "cannot write config as TOML: {}",
+                    ProviderSection::redact_quoted(&e.to_string())
+                ),
+            )
         })
     }
 
@@ -325,7 +347,13 @@ impl Config {
     /// `config.save`) if serialization fails.
     pub fn to_json_string(&self) -> Result<String, BackendError> {
         serde_json::to_string_pretty(self).map_err(|e| {
-            BackendError::invalid_config(SAVE_OP, format!("cannot write config as JSON: {e}"))
+            BackendError::invalid_config(
+                SAVE_OP,
+                format!(
+                    "cannot write config as JSON: {}",
+                    ProviderSection::redact_quoted(&e.to_string())
+                ),
+            )
         })
     }
 }
@@ -338,8 +366,9 @@ impl SessionConfig {
     ///
     /// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (operation
     /// `session_config.load`): `invalid JSON: ...` for a syntax error, an
-    /// unknown key or a value of the wrong type; otherwise every violation
-    /// found by [`SessionConfig::violations`].
+    /// unknown key, a value of the wrong type or nesting deeper than
+    /// [`MAX_NESTING_DEPTH`](crate::MAX_NESTING_DEPTH); otherwise every
+    /// violation found by [`SessionConfig::violations`].
     pub fn from_json_str(json: &str) -> Result<SessionConfig, BackendError> {
         let config: SessionConfig = parse(json, Format::Json, None, SESSION_LOAD_OP)?;
         config.violations().into_result(SESSION_LOAD_OP)?;

@@ -11,6 +11,7 @@
 //! [`crate::BackendProvider::validate_config`] and [`crate::parse_provider_config`]).
 
 mod builder;
+mod depth;
 mod env;
 mod load;
 mod secret;
@@ -26,9 +27,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::Agent;
 
+pub(crate) use depth::nesting_exceeded;
+
 pub use builder::ConfigBuilder;
 pub use load::parse_provider_config;
-pub use secret::{REDACTED, Secret};
+pub use secret::{REDACTED, Secret, looks_secret, shown_in_error};
 pub use validate::{ResolvedPipeline, Violation, Violations};
 
 /// The VAD a session uses when [`Config::vad_provider`] is unset.
@@ -63,6 +66,17 @@ pub const DEFAULT_RATE_LIMIT_PER_SECOND: f64 = 10.0;
 pub const DEFAULT_RATE_LIMIT_BURST: u32 = 20;
 /// Default [`Config::max_concurrent_sessions`]: 100.
 pub const DEFAULT_MAX_CONCURRENT_SESSIONS: u32 = 100;
+/// How deeply config text may nest tables and lists: 64 levels, the document
+/// itself being level 1 (`provider_config` is level 2, a list in it level 3).
+///
+/// Loading a [`Config`] (TOML, YAML or JSON), a [`SessionConfig`], or a JSON
+/// value of [`Config::apply_env`] refuses deeper text with
+/// [`InvalidConfig`](crate::error::ErrorCode::InvalidConfig) (`invalid YAML:
+/// line L, column C: nested deeper than the limit of 64 levels of tables and
+/// lists`) before any parser reads it: the YAML parser takes time quadratic in
+/// the depth, and the parsers' own recursion limits (all deeper than this
+/// one) give messages of their own. Real configs nest a few levels.
+pub const MAX_NESTING_DEPTH: usize = 64;
 
 /// How a session turns user speech into a reply.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -170,44 +184,6 @@ impl Serialize for ProcessorConfig {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         self.shown().serialize(serializer)
     }
-}
-
-/// Whether a word (ASCII letters, digits and `_`) looks like a generated
-/// secret rather than a name: at least 10 characters with 3 or more digits,
-/// or with 6 or more changes between lower case, upper case and digits
-/// (`Zq8Vw3Lp9Xr2Tn7`, `a3f9b2c4d5e6`; not `s2s_provider` or
-/// `maxConcurrentSessions`).
-fn looks_generated(word: &str) -> bool {
-    #[derive(PartialEq, Clone, Copy)]
-    enum Class {
-        Lower,
-        Upper,
-        Digit,
-        Other,
-    }
-    let class = |c: char| {
-        if c.is_ascii_lowercase() {
-            Class::Lower
-        } else if c.is_ascii_uppercase() {
-            Class::Upper
-        } else if c.is_ascii_digit() {
-            Class::Digit
-        } else {
-            Class::Other
-        }
-    };
-    if word.len() < 10 {
-        return false;
-    }
-    let digits = word.chars().filter(char::is_ascii_digit).count();
-    let changes = word
-        .chars()
-        .map(class)
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[0] != w[1] && w[0] != Class::Other && w[1] != Class::Other)
-        .count();
-    digits >= 3 || changes >= 6
 }
 
 /// `value` with every secret in it replaced: the whole value under a
@@ -333,7 +309,10 @@ mod strict {
                 let mut out = std::collections::BTreeMap::new();
                 while let Some(name) = map.next_key::<String>()? {
                     if out.contains_key(&name) {
-                        return Err(de::Error::custom(format!("component `{name}` given twice")));
+                        return Err(de::Error::custom(format!(
+                            "component `{}` given twice",
+                            super::ProviderSection::shown_key(&name)
+                        )));
                     }
                     let section = map.next_value::<super::ProviderSection>()?;
                     out.insert(name, section);
@@ -440,68 +419,20 @@ impl ProviderSection {
         .any(|w| k.contains(w))
     }
 
-    /// How a key (or other text) read from input is shown in errors. A word
-    /// is a run of ASCII letters, digits and `_`; the text is cut, and ends
-    /// with `…`,
-    /// - just after its first secret-looking word
-    ///   ([`ProviderSection::is_secret_key`]) when anything follows it, or
-    /// - just before its first word that looks like a generated secret
-    ///   ([`looks_generated`]),
-    ///
-    /// whichever comes first. A damaged file can run a secret key into its
-    /// value (`"auth_token: sk-…"` read as one key), swallow it into another
-    /// value with an unclosed quote, or move the value to where a key goes.
+    /// How a key (or other text) read from input is shown in errors: by
+    /// the crate's one rule, [`shown_in_error`]. A damaged file can run a
+    /// secret key into its value (`"auth_token: sk-…"` read as one key),
+    /// swallow it into another value with an unclosed quote, or move the value
+    /// to where a key goes.
     pub(crate) fn shown_key(key: &str) -> std::borrow::Cow<'_, str> {
-        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-        let mut at = 0;
-        while let Some(offset) = key[at..].find(word) {
-            let start = at + offset;
-            let end = key[start..]
-                .find(|c: char| !word(c))
-                .map_or(key.len(), |n| start + n);
-            let w = &key[start..end];
-            if looks_generated(w) {
-                return std::borrow::Cow::Owned(format!("{}…", &key[..start]));
-            }
-            if Self::is_secret_key(w) {
-                return if end == key.len() {
-                    std::borrow::Cow::Borrowed(key)
-                } else {
-                    std::borrow::Cow::Owned(format!("{}…", &key[..end]))
-                };
-            }
-            at = end;
-        }
-        std::borrow::Cow::Borrowed(key)
+        shown_in_error(key)
     }
 
-    /// `message` with every piece it quotes (between `"` or `` ` ``) shown as
-    /// [`ProviderSection::shown_key`] shows it: parsers quote unknown keys
-    /// and rejected values, which damage can fill with a secret.
+    /// `message` with every piece it quotes (between `"` or `` ` ``) shown by
+    /// [`shown_in_error`]: parsers quote unknown keys and rejected values,
+    /// which damage can fill with a secret.
     pub(crate) fn redact_quoted(message: &str) -> String {
-        let mut out = String::with_capacity(message.len());
-        let mut rest = message;
-        while let Some(open) = rest.find(['"', '`']) {
-            let quote = rest[open..].chars().next().unwrap_or('"');
-            out.push_str(&rest[..=open]);
-            let body = &rest[open + 1..];
-            // The closing quote; `\"` inside a double-quoted piece is escaped.
-            let mut close = None;
-            let mut escaped = false;
-            for (i, c) in body.char_indices() {
-                if c == quote && !escaped {
-                    close = Some(i);
-                    break;
-                }
-                escaped = quote == '"' && c == '\\' && !escaped;
-            }
-            let close = close.unwrap_or(body.len());
-            out.push_str(&Self::shown_key(&body[..close]));
-            out.push_str(&body[close..(close + 1).min(body.len())]);
-            rest = &body[(close + 1).min(body.len())..];
-        }
-        out.push_str(rest);
-        out
+        secret::redact_quoted(message)
     }
 
     /// A copy with every secret-looking value (at any depth) replaced by
@@ -772,47 +703,14 @@ mod tests {
     use super::ProviderSection;
 
     #[test]
-    fn a_key_is_cut_after_a_secret_word_that_something_follows() {
+    fn keys_are_shown_by_the_one_rule() {
         let shown = |k| ProviderSection::shown_key(k).into_owned();
         assert_eq!(shown("auth_token: sk-Zq8Vw3"), "auth_token…");
-        assert_eq!(shown("region: eu api_key: sk-1"), "region: eu api_key…");
-        assert_eq!(shown("token sk-1"), "token…");
-        // A plain name, or text with no secret word, is shown whole.
-        assert_eq!(shown("api_key"), "api_key");
-        assert_eq!(shown("api_key_2"), "api_key_2");
-        assert_eq!(shown("keyboard"), "keyboard");
-        assert_eq!(shown("300ms, region: eu"), "300ms, region: eu");
-        assert_eq!(shown(""), "");
-        // A word that looks generated is cut off whole.
         assert_eq!(shown("sk-Zq8Vw3Lp9Xr2Tn7"), "sk-…");
-        assert_eq!(shown("id a3f9b2c4d5e6 x"), "id …");
-        assert_eq!(shown("maxConcurrentSessions"), "maxConcurrentSessions");
+        assert_eq!(shown("api_key"), "api_key");
         assert_eq!(
-            shown("noise_cancellation_provider"),
-            "noise_cancellation_provider"
+            ProviderSection::redact_quoted("unknown field `sk_live_abcdefghijkl`"),
+            "unknown field `sk_…`"
         );
-        assert_eq!(shown("s2s_provider_v2"), "s2s_provider_v2");
-    }
-
-    #[test]
-    fn quoted_pieces_of_a_message_are_cut_and_the_rest_kept() {
-        let r = ProviderSection::redact_quoted;
-        assert_eq!(
-            r("unknown field `auth_token: sk-9`, expected `user_id` or `auth_token`"),
-            "unknown field `auth_token…`, expected `user_id` or `auth_token`"
-        );
-        assert_eq!(
-            r(r#"invalid value: string "5ms api_key: sk-9", expected a duration"#),
-            r#"invalid value: string "5ms api_key…", expected a duration"#
-        );
-        // An escaped quote does not end the piece.
-        assert_eq!(
-            r(r#"string "a \" token=sk-9 \" b" more"#),
-            r#"string "a \" token…" more"#
-        );
-        // An unclosed quote runs to the end.
-        assert_eq!(r("key `secret x"), "key `secret…");
-        assert_eq!(r("no quotes, token: x"), "no quotes, token: x");
-        assert_eq!(r("é`é`\"é"), "é`é`\"é");
     }
 }

@@ -3,10 +3,11 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::secret::quoted;
 use super::{
     Config, MAX_LATENCY_TARGET, MAX_MAX_RETRIES, MAX_RETRY_DELAY, MAX_TIMEOUT, MIN_LATENCY_TARGET,
     MIN_RETRY_DELAY, MIN_TIMEOUT, PipelineOverride, PipelineType, ProcessorConfig, ProviderSection,
-    REDACTED, SessionConfig,
+    REDACTED, SessionConfig, shown_in_error,
 };
 use crate::error::BackendError;
 use crate::provider::HostedStages;
@@ -15,7 +16,9 @@ use crate::provider::HostedStages;
 ///
 /// `Display` reads `path: message`, e.g.
 /// `latency_target: 50ms is out of range 100ms..=5s`. Messages never carry a
-/// secret's value.
+/// secret's value: the names and keys they quote are shown as
+/// [`shown_in_error`](crate::shown_in_error) shows them (cut where they look
+/// secret).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
     /// The path of the offending field, e.g. `latency_target`,
@@ -233,7 +236,10 @@ fn bad_name(v: &mut Violations, path: &str, name: &str) {
     if name.trim().is_empty() {
         v.push(path, "must be non-empty");
     } else {
-        v.push(path, format!("{name:?} has leading or trailing whitespace"));
+        v.push(
+            path,
+            format!("{} has leading or trailing whitespace", quoted(name)),
+        );
     }
 }
 
@@ -279,7 +285,7 @@ fn check_redaction_markers(v: &mut Violations, path: &str, value: &serde_json::V
     match value {
         serde_json::Value::Object(map) => {
             for (key, value) in map {
-                let child = format!("{path}.{key}");
+                let child = format!("{path}.{}", shown_in_error(key));
                 if ProviderSection::is_secret_key(key) && value.as_str() == Some(REDACTED) {
                     v.push(child, redaction_marker_message());
                 } else {
@@ -623,8 +629,8 @@ impl Config {
                     v.push(
                         path(),
                         format!(
-                            "duplicate processor name {:?} (also processors[{first}])",
-                            p.name
+                            "duplicate processor name {} (also processors[{first}])",
+                            quoted(&p.name)
                         ),
                     );
                 }
@@ -642,10 +648,11 @@ impl Config {
         }
 
         for (key, value) in &self.provider_config.0 {
+            let path = || format!("provider_config.{}", shown_in_error(key));
             if ProviderSection::is_secret_key(key) && value.as_str() == Some(REDACTED) {
-                v.push(format!("provider_config.{key}"), redaction_marker_message());
+                v.push(path(), redaction_marker_message());
             } else if value.is_object() || value.is_array() {
-                check_redaction_markers(&mut v, &format!("provider_config.{key}"), value);
+                check_redaction_markers(&mut v, &path(), value);
             }
         }
 
@@ -704,25 +711,30 @@ impl Config {
     fn check_component_options(&self, v: &mut Violations) {
         let used = self.component_names();
         for (name, section) in &self.components {
-            let path = format!("components.{name}");
+            let path = format!("components.{}", shown_in_error(name));
             if !used.contains(&name.as_str()) {
                 let used = if used.is_empty() {
                     "none".to_owned()
                 } else {
-                    used.join(", ")
+                    used.iter()
+                        .map(|n| shown_in_error(n))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
                 v.push(
                     path.clone(),
                     format!(
-                        "options for {name:?}, which this config does not use (it uses: {used})"
+                        "options for {}, which this config does not use (it uses: {used})",
+                        quoted(name)
                     ),
                 );
             } else if self.speaks_only(name) && !section.is_empty() {
                 v.push(
                     path.clone(),
                     format!(
-                        "options for {name:?}, the text-to-speech component: text-to-speech \
-                         components take no options, so these would be ignored"
+                        "options for {}, the text-to-speech component: text-to-speech \
+                         components take no options, so these would be ignored",
+                        quoted(name)
                     ),
                 );
             }
@@ -767,7 +779,7 @@ impl SessionConfig {
                         // Without `://`, what parsed as the scheme may be a
                         // user name (`user:password@host`): not quoted.
                         let what = if url.contains("://") {
-                            format!("scheme {scheme:?} is not supported")
+                            format!("scheme {} is not supported", quoted(scheme))
                         } else {
                             "has no scheme".to_owned()
                         };
