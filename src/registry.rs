@@ -605,12 +605,15 @@ impl<T: ?Sized + Send + Sync + 'static> Registry<T> {
         // that need escaping take the slower, quoting route.
         let (mut head, mut tail) = (&self.not_found_head[..], &table.not_found_tail[..]);
         let quoted;
-        let name = if name.bytes().all(|b| QUOTES_PLAIN[b as usize]) {
+        // Nothing shorter than 10 characters looks secret (`shown_in_error`).
+        let plain = name.bytes().all(|b| QUOTES_PLAIN[b as usize])
+            && (name.len() < 10 || !crate::config::looks_secret(name));
+        let name = if plain {
             name
         } else {
             // Without the quotes of `head` and `tail`: `{:?}` adds its own.
             (head, tail) = (&head[..head.len() - 1], &tail[1..]);
-            quoted = format!("{name:?}");
+            quoted = format!("{:?}", crate::config::shown_in_error(name));
             &quoted
         };
         let mut message = String::with_capacity(head.len() + name.len() + tail.len());

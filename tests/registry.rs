@@ -367,6 +367,19 @@ fn unknown_names_with_odd_characters_are_quoted_safely() {
     assert!(!err.message.contains('\n'));
 }
 
+#[test]
+fn unknown_names_that_look_secret_are_cut() {
+    let reg = BackendRegistry::new();
+    let key = "sk_live_4eC39HqLyjWDarjtT1zdp7dc";
+    let err = reg.get_provider(key).err().unwrap();
+    assert!(!err.message.contains(key), "{}", err.message);
+    assert!(!format!("{err:?}").contains(key));
+    assert!(err.message.contains("\"sk_…\""), "{}", err.message);
+    // Ordinary names are quoted whole.
+    let err = reg.get_provider("pipcat-provider").err().unwrap();
+    assert!(err.message.contains("\"pipcat-provider\""), "{}", err.message);
+}
+
 /// Lookups hit exactly the registered names, in tables of every size (small
 /// ones get a collision-free index, larger ones probe) and for names of every
 /// length, including names whose first and last bytes agree.
