@@ -1,3 +1,4 @@
 //! Test support: signals and the conformance suite.
 pub mod conformance;
+pub mod fuzz;
 pub mod signal;
