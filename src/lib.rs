@@ -37,6 +37,7 @@ pub use hooks::{
 };
 pub use provider::{
     BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities, ProviderEntry,
+    TurnPolicy,
 };
 pub use registry::{BackendRegistry, DuplicateEntry, Registry, new_backend, registry};
 pub use session::{

@@ -59,6 +59,23 @@ pub struct ProviderCapabilities {
     pub codecs: Vec<Codec>,
     /// Pipeline stages its service runs itself (the local engine runs the rest).
     pub hosted_stages: HostedStages,
+    /// Who ends the user's turn when the service transcribes.
+    pub turns: TurnPolicy,
+}
+
+/// Who ends the user's turn on a link to a service that transcribes
+/// ([`HostedStages::stt`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TurnPolicy {
+    /// The service ends turns: its final transcript ends the user's turn
+    /// (Pipecat: the bot's own VAD and turn analysis).
+    #[default]
+    Service,
+    /// The local VAD and turn detector end turns and tell the service, which
+    /// then finishes its transcript (Cartesia's `finalize`).
+    Local,
 }
 
 /// Pipeline stages a provider's service runs itself.
@@ -159,9 +176,13 @@ pub type ProviderEntry = StaticEntry<dyn BackendProvider>;
 
 /// Registers a provider with every [`crate::BackendRegistry`] at link time.
 ///
-/// Call it once, at module level, with the provider's name and a function (or
-/// non-capturing closure) returning the provider value. Crates outside
-/// `voice-backends` can use it too; they need no direct `linkme` dependency.
+/// Call it once, at module level, either with a type that implements
+/// [`runtime::Provider`](crate::runtime::Provider) (the usual way:
+/// `register_provider!(AcmeProvider);` derives everything from its typed
+/// config, see the README's "Writing a provider"), or with the provider's
+/// name and a function (or non-capturing closure) returning a
+/// [`BackendProvider`] value, as below. Crates outside `voice-backends` can
+/// use it too; they need no direct `linkme` dependency.
 ///
 /// ```
 /// # use std::sync::Arc;
@@ -214,5 +235,11 @@ macro_rules! register_provider {
                 },
             };
         };
+    };
+    ($provider:ty $(,)?) => {
+        $crate::register_provider!(
+            <$provider as $crate::runtime::Provider>::NAME,
+            $crate::runtime::Registered::<$provider>::new
+        );
     };
 }

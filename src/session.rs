@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::Agent;
 use crate::audio::AudioFrame;
+use crate::config::Secret;
 use crate::error::Result;
 use crate::pipeline::events::SessionEvents;
 
@@ -411,6 +412,97 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
 
     /// Merges `metadata` into the session's metadata (a `null` value removes a key).
     async fn update_metadata(&self, metadata: BTreeMap<String, serde_json::Value>) -> Result<()>;
+
+    /// What the provider published for the application about this session
+    /// (a room, the user's join token, a server URL, a call id); empty by
+    /// default.
+    fn info(&self) -> SessionInfo {
+        SessionInfo::default()
+    }
+}
+
+/// Values a provider publishes on a session for the application: a room
+/// name, the user's join token, a server URL, a call id. Cheap to clone
+/// (every clone is the same table). Values marked secret
+/// ([`SessionInfo::set_secret`]) show as `[redacted]` in `Debug` and in
+/// [`SessionInfo::redacted`]; [`SessionInfo::get`] hands them out, for the
+/// session's own client.
+#[derive(Clone, Default)]
+pub struct SessionInfo {
+    values: Arc<std::sync::RwLock<BTreeMap<String, InfoValue>>>,
+}
+
+#[derive(Clone)]
+enum InfoValue {
+    Plain(String),
+    Secret(Secret),
+}
+
+impl SessionInfo {
+    /// Publishes `key` = `value`.
+    pub fn set(&self, key: impl Into<String>, value: impl Into<String>) {
+        self.write()
+            .insert(key.into(), InfoValue::Plain(value.into()));
+    }
+
+    /// Publishes `key` = `value`, a secret (a join token).
+    pub fn set_secret(&self, key: impl Into<String>, value: Secret) {
+        self.write().insert(key.into(), InfoValue::Secret(value));
+    }
+
+    /// The value of `key`, secret or not.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.read().get(key).map(|v| match v {
+            InfoValue::Plain(s) => s.clone(),
+            InfoValue::Secret(s) => s.expose().to_owned(),
+        })
+    }
+
+    /// Whether nothing is published.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// Every value, secrets included: what the session's own client is
+    /// given (`serve`'s `ready` message).
+    pub fn exposed(&self) -> BTreeMap<String, String> {
+        self.read()
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.get(k)?)))
+            .collect()
+    }
+
+    /// Every value, secrets as `[redacted]`: what logs may show.
+    pub fn redacted(&self) -> BTreeMap<String, String> {
+        self.read()
+            .iter()
+            .map(|(k, v)| {
+                let shown = match v {
+                    InfoValue::Plain(s) => s.clone(),
+                    InfoValue::Secret(_) => crate::config::REDACTED.to_owned(),
+                };
+                (k.clone(), shown)
+            })
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, InfoValue>> {
+        self.values
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, InfoValue>> {
+        self.values
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for SessionInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.redacted()).finish()
+    }
 }
 
 #[cfg(test)]

@@ -102,18 +102,23 @@ fn config() -> Config {
 }
 
 #[tokio::test(start_paused = true)]
-async fn retries_with_doubling_backoff_then_connects() {
+async fn retries_with_jittered_doubling_backoff_then_connects() {
     let connector = Arc::new(Flaky::new(2, ErrorCode::ConnectionFailed));
     let backend = RuntimeBackend::new(connector.clone(), &config()).unwrap();
     backend.start().await.unwrap();
     assert_eq!(backend.connection_state(), ConnectionState::Connected);
     let at = connector.at.lock().unwrap().clone();
     assert_eq!(at.len(), 3);
-    assert_eq!(at[1] - at[0], Duration::from_millis(100));
-    assert_eq!(
-        at[2] - at[1],
-        Duration::from_millis(200),
-        "the delay doubles"
+    // Full jitter: each delay is drawn from zero to the doubled bound.
+    assert!(
+        at[1] - at[0] <= Duration::from_millis(100),
+        "{:?}",
+        at[1] - at[0]
+    );
+    assert!(
+        at[2] - at[1] <= Duration::from_millis(200),
+        "the bound doubles: {:?}",
+        at[2] - at[1]
     );
     let snap = backend.metrics().unwrap().snapshot();
     assert!(
@@ -166,9 +171,12 @@ async fn a_hanging_connect_times_out_on_each_attempt() {
     assert_eq!(err.code, ErrorCode::ConnectionFailed);
     assert!(err.message.contains("timeout"), "{err}");
     assert_eq!(connector.attempts.load(Ordering::SeqCst), 2);
-    assert_eq!(
-        started.elapsed(),
-        Duration::from_secs(4) + Duration::from_millis(100)
+    // Two attempts of 2 s each, and a jittered delay of at most 100 ms.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(4)
+            && took <= Duration::from_secs(4) + Duration::from_millis(100),
+        "{took:?}"
     );
 }
 
@@ -520,8 +528,10 @@ mod link_state {
 
     use async_trait::async_trait;
     use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
-    use voice_backends::pipeline::{S2sEvent, S2sStream};
-    use voice_backends::runtime::{Connector, Link, LinkEvents, LinkRequest, RuntimeBackend};
+    use voice_backends::pipeline::link::{LinkEvent, LinkInput};
+    use voice_backends::runtime::{
+        Connector, Link, LinkEvents, LinkRequest, RuntimeBackend, ServiceLink,
+    };
     use voice_backends::{
         AudioFrame, Config, ConnectionState, ErrorCode, PipelineState, ProviderCapabilities,
         SessionConfig, VoiceBackend, registry,
@@ -530,14 +540,14 @@ mod link_state {
     /// A link that takes the user's audio and says nothing by itself.
     struct Mute;
 
-    impl S2sStream for Mute {
+    impl LinkInput for Mute {
         fn push_audio(&mut self, _: &AudioFrame) -> voice_backends::Result<()> {
             Ok(())
         }
         fn end_turn(&mut self) -> voice_backends::Result<()> {
             Ok(())
         }
-        fn interrupt(&mut self) {}
+        fn cancel(&mut self) {}
     }
 
     /// A connector whose sessions get a [`Mute`] link; the test speaks for
@@ -564,11 +574,11 @@ mod link_state {
         async fn open_link(&self, _: LinkRequest<'_>) -> voice_backends::Result<Option<Link>> {
             let (events, rx) = LinkEvents::channel(16);
             *self.link.lock().unwrap() = Some(events);
-            Ok(Some(Link {
-                stream: Box::new(Mute),
+            Ok(Some(Link::Service(ServiceLink {
+                input: Box::new(Mute),
                 events: rx,
                 speaker: None,
-            }))
+            })))
         }
     }
 
@@ -643,7 +653,7 @@ mod link_state {
         );
 
         let link = connector.events();
-        link.send(S2sEvent::Connection(ConnectionState::Reconnecting))
+        link.send(LinkEvent::Connection(ConnectionState::Reconnecting))
             .await;
         assert_eq!(
             next(&mut first, is_connection).await,
@@ -654,7 +664,7 @@ mod link_state {
             second.try_recv(),
             Some(connection(ConnectionState::Reconnecting))
         );
-        link.send(S2sEvent::Connection(ConnectionState::Connected))
+        link.send(LinkEvent::Connection(ConnectionState::Connected))
             .await;
         for events in [&mut first, &mut second] {
             assert_eq!(
@@ -662,7 +672,7 @@ mod link_state {
                 connection(ConnectionState::Connected)
             );
         }
-        link.send(S2sEvent::Failed {
+        link.send(LinkEvent::Failed {
             code: ErrorCode::ConnectionFailed,
             message: "gone".into(),
         })
@@ -725,7 +735,7 @@ mod link_state {
                 } else {
                     ConnectionState::Connected
                 };
-                link.send(S2sEvent::Connection(state)).await;
+                link.send(LinkEvent::Connection(state)).await;
                 if i % 64 == 0 {
                     tokio::task::yield_now().await;
                 }

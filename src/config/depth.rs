@@ -23,6 +23,7 @@ pub(super) fn too_deep_message() -> String {
 
 /// Whether `text`, in the format named `format` (`TOML`, `YAML` or `JSON`),
 /// nests deeper than [`MAX_NESTING_DEPTH`]; `false` for any other name.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
 pub(crate) fn nesting_exceeded(text: &str, format: &str) -> bool {
     match format {
         "TOML" => toml(text).is_some(),

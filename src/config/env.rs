@@ -89,7 +89,7 @@ impl Config {
     /// or, when all parse, every violation of the result (see
     /// [`Config::violations`]). The value of a secret-looking variable (see
     /// [`ProviderSection::is_secret_key`]) never appears in a message, and
-    /// other values are quoted as [`shown_in_error`](crate::shown_in_error)
+    /// other values are quoted as [`shown_in_error`]
     /// shows them (a secret-looking value is cut). A JSON value nested deeper
     /// than [`MAX_NESTING_DEPTH`](crate::MAX_NESTING_DEPTH) is refused. On
     /// error the config is left unchanged.

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::Agent;
 
+#[cfg(feature = "cli")]
 pub(crate) use depth::nesting_exceeded;
 
 pub use builder::ConfigBuilder;

@@ -21,6 +21,7 @@
 pub mod builtin;
 pub mod engine;
 pub mod events;
+pub mod link;
 
 use std::sync::OnceLock;
 use std::time::Duration;

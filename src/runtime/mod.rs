@@ -28,15 +28,28 @@ use crate::hooks::{Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter,
 use crate::metrics::{Metrics, Op, PROCESS_AUDIO_LATENCY_SAMPLE};
 use crate::pipeline::engine::{Engine, EngineParts, PreparedConverters};
 use crate::pipeline::events::SessionEvents;
+use crate::pipeline::link::Remote;
 use crate::pipeline::{ComponentRegistries, components};
 use crate::provider::HostedStages;
 use crate::provider::ProviderCapabilities;
 use crate::session::{
-    AudioReceiver, PersistenceStatus, PipelineState, ProcessAudio, SessionId, VoiceSession,
+    AudioReceiver, PersistenceStatus, PipelineState, ProcessAudio, SessionId, SessionInfo,
+    VoiceSession,
 };
 
 mod link;
-pub use link::{Handed, Link, LinkEvents, LinkRequest, MAX_RETRY_DELAY, RetryPolicy};
+mod media;
+mod provider;
+#[cfg(feature = "link-websocket")]
+pub use link::{
+    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage,
+    endpoint_of,
+};
+pub use link::{
+    Handed, Link, LinkEvent, LinkEvents, LinkInput, LinkRequest, MAX_RETRY_DELAY, MediaLink,
+    RetryPolicy, ServiceLink,
+};
+pub use provider::{Provider, Registered};
 
 /// The VAD used when the config names none.
 pub const DEFAULT_VAD: &str = crate::config::DEFAULT_VAD_PROVIDER;
@@ -64,6 +77,19 @@ pub trait Connector: Send + Sync + 'static {
     /// Pipeline stages the service runs itself (see [`Connector::open_link`]).
     fn hosted_stages(&self) -> HostedStages {
         HostedStages::NONE
+    }
+
+    /// Takes an updated config (already checked by the runtime): sessions
+    /// opened from now on use it. The default checks it with
+    /// [`Connector::validate_config`] and keeps nothing; a
+    /// [`Provider`](crate::runtime::Provider)'s connector makes the provider
+    /// anew from it.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig`: the update is refused and nothing changes.
+    fn reconfigure(&self, config: &Config) -> Result<()> {
+        self.validate_config(config)
     }
 
     /// Connects to the service.
@@ -434,19 +460,19 @@ impl Inner {
         let hosted = self.connector.hosted_stages();
         let pipeline = config.resolve_pipeline_for(&base, hosted)?;
         let id = next_session_id();
+        let info = SessionInfo::default();
         let link = RetryPolicy::from_config(&base)
             .run(
                 OP,
                 &self.provider,
                 || {
-                    self.connector.open_link(LinkRequest {
-                        session_id: id.as_str(),
-                        user_id: &config.user_id,
-                        config: &base,
-                        metadata: &config.metadata,
-                        retry: RetryPolicy::from_config(&base),
-                        metrics: &self.metrics,
-                    })
+                    self.connector.open_link(LinkRequest::new(
+                        id.as_str(),
+                        &base,
+                        &config,
+                        &self.metrics,
+                        &info,
+                    ))
                 },
                 |attempt, delay, e| {
                     tracing::warn!(attempt, code = %e.code, "opening the session's link failed, retrying in {delay:?}: {}", e.message);
@@ -471,16 +497,25 @@ impl Inner {
             processors.push(reg.processor.get(&p.name)?.create(&opts, p.order)?);
         }
         sort_processors(&mut processors);
-        let linked = link.is_some();
-        let remote_turns = linked && hosted.stt;
-        let (stt, s2s, tts) = match (link, pipeline.pipeline_type) {
+        let (link, media) = match link {
+            Some(Link::Service(link)) => (Some(link), None),
+            Some(Link::Media(media)) => (None, Some(media)),
+            None => (None, None),
+        };
+        let (stt, remote, tts) = match (link, pipeline.pipeline_type) {
             (Some(link), _) => {
                 let tts = match (link.speaker, &base.tts_provider) {
                     (Some(speaker), _) => Some(speaker),
                     (None, Some(n)) => Some(reg.tts.get(n)?),
                     (None, None) => None,
                 };
-                (None, Some((link.stream, link.events)), tts)
+                let remote = Remote::Link {
+                    input: link.input,
+                    events: link.events,
+                    hosts_stt: hosted.stt,
+                    turns: self.caps.turns,
+                };
+                (None, Some(remote), tts)
             }
             (None, PipelineType::SttTts) => {
                 let stt_name = pipeline.stt_provider.as_deref().unwrap_or_default();
@@ -497,7 +532,7 @@ impl Inner {
                     Some(n) => Some(reg.tts.get(n)?),
                     None => None,
                 };
-                (None, Some((stream, rx)), tts)
+                (None, Some(Remote::Model(stream, rx)), tts)
             }
         };
         let (input_format, output_format) = (config.input_format, config.output_format);
@@ -519,17 +554,16 @@ impl Inner {
             vad,
             turn,
             stt,
-            s2s,
+            remote,
             tts,
             agent: config.agent.clone(),
             metrics: self.metrics.clone(),
             agent_timeout: base.timeout,
-            remote_turns,
-            link: linked,
+            media: media.is_some(),
             converters,
         })
         .map_err(|e| e.with_op(OP))?;
-        Ok(Arc::new(RuntimeSession {
+        let session = Arc::new(RuntimeSession {
             id,
             user_id: config.user_id,
             engine,
@@ -537,7 +571,13 @@ impl Inner {
             metadata: RwLock::new(config.metadata),
             timeout: base.timeout,
             frames: AtomicU64::new(0),
-        }))
+            info,
+            media: media.is_some(),
+        });
+        if let Some(media) = media {
+            media::carry(&session, media)?;
+        }
+        Ok(session)
     }
 }
 
@@ -757,6 +797,12 @@ impl VoiceBackend for RuntimeBackend {
                 .map_err(|e| e.with_op(OP))?;
             check_components(self.inner.components, &config).map_err(|e| e.with_op(OP))?;
             let limiter = fallback_limiter(&config)?;
+            // Last, once nothing else can refuse the update: the provider
+            // takes the new config.
+            self.inner
+                .connector
+                .reconfigure(&config)
+                .map_err(|e| e.with_op(OP))?;
             // The config's lock is held while the limiter changes, so two
             // updates cannot leave one's limiter with the other's config.
             let mut current = self
@@ -912,6 +958,11 @@ pub struct RuntimeSession {
     user_id: String,
     metadata: RwLock<BTreeMap<String, serde_json::Value>>,
     timeout: Duration,
+    /// What the provider published for the application.
+    info: SessionInfo,
+    /// The session's media goes through a [`MediaLink`]: its reply audio is
+    /// the link's.
+    media: bool,
 }
 
 impl fmt::Debug for RuntimeSession {
@@ -1052,7 +1103,18 @@ impl VoiceSession for RuntimeSession {
 
     #[tracing::instrument(name = "session.receive_audio", skip_all, fields(session_id = %self.id))]
     fn receive_audio(&self) -> Result<AudioReceiver> {
+        if self.media {
+            return Err(BackendError::new(
+                "session.receive_audio",
+                ErrorCode::PipelineError,
+                "the session's reply audio goes to its provider's media link",
+            ));
+        }
         self.engine.take_receiver()
+    }
+
+    fn info(&self) -> SessionInfo {
+        self.info.clone()
     }
 
     #[tracing::instrument(name = "session.send_text", skip_all, fields(session_id = %self.id))]
@@ -1106,7 +1168,28 @@ mod tests {
     use super::*;
     use crate::audio::{AudioEncoding, AudioFormat};
     use crate::config::PipelineType;
-    use crate::providers::local::LocalConnector;
+
+    /// The `local` provider's connector: nothing to connect to.
+    struct LocalConnector;
+
+    #[async_trait]
+    impl Connector for LocalConnector {
+        fn provider(&self) -> &str {
+            "local"
+        }
+
+        fn capabilities(&self) -> ProviderCapabilities {
+            ProviderCapabilities::default()
+        }
+
+        fn validate_config(&self, _: &Config) -> Result<()> {
+            Ok(())
+        }
+
+        async fn connect(&self, _: &Config) -> Result<()> {
+            Ok(())
+        }
+    }
 
     async fn echo_backend() -> RuntimeBackend {
         let mut config = Config::new("local");

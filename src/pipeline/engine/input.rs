@@ -12,9 +12,9 @@ use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::AudioProcessor;
 use crate::metrics::DropReason;
 use crate::pipeline::events::SessionEvent;
-use crate::pipeline::{
-    INTERNAL_FORMAT, S2sStream, SttStream, TurnDetector, TurnSignal, Vad, VadDecision,
-};
+use crate::pipeline::{INTERNAL_FORMAT, SttStream, TurnDetector, TurnSignal, Vad, VadDecision};
+
+use crate::pipeline::link::RemoteInput;
 
 use super::Engine;
 use super::shared::Control;
@@ -28,7 +28,7 @@ use super::shared::Control;
 pub(super) struct Input {
     pub(super) vad: Box<dyn Vad>,
     pub(super) turn: Box<dyn TurnDetector>,
-    pub(super) s2s: Option<Box<dyn S2sStream>>,
+    pub(super) remote: Option<RemoteInput>,
     pub(super) stt: Option<Box<dyn SttStream>>,
     pub(super) processors: Vec<Box<dyn AudioProcessor>>,
     pub(super) silence: Duration,
@@ -143,8 +143,8 @@ impl Engine {
                 if let Some(stt) = input.stt.as_mut() {
                     ended = stt.end_turn();
                 }
-                if let (Ok(()), Some(s2s)) = (&ended, input.s2s.as_mut()) {
-                    ended = s2s.end_turn();
+                if let (Ok(()), Some(remote)) = (&ended, input.remote.as_mut()) {
+                    ended = remote.end_turn();
                 }
                 if let Err(e) = ended {
                     // Nothing will answer this turn: back to listening.
@@ -202,9 +202,9 @@ impl Engine {
                 .in_scope(|| stt.push_audio(frame))
                 .map_err(|e| e.with_op("session.process_audio"))?;
         }
-        if let Some(s2s) = input.s2s.as_mut() {
+        if let Some(remote) = input.remote.as_mut() {
             tracing::trace_span!("s2s")
-                .in_scope(|| s2s.push_audio(frame))
+                .in_scope(|| remote.push_audio(frame))
                 .map_err(|e| e.with_op("session.process_audio"))?;
         }
         Ok(())
@@ -213,8 +213,8 @@ impl Engine {
     pub(super) fn barge_in(&self, input: &mut Input) {
         // Flush at once, from here: the session task also drops its queue.
         self.shared.output.flush();
-        if let Some(s2s) = input.s2s.as_mut() {
-            s2s.interrupt();
+        if let Some(remote) = input.remote.as_mut() {
+            remote.interrupt();
         }
         self.shared.replying.store(false, Ordering::Release);
         let turn = self.shared.turns.load(Ordering::Acquire);

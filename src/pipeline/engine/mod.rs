@@ -65,9 +65,8 @@ use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::AudioProcessor;
 use crate::metrics::Metrics;
 use crate::pipeline::events::{SessionEvent, SessionEvents};
-use crate::pipeline::{
-    INTERNAL_FORMAT, S2sEvent, S2sStream, SttEvent, SttStream, TextToSpeech, TurnDetector, Vad,
-};
+use crate::pipeline::link::Remote;
+use crate::pipeline::{INTERNAL_FORMAT, SttEvent, SttStream, TextToSpeech, TurnDetector, Vad};
 use crate::session::{AudioReceiver, PipelineState, audio_channel};
 
 // Where each part of the engine is (the handle, `Engine`, is here):
@@ -132,8 +131,20 @@ pub struct EngineParts {
     pub turn: Box<dyn TurnDetector>,
     /// Speech recognition: the stream and its events (stt_tts pipelines).
     pub stt: Option<(Box<dyn SttStream>, mpsc::Receiver<SttEvent>)>,
-    /// Speech-to-speech: the stream and its events (s2s pipelines).
-    pub s2s: Option<(Box<dyn S2sStream>, mpsc::Receiver<S2sEvent>)>,
+    /// A speech-to-speech model (s2s pipelines), or the session's link to
+    /// its provider's service ([`Remote`]). With a link, the engine keeps
+    /// the link's state from its connection events, and each new subscriber
+    /// hears that state first ([`Engine::subscribe`]); with a service that
+    /// ends turns itself (a final transcript from it ends a turn), local VAD
+    /// and turn detection still run, for barge-in; with the local turn
+    /// detector ending turns, the service is told
+    /// ([`LinkInput::end_turn`](crate::pipeline::link::LinkInput::end_turn))
+    /// and its transcripts are matched to the turns as an STT's are.
+    pub remote: Option<Remote>,
+    /// The session's media goes through a media link
+    /// ([`crate::runtime::MediaLink`]): the engine keeps its state for new
+    /// subscribers, as for a [`Remote::Link`].
+    pub media: bool,
     /// Speech synthesis for agent replies.
     pub tts: Option<Arc<dyn TextToSpeech>>,
     /// The application's agent, if set up front.
@@ -142,16 +153,6 @@ pub struct EngineParts {
     pub metrics: Arc<Metrics>,
     /// How long the agent may take to answer a turn.
     pub agent_timeout: Duration,
-    /// `s2s` is a remote service that hears every frame and ends the user's
-    /// turns itself (a final transcript from it ends a turn). Local VAD and
-    /// turn detection still run, for barge-in.
-    pub remote_turns: bool,
-    /// `s2s` is a session's link to its provider's service
-    /// ([`crate::runtime::Link`]), connected when the engine is made. The
-    /// engine then keeps the link's state from its
-    /// [`S2sEvent::Connection`] events, and each new subscriber hears that
-    /// state first ([`Engine::subscribe`]).
-    pub link: bool,
     /// Converters made beforehand, used when their formats match: from
     /// `input_format` to the internal format, and from the internal format to
     /// `output_format`. A resampler between unrelated rates (44.1 kHz and
@@ -248,9 +249,13 @@ impl Engine {
             Some((s, rx)) => (Some(s), Some(rx)),
             None => (None, None),
         };
-        let (s2s, s2s_events) = match parts.s2s {
-            Some((s, rx)) => (Some(s), Some(rx)),
-            None => (None, None),
+        let linked = parts.media || matches!(parts.remote, Some(Remote::Link { .. }));
+        let (remote, remote_events, remote_turns, link_finals) = match parts.remote {
+            Some(r) => {
+                let (input, events, remote_turns, finals) = r.split();
+                (Some(input), Some(events), remote_turns, finals)
+            }
+            None => (None, None, false, false),
         };
         let shared = Arc::new(Shared {
             session_id: parts.session_id,
@@ -265,9 +270,10 @@ impl Engine {
             agent_timeout: parts.agent_timeout,
             turns: AtomicU64::new(0),
             replying: AtomicBool::new(false),
-            remote_turns: parts.remote_turns,
+            remote_turns,
+            link_finals,
             finished: watch::Sender::new(false),
-            link: Mutex::new(parts.link.then_some(ConnectionState::Connected)),
+            link: Mutex::new(linked.then_some(ConnectionState::Connected)),
             hint: Mutex::new(None),
             hint_ready: AtomicBool::new(false),
         });
@@ -278,7 +284,7 @@ impl Engine {
             input: Mutex::new(Input {
                 vad: parts.vad,
                 turn: parts.turn,
-                s2s,
+                remote,
                 stt,
                 processors: parts.processors,
                 silence: Duration::ZERO,
@@ -286,7 +292,7 @@ impl Engine {
                 pre_roll_limit,
                 pre_roll: VecDeque::new(),
                 in_speech: false,
-                remote_turns: parts.remote_turns,
+                remote_turns,
                 converter: FormatFollower::from(parts.converters.input),
             }),
             shared,
@@ -295,7 +301,7 @@ impl Engine {
             task: Mutex::new(Some(TaskParts {
                 control: control_rx,
                 stt_events,
-                s2s_events,
+                remote_events,
                 tts: parts.tts,
                 output_converter: parts.converters.output,
             })),
@@ -371,6 +377,22 @@ impl Engine {
             Some(state) => events.starting_with(SessionEvent::Connection { state }),
             None => events,
         }
+    }
+
+    /// A change of the session's media link: kept for new subscribers and
+    /// told to the current ones ([`SessionEvent::Connection`]).
+    pub fn link_state(&self, state: ConnectionState) {
+        self.shared.connection(state);
+    }
+
+    /// The session's media link is lost for good: the session reports the
+    /// error and goes to the error state, as for a lost service link.
+    pub fn link_failed(&self, code: crate::error::ErrorCode, message: String) {
+        tracing::error!(code = %code, "the session's link failed: {message}");
+        self.shared.metrics.error(crate::metrics::Op::Turn, code);
+        self.shared.emit(SessionEvent::Error { code, message });
+        self.shared.connection(ConnectionState::Error);
+        self.shared.set_state(PipelineState::Error);
     }
 
     /// Takes the session's output audio stream (once).

@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use crate::backend::ConnectionState;
 use crate::metrics::Op;
-use crate::pipeline::S2sEvent;
 use crate::pipeline::events::SessionEvent;
+use crate::pipeline::{S2sEvent, SttEvent};
 use crate::session::PipelineState;
 
 use super::latency::TurnClock;
@@ -61,6 +61,16 @@ impl Task {
                 text,
                 is_final: true,
             } if shared.remote_turns => self.remote_turn_ended(text, reply_rx),
+            // A link told of turn ends by the local detector: its transcripts
+            // are matched to those turns, as an STT's are.
+            S2sEvent::UserTranscript { text, is_final } if shared.link_finals => {
+                let event = if is_final {
+                    SttEvent::Final(text)
+                } else {
+                    SttEvent::Partial(text)
+                };
+                self.on_stt(event, reply_rx);
+            }
             S2sEvent::UserTranscript { text, is_final } => {
                 if !is_final {
                     shared.hint(&text);

@@ -53,6 +53,9 @@ pub(super) struct Shared {
     pub(super) replying: AtomicBool,
     /// The S2S stream is a remote service that ends turns itself.
     pub(super) remote_turns: bool,
+    /// The link's transcripts are matched to locally ended turns, as an
+    /// STT's are (a link whose turns the local detector ends).
+    pub(super) link_finals: bool,
     /// Set once the session has ended (its task finished, or it was stopped
     /// before it started), for every `stop` caller to wait on.
     pub(super) finished: watch::Sender<bool>,

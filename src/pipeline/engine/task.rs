@@ -14,6 +14,7 @@ use crate::audio::{AudioConverter, FormatFollower};
 use crate::error::{ErrorCode, Result};
 use crate::metrics::Op;
 use crate::pipeline::events::SessionEvent;
+use crate::pipeline::link::RemoteEvents;
 use crate::pipeline::{S2sEvent, SttEvent, TextToSpeech};
 use crate::session::PipelineState;
 use crate::wake::InputMarks;
@@ -27,7 +28,7 @@ use super::turns::Finals;
 pub(super) struct TaskParts {
     pub(super) control: mpsc::UnboundedReceiver<Control>,
     pub(super) stt_events: Option<mpsc::Receiver<SttEvent>>,
-    pub(super) s2s_events: Option<mpsc::Receiver<S2sEvent>>,
+    pub(super) remote_events: Option<RemoteEvents>,
     pub(super) tts: Option<Arc<dyn TextToSpeech>>,
     pub(super) output_converter: Option<AudioConverter>,
 }
@@ -142,11 +143,12 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
     let TaskParts {
         mut control,
         mut stt_events,
-        mut s2s_events,
+        mut remote_events,
         tts,
         output_converter,
     } = parts;
     let _finish = Finish(shared.clone());
+    let shared_link_finals = shared.link_finals;
     let (reply_tx, mut reply_rx) = mpsc::channel::<ReplyMsg>(32);
     let mut task = Task {
         shared,
@@ -165,7 +167,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
         stopping: None,
         cut: false,
         finals: Finals {
-            enabled: stt_events.is_some(),
+            enabled: stt_events.is_some() || shared_link_finals,
             ..Finals::default()
         },
     };
@@ -200,7 +202,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
             {
                 return Poll::Ready(Woke::Stt(ev));
             }
-            if let Some(rx) = s2s_events.as_mut()
+            if let Some(rx) = remote_events.as_mut()
                 && let Some(ev) = inputs.poll(IN_S2S, |cx| rx.poll_recv(cx))
             {
                 return Poll::Ready(Woke::S2s(ev));
@@ -226,7 +228,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
 
         let replies = task.replies;
         match woke {
-            Woke::Control(Some(msg)) => task.on_control(msg, &mut s2s_events, &mut reply_rx),
+            Woke::Control(Some(msg)) => task.on_control(msg, &mut remote_events, &mut reply_rx),
             Woke::Control(None) => break,
             Woke::Stt(Some(ev)) => {
                 task.on_stt(ev, &mut reply_rx);
@@ -245,17 +247,19 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
             Woke::S2s(Some(ev)) => {
                 task.on_s2s(ev, &mut reply_rx);
                 for _ in 1..EVENT_BATCH {
-                    let Some(rx) = s2s_events.as_mut() else { break };
+                    let Some(rx) = remote_events.as_mut() else {
+                        break;
+                    };
                     if inputs.marked(IN_CONTROL) {
                         break;
                     }
                     match rx.try_recv() {
-                        Ok(ev) => task.on_s2s(ev, &mut reply_rx),
-                        Err(_) => break,
+                        Some(ev) => task.on_s2s(ev, &mut reply_rx),
+                        None => break,
                     }
                 }
             }
-            Woke::S2s(None) => s2s_events = None,
+            Woke::S2s(None) => remote_events = None,
             Woke::Reply(result) => {
                 task.reply = None;
                 task.reply_done = true;

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use crate::metrics::LatencyStage;
 use crate::pipeline::events::SessionEvent;
+use crate::pipeline::link::RemoteEvents;
 use crate::pipeline::{S2sEvent, SttEvent};
 use crate::session::PipelineState;
 
@@ -53,7 +54,7 @@ impl Task {
     pub(super) fn on_control(
         &mut self,
         msg: Control,
-        s2s_events: &mut Option<mpsc::Receiver<S2sEvent>>,
+        remote_events: &mut Option<RemoteEvents>,
         reply_rx: &mut mpsc::Receiver<ReplyMsg>,
     ) {
         let shared = &*self.shared;
@@ -80,8 +81,8 @@ impl Task {
                 // Reply audio the S2S model had already queued is part of the
                 // cut reply; what else it sent is handled after the cut.
                 let mut kept = Vec::new();
-                if let Some(rx) = s2s_events.as_mut() {
-                    while let Ok(ev) = rx.try_recv() {
+                if let Some(rx) = remote_events.as_mut() {
+                    while let Some(ev) = rx.try_recv() {
                         match ev {
                             S2sEvent::Audio(_) | S2sEvent::ReplyDone | S2sEvent::Interrupted => {}
                             other => kept.push(other),

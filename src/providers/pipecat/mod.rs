@@ -2,22 +2,24 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::backend::VoiceBackend;
 use crate::config::{Config, Secret, Violations, parse_provider_config};
 use crate::error::{BackendError, ErrorCode, Result};
-use crate::provider::{BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities};
-use crate::runtime::{Connector, Link, LinkRequest, RuntimeBackend};
+use crate::provider::{Codec, HostedStages, ProviderCapabilities, TurnPolicy};
+use crate::runtime::{
+    Dial, Link, LinkCounters, LinkRequest, LinkSettings, Provider, WebSocketLink, endpoint_of,
+};
 
-mod link;
 pub mod proto;
+mod protocol;
 pub mod rtvi;
+
+use protocol::PipecatProtocol;
 
 /// The provider's registered name.
 pub const NAME: &str = "pipecat";
@@ -100,6 +102,12 @@ impl PipecatConfig {
     /// credentials).
     pub fn from_config(config: &Config) -> Result<Self> {
         let parsed: PipecatConfig = parse_provider_config(config)?;
+        parsed.check().map(|()| parsed)
+    }
+
+    /// The checks of [`PipecatConfig::from_config`] past parsing.
+    fn check(&self) -> Result<()> {
+        let parsed = self;
         let mut v = Violations::new();
         let mut fail = |path: &str, message: String| {
             v.push(format!("provider_config.{path}"), message);
@@ -139,7 +147,7 @@ impl PipecatConfig {
         if parsed.auth_token.as_ref().is_some_and(Secret::is_empty) {
             fail("auth_token", "must be non-empty when set".into());
         }
-        v.into_result(OP).map(|()| parsed)
+        v.into_result(OP)
     }
 
     /// The URL a session connects to.
@@ -187,90 +195,37 @@ fn render(template: &str, session_id: &str, user_id: &str) -> String {
         .replace("{user_id}", &encode(user_id))
 }
 
-/// `host:port` of a URL, for messages that must not repeat the URL.
-fn endpoint(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(u) => format!(
-            "{}:{}",
-            u.host_str().unwrap_or("?"),
-            u.port_or_known_default().unwrap_or(0)
-        ),
-        Err(_) => "the configured URL".into(),
-    }
-}
-
 /// Bridges each session to a Pipecat bot over its WebSocket transport.
-#[derive(Clone, Debug, Default)]
-pub struct PipecatProvider;
-
-impl PipecatProvider {
-    /// The provider.
-    pub fn new() -> Self {
-        PipecatProvider
-    }
-}
-
-fn capabilities() -> ProviderCapabilities {
-    ProviderCapabilities {
-        min_latency: Duration::from_millis(40),
-        codecs: vec![Codec::Pcm16],
-        hosted_stages: HostedStages::STT_TTS,
-        ..ProviderCapabilities::default()
-    }
-}
-
-impl BackendProvider for PipecatProvider {
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    fn capabilities(&self) -> ProviderCapabilities {
-        capabilities()
-    }
-
-    fn hosted_stages(&self) -> HostedStages {
-        HostedStages::STT_TTS
-    }
-
-    fn validate_config(&self, config: &Config) -> Result<()> {
-        PipecatConfig::from_config(config).map(|_| ())
-    }
-
-    fn create_backend(&self, config: &Config) -> Result<Arc<dyn VoiceBackend>> {
-        let connector = PipecatConnector {
-            config: PipecatConfig::from_config(config)?,
-            counters: Arc::default(),
-        };
-        Ok(Arc::new(RuntimeBackend::new(Arc::new(connector), config)?))
-    }
-
-    fn config_schema(&self) -> ConfigSchema {
-        ConfigSchema::of::<PipecatConfig>(NAME)
-    }
-}
-
-/// The connector: one WebSocket link per session.
-struct PipecatConnector {
+#[derive(Debug)]
+pub struct PipecatProvider {
     config: PipecatConfig,
-    counters: Arc<link::Counters>,
+    counters: Arc<LinkCounters>,
 }
 
 #[async_trait]
-impl Connector for PipecatConnector {
-    fn provider(&self) -> &str {
-        NAME
+impl Provider for PipecatProvider {
+    const NAME: &'static str = NAME;
+    type Config = PipecatConfig;
+
+    fn capabilities() -> ProviderCapabilities {
+        ProviderCapabilities {
+            min_latency: Duration::from_millis(40),
+            codecs: vec![Codec::Pcm16],
+            hosted_stages: HostedStages::STT_TTS,
+            turns: TurnPolicy::Service,
+            ..ProviderCapabilities::default()
+        }
     }
 
-    fn capabilities(&self) -> ProviderCapabilities {
-        capabilities()
+    fn check(config: &PipecatConfig) -> Result<()> {
+        config.check()
     }
 
-    fn validate_config(&self, config: &Config) -> Result<()> {
-        PipecatConfig::from_config(config).map(|_| ())
-    }
-
-    fn hosted_stages(&self) -> HostedStages {
-        HostedStages::STT_TTS
+    fn new(config: PipecatConfig, _: &Config) -> Result<Self> {
+        Ok(PipecatProvider {
+            config,
+            counters: Arc::default(),
+        })
     }
 
     /// With a fixed `url`, checks the bot's host accepts TCP connections (a
@@ -299,34 +254,29 @@ impl Connector for PipecatConnector {
                 ),
             ));
         }
-        let _ = self.counters.metrics.set(request.metrics.clone());
-        let url = self.config.url_for(request.session_id, request.user_id);
-        let settings = link::Settings {
-            endpoint: endpoint(&url),
-            url,
-            auth_token: self.config.auth_token.clone(),
+        self.counters.use_metrics(request.metrics);
+        let mut dial = Dial::new(self.config.url_for(request.session_id, request.user_id));
+        if let Some(token) = &self.config.auth_token {
+            dial = dial.bearer(token);
+        }
+        let settings = LinkSettings {
+            dial,
+            session_id: request.session_id.to_owned(),
+            retry: request.retry,
+            reply_timeout: request.config.timeout,
+            keepalive: None,
+        };
+        let protocol = PipecatProtocol {
             input_sample_rate: self.config.input_sample_rate,
             client_ready: self.config.client_ready,
-            retry: request.retry,
-            session_id: request.session_id.to_owned(),
         };
-        link::open(settings, self.counters.clone(), request.config.timeout)
+        WebSocketLink::open(protocol, settings, self.counters.clone())
             .await
             .map(Some)
     }
 
     async fn health(&self) -> Result<BTreeMap<String, String>> {
-        let c = &self.counters;
-        let mut details = BTreeMap::new();
-        for (key, counter) in [
-            ("pipecat_messages_sent", &c.sent),
-            ("pipecat_messages_received", &c.received),
-            ("pipecat_messages_malformed", &c.malformed),
-            ("pipecat_frames_dropped", &c.dropped),
-            ("pipecat_reconnects", &c.reconnects),
-        ] {
-            details.insert(key.to_owned(), counter.load(Ordering::Relaxed).to_string());
-        }
+        let details = self.counters.health(NAME);
         if let Some(url) = &self.config.url {
             probe(url).await?;
         }
@@ -336,7 +286,7 @@ impl Connector for PipecatConnector {
 
 /// Opens and closes a TCP connection to the URL's host and port.
 async fn probe(url: &str) -> Result<()> {
-    let target = endpoint(url);
+    let target = endpoint_of(url);
     tokio::net::TcpStream::connect(&target)
         .await
         .map(drop)
@@ -349,7 +299,7 @@ async fn probe(url: &str) -> Result<()> {
         })
 }
 
-crate::register_provider!(NAME, PipecatProvider::new);
+crate::register_provider!(PipecatProvider);
 
 #[cfg(test)]
 mod tests {

@@ -182,13 +182,12 @@ fn parts(stt: Box<dyn SttStream>, events: mpsc::Receiver<SttEvent>) -> EnginePar
         vad: Box::new(FirstByte),
         turn: Box::<ThreeSilent>::default(),
         stt: Some((stt, events)),
-        s2s: None,
+        remote: None,
+        media: false,
         tts: None,
         agent: None,
         metrics: Arc::new(Metrics::new("test")),
         agent_timeout: Duration::from_secs(5),
-        remote_turns: false,
-        link: false,
         converters: PreparedConverters::default(),
     }
 }

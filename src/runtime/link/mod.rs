@@ -1,11 +1,28 @@
-//! Links: a session's live connection to a provider's service.
+//! Links: a session's live connection to a provider's service, and the
+//! link kit providers build theirs with.
 //!
-//! A [`Connector`](super::Connector) whose service runs pipeline stages
-//! itself (a Pipecat bot transcribes and speaks) opens one [`Link`] per
-//! session. The session's engine then streams the user's audio over the link
-//! instead of into local components, takes transcripts, reply audio and
-//! interruptions from it, and, when the application supplied an agent, hands
-//! the agent's reply back to the service to be spoken.
+//! A [`Connector`](super::Connector) opens one [`Link`] per session, of one
+//! of two kinds:
+//!
+//! - a [`ServiceLink`], to a service that runs pipeline stages itself (a
+//!   Pipecat bot transcribes and speaks): the session's engine streams the
+//!   user's audio over it instead of into local components ([`LinkInput`]),
+//!   takes transcripts, reply audio and interruptions from it
+//!   ([`LinkEvent`]), and, when the application supplied an agent, hands the
+//!   agent's reply back to the service to be spoken (the speaker). Who ends
+//!   the user's turn is the provider's [`TurnPolicy`]: the service, or the
+//!   local turn detector, which then tells the service
+//!   ([`LinkInput::end_turn`]).
+//! - a [`MediaLink`], to a service that only carries the session's media (a
+//!   LiveKit room): the user's audio comes from it, the reply goes to it, and
+//!   the whole pipeline runs in process.
+//!
+//! The kit: [`LinkEvents`] (the one queue policy for a link's events),
+//! [`RetryPolicy`] (exponential backoff with full jitter) and, with the
+//! `link-websocket` feature, [`WebSocketLink`]: a provider whose service
+//! speaks over a WebSocket writes only its [`WireProtocol`].
+//!
+//! [`TurnPolicy`]: crate::provider::TurnPolicy
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,9 +32,19 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::audio::AudioFrame;
-use crate::config::Config;
+use crate::config::{Config, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
-use crate::pipeline::{S2sEvent, S2sStream, TextToSpeech};
+use crate::pipeline::TextToSpeech;
+pub use crate::pipeline::link::{LinkEvent, LinkInput};
+use crate::session::SessionInfo;
+
+#[cfg(feature = "link-websocket")]
+mod websocket;
+#[cfg(feature = "link-websocket")]
+pub use websocket::{
+    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage,
+    endpoint_of,
+};
 
 /// What became of an event handed to [`LinkEvents`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,22 +67,22 @@ pub enum Handed {
 /// for room, since losing it would lose a turn.
 #[derive(Clone, Debug)]
 pub struct LinkEvents {
-    tx: mpsc::Sender<S2sEvent>,
+    tx: mpsc::Sender<LinkEvent>,
 }
 
 impl LinkEvents {
     /// A queue of `capacity` events: the sender for the link's task, the
-    /// receiver for [`Link::events`].
-    pub fn channel(capacity: usize) -> (LinkEvents, mpsc::Receiver<S2sEvent>) {
+    /// receiver for [`ServiceLink::events`].
+    pub fn channel(capacity: usize) -> (LinkEvents, mpsc::Receiver<LinkEvent>) {
         let (tx, rx) = mpsc::channel(capacity);
         (LinkEvents { tx }, rx)
     }
 
     /// Hands over `event`: audio without waiting (dropped when the queue is
     /// full), anything else once there is room.
-    pub async fn send(&self, event: S2sEvent) -> Handed {
+    pub async fn send(&self, event: LinkEvent) -> Handed {
         match event {
-            S2sEvent::Audio(frame) => self.audio(frame),
+            LinkEvent::Audio(frame) => self.audio(frame),
             event => match self.tx.send(event).await {
                 Ok(()) => Handed::Queued,
                 Err(_) => Handed::SessionGone,
@@ -65,7 +92,7 @@ impl LinkEvents {
 
     /// Hands over reply audio without waiting: dropped when the queue is full.
     pub fn audio(&self, frame: AudioFrame) -> Handed {
-        match self.tx.try_send(S2sEvent::Audio(frame)) {
+        match self.tx.try_send(LinkEvent::Audio(frame)) {
             Ok(()) => Handed::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => Handed::Dropped,
             Err(mpsc::error::TrySendError::Closed(_)) => Handed::SessionGone,
@@ -79,8 +106,10 @@ impl LinkEvents {
 }
 
 /// How a link (or a connector) retries: `max_retries` retries after the
-/// first attempt, the first `retry_delay` after a failure, each next delay
-/// twice the one before (at most a minute); every attempt bounded by `timeout`.
+/// first attempt, each bounded by `timeout`, with exponential backoff and
+/// full jitter: before retry `n` it waits a time drawn evenly between zero
+/// and `retry_delay` × 2ⁿ⁻¹ (at most a minute), so that the links of a
+/// service that dropped them all do not come back in lockstep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Retries after the first attempt.
@@ -104,12 +133,19 @@ impl RetryPolicy {
         }
     }
 
-    /// The delay before retry number `retry` (counted from 1).
+    /// The longest delay before retry number `retry` (counted from 1):
+    /// `retry_delay` doubled `retry - 1` times, at most a minute.
     pub fn delay(&self, retry: u32) -> Duration {
         let doublings = retry.saturating_sub(1).min(16);
         self.retry_delay
             .saturating_mul(1 << doublings)
             .min(MAX_RETRY_DELAY)
+    }
+
+    /// The delay before retry number `retry` with full jitter: drawn evenly
+    /// from zero to [`RetryPolicy::delay`].
+    pub fn jittered(&self, retry: u32) -> Duration {
+        self.delay(retry).mul_f64(fastrand::f64())
     }
 
     /// Runs `attempt` until it succeeds: each try bounded by `timeout`,
@@ -151,7 +187,7 @@ impl RetryPolicy {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retryable() && retries < self.max_retries => {
                     retries += 1;
-                    let delay = self.delay(retries);
+                    let delay = self.jittered(retries);
                     on_retry(retries, delay, &e);
                     tokio::time::sleep(delay).await;
                 }
@@ -180,6 +216,7 @@ impl RetryPolicy {
 
 /// What a connector is told when it opens a session's link.
 #[derive(Clone, Copy)]
+#[non_exhaustive]
 pub struct LinkRequest<'a> {
     /// The session's id.
     pub session_id: &'a str,
@@ -187,14 +224,46 @@ pub struct LinkRequest<'a> {
     pub user_id: &'a str,
     /// The backend's config.
     pub config: &'a Config,
-    /// The session's metadata.
-    pub metadata: &'a BTreeMap<String, serde_json::Value>,
+    /// The session's own config: its transport, `connection_url`, metadata
+    /// and audio formats.
+    pub session: &'a SessionConfig,
     /// How to retry when the link drops during the session.
     pub retry: RetryPolicy,
     /// The backend's metrics: a link counts there what it drops
     /// ([`Metrics::dropped`](crate::metrics::Metrics::dropped)), e.g. user
     /// audio the service cannot take fast enough.
     pub metrics: &'a Arc<crate::metrics::Metrics>,
+    /// Where the provider publishes what the application needs to know of
+    /// the session (a room, the user's join token, a server URL, a call
+    /// id): [`VoiceSession::info`](crate::session::VoiceSession::info) and
+    /// `serve`'s `ready` message carry it.
+    pub info: &'a SessionInfo,
+}
+
+impl<'a> LinkRequest<'a> {
+    /// A request for the session `session_id` of `session`'s user.
+    pub fn new(
+        session_id: &'a str,
+        config: &'a Config,
+        session: &'a SessionConfig,
+        metrics: &'a Arc<crate::metrics::Metrics>,
+        info: &'a SessionInfo,
+    ) -> Self {
+        LinkRequest {
+            session_id,
+            user_id: &session.user_id,
+            config,
+            session,
+            retry: RetryPolicy::from_config(config),
+            metrics,
+            info,
+        }
+    }
+
+    /// The session's metadata.
+    pub fn metadata(&self) -> &'a BTreeMap<String, serde_json::Value> {
+        &self.session.metadata
+    }
 }
 
 impl fmt::Debug for LinkRequest<'_> {
@@ -202,37 +271,72 @@ impl fmt::Debug for LinkRequest<'_> {
         f.debug_struct("LinkRequest")
             .field("session_id", &self.session_id)
             .field("user_id", &self.user_id)
+            .field("transport", &self.session.transport)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
 
-/// A session's open link to the provider's service.
+/// A session's open link to the provider's service; see the
+/// [module docs](self).
+#[derive(Debug)]
+pub enum Link {
+    /// The service runs pipeline stages itself.
+    Service(ServiceLink),
+    /// The service carries the session's media; the pipeline runs in
+    /// process.
+    Media(MediaLink),
+}
+
+/// A link to a service that runs pipeline stages (STT and TTS, maybe the
+/// LLM) itself.
 ///
-/// - `stream` takes every frame of the user's audio (in the pipeline's
-///   internal format) once the session runs; its `end_turn` is not called,
-///   because the service ends turns itself when it hosts STT;
-/// - `events` brings what the service says: transcripts (a final one ends
-///   the user's turn), its own reply text and audio, the end of a reply,
-///   interruptions and the link's connection state;
+/// - `input` takes every frame of the user's audio (in the pipeline's
+///   internal format) once the session runs, the end of each user turn when
+///   the local turn detector ends turns, and barge-ins;
+/// - `events` brings what the service says: transcripts, its own reply text
+///   and audio, the end of a reply, interruptions and the link's connection
+///   state;
 /// - `speaker`, when set, speaks the application agent's replies through
 ///   the service. With an agent set on the session, each final transcript
 ///   goes to the agent and its reply to `speaker`; without one, the service
 ///   answers by itself and its audio is relayed.
-pub struct Link {
-    /// User audio to the service.
-    pub stream: Box<dyn S2sStream>,
+pub struct ServiceLink {
+    /// What goes to the service.
+    pub input: Box<dyn LinkInput>,
     /// What the service sends back.
-    pub events: mpsc::Receiver<S2sEvent>,
+    pub events: mpsc::Receiver<LinkEvent>,
     /// Speaks the agent's replies through the service.
     pub speaker: Option<Arc<dyn TextToSpeech>>,
 }
 
-impl fmt::Debug for Link {
+impl fmt::Debug for ServiceLink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Link")
+        f.debug_struct("ServiceLink")
             .field("speaker", &self.speaker.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// A link that carries the session's media: the user's audio comes in from
+/// the service (a participant's track in a room), the session's reply audio
+/// goes out to it, and the runtime runs the whole pipeline in process
+/// between them. The application reads the session's events as with any
+/// session; its reply audio goes to the link, not to
+/// [`VoiceSession::receive_audio`](crate::session::VoiceSession::receive_audio).
+pub struct MediaLink {
+    /// The user's audio, in any format (the session converts it).
+    pub audio_in: mpsc::Receiver<AudioFrame>,
+    /// Where the session's reply audio goes, in the session's output format.
+    pub audio_out: mpsc::Sender<AudioFrame>,
+    /// The link's connection changes and failure ([`LinkEvent::Connection`],
+    /// [`LinkEvent::Failed`]; other events are ignored).
+    pub events: mpsc::Receiver<LinkEvent>,
+}
+
+impl fmt::Debug for MediaLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MediaLink").finish_non_exhaustive()
     }
 }
 
@@ -249,19 +353,19 @@ mod tests {
         let (events, mut rx) = LinkEvents::channel(2);
         assert_eq!(events.audio(silence()), Handed::Queued);
         assert_eq!(
-            events.send(S2sEvent::Audio(silence())).await,
+            events.send(LinkEvent::Audio(silence())).await,
             Handed::Queued
         );
         assert_eq!(events.audio(silence()), Handed::Dropped);
         assert_eq!(
-            events.send(S2sEvent::Audio(silence())).await,
+            events.send(LinkEvent::Audio(silence())).await,
             Handed::Dropped
         );
         // A transcript waits until the session's task takes something.
         let sender = events.clone();
         let transcript = tokio::spawn(async move {
             sender
-                .send(S2sEvent::UserTranscript {
+                .send(LinkEvent::UserTranscript {
                     text: "hello".into(),
                     is_final: true,
                 })
@@ -269,17 +373,38 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!transcript.is_finished(), "it waits for room");
-        assert!(matches!(rx.recv().await, Some(S2sEvent::Audio(_))));
+        assert!(matches!(rx.recv().await, Some(LinkEvent::Audio(_))));
         assert_eq!(transcript.await.unwrap(), Handed::Queued);
-        assert!(matches!(rx.recv().await, Some(S2sEvent::Audio(_))));
+        assert!(matches!(rx.recv().await, Some(LinkEvent::Audio(_))));
         assert!(matches!(
             rx.recv().await,
-            Some(S2sEvent::UserTranscript { ref text, .. }) if text == "hello"
+            Some(LinkEvent::UserTranscript { ref text, .. }) if text == "hello"
         ));
         drop(rx);
         assert_eq!(events.audio(silence()), Handed::SessionGone);
-        assert_eq!(events.send(S2sEvent::ReplyDone).await, Handed::SessionGone);
+        assert_eq!(events.send(LinkEvent::ReplyDone).await, Handed::SessionGone);
         events.closed().await;
+    }
+
+    #[test]
+    fn jittered_delays_spread_over_zero_to_the_bound() {
+        let p = RetryPolicy {
+            max_retries: 20,
+            retry_delay: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
+        };
+        for retry in [1, 3, 20] {
+            let bound = p.delay(retry);
+            let draws: Vec<Duration> = (0..2000).map(|_| p.jittered(retry)).collect();
+            assert!(draws.iter().all(|d| *d <= bound), "retry {retry}");
+            // Spread over the whole range, not bunched (lockstep) at one point.
+            let low = draws.iter().filter(|d| **d < bound / 4).count();
+            let high = draws.iter().filter(|d| **d > bound * 3 / 4).count();
+            assert!(
+                low > 300 && high > 300,
+                "retry {retry}: {low} low, {high} high"
+            );
+        }
     }
 
     #[test]
