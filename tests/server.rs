@@ -1113,3 +1113,68 @@ async fn a_huge_message_before_start_counts_as_a_refusal() {
         1.0
     );
 }
+
+/// A connector that publishes a room and a join token on every session.
+struct Publishing;
+
+#[async_trait]
+impl voice_backends::runtime::Connector for Publishing {
+    fn provider(&self) -> &str {
+        "local"
+    }
+    fn capabilities(&self) -> voice_backends::ProviderCapabilities {
+        voice_backends::ProviderCapabilities::default()
+    }
+    fn validate_config(&self, _: &Config) -> voice_backends::Result<()> {
+        Ok(())
+    }
+    async fn connect(&self, _: &Config) -> voice_backends::Result<()> {
+        Ok(())
+    }
+    async fn open_link(
+        &self,
+        request: voice_backends::runtime::LinkRequest<'_>,
+    ) -> voice_backends::Result<Option<voice_backends::runtime::Link>> {
+        request
+            .info
+            .set("room", format!("room-{}", request.user_id));
+        request
+            .info
+            .set_secret("token", Secret::new("join-token-of-the-user"));
+        Ok(None)
+    }
+}
+
+/// What the provider publishes reaches the session's client in `ready`, the
+/// secret included, and `Debug` of the session's info redacts the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_carries_what_the_provider_published() {
+    let backend: Arc<dyn VoiceBackend> = Arc::new(
+        voice_backends::runtime::RuntimeBackend::new(Arc::new(Publishing), &echo_config()).unwrap(),
+    );
+    backend.start().await.unwrap();
+    let server = Running::with_backend(backend.clone(), server_config()).await;
+    let mut c = Client::connect(server.addr).await;
+    let ready = c.start("ann").await;
+    assert_eq!(ready["info"]["room"], "room-ann");
+    assert_eq!(ready["info"]["token"], "join-token-of-the-user");
+    let session = backend.list_sessions().await.pop().unwrap();
+    let shown = format!("{:?}", session.info());
+    assert!(
+        shown.contains("room-ann") && !shown.contains("join-token"),
+        "{shown}"
+    );
+    assert_eq!(
+        session.info().get("token").as_deref(),
+        Some("join-token-of-the-user")
+    );
+    // A provider that publishes nothing: no `info` in `ready`.
+    drop(c);
+    server.stop().await.unwrap();
+    let server = Running::echo().await;
+    let mut c = Client::connect(server.addr).await;
+    let ready = c.start("bob").await;
+    assert!(ready.get("info").is_none(), "{ready}");
+    drop(c);
+    server.stop().await.unwrap();
+}

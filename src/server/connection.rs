@@ -236,7 +236,10 @@ impl Conn {
         if let Err(e) = session.start().await {
             return internal(&e, Refusal::Error);
         }
-        let ready = Ready::new(session.id().as_str(), format.sample_rate);
+        let mut ready = Ready::new(session.id().as_str(), format.sample_rate);
+        // The session's own client is given what the provider published,
+        // its secrets (a join token) included; logs never see them.
+        ready.info = session.info().exposed();
         let ready = serde_json::to_string(&ready).unwrap_or_default();
         if let Err(gone) = self.send(Message::Text(ready.into())).await {
             return gone.into();

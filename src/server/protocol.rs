@@ -149,6 +149,11 @@ pub(super) struct Ready<'a> {
     pub(super) sample_rate: u32,
     pub(super) encoding: &'static str,
     pub(super) channels: u16,
+    /// What the provider published for the session's client
+    /// ([`VoiceSession::info`](crate::session::VoiceSession::info)): a room,
+    /// a join token, a call id. Left out when empty.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(super) info: std::collections::BTreeMap<String, String>,
 }
 
 impl<'a> Ready<'a> {
@@ -160,6 +165,7 @@ impl<'a> Ready<'a> {
             sample_rate,
             encoding: "pcm_s16le",
             channels: 1,
+            info: std::collections::BTreeMap::new(),
         }
     }
 }
