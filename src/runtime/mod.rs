@@ -37,6 +37,8 @@ use crate::session::{
     VoiceSession,
 };
 
+#[cfg(feature = "callbacks")]
+pub mod callbacks;
 mod link;
 mod media;
 mod provider;

@@ -1,0 +1,1088 @@
+//! Inbound callbacks: an HTTP endpoint, owned by the backend, through which a
+//! provider's service calls one session's handler.
+//!
+//! Some services call the application rather than being called by it: one
+//! posts the user's text to a URL and expects the reply, another calls an
+//! OpenAI-compatible `POST …/chat/completions` and reads the reply streamed
+//! as Server-Sent Events. A provider for such a service binds one
+//! [`CallbackServer`] (lazily, when its first session needs it, or
+//! explicitly), [`registers`](CallbackServer::register) a handler for each
+//! session, and gives the service the route's [`url`](CallbackRoute::url)
+//! and [`secret`](CallbackRoute::secret). Nothing here knows any provider's
+//! protocol: a handler gets the request ([`CallbackRequest`]: method, the
+//! path after the route, query, headers and JSON body) and answers JSON or a
+//! stream of events ([`CallbackResponse`]).
+//!
+//! # Routes and secrets
+//!
+//! A route's URL is `{base_url}/callbacks/{route_id}` (the service may add
+//! a path after it, e.g. `/chat/completions`, which the handler sees as
+//! [`CallbackRequest::path`]). The route id is 128 random bits, not the
+//! session id, and every route has its own secret of 256 random bits, both
+//! from the operating system's CSPRNG and written in hex. The service must
+//! present the secret as `Authorization: Bearer <secret>`; for a service
+//! that cannot set headers, `?token=<secret>` is accepted too (a request is
+//! let in when either matches). The query form puts the secret in the URL,
+//! where proxies' access logs, tracing of the calling service and browser
+//! history may keep it: prefer the header, and use
+//! [`CallbackRoute::url_with_token`] only for services that need it. The
+//! comparison takes the same time whatever the presented value, and the
+//! secret is a [`Secret`]: redacted in `Debug` and `Display`, never logged.
+//! The `Authorization` header and `token` parameters are not handed to the
+//! handler.
+//!
+//! Dropping the [`CallbackRoute`] unregisters it: a session that holds its
+//! route takes it along when it ends. Dropping the [`CallbackServer`] (or
+//! [`CallbackServer::shutdown`]) closes the listener.
+//!
+//! # Answers
+//!
+//! Errors are JSON, `{"error":{"code":"...","message":"..."}}`:
+//!
+//! | status | code | when |
+//! |---|---|---|
+//! | 404 | `not_found` | no route has the id (never registered, or dropped), or the path is not under `/callbacks/`; the same answer whatever the credentials |
+//! | 401 | `authentication_failed` | the route exists but no presented secret matches it (missing or wrong: the same answer) |
+//! | 413 | `payload_too_large` | the body is larger than [`CallbackConfig::max_body_bytes`] (1 MiB by default) |
+//! | 400 | `invalid_json` | the body is not JSON; the message says where the syntax broke |
+//! | 400 | `invalid_request` | the body could not be read |
+//! | 502 | the handler's [`ErrorCode`] | the handler returned a [`BackendError`]; its message is passed on |
+//! | 500 | `internal_error` | the handler panicked (the server goes on serving) |
+//!
+//! An unknown route answers 404 even without credentials, while a known
+//! route with bad credentials answers 401: the difference only tells a
+//! caller whether a route id it already holds is live, and route ids are as
+//! unguessable as secrets. To the service, a 404 means its session's route
+//! is gone (the session ended).
+//!
+//! An empty body is handed over as JSON `null`; the `Content-Type` is not
+//! checked. The secret is checked before the body is read, so an
+//! unauthenticated caller cannot make the server buffer a body.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use voice_backends::runtime::callbacks::{CallbackRequest, CallbackResponse, CallbackServer};
+//!
+//! # async fn demo() -> voice_backends::Result<()> {
+//! let server = CallbackServer::bind("127.0.0.1:0".parse().unwrap()).await?;
+//! let route = server.register("sess_1", |request: CallbackRequest| async move {
+//!     if request.path == "/chat/completions" {
+//!         // Stream the reply as it is produced.
+//!         let (tx, rx) = tokio::sync::mpsc::channel(16);
+//!         tokio::spawn(async move {
+//!             let _ = tx.send(r#"{"choices":[{"delta":{"content":"Hi"}}]}"#.into()).await;
+//!             let _ = tx.send("[DONE]".into()).await;
+//!         });
+//!         Ok(CallbackResponse::sse_channel(rx))
+//!     } else {
+//!         Ok(CallbackResponse::json(serde_json::json!({ "text": "Hi" })))
+//!     }
+//! })?;
+//! // Configure the service with these two; the route lives as long as `route`.
+//! let (url, secret) = (route.url().clone(), route.secret().clone());
+//! # drop((url, secret));
+//! # Ok(())
+//! # }
+//! ```
+#![cfg_attr(docsrs, doc(cfg(feature = "callbacks")))]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{Response, header};
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, Stream, StreamExt};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
+use url::Url;
+
+use crate::config::Secret;
+
+use crate::error::{BackendError, ErrorCode, Result};
+use crate::session::SessionId;
+/// The `http` types of requests and answers, re-exported.
+pub use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+/// The largest request body accepted by default: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The path segment under which every route lives: `/callbacks/{route_id}`.
+const PREFIX: &str = "/callbacks/";
+/// Random bytes in a route id (128 bits).
+const ROUTE_ID_BYTES: usize = 16;
+/// Random bytes in a route's secret (256 bits).
+const SECRET_BYTES: usize = 32;
+/// The query parameter that may carry the secret.
+const TOKEN_PARAM: &str = "token";
+/// How long accepting pauses after it failed for want of resources.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// How a [`CallbackServer`] listens and what it accepts.
+#[derive(Clone, Debug)]
+pub struct CallbackConfig {
+    /// The address to listen on; default `127.0.0.1:0` (loopback, a free
+    /// port). Listen on another address only when the service must reach
+    /// the server from elsewhere, ideally behind a TLS-terminating proxy.
+    pub addr: SocketAddr,
+    /// The URL the service reaches the server by (e.g. a proxy or tunnel in
+    /// front of it, `https://voice.example.com`), used for
+    /// [`CallbackServer::base_url`] and every route's URL; default `None`:
+    /// `http://{local_addr}`. A path in it is kept in the routes' URLs, and
+    /// whatever is in front must strip it: the server itself serves
+    /// `/callbacks/…` at its root. It must be `http` or `https`, without
+    /// user name, password, query or fragment.
+    pub public_url: Option<Url>,
+    /// The largest request body accepted, in bytes; larger ones are refused
+    /// with 413. Default [`DEFAULT_MAX_BODY_BYTES`] (1 MiB).
+    pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's headers, and stay
+    /// idle between requests; default 30 s.
+    pub header_timeout: Duration,
+    /// How long the requests in flight (and event streams) may go on after
+    /// the server is shut down, before their connections are cut; default 5 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        CallbackConfig {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            public_url: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A request of the service to one route, as its handler gets it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct CallbackRequest {
+    /// The session the route was registered for.
+    pub session_id: SessionId,
+    /// The request's method.
+    pub method: Method,
+    /// The path after the route's URL, as sent (not percent-decoded),
+    /// starting with `/`: `/chat/completions`, or `/` for the route's URL
+    /// itself.
+    pub path: String,
+    /// The query parameters, decoded, in order, without `token`.
+    pub query: Vec<(String, String)>,
+    /// The request's headers, without `Authorization`.
+    pub headers: HeaderMap,
+    /// The body, parsed as JSON; `null` when it is empty.
+    pub body: serde_json::Value,
+}
+
+impl CallbackRequest {
+    /// A request with no query and no headers, e.g. to test a handler.
+    pub fn new(
+        session_id: impl Into<SessionId>,
+        method: Method,
+        path: impl Into<String>,
+        body: serde_json::Value,
+    ) -> Self {
+        CallbackRequest {
+            session_id: session_id.into(),
+            method,
+            path: path.into(),
+            query: Vec::new(),
+            headers: HeaderMap::new(),
+            body,
+        }
+    }
+}
+
+/// A handler's answer: JSON, or a stream of Server-Sent Events.
+pub struct CallbackResponse {
+    kind: Kind,
+}
+
+enum Kind {
+    Json {
+        status: StatusCode,
+        body: serde_json::Value,
+    },
+    Events(BoxStream<'static, String>),
+}
+
+impl fmt::Debug for CallbackResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Json { status, body } => f
+                .debug_struct("CallbackResponse::Json")
+                .field("status", status)
+                .field("body", body)
+                .finish(),
+            Kind::Events(_) => f.write_str("CallbackResponse::Events(..)"),
+        }
+    }
+}
+
+impl CallbackResponse {
+    /// `body` as JSON, with status 200.
+    pub fn json(body: serde_json::Value) -> Self {
+        Self::json_with_status(StatusCode::OK, body)
+    }
+
+    /// `body` as JSON, with `status`. A 204 or 304 is sent without a body;
+    /// an informational (1xx) status is not an answer and gives a 500.
+    pub fn json_with_status(status: StatusCode, body: serde_json::Value) -> Self {
+        CallbackResponse {
+            kind: Kind::Json { status, body },
+        }
+    }
+
+    /// A `text/event-stream` answer (status 200) with one event per item of
+    /// `events`, sent as soon as it is produced: the item is the event's
+    /// data (`data: <item>`, one `data:` line per line of it). The answer
+    /// ends when the stream does. Should the stream panic, the connection is
+    /// cut without the end of the answer, so the service sees it broken
+    /// rather than complete.
+    pub fn sse<S>(events: S) -> Self
+    where
+        S: Stream<Item = String> + Send + 'static,
+    {
+        CallbackResponse {
+            kind: Kind::Events(events.boxed()),
+        }
+    }
+
+    /// Like [`CallbackResponse::sse`], the events being what the handler
+    /// (or a task it started) sends into the channel; the answer ends when
+    /// every sender is dropped.
+    pub fn sse_channel(events: mpsc::Receiver<String>) -> Self {
+        Self::sse(futures_util::stream::unfold(events, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        }))
+    }
+
+    /// The status the answer starts with.
+    pub fn status(&self) -> StatusCode {
+        match &self.kind {
+            Kind::Json { status, .. } => *status,
+            Kind::Events(_) => StatusCode::OK,
+        }
+    }
+
+    /// The JSON body, unless the answer is a stream of events.
+    pub fn json_body(&self) -> Option<&serde_json::Value> {
+        match &self.kind {
+            Kind::Json { body, .. } => Some(body),
+            Kind::Events(_) => None,
+        }
+    }
+}
+
+/// A route's handler, as the server keeps it.
+pub type CallbackHandler =
+    Arc<dyn Fn(CallbackRequest) -> BoxFuture<'static, Result<CallbackResponse>> + Send + Sync>;
+
+/// A registered route.
+struct Entry {
+    session_id: SessionId,
+    secret: Secret,
+    handler: CallbackHandler,
+}
+
+/// What the server and its connections share.
+struct Shared {
+    routes: RwLock<HashMap<String, Arc<Entry>>>,
+    max_body_bytes: usize,
+}
+
+impl Shared {
+    fn route(&self, id: &str) -> Option<Arc<Entry>> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+}
+
+/// An HTTP/1 server through which services call sessions' handlers.
+///
+/// Bound with [`CallbackServer::bind`] or [`CallbackServer::bind_with`];
+/// it serves on tasks of the Tokio runtime it was bound in until it is
+/// dropped or [shut down](CallbackServer::shutdown). Share it between
+/// sessions (e.g. in an `Arc`, or a `tokio::sync::OnceCell` to bind it when
+/// the first session needs it).
+pub struct CallbackServer {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    base_url: Url,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for CallbackServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let routes = self
+            .shared
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("CallbackServer")
+            .field("local_addr", &self.local_addr)
+            .field("base_url", &self.base_url.as_str())
+            .field("routes", &routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallbackServer {
+    /// Binds a server on `addr` (port 0 picks a free port), with the
+    /// defaults of [`CallbackConfig`] otherwise.
+    pub async fn bind(addr: SocketAddr) -> Result<CallbackServer> {
+        Self::bind_with(CallbackConfig {
+            addr,
+            ..CallbackConfig::default()
+        })
+        .await
+    }
+
+    /// Binds a server as `config` says.
+    pub async fn bind_with(config: CallbackConfig) -> Result<CallbackServer> {
+        const OP: &str = "callbacks.bind";
+        let public = config
+            .public_url
+            .as_ref()
+            .map(|url| check_public_url(url).map_err(|e| e.with_op(OP)))
+            .transpose()?;
+        let listener = TcpListener::bind(config.addr).await.map_err(|e| {
+            BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("could not listen on {}: {e}", config.addr),
+            )
+            .with_source(e)
+        })?;
+        let local_addr = listener.local_addr().map_err(|e| {
+            BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("the listener has no local address: {e}"),
+            )
+            .with_source(e)
+        })?;
+        let base_url = match public {
+            Some(url) => url,
+            None => Url::parse(&format!("http://{local_addr}")).map_err(|e| {
+                BackendError::new(
+                    OP,
+                    ErrorCode::InvalidConfig,
+                    format!("no URL for {local_addr}: {e}"),
+                )
+            })?,
+        };
+        let shared = Arc::new(Shared {
+            routes: RwLock::new(HashMap::new()),
+            max_body_bytes: config.max_body_bytes,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept(
+            listener,
+            shared.clone(),
+            stopped,
+            config.header_timeout,
+            config.shutdown_grace,
+        ));
+        tracing::debug!(%local_addr, "callback server listening");
+        Ok(CallbackServer {
+            shared,
+            local_addr,
+            base_url,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The URL the routes' URLs start with: [`CallbackConfig::public_url`],
+    /// or `http://{local_addr}`.
+    pub fn base_url(&self) -> &Url {
+        &self.base_url
+    }
+
+    /// How many routes are registered.
+    pub fn route_count(&self) -> usize {
+        self.shared
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Registers `handler` for the session `session_id` under a new route,
+    /// with a new secret. The route answers until the returned
+    /// [`CallbackRoute`] is dropped. A session may hold several routes.
+    ///
+    /// Fails only when the operating system gives no random bytes.
+    pub fn register<F, Fut>(
+        &self,
+        session_id: impl Into<SessionId>,
+        handler: F,
+    ) -> Result<CallbackRoute>
+    where
+        F: Fn(CallbackRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<CallbackResponse>> + Send + 'static,
+    {
+        let handler: CallbackHandler = Arc::new(move |request| handler(request).boxed());
+        self.register_boxed(session_id.into(), handler)
+    }
+
+    /// [`CallbackServer::register`] with a handler already boxed.
+    pub fn register_boxed(
+        &self,
+        session_id: SessionId,
+        handler: CallbackHandler,
+    ) -> Result<CallbackRoute> {
+        const OP: &str = "callbacks.register";
+        let secret = Secret::new(random_hex(SECRET_BYTES).map_err(|e| e.with_op(OP))?);
+        let entry = Arc::new(Entry {
+            session_id: session_id.clone(),
+            secret: secret.clone(),
+            handler,
+        });
+        let id = loop {
+            let id = random_hex(ROUTE_ID_BYTES).map_err(|e| e.with_op(OP))?;
+            let mut routes = self
+                .shared
+                .routes
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let std::collections::hash_map::Entry::Vacant(place) = routes.entry(id.clone()) {
+                place.insert(entry);
+                break id;
+            }
+        };
+        let url = route_url(&self.base_url, &id).map_err(|e| e.with_op(OP))?;
+        Ok(CallbackRoute {
+            id,
+            url,
+            secret,
+            session_id,
+            routes: Arc::downgrade(&self.shared),
+        })
+    }
+
+    /// Stops accepting connections and waits until the listener is closed
+    /// and the requests in flight have finished (up to
+    /// [`CallbackConfig::shutdown_grace`], after which their connections
+    /// are cut). Dropping the server does the same without waiting.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for CallbackServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A session's route on a [`CallbackServer`]; dropping it unregisters the
+/// route (its URL answers 404 from then on).
+///
+/// `Debug` shows the URL and session, never the secret.
+pub struct CallbackRoute {
+    id: String,
+    url: Url,
+    secret: Secret,
+    session_id: SessionId,
+    routes: Weak<Shared>,
+}
+
+impl fmt::Debug for CallbackRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallbackRoute")
+            .field("url", &self.url.as_str())
+            .field("session_id", &self.session_id)
+            .field("secret", &self.secret)
+            .finish()
+    }
+}
+
+impl CallbackRoute {
+    /// The route's URL, `{base_url}/callbacks/{route_id}`; the service may
+    /// append a path to it.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The secret the service must present, as `Authorization: Bearer
+    /// <secret>` (or `?token=<secret>`).
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// The URL with `?token=<secret>`, for a service that cannot set
+    /// headers. It holds the secret, so it is a [`Secret`] too; mind that
+    /// URLs end up in access logs (see the [module docs](self)).
+    pub fn url_with_token(&self) -> Secret {
+        let mut url = self.url.clone();
+        url.query_pairs_mut()
+            .append_pair(TOKEN_PARAM, self.secret.expose());
+        Secret::new(String::from(url))
+    }
+
+    /// The session the route was registered for.
+    pub fn session_id(&self) -> &SessionId {
+        &self.session_id
+    }
+}
+
+impl Drop for CallbackRoute {
+    fn drop(&mut self) {
+        if let Some(shared) = self.routes.upgrade() {
+            shared
+                .routes
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.id);
+        }
+    }
+}
+
+/// `n` bytes from the operating system's CSPRNG, in lower-case hex.
+fn random_hex(n: usize) -> Result<String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        BackendError::new(
+            "callbacks.random",
+            ErrorCode::PipelineError,
+            format!("the operating system gave no random bytes: {e}"),
+        )
+    })?;
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// Whether `presented` is `secret`, in a time that does not depend on where
+/// they differ.
+fn secret_matches(presented: &[u8], secret: &Secret) -> bool {
+    presented.ct_eq(secret.expose().as_bytes()).into()
+}
+
+fn check_public_url(url: &Url) -> Result<Url> {
+    let refuse = |why: &str| {
+        Err(BackendError::new(
+            "callbacks.bind",
+            ErrorCode::InvalidConfig,
+            format!("public_url {why}"),
+        ))
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return refuse("must be an http or https URL");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("must not hold a user name or password");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return refuse("must not have a query or fragment");
+    }
+    if url.cannot_be_a_base() || url.host().is_none() {
+        return refuse("must name a host");
+    }
+    Ok(url.clone())
+}
+
+fn route_url(base: &Url, id: &str) -> Result<Url> {
+    let text = format!("{}{PREFIX}{id}", base.as_str().trim_end_matches('/'));
+    Url::parse(&text).map_err(|e| {
+        BackendError::new(
+            "callbacks.register",
+            ErrorCode::InvalidConfig,
+            format!("no route URL under the base URL: {e}"),
+        )
+    })
+}
+
+/// Accepts connections until `stop` turns `true` (or its sender is gone),
+/// then lets the connections finish their requests for up to `grace`.
+async fn accept(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    header_timeout: Duration,
+    grace: Duration,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    connections.spawn(serve_connection(
+                        shared.clone(),
+                        tcp,
+                        stop.clone(),
+                        header_timeout,
+                    ));
+                }
+                Err(e) if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) => {}
+                Err(e) => {
+                    tracing::warn!("callback server: accepting failed: {e}; pausing {ACCEPT_PAUSE:?}");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    // Dropping the set cuts the connections still open.
+}
+
+/// Resolves once `stop` turns `true` or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Serves HTTP/1 on one connection until it closes or `stop` turns `true`
+/// (then the request in flight is answered and it closes).
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    mut stop: watch::Receiver<bool>,
+    header_timeout: Duration,
+) {
+    let _ = tcp.set_nodelay(true);
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(shared, request).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = stopped(&mut stop) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!("callback server: a connection ended: {e}");
+    }
+}
+
+/// Answers one request, in a `callbacks.request` span.
+async fn handle(shared: Arc<Shared>, request: hyper::Request<Incoming>) -> Response<Body> {
+    let span = tracing::info_span!(
+        "callbacks.request",
+        method = %request.method(),
+        session_id = tracing::field::Empty,
+        path = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    async move {
+        let response = answer(&shared, request).await;
+        let status = response.status();
+        tracing::Span::current().record("status", status.as_u16());
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), "callback request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), "callback request answered");
+        }
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+async fn answer(shared: &Shared, request: hyper::Request<Incoming>) -> Response<Body> {
+    let (mut parts, body) = request.into_parts();
+    let Some((route_id, path)) = split_path(parts.uri.path()) else {
+        return not_found();
+    };
+    let Some(entry) = shared.route(route_id) else {
+        return not_found();
+    };
+    let span = tracing::Span::current();
+    span.record("session_id", entry.session_id.as_str());
+    span.record("path", path);
+    let path = path.to_owned();
+
+    let mut tokens = Vec::new();
+    let mut query = Vec::new();
+    for (key, value) in url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()) {
+        if key == TOKEN_PARAM {
+            tokens.push(value);
+        } else {
+            query.push((key.into_owned(), value.into_owned()));
+        }
+    }
+    let bearer = parts
+        .headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| bearer_token(v.as_bytes()))
+        .collect::<Vec<_>>();
+    // Every presented value is compared: none is skipped on an early match.
+    let authorized = bearer
+        .iter()
+        .map(|b| secret_matches(b, &entry.secret))
+        .chain(
+            tokens
+                .iter()
+                .map(|t| secret_matches(t.as_bytes(), &entry.secret)),
+        )
+        .fold(false, |any, ok| any | ok);
+    if !authorized {
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::AuthenticationFailed.as_str(),
+            "missing or wrong credentials: send the route's secret as `Authorization: Bearer <secret>` (or `?token=<secret>`)",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    parts.headers.remove(header::AUTHORIZATION);
+
+    let limit = shared.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large(limit);
+    }
+    let bytes = match read_body(Body::new(body), limit).await {
+        Ok(bytes) => bytes,
+        Err(BodyError::TooLarge) => return too_large(limit),
+        Err(BodyError::Read(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("the request body could not be read: {e}"),
+            );
+        }
+    };
+    let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Null
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(body) => body,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    &format!("the request body is not valid JSON: {e}"),
+                );
+            }
+        }
+    };
+
+    let request = CallbackRequest {
+        session_id: entry.session_id.clone(),
+        method: parts.method,
+        path,
+        query,
+        headers: parts.headers,
+        body,
+    };
+    match call(&entry.handler, request).await {
+        Some(Ok(response)) => into_http(response),
+        Some(Err(e)) => {
+            tracing::warn!(code = %e.code, "the callback handler failed: {}", e.message);
+            error(StatusCode::BAD_GATEWAY, e.code.as_str(), &e.message)
+        }
+        None => {
+            tracing::error!("the callback handler panicked");
+            internal_error()
+        }
+    }
+}
+
+/// Runs the handler; `None` if it panicked (when called or while running).
+async fn call(
+    handler: &CallbackHandler,
+    request: CallbackRequest,
+) -> Option<Result<CallbackResponse>> {
+    let future = std::panic::catch_unwind(AssertUnwindSafe(|| handler(request))).ok()?;
+    AssertUnwindSafe(future).catch_unwind().await.ok()
+}
+
+/// The route id and the path after it, if `path` is under `/callbacks/`.
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix(PREFIX)?;
+    let (id, after) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, "/"),
+    };
+    (!id.is_empty()).then_some((id, after))
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in any
+/// case).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer ";
+    if value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
+        return None;
+    }
+    Some(value[SCHEME.len()..].trim_ascii())
+}
+
+enum BodyError {
+    TooLarge,
+    Read(axum::Error),
+}
+
+/// The whole body, refused as soon as it grows past `limit`.
+async fn read_body(body: Body, limit: usize) -> std::result::Result<Vec<u8>, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(BodyError::Read)?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+fn into_http(response: CallbackResponse) -> Response<Body> {
+    match response.kind {
+        Kind::Json { status, .. } if status.is_informational() => {
+            tracing::error!(
+                status = status.as_u16(),
+                "the callback handler answered an informational status"
+            );
+            internal_error()
+        }
+        Kind::Json { status, .. }
+            if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED =>
+        {
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = status;
+            response
+        }
+        Kind::Json { status, body } => json(status, &body),
+        Kind::Events(events) => {
+            let mut response = Response::new(Body::from_stream(Events {
+                inner: Some(events),
+            }));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Asks proxies in front (nginx) not to hold events back.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            response
+        }
+    }
+}
+
+/// A handler's events as `text/event-stream` bytes; a panic of the stream
+/// ends it with an error, which cuts the connection.
+struct Events {
+    inner: Option<BoxStream<'static, String>>,
+}
+
+impl Stream for Events {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll_next_unpin(cx))) {
+            Ok(Poll::Ready(Some(data))) => Poll::Ready(Some(Ok(event(&data)))),
+            Ok(Poll::Ready(None)) => {
+                self.inner = None;
+                Poll::Ready(None)
+            }
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => {
+                self.inner = None;
+                tracing::error!("the callback handler's event stream panicked");
+                Poll::Ready(Some(Err(io::Error::other("the event stream panicked"))))
+            }
+        }
+    }
+}
+
+/// One Server-Sent Event: a `data:` line per line of `data`, then a blank
+/// line.
+fn event(data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 8);
+    for line in data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line.strip_suffix('\r').unwrap_or(line));
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({ "error": { "code": code, "message": message } }),
+    )
+}
+
+fn not_found() -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no callback route here; its session may have ended",
+    )
+}
+
+fn too_large(limit: usize) -> Response<Body> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &format!("the request body is larger than {limit} bytes"),
+    )
+}
+
+fn internal_error() -> Response<Body> {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the callback handler failed unexpectedly",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_equal_only_when_equal() {
+        let secret = Secret::new("0123456789abcdef");
+        assert!(secret_matches(b"0123456789abcdef", &secret));
+        assert!(!secret_matches(b"0123456789abcdeF", &secret));
+        assert!(!secret_matches(b"0123456789abcde", &secret));
+        assert!(!secret_matches(b"0123456789abcdef0", &secret));
+        assert!(!secret_matches(b"", &secret));
+    }
+
+    #[test]
+    fn ids_and_secrets_are_long_random_hex() {
+        let a = random_hex(SECRET_BYTES).unwrap();
+        let b = random_hex(SECRET_BYTES).unwrap();
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        assert_eq!(random_hex(ROUTE_ID_BYTES).unwrap().len(), 32);
+        assert_eq!(hex(&[0x00, 0x9f, 0xff]), "009fff");
+    }
+
+    #[test]
+    fn paths_split_into_route_and_rest() {
+        assert_eq!(split_path("/callbacks/abc"), Some(("abc", "/")));
+        assert_eq!(split_path("/callbacks/abc/"), Some(("abc", "/")));
+        assert_eq!(
+            split_path("/callbacks/abc/chat/completions"),
+            Some(("abc", "/chat/completions"))
+        );
+        assert_eq!(split_path("/callbacks/"), None);
+        assert_eq!(split_path("/callbacks//x"), None);
+        assert_eq!(split_path("/other/abc"), None);
+        assert_eq!(split_path("/"), None);
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_whatever_the_scheme_case() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert_eq!(bearer_token(b""), None);
+    }
+
+    #[test]
+    fn events_have_a_data_line_per_line() {
+        assert_eq!(event("x"), "data: x\n\n");
+        assert_eq!(event("a\nb\r\nc"), "data: a\ndata: b\ndata: c\n\n");
+        assert_eq!(event(""), "data: \n\n");
+    }
+
+    #[test]
+    fn public_urls_are_checked() {
+        for bad in [
+            "ftp://host",
+            "https://user:pw@host",
+            "https://host/?a=1",
+            "https://host/#x",
+        ] {
+            assert!(
+                check_public_url(&Url::parse(bad).unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+        let base = Url::parse("https://voice.example.com/vb/").unwrap();
+        assert!(check_public_url(&base).is_ok());
+        assert_eq!(
+            route_url(&base, "ab12").unwrap().as_str(),
+            "https://voice.example.com/vb/callbacks/ab12"
+        );
+    }
+}
