@@ -83,32 +83,113 @@ impl Harness for Pipecat {
     fn patience(&self) -> Duration {
         Duration::from_secs(20)
     }
-}
 
-macro_rules! conformance {
-    ($($check:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() {
-                require_bot!();
-                voice_backends::testing::conformance::$check(&Pipecat).await;
-            }
-        )*
-    };
+    fn available(&self) -> Result<(), String> {
+        match python() {
+            Some(_) => Ok(()),
+            None => Err("set VOICE_BACKENDS_PIPECAT_PYTHON (./scripts/test does) to run against a real Pipecat bot".into()),
+        }
+    }
 }
 
 mod conformance {
     use super::*;
-    conformance!(
-        lifecycle,
-        session_crud,
-        capacity,
-        isolation,
-        barge_in,
-        graceful_shutdown,
-        error_codes,
-        fallback_rate_limit
-    );
+    voice_backends::conformance_suite!(Pipecat);
+}
+
+// ---------------------------------------------------------------------------
+// The link conformance suite, against a fake of the bot's side of the wire
+
+mod link {
+    use voice_backends::providers::pipecat::{proto, rtvi};
+    use voice_backends::runtime::WsMessage;
+    use voice_backends::testing::link::{ClientSaid, FakeWire, LinkHarness, link_conformance};
+
+    use super::*;
+
+    /// A Pipecat bot's side: protobuf frames with RTVI messages inside.
+    #[derive(Clone)]
+    struct PipecatWire;
+
+    fn rtvi_message(kind: &str, data: serde_json::Value) -> WsMessage {
+        let json = serde_json::json!({"label": "rtvi-ai", "type": kind, "data": data});
+        WsMessage::Binary(proto::encode_message(json.to_string()).into())
+    }
+
+    impl FakeWire for PipecatWire {
+        fn client_said(&self, message: &WsMessage) -> ClientSaid {
+            let WsMessage::Binary(bytes) = message else {
+                return ClientSaid::Other;
+            };
+            match proto::decode(bytes.clone()) {
+                Ok(proto::Inbound::Audio(frame)) => ClientSaid::Audio(frame.data().len()),
+                Ok(proto::Inbound::Text(text)) => ClientSaid::Reply(text),
+                Ok(proto::Inbound::Message(json)) if json.contains("client-ready") => {
+                    ClientSaid::Greeting
+                }
+                _ => ClientSaid::Other,
+            }
+        }
+
+        fn ready(&self) -> Vec<WsMessage> {
+            vec![rtvi_message("bot-ready", serde_json::json!({}))]
+        }
+
+        fn transcript(&self, text: &str, is_final: bool) -> WsMessage {
+            rtvi_message(
+                "user-transcription",
+                serde_json::json!({"text": text, "final": is_final}),
+            )
+        }
+
+        fn audio(&self, samples: &[i16], rate: u32) -> WsMessage {
+            let pcm: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+            WsMessage::Binary(proto::encode_audio(pcm.into(), rate, 1).into())
+        }
+
+        fn reply_done(&self) -> Vec<WsMessage> {
+            vec![rtvi_message("bot-stopped-speaking", serde_json::json!({}))]
+        }
+
+        fn interrupted(&self) -> Vec<WsMessage> {
+            vec![rtvi_message("bot-interrupted", serde_json::json!({}))]
+        }
+
+        fn malformed(&self) -> WsMessage {
+            WsMessage::Binary(vec![0xff, 0xff, 0xff].into())
+        }
+    }
+
+    struct PipecatLink;
+
+    impl LinkHarness for PipecatLink {
+        type Wire = PipecatWire;
+
+        fn wire(&self) -> PipecatWire {
+            PipecatWire
+        }
+
+        fn config(&self, url: &str, token: Option<&str>) -> Config {
+            let mut config = config_for_url(url);
+            if let Some(token) = token {
+                config
+                    .provider_config
+                    .0
+                    .insert("auth_token".into(), token.into());
+            }
+            config
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_link_conforms() {
+        link_conformance(&PipecatLink).await;
+        // The fake's rtvi messages are the ones the provider parses.
+        assert!(matches!(
+            rtvi::parse(r#"{"label":"rtvi-ai","type":"bot-ready"}"#),
+            Ok(Some(rtvi::RtviEvent::BotReady))
+        ));
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-//! Test support: signals and the conformance suite.
+//! Test support: signals, fuzz targets, the backend conformance suite and,
+//! with the `link-websocket` feature, the link conformance suite.
 pub mod conformance;
 pub mod fuzz;
+#[cfg(feature = "link-websocket")]
+pub mod link;
 pub mod signal;

@@ -1,0 +1,507 @@
+//! The link conformance suite: the behaviour every provider built on the
+//! link kit's [`WebSocketLink`](crate::runtime::WebSocketLink) must show,
+//! checked against an in-process fake of its service ([`FakeService`],
+//! bound to 127.0.0.1:0).
+//!
+//! A provider's tests describe the service's side of its wire protocol with
+//! a [`FakeWire`] (how the service says a transcript, audio, the end of a
+//! reply, and what the client's messages are) and run
+//! [`link_conformance`]:
+//!
+//! - audio both ways: the user's audio reaches the service, the service's
+//!   audio reaches the session;
+//! - transcripts: the service's transcript reaches the session's events
+//!   (and ends the turn, by the service's or the local detector's turn
+//!   policy);
+//! - the agent's reply spoken: the application's agent answers the turn and
+//!   its text goes to the service, whose audio comes back as the reply;
+//! - barge-in cancels: the service's interruption cuts the reply, and a
+//!   local barge-in reaches the service when the protocol can say it;
+//! - drop and reconnect: a dropped connection is made again, with
+//!   `reconnecting` then `connected` on the session's events;
+//! - malformed messages are skipped and counted in the health details;
+//! - an auth failure (HTTP 401) fails the session with
+//!   `authentication_failed`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+
+use crate::agent::{AgentReply, agent_fn};
+use crate::audio::AudioFrame;
+use crate::backend::{ConnectionState, VoiceBackend};
+use crate::config::{Config, SessionConfig};
+use crate::error::ErrorCode;
+use crate::pipeline::events::{SessionEvent, SessionEvents};
+use crate::provider::TurnPolicy;
+use crate::registry::registry;
+use crate::runtime::WsMessage;
+use crate::session::VoiceSession;
+use crate::testing::signal;
+
+/// What a client message is, as the fake service reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientSaid {
+    /// The client's greeting: the service answers with
+    /// [`FakeWire::ready`].
+    Greeting,
+    /// User audio, this many bytes of it.
+    Audio(usize),
+    /// The agent's reply text (or a piece of it) to speak.
+    Reply(String),
+    /// The end of the agent's reply.
+    ReplyEnd,
+    /// The user barged in.
+    Cancel,
+    /// The user's turn ended.
+    EndOfTurn,
+    /// Anything else.
+    Other,
+}
+
+/// The service's side of a provider's wire protocol, for the fake.
+pub trait FakeWire: Send + Sync + 'static {
+    /// What a client message is.
+    fn client_said(&self, message: &WsMessage) -> ClientSaid;
+    /// What the service sends in answer to the greeting (a ready message);
+    /// nothing by default.
+    fn ready(&self) -> Vec<WsMessage> {
+        Vec::new()
+    }
+    /// A transcript of the user.
+    fn transcript(&self, text: &str, is_final: bool) -> WsMessage;
+    /// Reply audio: PCM s16le mono samples at `rate`.
+    fn audio(&self, samples: &[i16], rate: u32) -> WsMessage;
+    /// The end of the reply the service was speaking.
+    fn reply_done(&self) -> Vec<WsMessage>;
+    /// The service cut its reply short.
+    fn interrupted(&self) -> Vec<WsMessage>;
+    /// A message the client cannot decode.
+    fn malformed(&self) -> WsMessage;
+    /// Whether the protocol tells the service of a barge-in
+    /// ([`ClientSaid::Cancel`]).
+    fn has_cancel(&self) -> bool {
+        false
+    }
+}
+
+/// What the fake service heard and does.
+#[derive(Default)]
+struct State {
+    connections: AtomicUsize,
+    audio_bytes: AtomicUsize,
+    cancels: AtomicUsize,
+    turn_ends: AtomicUsize,
+    replies: Mutex<Vec<String>>,
+    /// Commands for the connection now open.
+    current: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+}
+
+enum Command {
+    Send(WsMessage),
+    Drop,
+}
+
+/// A fake service on 127.0.0.1: accepts WebSocket connections (with an
+/// `authorization: Bearer <token>` header when it requires one, else HTTP
+/// 401), reads the client's messages through its [`FakeWire`], answers the
+/// greeting, speaks each reply it is given (a few frames of audio, then the
+/// end of the reply), and sends what the test tells it to.
+pub struct FakeService {
+    url: String,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The sample rate of the fake's reply audio.
+const REPLY_RATE: u32 = 16_000;
+
+impl FakeService {
+    /// Starts the fake; `token`, when set, is required.
+    pub async fn start(wire: impl FakeWire, token: Option<&str>) -> FakeService {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let url = format!("ws://{}/", listener.local_addr().expect("local address"));
+        let state = Arc::new(State::default());
+        let wire = Arc::new(wire);
+        let token = token.map(|t| format!("Bearer {t}"));
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tokio::spawn(serve(tcp, wire.clone(), state.clone(), token.clone()));
+                }
+            }
+        });
+        FakeService { url, state, task }
+    }
+
+    /// The service's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of user audio heard so far.
+    pub fn audio_bytes(&self) -> usize {
+        self.state.audio_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Barge-ins the client told of.
+    pub fn cancels(&self) -> usize {
+        self.state.cancels.load(Ordering::SeqCst)
+    }
+
+    /// Turn ends the client told of.
+    pub fn turn_ends(&self) -> usize {
+        self.state.turn_ends.load(Ordering::SeqCst)
+    }
+
+    /// The reply texts the client asked the service to speak.
+    pub fn replies(&self) -> Vec<String> {
+        self.state
+            .replies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sends `message` on the connection now open.
+    pub fn send(&self, message: WsMessage) {
+        self.command(Command::Send(message));
+    }
+
+    /// Drops the connection now open, without a close frame.
+    pub fn drop_connection(&self) {
+        self.command(Command::Drop);
+    }
+
+    fn command(&self, command: Command) {
+        let current = self
+            .state
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let sender = current.as_ref().expect("a client is connected");
+        let _ = sender.send(command);
+    }
+}
+
+async fn serve<W: FakeWire>(
+    tcp: tokio::net::TcpStream,
+    wire: Arc<W>,
+    state: Arc<State>,
+    token: Option<String>,
+) {
+    let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        let given = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match &token {
+            Some(t) if given != Some(t.as_str()) => {
+                let mut refusal = ErrorResponse::new(Some("no entry".into()));
+                *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+                Err(refusal)
+            }
+            _ => Ok(response),
+        }
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
+        return;
+    };
+    state.connections.fetch_add(1, Ordering::SeqCst);
+    let (tx, mut commands) = mpsc::unbounded_channel();
+    *state.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Send(m)) => {
+                    if ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Command::Drop) | None => return,
+            },
+            message = ws.next() => {
+                let Some(Ok(message)) = message else { return };
+                if message.is_close() || message.is_ping() || message.is_pong() {
+                    continue;
+                }
+                let mut out = Vec::new();
+                match wire.client_said(&message) {
+                    ClientSaid::Greeting => out = wire.ready(),
+                    ClientSaid::Audio(n) => {
+                        state.audio_bytes.fetch_add(n, Ordering::SeqCst);
+                    }
+                    ClientSaid::Reply(text) => {
+                        state
+                            .replies
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(text);
+                        // Speaks it: 2 s of audio, then the reply's end.
+                        let speech = signal::speech_like(Duration::from_millis(20), 9);
+                        for _ in 0..100 {
+                            out.push(wire.audio(&speech, REPLY_RATE));
+                        }
+                        out.extend(wire.reply_done());
+                    }
+                    ClientSaid::Cancel => {
+                        state.cancels.fetch_add(1, Ordering::SeqCst);
+                    }
+                    ClientSaid::EndOfTurn => {
+                        state.turn_ends.fetch_add(1, Ordering::SeqCst);
+                        out.push(wire.transcript("the user's words", true));
+                    }
+                    ClientSaid::ReplyEnd | ClientSaid::Other => {}
+                }
+                for m in out {
+                    if ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How the suite makes the provider's config for a fake service.
+pub trait LinkHarness: Send + Sync {
+    /// The fake's side of the wire.
+    type Wire: FakeWire + Clone;
+    /// The wire.
+    fn wire(&self) -> Self::Wire;
+    /// A config of the provider under test for the service at `url`, with
+    /// `token` as its credential when given.
+    fn config(&self, url: &str, token: Option<&str>) -> Config;
+}
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn next_event(
+    events: &mut SessionEvents,
+    what: &str,
+    mut pred: impl FnMut(&SessionEvent) -> bool,
+) -> SessionEvent {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(e)) if pred(&e) => return e,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the session closed before {what}"),
+            Err(_) => panic!("no {what} within {PATIENCE:?}"),
+        }
+    }
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn backend_for(
+    h: &impl LinkHarness,
+    url: &str,
+    token: Option<&str>,
+) -> Arc<dyn VoiceBackend> {
+    let config = h.config(url, token);
+    let backend = registry()
+        .create(&config.provider.clone(), &config)
+        .await
+        .expect("the harness's config makes a backend");
+    backend.start().await.expect("the backend starts");
+    backend
+}
+
+/// Speaks one utterance to the session in real time (20 ms frames).
+async fn utter(session: &dyn VoiceSession) {
+    let audio = signal::utterance(Duration::from_millis(600), Duration::from_millis(900), 3);
+    for frame in signal::frames(&audio, 20) {
+        session
+            .process_audio(frame)
+            .await
+            .expect("process_audio accepts 20 ms frames");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs every check of the link conformance suite against fakes of the
+/// harness's service. Panics with what the provider did wrong.
+pub async fn link_conformance(h: &impl LinkHarness) {
+    let wire = h.wire();
+    let service = FakeService::start(wire.clone(), Some("secret-token")).await;
+    let backend = backend_for(h, service.url(), Some("secret-token")).await;
+    let turns = registry()
+        .get_provider(backend.provider())
+        .expect("the provider is registered")
+        .capabilities()
+        .turns;
+    let session = backend
+        .create_session(SessionConfig::new("ann"))
+        .await
+        .expect("a session opens a link to the fake service");
+    let mut events = session.events();
+    let mut reply_audio = session.receive_audio().expect("the reply audio stream");
+    session.set_agent(agent_fn(|turn| {
+        let answer = format!("you said: {}", turn.transcript);
+        async move { Ok(AgentReply::text(answer)) }
+    }));
+    session.start().await.expect("the session starts");
+    assert_eq!(service.connections(), 1, "one connection per session");
+
+    // Audio both ways: the user's audio reaches the service.
+    utter(&*session).await;
+    wait_until("the service hears the user's audio", || {
+        service.audio_bytes() > 0
+    })
+    .await;
+
+    // Transcripts, and the agent's reply spoken through the service.
+    if turns == TurnPolicy::Service {
+        service.send(wire.transcript("hello th", false));
+        service.send(wire.transcript("hello there", true));
+    } else {
+        wait_until("the local turn end reaches the service", || {
+            service.turn_ends() > 0
+        })
+        .await;
+    }
+    let heard = next_event(&mut events, "the final transcript", |e| {
+        matches!(e, SessionEvent::UserTranscript { is_final: true, .. })
+    })
+    .await;
+    let SessionEvent::UserTranscript { text, .. } = heard else {
+        unreachable!()
+    };
+    next_event(
+        &mut events,
+        "the agent's text",
+        |e| matches!(e, SessionEvent::AgentText { text: t } if *t == format!("you said: {text}")),
+    )
+    .await;
+    wait_until("the reply goes to the service", || {
+        !service.replies().is_empty()
+    })
+    .await;
+    assert_eq!(service.replies()[0], format!("you said: {text}"));
+    let frame: AudioFrame = timeout(PATIENCE, reply_audio.recv())
+        .await
+        .expect("the service's audio reaches the session")
+        .expect("the reply stream is open");
+    assert!(!frame.data().is_empty());
+    next_event(&mut events, "the end of the reply", |e| {
+        matches!(e, SessionEvent::State { to, .. } if *to == crate::session::PipelineState::Listening)
+    })
+    .await;
+
+    // Barge-in: the service's interruption cuts what it says.
+    let speech = signal::speech_like(Duration::from_millis(20), 5);
+    for _ in 0..5 {
+        service.send(wire.audio(&speech, REPLY_RATE));
+    }
+    for m in wire.interrupted() {
+        service.send(m);
+    }
+    next_event(&mut events, "the interruption", |e| {
+        matches!(e, SessionEvent::Interrupted { .. })
+    })
+    .await;
+    if wire.has_cancel() {
+        // A local barge-in during a reply is told to the service.
+        session
+            .send_text("tell me more")
+            .await
+            .expect("a text turn");
+        wait_until("the second reply", || service.replies().len() >= 2).await;
+        session.send_text("stop").await.expect("a barge-in by text");
+        wait_until("the service hears the barge-in", || service.cancels() > 0).await;
+    }
+
+    // Malformed messages are skipped and counted.
+    service.send(wire.malformed());
+    let counter = format!("{}_messages_malformed", backend.provider());
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let health = backend.health_check().await;
+        let n: u64 = health
+            .details
+            .get(&counter)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("health details have {counter}: {:?}", health.details));
+        if n >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the malformed message is counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Drop and reconnect.
+    service.drop_connection();
+    next_event(&mut events, "reconnecting", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Reconnecting
+            }
+        )
+    })
+    .await;
+    next_event(&mut events, "connected again", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Connected
+            }
+        )
+    })
+    .await;
+    assert_eq!(service.connections(), 2);
+    let before = service.audio_bytes();
+    utter(&*session).await;
+    wait_until("audio flows after the reconnect", || {
+        service.audio_bytes() > before
+    })
+    .await;
+    session.stop().await.expect("the session stops");
+    backend.stop().await.expect("the backend stops");
+
+    // An auth failure is named as one.
+    let backend = backend_for(h, service.url(), Some("wrong-token")).await;
+    let err = backend
+        .create_session(SessionConfig::new("bob"))
+        .await
+        .err()
+        .expect("a refused credential fails the session");
+    assert_eq!(err.code, ErrorCode::AuthenticationFailed, "{err}");
+    assert!(
+        !err.to_string().contains("wrong-token"),
+        "the credential stays out of the error: {err}"
+    );
+    backend.stop().await.expect("the backend stops");
+}
