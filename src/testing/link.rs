@@ -212,6 +212,8 @@ async fn serve<W: FakeWire>(
     state: Arc<State>,
     token: Option<String>,
 ) {
+    // The shape tungstenite's handshake callback takes.
+    #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         let given = request
             .headers()
@@ -493,11 +495,9 @@ pub async fn link_conformance(h: &impl LinkHarness) {
 
     // An auth failure is named as one.
     let backend = backend_for(h, service.url(), Some("wrong-token")).await;
-    let err = backend
-        .create_session(SessionConfig::new("bob"))
-        .await
-        .err()
-        .expect("a refused credential fails the session");
+    let Err(err) = backend.create_session(SessionConfig::new("bob")).await else {
+        panic!("a refused credential fails the session");
+    };
     assert_eq!(err.code, ErrorCode::AuthenticationFailed, "{err}");
     assert!(
         !err.to_string().contains("wrong-token"),
