@@ -419,11 +419,16 @@ pub async fn link_conformance(h: &impl LinkHarness) {
     })
     .await;
 
-    // Barge-in: the service's interruption cuts what it says.
-    let speech = signal::speech_like(Duration::from_millis(20), 5);
-    for _ in 0..5 {
-        service.send(wire.audio(&speech, REPLY_RATE));
-    }
+    // Barge-in: the service's interruption cuts the reply it is speaking.
+    session
+        .send_text("tell me more")
+        .await
+        .expect("a text turn");
+    wait_until("the second reply", || service.replies().len() >= 2).await;
+    timeout(PATIENCE, reply_audio.recv())
+        .await
+        .expect("the second reply's audio")
+        .expect("the reply stream is open");
     for m in wire.interrupted() {
         service.send(m);
     }
@@ -433,11 +438,12 @@ pub async fn link_conformance(h: &impl LinkHarness) {
     .await;
     if wire.has_cancel() {
         // A local barge-in during a reply is told to the service.
-        session
-            .send_text("tell me more")
+        session.send_text("and more").await.expect("a text turn");
+        wait_until("the third reply", || service.replies().len() >= 3).await;
+        timeout(PATIENCE, reply_audio.recv())
             .await
-            .expect("a text turn");
-        wait_until("the second reply", || service.replies().len() >= 2).await;
+            .expect("the third reply's audio")
+            .expect("the reply stream is open");
         session.send_text("stop").await.expect("a barge-in by text");
         wait_until("the service hears the barge-in", || service.cancels() > 0).await;
     }
