@@ -268,6 +268,8 @@ impl<S> FrameGuard<S> {
     }
 }
 
+super::write_through!(impl[S: AsyncWrite + Unpin] FrameGuard<S>, inner);
+
 impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -294,39 +296,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
                 Poll::Ready(Err(io::Error::other(v)))
             }
         }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
-    #[inline]
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    #[inline]
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    #[inline]
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
