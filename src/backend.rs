@@ -14,6 +14,10 @@ use crate::error::Result;
 use crate::hooks::Hooks;
 use crate::session::{SessionId, VoiceSession};
 
+/// The state of the backend's connection to its service; defined with the
+/// session, whose link to the service reports the same states.
+pub use crate::session::ConnectionState;
+
 /// Overall health of a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -73,42 +77,6 @@ impl HealthStatus {
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
-}
-
-/// The state of a backend's connection to its service.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConnectionState {
-    /// Not connected (before `start`, after `stop`).
-    #[default]
-    Disconnected,
-    /// Connecting for the first time.
-    Connecting,
-    /// Connected and serving.
-    Connected,
-    /// The connection was lost and is being re-established with backoff.
-    Reconnecting,
-    /// Connecting failed for good (after `max_retries`).
-    Error,
-}
-
-impl ConnectionState {
-    /// The snake_case name, e.g. `"reconnecting"`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ConnectionState::Disconnected => "disconnected",
-            ConnectionState::Connecting => "connecting",
-            ConnectionState::Connected => "connected",
-            ConnectionState::Reconnecting => "reconnecting",
-            ConnectionState::Error => "error",
-        }
-    }
-}
-
-impl fmt::Display for ConnectionState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// A configured voice backend: it connects to its service and opens sessions.

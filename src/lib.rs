@@ -36,10 +36,11 @@ pub use hooks::{
     RateLimiter, TokenBucketLimiter,
 };
 pub use provider::{
-    BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities, ProviderEntry,
-    TurnPolicy,
+    BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities, TurnPolicy,
 };
-pub use registry::{BackendRegistry, DuplicateEntry, Registry, new_backend, registry};
+pub use registry::{
+    BackendRegistry, DuplicateEntry, ProviderEntry, Registry, new_backend, registry,
+};
 pub use session::{
     AudioReceiver, PersistenceStatus, PipelineState, ProcessAudio, SessionId, VoiceSession,
 };

@@ -14,7 +14,10 @@ use serde::Serialize;
 use crate::backend::VoiceBackend;
 use crate::config::Config;
 use crate::error::Result;
-use crate::registry::StaticEntry;
+
+/// Pipeline stages a provider's service runs itself; defined with the config
+/// rules that depend on them.
+pub use crate::config::HostedStages;
 
 /// A wire codec a provider can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -78,40 +81,6 @@ pub enum TurnPolicy {
     Local,
 }
 
-/// Pipeline stages a provider's service runs itself.
-///
-/// A stage the service hosts needs no component in the config: a Pipecat bot
-/// transcribes and speaks, so `provider = "pipecat"` needs neither
-/// `stt_provider` nor `tts_provider`. The local engine still runs voice
-/// activity detection (for barge-in) and calls the application's agent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
-#[non_exhaustive]
-pub struct HostedStages {
-    /// The service transcribes the user (and ends the user's turns).
-    pub stt: bool,
-    /// The service synthesizes the reply's speech.
-    pub tts: bool,
-}
-
-impl HostedStages {
-    /// Nothing hosted: the local engine runs every stage.
-    pub const NONE: HostedStages = HostedStages {
-        stt: false,
-        tts: false,
-    };
-    /// Speech recognition and synthesis hosted by the service.
-    pub const STT_TTS: HostedStages = HostedStages {
-        stt: true,
-        tts: true,
-    };
-
-    /// Whether the service hosts both ends of the pipeline, so no local
-    /// STT, TTS or S2S component is needed whatever the `pipeline_type`.
-    pub fn hosts_pipeline(self) -> bool {
-        self.stt && self.tts
-    }
-}
-
 /// The JSON Schema of a provider's own config section (`provider_config`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConfigSchema {
@@ -169,10 +138,6 @@ pub trait BackendProvider: Send + Sync + std::fmt::Debug + 'static {
     /// The JSON Schema of the provider's `provider_config`.
     fn config_schema(&self) -> ConfigSchema;
 }
-
-/// A provider's link-time registration: its name, the module that registered it,
-/// and its constructor. Made by [`register_provider!`](crate::register_provider).
-pub type ProviderEntry = StaticEntry<dyn BackendProvider>;
 
 /// Registers a provider with every [`crate::BackendRegistry`] at link time.
 ///

@@ -45,7 +45,7 @@ use arc_swap::ArcSwap;
 use crate::backend::VoiceBackend;
 use crate::config::Config;
 use crate::error::{BackendError, ErrorCode, Result};
-use crate::provider::{BackendProvider, ProviderEntry};
+use crate::provider::BackendProvider;
 
 /// A link-time registration: a name, the module that made it, and a constructor.
 pub struct StaticEntry<T: ?Sized + 'static> {
@@ -65,6 +65,10 @@ impl<T: ?Sized> fmt::Debug for StaticEntry<T> {
             .finish_non_exhaustive()
     }
 }
+
+/// A provider's link-time registration: its name, the module that registered it,
+/// and its constructor. Made by [`register_provider!`](crate::register_provider).
+pub type ProviderEntry = StaticEntry<dyn BackendProvider>;
 
 #[doc(hidden)]
 #[linkme::distributed_slice]

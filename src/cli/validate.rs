@@ -6,8 +6,9 @@ use std::fmt;
 use std::io::Write;
 use std::path::Path;
 
-use crate::config::{Config, PipelineType};
+use crate::config::{Config, HostedStages};
 use crate::error::BackendError;
+use crate::pipeline::{Plan, PlanProblemKind, components};
 use crate::registry::registry;
 
 use super::locate::locate;
@@ -140,9 +141,10 @@ pub fn validate_file(path: &Path) -> Vec<Diagnostic> {
 /// parses is checked by [`Config::violations_for`] the stages its provider
 /// hosts, by its provider's
 /// [`crate::BackendProvider::validate_config`], and against the registered pipeline
-/// components: every name must be registered, and the options of each
-/// VAD, turn detector, audio processor, speech-to-text and speech-to-speech
-/// component in use must be accepted by it.
+/// components as a backend is when it is made ([`Plan::check`]): every name
+/// must be registered, and the options of each VAD, turn detector, audio
+/// processor, and speech-to-text or speech-to-speech component in use must be
+/// accepted by it.
 pub fn validate_str(text: &str, format: ConfigFormat, file: &str) -> Vec<Diagnostic> {
     let parsed: Result<Config, ()> = match format {
         // Too deep for the parsers: the loader refuses it (see `MAX_NESTING_DEPTH`).
@@ -271,7 +273,7 @@ pub(super) fn semantic_problems(config: &Config) -> Vec<Problem> {
             }
         }
     }
-    component_problems(config, &flagged, &mut problems);
+    component_problems(config, hosted, &flagged, &mut problems);
     problems
 }
 
@@ -301,145 +303,27 @@ fn push_error(problems: &mut Vec<Problem>, fallback: &str, error: BackendError) 
 }
 
 /// Checks every component the config names against the global component
-/// registries: the name is registered and accepts its options.
-fn component_problems(config: &Config, flagged: &BTreeSet<String>, problems: &mut Vec<Problem>) {
-    use crate::pipeline::components;
-    use crate::runtime::{DEFAULT_TURN_DETECTOR, DEFAULT_VAD};
-
-    let reg = components();
-    let options = |name: &str| config.component_options(name);
-    // Components whose options were already reported: one report per name.
-    let mut checked: BTreeSet<String> = BTreeSet::new();
-    let mut options_checked = |name: &str| checked.insert(name.to_owned());
-
-    // Opening speech streams may spawn tasks: give them a runtime that never
-    // runs them (shut down right after), so nothing connects anywhere. It is
-    // shut down in the background: dropping a runtime blocks, which panics
-    // when the caller runs on a runtime of its own.
-    struct Idle(Option<tokio::runtime::Runtime>);
-    impl Drop for Idle {
-        fn drop(&mut self) {
-            if let Some(runtime) = self.0.take() {
-                runtime.shutdown_background();
-            }
-        }
-    }
-    let runtime = Idle(tokio::runtime::Builder::new_current_thread().build().ok());
-    let _guard = runtime.0.as_ref().map(tokio::runtime::Runtime::enter);
-
-    let vad = config.vad_provider.as_deref();
-    let vad_path = "vad_provider";
-    if !flagged.contains(vad_path) {
-        let name = vad.unwrap_or(DEFAULT_VAD);
-        match reg.vad.get(name) {
-            Err(e) => problems.push(Problem::at(vad_path, quoted_input(e))),
-            Ok(factory) => {
-                if options_checked(name)
-                    && let Err(e) = factory.create(&options(name))
-                {
-                    push_error(problems, &format!("components.{name}"), e);
-                }
-            }
-        }
-    }
-
-    let turn_path = "turn_detection_provider";
-    if !flagged.contains(turn_path) {
-        let name = config
-            .turn_detection_provider
-            .as_deref()
-            .unwrap_or(DEFAULT_TURN_DETECTOR);
-        match reg.turn.get(name) {
-            Err(e) => problems.push(Problem::at(turn_path, quoted_input(e))),
-            Ok(factory) => {
-                if options_checked(name)
-                    && let Err(e) = factory.create(&options(name))
-                {
-                    push_error(problems, &format!("components.{name}"), e);
-                }
-            }
-        }
-    }
-
-    let noise_path = "noise_cancellation_provider";
-    if let Some(name) = config.noise_cancellation_provider.as_deref()
-        && !flagged.contains(noise_path)
-    {
-        match reg.processor.get(name) {
-            Err(e) => problems.push(Problem::at(noise_path, quoted_input(e))),
-            Ok(factory) => {
-                if options_checked(name)
-                    && let Err(e) = factory.create(&options(name), i32::MIN)
-                {
-                    push_error(problems, &format!("components.{name}"), e);
-                }
-            }
-        }
-    }
-
-    for (i, p) in config.processors.iter().enumerate() {
-        let path = format!("processors[{i}].name");
-        if flagged.contains(&path) {
+/// registries, as a backend is checked when it is made ([`Plan::check`]):
+/// the name is registered, and the component accepts its options. A
+/// component whose name field is already reported is left out.
+fn component_problems(
+    config: &Config,
+    hosted: HostedStages,
+    flagged: &BTreeSet<String>,
+    problems: &mut Vec<Problem>,
+) {
+    let Err(error) = Plan::check(config, hosted, components()) else {
+        return;
+    };
+    // One report of each problem (a name used for two stages shares its options).
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    for p in error.into_problems() {
+        if flagged.contains(&p.field) || !seen.insert((p.path.clone(), p.error.message.clone())) {
             continue;
         }
-        match reg.processor.get(&p.name) {
-            Err(e) => problems.push(Problem::at(path, quoted_input(e))),
-            Ok(factory) => {
-                let inline = p.has_inline_options();
-                let opts = config.processor_options(p);
-                let fallback = if inline {
-                    format!("processors[{i}].options")
-                } else {
-                    format!("components.{}", p.name)
-                };
-                if (inline || options_checked(&p.name))
-                    && let Err(e) = factory.create(&opts, p.order)
-                {
-                    push_error(problems, &fallback, e);
-                }
-            }
-        }
-    }
-
-    let stt_path = "stt_provider";
-    if let Some(name) = config.stt_provider.as_deref()
-        && !flagged.contains(stt_path)
-    {
-        match reg.stt.get(name) {
-            Err(e) => problems.push(Problem::at(stt_path, quoted_input(e))),
-            Ok(stt) => {
-                if config.pipeline_type == PipelineType::SttTts && options_checked(name) {
-                    let (tx, _rx) = tokio::sync::mpsc::channel(1);
-                    if let Err(e) = stt.open(&options(name), tx) {
-                        push_error(problems, &format!("components.{name}"), e);
-                    }
-                }
-            }
-        }
-    }
-
-    let tts_path = "tts_provider";
-    if let Some(name) = config.tts_provider.as_deref()
-        && !flagged.contains(tts_path)
-        && let Err(e) = reg.tts.get(name)
-    {
-        problems.push(Problem::at(tts_path, quoted_input(e)));
-    }
-
-    let s2s_path = "s2s_provider";
-    if let Some(name) = config.s2s_provider.as_deref()
-        && !flagged.contains(s2s_path)
-    {
-        match reg.s2s.get(name) {
-            Err(e) => problems.push(Problem::at(s2s_path, quoted_input(e))),
-            Ok(s2s) => {
-                if config.pipeline_type == PipelineType::S2s && options_checked(name) {
-                    let (tx, _rx) = tokio::sync::mpsc::channel(1);
-                    if let Err(e) = s2s.open(&options(name), tx) {
-                        push_error(problems, &format!("components.{name}"), e);
-                    }
-                }
-            }
+        match p.kind {
+            PlanProblemKind::Options => push_error(problems, &p.path, p.error),
+            _ => problems.push(Problem::at(p.path, quoted_input(p.error))),
         }
     }
 }

@@ -33,7 +33,7 @@ pub(crate) use depth::nesting_exceeded;
 pub use builder::ConfigBuilder;
 pub use load::parse_provider_config;
 pub use secret::{REDACTED, Secret, looks_secret, shown_in_error};
-pub use validate::{ResolvedPipeline, Violation, Violations};
+pub use validate::{HostedStages, ResolvedPipeline, Violation, Violations};
 
 /// The VAD a session uses when [`Config::vad_provider`] is unset.
 pub const DEFAULT_VAD_PROVIDER: &str = "energy";

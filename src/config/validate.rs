@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use super::secret::quoted;
 use super::{
     Config, MAX_LATENCY_TARGET, MAX_MAX_RETRIES, MAX_RETRY_DELAY, MAX_TIMEOUT, MIN_LATENCY_TARGET,
@@ -10,7 +12,6 @@ use super::{
     REDACTED, SessionConfig, shown_in_error,
 };
 use crate::error::BackendError;
-use crate::provider::HostedStages;
 
 /// One broken rule of a configuration: the field path and what is wrong with it.
 ///
@@ -304,6 +305,40 @@ fn check_redaction_markers(v: &mut Violations, path: &str, value: &serde_json::V
 
 fn redaction_marker_message() -> String {
     format!("is the redaction marker {REDACTED:?}; supply the real secret")
+}
+
+/// Pipeline stages a provider's service runs itself.
+///
+/// A stage the service hosts needs no component in the config: a Pipecat bot
+/// transcribes and speaks, so `provider = "pipecat"` needs neither
+/// `stt_provider` nor `tts_provider`. The local engine still runs voice
+/// activity detection (for barge-in) and calls the application's agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[non_exhaustive]
+pub struct HostedStages {
+    /// The service transcribes the user (and ends the user's turns).
+    pub stt: bool,
+    /// The service synthesizes the reply's speech.
+    pub tts: bool,
+}
+
+impl HostedStages {
+    /// Nothing hosted: the local engine runs every stage.
+    pub const NONE: HostedStages = HostedStages {
+        stt: false,
+        tts: false,
+    };
+    /// Speech recognition and synthesis hosted by the service.
+    pub const STT_TTS: HostedStages = HostedStages {
+        stt: true,
+        tts: true,
+    };
+
+    /// Whether the service hosts both ends of the pipeline, so no local
+    /// STT, TTS or S2S component is needed whatever the `pipeline_type`.
+    pub fn hosts_pipeline(self) -> bool {
+        self.stt && self.tts
+    }
 }
 
 /// The cross-field rules of a pipeline: the components its type needs.

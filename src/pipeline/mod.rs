@@ -16,12 +16,15 @@
 //! themselves with [`register_component!`](crate::register_component); an
 //! application registers its own at run time with
 //! [`components()`]`.stt.register(...)` and friends. Options for a component
-//! come from `[components.<name>]` in the config.
+//! come from `[components.<name>]` in the config. A config's components are
+//! looked up once, into a [`Plan`]: backends, sessions and `validate` all use
+//! it.
 
 pub mod builtin;
 pub mod engine;
 pub mod events;
 pub mod link;
+pub mod plan;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -33,6 +36,8 @@ use crate::audio::{AudioFormat, AudioFrame};
 use crate::error::Result;
 use crate::hooks::AudioProcessor;
 use crate::registry::{Registry, StaticEntry};
+
+pub use plan::{Plan, PlanError, PlanProblem, PlanProblemKind, Planned, Stage};
 
 /// The format every pipeline stage works in: 16 kHz mono PCM s16le.
 pub const INTERNAL_FORMAT: AudioFormat = AudioFormat::PCM16_16K_MONO;

@@ -24,12 +24,12 @@ use crate::audio::AudioFrame;
 use crate::backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
 use crate::config::{Config, PipelineType, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
-use crate::hooks::{Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter, sort_processors};
+use crate::hooks::{Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter};
 use crate::metrics::{Metrics, Op, PROCESS_AUDIO_LATENCY_SAMPLE};
 use crate::pipeline::engine::{Engine, EngineParts, PreparedConverters};
 use crate::pipeline::events::SessionEvents;
 use crate::pipeline::link::Remote;
-use crate::pipeline::{ComponentRegistries, components};
+use crate::pipeline::{ComponentRegistries, Plan, components};
 use crate::provider::HostedStages;
 use crate::provider::ProviderCapabilities;
 use crate::session::{
@@ -205,7 +205,8 @@ impl RuntimeBackend {
         connector
             .validate_config(config)
             .map_err(|e| e.with_op(OP))?;
-        check_components(registries, config).map_err(|e| e.with_op(OP))?;
+        check_components(registries, config, connector.hosted_stages())
+            .map_err(|e| e.with_op(OP))?;
         let provider = connector.provider().to_owned();
         let limiter = fallback_limiter(config)?;
         Ok(RuntimeBackend {
@@ -257,102 +258,17 @@ fn fallback_limiter(config: &Config) -> Result<TokenBucketLimiter> {
 }
 
 /// Checks that every component the config names is registered, and that the
-/// ones made without side effects (VAD, turn detection, processors) accept
-/// their options, so a backend whose every session would fail is not made.
-/// (STT and S2S components are opened per session, which may connect
-/// somewhere: their options are checked then.)
-fn check_components(reg: &ComponentRegistries, config: &Config) -> Result<()> {
-    let mut err: Option<BackendError> = None;
-    let mut note = |path: &str, r: Result<()>| {
-        if let Err(e) = r {
-            let e2 = err.get_or_insert_with(|| {
-                BackendError::invalid_config("backend.new", "pipeline components")
-            });
-            e2.push_detail(path, e.into_fields().message);
-        }
-    };
-    let options = |name: &str| config.component_options(name);
-    // Speech components are checked by name, and their options (without
-    // opening a stream) for the pipeline that uses them.
-    if let Some(n) = &config.stt_provider {
-        match reg.stt.get(n) {
-            Ok(stt) if config.pipeline_type == PipelineType::SttTts => {
-                note(&format!("components.{n}"), stt.check_options(&options(n)));
-            }
-            Ok(_) => {}
-            Err(e) => note("stt_provider", Err(e)),
-        }
-    }
-    if let Some(n) = &config.tts_provider {
-        note("tts_provider", reg.tts.get(n).map(|_| ()));
-    }
-    if let Some(n) = &config.s2s_provider {
-        match reg.s2s.get(n) {
-            Ok(s2s) if config.pipeline_type == PipelineType::S2s => {
-                note(&format!("components.{n}"), s2s.check_options(&options(n)));
-            }
-            Ok(_) => {}
-            Err(e) => note("s2s_provider", Err(e)),
-        }
-    }
-    let vad = config.vad_provider.as_deref().unwrap_or(DEFAULT_VAD);
-    match reg.vad.get(vad) {
-        Ok(f) => note(
-            &format!("components.{vad}"),
-            f.create(&options(vad)).map(drop),
-        ),
-        Err(e) => note("vad_provider", Err(e)),
-    }
-    let turn = config
-        .turn_detection_provider
-        .as_deref()
-        .unwrap_or(DEFAULT_TURN_DETECTOR);
-    match reg.turn.get(turn) {
-        Ok(f) => note(
-            &format!("components.{turn}"),
-            f.create(&options(turn)).map(drop),
-        ),
-        Err(e) => note("turn_detection_provider", Err(e)),
-    }
-    if let Some(n) = &config.noise_cancellation_provider {
-        match reg.processor.get(n) {
-            Ok(f) => note(
-                &format!("components.{n}"),
-                f.create(&options(n), i32::MIN).map(drop),
-            ),
-            Err(e) => note("noise_cancellation_provider", Err(e)),
-        }
-    }
-    for (i, p) in config.processors.iter().enumerate() {
-        match reg.processor.get(&p.name) {
-            Ok(f) => {
-                let path = if p.has_inline_options() {
-                    format!("processors[{i}].options")
-                } else {
-                    format!("components.{}", p.name)
-                };
-                note(
-                    &path,
-                    f.create(&config.processor_options(p), p.order).map(drop),
-                );
-            }
-            Err(e) => note(&format!("processors[{i}].name"), Err(e)),
-        }
-    }
-    match err {
-        None => Ok(()),
-        Some(mut e) => {
-            e.message = format!(
-                "pipeline components: {}",
-                e.details
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-            Err(e)
-        }
-    }
+/// ones whose options can be checked without side effects accept them, so a
+/// backend whose every session would fail is not made: the config's
+/// [`Plan::check`], as `voice-backends validate` runs it.
+fn check_components(
+    reg: &ComponentRegistries,
+    config: &Config,
+    hosted: HostedStages,
+) -> Result<()> {
+    Plan::check(config, hosted, reg)
+        .map(drop)
+        .map_err(|e| e.into_error("backend.new"))
 }
 
 impl Inner {
@@ -460,7 +376,8 @@ impl Inner {
         const OP: &str = "backend.create_session";
         let base = self.config();
         let hosted = self.connector.hosted_stages();
-        let pipeline = config.resolve_pipeline_for(&base, hosted)?;
+        let plan = Plan::for_session(&base, &config, hosted, self.components)
+            .map_err(|e| e.with_op(OP))?;
         let id = next_session_id();
         let info = SessionInfo::default();
         let link = RetryPolicy::from_config(&base)
@@ -481,36 +398,17 @@ impl Inner {
                 },
             )
             .await?;
-        let reg = self.components;
-        let options = |name: &str| base.component_options(name);
-        let vad_name = base.vad_provider.as_deref().unwrap_or(DEFAULT_VAD);
-        let vad = reg.vad.get(vad_name)?.create(&options(vad_name))?;
-        let turn_name = base
-            .turn_detection_provider
-            .as_deref()
-            .unwrap_or(DEFAULT_TURN_DETECTOR);
-        let turn = reg.turn.get(turn_name)?.create(&options(turn_name))?;
-        let mut processors = Vec::new();
-        if let Some(n) = &base.noise_cancellation_provider {
-            processors.push(reg.processor.get(n)?.create(&options(n), i32::MIN)?);
-        }
-        for p in &base.processors {
-            let opts = base.processor_options(p);
-            processors.push(reg.processor.get(&p.name)?.create(&opts, p.order)?);
-        }
-        sort_processors(&mut processors);
+        let vad = plan.make_vad()?;
+        let turn = plan.make_turn_detector()?;
+        let processors = plan.make_processors()?;
         let (link, media) = match link {
             Some(Link::Service(link)) => (Some(link), None),
             Some(Link::Media(media)) => (None, Some(media)),
             None => (None, None),
         };
-        let (stt, remote, tts) = match (link, pipeline.pipeline_type) {
+        let (stt, remote, tts) = match (link, plan.pipeline_type) {
             (Some(link), _) => {
-                let tts = match (link.speaker, &base.tts_provider) {
-                    (Some(speaker), _) => Some(speaker),
-                    (None, Some(n)) => Some(reg.tts.get(n)?),
-                    (None, None) => None,
-                };
+                let tts = link.speaker.or_else(|| plan.tts());
                 let remote = Remote::Link {
                     input: link.input,
                     events: link.events,
@@ -520,21 +418,14 @@ impl Inner {
                 (None, Some(remote), tts)
             }
             (None, PipelineType::SttTts) => {
-                let stt_name = pipeline.stt_provider.as_deref().unwrap_or_default();
-                let tts_name = pipeline.tts_provider.as_deref().unwrap_or_default();
                 let (tx, rx) = mpsc::channel(COMPONENT_CHANNEL);
-                let stream = reg.stt.get(stt_name)?.open(&options(stt_name), tx)?;
-                (Some((stream, rx)), None, Some(reg.tts.get(tts_name)?))
+                let stream = plan.open_stt(tx)?;
+                (Some((stream, rx)), None, Some(plan.require_tts()?))
             }
             (None, PipelineType::S2s) => {
-                let s2s_name = pipeline.s2s_provider.as_deref().unwrap_or_default();
                 let (tx, rx) = mpsc::channel(COMPONENT_CHANNEL);
-                let stream = reg.s2s.get(s2s_name)?.open(&options(s2s_name), tx)?;
-                let tts = match &base.tts_provider {
-                    Some(n) => Some(reg.tts.get(n)?),
-                    None => None,
-                };
-                (None, Some(Remote::Model(stream, rx)), tts)
+                let stream = plan.open_s2s(tx)?;
+                (None, Some(Remote::Model(stream, rx)), plan.tts())
             }
         };
         let (input_format, output_format) = (config.input_format, config.output_format);
@@ -797,7 +688,12 @@ impl VoiceBackend for RuntimeBackend {
                 .connector
                 .validate_config(&config)
                 .map_err(|e| e.with_op(OP))?;
-            check_components(self.inner.components, &config).map_err(|e| e.with_op(OP))?;
+            check_components(
+                self.inner.components,
+                &config,
+                self.inner.connector.hosted_stages(),
+            )
+            .map_err(|e| e.with_op(OP))?;
             let limiter = fallback_limiter(&config)?;
             // Last, once nothing else can refuse the update: the provider
             // takes the new config.

@@ -1,4 +1,10 @@
 //! The session contract: one user's conversation with the agent.
+//!
+//! With it, the small value types a session shares with the backend that
+//! made it: the [`events`] it emits and the state of a connection
+//! ([`ConnectionState`]).
+
+pub mod events;
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -18,7 +24,8 @@ use crate::agent::Agent;
 use crate::audio::AudioFrame;
 use crate::config::Secret;
 use crate::error::Result;
-use crate::pipeline::events::SessionEvents;
+
+pub use events::{SessionEvent, SessionEvents, TurnLatency};
 
 /// A session's unique id.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -64,6 +71,44 @@ impl From<&str> for SessionId {
 impl From<String> for SessionId {
     fn from(id: String) -> Self {
         SessionId(id.into())
+    }
+}
+
+/// The state of a connection to a service: a backend's
+/// ([`VoiceBackend::connection_state`](crate::backend::VoiceBackend::connection_state)),
+/// or a session's link ([`SessionEvent::Connection`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    /// Not connected (before `start`, after `stop`).
+    #[default]
+    Disconnected,
+    /// Connecting for the first time.
+    Connecting,
+    /// Connected and serving.
+    Connected,
+    /// The connection was lost and is being re-established with backoff.
+    Reconnecting,
+    /// Connecting failed for good (after `max_retries`).
+    Error,
+}
+
+impl ConnectionState {
+    /// The snake_case name, e.g. `"reconnecting"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+            ConnectionState::Reconnecting => "reconnecting",
+            ConnectionState::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -393,7 +438,7 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
     /// (counted in metrics) rather than slowing the session. When the
     /// session has a link to its provider's service (one that runs pipeline
     /// stages itself, as Pipecat does), the first event is the link's
-    /// current state ([`SessionEvent::Connection`](crate::pipeline::events::SessionEvent::Connection)),
+    /// current state ([`SessionEvent::Connection`]),
     /// since the link connects when the session is created, before anyone
     /// can subscribe.
     fn events(&self) -> SessionEvents;
