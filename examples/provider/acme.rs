@@ -73,9 +73,8 @@ impl Provider for AcmeProvider {
 
     fn check(config: &AcmeConfig) -> Result<()> {
         let mut v = Violations::new();
-        match url::Url::parse(&config.url) {
-            Ok(u) if matches!(u.scheme(), "ws" | "wss") => {}
-            _ => v.push("provider_config.url", "must be a ws:// or wss:// URL"),
+        if let Err(why) = Dial::check_url(&config.url) {
+            v.push("provider_config.url", why);
         }
         if !(8_000..=48_000).contains(&config.sample_rate) {
             v.push(

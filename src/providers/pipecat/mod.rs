@@ -9,10 +9,10 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::config::{Config, Secret, Violations, parse_provider_config};
-use crate::error::{BackendError, ErrorCode, Result};
+use crate::error::{BackendError, Result};
 use crate::provider::{Codec, HostedStages, ProviderCapabilities, TurnPolicy};
 use crate::runtime::{
-    Dial, Link, LinkCounters, LinkRequest, LinkSettings, Provider, WebSocketLink, endpoint_of,
+    Dial, Link, LinkCounters, LinkRequest, LinkSettings, Provider, WebSocketLink,
 };
 
 pub mod proto;
@@ -122,7 +122,7 @@ impl PipecatConfig {
                 "set either url or url_template, not both".into(),
             ),
             (Some(url), None) => {
-                if let Err(m) = check_url(url) {
+                if let Err(m) = Dial::check_url(url) {
                     fail("url", m);
                 }
             }
@@ -133,7 +133,7 @@ impl PipecatConfig {
                         "has no {session_id} or {user_id} placeholder; use url for a fixed URL"
                             .into(),
                     );
-                } else if let Err(m) = check_url(&render(t, "s", "u")) {
+                } else if let Err(m) = Dial::check_url(&Dial::render_template(t, "s", "u")) {
                     fail("url_template", m);
                 }
             }
@@ -153,46 +153,11 @@ impl PipecatConfig {
     /// The URL a session connects to.
     fn url_for(&self, session_id: &str, user_id: &str) -> String {
         match (&self.url, &self.url_template) {
-            (_, Some(t)) => render(t, session_id, user_id),
+            (_, Some(t)) => Dial::render_template(t, session_id, user_id),
             (Some(u), None) => u.clone(),
             (None, None) => String::new(),
         }
     }
-}
-
-fn check_url(url: &str) -> std::result::Result<(), String> {
-    match url::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "ws" | "wss") && u.host_str().is_some() => Ok(()),
-        Ok(u) if u.host_str().is_none() => Err("has no host; expected e.g. ws://host:8765/".into()),
-        // Without `://`, what parsed as the scheme may be a user name
-        // (`user:password@host`): not quoted.
-        Ok(u) if url.contains("://") => Err(format!(
-            "scheme {:?} is not supported; use ws or wss",
-            u.scheme()
-        )),
-        Ok(_) => Err("has no ws:// or wss:// scheme; expected e.g. ws://host:8765/".into()),
-        Err(e) => Err(format!(
-            "is not a valid URL ({e}); expected e.g. ws://host:8765/"
-        )),
-    }
-}
-
-/// Everything but letters, digits, `-`, `_` and `~` is percent-encoded, so a
-/// value is one path segment or query value whatever it holds (`/`, `?`,
-/// `#`, `&`, spaces, dots).
-const TEMPLATE_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'~');
-
-fn encode(value: &str) -> String {
-    percent_encoding::utf8_percent_encode(value, TEMPLATE_VALUE).to_string()
-}
-
-fn render(template: &str, session_id: &str, user_id: &str) -> String {
-    template
-        .replace("{session_id}", &encode(session_id))
-        .replace("{user_id}", &encode(user_id))
 }
 
 /// Bridges each session to a Pipecat bot over its WebSocket transport.
@@ -235,7 +200,7 @@ impl Provider for PipecatProvider {
         let Some(url) = &self.config.url else {
             return Ok(());
         };
-        probe(url).await
+        Dial::new(url.clone()).probe("the Pipecat bot").await
     }
 
     async fn open_link(&self, request: LinkRequest<'_>) -> Result<Option<Link>> {
@@ -278,54 +243,10 @@ impl Provider for PipecatProvider {
     async fn health(&self) -> Result<BTreeMap<String, String>> {
         let details = self.counters.health(NAME);
         if let Some(url) = &self.config.url {
-            probe(url).await?;
+            Dial::new(url.clone()).probe("the Pipecat bot").await?;
         }
         Ok(details)
     }
 }
 
-/// Opens and closes a TCP connection to the URL's host and port.
-async fn probe(url: &str) -> Result<()> {
-    let target = endpoint_of(url);
-    tokio::net::TcpStream::connect(&target)
-        .await
-        .map(drop)
-        .map_err(|e| {
-            BackendError::new(
-                "pipecat.connect",
-                ErrorCode::ConnectionFailed,
-                format!("the Pipecat bot at {target} does not accept connections: {e}"),
-            )
-        })
-}
-
 crate::register_provider!(PipecatProvider);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn template_values_stay_one_path_segment_or_query_value() {
-        let t = "ws://bot:8765/u/{user_id}/ws?session={session_id}";
-        assert_eq!(
-            render(t, "sess_1", "a b/c?d#e&f=g+h.i"),
-            "ws://bot:8765/u/a%20b%2Fc%3Fd%23e%26f%3Dg%2Bh%2Ei/ws?session=sess_1"
-        );
-        assert_eq!(
-            render(t, "s", "zoë"),
-            "ws://bot:8765/u/zo%C3%AB/ws?session=s"
-        );
-        for user in ["a/../b", "%2e%2e", "...", "~x-y_z"] {
-            let url = url::Url::parse(&render(t, "s", user)).unwrap();
-            let segments: Vec<&str> = url.path_segments().unwrap().collect();
-            assert_eq!(segments.len(), 3, "{user}: {url}");
-            assert_eq!(segments[0], "u");
-            assert_eq!(segments[2], "ws");
-            let decoded = percent_encoding::percent_decode_str(segments[1])
-                .decode_utf8()
-                .unwrap();
-            assert_eq!(decoded, user);
-        }
-    }
-}

@@ -207,6 +207,70 @@ impl Dial {
         ));
         self
     }
+
+    /// Checks that `url` is a `ws://` or `wss://` URL with a host, for a
+    /// provider's config check; the error says what is wrong without
+    /// repeating the URL (it may hold credentials).
+    ///
+    /// # Errors
+    ///
+    /// What is wrong, e.g. `scheme "http" is not supported; use ws or wss`.
+    pub fn check_url(url: &str) -> std::result::Result<(), String> {
+        match url::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "ws" | "wss") && u.host_str().is_some() => Ok(()),
+            Ok(u) if u.host_str().is_none() => {
+                Err("has no host; expected e.g. ws://host:8765/".into())
+            }
+            // Without `://`, what parsed as the scheme may be a user name
+            // (`user:password@host`): not quoted.
+            Ok(u) if url.contains("://") => Err(format!(
+                "scheme {:?} is not supported; use ws or wss",
+                u.scheme()
+            )),
+            Ok(_) => Err("has no ws:// or wss:// scheme; expected e.g. ws://host:8765/".into()),
+            Err(e) => Err(format!(
+                "is not a valid URL ({e}); expected e.g. ws://host:8765/"
+            )),
+        }
+    }
+
+    /// `template` with `{session_id}` and `{user_id}` replaced, each
+    /// percent-encoded but for letters, digits, `-`, `_` and `~`, so a value
+    /// is one path segment or query value whatever it holds (`/`, `?`, `#`,
+    /// `&`, spaces, dots). A provider refuses a `user_id` of `.` or `..`
+    /// itself, which URL parsers read as a path step even encoded.
+    pub fn render_template(template: &str, session_id: &str, user_id: &str) -> String {
+        const VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'~');
+        let encode = |v: &str| percent_encoding::utf8_percent_encode(v, VALUE).to_string();
+        template
+            .replace("{session_id}", &encode(session_id))
+            .replace("{user_id}", &encode(user_id))
+    }
+
+    /// Opens and closes a TCP connection to the URL's host and port: a
+    /// check that `service` is there which takes none of its WebSocket seats.
+    ///
+    /// # Errors
+    ///
+    /// `ConnectionFailed` naming the endpoint.
+    pub async fn probe(&self, service: &str) -> Result<()> {
+        TcpStream::connect(&self.endpoint)
+            .await
+            .map(drop)
+            .map_err(|e| {
+                BackendError::new(
+                    "link.connect",
+                    ErrorCode::ConnectionFailed,
+                    format!(
+                        "{service} at {} does not accept connections: {e}",
+                        self.endpoint
+                    ),
+                )
+            })
+    }
 }
 
 /// `host:port` of a URL, for messages that must not repeat the URL.
@@ -1049,6 +1113,35 @@ impl<P: WireProtocol> Task<P> {
                 let handed = self.events.audio(frame);
                 self.count(handed);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_values_stay_one_path_segment_or_query_value() {
+        let t = "ws://bot:8765/u/{user_id}/ws?session={session_id}";
+        assert_eq!(
+            Dial::render_template(t, "sess_1", "a b/c?d#e&f=g+h.i"),
+            "ws://bot:8765/u/a%20b%2Fc%3Fd%23e%26f%3Dg%2Bh%2Ei/ws?session=sess_1"
+        );
+        assert_eq!(
+            Dial::render_template(t, "s", "zoë"),
+            "ws://bot:8765/u/zo%C3%AB/ws?session=s"
+        );
+        for user in ["a/../b", "%2e%2e", "...", "~x-y_z"] {
+            let url = url::Url::parse(&Dial::render_template(t, "s", user)).unwrap();
+            let segments: Vec<&str> = url.path_segments().unwrap().collect();
+            assert_eq!(segments.len(), 3, "{user}: {url}");
+            assert_eq!(segments[0], "u");
+            assert_eq!(segments[2], "ws");
+            let decoded = percent_encoding::percent_decode_str(segments[1])
+                .decode_utf8()
+                .unwrap();
+            assert_eq!(decoded, user);
         }
     }
 }
