@@ -16,7 +16,7 @@ use crate::provider::TurnPolicy;
 #[non_exhaustive]
 pub enum LinkEvent {
     /// What the service heard the user say. With
-    /// [`TurnPolicy::Service`](crate::provider::TurnPolicy::Service), a final
+    /// [`TurnPolicy::Service`], a final
     /// transcript ends the user's turn.
     UserTranscript {
         /// The text.
@@ -51,7 +51,7 @@ pub trait LinkInput: Send {
     /// One frame of the user's audio, in the pipeline's internal format.
     fn push_audio(&mut self, frame: &AudioFrame) -> Result<()>;
     /// The local turn detector ended the user's turn
-    /// ([`TurnPolicy::Local`](crate::provider::TurnPolicy::Local)): the
+    /// ([`TurnPolicy::Local`]): the
     /// service should finish its transcript.
     fn end_turn(&mut self) -> Result<()>;
     /// The user barged in: the service should stop its reply.

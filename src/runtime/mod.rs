@@ -84,7 +84,7 @@ pub trait Connector: Send + Sync + 'static {
     /// Takes an updated config (already checked by the runtime): sessions
     /// opened from now on use it. The default checks it with
     /// [`Connector::validate_config`] and keeps nothing; a
-    /// [`Provider`](crate::runtime::Provider)'s connector makes the provider
+    /// [`Provider`]'s connector makes the provider
     /// anew from it.
     ///
     /// # Errors

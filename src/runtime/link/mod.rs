@@ -277,8 +277,9 @@ impl fmt::Debug for LinkRequest<'_> {
     }
 }
 
-/// A session's open link to the provider's service; see the
-/// [module docs](self).
+/// A session's open link to the provider's service: to a service that runs
+/// pipeline stages itself ([`ServiceLink`]), or to one that only carries the
+/// session's media ([`MediaLink`]).
 #[derive(Debug)]
 pub enum Link {
     /// The service runs pipeline stages itself.

@@ -364,7 +364,13 @@ impl LinkCounters {
     }
 }
 
-/// A WebSocket link to a service; see the [module docs](self).
+/// A WebSocket link to a service: a provider writes its [`WireProtocol`],
+/// and this dials (TLS, auth headers), keeps one task per session that
+/// writes the user's audio and the agent's replies and reads the service,
+/// applies the [`LinkEvents`] queue policy, bounds every write, pings an idle
+/// connection, reconnects with exponential backoff and full jitter (stale
+/// audio dropped, the reply in flight sent again), counts in
+/// [`LinkCounters`], and speaks the agent's replies through the service.
 #[derive(Debug)]
 pub struct WebSocketLink;
 
