@@ -93,18 +93,12 @@ impl Provider for AcmeProvider {
     }
 
     async fn open_link(&self, request: LinkRequest<'_>) -> Result<Option<Link>> {
-        self.counters.use_metrics(request.metrics);
         let mut dial = Dial::new(self.config.url.clone());
         if let Some(key) = &self.config.api_key {
             dial = dial.bearer(key);
         }
-        let settings = LinkSettings {
-            dial,
-            session_id: request.session_id.to_owned(),
-            retry: request.retry,
-            reply_timeout: request.config.timeout,
-            keepalive: Some(Duration::from_secs(15)),
-        };
+        let mut settings = LinkSettings::for_session(dial, &request);
+        settings.keepalive = Some(Duration::from_secs(15));
         // What the application may want to know of the session.
         request.info.set("acme_session", request.session_id);
         let protocol = AcmeProtocol {

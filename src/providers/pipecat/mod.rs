@@ -219,18 +219,11 @@ impl Provider for PipecatProvider {
                 ),
             ));
         }
-        self.counters.use_metrics(request.metrics);
         let mut dial = Dial::new(self.config.url_for(request.session_id, request.user_id));
         if let Some(token) = &self.config.auth_token {
             dial = dial.bearer(token);
         }
-        let settings = LinkSettings {
-            dial,
-            session_id: request.session_id.to_owned(),
-            retry: request.retry,
-            reply_timeout: request.config.timeout,
-            keepalive: None,
-        };
+        let settings = LinkSettings::for_session(dial, &request);
         let protocol = PipecatProtocol {
             input_sample_rate: self.config.input_sample_rate,
             client_ready: self.config.client_ready,

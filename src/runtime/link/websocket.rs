@@ -30,7 +30,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use super::{Handed, Link, LinkEvent, LinkEvents, LinkInput, RetryPolicy, ServiceLink};
+use super::{
+    Handed, Link, LinkEvent, LinkEvents, LinkInput, LinkRequest, RetryPolicy, ServiceLink,
+};
 use crate::audio::{AudioFormat, AudioFrame, FormatFollower};
 use crate::backend::ConnectionState;
 use crate::config::Secret;
@@ -301,6 +303,24 @@ pub struct LinkSettings {
     /// Ping the service after this long without writing anything; `None`:
     /// never.
     pub keepalive: Option<Duration>,
+    /// The backend's metrics, where the link's drops are counted too.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl LinkSettings {
+    /// Settings for the session of `request`, reaching its service through
+    /// `dial`: the session's id, the request's retry policy, the config's
+    /// `timeout` as the reply timeout, the backend's metrics, no keepalive.
+    pub fn for_session(dial: Dial, request: &LinkRequest<'_>) -> LinkSettings {
+        LinkSettings {
+            dial,
+            session_id: request.session_id.to_owned(),
+            retry: request.retry,
+            reply_timeout: request.config.timeout,
+            keepalive: None,
+            metrics: Some(request.metrics.clone()),
+        }
+    }
 }
 
 /// Counts across every link of one backend, reported by its health check
@@ -390,6 +410,9 @@ impl WebSocketLink {
         settings: LinkSettings,
         counters: Arc<LinkCounters>,
     ) -> Result<Link> {
+        if let Some(metrics) = &settings.metrics {
+            counters.use_metrics(metrics);
+        }
         let (ws, early) = connect(&mut protocol, &settings, &counters).await?;
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let (events_tx, events_rx) = LinkEvents::channel(EVENT_QUEUE);
