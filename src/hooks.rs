@@ -132,9 +132,16 @@ pub struct Hooks {
     pub auth: Option<std::sync::Arc<dyn AuthHook>>,
     /// Replaces the framework's fallback rate limiter.
     pub rate_limiter: Option<std::sync::Arc<dyn RateLimiter>>,
-    /// Decides what may be kept and for how long. Nothing consults it yet:
-    /// sessions keep nothing beyond their life (`PersistenceStatus::Ephemeral`);
-    /// the session store, when it comes, will ask it before storing anything.
+    /// Decides what may be kept and for how long. A session asks it once
+    /// per turn answered by the application's agent, with
+    /// [`DataKind::Transcript`], whether the turn may join the conversation
+    /// history the agent sees in later turns
+    /// ([`AgentTurn::history`](crate::agent::AgentTurn::history)): a turn it
+    /// refuses, or has not allowed by the time the turn is over (it is asked
+    /// while the agent answers, and given the session's `timeout`), is left
+    /// out. Sessions take the hook set when they are created. Nothing else
+    /// is kept beyond a session's life (`PersistenceStatus::Ephemeral`); the
+    /// session store, when it comes, will ask it before storing anything.
     pub retention: Option<std::sync::Arc<dyn DataRetentionHook>>,
 }
 

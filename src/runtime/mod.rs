@@ -452,6 +452,7 @@ impl Inner {
             agent: config.agent.clone(),
             metrics: self.metrics.clone(),
             agent_timeout: base.timeout,
+            retention: self.hooks().retention,
             media: media.is_some(),
             converters,
         })

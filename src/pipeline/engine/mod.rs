@@ -153,6 +153,11 @@ pub struct EngineParts {
     pub metrics: Arc<Metrics>,
     /// How long the agent may take to answer a turn.
     pub agent_timeout: Duration,
+    /// The backend's data-retention hook ([`crate::hooks::Hooks::retention`]):
+    /// asked once per turn whether the turn may join the conversation
+    /// history the agent sees ([`crate::agent::AgentTurn::history`]).
+    /// `None` keeps every turn.
+    pub retention: Option<Arc<dyn crate::hooks::DataRetentionHook>>,
     /// Converters made beforehand, used when their formats match: from
     /// `input_format` to the internal format, and from the internal format to
     /// `output_format`. A resampler between unrelated rates (44.1 kHz and
@@ -304,6 +309,7 @@ impl Engine {
                 remote_events,
                 tts: parts.tts,
                 output_converter: parts.converters.output,
+                retention: parts.retention,
             })),
         })
     }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::audio::{AudioConverter, FormatFollower};
 use crate::error::{ErrorCode, Result};
+use crate::hooks::DataRetentionHook;
 use crate::metrics::Op;
 use crate::pipeline::events::SessionEvent;
 use crate::pipeline::link::RemoteEvents;
@@ -21,7 +22,7 @@ use crate::wake::InputMarks;
 
 use super::latency::TurnClock;
 use super::playout::{Playout, release, send_out};
-use super::reply::{ReplyFuture, ReplyMsg};
+use super::reply::{History, ReplyFuture, ReplyMsg};
 use super::shared::{Control, Finish, Shared};
 use super::turns::Finals;
 
@@ -31,6 +32,8 @@ pub(super) struct TaskParts {
     pub(super) remote_events: Option<RemoteEvents>,
     pub(super) tts: Option<Arc<dyn TextToSpeech>>,
     pub(super) output_converter: Option<AudioConverter>,
+    /// The data-retention hook, asked before a turn joins the history.
+    pub(super) retention: Option<Arc<dyn DataRetentionHook>>,
 }
 
 /// The session task's inputs, one bit each in its [`Inputs`].
@@ -80,6 +83,8 @@ pub(super) struct Task {
     pub(super) cut: bool,
     /// The speech-to-text stream's final transcripts, matched to turns.
     pub(super) finals: Finals,
+    /// The conversation so far, for the agent.
+    pub(super) history: History,
 }
 
 impl Task {
@@ -146,6 +151,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
         mut remote_events,
         tts,
         output_converter,
+        retention,
     } = parts;
     let _finish = Finish(shared.clone());
     let shared_link_finals = shared.link_finals;
@@ -170,6 +176,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
             enabled: stt_events.is_some() || shared_link_finals,
             ..Finals::default()
         },
+        history: History::new(retention),
     };
     // Every input marked, so each is polled (and registers) once.
     let inputs = Inputs::new((1 << INPUTS) - 1);
@@ -245,6 +252,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
             }
             Woke::Stt(None) => stt_events = None,
             Woke::S2s(Some(ev)) => {
+                task.before_s2s(&ev);
                 task.on_s2s(ev, &mut reply_rx);
                 for _ in 1..EVENT_BATCH {
                     let Some(rx) = remote_events.as_mut() else {
@@ -254,7 +262,10 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
                         break;
                     }
                     match rx.try_recv() {
-                        Some(ev) => task.on_s2s(ev, &mut reply_rx),
+                        Some(ev) => {
+                            task.before_s2s(&ev);
+                            task.on_s2s(ev, &mut reply_rx);
+                        }
                         None => break,
                     }
                 }
@@ -267,6 +278,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
                 while let Ok(msg) = reply_rx.try_recv() {
                     task.on_reply_msg(msg);
                 }
+                task.history.reply_over(result.is_ok());
                 if let Err(e) = result {
                     task.shared.metrics.error(Op::Turn, e.code);
                     task.shared.emit(SessionEvent::Error {

@@ -89,6 +89,7 @@ impl Task {
                         }
                     }
                 }
+                self.reply_cut();
                 self.cut_reply(turn, reply_rx);
                 for ev in kept {
                     self.on_s2s(ev, reply_rx);

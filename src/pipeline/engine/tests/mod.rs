@@ -6,7 +6,7 @@ mod session;
 mod turns;
 
 use super::*;
-use crate::agent::{AgentReply, agent_fn};
+use crate::agent::{AgentReply, Message, agent_fn};
 use crate::pipeline::{TurnSignal, VadDecision};
 
 /// Speech when the frame's first byte is not zero.
@@ -188,6 +188,7 @@ fn parts(stt: Box<dyn SttStream>, events: mpsc::Receiver<SttEvent>) -> EnginePar
         agent: None,
         metrics: Arc::new(Metrics::new("test")),
         agent_timeout: Duration::from_secs(5),
+        retention: None,
         converters: PreparedConverters::default(),
     }
 }

@@ -283,3 +283,113 @@ async fn an_agent_that_panics_fails_its_turn_and_the_session_goes_on() {
     )
     .await;
 }
+
+/// A reply the user cuts joins the history as far as it was said: one whose
+/// audio had started, marked interrupted; one cut before the agent
+/// answered, not at all (the user's turn does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_reply_joins_the_history_as_far_as_it_was_said() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<crate::agent::AgentTurn>::new()));
+    let kept = seen.clone();
+    let agent = agent_fn(move |turn| {
+        let n = {
+            let mut seen = kept.lock().unwrap();
+            seen.push(turn);
+            seen.len()
+        };
+        async move {
+            if n == 2 {
+                std::future::pending::<()>().await;
+            }
+            Ok(AgentReply::text(format!("answer {n}")))
+        }
+    });
+    let engine = engine_with(Some(Arc::new(FramesTts::numbered(200))), agent, false);
+    let mut events = engine.subscribe();
+    let mut rx = engine.take_receiver().unwrap();
+    engine.start().unwrap();
+    // Turn 1: cut while its reply plays.
+    speak(&engine, 4);
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the reply starts playing")
+        .expect("reply audio");
+    engine.process_audio(frame(9)).unwrap();
+    next_event(&mut events, "the first cut", |e| {
+        matches!(e, SessionEvent::Interrupted { .. })
+    })
+    .await;
+    // Turn 2: cut while the agent thinks.
+    speak(&engine, 4);
+    let asked = async {
+        while seen.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), asked)
+        .await
+        .expect("the agent is asked about turn 2");
+    engine.process_audio(frame(9)).unwrap();
+    next_event(&mut events, "the second cut", |e| {
+        matches!(e, SessionEvent::Interrupted { .. })
+    })
+    .await;
+    // Turn 3 sees both.
+    speak(&engine, 4);
+    next_event(&mut events, "the third answer", |e| {
+        *e == SessionEvent::AgentText {
+            text: "answer 3".into(),
+        }
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[2].history.to_vec(),
+        [
+            Message::user(seen[0].transcript.clone()),
+            Message::agent_interrupted("answer 1"),
+            Message::user(seen[1].transcript.clone()),
+        ]
+    );
+    engine.stop(Duration::from_millis(100)).await.unwrap();
+}
+
+/// A reply that played to its end joins the history whole; one the agent
+/// failed leaves the user's turn only.
+#[tokio::test(start_paused = true)]
+async fn a_reply_said_to_its_end_joins_the_history_whole() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<crate::agent::AgentTurn>::new()));
+    let kept = seen.clone();
+    let agent = agent_fn(move |turn| {
+        let n = {
+            let mut seen = kept.lock().unwrap();
+            seen.push(turn);
+            seen.len()
+        };
+        async move {
+            if n == 2 {
+                return Err(BackendError::new("agent", ErrorCode::AgentError, "no"));
+            }
+            Ok(AgentReply::text(format!("answer {n}")))
+        }
+    });
+    let engine = engine_with(Some(Arc::new(FramesTts::numbered(3))), agent, false);
+    let mut events = engine.subscribe();
+    let _rx = engine.take_receiver().unwrap();
+    engine.start().unwrap();
+    for _ in 0..3 {
+        speak(&engine, 4);
+        next_event(&mut events, "processing", to(PipelineState::Processing)).await;
+        events_until_listening(&mut events).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[2].history.to_vec(),
+        [
+            Message::user(seen[0].transcript.clone()),
+            Message::agent("answer 1"),
+            Message::user(seen[1].transcript.clone()),
+        ]
+    );
+    engine.stop(Duration::from_secs(1)).await.unwrap();
+}
