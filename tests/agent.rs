@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use voice_backends::agent::{DEFAULT_HISTORY_LIMIT, Message, Role, with_history_limit};
 use voice_backends::hooks::{DataKind, DataRetentionHook, Hooks};
 use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
@@ -29,14 +29,32 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// Frames the speech double says each piece of text as (half a second).
 const FRAMES_PER_PIECE: usize = 25;
 
-/// Says each piece of text as `FRAMES_PER_PIECE` frames of 20 ms whose bytes
-/// are the piece's number (1, 2, ...), and records the pieces.
-#[derive(Default)]
+/// Says each piece of text as `frames` frames of 20 ms whose bytes are the
+/// piece's number (1, 2, ...), and records the pieces. "ok" (the streaming
+/// agent's answer to later turns) is one frame, so that no test waits for
+/// it to play.
 struct Speech {
+    frames: usize,
     said: Mutex<Vec<String>>,
+    /// Pieces said to their end (every frame handed on).
+    finished: watch::Sender<usize>,
+}
+
+impl Default for Speech {
+    fn default() -> Self {
+        Speech::saying(FRAMES_PER_PIECE)
+    }
 }
 
 impl Speech {
+    fn saying(frames: usize) -> Self {
+        Speech {
+            frames,
+            said: Mutex::new(Vec::new()),
+            finished: watch::Sender::new(0),
+        }
+    }
+
     fn said(&self) -> Vec<String> {
         self.said.lock().unwrap().clone()
     }
@@ -55,12 +73,14 @@ impl TextToSpeech for Speech {
             said.push(text.to_owned());
             said.len()
         };
-        for _ in 0..FRAMES_PER_PIECE {
+        let frames = if text == "ok" { 1 } else { self.frames };
+        for _ in 0..frames {
             let data = vec![n as u8; format.bytes_for(Duration::from_millis(20))];
             if out.send(AudioFrame::new(format, data)?).await.is_err() {
-                break;
+                return Ok(());
             }
         }
+        self.finished.send_modify(|n| *n += 1);
         Ok(())
     }
 }
@@ -468,10 +488,17 @@ async fn a_streamed_reply_is_heard_before_the_agent_has_finished_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_barge_in_stops_a_streamed_reply_and_closes_the_agents_stream() {
-    let speech = Arc::new(Speech::default());
+    // Five seconds a sentence: the first is still playing when the user
+    // cuts in, the second (synthesized, queued) has not started, so only
+    // the first was said.
+    let speech = Arc::new(Speech::saying(250));
     let backend = backend(Some(("agent-test-speech-barge-in", speech.clone()))).await;
     let (producer, _go, closed) = Producer::new();
-    let (agent, seen) = streaming_agent(producer, "First sentence. ", Then::WaitForClose);
+    let (agent, seen) = streaming_agent(
+        producer,
+        "First sentence. Second sentence. ",
+        Then::WaitForClose,
+    );
     let s = backend
         .create_session(SessionConfig::new("u1").with_agent(agent))
         .await
@@ -481,6 +508,12 @@ async fn a_barge_in_stops_a_streamed_reply_and_closes_the_agents_stream() {
     s.start().await.unwrap();
     s.send_text("tell me a story").await.unwrap();
     recv_frame(&mut rx, "the reply's audio").await;
+    // Both sentences are synthesized, so the second one's audio is queued
+    // behind the first's (its frames went through to the session).
+    tokio::time::timeout(PATIENCE, speech.finished.subscribe().wait_for(|&n| n >= 2))
+        .await
+        .expect("both sentences are synthesized")
+        .unwrap();
     // The user cuts in with a new turn.
     s.send_text("stop").await.unwrap();
     next_event(&mut events, "the interruption", |e| {
@@ -491,7 +524,8 @@ async fn a_barge_in_stops_a_streamed_reply_and_closes_the_agents_stream() {
         .await
         .expect("the agent's stream is closed by the barge-in")
         .expect("the producer saw it");
-    // The next turn is answered, knowing what was said of the cut reply.
+    // The next turn is answered, knowing what was said of the cut reply:
+    // the sentence whose audio had started.
     next_event(&mut events, "the next answer", |e| {
         *e == SessionEvent::AgentText { text: "ok".into() }
     })
@@ -503,7 +537,7 @@ async fn a_barge_in_stops_a_streamed_reply_and_closes_the_agents_stream() {
             Message::agent_interrupted("First sentence.")
         ]
     );
-    assert_eq!(speech.said(), ["First sentence.", "ok"]);
+    assert_eq!(speech.said()[0], "First sentence.");
     backend.stop().await.unwrap();
 }
 
