@@ -26,7 +26,10 @@ pub mod session;
 pub mod testing;
 mod wake;
 
-pub use agent::{Agent, AgentReply, AgentTurn, agent_fn};
+pub use agent::{
+    Agent, AgentReply, AgentTurn, DEFAULT_HISTORY_LIMIT, Message, Role, agent_fn,
+    with_history_limit,
+};
 pub use audio::{AudioEncoding, AudioFormat, AudioFrame};
 pub use backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
 pub use config::*;

@@ -377,7 +377,11 @@ fn unknown_names_that_look_secret_are_cut() {
     assert!(err.message.contains("\"sk_…\""), "{}", err.message);
     // Ordinary names are quoted whole.
     let err = reg.get_provider("pipcat-provider").err().unwrap();
-    assert!(err.message.contains("\"pipcat-provider\""), "{}", err.message);
+    assert!(
+        err.message.contains("\"pipcat-provider\""),
+        "{}",
+        err.message
+    );
 }
 
 /// Lookups hit exactly the registered names, in tables of every size (small
