@@ -1,0 +1,21 @@
+//! Fuzzing of every decoder a client or a service can reach, on the stable
+//! toolchain: the WebSocket protocol's client messages (feature `server`),
+//! Pipecat frames and RTVI messages (feature `pipecat`), and the config
+//! loaders.
+//!
+//! Each target is a function of raw bytes that panics when an invariant
+//! breaks: a decoder never panics, refuses input with a typed error that says
+//! something, and what it accepts survives re-encoding unchanged where there
+//! is an encoder. [`run`] drives a target with a seed corpus and mutations
+//! from a seeded PRNG (bit and byte flips, inserted, deleted and duplicated
+//! ranges, splices, dictionary tokens, odd numbers, deep nesting, protobuf
+//! varints), keeps the mutants that reach a new kind of outcome, catches
+//! panics and writes each crashing or slow input to a file. It is not
+//! coverage-guided: it finds what random mutation of well-formed input
+//! finds. `examples/fuzz.rs` is its command line.
+
+mod driver;
+mod targets;
+
+pub use driver::*;
+pub use targets::*;
