@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-
 use super::targets::*;
 
 /// How [`run`] runs a target.
