@@ -92,15 +92,25 @@ pub async fn expect_event(
     h: &dyn Harness,
     events: &mut SessionEvents,
     what: &str,
+    pred: impl FnMut(&SessionEvent) -> bool,
+) -> SessionEvent {
+    expect_event_within(h.patience(), events, what, pred).await
+}
+
+/// Waits for the first event matching `pred`, failing after `patience`.
+pub async fn expect_event_within(
+    patience: Duration,
+    events: &mut SessionEvents,
+    what: &str,
     mut pred: impl FnMut(&SessionEvent) -> bool,
 ) -> SessionEvent {
-    let deadline = Instant::now() + h.patience();
+    let deadline = Instant::now() + patience;
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(e)) if pred(&e) => return e,
             Ok(Some(_)) => continue,
             Ok(None) => panic!("the session closed before {what}"),
-            Err(_) => panic!("no {what} within {:?}", h.patience()),
+            Err(_) => panic!("no {what} within {patience:?}"),
         }
     }
 }

@@ -44,6 +44,7 @@ use crate::provider::TurnPolicy;
 use crate::registry::registry;
 use crate::runtime::WsMessage;
 use crate::session::VoiceSession;
+use crate::testing::conformance::expect_event_within;
 use crate::testing::signal;
 
 /// What a client message is, as the fake service reads it.
@@ -303,17 +304,9 @@ const PATIENCE: Duration = Duration::from_secs(10);
 async fn next_event(
     events: &mut SessionEvents,
     what: &str,
-    mut pred: impl FnMut(&SessionEvent) -> bool,
+    pred: impl FnMut(&SessionEvent) -> bool,
 ) -> SessionEvent {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(e)) if pred(&e) => return e,
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the session closed before {what}"),
-            Err(_) => panic!("no {what} within {PATIENCE:?}"),
-        }
-    }
+    expect_event_within(PATIENCE, events, what, pred).await
 }
 
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
