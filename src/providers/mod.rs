@@ -6,3 +6,15 @@ pub mod local;
 #[cfg(feature = "pipecat")]
 #[cfg_attr(docsrs, doc(cfg(feature = "pipecat")))]
 pub mod pipecat;
+#[cfg(feature = "cartesia")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cartesia")))]
+pub mod cartesia;
+#[cfg(feature = "livekit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "livekit")))]
+pub mod livekit;
+#[cfg(feature = "vapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vapi")))]
+pub mod vapi;
+#[cfg(feature = "vocode")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vocode")))]
+pub mod vocode;
