@@ -6,7 +6,7 @@
 //! the `local` echo backend, and the reply comes back and is scheduled for
 //! playback. The test reads the page's `window.voiceTest` counters.
 //!
-//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (`scripts/browser-deps`
+//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (`scripts/system-deps`
 //! installs them). Without them the test is skipped, unless
 //! `VOICE_BACKENDS_BROWSER_TESTS=1`, when it fails.
 
@@ -56,7 +56,7 @@ fn browser_available() -> bool {
     if missing.is_empty() {
         return true;
     }
-    let how = "run scripts/browser-deps to install Debian's chromium and chromium-driver \
+    let how = "run scripts/system-deps to install Debian's chromium and chromium-driver \
                (or: apt-get install chromium chromium-driver)";
     if std::env::var(REQUIRE_VAR).as_deref() == Ok("1") {
         panic!(
