@@ -693,6 +693,17 @@ fn serve_refuses_an_invalid_config_file() {
     let err = stderr(&out);
     assert!(err.contains("latency_target"), "{err}");
     assert!(err.contains("voice-backends validate"), "{err}");
+    // Every error `validate` lists, with its line, not only the first kind.
+    assert!(err.contains("6 errors"), "{err}");
+    for found in [
+        ":4:1: latency_target",
+        ":5:1: vad_provider",
+        "provider_config.region",
+        "processors[0].name",
+        "components.silence.min_endpointing_delay",
+    ] {
+        assert!(err.contains(found), "{found}: {err}");
+    }
 }
 
 #[test]

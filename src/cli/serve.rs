@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::VoiceBackend;
@@ -11,7 +12,7 @@ use crate::error::{BackendError, ErrorCode};
 use crate::registry::registry;
 use crate::server::{Server, ServerConfig};
 
-use super::validate::semantic_problems;
+use super::validate::{semantic_problems, validate_file};
 use super::{Failure, ServeArgs, write_failed};
 
 /// The default backend config of `serve`: the `local` provider with the
@@ -38,14 +39,16 @@ pub fn default_config() -> Config {
 pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
     let mut config = match &args.config {
         Some(path) => Config::from_path(path).map_err(|e| {
-            config_failure(
-                &format!("invalid config file {}", path.display()),
-                &e,
-                &format!(
-                    "run `voice-backends validate {}` to see every error with its line",
-                    path.display()
-                ),
-            )
+            file_failure(path).unwrap_or_else(|| {
+                config_failure(
+                    &format!("invalid config file {}", path.display()),
+                    &e,
+                    &format!(
+                        "run `voice-backends validate {}` to see every error with its line",
+                        path.display()
+                    ),
+                )
+            })
         })?,
         None => default_config(),
     };
@@ -63,6 +66,11 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
     // would fail is refused here, not served.
     let problems = semantic_problems(&config);
     if !problems.is_empty() {
+        if let (Some(path), None) = (&args.config, &args.env_prefix) {
+            if let Some(failure) = file_failure(path) {
+                return Err(failure);
+            }
+        }
         let noun = if problems.len() == 1 {
             "error"
         } else {
@@ -83,6 +91,31 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
         return Err(Failure::failed(message));
     }
     Ok(config)
+}
+
+/// Every problem `validate` finds in the config file at `path`, as one
+/// failure listing them all with their lines (`None` when it finds none),
+/// so that `serve` and `validate` report the same errors.
+fn file_failure(path: &Path) -> Option<Failure> {
+    let diagnostics = validate_file(path);
+    if diagnostics.is_empty() {
+        return None;
+    }
+    let n = diagnostics.len();
+    let mut message = format!(
+        "invalid config file {}: {n} {}",
+        path.display(),
+        if n == 1 { "error" } else { "errors" }
+    );
+    for d in &diagnostics {
+        message.push_str(&format!("\n  {d}"));
+    }
+    message.push_str(&format!(
+        "\nfix {} and check with `voice-backends validate {}`",
+        if n == 1 { "it" } else { "them" },
+        path.display()
+    ));
+    Some(Failure::failed(message))
 }
 
 /// A config error as a failure: `context` and one `  PATH: MESSAGE` line per
