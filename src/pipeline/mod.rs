@@ -26,7 +26,7 @@ pub mod events;
 pub mod link;
 pub mod plan;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -178,6 +178,20 @@ pub trait TextToSpeech: Send + Sync {
         format: AudioFormat,
         out: &mpsc::Sender<AudioFrame>,
     ) -> Result<()>;
+
+    /// The component a pipeline uses given its options (`[components.<name>]`,
+    /// or `null`): called when a config is checked and once per session's
+    /// plan, so it must not connect to anything. `None` (the default) uses
+    /// this component as it is, whatever the options; a component that takes
+    /// options (a voice, a key) returns one made from them.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` naming the option that is wrong.
+    fn with_options(&self, options: &serde_json::Value) -> Result<Option<Arc<dyn TextToSpeech>>> {
+        let _ = options;
+        Ok(None)
+    }
 }
 
 /// An event of a speech-to-speech stream.

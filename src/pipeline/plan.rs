@@ -124,7 +124,8 @@ pub struct Plan {
     pub processors: Vec<Planned<dyn ProcessorFactory>>,
     /// Speech-to-text, when named.
     pub stt: Option<Planned<dyn SpeechToText>>,
-    /// Text-to-speech, when named.
+    /// Text-to-speech, when named: the component its options made
+    /// ([`TextToSpeech::with_options`]).
     pub tts: Option<Planned<dyn TextToSpeech>>,
     /// Speech-to-speech, when named.
     pub s2s: Option<Planned<dyn SpeechToSpeech>>,
@@ -388,7 +389,19 @@ impl Planner<'_> {
         }
         let tts = speech
             .tts
-            .and_then(|(name, field)| self.plan(&reg.tts, Stage::Tts, name, || field.to_owned()));
+            .and_then(|(name, field)| self.plan(&reg.tts, Stage::Tts, name, || field.to_owned()))
+            .and_then(|mut t| match t.component.with_options(&t.options) {
+                Ok(made) => {
+                    if let Some(made) = made {
+                        t.component = made;
+                    }
+                    Some(t)
+                }
+                Err(e) => {
+                    self.options(&t, Err(e));
+                    None
+                }
+            });
         let s2s = speech
             .s2s
             .and_then(|(name, field)| self.plan(&reg.s2s, Stage::S2s, name, || field.to_owned()));
@@ -444,7 +457,9 @@ impl Plan {
     /// without side effects: VAD, turn detector and processors are made (and
     /// dropped), the speech-to-text or speech-to-speech component the
     /// pipeline type uses checks its options
-    /// ([`SpeechToText::check_options`]) without opening a stream. What a
+    /// ([`SpeechToText::check_options`]) without opening a stream. (A
+    /// text-to-speech component takes its options in [`Plan::new`] already:
+    /// [`TextToSpeech::with_options`].) What a
     /// backend is made with, and what `voice-backends validate` reports.
     ///
     /// # Errors

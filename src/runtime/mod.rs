@@ -38,7 +38,7 @@ mod provider;
 mod session;
 #[cfg(feature = "link-websocket")]
 pub use link::{
-    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage,
+    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage, WsStream,
     endpoint_of,
 };
 pub use link::{

@@ -42,7 +42,7 @@ use crate::session::SessionInfo;
 mod websocket;
 #[cfg(feature = "link-websocket")]
 pub use websocket::{
-    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage,
+    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage, WsStream,
     endpoint_of,
 };
 

@@ -41,6 +41,9 @@ pub(super) async fn dial(d: &Dial, service: &str) -> Result<Ws> {
                 tungstenite::Error::Http(r) if matches!(r.status().as_u16(), 401 | 403) => {
                     ErrorCode::AuthenticationFailed
                 }
+                tungstenite::Error::Http(r) if r.status().as_u16() == 429 => {
+                    ErrorCode::RateLimitExceeded
+                }
                 tungstenite::Error::Url(_) => ErrorCode::InvalidConfig,
                 _ => ErrorCode::ConnectionFailed,
             };

@@ -43,6 +43,9 @@ use crate::metrics::{DropReason, Metrics};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A WebSocket connection [`Dial::connect`] made.
+pub type WsStream = Ws;
+
 /// Messages waiting to go to the service: about ten seconds of 20 ms audio,
 /// so a burst faster than real time gets through whole while the service
 /// reads it. Beyond it new audio is dropped and counted.
@@ -152,6 +155,14 @@ pub trait WireProtocol: Send + 'static {
         out: &mut Vec<WireEvent>,
     ) -> std::result::Result<(), String>;
 
+    /// Messages to send when the session ends, before the connection is
+    /// closed (e.g. a `close` command after which the service finishes what
+    /// it was doing and closes). When there are any, the link waits up to a
+    /// second for the service to close. Nothing by default.
+    fn farewell(&mut self) -> Vec<WsMessage> {
+        Vec::new()
+    }
+
     /// Why a close frame with `code` and `reason` ended the connection, when
     /// the service gives its codes a meaning; `None` (the default) for the
     /// plain description.
@@ -251,6 +262,20 @@ impl Dial {
         template
             .replace("{session_id}", &encode(session_id))
             .replace("{user_id}", &encode(user_id))
+    }
+
+    /// Dials once, with the headers and the message size limit, for a
+    /// connection a provider keeps itself (one shared by a backend's
+    /// sessions); a session's link dials with [`WebSocketLink::open`].
+    ///
+    /// # Errors
+    ///
+    /// `AuthenticationFailed` for an HTTP 401 or 403 answer,
+    /// `RateLimitExceeded` for 429, `InvalidConfig` for a URL or header that
+    /// cannot be used, `ConnectionFailed` otherwise. Messages name the
+    /// endpoint, never the URL.
+    pub async fn connect(&self, service: &str) -> Result<WsStream> {
+        connect::dial(self, service).await
     }
 
     /// Opens and closes a TCP connection to the URL's host and port: a
@@ -404,7 +429,7 @@ impl WebSocketLink {
     ///
     /// `ConnectionFailed` when the service cannot be reached or refuses the
     /// session, `AuthenticationFailed` for an HTTP 401 or 403 answer,
-    /// `InvalidConfig` for a URL or header that cannot be used. Messages name
+    /// `RateLimitExceeded` for 429, `InvalidConfig` for a URL or header that cannot be used. Messages name
     /// the endpoint, never the URL.
     pub async fn open<P: WireProtocol>(
         mut protocol: P,

@@ -53,6 +53,7 @@ impl<P: WireProtocol> Task<P> {
         loop {
             match self.serve(&mut ws, &mut out).await {
                 Ended::SessionGone => {
+                    self.farewell(&mut ws).await;
                     let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
                     return;
                 }
@@ -65,6 +66,27 @@ impl<P: WireProtocol> Task<P> {
                 }
             }
         }
+    }
+
+    /// Sends the protocol's farewell, if it has one, and waits (at most
+    /// [`CLOSE_WAIT`]) for the service to finish and close.
+    async fn farewell(&mut self, ws: &mut Ws) {
+        let farewell = self.protocol.farewell();
+        if farewell.is_empty() || self.write(ws, farewell).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(Ok(message)) = ws.next().await {
+                if message.is_close() {
+                    return;
+                }
+                self.shared
+                    .counters
+                    .received
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .await;
     }
 
     /// Encodes one outbound message.
