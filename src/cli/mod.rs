@@ -116,6 +116,30 @@ pub enum Command {
     Validate(ValidateArgs),
 }
 
+/// The providers that come with a cargo feature of their own name.
+const FEATURE_PROVIDERS: [&str; 5] = ["cartesia", "livekit", "pipecat", "vapi", "vocode"];
+
+/// `message` (the registry's "no provider named ..." error for `name`),
+/// followed, when `name` is one of this crate's providers that this binary
+/// was built without, by which feature brings it in and how to build with it.
+pub fn with_feature_hint(name: &str, message: String) -> String {
+    feature_hint(
+        name,
+        crate::registry::registry().is_registered(name),
+        message,
+    )
+}
+
+fn feature_hint(name: &str, registered: bool, message: String) -> String {
+    if registered || !FEATURE_PROVIDERS.contains(&name) {
+        return message;
+    }
+    format!(
+        "{message}; the `{name}` provider comes with the `{name}` feature: build with \
+         `cargo build --release --features cli,{name}` (or `cargo install --path . --features cli,{name}`)"
+    )
+}
+
 /// Why a command failed: the message to print (after `error: `) and the exit
 /// status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,5 +256,19 @@ mod tests {
         assert!(Cli::try_parse_from(["voice-backends", "serve", "--listen", "nope"]).is_err());
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_provider_built_without_its_feature_names_the_feature() {
+        let hinted = feature_hint("pipecat", false, "no provider named \"pipecat\"".into());
+        assert!(
+            hinted.starts_with("no provider named \"pipecat\"; "),
+            "{hinted}"
+        );
+        assert!(hinted.contains("`pipecat` feature"), "{hinted}");
+        assert!(hinted.contains("--features cli,pipecat"), "{hinted}");
+        // Built in, or not one of ours: the message alone.
+        assert_eq!(feature_hint("pipecat", true, "m".into()), "m");
+        assert_eq!(feature_hint("livekt", false, "m".into()), "m");
     }
 }

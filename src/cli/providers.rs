@@ -139,7 +139,7 @@ pub fn providers(args: &ProvidersArgs, out: &mut dyn Write) -> Result<(), Failur
 pub fn provider_schema(provider: &str) -> Result<serde_json::Value, Failure> {
     let provider = registry()
         .get_provider(provider)
-        .map_err(|e| Failure::usage(e.into_fields().message))?;
+        .map_err(|e| Failure::usage(super::with_feature_hint(provider, e.into_fields().message)))?;
     Ok(provider.config_schema().schema)
 }
 

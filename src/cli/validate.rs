@@ -265,7 +265,10 @@ pub(super) fn semantic_problems(config: &Config) -> Vec<Problem> {
 
     if !flagged.contains("provider") {
         match registry().get_provider(&config.provider) {
-            Err(e) => problems.push(Problem::at("provider", quoted_input(e))),
+            Err(e) => problems.push(Problem::at(
+                "provider",
+                super::with_feature_hint(&config.provider, quoted_input(e)),
+            )),
             Ok(provider) => {
                 if let Err(e) = provider.validate_config(config) {
                     push_error(&mut problems, "provider_config", e);
