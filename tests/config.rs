@@ -224,6 +224,20 @@ fn range_messages_name_value_and_range_in_humantime() {
 // ---------------------------------------------------------------- cross-field rules
 
 #[test]
+fn a_config_naming_only_the_provider_says_how_to_run_without_stt_and_tts() {
+    let error = Config::new("local").validate().unwrap_err();
+    assert_eq!(paths(&error), set(&["stt_provider", "tts_provider"]));
+    for field in ["stt_provider", "tts_provider"] {
+        let message = &error.details[field];
+        assert!(message.starts_with(&format!("pipeline_type = stt_tts requires {field}")));
+        assert!(
+            message.contains("pipeline_type = \"s2s\" and s2s_provider = \"echo\""),
+            "{message}"
+        );
+    }
+}
+
+#[test]
 fn stt_tts_requires_stt_and_tts_providers() {
     let mut config = Config::new("local");
     config.stt_provider = Some("whisper".into());

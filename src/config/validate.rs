@@ -356,16 +356,25 @@ fn check_pipeline(
     }
     match pipeline_type {
         PipelineType::SttTts => {
+            // Neither named: most likely a first config that left the
+            // pipeline at its default; say how to run one that needs neither.
+            let hint = if stt.is_none() && tts.is_none() && !hosted.stt && !hosted.tts {
+                " (stt_tts is the default pipeline_type; for a pipeline without \
+                 speech-to-text and text-to-speech set pipeline_type = \"s2s\" \
+                 and s2s_provider = \"echo\")"
+            } else {
+                ""
+            };
             if stt.is_none() && !hosted.stt {
                 v.push(
                     format!("{prefix}stt_provider"),
-                    "pipeline_type = stt_tts requires stt_provider",
+                    format!("pipeline_type = stt_tts requires stt_provider{hint}"),
                 );
             }
             if tts.is_none() && !hosted.tts {
                 v.push(
                     format!("{prefix}tts_provider"),
-                    "pipeline_type = stt_tts requires tts_provider",
+                    format!("pipeline_type = stt_tts requires tts_provider{hint}"),
                 );
             }
         }
