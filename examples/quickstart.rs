@@ -8,8 +8,9 @@
 
 use std::time::Duration;
 
-use voice_backends::pipeline::events::SessionEvent;
-use voice_backends::{AgentReply, AudioFrame, Config, SessionConfig, agent_fn, registry};
+use voice_backends::{
+    AgentReply, AudioFrame, Config, SessionConfig, SessionEvent, agent_fn, registry,
+};
 
 const CONFIG: &str = r#"
 provider = "local"

@@ -100,7 +100,10 @@ pub trait VoiceBackend: Send + Sync + fmt::Debug {
     /// the configured timeout, then closes every session and the connection.
     async fn stop(&self) -> Result<()>;
 
-    /// Opens a new, isolated session.
+    /// Opens a new, isolated session. It hears nothing until
+    /// [`VoiceSession::start`] is called: call it, then feed
+    /// [`VoiceSession::process_audio`], read [`VoiceSession::receive_audio`]
+    /// and [`VoiceSession::events`] (`examples/quickstart.rs` does all of it).
     ///
     /// Fails with `SessionLimitExceeded` at capacity, `AuthenticationFailed` /
     /// `AuthorizationFailed` when the auth hook refuses, `RateLimitExceeded` when

@@ -44,6 +44,7 @@ pub use provider::{
 pub use registry::{
     BackendRegistry, DuplicateEntry, ProviderEntry, Registry, new_backend, registry,
 };
+pub use pipeline::events::SessionEvent;
 pub use session::{
     AudioReceiver, PersistenceStatus, PipelineState, ProcessAudio, SessionId, VoiceSession,
 };
