@@ -75,7 +75,7 @@ fn providers_prints_an_aligned_table() {
         "persistence",
         "custom auth",
         "custom rate limit",
-        "max sessions",
+        "service limit",
         "min latency",
         "codecs",
     ] {
@@ -88,7 +88,7 @@ fn providers_prints_an_aligned_table() {
     // Aligned: the s2s cell of `local` starts under the `s2s` header.
     let at = header.find("s2s").unwrap();
     assert_eq!(&local[at..at + 3], "yes", "{text}");
-    assert!(local.contains("unlimited") && local.contains("20ms") && local.contains("pcm16"));
+    assert!(local.contains("none") && local.contains("20ms") && local.contains("pcm16"));
 }
 
 #[test]

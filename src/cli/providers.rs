@@ -50,7 +50,7 @@ pub fn providers_table(infos: &[ProviderInfo]) -> String {
         "persistence",
         "custom auth",
         "custom rate limit",
-        "max sessions",
+        "service limit",
         "min latency",
         "codecs",
     ];
@@ -76,7 +76,7 @@ pub fn providers_table(infos: &[ProviderInfo]) -> String {
             yes_no(c.custom_auth).to_owned(),
             yes_no(c.custom_rate_limiting).to_owned(),
             if c.max_concurrent_sessions == 0 {
-                "unlimited".to_owned()
+                "none".to_owned()
             } else {
                 c.max_concurrent_sessions.to_string()
             },
@@ -106,6 +106,11 @@ pub fn providers_table(infos: &[ProviderInfo]) -> String {
         table.push_str(line.trim_end());
         table.push('\n');
     }
+    table.push_str(
+        "\nservice limit: sessions the provider's service takes at most (none: no limit of its own).\n\
+         A backend also holds at most its config's max_concurrent_sessions (100 by default),\n\
+         which /healthz shows as sessions: open/limit.\n",
+    );
     table
 }
 
@@ -167,7 +172,7 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("name"));
         let column = lines[0].find("s2s").unwrap();
-        for line in &lines[1..] {
+        for line in lines[1..].iter().take_while(|l| !l.is_empty()) {
             let cell = &line[column..column + 3];
             assert!(cell == "yes" || cell == "no ", "{cell:?} in {line:?}");
         }
