@@ -483,6 +483,86 @@ impl CallbackServer {
         })
     }
 
+    /// Registers `handler` under a route id and secret the caller chooses,
+    /// for a service whose callback URL is configured once rather than
+    /// handed over per session (e.g. one URL in the service's own
+    /// configuration, the handler telling sessions apart by the request).
+    /// The route answers until the returned [`CallbackRoute`] is dropped.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` when `route_id` is not 1 to 64 letters, digits, `-`
+    /// or `_`, when `secret` is shorter than 16 characters, or when a
+    /// route with that id is registered already.
+    pub fn register_named(
+        &self,
+        route_id: &str,
+        secret: Secret,
+        session_id: impl Into<SessionId>,
+        handler: CallbackHandler,
+    ) -> Result<CallbackRoute> {
+        const OP: &str = "callbacks.register";
+        if route_id.is_empty()
+            || route_id.len() > 64
+            || !route_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(BackendError::invalid_config(
+                OP,
+                format!("route id {route_id:?} must be 1 to 64 letters, digits, - or _"),
+            ));
+        }
+        if secret.expose().chars().count() < 16 {
+            return Err(BackendError::invalid_config(
+                OP,
+                "a route's secret must be at least 16 characters",
+            ));
+        }
+        let session_id = session_id.into();
+        let entry = Arc::new(Entry {
+            session_id: session_id.clone(),
+            secret: secret.clone(),
+            handler,
+        });
+        {
+            let mut routes = self
+                .shared
+                .routes
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            match routes.entry(route_id.to_owned()) {
+                std::collections::hash_map::Entry::Vacant(place) => {
+                    place.insert(entry);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    return Err(BackendError::invalid_config(
+                        OP,
+                        format!("route id {route_id:?} is registered already"),
+                    ));
+                }
+            }
+        }
+        let url = match route_url(&self.base_url, route_id) {
+            Ok(url) => url,
+            Err(e) => {
+                self.shared
+                    .routes
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(route_id);
+                return Err(e.with_op(OP));
+            }
+        };
+        Ok(CallbackRoute {
+            id: route_id.to_owned(),
+            url,
+            secret,
+            session_id,
+            routes: Arc::downgrade(&self.shared),
+        })
+    }
+
     /// Stops accepting connections and waits until the listener is closed
     /// and the requests in flight have finished (up to
     /// [`CallbackConfig::shutdown_grace`], after which their connections
@@ -567,6 +647,42 @@ impl Drop for CallbackRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn named_routes_are_checked_and_unique_while_registered() {
+        let server = CallbackServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let handler: CallbackHandler = Arc::new(|_| {
+            async { Ok(CallbackResponse::json(serde_json::Value::Null)) }.boxed()
+        });
+        let secret = Secret::new("0123456789abcdef");
+        let route = server
+            .register_named("vocode", secret.clone(), "s", handler.clone())
+            .unwrap();
+        assert_eq!(route.url().path(), "/callbacks/vocode");
+        let taken = server
+            .register_named("vocode", secret.clone(), "s", handler.clone())
+            .unwrap_err();
+        assert_eq!(taken.code, ErrorCode::InvalidConfig);
+        for bad in ["", "a/b", "a b", &"x".repeat(65)] {
+            assert!(
+                server
+                    .register_named(bad, secret.clone(), "s", handler.clone())
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
+        let short = server
+            .register_named("other", Secret::new("short"), "s", handler.clone())
+            .unwrap_err();
+        assert!(!short.to_string().contains("short\""), "{short}");
+        drop(route);
+        assert_eq!(server.route_count(), 0);
+        server
+            .register_named("vocode", secret, "s", handler)
+            .expect("free again once dropped");
+    }
 
     #[test]
     fn secrets_compare_equal_only_when_equal() {
