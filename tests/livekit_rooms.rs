@@ -144,14 +144,20 @@ fn proto_ok(message: impl Message) -> Response {
         .into_response()
 }
 
-fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Response> {
-    M::decode(body).map_err(|e| {
-        twirp(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            &format!("the body is not a protobuf message: {e}"),
-        )
-    })
+fn decode<M: Message + Default>(body: &[u8]) -> Option<M> {
+    M::decode(body).ok()
+}
+
+fn malformed() -> Response {
+    twirp(
+        StatusCode::BAD_REQUEST,
+        "malformed",
+        "the body is not the method's protobuf message",
+    )
+}
+
+fn not_found(msg: &str) -> Response {
+    twirp(StatusCode::NOT_FOUND, "not_found", msg)
 }
 
 /// LiveKit's EnsureAdminPermission: `roomAdmin` for exactly this room.
@@ -225,112 +231,135 @@ async fn handle(
             &format!("unexpected Content-Type: {content_type:?}"),
         );
     }
-    let may_create = claims.as_ref().is_some_and(|c| c.video.room_create);
-    let may_list = claims.as_ref().is_some_and(|c| c.video.room_list);
-    let answer = match method.as_str() {
-        "CreateRoom" => (|| {
-            if !may_create {
-                return Err(permissions_denied());
-            }
-            let req: proto::CreateRoomRequest = decode(&body)?;
-            let room = proto::Room {
-                sid: format!("RM_{}", req.name),
-                name: req.name.clone(),
-                empty_timeout: req.empty_timeout,
-                departure_timeout: req.departure_timeout,
-                max_participants: req.max_participants,
-                metadata: req.metadata.clone(),
-                creation_time: 1_700_000_000,
-                ..Default::default()
-            };
-            let mut rooms = fake.rooms.lock().unwrap();
-            let room = rooms.entry(req.name).or_insert(room).clone();
-            Ok(proto_ok(room))
-        })(),
-        "DeleteRoom" => (|| {
-            if !may_create {
-                return Err(permissions_denied());
-            }
-            let req: proto::DeleteRoomRequest = decode(&body)?;
-            match fake.rooms.lock().unwrap().remove(&req.room) {
-                Some(_) => Ok(proto_ok(proto::DeleteRoomResponse {})),
-                None => Err(twirp(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "requested room does not exist",
-                )),
-            }
-        })(),
-        "ListRooms" => (|| {
-            if !may_list {
-                return Err(permissions_denied());
-            }
-            let req: proto::ListRoomsRequest = decode(&body)?;
-            let rooms = fake
-                .rooms
-                .lock()
-                .unwrap()
-                .values()
-                .filter(|r| req.names.is_empty() || req.names.contains(&r.name))
-                .cloned()
-                .collect();
-            Ok(proto_ok(proto::ListRoomsResponse { rooms }))
-        })(),
-        "ListParticipants" => (|| {
-            let req: proto::ListParticipantsRequest = decode(&body)?;
-            if !may_admin(&claims, &req.room) {
-                return Err(permissions_denied());
-            }
-            let participants = fake
-                .participants
-                .lock()
-                .unwrap()
-                .get(&req.room)
-                .cloned()
-                .unwrap_or_default();
-            Ok(proto_ok(proto::ListParticipantsResponse { participants }))
-        })(),
-        "RemoveParticipant" => (|| {
-            let req: proto::RoomParticipantIdentity = decode(&body)?;
-            if !may_admin(&claims, &req.room) {
-                return Err(permissions_denied());
-            }
-            let mut all = fake.participants.lock().unwrap();
-            let people = all.entry(req.room).or_default();
-            match people.iter().position(|p| p.identity == req.identity) {
-                Some(i) => {
-                    people.remove(i);
-                    Ok(proto_ok(proto::RemoveParticipantResponse {}))
-                }
-                None => Err(twirp(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "participant does not exist",
-                )),
-            }
-        })(),
-        "SendData" => (|| {
-            let req: proto::SendDataRequest = decode(&body)?;
-            if !may_admin(&claims, &req.room) {
-                return Err(permissions_denied());
-            }
-            if !req.nonce.is_empty() && req.nonce.len() != 16 {
-                return Err(twirp(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_argument",
-                    "nonce should be 16-bytes or not present",
-                ));
-            }
-            fake.data.lock().unwrap().push(req);
-            Ok(proto_ok(proto::SendDataResponse {}))
-        })(),
-        other => Err(twirp(
+    let body = body.as_ref();
+    match method.as_str() {
+        "CreateRoom" => create_room(&fake, &claims, body),
+        "DeleteRoom" => delete_room(&fake, &claims, body),
+        "ListRooms" => list_rooms(&fake, &claims, body),
+        "ListParticipants" => list_participants(&fake, &claims, body),
+        "RemoveParticipant" => remove_participant(&fake, &claims, body),
+        "SendData" => send_data(&fake, &claims, body),
+        other => twirp(
             StatusCode::NOT_FOUND,
             "bad_route",
             &format!("no handler for path \"/twirp/livekit.RoomService/{other}\""),
-        )),
+        ),
+    }
+}
+
+/// LiveKit's EnsureCreatePermission.
+fn may_create(claims: &Option<Claims>) -> bool {
+    claims.as_ref().is_some_and(|c| c.video.room_create)
+}
+
+/// LiveKit's EnsureListPermission.
+fn may_list(claims: &Option<Claims>) -> bool {
+    claims.as_ref().is_some_and(|c| c.video.room_list)
+}
+
+fn create_room(fake: &Fake, claims: &Option<Claims>, body: &[u8]) -> Response {
+    if !may_create(claims) {
+        return permissions_denied();
+    }
+    let Some(req) = decode::<proto::CreateRoomRequest>(body) else {
+        return malformed();
     };
-    answer.unwrap_or_else(|e| e)
+    let room = proto::Room {
+        sid: format!("RM_{}", req.name),
+        name: req.name.clone(),
+        empty_timeout: req.empty_timeout,
+        departure_timeout: req.departure_timeout,
+        max_participants: req.max_participants,
+        metadata: req.metadata.clone(),
+        creation_time: 1_700_000_000,
+        ..Default::default()
+    };
+    let mut rooms = fake.rooms.lock().unwrap();
+    proto_ok(rooms.entry(req.name).or_insert(room).clone())
+}
+
+fn delete_room(fake: &Fake, claims: &Option<Claims>, body: &[u8]) -> Response {
+    if !may_create(claims) {
+        return permissions_denied();
+    }
+    let Some(req) = decode::<proto::DeleteRoomRequest>(body) else {
+        return malformed();
+    };
+    match fake.rooms.lock().unwrap().remove(&req.room) {
+        Some(_) => proto_ok(proto::DeleteRoomResponse {}),
+        None => not_found("requested room does not exist"),
+    }
+}
+
+fn list_rooms(fake: &Fake, claims: &Option<Claims>, body: &[u8]) -> Response {
+    if !may_list(claims) {
+        return permissions_denied();
+    }
+    let Some(req) = decode::<proto::ListRoomsRequest>(body) else {
+        return malformed();
+    };
+    let rooms = fake
+        .rooms
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|r| req.names.is_empty() || req.names.contains(&r.name))
+        .cloned()
+        .collect();
+    proto_ok(proto::ListRoomsResponse { rooms })
+}
+
+fn list_participants(fake: &Fake, claims: &Option<Claims>, body: &[u8]) -> Response {
+    let Some(req) = decode::<proto::ListParticipantsRequest>(body) else {
+        return malformed();
+    };
+    if !may_admin(claims, &req.room) {
+        return permissions_denied();
+    }
+    let participants = fake
+        .participants
+        .lock()
+        .unwrap()
+        .get(&req.room)
+        .cloned()
+        .unwrap_or_default();
+    proto_ok(proto::ListParticipantsResponse { participants })
+}
+
+fn remove_participant(fake: &Fake, claims: &Option<Claims>, body: &[u8]) -> Response {
+    let Some(req) = decode::<proto::RoomParticipantIdentity>(body) else {
+        return malformed();
+    };
+    if !may_admin(claims, &req.room) {
+        return permissions_denied();
+    }
+    let mut all = fake.participants.lock().unwrap();
+    let people = all.entry(req.room).or_default();
+    match people.iter().position(|p| p.identity == req.identity) {
+        Some(i) => {
+            people.remove(i);
+            proto_ok(proto::RemoveParticipantResponse {})
+        }
+        None => not_found("participant does not exist"),
+    }
+}
+
+fn send_data(fake: &Fake, claims: &Option<Claims>, body: &[u8]) -> Response {
+    let Some(req) = decode::<proto::SendDataRequest>(body) else {
+        return malformed();
+    };
+    if !may_admin(claims, &req.room) {
+        return permissions_denied();
+    }
+    if !req.nonce.is_empty() && req.nonce.len() != 16 {
+        return twirp(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "nonce should be 16-bytes or not present",
+        );
+    }
+    fake.data.lock().unwrap().push(req);
+    proto_ok(proto::SendDataResponse {})
 }
 
 fn admin_grants(room: &str) -> VideoGrants {

@@ -530,3 +530,76 @@ fn rust_refuses_python_tokens_with_a_wrong_secret_another_key_expired_or_not_yet
         .verify(&forge(claims(t, t + 600), "HS256"))
         .expect("HS256 with the right secret");
 }
+
+// ---------------------------------------------------------------------------
+// Tokens from outside: whatever arrives, a typed refusal and no panic
+
+mod arbitrary_tokens {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Three dot-separated segments: a header and claims that are JSON of
+    /// LiveKit's shape (or not), and any signature.
+    fn jwt_shaped() -> impl Strategy<Value = String> {
+        let header = prop_oneof![
+            Just(r#"{"alg":"HS256","typ":"JWT"}"#.to_owned()),
+            Just(r#"{"alg":"none"}"#.to_owned()),
+            ".{0,40}",
+        ];
+        let claims = (
+            any::<i64>(),
+            any::<i64>(),
+            prop_oneof![Just(KEY.to_owned()), ".{0,12}"],
+            any::<bool>(),
+        )
+            .prop_map(|(nbf, exp, iss, join)| {
+                json!({"iss": iss, "sub": "u", "nbf": nbf, "exp": exp,
+                       "video": {"roomJoin": join, "room": "r"}})
+                .to_string()
+            });
+        let claims = prop_oneof![claims, ".{0,80}"];
+        let signature = prop::collection::vec(any::<u8>(), 0..48);
+        (header, claims, signature).prop_map(|(h, c, s)| {
+            format!("{}.{}.{}", b64(h.as_bytes()), b64(c.as_bytes()), b64(&s))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn anything_not_signed_with_the_secret_is_refused_as_authentication_failed(
+            token in prop_oneof![jwt_shaped(), ".{0,200}"]
+        ) {
+            let e = keys().verify(&token).expect_err("not signed with the secret");
+            prop_assert_eq!(e.code, ErrorCode::AuthenticationFailed);
+            prop_assert!(!e.message.contains(&token) || token.len() < 8, "{}", e);
+        }
+
+        #[test]
+        fn a_valid_token_changed_anywhere_is_refused(at in any::<prop::sample::Index>(), c in "[A-Za-z0-9_.-]") {
+            let token = keys().user_token("room-a", &user(), Duration::from_secs(60)).unwrap();
+            let mut chars: Vec<char> = token.expose().chars().collect();
+            let last = chars.len() - 1;
+            let i = at.index(chars.len());
+            let replacement = c.chars().next().unwrap();
+            prop_assume!(chars[i] != replacement);
+            chars[i] = replacement;
+            let changed: String = chars.into_iter().collect();
+            match keys().verify(&changed) {
+                Err(e) => prop_assert_eq!(e.code, ErrorCode::AuthenticationFailed),
+                // Base64's last character may carry unused bits: the same
+                // bytes, the same valid token; nowhere else.
+                Ok(claims) => {
+                    prop_assert_eq!(i, last);
+                    prop_assert_eq!(claims.sub, "user-42");
+                }
+            }
+        }
+    }
+}
