@@ -87,6 +87,10 @@ pub enum WireEvent {
     Interrupted,
     /// The service reports an error; logged.
     Error(String),
+    /// The service ended the session for good (a call hung up on its side),
+    /// with why: the link closes without reconnecting, and the session hears
+    /// [`LinkEvent::Failed`] with `ConnectionFailed` and the cause.
+    Ended(String),
 }
 
 /// A service's wire protocol over a WebSocket: all a provider writes for
@@ -471,6 +475,7 @@ impl WebSocketLink {
             logged_malformed: false,
             resend: Vec::new(),
             decoded: Vec::new(),
+            ended: None,
         };
         tokio::spawn(tracing::Instrument::instrument(
             task.run(ws, out_rx, early),

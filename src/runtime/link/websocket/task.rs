@@ -22,6 +22,8 @@ pub(super) enum Ended {
     SessionGone,
     /// The service went away: reconnect.
     Lost(String),
+    /// The service ended the session ([`WireEvent::Ended`]): close, and stop.
+    ByService(String),
 }
 
 /// The link's task: owns the protocol and the connection.
@@ -38,6 +40,8 @@ pub(super) struct Task<P> {
     pub(super) resend: Vec<WsMessage>,
     /// What the last message decoded into (kept for its allocation).
     pub(super) decoded: Vec<WireEvent>,
+    /// Set when the service ended the session ([`WireEvent::Ended`]).
+    pub(super) ended: Option<String>,
 }
 
 impl<P: WireProtocol> Task<P> {
@@ -51,9 +55,19 @@ impl<P: WireProtocol> Task<P> {
             self.on_message(message).await;
         }
         loop {
-            match self.serve(&mut ws, &mut out).await {
+            let ended = match self.ended.take() {
+                // The service ended the session in what it said first.
+                Some(why) => Ended::ByService(why),
+                None => self.serve(&mut ws, &mut out).await,
+            };
+            match ended {
                 Ended::SessionGone => {
                     self.farewell(&mut ws).await;
+                    let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+                    return;
+                }
+                Ended::ByService(why) => {
+                    self.ended_by_service(why).await;
                     let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
                     return;
                 }
@@ -119,7 +133,12 @@ impl<P: WireProtocol> Task<P> {
                     Some(Ok(WsMessage::Close(frame))) => {
                         return Ended::Lost(close_cause(&self.protocol, frame.as_ref()));
                     }
-                    Some(Ok(m @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => self.on_message(m).await,
+                    Some(Ok(m @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
+                        self.on_message(m).await;
+                        if let Some(why) = self.ended.take() {
+                            return Ended::ByService(why);
+                        }
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Ended::Lost(describe(&e)),
                     None => return Ended::Lost("the connection ended".into()),
@@ -267,6 +286,27 @@ impl<P: WireProtocol> Task<P> {
         }
     }
 
+    /// The service ended the session: the reply in flight fails, the link
+    /// counts as lost for good, and the session hears why.
+    async fn ended_by_service(&mut self, why: String) {
+        if let Some(sink) = self.shared.sink().take() {
+            let _ = sink.tx.try_send(SpeakerMsg::Failed(why.clone()));
+        }
+        let message = format!("{} ended the session: {why}", self.protocol.service());
+        tracing::info!(endpoint = %self.settings.dial.endpoint, "{message}");
+        *self
+            .shared
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(message.clone());
+        self.shared.is_failed.store(true, Ordering::Release);
+        self.emit(LinkEvent::Failed {
+            code: crate::error::ErrorCode::ConnectionFailed,
+            message,
+        })
+        .await;
+    }
+
     pub(super) fn on_malformed(&mut self, what: &str) {
         self.shared
             .counters
@@ -347,6 +387,10 @@ impl<P: WireProtocol> Task<P> {
             }
             WireEvent::Error(message) => {
                 tracing::warn!(endpoint = %self.settings.dial.endpoint, "{} reports an error: {message}", self.protocol.service());
+            }
+            WireEvent::Ended(why) => {
+                // The first reason wins; `serve` ends the connection next.
+                self.ended.get_or_insert(why);
             }
         }
     }
