@@ -77,14 +77,6 @@ impl std::fmt::Debug for TtsSocket {
     }
 }
 
-impl Drop for TtsSocket {
-    fn drop(&mut self) {
-        if let Some(task) = self.conn().task.take() {
-            task.abort();
-        }
-    }
-}
-
 impl TtsSocket {
     /// A socket that dials with `dial`, reconnects under `retry`, and gives
     /// up on a write Cartesia does not take within `write_timeout`; it
@@ -284,7 +276,9 @@ impl TtsSocket {
 }
 
 /// The connection's task: writes requests, routes what Cartesia says to
-/// its contexts, and tells them when the connection is lost.
+/// its contexts, and tells them when the connection is lost. Once the
+/// socket and every context are gone, it writes what is still queued (a
+/// last cancel) and closes.
 async fn run(
     socket: Weak<TtsSocket>,
     mut ws: WsStream,
