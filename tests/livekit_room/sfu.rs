@@ -330,6 +330,9 @@ pub(crate) struct Participant {
     sub_reliable: Mutex<Option<Arc<dyn DataChannel>>>,
     sub_reliable_open: Arc<AtomicBool>,
     tracks: Arc<Mutex<HashMap<String, proto::TrackInfo>>>,
+    /// Candidates trickled before their connection had a remote description
+    /// (subscriber, publisher), added once it has one.
+    early_candidates: Mutex<(Vec<RTCIceCandidateInit>, Vec<RTCIceCandidateInit>)>,
     offer_id: AtomicU32,
     negotiation: tokio::sync::Mutex<()>,
 }
@@ -424,6 +427,7 @@ impl Participant {
             sub_reliable: Mutex::new(None),
             sub_reliable_open: Arc::new(AtomicBool::new(false)),
             tracks,
+            early_candidates: Mutex::new((Vec::new(), Vec::new())),
             offer_id: AtomicU32::new(0),
             negotiation: tokio::sync::Mutex::new(()),
         }))
@@ -668,7 +672,32 @@ impl Participant {
         self.subscriber
             .set_remote_description(answer)
             .await
-            .map_err(|e| format!("subscriber remote description: {e}"))
+            .map_err(|e| format!("subscriber remote description: {e}"))?;
+        self.add_early_candidates(proto::SignalTarget::Subscriber)
+            .await
+    }
+
+    async fn add_early_candidates(&self, target: proto::SignalTarget) -> Result<(), String> {
+        let early = {
+            let mut early = self
+                .early_candidates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match target {
+                proto::SignalTarget::Subscriber => std::mem::take(&mut early.0),
+                proto::SignalTarget::Publisher => std::mem::take(&mut early.1),
+            }
+        };
+        let pc = match target {
+            proto::SignalTarget::Subscriber => &self.subscriber,
+            proto::SignalTarget::Publisher => &self.publisher,
+        };
+        for init in early {
+            pc.add_ice_candidate(init)
+                .await
+                .map_err(|e| format!("add candidate: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Answers the client's publisher offer.
@@ -678,6 +707,8 @@ impl Participant {
             .set_remote_description(offer)
             .await
             .map_err(|e| format!("publisher remote description: {e}"))?;
+        self.add_early_candidates(proto::SignalTarget::Publisher)
+            .await?;
         let answer = self
             .publisher
             .create_answer(None)
@@ -712,11 +743,25 @@ impl Participant {
         if init.candidate.is_empty() {
             return Ok(()); // end of candidates
         }
-        let pc = if t.target == proto::SignalTarget::Subscriber as i32 {
+        let subscriber = t.target == proto::SignalTarget::Subscriber as i32;
+        let pc = if subscriber {
             &self.subscriber
         } else {
             &self.publisher
         };
+        if pc.remote_description().await.is_none() {
+            // Kept until the description arrives, as LiveKit's transport does.
+            let mut early = self
+                .early_candidates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if subscriber {
+                early.0.push(init);
+            } else {
+                early.1.push(init);
+            }
+            return Ok(());
+        }
         pc.add_ice_candidate(init)
             .await
             .map_err(|e| format!("add candidate: {e}"))
