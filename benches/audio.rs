@@ -1,7 +1,11 @@
 //! Cost of converting one 20 ms frame with a long-lived [`AudioConverter`],
 //! as a session's audio path does for every frame: pass-through (same
-//! format), s16 -> f32, mu-law decode at 8 kHz, 16 -> 48 kHz and
-//! 48 -> 16 kHz resampling of 16-bit mono, and 48 kHz stereo -> mono.
+//! format), s16 -> f32, mu-law decode at 8 kHz, 48 kHz stereo -> mono, and
+//! resampling 16-bit mono between the common speech rates (48 <-> 16 kHz,
+//! 8 <-> 16 kHz, 48 <-> 8 kHz, 48 <-> 24 kHz), each with the integer-ratio
+//! polyphase filter the converter picks (`resample_*`) and with rubato's
+//! windowed-sinc resampler it used before (`resample_sinc_*`), plus
+//! 44.1 -> 16 kHz, which only the sinc resampler does.
 
 use std::f64::consts::PI;
 use std::hint::black_box;
@@ -9,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use voice_backends::audio::{
-    AudioConverter, AudioEncoding, AudioFormat, AudioFrame, f32_to_i16, mulaw_encode,
+    AudioConverter, AudioEncoding, AudioFormat, AudioFrame, ResamplerKind, f32_to_i16, mulaw_encode,
 };
 
 /// 20 ms of a 440 Hz tone plus a little 3 kHz, as 16-bit samples.
@@ -29,7 +33,17 @@ fn pcm16(rate: u32, channels: u16) -> AudioFrame {
 }
 
 fn bench_case(c: &mut Criterion, name: &str, frame: AudioFrame, to: AudioFormat) {
-    let mut converter = AudioConverter::new(frame.format(), to).unwrap();
+    bench_with(c, name, frame, to, ResamplerKind::Auto);
+}
+
+fn bench_with(
+    c: &mut Criterion,
+    name: &str,
+    frame: AudioFrame,
+    to: AudioFormat,
+    kind: ResamplerKind,
+) {
+    let mut converter = AudioConverter::with_resampler(frame.format(), to, kind).unwrap();
     // Fill the resampler so every measured call produces output.
     for _ in 0..3 {
         converter.convert(&frame).unwrap();
@@ -62,16 +76,35 @@ fn convert_20ms(c: &mut Criterion) {
         AudioFrame::new(mulaw, codes).unwrap(),
         s16(8_000, 1),
     );
+    for (from, to) in [
+        (48_000, 16_000),
+        (16_000, 48_000),
+        (8_000, 16_000),
+        (16_000, 8_000),
+        (48_000, 8_000),
+        (8_000, 48_000),
+        (48_000, 24_000),
+        (24_000, 48_000),
+    ] {
+        let (kin, kout) = (from / 1000, to / 1000);
+        bench_case(
+            c,
+            &format!("convert_20ms/resample_{kin}k_to_{kout}k"),
+            pcm16(from, 1),
+            s16(to, 1),
+        );
+        bench_with(
+            c,
+            &format!("convert_20ms/resample_sinc_{kin}k_to_{kout}k"),
+            pcm16(from, 1),
+            s16(to, 1),
+            ResamplerKind::Sinc,
+        );
+    }
     bench_case(
         c,
-        "convert_20ms/resample_16k_to_48k",
-        pcm16(16_000, 1),
-        s16(48_000, 1),
-    );
-    bench_case(
-        c,
-        "convert_20ms/resample_48k_to_16k",
-        pcm16(48_000, 1),
+        "convert_20ms/resample_sinc_44k1_to_16k",
+        pcm16(44_100, 1),
         s16(16_000, 1),
     );
     bench_case(

@@ -3,15 +3,10 @@
 //! The conventions (scaling, G.711, channel mixing, resampler, latency) are
 //! documented on the parent module, [`crate::audio`].
 
-use std::fmt;
 use std::time::Duration;
 
-use rubato::audioadapter_buffers::direct::InterleavedSlice;
-use rubato::{
-    Async, FixedAsync, Resampler, Resizable, SincInterpolationParameters, SincInterpolationType,
-    WindowFunction, calculate_cutoff,
-};
-
+use super::resample::Resampler;
+pub use super::resample::ResamplerKind;
 use super::{AudioEncoding, AudioFormat, AudioFrame};
 use crate::error::{BackendError, ErrorCode, Result};
 
@@ -29,11 +24,25 @@ pub fn i16_to_f32(sample: i16) -> f32 {
 /// 32768, rounds half away from zero and saturates at 32767; NaN gives 0.
 #[inline]
 pub fn f32_to_i16(sample: f32) -> i16 {
-    let scaled = f64::from(sample.clamp(-1.0, 1.0) * 32768.0);
-    // `as` truncates toward zero, so adding half with the value's sign rounds
-    // half away from zero (in f64, where the sum is exact: in f32 it rounds
-    // 0.49999997 + 0.5 up to 1); NaN casts to 0 and 32768 saturates to 32767.
-    (scaled + 0.5f64.copysign(scaled)) as i16
+    // 1.5 * 2^23: a float of magnitude below 2^22 plus this is rounded to an
+    // integer (ties to even), which the low bits of the sum hold.
+    const MAGIC: f32 = 12_582_912.0;
+    // Exact: the clamp and the power-of-two scale.
+    let scaled = if sample.is_nan() {
+        0.0
+    } else {
+        sample.clamp(-1.0, 1.0)
+    } * 32768.0;
+    let biased = scaled + MAGIC;
+    let nearest = biased.to_bits() as i32 - MAGIC.to_bits() as i32;
+    // Exact too: what rounding removed, in -0.5..=0.5. At a tie the even
+    // neighbour was taken; half away from zero takes the outer one. (Float
+    // and integer operations only, so a buffer of these vectorises.)
+    let removed = scaled - (biased - MAGIC);
+    let rounded = nearest + i32::from(removed == 0.5 && scaled > 0.0)
+        - i32::from(removed == -0.5 && scaled < 0.0);
+    // 32768 saturates to 32767.
+    rounded.clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16
 }
 
 /// Reads an f32 sample from input: NaN becomes 0, anything else is clamped to -1..=1.
@@ -172,8 +181,10 @@ pub fn alaw_encode(sample: i16) -> u8 {
 fn decode_into(data: &[u8], encoding: AudioEncoding, out: &mut Vec<f32>) {
     match encoding {
         AudioEncoding::PcmS16Le => out.extend(
-            data.chunks_exact(2)
-                .map(|c| i16_to_f32(i16::from_le_bytes([c[0], c[1]]))),
+            data.as_chunks::<2>()
+                .0
+                .iter()
+                .map(|c| i16_to_f32(i16::from_le_bytes(*c))),
         ),
         AudioEncoding::PcmF32Le => out.extend(
             data.chunks_exact(4)
@@ -188,11 +199,7 @@ fn decode_into(data: &[u8], encoding: AudioEncoding, out: &mut Vec<f32>) {
 fn encode(samples: &[f32], encoding: AudioEncoding) -> Vec<u8> {
     let mut out = vec![0u8; samples.len() * encoding.bytes_per_sample()];
     match encoding {
-        AudioEncoding::PcmS16Le => {
-            for (dst, &s) in out.chunks_exact_mut(2).zip(samples) {
-                dst.copy_from_slice(&f32_to_i16(s).to_le_bytes());
-            }
-        }
+        AudioEncoding::PcmS16Le => encode_s16(samples, out.as_chunks_mut::<2>().0),
         AudioEncoding::PcmF32Le => {
             for (dst, &s) in out.chunks_exact_mut(4).zip(samples) {
                 dst.copy_from_slice(&sanitize(s).to_le_bytes());
@@ -210,6 +217,29 @@ fn encode(samples: &[f32], encoding: AudioEncoding) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Encodes float samples as s16le, as [`f32_to_i16`] does one by one.
+fn encode_s16(samples: &[f32], out: &mut [[u8; 2]]) {
+    #[inline(always)]
+    fn encode_with(samples: &[f32], out: &mut [[u8; 2]]) {
+        for (dst, &s) in out.iter_mut().zip(samples) {
+            *dst = f32_to_i16(s).to_le_bytes();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn encode_avx2(samples: &[f32], out: &mut [[u8; 2]]) {
+        encode_with(samples, out);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::polyphase::avx2_fma() {
+        // SAFETY: the CPU supports AVX2, the feature the function is compiled
+        // for, as checked just above.
+        unsafe { encode_avx2(samples, out) };
+        return;
+    }
+    encode_with(samples, out);
 }
 
 /// The channel count resampling runs at: the input's when the layout is
@@ -387,275 +417,6 @@ pub fn level_dbfs(samples: &[i16]) -> f32 {
 }
 
 // ---------------------------------------------------------------------------
-// Streaming resampler
-// ---------------------------------------------------------------------------
-
-/// Span of the anti-aliasing filter, in seconds of the lower rate.
-const FILTER_SPAN_SECS: f64 = 0.008;
-/// Bounds of the filter length in samples of the lower rate.
-const MIN_FILTER_TAPS: usize = 32;
-const MAX_FILTER_TAPS: usize = 256;
-/// Largest supported ratio between the two rates, either way.
-const MAX_RATIO: u64 = 64;
-/// Largest exact-phase filter table, in coefficients (2 MiB of f32).
-const MAX_EXACT_TABLE: usize = 1 << 19;
-/// Phases of the filter table when the exact table would be too large.
-const CUBIC_PHASES: usize = 256;
-/// Largest chunk handed to rubato at once, in input frames.
-const MAX_CHUNK: usize = 1024;
-/// Most channels resampled at once (bounds the resampler's memory).
-const MAX_RESAMPLE_CHANNELS: usize = 32;
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
-/// A resampler at a fixed rational ratio, time-aligned and fed any number of frames.
-struct Resampling {
-    resampler: Async<f32>,
-    channels: usize,
-    /// Output rate / input rate, reduced: `up / down`.
-    up: u64,
-    down: u64,
-    /// Zero frames fed at the start of every stream to make the delay whole.
-    pre_pad: usize,
-    /// Output frames of start-up delay dropped at the start of every stream.
-    delay_frames: usize,
-    /// Delay frames still to drop.
-    skip_left: usize,
-    /// Input frames fed and output frames emitted since the stream started.
-    frames_in: u64,
-    frames_out: u64,
-    latency: Duration,
-    out_scratch: Vec<f32>,
-    zeros: Vec<f32>,
-}
-
-impl fmt::Debug for Resampling {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Resampling")
-            .field("channels", &self.channels)
-            .field("ratio", &format_args!("{}/{}", self.up, self.down))
-            .field("delay_frames", &self.delay_frames)
-            .field("pre_pad", &self.pre_pad)
-            .field("latency", &self.latency)
-            .finish_non_exhaustive()
-    }
-}
-
-fn resample_error(e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
-    pipeline_error("audio.resample", format!("resampler failed: {e}")).with_source(e)
-}
-
-impl Resampling {
-    fn new(rate_in: u32, rate_out: u32, channels: usize) -> Result<Self> {
-        let (rin, rout) = (u64::from(rate_in), u64::from(rate_out));
-        let g = gcd(rin, rout);
-        let (up, down) = (rout / g, rin / g);
-        if up > MAX_RATIO * down || down > MAX_RATIO * up {
-            return Err(pipeline_error(
-                "audio.converter",
-                format!(
-                    "cannot resample {rate_in} Hz to {rate_out} Hz: the ratio is beyond \
-                     {MAX_RATIO}:1; convert in two steps"
-                ),
-            ));
-        }
-        if channels > MAX_RESAMPLE_CHANNELS {
-            return Err(pipeline_error(
-                "audio.converter",
-                format!(
-                    "cannot resample {channels} channels from {rate_in} Hz to {rate_out} Hz: \
-                     at most {MAX_RESAMPLE_CHANNELS} channels are resampled at once"
-                ),
-            ));
-        }
-        let ratio = rout as f64 / rin as f64;
-
-        // Filter length: ~8 ms at the lower rate, so the transition band (and so
-        // the cut-off below the lower Nyquist) is the same whichever way we go.
-        let lower = rin.min(rout) as f64;
-        let base = ((lower * FILTER_SPAN_SECS).ceil() as usize)
-            .next_multiple_of(8)
-            .clamp(MIN_FILTER_TAPS, MAX_FILTER_TAPS);
-        // rubato's filter runs at the input rate: stretch it when downsampling.
-        let taps = if rout < rin {
-            ((base as u64 * rin).div_ceil(rout) as usize).next_multiple_of(8)
-        } else {
-            base
-        };
-        // Relative to the lower Nyquist frequency (rubato scales it when downsampling).
-        let cutoff = calculate_cutoff::<f32>(base, WindowFunction::BlackmanHarris);
-
-        // With `up` phases every output position falls exactly on a table entry.
-        let exact = (up as usize).saturating_mul(taps) <= MAX_EXACT_TABLE;
-        let (phases, interpolation) = if exact {
-            (up as usize, SincInterpolationType::Nearest)
-        } else {
-            (CUBIC_PHASES, SincInterpolationType::Cubic)
-        };
-        let params = SincInterpolationParameters::new(taps, WindowFunction::BlackmanHarris)
-            .f_cutoff(cutoff)
-            .oversampling_factor(phases)
-            .interpolation(interpolation);
-        let resampler =
-            Async::<f32>::new_sinc(ratio, 1.0, &params, MAX_CHUNK, channels, FixedAsync::Input)
-                .map_err(|e| resample_error(e).with_op("audio.converter"))?;
-
-        // rubato's k-th output (from 0) sits at input position
-        // (k + 1) / ratio - taps / 2 + 1 / phases. Feeding `pre_pad` zeros first
-        // and dropping `delay_frames` outputs puts output j at input position
-        // j / ratio. With exact phases the delay is
-        // (up * (taps / 2 + pre_pad) - 1) / down - 1, a whole number when
-        // up * (taps / 2 + pre_pad) = 1 (mod down): look for such a pad of at
-        // most 1 ms; failing that, round (alignment within half a sample).
-        let half = taps as u64 / 2;
-        let max_pad = (rin / 1000).min(down - 1);
-        let pad = if exact {
-            (0..=max_pad).find(|z| (up * (half + z)) % down == 1 % down)
-        } else {
-            None
-        };
-        let (pre_pad, delay_frames) = match pad {
-            Some(z) => (
-                z as usize,
-                ((up * (half + z) - 1) / down).saturating_sub(1) as usize,
-            ),
-            None => {
-                let d = ratio * (half as f64 - 1.0 / phases as f64) - 1.0;
-                (0, d.round().max(0.0) as usize)
-            }
-        };
-        // rubato emits its k-th output once it has `(k + 1) / ratio + 2` input
-        // frames (compared in floats: at a tie it may wait for one more frame,
-        // which the bound below allows for). The pre-pad adds no wait. Output j of
-        // the stream is rubato's output j + delay_frames, and rubato's input runs
-        // pre_pad frames ahead of the stream's, so output j (time j / rate_out)
-        // comes out once the stream's input reaches time
-        // j / rate_out + (delay_frames + 1) / rate_out + (2 - pre_pad) / rate_in.
-        // In units of 1 / lcm(rate_in, rate_out) = 1 / (up * rate_in):
-        let latency_units =
-            ((delay_frames as u64 + 1) * down + 2 * up).saturating_sub(pre_pad as u64 * up);
-        let lcm = up * rin;
-        let latency = Duration::from_nanos(
-            (u128::from(latency_units) * 1_000_000_000).div_ceil(u128::from(lcm)) as u64,
-        );
-
-        let out_len = resampler.output_frames_max() * channels;
-        let mut this = Resampling {
-            resampler,
-            channels,
-            up,
-            down,
-            pre_pad,
-            delay_frames,
-            skip_left: delay_frames,
-            frames_in: 0,
-            frames_out: 0,
-            latency,
-            out_scratch: vec![0.0; out_len],
-            zeros: vec![0.0; MAX_CHUNK * channels],
-        };
-        this.start_stream()?;
-        Ok(this)
-    }
-
-    /// Puts the resampler at the start of a stream: pads with `pre_pad` zeros.
-    fn start_stream(&mut self) -> Result<()> {
-        self.skip_left = self.delay_frames;
-        self.frames_in = 0;
-        self.frames_out = 0;
-        if self.pre_pad > 0 {
-            let mut sink = Vec::new();
-            let zeros = std::mem::take(&mut self.zeros);
-            let result = self.run_chunk(&zeros[..self.pre_pad * self.channels], &mut sink);
-            self.zeros = zeros;
-            result?;
-        }
-        Ok(())
-    }
-
-    /// Resamples interleaved `input` (any length), appending ready output to `out`.
-    fn process(&mut self, input: &[f32], out: &mut Vec<f32>) -> Result<()> {
-        for chunk in input.chunks(MAX_CHUNK * self.channels) {
-            self.run_chunk(chunk, out)?;
-        }
-        self.frames_in += (input.len() / self.channels) as u64;
-        Ok(())
-    }
-
-    /// Feeds one chunk of at most `MAX_CHUNK` frames.
-    fn run_chunk(&mut self, chunk: &[f32], out: &mut Vec<f32>) -> Result<()> {
-        let ch = self.channels;
-        let frames = chunk.len() / ch;
-        if frames == 0 {
-            return Ok(());
-        }
-        if self.resampler.input_frames_next() != frames {
-            self.resampler
-                .set_chunk_size(frames)
-                .map_err(resample_error)?;
-        }
-        let written = {
-            let input = InterleavedSlice::new(chunk, ch, frames).map_err(resample_error)?;
-            let capacity = self.out_scratch.len() / ch;
-            let mut output = InterleavedSlice::new_mut(&mut self.out_scratch, ch, capacity)
-                .map_err(resample_error)?;
-            let (_, written) = self
-                .resampler
-                .process_into_buffer(&input, &mut output, None)
-                .map_err(resample_error)?;
-            written
-        };
-        let skip = self.skip_left.min(written);
-        self.skip_left -= skip;
-        out.extend_from_slice(&self.out_scratch[skip * ch..written * ch]);
-        self.frames_out += (written - skip) as u64;
-        Ok(())
-    }
-
-    /// Output frames a stream of `frames_in` input frames resamples to.
-    fn expected_out(&self) -> u64 {
-        (u128::from(self.frames_in) * u128::from(self.up)).div_ceil(u128::from(self.down)) as u64
-    }
-
-    /// Drains the rest of the stream into `out` (zero-padded), then starts a new stream.
-    fn flush(&mut self, out: &mut Vec<f32>) -> Result<()> {
-        if self.frames_in == 0 && self.frames_out == 0 {
-            return Ok(());
-        }
-        let expected = self.expected_out();
-        let start = out.len();
-        let wanted = expected.saturating_sub(self.frames_out) as usize;
-        // Enough zero chunks to push every pending sample through the filter.
-        let pending_in = self.resampler.output_delay() as u64 * self.down / self.up
-            + (wanted as u64 * self.down).div_ceil(self.up)
-            + self.delay_frames as u64
-            + 64;
-        let max_chunks = pending_in.div_ceil(MAX_CHUNK as u64) + 2;
-        let zeros = std::mem::take(&mut self.zeros);
-        let mut result = Ok(());
-        for _ in 0..max_chunks {
-            if (out.len() - start) / self.channels >= wanted {
-                break;
-            }
-            result = self.run_chunk(&zeros, out);
-            if result.is_err() {
-                break;
-            }
-        }
-        self.zeros = zeros;
-        result?;
-        out.truncate(start + wanted.min((out.len() - start) / self.channels) * self.channels);
-        self.resampler.reset();
-        self.start_stream()
-    }
-}
-
-// ---------------------------------------------------------------------------
 // AudioConverter
 // ---------------------------------------------------------------------------
 
@@ -666,7 +427,7 @@ enum Stage {
     /// Same rate: encoding and/or channels change, sample by sample.
     Direct,
     /// The rate changes.
-    Resample(Box<Resampling>),
+    Resample(Box<Resampler>),
 }
 
 /// Converts a stream of frames from one [`AudioFormat`] to another.
@@ -731,6 +492,16 @@ impl AudioConverter {
     /// the rate changes for more than 32 channels kept apart (a mix down to
     /// fewer channels resamples mono, and is fine).
     pub fn new(from: AudioFormat, to: AudioFormat) -> Result<Self> {
+        Self::with_resampler(from, to, ResamplerKind::Auto)
+    }
+
+    /// A converter from `from` to `to` that resamples with `kind`; the same
+    /// as [`AudioConverter::new`] when `kind` is [`ResamplerKind::Auto`].
+    ///
+    /// # Errors
+    ///
+    /// [`AudioConverter::new`]'s.
+    pub fn with_resampler(from: AudioFormat, to: AudioFormat, kind: ResamplerKind) -> Result<Self> {
         from.validate().map_err(|e| e.with_op("audio.converter"))?;
         to.validate().map_err(|e| e.with_op("audio.converter"))?;
         let stage = if from == to {
@@ -738,10 +509,11 @@ impl AudioConverter {
         } else if from.sample_rate == to.sample_rate {
             Stage::Direct
         } else {
-            Stage::Resample(Box::new(Resampling::new(
+            Stage::Resample(Box::new(Resampler::new(
                 from.sample_rate,
                 to.sample_rate,
                 core_channels(from.channels, to.channels),
+                kind,
             )?))
         };
         Ok(AudioConverter {
@@ -783,7 +555,7 @@ impl AudioConverter {
     /// 8 kHz <-> 16 kHz and 16 kHz <-> 48 kHz, 3 ms for 44.1 kHz <-> 48 kHz).
     pub fn latency(&self) -> Duration {
         match &self.stage {
-            Stage::Resample(r) => r.latency,
+            Stage::Resample(r) => r.latency(),
             _ => Duration::ZERO,
         }
     }
@@ -869,14 +641,14 @@ impl AudioConverter {
         };
         self.decoded.clear();
         decode_into(frame.data(), self.from.encoding, &mut self.decoded);
-        let input = if self.from.channels as usize == r.channels {
+        let input = if self.from.channels as usize == r.channels() {
             &self.decoded
         } else {
             self.mixed.clear();
             remix_into(
                 &self.decoded,
                 self.from.channels as usize,
-                r.channels,
+                r.channels(),
                 &mut self.mixed,
             );
             &self.mixed
@@ -1094,6 +866,7 @@ pub(crate) fn join(
 
 #[cfg(test)]
 mod tests {
+    use super::super::resample::gcd;
     use super::*;
 
     const RATES: [u32; 5] = [8_000, 16_000, 24_000, 44_100, 48_000];

@@ -75,6 +75,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{BackendError, ErrorCode, Result};
 
 mod convert;
+mod polyphase;
+mod resample;
 pub use convert::*;
 
 /// How samples are encoded.
