@@ -104,6 +104,9 @@ fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// How long closing a lost connection may take.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
+
 /// How one connection ended.
 enum End {
     Stopped,
@@ -118,6 +121,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut ws: WsStream) {
             End::Stopped => break,
             End::Lost(cause) => cause,
         };
+        // Whatever is left of the connection is closed, not kept while the
+        // worker dials again.
+        let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
         // The server forgets offers with the connection; their places are free.
         shared.book().pending.clear();
         shared.set_state(WorkerState::Reconnecting);
@@ -209,6 +215,11 @@ async fn serve(shared: &Arc<Shared>, ws: &mut WsStream, stop: &mut watch::Receiv
                 return End::Lost(e);
             }
         }
+        // Whatever happened last (an offer answered, a job queued, taken or
+        // ended, the load moved) is reported when it changed the load.
+        if let Err(e) = conn.report(shared, ws, false).await {
+            return End::Lost(e);
+        }
         let step = tokio::select! {
             biased;
             _ = stopped(stop) => {
@@ -249,7 +260,7 @@ async fn serve(shared: &Arc<Shared>, ws: &mut WsStream, stop: &mut watch::Receiv
                 if last_heard.elapsed() > options.ping_timeout {
                     Err(format!("it was silent for {}", humantime::format_duration(options.ping_timeout)))
                 } else {
-                    conn.report(shared, ws, false).await
+                    Ok(())
                 }
             }
             _ = report.tick() => conn.report(shared, ws, true).await,
@@ -257,7 +268,7 @@ async fn serve(shared: &Arc<Shared>, ws: &mut WsStream, stop: &mut watch::Receiv
                 let ping = worker_message(proto::worker_message::Message::Ping(proto::WorkerPing { timestamp: now_millis() }));
                 write(ws, &ping, counters, timeout).await
             }
-            _ = shared.wake.notified() => conn.report(shared, ws, false).await,
+            _ = shared.wake.notified() => Ok(()),
         };
         if let Err(cause) = step {
             return End::Lost(cause);
@@ -360,14 +371,13 @@ impl Connection {
                     tracing::info!(job_id = %job.id, room = %job.room, "refused a job offer: the worker is full");
                 }
                 let answer = worker_message(proto::worker_message::Message::Availability(answer));
-                write(ws, &answer, &counters.messages, timeout).await?;
-                self.report(shared, ws, false).await
+                write(ws, &answer, &counters.messages, timeout).await
             }
             ServerEvent::Assigned { job, token, url } => {
                 let id = job.id.clone();
                 if shared.assigned(job, token, url) {
                     bump(&counters.assignments);
-                    self.report(shared, ws, false).await
+                    Ok(())
                 } else {
                     // Not waited for (late, or never offered): the server
                     // counts it as running, so it is told the job failed.
@@ -385,7 +395,7 @@ impl Connection {
                 let dropped = shared.terminated(&job_id);
                 // Dropping a queued job reports it ended (to the outbox).
                 drop(dropped);
-                self.report(shared, ws, false).await
+                Ok(())
             }
             ServerEvent::Pong { .. } => Ok(()),
             ServerEvent::GoAway { reason } => Err(format!(
