@@ -9,9 +9,10 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use serde::{Serialize, Serializer};
 
-use crate::config::{Config, SessionConfig};
+use crate::config::{Config, Secret, SessionConfig};
 use crate::error::Result;
 use crate::hooks::Hooks;
+use crate::session::store::SessionStore;
 use crate::session::{SessionId, VoiceSession};
 
 /// The state of the backend's connection to its service; defined with the
@@ -137,5 +138,38 @@ pub trait VoiceBackend: Send + Sync + fmt::Debug {
     /// The backend's metrics, when it records them (the shared runtime does).
     fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
         None
+    }
+
+    /// Keeps the backend's active sessions in `store` from now on, so they
+    /// survive a restart; set it before [`VoiceBackend::start`], which
+    /// restores the sessions the store holds for this provider. See
+    /// [`PersistenceStatus`](crate::session::PersistenceStatus). A backend
+    /// that cannot persist sessions ignores it (the default), and its
+    /// sessions stay `Ephemeral`.
+    fn set_session_store(&self, store: Arc<dyn SessionStore>) {
+        let _ = store;
+    }
+
+    /// Takes up session `id` again for its user, who proves it with the
+    /// session's [`VoiceSession::resume_token`]: the session this backend
+    /// runs, or one kept in its session store (written by this instance
+    /// before a restart, or by another instance sharing the store), which
+    /// this backend then runs, holding the session's lease.
+    ///
+    /// Fails with `SessionNotFound` (no such active session: closed, never
+    /// opened, or no store), `AuthenticationFailed` (the token is not the
+    /// session's), `ConnectionFailed` (another instance runs it now; retry
+    /// once it let go of it) and `SessionLimitExceeded` at capacity.
+    async fn resume_session(
+        &self,
+        id: &SessionId,
+        token: &Secret,
+    ) -> Result<Arc<dyn VoiceSession>> {
+        let _ = token;
+        Err(crate::error::BackendError::new(
+            "backend.resume_session",
+            crate::error::ErrorCode::SessionNotFound,
+            format!("no session {id} to resume: this backend keeps no sessions"),
+        ))
     }
 }

@@ -7,7 +7,9 @@
 //! hook, rate limiting (the provider's own or the framework's fallback),
 //! health checks, the connection state machine,
 //! connection retries with exponential backoff, timeouts, graceful stop,
-//! validated config updates, tracing spans and metrics.
+//! validated config updates, tracing spans and metrics, and persistence of
+//! the active sessions in a [`SessionStore`] (see [`persist`]'s notes in
+//! [`PersistenceStatus`](crate::session::PersistenceStatus)).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -19,7 +21,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::backend::{ConnectionState, Health, HealthStatus, VoiceBackend};
-use crate::config::{Config, PipelineType, SessionConfig};
+use crate::config::{Config, PipelineType, Secret, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::{Hooks, Operation, Principal, RateLimiter, TokenBucketLimiter};
 use crate::metrics::{Metrics, Op};
@@ -28,12 +30,14 @@ use crate::pipeline::link::Remote;
 use crate::pipeline::{ComponentRegistries, Plan, components};
 use crate::provider::HostedStages;
 use crate::provider::ProviderCapabilities;
+use crate::session::store::{SessionRecord, SessionStore};
 use crate::session::{SessionId, SessionInfo, VoiceSession};
 
 #[cfg(feature = "callbacks")]
 pub mod callbacks;
 mod link;
 mod media;
+mod persist;
 mod provider;
 mod session;
 #[cfg(feature = "link-websocket")]
@@ -133,6 +137,19 @@ struct Inner {
     /// while `start` publishes and while `stop` bumps it.
     lifecycle: std::sync::Mutex<u64>,
     metrics: Arc<Metrics>,
+    /// Where active sessions are kept, once a store is set.
+    persistence: arc_swap::ArcSwapOption<persist::Persistence>,
+    /// Sessions ending now keep their records (the backend is stopping).
+    keep_records: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The writer task ends (and lets go of the store) at once.
+        if let Some(p) = self.persistence.load_full() {
+            p.wake();
+        }
+    }
 }
 
 impl fmt::Debug for RuntimeBackend {
@@ -219,6 +236,8 @@ impl RuntimeBackend {
                 state: AtomicU8::new(conn_code(ConnectionState::Disconnected)),
                 accepting: AtomicBool::new(false),
                 lifecycle: std::sync::Mutex::new(0),
+                persistence: arc_swap::ArcSwapOption::empty(),
+                keep_records: AtomicBool::new(false),
             }),
         })
     }
@@ -322,11 +341,168 @@ impl Inner {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
-        if removed.is_some() {
+        if let Some(session) = &removed {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.metrics.session_closed();
+            if let Some(p) = self.persistence.load_full() {
+                let keep = self.keep_records.load(Ordering::Acquire)
+                    || session.keep_record.load(Ordering::Acquire);
+                p.ended(session, keep);
+            }
         }
         removed
+    }
+
+    /// A session's part in persistence, when the backend has a store and
+    /// the retention hook lets the session be kept: a new session gets a
+    /// resume token, a restored one keeps its record's.
+    async fn session_persist(
+        &self,
+        id: &SessionId,
+        config: &SessionConfig,
+        restore: Option<&SessionRecord>,
+    ) -> Result<Option<persist::SessionPersist>> {
+        if self.persistence.load().is_none() {
+            return Ok(None);
+        }
+        let (keep_state, keep_metadata) = match self.hooks().retention {
+            None => (true, true),
+            Some(hook) => {
+                use crate::hooks::DataKind;
+                let limit = self.config().timeout;
+                let ask = |kind| {
+                    let hook = hook.clone();
+                    let id = id.clone();
+                    async move {
+                        matches!(
+                            tokio::time::timeout(limit, hook.should_retain(&id, kind)).await,
+                            Ok(true)
+                        )
+                    }
+                };
+                (
+                    ask(DataKind::SessionState).await,
+                    ask(DataKind::Metadata).await,
+                )
+            }
+        };
+        if !keep_state {
+            return Ok(None);
+        }
+        let (token, hash, history) = match restore {
+            Some(r) => (
+                None,
+                r.resume_token_sha256.clone().unwrap_or_default(),
+                r.messages().into(),
+            ),
+            None => {
+                let token = persist::new_resume_token()?;
+                let hash = persist::token_hash(token.expose());
+                (Some(token), hash, Arc::from([]))
+            }
+        };
+        Ok(Some(persist::SessionPersist::new(
+            &self.provider,
+            config,
+            token,
+            hash,
+            keep_metadata,
+            history,
+        )))
+    }
+
+    /// Puts a session built from a record into the table, under capacity.
+    fn admit(&self, session: &Arc<RuntimeSession>) -> Result<()> {
+        const OP: &str = "backend.resume_session";
+        let cap = self.capacity();
+        let Some(place) = Reservation::take(&self.open, cap) else {
+            return Err(BackendError::new(
+                OP,
+                ErrorCode::SessionLimitExceeded,
+                format!("the backend is at its capacity of {cap} sessions"),
+            ));
+        };
+        let mut sessions = self
+            .sessions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if sessions.contains_key(&session.id) {
+            return Err(BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("session {} is already running here", session.id),
+            ));
+        }
+        self.metrics.session_opened();
+        sessions.insert(session.id.clone(), session.clone());
+        drop(sessions);
+        place.keep();
+        Ok(())
+    }
+
+    /// Builds the session of `record`, whose lease this backend holds, and
+    /// runs it here.
+    async fn take_up(self: &Arc<Self>, record: &SessionRecord) -> Result<Arc<RuntimeSession>> {
+        let mut config = record.config.clone();
+        config.metadata = record.metadata.clone();
+        config.user_id = record.user_id.clone();
+        let session = self.build_session(config, Some(record)).await?;
+        self.admit(&session)?;
+        if let Some(p) = self.persistence.load_full() {
+            p.save(&session);
+        }
+        tracing::info!(session_id = %session.id, messages = record.history.len(), "session restored");
+        Ok(session)
+    }
+
+    /// Restores the sessions the store holds for this provider that no live
+    /// instance runs (their lease is free or expired).
+    async fn restore(self: &Arc<Self>, timeout: std::time::Duration) -> Result<()> {
+        let Some(p) = self.persistence.load_full() else {
+            return Ok(());
+        };
+        let store_error = |what: &str| {
+            BackendError::new(
+                "backend.restore",
+                ErrorCode::ConnectionFailed,
+                format!(
+                    "the {} session store did not answer within {} ({what})",
+                    p.store.kind(),
+                    humantime::format_duration(timeout)
+                ),
+            )
+        };
+        let records = tokio::time::timeout(timeout, p.store.list(&self.provider))
+            .await
+            .map_err(|_| store_error("listing sessions"))??;
+        for record in records {
+            if !self.accepting.load(Ordering::Acquire) {
+                break;
+            }
+            let running = self
+                .sessions
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&record.id);
+            if running {
+                continue;
+            }
+            let granted =
+                tokio::time::timeout(timeout, p.store.acquire(&record.id, &p.owner, p.ttl))
+                    .await
+                    .map_err(|_| store_error("taking a lease"))??;
+            if !granted {
+                continue;
+            }
+            if let Err(e) = self.take_up(&record).await {
+                tracing::warn!(session_id = %record.id, code = %e.code, "a kept session could not be restored: {}", e.message);
+                let _ = p.store.release(&record.id, &p.owner).await;
+                if e.code == ErrorCode::SessionLimitExceeded {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn session_not_found(op: &'static str, id: &SessionId) -> BackendError {
@@ -367,26 +543,33 @@ impl Inner {
             .map_err(|e| hook_error(e, ErrorCode::RateLimitExceeded))
     }
 
-    async fn build_session(self: &Arc<Self>, config: SessionConfig) -> Result<Arc<RuntimeSession>> {
+    async fn build_session(
+        self: &Arc<Self>,
+        config: SessionConfig,
+        restore: Option<&SessionRecord>,
+    ) -> Result<Arc<RuntimeSession>> {
         const OP: &str = "backend.create_session";
         let base = self.config();
         let hosted = self.connector.hosted_stages();
         let plan = Plan::for_session(&base, &config, hosted, self.components)
             .map_err(|e| e.with_op(OP))?;
-        let id = next_session_id();
-        let info = SessionInfo::default();
+        let id = restore.map_or_else(next_session_id, |r| r.id.clone());
+        // A restored session's provider starts from what it had published,
+        // and is told so to re-attach.
+        let (info, restored) = match restore {
+            Some(r) => (r.session_info(), Some(r.session_info())),
+            None => (SessionInfo::default(), None),
+        };
+        let persist = self.session_persist(&id, &config, restore).await?;
         let link = RetryPolicy::from_config(&base)
             .run(
                 OP,
                 &self.provider,
                 || {
-                    self.connector.open_link(LinkRequest::new(
-                        id.as_str(),
-                        &base,
-                        &config,
-                        &self.metrics,
-                        &info,
-                    ))
+                    self.connector.open_link(
+                        LinkRequest::new(id.as_str(), &base, &config, &self.metrics, &info)
+                            .with_restored(restored.as_ref()),
+                    )
                 },
                 |attempt, delay, e| {
                     tracing::warn!(attempt, code = %e.code, "opening the session's link failed, retrying in {delay:?}: {}", e.message);
@@ -452,6 +635,10 @@ impl Inner {
             converters,
         })
         .map_err(|e| e.with_op(OP))?;
+        let history = persist.as_ref().and_then(|_| engine.watch_history());
+        if let Some(r) = restore {
+            engine.restore_history(r.messages());
+        }
         let session = Arc::new(RuntimeSession {
             id,
             user_id: config.user_id,
@@ -462,7 +649,26 @@ impl Inner {
             frames: AtomicU64::new(0),
             info,
             media: media.is_some(),
+            persist,
+            keep_record: AtomicBool::new(false),
         });
+        if let (Some(mut history), Some(p)) = (history, self.persistence.load_full()) {
+            // Each turn that joins the conversation is written, off the
+            // session's task; ends with the session's task.
+            let weak = Arc::downgrade(&session);
+            tokio::spawn(async move {
+                while history.changed().await.is_ok() {
+                    let messages = history.borrow_and_update().clone();
+                    let Some(session) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Some(sp) = &session.persist {
+                        *sp.history.lock().unwrap_or_else(PoisonError::into_inner) = messages;
+                    }
+                    p.save(&session);
+                }
+            });
+        }
         if let Some(media) = media {
             media::carry(&session, media)?;
         }
@@ -482,6 +688,115 @@ impl VoiceBackend for RuntimeBackend {
             .hooks
             .write()
             .unwrap_or_else(PoisonError::into_inner) = hooks;
+    }
+
+    fn set_session_store(&self, store: Arc<dyn SessionStore>) {
+        match persist::Persistence::new(store) {
+            Ok(p) => self.inner.persistence.store(Some(Arc::new(p))),
+            Err(e) => {
+                tracing::error!(code = %e.code, "the session store is not used: {}", e.message)
+            }
+        }
+    }
+
+    #[tracing::instrument(name = "backend.resume_session", skip_all, fields(provider = %self.inner.provider, session_id = %id))]
+    async fn resume_session(
+        &self,
+        id: &SessionId,
+        token: &Secret,
+    ) -> Result<Arc<dyn VoiceSession>> {
+        const OP: &str = "backend.resume_session";
+        let refused = || {
+            BackendError::new(
+                OP,
+                ErrorCode::AuthenticationFailed,
+                format!("the resume token is not session {id}'s"),
+            )
+        };
+        let not_found = || {
+            BackendError::new(
+                OP,
+                ErrorCode::SessionNotFound,
+                format!("no active session {id} to resume (closed, completed or never opened)"),
+            )
+        };
+        let Some(p) = self.inner.persistence.load_full() else {
+            return Err(not_found());
+        };
+        if !self.inner.accepting.load(Ordering::Acquire) {
+            return Err(BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!(
+                    "the backend is {}; it resumes no sessions",
+                    self.inner.state()
+                ),
+            ));
+        }
+        let running = self
+            .inner
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        if let Some(session) = running {
+            let Some(sp) = &session.persist else {
+                return Err(not_found());
+            };
+            if !persist::token_matches(token.expose(), &sp.token_hash) {
+                return Err(refused());
+            }
+            return Ok(session as Arc<dyn VoiceSession>);
+        }
+        let timeout = self.inner.config().timeout;
+        let unavailable = |e: BackendError| {
+            BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("the session store cannot be read: {}", e.message),
+            )
+        };
+        let record = tokio::time::timeout(timeout, p.store.load(id))
+            .await
+            .map_err(|_| {
+                BackendError::new(
+                    OP,
+                    ErrorCode::ConnectionTimeout,
+                    "the session store did not answer",
+                )
+            })?
+            .map_err(unavailable)?
+            .filter(|r| r.provider == self.inner.provider)
+            .ok_or_else(not_found)?;
+        let hash = record.resume_token_sha256.as_deref().unwrap_or_default();
+        if !persist::token_matches(token.expose(), hash) {
+            return Err(refused());
+        }
+        let granted = tokio::time::timeout(timeout, p.store.acquire(id, &p.owner, p.ttl))
+            .await
+            .map_err(|_| {
+                BackendError::new(
+                    OP,
+                    ErrorCode::ConnectionTimeout,
+                    "the session store did not answer",
+                )
+            })?
+            .map_err(unavailable)?;
+        if !granted {
+            return Err(BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("session {id} runs on another instance; retry once it lets go of it"),
+            ));
+        }
+        match self.inner.take_up(&record).await {
+            Ok(session) => Ok(session as Arc<dyn VoiceSession>),
+            Err(e) => {
+                let _ = p.store.release(id, &p.owner).await;
+                Err(e.with_op(OP))
+            }
+        }
     }
 
     #[tracing::instrument(name = "backend.start", skip_all, fields(provider = %self.inner.provider))]
@@ -505,12 +820,26 @@ impl VoiceBackend for RuntimeBackend {
                 self.inner
                     .accepting
                     .store(result.is_ok(), Ordering::Release);
+                self.inner.keep_records.store(false, Ordering::Release);
                 self.inner.set_state(if result.is_ok() {
                     ConnectionState::Connected
                 } else {
                     ConnectionState::Error
                 });
             }
+        }
+        if result.is_ok()
+            && let Some(p) = self.inner.persistence.load_full()
+        {
+            // The sessions kept before a restart come back; a store that
+            // cannot be read now is retried by the writer task, and the
+            // backend serves meanwhile (degraded).
+            if let Err(e) = self.inner.restore(self.inner.config().timeout).await {
+                tracing::warn!(code = %e.code, "restoring the kept sessions failed, retrying: {}", e.message);
+                p.set_failing(Some(e.message.clone()));
+                p.restore_due.store(true, Ordering::Release);
+            }
+            p.spawn_writer(Arc::downgrade(&self.inner));
         }
         timer.finish(&result);
         result
@@ -523,6 +852,8 @@ impl VoiceBackend for RuntimeBackend {
             let mut lifecycle = self.inner.lifecycle();
             *lifecycle += 1;
             self.inner.accepting.store(false, Ordering::Release);
+            // The sessions stopped with the backend stay in the store.
+            self.inner.keep_records.store(true, Ordering::Release);
         }
         let sessions = self.inner.sessions_snapshot();
         let mut set = tokio::task::JoinSet::new();
@@ -534,6 +865,11 @@ impl VoiceBackend for RuntimeBackend {
             if let Ok(Err(e)) = r {
                 result = Err(e.with_op("backend.stop"));
             }
+        }
+        if let Some(p) = self.inner.persistence.load_full() {
+            // What the sessions last changed is written, and their leases
+            // let go of, before the backend says it has stopped.
+            p.flush(self.inner.config().timeout).await;
         }
         self.inner.connector.disconnect().await;
         self.inner.set_state(ConnectionState::Disconnected);
@@ -609,10 +945,27 @@ impl VoiceBackend for RuntimeBackend {
         if status == Health::Healthy && open * 10 >= cap * 9 {
             status = Health::Degraded;
         }
+        let store = self
+            .inner
+            .persistence
+            .load_full()
+            .map(|p| match p.failing() {
+                Some(reason) => (
+                    true,
+                    format!("{}: failing, retrying: {reason}", p.store.kind()),
+                ),
+                None => (false, format!("{}: ok", p.store.kind())),
+            });
+        if status == Health::Healthy && store.as_ref().is_some_and(|(failing, _)| *failing) {
+            status = Health::Degraded;
+        }
         let mut health = HealthStatus::new(status)
             .with_detail("connection", state.as_str())
             .with_detail("sessions", format!("{open}/{cap}"))
             .with_detail("provider", self.inner.provider.clone());
+        if let Some((_, detail)) = store {
+            health.details.insert("store".into(), detail);
+        }
         // The check itself fails (an error in the metrics) when the service
         // does not answer or answers with an error.
         let mut result: Result<()> = Ok(());
@@ -782,7 +1135,7 @@ impl RuntimeBackend {
             )
             .with_detail("capacity", cap.to_string()));
         };
-        let session = self.inner.build_session(config).await?;
+        let session = self.inner.build_session(config, None).await?;
         {
             let mut sessions = self
                 .inner
@@ -806,6 +1159,9 @@ impl RuntimeBackend {
             sessions.insert(session.id.clone(), session.clone());
         }
         place.keep();
+        if let Some(p) = self.inner.persistence.load_full() {
+            p.save(&session);
+        }
         Ok(session)
     }
 }

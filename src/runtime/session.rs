@@ -42,6 +42,10 @@ pub struct RuntimeSession {
     /// The session's media goes through a [`MediaLink`]: its reply audio is
     /// the link's.
     pub(super) media: bool,
+    /// Its part in persistence, when it is kept in the backend's store.
+    pub(super) persist: Option<super::persist::SessionPersist>,
+    /// Its record stays when it ends (another instance took it up).
+    pub(super) keep_record: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for RuntimeSession {
@@ -214,8 +218,13 @@ impl VoiceSession for RuntimeSession {
     }
 
     fn persistence_status(&self) -> PersistenceStatus {
-        // No session store exists yet: sessions live in memory only.
-        PersistenceStatus::Ephemeral
+        self.persist
+            .as_ref()
+            .map_or(PersistenceStatus::Ephemeral, |p| p.status())
+    }
+
+    fn resume_token(&self) -> Option<crate::config::Secret> {
+        self.persist.as_ref().and_then(|p| p.token.clone())
     }
 
     fn metadata(&self) -> BTreeMap<String, serde_json::Value> {
@@ -227,16 +236,30 @@ impl VoiceSession for RuntimeSession {
 
     #[tracing::instrument(name = "session.update_metadata", skip_all, fields(session_id = %self.id))]
     async fn update_metadata(&self, metadata: BTreeMap<String, serde_json::Value>) -> Result<()> {
-        let mut current = self
-            .metadata
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (k, v) in metadata {
-            if v.is_null() {
-                current.remove(&k);
-            } else {
-                current.insert(k, v);
+        {
+            let mut current = self
+                .metadata
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (k, v) in metadata {
+                if v.is_null() {
+                    current.remove(&k);
+                } else {
+                    current.insert(k, v);
+                }
             }
+        }
+        if self.persist.is_some()
+            && let Some(backend) = self.backend.upgrade()
+            && let Some(p) = backend.persistence.load_full()
+            && let Some(me) = backend
+                .sessions
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&self.id)
+                .cloned()
+        {
+            p.save(&me);
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! ([`ConnectionState`]).
 
 pub mod events;
+pub mod store;
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -150,21 +151,29 @@ impl fmt::Display for PipelineState {
 
 /// Whether a session's state is kept so it survives a restart.
 ///
-/// Active sessions persist (when a session store is configured and the
-/// data-retention hook allows it); completed sessions are ephemeral.
+/// Active sessions persist when the backend has a session store
+/// ([`VoiceBackend::set_session_store`](crate::backend::VoiceBackend::set_session_store))
+/// and the data-retention hook allows
+/// [`DataKind::SessionState`](crate::hooks::DataKind::SessionState); completed
+/// sessions are ephemeral: closing a session (its `stop`, or the backend's
+/// `close_session`) deletes its record. A backend's own `stop` keeps the
+/// records of the sessions it stops, so the next `start` restores them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum PersistenceStatus {
-    /// Not kept: no store, the retention hook declined, or the session completed.
+    /// Not kept: no store, the retention hook declined, or the session
+    /// completed (it was closed and its record deleted).
     #[default]
     Ephemeral,
-    /// A change is waiting to be written.
+    /// A change is waiting to be written (the session was just opened or
+    /// changed and the write has not finished yet).
     Pending,
-    /// Written; a restart restores the session.
+    /// Written; a restart restores the session as of `saved_at`.
     Persisted {
         /// When the last write finished.
         saved_at: SystemTime,
     },
-    /// The last write failed; the session goes on and the next change retries.
+    /// The last write failed; the session goes on, the write is retried with
+    /// backoff, and the backend's health is `degraded` until it succeeds.
     Failed {
         /// Why, without secrets.
         reason: String,
@@ -464,6 +473,16 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
     fn info(&self) -> SessionInfo {
         SessionInfo::default()
     }
+
+    /// The token that lets this session's user take the session up again
+    /// after a restart or on another instance sharing the session store
+    /// ([`VoiceBackend::resume_session`](crate::backend::VoiceBackend::resume_session)):
+    /// set when the session is persisted, `None` otherwise. Hand it to the
+    /// session's own user only (`serve` puts it in `ready`); the store keeps
+    /// only its hash.
+    fn resume_token(&self) -> Option<Secret> {
+        None
+    }
 }
 
 /// Values a provider publishes on a session for the application: a room
@@ -501,6 +520,18 @@ impl SessionInfo {
             InfoValue::Plain(s) => s.clone(),
             InfoValue::Secret(s) => s.expose().to_owned(),
         })
+    }
+
+    /// Every value with whether it is secret, secrets exposed: what a
+    /// session store keeps to give the provider back after a restart.
+    pub fn entries(&self) -> Vec<(String, String, bool)> {
+        self.read()
+            .iter()
+            .map(|(k, v)| match v {
+                InfoValue::Plain(s) => (k.clone(), s.clone(), false),
+                InfoValue::Secret(s) => (k.clone(), s.expose().to_owned(), true),
+            })
+            .collect()
     }
 
     /// Whether nothing is published.

@@ -58,7 +58,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Message};
 use crate::audio::{AudioConverter, AudioFormat, AudioFrame, FormatFollower};
 use crate::backend::ConnectionState;
 use crate::error::{BackendError, ErrorCode, Result};
@@ -310,6 +310,8 @@ impl Engine {
                 tts: parts.tts,
                 output_converter: parts.converters.output,
                 retention: parts.retention,
+                history: Vec::new(),
+                history_tx: None,
             })),
         })
     }
@@ -399,6 +401,32 @@ impl Engine {
         self.shared.emit(SessionEvent::Error { code, message });
         self.shared.connection(ConnectionState::Error);
         self.shared.set_state(PipelineState::Error);
+    }
+
+    /// Starts the session's conversation with `messages` (a restored
+    /// session's, oldest first), before the session starts; nothing once it
+    /// has.
+    pub fn restore_history(&self, messages: Vec<Message>) {
+        if let Some(task) = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            task.history = messages;
+        }
+    }
+
+    /// The conversation each time it changes (a turn joined it), for the
+    /// session store; `None` once the session has started. Nothing is sent
+    /// on the audio path: the session's task sends it as a turn closes.
+    pub fn watch_history(&self) -> Option<watch::Receiver<Arc<[Message]>>> {
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        let task = task.as_mut()?;
+        let tx = task
+            .history_tx
+            .get_or_insert_with(|| watch::Sender::new(Arc::from([])));
+        Some(tx.subscribe())
     }
 
     /// Takes the session's output audio stream (once).

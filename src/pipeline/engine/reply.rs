@@ -62,6 +62,9 @@ pub(super) struct History {
     hook: Option<Arc<dyn DataRetentionHook>>,
     /// The turn being answered, until it is over.
     open: Option<Exchange>,
+    /// Where the conversation goes each time a turn joins it (the session
+    /// store's copy).
+    published: Option<tokio::sync::watch::Sender<Arc<[Message]>>>,
 }
 
 /// A turn being answered: what the user said and what of the reply was said.
@@ -92,7 +95,20 @@ impl History {
             limit: DEFAULT_HISTORY_LIMIT,
             hook,
             open: None,
+            published: None,
         }
+    }
+
+    /// The history starting with `messages` (a restored session's), and
+    /// publishing the conversation to `published` as turns join it.
+    pub(super) fn restored(
+        mut self,
+        messages: Vec<Message>,
+        published: Option<tokio::sync::watch::Sender<Arc<[Message]>>>,
+    ) -> Self {
+        self.messages = messages.into();
+        self.published = published;
+        self
     }
 
     /// The conversation before a new turn of `user`, at most `limit`
@@ -138,6 +154,16 @@ impl History {
         }
     }
 
+    /// The turn being answered is over if its reply has ended and nothing
+    /// of it is left to play: it joins the conversation now rather than when
+    /// the next turn starts (the same messages either way), so the session
+    /// store sees it.
+    pub(super) fn close_if_done(&mut self) {
+        if self.open.as_ref().is_some_and(|x| x.done) {
+            self.close(0);
+        }
+    }
+
     /// The turn being answered is over, `unplayed` frames of its reply
     /// left unplayed (a cut one's), and joins the conversation if the
     /// retention hook allowed it.
@@ -172,6 +198,9 @@ impl History {
             }
         }
         self.trim();
+        if let Some(tx) = &self.published {
+            tx.send_replace(self.messages.iter().cloned().collect());
+        }
     }
 
     fn trim(&mut self) {
@@ -272,6 +301,7 @@ impl Task {
         {
             self.shared.replying.store(false, Ordering::Release);
             self.shared.set_state(PipelineState::Listening);
+            self.history.close_if_done();
         }
     }
 }

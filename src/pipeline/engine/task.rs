@@ -34,6 +34,10 @@ pub(super) struct TaskParts {
     pub(super) output_converter: Option<AudioConverter>,
     /// The data-retention hook, asked before a turn joins the history.
     pub(super) retention: Option<Arc<dyn DataRetentionHook>>,
+    /// The conversation to start with (a restored session's).
+    pub(super) history: Vec<crate::agent::Message>,
+    /// Where the conversation goes each time a turn joins it.
+    pub(super) history_tx: Option<tokio::sync::watch::Sender<Arc<[crate::agent::Message]>>>,
 }
 
 /// The session task's inputs, one bit each in its [`Inputs`].
@@ -133,6 +137,7 @@ impl Task {
             }
             self.shared.replying.store(false, Ordering::Release);
             self.shared.set_state(PipelineState::Listening);
+            self.history.close_if_done();
         }
         self.stopping.as_ref().is_some_and(|(d, _)| *d <= now)
     }
@@ -152,6 +157,8 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
         tts,
         output_converter,
         retention,
+        history,
+        history_tx,
     } = parts;
     let _finish = Finish(shared.clone());
     let shared_link_finals = shared.link_finals;
@@ -176,7 +183,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
             enabled: stt_events.is_some() || shared_link_finals,
             ..Finals::default()
         },
-        history: History::new(retention),
+        history: History::new(retention).restored(history, history_tx),
     };
     // Every input marked, so each is polled (and registers) once.
     let inputs = Inputs::new((1 << INPUTS) - 1);

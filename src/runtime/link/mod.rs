@@ -238,6 +238,11 @@ pub struct LinkRequest<'a> {
     /// id): [`VoiceSession::info`](crate::session::VoiceSession::info) and
     /// `serve`'s `ready` message carry it.
     pub info: &'a SessionInfo,
+    /// The session is being restored (after a restart, or on another
+    /// instance sharing the session store): what the provider had published
+    /// on it before (a room, a call id), to re-attach to rather than start
+    /// anew. `info` starts with the same values. `None` for a new session.
+    pub restored: Option<&'a SessionInfo>,
 }
 
 impl<'a> LinkRequest<'a> {
@@ -257,7 +262,15 @@ impl<'a> LinkRequest<'a> {
             retry: RetryPolicy::from_config(config),
             metrics,
             info,
+            restored: None,
         }
+    }
+
+    /// The same request, for a session restored with `info` as its provider
+    /// had published it ([`LinkRequest::restored`]).
+    pub fn with_restored(mut self, info: Option<&'a SessionInfo>) -> Self {
+        self.restored = info;
+        self
     }
 
     /// The session's metadata.
