@@ -37,7 +37,7 @@ mod launch;
 use launch::{Server, free_port, python};
 
 const SECRET: &str = "test-hook-secret-0123456789";
-const PATIENCE: Duration = Duration::from_secs(20);
+const PATIENCE: Duration = Duration::from_secs(30);
 
 macro_rules! require_server {
     () => {
@@ -181,7 +181,7 @@ fn config_for(url: &str, hook_port: u16) -> Config {
         "agent_hook": {
             "listen": format!("127.0.0.1:{hook_port}"),
             "secret": SECRET,
-            "answer_timeout": "5s",
+            "answer_timeout": "10s",
         },
     });
     for (k, v) in provider.as_object().unwrap() {
@@ -352,11 +352,24 @@ async fn sessions_on_one_server_each_get_their_own_calls() {
             let mut sc = SessionConfig::new(format!("user-{i}")).with_agent(agent);
             sc.output_format = PCM16;
             let s = backend.create_session(sc).await.unwrap();
+            let mut events = s.events();
             let mut rx = s.receive_audio().unwrap();
             s.start().await.unwrap();
             say(&*s, &[word]).await;
             let audio = reply_audio(&mut rx, Duration::from_millis(800)).await;
             assert_eq!(hear(&audio, RATE), [word, word]);
+            // The session's turn is its own call's, and no other.
+            let mut turns = Vec::new();
+            while let Some(e) = events.try_recv() {
+                if let SessionEvent::UserTranscript {
+                    text,
+                    is_final: true,
+                } = e
+                {
+                    turns.push(text);
+                }
+            }
+            assert_eq!(turns, [word], "cross-talk");
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -668,6 +681,16 @@ async fn malformed_server_messages_are_counted_and_skipped_and_the_session_goes_
             && start["conversation_id"].as_str().unwrap().len() == 35
     );
     s.stop().await.unwrap();
+    // The conversation is ended, not just dropped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        heard
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("websocket_stop")),
+        "websocket_stop on stop"
+    );
     backend.stop().await.unwrap();
 }
 

@@ -413,6 +413,12 @@ impl WireProtocol for VocodeProtocol {
         Vec::new()
     }
 
+    /// `websocket_stop`: the server ends the conversation (without it,
+    /// Vocode's router leaves the conversation's workers running).
+    fn farewell(&mut self) -> Vec<WsMessage> {
+        vec![WsMessage::Text(stop_message().into())]
+    }
+
     fn decode(
         &mut self,
         message: WsMessage,
