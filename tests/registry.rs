@@ -23,7 +23,13 @@ fn expected_static_names() -> BTreeSet<String> {
     // `local` is built in, never behind a feature.
     let mut names = BTreeSet::from(["local".to_owned(), "static-test".to_owned()]);
     // Each provider feature adds its name here as the provider arrives.
-    let features = [("pipecat", cfg!(feature = "pipecat"))];
+    let features = [
+        ("cartesia", cfg!(feature = "cartesia")),
+        ("livekit", cfg!(feature = "livekit")),
+        ("pipecat", cfg!(feature = "pipecat")),
+        ("vapi", cfg!(feature = "vapi")),
+        ("vocode", cfg!(feature = "vocode")),
+    ];
     for (name, enabled) in features {
         if enabled {
             names.insert(name.to_owned());
