@@ -59,6 +59,7 @@ fn agent_token(room: &TestRoom, identity: &str) -> String {
 
 /// What the client's reader saw.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Incoming {
     Signal(proto::signal_response::Message),
     /// A binary frame that is not a `SignalResponse`.
@@ -1021,4 +1022,124 @@ async fn options_reach_the_join_response() {
         .await;
     assert_eq!(join.room.unwrap().name, "other");
     assert_eq!((join.ping_interval, join.ping_timeout), (2, 6));
+}
+
+/// LiveKit's official Python client (`livekit` from PyPI, with its own
+/// native WebRTC) as the agent: it joins, subscribes to the user's track and
+/// hears the user's tone, publishes a tone the room decodes, and data goes
+/// both ways. Runs when `VOICE_BACKENDS_LIVEKIT_RTC_PYTHON` names the venv
+/// python (`./scripts/venv livekit-rtc tests/livekit_room/py/requirements.txt`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_client_is_served() {
+    let Some(python) = std::env::var_os("VOICE_BACKENDS_LIVEKIT_RTC_PYTHON") else {
+        eprintln!(
+            "skipped: set VOICE_BACKENDS_LIVEKIT_RTC_PYTHON to a venv made by ./scripts/venv livekit-rtc tests/livekit_room/py/requirements.txt"
+        );
+        return;
+    };
+    let room = TestRoom::start(KEY, SECRET).await;
+    let token = agent_token(&room, "py-agent");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/livekit_room/py/agent.py"
+    );
+    let child = std::process::Command::new(python)
+        .arg(script)
+        .arg(room.url())
+        .arg(&token)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the Python client");
+    let pid = child.id();
+    let guard = KillOnDrop(pid);
+
+    room.wait_for_agent(Duration::from_secs(30)).await.unwrap();
+    let said = livekit_room::tone(300.0, 16_000, Duration::from_secs(1), 8_000);
+    room.user_says(&said, 16_000).await.unwrap();
+    let audio = room.wait_agent_turn(Duration::from_secs(20)).await;
+    let data = room.wait_agent_data(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    room.user_sends_data("test.done", b"bye").await.unwrap();
+
+    let output = tokio::time::timeout(
+        Duration::from_secs(40),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the Python client finished")
+    .unwrap()
+    .unwrap();
+    std::mem::forget(guard);
+    assert!(output.status.success(), "the Python client failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("bad report {stdout:?}: {e}"));
+    eprintln!("python client: {report}");
+
+    // What the official client saw of the room.
+    assert_eq!(
+        report["remote_participants"],
+        serde_json::json!([USER_IDENTITY])
+    );
+    assert_eq!(
+        report["events"]["track_subscribed"][0]["sid"],
+        USER_TRACK_SID
+    );
+    assert_eq!(
+        report["events"]["track_subscribed"][0]["participant"],
+        USER_IDENTITY
+    );
+    let voiced = report["voiced_seconds"].as_f64().unwrap();
+    // The native client's jitter buffer may stretch or conceal under load,
+    // so its length is loose; the pitch is the content check.
+    assert!(
+        (0.8..=1.5).contains(&voiced),
+        "the client heard {voiced} s of the 1 s tone"
+    );
+    assert!(report["level_300"].as_f64().unwrap() > 1.2, "{report}");
+    assert!(report["level_440"].as_f64().unwrap() < 0.1, "{report}");
+    let user_data = &report["events"]["data"][0];
+    assert_eq!(user_data["topic"], "test.done");
+    assert_eq!(user_data["from"], USER_IDENTITY);
+
+    // What the room got from it.
+    let voiced = audio.voiced().as_secs_f64();
+    assert!(
+        (1.1..=1.3).contains(&voiced),
+        "the room heard {voiced} s of the client's 1.2 s tone"
+    );
+    assert!(
+        audio.tone_level(440.0) > 1.2,
+        "440 Hz level {}",
+        audio.tone_level(440.0)
+    );
+    let tracks = room.agent_tracks();
+    assert_eq!(report["published_sid"], tracks[0].sid.as_str());
+    assert_eq!(tracks[0].source, proto::TrackSource::Microphone as i32);
+    let hello = data
+        .iter()
+        .find(|d| d.topic.as_deref() == Some("lk.transcription"))
+        .expect("the client's data");
+    assert_eq!(hello.payload, br#"{"text": "hello from python"}"#);
+    assert_eq!(hello.kind, DataKind::Reliable);
+
+    // Its join and leave.
+    let joins = room.joins();
+    assert_eq!(joins[0].identity, "py-agent");
+    assert!(joins[0].query.contains_key("sdk") && joins[0].query.contains_key("protocol"));
+    assert!(
+        room.wait_until(Duration::from_secs(5), |r| r.counters().leaves == 1)
+            .await
+    );
+}
+
+/// Kills a child process (by its id) if the test fails before it exits.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.0.to_string())
+            .status();
+    }
 }

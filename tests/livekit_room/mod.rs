@@ -74,6 +74,7 @@
 
 mod sfu;
 mod signal;
+mod udp_switch;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -624,12 +625,13 @@ impl TestRoom {
                 let last = s.agent_rtp.iter().rev().find(|p| p.voiced).map(|p| p.at);
                 (s.agent_rtp.len(), last)
             });
-            if let Some(at) = last_voiced_at {
-                if at.elapsed() >= quiet && packets > 0 {
-                    let audio = self.agent_audio(48_000);
-                    if audio.voiced() > Duration::ZERO {
-                        return audio;
-                    }
+            if let Some(at) = last_voiced_at
+                && at.elapsed() >= quiet
+                && packets > 0
+            {
+                let audio = self.agent_audio(48_000);
+                if audio.voiced() > Duration::ZERO {
+                    return audio;
                 }
             }
             if Instant::now() >= deadline {
@@ -693,7 +695,7 @@ impl TestRoom {
         let participants = self.shared.with(|s| s.participants.clone());
         participants
             .iter()
-            .filter(|p| p.send_raw(sfu::Out::Signal(message.clone())))
+            .filter(|p| p.send_raw(sfu::Out::Signal(Box::new(message.clone()))))
             .count()
     }
 }

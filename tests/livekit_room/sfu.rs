@@ -5,12 +5,8 @@
 //! UDP switch that can black-hole the media path.
 
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use audiopus::coder::{Decoder, Encoder};
@@ -30,11 +26,8 @@ use webrtc::peer_connection::{
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
     RTCPeerConnectionState, RTCSessionDescription, Registry, register_default_interceptors,
 };
-use webrtc::runtime::{
-    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
-    Transmit,
-};
 
+use super::udp_switch::SwitchRuntime;
 use super::{AgentRtp, MicFrame, Shared, USER_IDENTITY, USER_SID, USER_TRACK_SID};
 
 /// Opus payload type in the default media engine (both sides use it).
@@ -46,7 +39,7 @@ const USER_SSRC: u32 = 0x5EED_0001;
 #[derive(Debug, Clone)]
 pub(crate) enum Out {
     /// A `SignalResponse`.
-    Signal(proto::signal_response::Message),
+    Signal(Box<proto::signal_response::Message>),
     /// Raw bytes (fault injection).
     Binary(Vec<u8>),
 }
@@ -91,7 +84,7 @@ impl CandidateGate {
     fn push(&self, out: &mpsc::UnboundedSender<Out>, msg: proto::signal_response::Message) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if g.0 {
-            let _ = out.send(Out::Signal(msg));
+            let _ = out.send(Out::Signal(Box::new(msg)));
         } else {
             g.1.push(msg);
         }
@@ -101,7 +94,7 @@ impl CandidateGate {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.0 = true;
         for msg in g.1.drain(..) {
-            let _ = out.send(Out::Signal(msg));
+            let _ = out.send(Out::Signal(Box::new(msg)));
         }
     }
 }
@@ -435,7 +428,7 @@ impl Participant {
 
     /// Queues a message for the signal socket (sent when one is attached).
     pub fn send(&self, msg: proto::signal_response::Message) {
-        let _ = self.out_tx.send(Out::Signal(msg));
+        let _ = self.out_tx.send(Out::Signal(Box::new(msg)));
     }
 
     /// Queues `out` if a signal socket is attached now.
@@ -944,10 +937,10 @@ impl RtpClock {
     fn next(&mut self) -> (u16, u32) {
         let elapsed = (self.start.elapsed().as_micros() * 48 / 1000) as u64;
         let mut ts = self.base.wrapping_add(((elapsed / 960) * 960) as u32);
-        if let Some(last) = self.last {
-            if ts.wrapping_sub(last) < 960 || ts.wrapping_sub(last) > u32::MAX / 2 {
-                ts = last.wrapping_add(960);
-            }
+        if let Some(last) = self.last
+            && (ts.wrapping_sub(last) < 960 || ts.wrapping_sub(last) > u32::MAX / 2)
+        {
+            ts = last.wrapping_add(960);
         }
         self.last = Some(ts);
         self.seq = self.seq.wrapping_add(1);
@@ -971,124 +964,10 @@ async fn new_pc(
         .with_media_engine(media)
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_runtime(Arc::new(SwitchRuntime { inner, killed }))
+        .with_runtime(Arc::new(SwitchRuntime::new(inner, killed)))
         .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
         .build()
         .await
         .map_err(|e| format!("peer connection: {e}"))?;
     Ok(Arc::new(pc))
-}
-
-/// The default runtime, with UDP sockets that go silent when `killed`.
-#[derive(Debug)]
-struct SwitchRuntime {
-    inner: Arc<dyn Runtime>,
-    killed: Arc<AtomicBool>,
-}
-
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-impl Runtime for SwitchRuntime {
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
-        self.inner.spawn(future)
-    }
-
-    fn spawn_reactor(
-        &self,
-        pool: usize,
-        future: Pin<Box<dyn Future<Output = ()> + Send>>,
-    ) -> Box<dyn JoinHandle> {
-        self.inner.spawn_reactor(pool, future)
-    }
-
-    fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        Ok(Arc::new(SwitchSocket {
-            inner: self.inner.wrap_udp_socket(socket)?,
-            killed: self.killed.clone(),
-        }))
-    }
-
-    fn wrap_tcp_listener(
-        &self,
-        listener: std::net::TcpListener,
-    ) -> io::Result<Arc<dyn AsyncTcpListener>> {
-        self.inner.wrap_tcp_listener(listener)
-    }
-
-    fn connect_tcp<'a>(
-        &'a self,
-        remote_addr: SocketAddr,
-    ) -> BoxFuture<'a, io::Result<Arc<dyn AsyncTcpStream>>> {
-        self.inner.connect_tcp(remote_addr)
-    }
-
-    fn resolve_host<'a>(&'a self, host: &'a str) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
-        self.inner.resolve_host(host)
-    }
-
-    fn now(&self) -> Instant {
-        self.inner.now()
-    }
-
-    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
-        self.inner.sleep(duration)
-    }
-
-    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
-        self.inner.interval(period)
-    }
-
-    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
-        self.inner.block_on(future)
-    }
-
-    fn yield_now(&self) -> BoxFuture<'static, ()> {
-        self.inner.yield_now()
-    }
-
-    fn name(&self) -> &'static str {
-        "livekit-test-room"
-    }
-}
-
-/// A UDP socket that, once `killed`, sends nothing and drops what arrives.
-#[derive(Debug)]
-struct SwitchSocket {
-    inner: Arc<dyn AsyncUdpSocket>,
-    killed: Arc<AtomicBool>,
-}
-
-impl AsyncUdpSocket for SwitchSocket {
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn poll_send(&self, cx: &mut Context<'_>, transmit: &Transmit<'_>) -> Poll<io::Result<usize>> {
-        if self.killed.load(Ordering::Acquire) {
-            return Poll::Ready(Ok(transmit.contents.len()));
-        }
-        self.inner.poll_send(cx, transmit)
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut Context<'_>,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            match self.inner.poll_recv(cx, bufs, meta) {
-                Poll::Ready(Ok(_)) if self.killed.load(Ordering::Acquire) => continue,
-                other => return other,
-            }
-        }
-    }
-
-    fn max_gso_segments(&self) -> usize {
-        self.inner.max_gso_segments()
-    }
-
-    fn max_gro_segments(&self) -> usize {
-        self.inner.max_gro_segments()
-    }
 }

@@ -411,7 +411,7 @@ async fn serve_socket(mut ws: Ws, shared: Arc<Shared>, p: Arc<Participant>) {
                 let Some(msg) = msg else { return };
                 let frame = match msg {
                     Out::Signal(m) => WsMessage::Binary(
-                        proto::SignalResponse { message: Some(m) }.encode_to_vec().into(),
+                        proto::SignalResponse { message: Some(*m) }.encode_to_vec().into(),
                     ),
                     Out::Binary(b) => WsMessage::Binary(b.into()),
                 };
@@ -496,15 +496,13 @@ async fn handle_request(
             shared.count(|c| c.pings += 1);
             p.send(Resp::Pong(t));
         }
-        Req::Subscription(sub) => {
-            if sub.track_sids.iter().any(|t| t == USER_TRACK_SID) {
-                let p = p.clone();
-                tokio::spawn(async move {
-                    if let Err(why) = p.set_user_subscription(sub.subscribe).await {
-                        eprintln!("livekit test room: subscription: {why}");
-                    }
-                });
-            }
+        Req::Subscription(sub) if sub.track_sids.iter().any(|t| t == USER_TRACK_SID) => {
+            let p = p.clone();
+            tokio::spawn(async move {
+                if let Err(why) = p.set_user_subscription(sub.subscribe).await {
+                    eprintln!("livekit test room: subscription: {why}");
+                }
+            });
         }
         Req::Leave(_) => {
             shared.with(|s| {
