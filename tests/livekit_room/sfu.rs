@@ -492,7 +492,10 @@ impl Participant {
         self.gone.store(true, Ordering::Release);
         self.drop_signal();
         let (s, p) = (self.subscriber.clone(), self.publisher.clone());
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime left: the connections go with it
+        };
+        runtime.spawn(async move {
             let _ = s.close().await;
             let _ = p.close().await;
         });
