@@ -79,6 +79,8 @@ pub struct State {
     heard: Mutex<VecDeque<String>>,
     /// Every JSON the client sent on the text-to-speech socket, with when.
     pub tts_requests: Mutex<Vec<(Instant, Value)>>,
+    /// When each `finalize` came and each `flush_done` went out, in order.
+    pub stt_times: Mutex<Vec<(Instant, &'static str)>>,
     /// When the first chunk of each context went out.
     pub first_chunks: Mutex<HashMap<String, Instant>>,
     /// Every JSON the fake sent: ("stt" | "tts", message).
@@ -232,6 +234,8 @@ fn is_date(v: &str) -> bool {
 }
 
 async fn serve(tcp: tokio::net::TcpStream, state: Arc<State>) {
+    // As a service does: small messages go out at once, not held for an ACK.
+    let _ = tcp.set_nodelay(true);
     let mut path = String::new();
     let mut query = BTreeMap::new();
     let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
@@ -363,6 +367,9 @@ async fn stt(ws: Ws, state: Arc<State>) {
             }
             Message::Text(t) => {
                 let command = t.as_str().to_owned();
+                if command == "finalize" {
+                    lock(&state.stt_times).push((Instant::now(), "finalize"));
+                }
                 lock(&state.stt_commands).push(command.clone());
                 match command.as_str() {
                     "finalize" | "close" | "done" => {
@@ -384,6 +391,7 @@ async fn stt(ws: Ws, state: Arc<State>) {
                         }
                         since_final = 0;
                         if command == "finalize" {
+                            lock(&state.stt_times).push((Instant::now(), "flush_done"));
                             let _ = tx.send(text(
                                 json!({"type": "flush_done", "request_id": request_id}),
                             ));
