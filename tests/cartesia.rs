@@ -800,3 +800,33 @@ mod decoders {
         }
     }
 }
+
+/// The `cartesia_message` fuzz target for 20,000 inputs: no crash, and the
+/// mutants reach both sides of the decoders.
+#[test]
+fn the_fuzz_target_finds_no_crash() {
+    use voice_backends::testing::fuzz;
+    let target = *fuzz::targets()
+        .iter()
+        .find(|t| t.name == "cartesia_message")
+        .expect("the target is registered");
+    let report = fuzz::run(
+        &target,
+        &fuzz::Options {
+            inputs: 20_000,
+            seed: 0xca57,
+            artifacts: Some(std::env::temp_dir().join("voice-backends-fuzz-cartesia")),
+            ..fuzz::Options::default()
+        },
+    );
+    assert!(
+        report.crashes.is_empty(),
+        "{:?}",
+        report
+            .crashes
+            .iter()
+            .map(|c| &c.message)
+            .collect::<Vec<_>>()
+    );
+    assert!(report.mutants_accepted > 0 && report.mutants_rejected > 0);
+}

@@ -52,18 +52,23 @@ fn fuzz_one(name: &str) {
 #[test]
 fn every_target_is_tested_here() {
     let names: Vec<&str> = fuzz::targets().iter().map(|t| t.name).collect();
-    assert_eq!(
-        names,
-        [
-            "client_message",
-            "pipecat_frame",
-            "rtvi",
-            "config_toml",
-            "config_yaml",
-            "config_json",
-            "session_config_json"
-        ]
-    );
+    let mut expected = vec!["client_message", "pipecat_frame", "rtvi"];
+    if cfg!(feature = "cartesia") {
+        expected.push("cartesia_message");
+    }
+    expected.extend([
+        "config_toml",
+        "config_yaml",
+        "config_json",
+        "session_config_json",
+    ]);
+    assert_eq!(names, expected);
+}
+
+#[cfg(feature = "cartesia")]
+#[test]
+fn cartesia_message() {
+    fuzz_one("cartesia_message");
 }
 
 #[test]

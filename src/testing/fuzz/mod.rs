@@ -1,7 +1,7 @@
 //! Fuzzing of every decoder a client or a service can reach, on the stable
 //! toolchain: the WebSocket protocol's client messages (feature `server`),
-//! Pipecat frames and RTVI messages (feature `pipecat`), and the config
-//! loaders.
+//! Pipecat frames and RTVI messages (feature `pipecat`), Cartesia's
+//! messages (feature `cartesia`), and the config loaders.
 //!
 //! Each target is a function of raw bytes that panics when an invariant
 //! breaks: a decoder never panics, refuses input with a typed error that says
@@ -14,8 +14,12 @@
 //! coverage-guided: it finds what random mutation of well-formed input
 //! finds. `examples/fuzz.rs` is its command line.
 
+#[cfg(feature = "cartesia")]
+mod cartesia;
 mod driver;
 mod targets;
 
+#[cfg(feature = "cartesia")]
+pub use cartesia::cartesia_message;
 pub use driver::*;
 pub use targets::*;

@@ -62,6 +62,15 @@ pub fn targets() -> Vec<Target> {
             binary: false,
         });
     }
+    #[cfg(feature = "cartesia")]
+    all.push(Target {
+        name: "cartesia_message",
+        run: super::cartesia::cartesia_message,
+        seeds: super::cartesia::cartesia_seeds,
+        tokens: super::cartesia::CARTESIA_TOKENS,
+        nests: JSON_NESTS,
+        binary: false,
+    });
     for (name, run) in [
         ("config_toml", config_toml as fn(&[u8]) -> Outcome),
         ("config_yaml", config_yaml),
