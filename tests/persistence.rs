@@ -749,3 +749,102 @@ async fn the_embedded_store_keeps_records_and_leases() {
     store.delete(&id).await.unwrap();
     assert!(store.load(&id).await.unwrap().is_none());
 }
+
+#[cfg(feature = "cli")]
+mod persistence_support;
+
+/// `serve` with the embedded store, crashed: N sessions with metadata and
+/// turns, one of them closed before the crash, `kill -9`, `serve` again on
+/// the same store: every active session resumes with its metadata and its
+/// conversation (the agent is given the earlier messages), the closed one
+/// does not, nor does a wrong token.
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_restores_its_sessions_after_a_crash() {
+    use persistence_support::{resume, say, start, start_serve, stop};
+    const BIN: &str = env!("CARGO_BIN_EXE_voice-backends");
+    const N: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessions.redb");
+    let store = path.to_str().unwrap();
+    let args = ["--store", store, "--agent", "echo"];
+    let serve = start_serve(BIN, "127.0.0.1:0", &args);
+    let mut sessions = Vec::new();
+    for n in 0..N {
+        let (mut ws, ready) = start(
+            serve.addr,
+            &format!("user{n}"),
+            json!({"n": n, "tier": "gold"}),
+        )
+        .await;
+        let id = ready["session_id"].as_str().unwrap().to_owned();
+        let token = ready["resume_token"]
+            .as_str()
+            .expect("a resume token")
+            .to_owned();
+        assert_eq!(token.len(), 64);
+        for turn in 0..=n {
+            let answer = say(&mut ws, &format!("turn {turn} of {n}")).await;
+            assert_eq!(
+                answer,
+                format!(
+                    "you said: turn {turn} of {n} ({} earlier messages)",
+                    2 * turn
+                )
+            );
+        }
+        sessions.push((id, token, ws));
+    }
+    let (closed_id, closed_token, closed_ws) = sessions.pop().unwrap();
+    stop(closed_ws).await;
+    // The last turn's write is under way off the session path.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serve.crash();
+
+    let serve = start_serve(BIN, "127.0.0.1:0", &args);
+    // Held open: a session whose client leaves is closed.
+    let mut open = Vec::new();
+    for (n, (id, token, _old)) in sessions.iter().enumerate() {
+        let (mut ws, ready) = resume(serve.addr, id, token)
+            .await
+            .unwrap_or_else(|e| panic!("session {n} not back: {e:?}"));
+        assert_eq!(ready["resumed"], true);
+        assert_eq!(ready["session_id"], id.as_str());
+        assert_eq!(ready["metadata"], json!({"n": n, "tier": "gold"}));
+        let answer = say(&mut ws, "after the crash").await;
+        let before = 2 * (n + 1);
+        assert_eq!(
+            answer,
+            format!("you said: after the crash ({before} earlier messages)")
+        );
+        open.push(ws);
+    }
+    let refused = resume(serve.addr, &closed_id, &closed_token)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.0, 1008, "{refused:?}");
+    assert!(refused.1.contains("no such active session"), "{refused:?}");
+    let (id, _, _) = &sessions[0];
+    let wrong = resume(serve.addr, id, &"f".repeat(64)).await.unwrap_err();
+    assert_eq!(wrong.0, 1008);
+    assert!(wrong.1.contains("not this session's"), "{wrong:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serve.crash();
+
+    // The store's file holds what was said, in order.
+    let store = EmbeddedStore::open(&path).unwrap();
+    let records = store.list("local").await.unwrap();
+    assert_eq!(records.len(), N - 1);
+    for r in &records {
+        let n = r.metadata["n"].as_u64().unwrap() as usize;
+        let user: Vec<&str> = r
+            .history
+            .iter()
+            .filter(|m| m.user)
+            .map(|m| m.text.as_str())
+            .collect();
+        let mut expected: Vec<String> = (0..=n).map(|t| format!("turn {t} of {n}")).collect();
+        expected.push("after the crash".into());
+        assert_eq!(user, expected);
+    }
+}

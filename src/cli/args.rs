@@ -45,6 +45,21 @@ pub struct ServeArgs {
     /// 0 serves them all on one shared, work-stealing runtime instead.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
     pub workers: Option<usize>,
+    /// Where active sessions are kept so they survive a restart: a file
+    /// (an embedded database), `redis://HOST[:PORT][/DB]` (built with the
+    /// `redis` feature; several instances share their sessions), `memory`
+    /// (kept within this process only) or `none`. Default: the file
+    /// `sessions-ADDR-PORT.redb` under `$XDG_DATA_HOME/voice-backends`
+    /// (`~/.local/share/voice-backends`), one per listen address; `memory`
+    /// with port 0, whose address changes on every run.
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
+    /// An agent for the sessions: `echo` answers each turn with the
+    /// user's words and how many earlier messages it was given (to try the
+    /// server, and its session store, without a model). Default: none (the
+    /// backend's own pipeline answers).
+    #[arg(long, value_name = "AGENT", value_parser = ["echo"])]
+    pub agent: Option<String>,
 }
 
 /// Options of `providers`.

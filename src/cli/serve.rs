@@ -3,14 +3,21 @@
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::VoiceBackend;
-use crate::config::{Config, LogLevel, PipelineType};
-use crate::error::{BackendError, ErrorCode};
+use async_trait::async_trait;
+
+use crate::agent::{Agent, AgentReply, agent_fn};
+use crate::backend::{ConnectionState, HealthStatus, VoiceBackend};
+use crate::config::{Config, LogLevel, PipelineType, Secret, SessionConfig};
+use crate::error::{BackendError, ErrorCode, Result as VbResult};
+use crate::hooks::Hooks;
 use crate::registry::registry;
 use crate::server::{Server, ServerConfig};
+use crate::session::store::SessionStore;
+use crate::session::{SessionId, VoiceSession};
 
 use super::validate::{semantic_problems, validate_file};
 use super::{Failure, ServeArgs, write_failed};
@@ -267,6 +274,8 @@ pub fn serve(args: &ServeArgs, out: &mut dyn Write) -> Result<(), Failure> {
     let config = serve_config(args)?;
     init_logging(&config);
     let server_config = server_config(args);
+    let store = store_choice(args)?;
+    let agent = args.agent.as_deref().map(|_| echo_agent());
     // With worker threads serving the connections, this runtime only starts
     // the backend, accepts connections and waits for the signal.
     let mut runtime = if server_config.workers == 0 {
@@ -281,8 +290,207 @@ pub fn serve(args: &ServeArgs, out: &mut dyn Write) -> Result<(), Failure> {
         .map_err(|e| Failure::failed(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        serve_until(config, server_config, out, shutdown).await
+        let store = open_store(&store).await?;
+        serve_with(config, server_config, store, agent, out, shutdown).await
     })
+}
+
+/// Where `serve` keeps its sessions (`--store`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// Nowhere: sessions are ephemeral.
+    None,
+    /// In the process ([`MemoryStore`](crate::store::MemoryStore)).
+    Memory,
+    /// An embedded database file ([`EmbeddedStore`](crate::store::EmbeddedStore)).
+    File(PathBuf),
+    /// Redis at this URL (`redis` feature).
+    Redis(String),
+}
+
+/// The store `--store` names, or the default: the file
+/// `sessions-ADDR-PORT.redb` in the data directory
+/// (`$XDG_DATA_HOME/voice-backends`, else `~/.local/share/voice-backends`),
+/// or `memory` when listening on port 0 (a new address each run: nothing
+/// to come back to) or when there is no data directory.
+///
+/// # Errors
+///
+/// A `redis://` URL in a binary built without the `redis` feature.
+pub fn store_choice(args: &ServeArgs) -> Result<StoreChoice, Failure> {
+    match args.store.as_deref() {
+        Some("none") => Ok(StoreChoice::None),
+        Some("memory") => Ok(StoreChoice::Memory),
+        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            if cfg!(feature = "redis") {
+                Ok(StoreChoice::Redis(url.to_owned()))
+            } else {
+                Err(Failure::failed(
+                    "--store redis://... needs the redis feature: build with \
+                     `--features cli,redis`",
+                ))
+            }
+        }
+        Some(path) => Ok(StoreChoice::File(PathBuf::from(path))),
+        None => Ok(default_store(
+            args.listen,
+            std::env::var_os("XDG_DATA_HOME").map(PathBuf::from),
+            std::env::var_os("HOME").map(PathBuf::from),
+        )),
+    }
+}
+
+/// The default store of a server listening on `listen`.
+fn default_store(
+    listen: SocketAddr,
+    xdg_data_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> StoreChoice {
+    if listen.port() == 0 {
+        return StoreChoice::Memory;
+    }
+    let dir = xdg_data_home
+        .filter(|d| d.is_absolute())
+        .or_else(|| home.map(|h| h.join(".local/share")));
+    let Some(dir) = dir else {
+        return StoreChoice::Memory;
+    };
+    let ip: String = listen
+        .ip()
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    StoreChoice::File(
+        dir.join("voice-backends")
+            .join(format!("sessions-{ip}-{}.redb", listen.port())),
+    )
+}
+
+/// Opens the chosen store.
+///
+/// # Errors
+///
+/// A file that cannot be opened (or another process holds), a Redis server
+/// that cannot be reached.
+pub async fn open_store(choice: &StoreChoice) -> Result<Option<Arc<dyn SessionStore>>, Failure> {
+    match choice {
+        StoreChoice::None => Ok(None),
+        StoreChoice::Memory => Ok(Some(Arc::new(crate::store::MemoryStore::new()))),
+        StoreChoice::File(path) => crate::store::EmbeddedStore::open(path)
+            .map(|s| Some(Arc::new(s) as Arc<dyn SessionStore>))
+            .map_err(|e| {
+                Failure::failed(format!(
+                    "{}; pass another --store (a file, memory or none)",
+                    e.message
+                ))
+            }),
+        #[cfg(feature = "redis")]
+        StoreChoice::Redis(url) => crate::store::RedisStore::connect(url)
+            .await
+            .map(|s| Some(Arc::new(s) as Arc<dyn SessionStore>))
+            .map_err(|e| Failure::failed(e.into_fields().message)),
+        #[cfg(not(feature = "redis"))]
+        StoreChoice::Redis(_) => Err(Failure::failed(
+            "--store redis://... needs the redis feature",
+        )),
+    }
+}
+
+/// `--agent echo`: answers each turn with the user's words and the number
+/// of earlier messages of the conversation it was given.
+pub fn echo_agent() -> Arc<dyn Agent> {
+    agent_fn(|turn| async move {
+        Ok(AgentReply::text(format!(
+            "you said: {} ({} earlier messages)",
+            turn.transcript,
+            turn.history.len()
+        )))
+    })
+}
+
+/// A backend whose sessions get `agent` when they have none: opened,
+/// resumed, or restored by `start`.
+struct WithAgent {
+    inner: Arc<dyn VoiceBackend>,
+    agent: Arc<dyn Agent>,
+}
+
+impl std::fmt::Debug for WithAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+#[async_trait]
+impl VoiceBackend for WithAgent {
+    fn provider(&self) -> &str {
+        self.inner.provider()
+    }
+    fn set_hooks(&self, hooks: Hooks) {
+        self.inner.set_hooks(hooks);
+    }
+    async fn start(&self) -> VbResult<()> {
+        self.inner.start().await?;
+        for session in self.inner.list_sessions().await {
+            session.set_agent(self.agent.clone());
+        }
+        Ok(())
+    }
+    async fn stop(&self) -> VbResult<()> {
+        self.inner.stop().await
+    }
+    async fn create_session(&self, mut config: SessionConfig) -> VbResult<Arc<dyn VoiceSession>> {
+        if config.agent.is_none() {
+            config.agent = Some(self.agent.clone());
+        }
+        self.inner.create_session(config).await
+    }
+    async fn get_session(&self, id: &SessionId) -> VbResult<Arc<dyn VoiceSession>> {
+        self.inner.get_session(id).await
+    }
+    async fn list_sessions(&self) -> Vec<Arc<dyn VoiceSession>> {
+        self.inner.list_sessions().await
+    }
+    async fn close_session(&self, id: &SessionId) -> VbResult<()> {
+        self.inner.close_session(id).await
+    }
+    async fn health_check(&self) -> HealthStatus {
+        self.inner.health_check().await
+    }
+    fn connection_state(&self) -> ConnectionState {
+        self.inner.connection_state()
+    }
+    fn active_session_count(&self) -> usize {
+        self.inner.active_session_count()
+    }
+    fn config(&self) -> Arc<Config> {
+        self.inner.config()
+    }
+    async fn update_config(&self, config: Config) -> VbResult<()> {
+        self.inner.update_config(config).await
+    }
+    fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        self.inner.metrics()
+    }
+    fn set_session_store(&self, store: Arc<dyn SessionStore>) {
+        self.inner.set_session_store(store);
+    }
+    async fn resume_session(
+        &self,
+        id: &SessionId,
+        token: &Secret,
+    ) -> VbResult<Arc<dyn VoiceSession>> {
+        let session = self.inner.resume_session(id, token).await?;
+        session.set_agent(self.agent.clone());
+        Ok(session)
+    }
 }
 
 /// Serves `config`'s backend on `server_config` until `shutdown` completes,
@@ -298,10 +506,27 @@ pub async fn serve_until(
     out: &mut dyn Write,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Failure> {
+    serve_with(config, server_config, None, None, out, shutdown).await
+}
+
+/// [`serve_until`] with the sessions kept in `store` (restored on start)
+/// and, when `agent` is set, answered by it.
+///
+/// # Errors
+///
+/// As [`serve`].
+pub async fn serve_with(
+    config: Config,
+    server_config: ServerConfig,
+    store: Option<Arc<dyn SessionStore>>,
+    agent: Option<Arc<dyn Agent>>,
+    out: &mut dyn Write,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Failure> {
     server_config
         .validate()
         .map_err(|e| Failure::failed(format!("invalid server options: {}", e.message)))?;
-    let backend: Arc<dyn VoiceBackend> = registry()
+    let mut backend: Arc<dyn VoiceBackend> = registry()
         .create(&config.provider, &config)
         .await
         .map_err(|e| {
@@ -312,6 +537,16 @@ pub async fn serve_until(
                  names with `voice-backends providers`",
             )
         })?;
+    if let Some(agent) = agent {
+        backend = Arc::new(WithAgent {
+            inner: backend,
+            agent,
+        });
+    }
+    if let Some(store) = store {
+        tracing::info!(store = ?store, "sessions are kept");
+        backend.set_session_store(store);
+    }
     backend.start().await.map_err(|e| {
         Failure::failed(format!(
             "the {} backend did not start: {}",

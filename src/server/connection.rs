@@ -18,13 +18,13 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use super::frames::{Bucket, FrameViolation};
 use super::http::{Slot, Socket};
 use super::metrics::{Dropped, Refusal};
-use super::protocol::{self, ClientMessage, Ready, Start};
+use super::protocol::{self, ClientMessage, Ready, Resume, Start};
 use super::{Phase, Shared};
 use crate::audio::{AudioEncoding, AudioFormat, AudioFrame};
 use crate::config::{Secret, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::events::{SessionEvent, SessionEvents};
-use crate::session::{AudioReceiver, VoiceSession};
+use crate::session::{AudioReceiver, SessionId, VoiceSession};
 use crate::wake::InputMarks;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -201,8 +201,8 @@ enum Incoming {
 
 impl Conn {
     async fn run(&mut self, header_token: Option<Secret>) -> End {
-        let start = match self.await_start().await {
-            Ok(start) => start,
+        let opening = match self.await_start().await {
+            Ok(opening) => opening,
             Err(end) => return end,
         };
         if *self.phase.borrow() != Phase::Running {
@@ -212,34 +212,71 @@ impl Conn {
                 Refusal::Shutdown,
             );
         }
-        let format = AudioFormat::new(AudioEncoding::PcmS16Le, start.sample_rate, 1);
         let span = tracing::Span::current();
-        span.record("user_id", start.user_id.as_str());
-        let mut config = SessionConfig::new(start.user_id)
-            .with_input_format(format)
-            .with_output_format(format);
-        // The start message's token wins over the header's.
-        config.auth_token = start.token.filter(|t| !t.is_empty()).or(header_token);
-        let session = match self.shared.backend.create_session(config).await {
-            Ok(session) => session,
-            Err(e) => return refused_by_backend(e),
+        let (session, format, resume_token, resumed) = match opening {
+            Opening::Start(start) => {
+                let format = AudioFormat::new(AudioEncoding::PcmS16Le, start.sample_rate, 1);
+                span.record("user_id", start.user_id.as_str());
+                let mut config = SessionConfig::new(start.user_id)
+                    .with_input_format(format)
+                    .with_output_format(format);
+                config.metadata = start.metadata.into_iter().collect();
+                // The start message's token wins over the header's.
+                config.auth_token = start.token.filter(|t| !t.is_empty()).or(header_token);
+                let session = match self.shared.backend.create_session(config).await {
+                    Ok(session) => session,
+                    Err(e) => return refused_by_backend(e),
+                };
+                let token = session.resume_token();
+                (session, format, token, false)
+            }
+            Opening::Resume(resume) => {
+                let format = AudioFormat::new(AudioEncoding::PcmS16Le, resume.sample_rate, 1);
+                let id = SessionId::new(resume.session_id.as_str());
+                let session = match self
+                    .shared
+                    .backend
+                    .resume_session(&id, &resume.resume_token)
+                    .await
+                {
+                    Ok(session) => session,
+                    Err(e) => return refused_resume(e),
+                };
+                span.record("user_id", session.user_id());
+                tracing::info!(session_id = %id, "session resumed");
+                (session, format, Some(resume.resume_token), true)
+            }
         };
         span.record("session_id", session.id().as_str());
+        // A resumed session another connection still holds is not stopped
+        // when this one is refused.
         let mut guard = SessionGuard {
-            session: Some(session.clone()),
+            session: (!resumed).then(|| session.clone()),
         };
         let events = session.events();
         let audio = match session.receive_audio() {
             Ok(audio) => audio,
+            Err(_) if resumed => {
+                return End::refuse(
+                    protocol::POLICY,
+                    "resume refused: the session is attached to another connection",
+                    Refusal::Protocol,
+                );
+            }
             Err(e) => return internal(&e, Refusal::Error),
         };
+        guard.session = Some(session.clone());
         if let Err(e) = session.start().await {
             return internal(&e, Refusal::Error);
         }
         let mut ready = Ready::new(session.id().as_str(), format.sample_rate);
         // The session's own client is given what the provider published,
-        // its secrets (a join token) included; logs never see them.
+        // its secrets (a join token) included, and its resume token; logs
+        // never see them.
         ready.info = session.info().exposed();
+        ready.resume_token = resume_token.map(|t| t.expose().to_owned());
+        ready.resumed = resumed;
+        ready.metadata = session.metadata();
         let ready = serde_json::to_string(&ready).unwrap_or_default();
         if let Err(gone) = self.send(Message::Text(ready.into())).await {
             return gone.into();
@@ -249,8 +286,8 @@ impl Conn {
             .await
     }
 
-    /// Waits for the client's `start`, within `start_timeout`.
-    async fn await_start(&mut self) -> std::result::Result<Start, End> {
+    /// Waits for the client's `start` (or `resume`), within `start_timeout`.
+    async fn await_start(&mut self) -> std::result::Result<Opening, End> {
         let timeout = self.shared.config.start_timeout;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -315,10 +352,18 @@ impl Conn {
             };
             return match ClientMessage::parse(&text) {
                 Ok(ClientMessage::Start(start)) => match start.check() {
-                    Ok(()) => Ok(start),
+                    Ok(()) => Ok(Opening::Start(start)),
                     Err(reason) => Err(End::refuse(
                         protocol::PROTOCOL,
                         format!("bad start message: {reason}"),
+                        Refusal::Protocol,
+                    )),
+                },
+                Ok(ClientMessage::Resume(resume)) => match resume.check() {
+                    Ok(()) => Ok(Opening::Resume(resume)),
+                    Err(reason) => Err(End::refuse(
+                        protocol::PROTOCOL,
+                        format!("bad resume message: {reason}"),
                         Refusal::Protocol,
                     )),
                 },
@@ -671,7 +716,7 @@ impl Conn {
                         }
                         Incoming::Text(text) => match ClientMessage::parse(&text) {
                             Err(reason) => return End::close(protocol::PROTOCOL, reason),
-                            Ok(ClientMessage::Start(_)) => {
+                            Ok(ClientMessage::Start(_) | ClientMessage::Resume(_)) => {
                                 return End::close(
                                     protocol::PROTOCOL,
                                     "start sent twice: the session has already started",
@@ -893,6 +938,40 @@ async fn phase_change_of(mut rx: watch::Receiver<Phase>) -> (watch::Receiver<Pha
 async fn next_event(mut events: SessionEvents) -> (SessionEvents, Option<SessionEvent>) {
     let event = events.recv().await;
     (events, event)
+}
+
+/// What opens a connection's session.
+enum Opening {
+    Start(Start),
+    Resume(Resume),
+}
+
+/// How a refused `resume` ends the connection. The token is never quoted.
+fn refused_resume(e: BackendError) -> End {
+    match e.code {
+        ErrorCode::AuthenticationFailed => {
+            tracing::info!(code = %e.code, "resume refused");
+            End::refuse(
+                protocol::POLICY,
+                "resume refused: the resume token is not this session's",
+                Refusal::Auth,
+            )
+        }
+        ErrorCode::SessionNotFound => End::refuse(
+            protocol::POLICY,
+            "resume refused: no such active session (closed, or never opened)",
+            Refusal::Protocol,
+        ),
+        ErrorCode::ConnectionFailed | ErrorCode::ConnectionTimeout => {
+            tracing::info!(code = %e.code, "resume refused: {}", e.message);
+            End::refuse(
+                protocol::TRY_AGAIN,
+                "resume refused: the session runs elsewhere or the session store is away; try again later",
+                Refusal::Capacity,
+            )
+        }
+        _ => refused_by_backend(e),
+    }
 }
 
 /// How a refused `create_session` ends the connection.

@@ -34,6 +34,11 @@ pub(super) const SAMPLE_RATES: [u32; 9] = [
 /// The longest accepted `user_id`, in characters.
 pub(super) const MAX_USER_ID_CHARS: usize = 128;
 
+/// The most keys a `start` message's `metadata` may have.
+pub(super) const MAX_METADATA_KEYS: usize = 32;
+/// The most bytes a `start` message's `metadata` may take, as JSON.
+pub(super) const MAX_METADATA_BYTES: usize = 4 * 1024;
+
 /// A close frame's reason holds at most 123 bytes (125 minus the code).
 const MAX_REASON_BYTES: usize = 123;
 
@@ -45,6 +50,22 @@ pub(crate) struct Start {
     pub(crate) sample_rate: u32,
     #[serde(default)]
     pub(crate) token: Option<Secret>,
+    /// Kept with the session (and in the session store).
+    #[serde(default)]
+    pub(crate) metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The body of a `resume` message: take up a session again (after the
+/// connection dropped, the server restarted, or on another instance sharing
+/// the session store).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Resume {
+    pub(crate) session_id: String,
+    /// The `resume_token` of the session's `ready`.
+    pub(crate) resume_token: Secret,
+    /// The rate of the audio the client sends and gets: the session's.
+    pub(crate) sample_rate: u32,
 }
 
 /// The body of a `text` message.
@@ -63,6 +84,8 @@ struct Stop {}
 pub(crate) enum ClientMessage {
     /// Open the session.
     Start(Start),
+    /// Take up a session again.
+    Resume(Resume),
     /// Text in place of speech.
     Text(String),
     /// Stop the session gracefully.
@@ -90,6 +113,9 @@ impl ClientMessage {
         {
             return Err("bad start message: token must be a string".into());
         }
+        if kind == "resume" && object.get("resume_token").is_some_and(|t| !t.is_string()) {
+            return Err("bad resume message: resume_token must be a string".into());
+        }
         let body = serde_json::Value::Object(object);
         let field_error = |e: serde_json::Error| {
             format!(
@@ -107,8 +133,11 @@ impl ClientMessage {
             "stop" => serde_json::from_value::<Stop>(body)
                 .map(|_| ClientMessage::Stop)
                 .map_err(field_error),
+            "resume" => serde_json::from_value::<Resume>(body)
+                .map(ClientMessage::Resume)
+                .map_err(field_error),
             other => Err(format!(
-                "unknown message type {:?} (expected start, text or stop)",
+                "unknown message type {:?} (expected start, resume, text or stop)",
                 shorten(other, 40)
             )),
         }
@@ -136,6 +165,37 @@ impl Start {
         if self.user_id.chars().any(char::is_control) {
             return Err("user_id has control characters".into());
         }
+        if self.metadata.len() > MAX_METADATA_KEYS {
+            return Err(format!("metadata has more than {MAX_METADATA_KEYS} keys"));
+        }
+        let bytes = serde_json::to_vec(&self.metadata).map_or(0, |v| v.len());
+        if bytes > MAX_METADATA_BYTES {
+            return Err(format!(
+                "metadata takes {bytes} bytes as JSON, more than {MAX_METADATA_BYTES}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Resume {
+    /// Checks the fields; the error is a close reason for 1002.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if !SAMPLE_RATES.contains(&self.sample_rate) {
+            return Err(format!(
+                "sample_rate {} is not supported; use the session's",
+                self.sample_rate
+            ));
+        }
+        if self.session_id.is_empty()
+            || self.session_id.len() > 64
+            || !self
+                .session_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err("session_id is not a session id".into());
+        }
         Ok(())
     }
 }
@@ -154,6 +214,16 @@ pub(super) struct Ready<'a> {
     /// a join token, a call id. Left out when empty.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub(super) info: std::collections::BTreeMap<String, String>,
+    /// The token a `resume` of this session needs, when the server keeps
+    /// sessions (a session store): for this client only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) resume_token: Option<String>,
+    /// The session was taken up again (`resume`), not opened.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(super) resumed: bool,
+    /// The session's metadata. Left out when empty.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(super) metadata: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl<'a> Ready<'a> {
@@ -166,6 +236,9 @@ impl<'a> Ready<'a> {
             encoding: "pcm_s16le",
             channels: 1,
             info: std::collections::BTreeMap::new(),
+            resume_token: None,
+            resumed: false,
+            metadata: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -238,6 +311,7 @@ mod tests {
             user_id: user.into(),
             sample_rate: rate,
             token: None,
+            metadata: serde_json::Map::new(),
         };
         for rate in SAMPLE_RATES {
             assert!(start("a", rate).check().is_ok(), "{rate}");

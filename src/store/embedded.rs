@@ -21,7 +21,8 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 /// [redb](https://docs.rs/redb) database: every write is committed durably
 /// (fsync) before it counts as done, so a session written before a crash is
 /// there after it. One process opens the file at a time (a second one is
-/// refused with `ConnectionFailed`). Calls run on tokio's blocking threads.
+/// refused with `ConnectionFailed`), so opening it frees every lease a
+/// crashed process left in it. Calls run on tokio's blocking threads.
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
@@ -61,6 +62,9 @@ impl EmbeddedStore {
         let db = Database::create(&path).map_err(|e| failed(OP, &path, e))?;
         let tx = db.begin_write().map_err(|e| failed(OP, &path, e))?;
         tx.open_table(SESSIONS).map_err(|e| failed(OP, &path, e))?;
+        // Only one process opens the file: the leases in it were taken by a
+        // process that is gone (it crashed), so its sessions are free now.
+        tx.delete_table(LEASES).map_err(|e| failed(OP, &path, e))?;
         tx.open_table(LEASES).map_err(|e| failed(OP, &path, e))?;
         tx.commit().map_err(|e| failed(OP, &path, e))?;
         Ok(EmbeddedStore {

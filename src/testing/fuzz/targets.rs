@@ -236,6 +236,10 @@ pub fn client_message(data: &[u8]) -> Outcome {
             Outcome::Accepted("text")
         }
         Ok(ClientMessage::Stop) => Outcome::Accepted("stop"),
+        Ok(ClientMessage::Resume(resume)) => match resume.check() {
+            Ok(()) => Outcome::Accepted("resume"),
+            Err(e) => reason(e),
+        },
     }
 }
 
