@@ -102,11 +102,10 @@ async fn latencies() {
         // The rest of the reply, and back to listening.
         loop {
             match timeout(patience, events.recv()).await {
-                Ok(Some(SessionEvent::State { to, .. }))
-                    if to == voice_backends::PipelineState::Listening =>
-                {
-                    break;
-                }
+                Ok(Some(SessionEvent::State {
+                    to: voice_backends::PipelineState::Listening,
+                    ..
+                })) => break,
                 Ok(Some(_)) => {}
                 other => panic!("no end of reply: {other:?}"),
             }

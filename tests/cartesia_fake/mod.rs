@@ -238,6 +238,8 @@ async fn serve(tcp: tokio::net::TcpStream, state: Arc<State>) {
     let _ = tcp.set_nodelay(true);
     let mut path = String::new();
     let mut query = BTreeMap::new();
+    // The shape tungstenite's handshake callback takes.
+    #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         path = request.uri().path().to_owned();
         query = url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
@@ -474,7 +476,7 @@ fn invalid(v: &Value) -> Option<String> {
         }
     }
     if v.get("max_buffer_delay_ms")
-        .is_some_and(|m| !m.as_u64().is_some_and(|m| m <= 5_000))
+        .is_some_and(|m| m.as_u64().is_none_or(|m| m > 5_000))
     {
         return Some("max_buffer_delay_ms must be 0..=5000".into());
     }

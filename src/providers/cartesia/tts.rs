@@ -459,7 +459,7 @@ impl SpeakerState {
 }
 
 /// Speaks one session's replies on a shared [`TtsSocket`] (see the
-/// [module docs](self)). It is the provider's
+/// [provider docs](crate::providers::cartesia)). It is the provider's
 /// [`ServiceLink::speaker`](crate::runtime::ServiceLink::speaker) and what
 /// the `cartesia` text-to-speech component makes for each session.
 pub struct Speaker {
