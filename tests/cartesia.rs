@@ -246,6 +246,71 @@ async fn a_streamed_reply_is_spoken_on_one_context_before_the_agent_finishes() {
     backend.stop().await.unwrap();
 }
 
+/// A backend's sessions each have their speech-to-text socket and share
+/// one text-to-speech socket, their contexts named after them; every
+/// connection carries the key and the version headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_share_one_tts_socket() {
+    let fake = FakeCartesia::start(KEY).await;
+    let backend = backend(&fake.base_url, KEY).await;
+    let mut sessions = Vec::new();
+    for user in ["gus", "hal", "ida"] {
+        let agent = agent_fn(move |_| async move { Ok(AgentReply::text(format!("Hi {user}."))) });
+        let s = backend
+            .create_session(SessionConfig::new(user).with_agent(agent))
+            .await
+            .unwrap();
+        s.start().await.unwrap();
+        sessions.push(s);
+    }
+    for s in &sessions {
+        s.send_text("hello").await.unwrap();
+    }
+    until("three replies", || {
+        fake.generations()
+            .iter()
+            .filter(|g| g["transcript"] != "")
+            .count()
+            == 3
+    })
+    .await;
+    let connections =
+        |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        connections(&fake.state.tts_connections),
+        1,
+        "one shared socket"
+    );
+    assert_eq!(
+        connections(&fake.state.stt_connections),
+        3,
+        "one per session"
+    );
+    for s in &sessions {
+        let user = s.user_id().to_owned();
+        let reply = fake
+            .generations()
+            .into_iter()
+            .find(|g| g["transcript"] == format!("Hi {user}."))
+            .expect("the session's reply");
+        assert!(
+            reply["context_id"]
+                .as_str()
+                .unwrap()
+                .starts_with(s.id().as_str()),
+            "{reply}"
+        );
+    }
+    let versions = fake.state.versions.lock().unwrap().clone();
+    assert_eq!(versions.len(), 4);
+    assert!(
+        versions
+            .iter()
+            .all(|v| v == voice_backends::providers::cartesia::DEFAULT_VERSION)
+    );
+    backend.stop().await.unwrap();
+}
+
 /// User speech during the reply cancels its context on the shared socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barge_in_cancels_the_context_mid_stream() {

@@ -70,6 +70,8 @@ pub struct State {
     /// Handshakes refused: (path, status).
     pub refused: Mutex<Vec<(String, u16)>>,
     refuse_next: Mutex<VecDeque<u16>>,
+    /// The `Cartesia-Version` of each accepted connection.
+    pub versions: Mutex<Vec<String>>,
     /// The query of each speech-to-text connection.
     pub stt_queries: Mutex<Vec<BTreeMap<String, String>>>,
     pub stt_audio_bytes: AtomicUsize,
@@ -269,6 +271,7 @@ async fn serve(tcp: tokio::net::TcpStream, state: Arc<State>) {
             404
         };
         if status == 0 {
+            lock(&state.versions).push(h("cartesia-version").unwrap_or_default().to_owned());
             Ok(response)
         } else {
             lock(&state.refused).push((path.clone(), status));
