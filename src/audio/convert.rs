@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use super::resample::Resampler;
-pub use super::resample::ResamplerKind;
+use super::resample::{Resampler, ResamplerKind};
 use super::{AudioEncoding, AudioFormat, AudioFrame};
 use crate::error::{BackendError, ErrorCode, Result};
 
@@ -551,8 +550,9 @@ impl AudioConverter {
     /// input. The output sample for time `t` comes out once the input sample
     /// for time `t + latency()` (or, between samples, the one before it) has
     /// been fed, so output lags input by at most this much. Zero when the rate
-    /// does not change; 2 to 5 ms for the usual speech rates (about 4 ms for
-    /// 8 kHz <-> 16 kHz and 16 kHz <-> 48 kHz, 3 ms for 44.1 kHz <-> 48 kHz).
+    /// does not change; just under 2 ms for 48 kHz <-> 16 kHz and 4 ms for
+    /// 8 kHz <-> 16 kHz (the integer-ratio filter, half its length), about
+    /// 3 ms for 44.1 kHz <-> 48 kHz (the sinc resampler).
     pub fn latency(&self) -> Duration {
         match &self.stage {
             Stage::Resample(r) => r.latency(),

@@ -14,6 +14,8 @@ use voice_backends::audio::{
 
 use AudioEncoding::{Alaw, Mulaw, PcmF32Le, PcmS16Le};
 
+mod integer_ratios;
+
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
@@ -204,6 +206,32 @@ fn f32_to_s16_clamps_scales_and_rounds() {
     )
     .unwrap();
     assert_eq!(to_i16_samples(&out), [-32768, 0, 32767, 32767, 0, -8192]);
+}
+
+/// `f32_to_i16` rounds in f32 without converting through f64 (so buffers of
+/// it vectorise); across the whole float range, ties included, it gives what
+/// the f64 definition gives.
+#[test]
+fn f32_to_s16_matches_its_f64_definition_across_the_float_range() {
+    fn reference(sample: f32) -> i16 {
+        let scaled = f64::from(sample.clamp(-1.0, 1.0) * 32768.0);
+        (scaled + 0.5f64.copysign(scaled)) as i16
+    }
+    let mut checked = 0u64;
+    for bits in (0..=u32::MAX).step_by(4_099) {
+        let v = f32::from_bits(bits);
+        assert_eq!(f32_to_i16(v), reference(v), "{v:e} ({bits:#x})");
+        checked += 1;
+    }
+    // Every half-way point and its neighbours, where rounding differs.
+    for k in -65_536i32..=65_536 {
+        let tie = k as f32 / 65_536.0;
+        for v in [tie, tie.next_up(), tie.next_down()] {
+            assert_eq!(f32_to_i16(v), reference(v), "{v:e}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 1_000_000);
 }
 
 #[test]
