@@ -1,8 +1,9 @@
 #![cfg(feature = "testing")]
 //! A session whose media goes through a media link (the way a room-based
 //! provider carries it): the user's audio comes in from the link, the whole
-//! pipeline runs in process, the reply goes out to the link, and the link's
-//! connection changes reach the session's events.
+//! pipeline runs in process, the reply goes out to the link, the session's
+//! events go out to it for relaying, and the link's connection changes
+//! reach the session's events.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,7 @@ struct Ends {
     user: mpsc::Sender<AudioFrame>,
     reply: mpsc::Receiver<AudioFrame>,
     events: LinkEvents,
+    relayed: mpsc::Receiver<SessionEvent>,
 }
 
 /// A connector whose sessions get a media link whose other ends the test
@@ -54,16 +56,19 @@ impl Connector for Room {
         let (user, audio_in) = mpsc::channel(64);
         let (audio_out, reply) = mpsc::channel(64);
         let (events, events_rx) = LinkEvents::channel(16);
+        let (relay, relayed) = mpsc::channel(64);
         *self.ends.lock().unwrap() = Some(Ends {
             user,
             reply,
             events,
+            relayed,
         });
         request.info.set("room", "room-1");
         Ok(Some(Link::Media(MediaLink {
             audio_in,
             audio_out,
             events: events_rx,
+            session_events: Some(relay),
         })))
     }
 }
@@ -84,6 +89,7 @@ async fn the_pipeline_runs_between_the_links_audio_in_and_out() {
         user,
         mut reply,
         events: link,
+        mut relayed,
     } = room.ends.lock().unwrap().take().expect("a link was opened");
     let mut events = session.events();
     assert_eq!(
@@ -118,6 +124,23 @@ async fn the_pipeline_runs_between_the_links_audio_in_and_out() {
         "the reply is the echo of speech, not silence"
     );
 
+    // The session's own events went to the link too, for it to relay: the
+    // turn that made the reply among them.
+    let relayed_turn = timeout(PATIENCE, async {
+        while let Some(event) = relayed.recv().await {
+            if matches!(event, SessionEvent::TurnEnded { turn: 1 }) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        relayed_turn,
+        Ok(true),
+        "the link hears the session's turn end"
+    );
+
     // The link's connection changes reach the session's events.
     link.send(LinkEvent::Connection(ConnectionState::Reconnecting))
         .await;
@@ -136,5 +159,18 @@ async fn the_pipeline_runs_between_the_links_audio_in_and_out() {
     session.stop().await.unwrap();
     let ended = timeout(PATIENCE, async { while reply.recv().await.is_some() {} }).await;
     assert!(ended.is_ok(), "the reply channel ends with the session");
+    let relay_ended = timeout(PATIENCE, async {
+        let mut last = None;
+        while let Some(event) = relayed.recv().await {
+            last = Some(event);
+        }
+        last
+    })
+    .await;
+    assert_eq!(
+        relay_ended,
+        Ok(Some(SessionEvent::Closed)),
+        "the relay ends with the session's last event"
+    );
     backend.stop().await.unwrap();
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Weak};
 use super::{LinkEvent, MediaLink, RuntimeSession};
 use crate::error::Result;
 use crate::session::VoiceSession;
+use crate::session::events::SessionEvent;
 
 /// Carries `session`'s media through `link` until either ends: one task
 /// feeds the link's user audio to the session (and its connection changes
@@ -17,10 +18,27 @@ pub(super) fn carry(session: &Arc<RuntimeSession>, link: MediaLink) -> Result<()
         mut audio_in,
         audio_out,
         mut events,
+        session_events,
     } = link;
     let mut reply = session.engine.take_receiver()?;
     let weak: Weak<RuntimeSession> = Arc::downgrade(session);
     let span = tracing::info_span!("media_link", session_id = %session.id);
+    if let Some(relay) = session_events {
+        // A subscription taken now, before the session can emit anything
+        // the link should relay; it ends with the session's `Closed`.
+        let mut subscription = session.events();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                while let Some(event) = subscription.recv().await {
+                    let last = event == SessionEvent::Closed;
+                    if relay.send(event).await.is_err() || last {
+                        return;
+                    }
+                }
+            },
+            span.clone(),
+        ));
+    }
     tokio::spawn(tracing::Instrument::instrument(
         async move {
             let mut failing = false;

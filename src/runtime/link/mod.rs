@@ -37,6 +37,7 @@ use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::TextToSpeech;
 pub use crate::pipeline::link::{LinkEvent, LinkInput};
 use crate::session::SessionInfo;
+use crate::session::events::SessionEvent;
 
 #[cfg(feature = "link-websocket")]
 mod websocket;
@@ -346,11 +347,21 @@ pub struct MediaLink {
     /// The link's connection changes and failure ([`LinkEvent::Connection`],
     /// [`LinkEvent::Failed`]; other events are ignored).
     pub events: mpsc::Receiver<LinkEvent>,
+    /// Where the session's own events go, when the service relays them (a
+    /// room's data channel carrying transcripts and agent text): every
+    /// [`SessionEvent`] the session emits, in order, up to its
+    /// [`SessionEvent::Closed`], after which the sender is dropped. A
+    /// sender that falls behind loses events (counted as
+    /// [`DropReason::EventOverflow`](crate::metrics::DropReason::EventOverflow)),
+    /// never holding the session up. `None`: nothing is relayed.
+    pub session_events: Option<mpsc::Sender<SessionEvent>>,
 }
 
 impl fmt::Debug for MediaLink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MediaLink").finish_non_exhaustive()
+        f.debug_struct("MediaLink")
+            .field("session_events", &self.session_events.is_some())
+            .finish_non_exhaustive()
     }
 }
 
