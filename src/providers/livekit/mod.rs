@@ -270,9 +270,6 @@ impl LiveKitConfig {
                 format!("{} is out of range 6000..=510000", self.opus_bitrate),
             );
         }
-        if self.mode == Mode::Worker {
-            fail("mode", "worker mode is not available in this build".into());
-        }
         if self.rtc_bind.is_empty() {
             fail("rtc_bind", "needs at least one address".into());
         }
@@ -331,6 +328,8 @@ pub struct LiveKitProvider {
     keys: token::ApiKeys,
     rooms: rooms::RoomService,
     counters: Arc<LiveKitCounters>,
+    /// Worker mode's jobs; `None` in direct mode.
+    dispatch: Option<Arc<worker::Dispatch>>,
 }
 
 impl LiveKitProvider {
@@ -363,29 +362,86 @@ impl Provider for LiveKitProvider {
     fn new(config: LiveKitConfig, backend: &Config) -> Result<Self> {
         let keys = token::ApiKeys::new(config.api_key.clone(), config.api_secret.clone())?;
         let rooms = rooms::RoomService::new(&config.url, keys.clone(), backend.timeout)?;
+        let config = Arc::new(config);
+        let dispatch = match config.mode {
+            Mode::Direct => None,
+            Mode::Worker => Some(Arc::new(worker::Dispatch::new(config.clone(), backend)?)),
+        };
         Ok(LiveKitProvider {
-            config: Arc::new(config),
+            config,
             keys,
             rooms,
             counters: Arc::default(),
+            dispatch,
         })
     }
 
+    /// Worker mode: registers the worker with the server's `/agent`
+    /// endpoint (the runtime retries under the backend's policy). Direct
+    /// mode has nothing to connect before a session.
+    async fn connect(&self, _config: &Config) -> Result<()> {
+        match &self.dispatch {
+            Some(dispatch) => dispatch.start().await,
+            None => Ok(()),
+        }
+    }
+
     async fn open_link(&self, request: LinkRequest<'_>) -> Result<Option<Link>> {
-        let target = self.direct_target(&request).await?;
-        participant::open(
+        let Some(dispatch) = &self.dispatch else {
+            let target = self.direct_target(&request).await?;
+            let link = participant::open(
+                self.config.clone(),
+                target,
+                &request,
+                self.counters.clone(),
+                participant::Lease::default(),
+            )
+            .await?;
+            return Ok(Some(Link::Media(link)));
+        };
+        // Worker mode: the session is the next job LiveKit assigned; the
+        // job ends (done, or failed with the reason) with the session.
+        let claim = dispatch.claim(&request).await?;
+        let session_id = request.session_id.to_owned();
+        let (done, terminated) = (dispatch.clone(), dispatch.clone());
+        let lease = participant::Lease {
+            on_end: Some(Box::new(move |failure: Option<String>| {
+                done.release(&session_id, failure.as_deref());
+            })),
+            terminated: Some(Box::pin({
+                let session_id = request.session_id.to_owned();
+                async move { terminated.terminated(&session_id).await }
+            })),
+        };
+        match participant::open(
             self.config.clone(),
-            target,
+            claim.into(),
             &request,
             self.counters.clone(),
-            None,
+            lease,
         )
         .await
-        .map(|link| Some(Link::Media(link)))
+        {
+            Ok(link) => Ok(Some(Link::Media(link))),
+            Err(e) => {
+                dispatch.release(request.session_id, Some(&e.message));
+                Err(e)
+            }
+        }
+    }
+
+    async fn disconnect(&self) {
+        if let Some(dispatch) = &self.dispatch {
+            dispatch.stop().await;
+        }
     }
 
     async fn health(&self) -> Result<BTreeMap<String, String>> {
-        Ok(self.counters.health())
+        let mut details = self.counters.health();
+        if let Some(dispatch) = &self.dispatch {
+            details.extend(dispatch.health());
+        }
+        Ok(details)
     }
 }
 

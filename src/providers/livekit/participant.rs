@@ -48,6 +48,8 @@ const EVENT_QUEUE: usize = 16;
 const MAX_CONCEALED: u16 = 3;
 /// One RTP packet of reply audio.
 const PACKET: Duration = Duration::from_millis(20);
+/// How long leaving the room and closing its connections may take.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// Data messages kept while the data channel opens; older ones are dropped.
 const DATA_BACKLOG: usize = 64;
 
@@ -170,6 +172,18 @@ impl Roster {
     }
 }
 
+/// What a session's participant owes the job it came from (worker mode):
+/// a word when it ends, and an end when the server terminates the job.
+/// Empty in direct mode.
+#[derive(Default)]
+pub(super) struct Lease {
+    /// Called once when the participant is done: `None` when the session
+    /// ended, the reason when the room was lost for good.
+    pub on_end: Option<Box<dyn FnOnce(Option<String>) + Send>>,
+    /// Resolves when the server terminates the job: the agent leaves.
+    pub terminated: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
 /// Opens a session's media link: joins the room now (so a refused token or
 /// an unreachable server fails the session's creation), then hands the
 /// room to a task that carries the session's media until it ends.
@@ -178,7 +192,7 @@ pub(super) async fn open(
     target: JoinTarget,
     request: &LinkRequest<'_>,
     counters: Arc<LiveKitCounters>,
-    on_end: Option<Box<dyn FnOnce() + Send>>,
+    lease: Lease,
 ) -> Result<MediaLink> {
     let bind = config
         .rtc_bind
@@ -213,11 +227,14 @@ pub(super) async fn open(
     };
     let live = participant.join().await?;
     let span = tracing::info_span!("livekit_participant", session_id = %request.session_id);
+    let Lease { on_end, terminated } = lease;
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            participant.run(live, &mut output, reply, relay).await;
+            let failure = participant
+                .run(live, &mut output, reply, relay, terminated)
+                .await;
             if let Some(on_end) = on_end {
-                on_end();
+                on_end(failure);
             }
         },
         span,
@@ -270,6 +287,8 @@ struct Live {
 }
 
 impl Live {
+    /// Leaves (when `leave`) and closes the connections, within
+    /// [`CLOSE_WAIT`].
     async fn close(self, leave: bool) {
         for reader in &self.readers {
             reader.abort();
@@ -277,10 +296,15 @@ impl Live {
         if let Some(opening) = &self.data_opening {
             opening.abort();
         }
-        if leave {
-            self.signal.leave().await;
+        let closing = async {
+            if leave {
+                self.signal.leave().await;
+            }
+            self.transports.close().await;
+        };
+        if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
+            tracing::debug!("closing the room's connections took longer than {CLOSE_WAIT:?}");
         }
-        self.transports.close().await;
     }
 }
 
@@ -292,6 +316,8 @@ enum Stop {
     Lost(String),
     /// The server removed the agent for good.
     Removed(String),
+    /// The server terminated the session's job (worker mode): leave.
+    Terminated,
 }
 
 impl Participant {
@@ -358,29 +384,47 @@ impl Participant {
 
     /// Carries the session's media until it ends, rejoining when the room
     /// is lost.
+    /// Carries the session's media until it ends; `None` when the session
+    /// ended, the reason when the room was lost for good.
     async fn run(
         &mut self,
         mut live: Live,
         output: &mut Output,
         mut reply: mpsc::Receiver<AudioFrame>,
         mut relay: Option<mpsc::Receiver<SessionEvent>>,
-    ) {
+        mut terminated: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    ) -> Option<String> {
         loop {
-            match self.serve(&mut live, output, &mut reply, &mut relay).await {
+            let stop = tokio::select! {
+                stop = self.serve(&mut live, output, &mut reply, &mut relay) => stop,
+                () = future_opt(&mut terminated) => Stop::Terminated,
+            };
+            match stop {
                 Stop::SessionGone => {
                     live.close(true).await;
                     tracing::debug!(room = %self.target.room, "left the room");
-                    return;
+                    return None;
+                }
+                Stop::Terminated => {
+                    self.events
+                        .send(LinkEvent::Failed {
+                            code: ErrorCode::ContextCanceled,
+                            message: "LiveKit terminated the session's job".to_owned(),
+                        })
+                        .await;
+                    live.close(true).await;
+                    return None;
                 }
                 Stop::Removed(why) => {
-                    live.close(false).await;
+                    let why = format!("the agent was removed from the LiveKit room: {why}");
                     self.events
                         .send(LinkEvent::Failed {
                             code: ErrorCode::ConnectionFailed,
-                            message: format!("the agent was removed from the LiveKit room: {why}"),
+                            message: why.clone(),
                         })
                         .await;
-                    return;
+                    live.close(false).await;
+                    return Some(why);
                 }
                 Stop::Lost(why) => {
                     tracing::warn!(room = %self.target.room, "the LiveKit room was lost, rejoining: {why}");
@@ -393,7 +437,8 @@ impl Participant {
                         r = self.retry.run(OP, "the LiveKit room", || self.join(), |attempt, delay, e| {
                             tracing::warn!(attempt, code = %e.code, "rejoining failed, retrying in {delay:?}: {}", e.message);
                         }) => r,
-                        _ = self.events.closed() => return,
+                        _ = self.events.closed() => return None,
+                        () = future_opt(&mut terminated) => return None,
                     };
                     match rejoined {
                         Ok(new) => {
@@ -412,7 +457,7 @@ impl Participant {
                                     message: e.message.clone(),
                                 })
                                 .await;
-                            return;
+                            return Some(e.message.clone());
                         }
                     }
                 }
@@ -660,6 +705,15 @@ impl Output {
 async fn sleep_until(due: Option<Instant>) {
     match due {
         Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn future_opt(
+    future: &mut Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+) {
+    match future {
+        Some(future) => future.await,
         None => std::future::pending().await,
     }
 }
