@@ -73,10 +73,10 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
     // would fail is refused here, not served.
     let problems = semantic_problems(&config);
     if !problems.is_empty() {
-        if let (Some(path), None) = (&args.config, &args.env_prefix) {
-            if let Some(failure) = file_failure(path) {
-                return Err(failure);
-            }
+        if let (Some(path), None) = (&args.config, &args.env_prefix)
+            && let Some(failure) = file_failure(path)
+        {
+            return Err(failure);
         }
         let noun = if problems.len() == 1 {
             "error"
