@@ -869,7 +869,14 @@ impl VoiceBackend for RuntimeBackend {
         if let Some(p) = self.inner.persistence.load_full() {
             // What the sessions last changed is written, and their leases
             // let go of, before the backend says it has stopped.
-            p.flush(self.inner.config().timeout).await;
+            // A store that is away holds the stop up for at most 5 s.
+            p.flush(
+                self.inner
+                    .config()
+                    .timeout
+                    .min(std::time::Duration::from_secs(5)),
+            )
+            .await;
         }
         self.inner.connector.disconnect().await;
         self.inner.set_state(ConnectionState::Disconnected);

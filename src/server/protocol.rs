@@ -413,6 +413,55 @@ mod tests {
                 }
             }
 
+            /// A `resume` message with any fields, of any type, parses and
+            /// checks or fails with a reason that fits a close frame and
+            /// never shows the resume token.
+            #[test]
+            fn resume_errors_never_show_the_token(
+                session_id in prop::option::of(prop_oneof![
+                    "[a-z_0-9]{0,70}".prop_map(Value::from),
+                    value(),
+                ]),
+                sample_rate in prop::option::of(prop_oneof![
+                    (0u32..100_000).prop_map(Value::from),
+                    value(),
+                ]),
+                token in prop_oneof![
+                    Just(json!(TOKEN)),
+                    Just(json!(987_654_321)),
+                    Just(json!([TOKEN])),
+                    Just(json!({"t": TOKEN})),
+                ],
+                extra in prop::option::of(("[a-z_]{1,8}", value())),
+            ) {
+                let mut object = serde_json::Map::new();
+                object.insert("type".into(), json!("resume"));
+                object.insert("resume_token".into(), token);
+                if let Some(v) = session_id {
+                    object.insert("session_id".into(), v);
+                }
+                if let Some(v) = sample_rate {
+                    object.insert("sample_rate".into(), v);
+                }
+                if let Some((k, v)) = extra {
+                    object.entry(k).or_insert(v);
+                }
+                let text = Value::Object(object).to_string();
+                let reason = match ClientMessage::parse(&text) {
+                    Ok(ClientMessage::Resume(r)) => {
+                        prop_assert_eq!(r.resume_token.expose(), TOKEN);
+                        r.check().err()
+                    }
+                    Ok(_) => return Err(TestCaseError::fail("not a resume message")),
+                    Err(reason) => Some(reason),
+                };
+                if let Some(reason) = reason {
+                    prop_assert!(!reason.contains(TOKEN), "{}", reason);
+                    prop_assert!(!reason.contains("987654321"), "{}", reason);
+                    prop_assert!(close_reason(&reason).len() <= MAX_REASON_BYTES);
+                }
+            }
+
             /// Any text at all gives a message or a reason, never a panic.
             #[test]
             fn any_text_gives_a_message_or_a_reason(text in "\\PC{0,200}") {
