@@ -184,7 +184,7 @@ async fn offers_are_accepted_under_capacity_and_refused_when_full() {
     // J1 runs, J2 waits to be taken: still full.
     let u = conn.update_where(|u| u.job_count == 2).await;
     assert_eq!((worker.running(), worker.queued()), (1, 1));
-        assert_eq!(status(&u), proto::WorkerStatus::WsFull);
+    assert_eq!(status(&u), proto::WorkerStatus::WsFull);
     assert!(!conn.offer("J4", "room-4").await.available);
 
     // The session of J1 ends: the server hears the job ended, the worker
@@ -626,6 +626,13 @@ async fn dispatch_gives_each_session_one_job_and_ends_it_with_the_session() {
     // taken by it.
     assert_eq!(dispatch.claim(&request).await.unwrap().job_id, "J1");
     assert!(!conn.offer("J2", "room-2").await.available);
+    // The job the session holds fills the worker (its load counts no
+    // sessions of its own: the job is what counts), and is reported so.
+    let u = conn.update_where(|_| true).await;
+    assert_eq!(
+        (status(&u), u.load, u.job_count),
+        (proto::WorkerStatus::WsFull, 1.0, 1)
+    );
     // The server ends the job: the session hears it.
     conn.terminate("J1").await;
     tokio::time::timeout(WAIT, dispatch.terminated("sess_1"))

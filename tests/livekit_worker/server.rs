@@ -86,6 +86,8 @@ impl AgentServer {
     }
 }
 
+// The handshake callback's error type is tungstenite's HTTP response.
+#[allow(clippy::result_large_err)]
 async fn accept(tcp: TcpStream, verifier: &TokenVerifier) -> Option<Conn> {
     let mut claims = None;
     let check = |request: &Request, response: Response| {
@@ -131,8 +133,14 @@ impl Conn {
     /// The worker's next message (pings answered and skipped while
     /// `pong`); panics on a close or after [`WAIT`].
     pub async fn recv(&mut self) -> W {
+        self.recv_by(tokio::time::Instant::now() + WAIT).await
+    }
+
+    /// The worker's next message, by `deadline` (pings answered and
+    /// skipped while `pong` count against it).
+    async fn recv_by(&mut self, deadline: tokio::time::Instant) -> W {
         loop {
-            let frame = tokio::time::timeout(WAIT, self.ws.next())
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("the worker sent nothing in time")
                 .expect("the worker closed the connection")
@@ -161,11 +169,7 @@ impl Conn {
     pub async fn recv_where<T>(&mut self, mut pick: impl FnMut(W) -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no such message in time"
-            );
-            if let Some(t) = pick(self.recv().await) {
+            if let Some(t) = pick(self.recv_by(deadline).await) {
                 return t;
             }
         }
