@@ -52,7 +52,7 @@ mod dispatch;
 mod task;
 mod wire;
 
-pub use dispatch::Dispatch;
+pub use dispatch::{Claim, Dispatch};
 use task::{connect, run};
 use wire::job_status;
 pub use wire::{JobInfo, ServerEvent, decode_server_message};
