@@ -18,13 +18,16 @@ import struct
 import wave
 
 import numpy
-
+from loguru import logger
 from vocode.streaming.models.audio import AudioEncoding
 from vocode.streaming.models.message import BaseMessage
 from vocode.streaming.models.synthesizer import SynthesizerConfig
 from vocode.streaming.models.transcriber import TranscriberConfig, Transcription
 from vocode.streaming.synthesizer.base_synthesizer import BaseSynthesizer, SynthesisResult
 from vocode.streaming.transcriber.base_transcriber import BaseAsyncTranscriber
+
+# Silent unless server.py's debug log is on.
+logger.disable("stand_ins")
 
 # Word -> tone frequency (Hz). Keep in step with tests/vocode.rs.
 WORDS = {
@@ -98,6 +101,7 @@ class ToneTranscriber(BaseAsyncTranscriber[ToneTranscriberConfig]):
         if self.words and self.silent_windows * 0.01 >= END_SILENCE_SECONDS:
             text = " ".join(self.words)
             self.words = []
+            logger.info(f"final {text!r}")
             self.output_queue.put_nowait(
                 Transcription(message=text, confidence=1.0, is_final=True)
             )
@@ -107,6 +111,7 @@ class ToneTranscriber(BaseAsyncTranscriber[ToneTranscriberConfig]):
         if self.tone_samples >= self.rate // 20:
             hz = self.crossings * self.rate / (2 * self.tone_samples)
             self.words.append(nearest_word(hz))
+            logger.info(f"interim {' '.join(self.words)!r}")
             # An interim result as soon as a word is heard, as a streaming
             # recognizer gives one: Vocode cuts its bot short on it.
             self.output_queue.put_nowait(
@@ -150,6 +155,7 @@ class ToneSynthesizer(BaseSynthesizer[ToneSynthesizerConfig]):
         is_sole_text_chunk: bool = False,
     ) -> SynthesisResult:
         rate = self.synthesizer_config.sampling_rate
+        logger.info(f"synthesize {message.text!r}")
         wav_file = io.BytesIO()
         with wave.open(wav_file, "wb") as wav:
             wav.setnchannels(1)
