@@ -118,6 +118,7 @@ fn stores(
     rt: &tokio::runtime::Runtime,
     dir: &std::path::Path,
 ) -> Vec<(&'static str, Arc<dyn SessionStore>)> {
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
     let mut stores: Vec<(&'static str, Arc<dyn SessionStore>)> = vec![
         ("memory", Arc::new(MemoryStore::new())),
         (

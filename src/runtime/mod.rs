@@ -8,7 +8,7 @@
 //! health checks, the connection state machine,
 //! connection retries with exponential backoff, timeouts, graceful stop,
 //! validated config updates, tracing spans and metrics, and persistence of
-//! the active sessions in a [`SessionStore`] (see [`persist`]'s notes in
+//! the active sessions in a [`SessionStore`] (see
 //! [`PersistenceStatus`](crate::session::PersistenceStatus)).
 
 use std::collections::{BTreeMap, HashMap};

@@ -313,16 +313,14 @@ impl Persistence {
                 self.busy.fetch_sub(1, Ordering::AcqRel);
             }
             drop(backend);
-            if ok {
-                if !self.restore_due.load(Ordering::Acquire) {
-                    backoff = FIRST_BACKOFF;
-                    if self.dirty().is_empty() {
-                        let renew_in =
-                            next_renew.saturating_duration_since(tokio::time::Instant::now());
-                        let _ = tokio::time::timeout(renew_in, self.wake.notified()).await;
-                    }
-                    continue;
+            if ok && !self.restore_due.load(Ordering::Acquire) {
+                backoff = FIRST_BACKOFF;
+                if self.dirty().is_empty() {
+                    let renew_in =
+                        next_renew.saturating_duration_since(tokio::time::Instant::now());
+                    let _ = tokio::time::timeout(renew_in, self.wake.notified()).await;
                 }
+                continue;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -37,6 +37,15 @@ impl fmt::Debug for EmbeddedStore {
     }
 }
 
+/// A redb error of any kind, boxed (they are large).
+struct DbError(Box<redb::Error>);
+
+impl<E: Into<redb::Error>> From<E> for DbError {
+    fn from(e: E) -> Self {
+        DbError(Box::new(e.into()))
+    }
+}
+
 fn failed(op: &'static str, path: &Path, e: impl fmt::Display) -> BackendError {
     BackendError::new(
         op,
@@ -89,11 +98,11 @@ impl EmbeddedStore {
     async fn blocking<T: Send + 'static>(
         &self,
         op: &'static str,
-        f: impl FnOnce(&Database) -> std::result::Result<T, redb::Error> + Send + 'static,
+        f: impl FnOnce(&Database) -> std::result::Result<T, DbError> + Send + 'static,
     ) -> Result<T> {
         let db = self.db.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || f(&db).map_err(|e| failed(op, &path, e)))
+        tokio::task::spawn_blocking(move || f(&db).map_err(|e| failed(op, &path, e.0)))
             .await
             .map_err(|e| failed(op, &self.path, e))?
     }
