@@ -522,34 +522,7 @@ fn room_harness() -> Room {
     Room { room }
 }
 
-/// The backend conformance checks, as `conformance_suite!` lists them, but
-/// `isolation`: it takes every session's `receive_audio`, which a media-link
-/// session refuses (its reply goes to the room) even when the harness has no
-/// audio turns. Once the check takes it only for audio turns,
-/// `voice_backends::conformance_suite!(room_harness());` replaces this list.
-mod conformance {
-    use super::*;
-    use voice_backends::testing::conformance as check;
-
-    macro_rules! checks {
-        ($($name:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                check::$name(&room_harness()).await;
-            }
-        )*};
-    }
-
-    checks!(
-        lifecycle,
-        session_crud,
-        capacity,
-        barge_in,
-        graceful_shutdown,
-        error_codes,
-        fallback_rate_limit,
-    );
-}
+voice_backends::conformance_suite!(room_harness());
 
 // ---------------------------------------------------------------------------
 // A real LiveKit server.
