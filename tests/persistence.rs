@@ -848,3 +848,40 @@ async fn serve_restores_its_sessions_after_a_crash() {
         assert_eq!(user, expected);
     }
 }
+
+/// `serve` stopped gracefully (SIGTERM) keeps its active sessions: started
+/// again on the same store, a client resumes with its history.
+#[cfg(all(feature = "cli", unix))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_keeps_its_sessions_over_a_graceful_restart() {
+    use persistence_support::{resume, say, start, start_serve};
+    const BIN: &str = env!("CARGO_BIN_EXE_voice-backends");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessions.redb");
+    let args = ["--store", path.to_str().unwrap(), "--agent", "echo"];
+    let mut serve = start_serve(BIN, "127.0.0.1:0", &args);
+    let (mut ws, ready) = start(serve.addr, "dana", json!({"k": "v"})).await;
+    let id = ready["session_id"].as_str().unwrap().to_owned();
+    let token = ready["resume_token"].as_str().unwrap().to_owned();
+    say(&mut ws, "before the restart").await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &serve.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serve.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "serve did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(ws);
+    let serve = start_serve(BIN, "127.0.0.1:0", &args);
+    let (mut ws, ready) = resume(serve.addr, &id, &token)
+        .await
+        .unwrap_or_else(|e| panic!("not kept over the restart: {e:?}"));
+    assert_eq!(ready["metadata"], json!({"k": "v"}));
+    assert_eq!(
+        say(&mut ws, "after").await,
+        "you said: after (2 earlier messages)"
+    );
+}
