@@ -56,6 +56,15 @@ fn every_target_is_tested_here() {
     if cfg!(feature = "cartesia") {
         expected.push("cartesia_message");
     }
+    if cfg!(feature = "livekit") {
+        expected.extend(["livekit_signal", "livekit_agent_message"]);
+    }
+    if cfg!(feature = "vapi") {
+        expected.push("vapi_message");
+    }
+    if cfg!(feature = "vocode") {
+        expected.push("vocode_message");
+    }
     expected.extend([
         "config_toml",
         "config_yaml",
@@ -69,6 +78,30 @@ fn every_target_is_tested_here() {
 #[test]
 fn cartesia_message() {
     fuzz_one("cartesia_message");
+}
+
+#[cfg(feature = "livekit")]
+#[test]
+fn livekit_signal() {
+    fuzz_one("livekit_signal");
+}
+
+#[cfg(feature = "livekit")]
+#[test]
+fn livekit_agent_message() {
+    fuzz_one("livekit_agent_message");
+}
+
+#[cfg(feature = "vapi")]
+#[test]
+fn vapi_message() {
+    fuzz_one("vapi_message");
+}
+
+#[cfg(feature = "vocode")]
+#[test]
+fn vocode_message() {
+    fuzz_one("vocode_message");
 }
 
 #[test]

@@ -296,15 +296,28 @@ enum Decoded {
     Malformed(String),
 }
 
+/// Decodes one binary signal message: the `SignalResponse`'s message, or
+/// `None` for a `SignalResponse` without one (nothing to hand on). The
+/// connection's task reads every binary frame with it; public for the fuzz
+/// target.
+///
+/// # Errors
+///
+/// Why the bytes are not a protobuf `SignalResponse`.
+#[doc(hidden)]
+pub fn decode_response(bytes: &[u8]) -> std::result::Result<Option<Response>, String> {
+    proto::SignalResponse::decode(bytes)
+        .map(|response| response.message)
+        .map_err(|e| format!("not a SignalResponse ({e})"))
+}
+
 /// Reads one WebSocket frame as a `SignalResponse`.
 fn decode(frame: &WsMessage) -> Decoded {
     match frame {
-        WsMessage::Binary(bytes) => match proto::SignalResponse::decode(bytes.as_ref()) {
-            Ok(proto::SignalResponse {
-                message: Some(message),
-            }) => Decoded::Message(Box::new(message)),
-            Ok(_) => Decoded::Control,
-            Err(e) => Decoded::Malformed(format!("not a SignalResponse ({e})")),
+        WsMessage::Binary(bytes) => match decode_response(bytes.as_ref()) {
+            Ok(Some(message)) => Decoded::Message(Box::new(message)),
+            Ok(None) => Decoded::Control,
+            Err(e) => Decoded::Malformed(e),
         },
         WsMessage::Text(text) => Decoded::Malformed(format!(
             "a text frame of {} bytes (LiveKit signals in binary protobuf)",

@@ -71,6 +71,43 @@ pub fn targets() -> Vec<Target> {
         nests: JSON_NESTS,
         binary: false,
     });
+    #[cfg(feature = "livekit")]
+    {
+        all.push(Target {
+            name: "livekit_signal",
+            run: super::livekit::livekit_signal,
+            seeds: super::livekit::livekit_signal_seeds,
+            tokens: super::livekit::LIVEKIT_TOKENS,
+            nests: super::livekit::PROTO_NESTS,
+            binary: true,
+        });
+        all.push(Target {
+            name: "livekit_agent_message",
+            run: super::livekit::livekit_agent_message,
+            seeds: super::livekit::livekit_agent_message_seeds,
+            tokens: super::livekit::LIVEKIT_TOKENS,
+            nests: super::livekit::PROTO_NESTS,
+            binary: true,
+        });
+    }
+    #[cfg(feature = "vapi")]
+    all.push(Target {
+        name: "vapi_message",
+        run: super::vapi::vapi_message,
+        seeds: super::vapi::vapi_seeds,
+        tokens: super::vapi::VAPI_TOKENS,
+        nests: JSON_NESTS,
+        binary: false,
+    });
+    #[cfg(feature = "vocode")]
+    all.push(Target {
+        name: "vocode_message",
+        run: super::vocode::vocode_message,
+        seeds: super::vocode::vocode_seeds,
+        tokens: super::vocode::VOCODE_TOKENS,
+        nests: JSON_NESTS,
+        binary: false,
+    });
     for (name, run) in [
         ("config_toml", config_toml as fn(&[u8]) -> Outcome),
         ("config_yaml", config_yaml),
