@@ -139,9 +139,11 @@ pub struct Hooks {
     /// ([`AgentTurn::history`](crate::agent::AgentTurn::history)): a turn it
     /// refuses, or has not allowed by the time the turn is over (it is asked
     /// while the agent answers, and given the session's `timeout`), is left
-    /// out. Sessions take the hook set when they are created. Nothing else
-    /// is kept beyond a session's life (`PersistenceStatus::Ephemeral`); the
-    /// session store, when it comes, will ask it before storing anything.
+    /// out. Sessions take the hook set when they are created. The session
+    /// store asks it too, when a session opens: a refused
+    /// [`DataKind::SessionState`] means the session is not kept at all, a
+    /// refused [`DataKind::Metadata`] that its metadata is not written, and
+    /// refused transcripts never reach the store.
     pub retention: Option<std::sync::Arc<dyn DataRetentionHook>>,
 }
 

@@ -15,8 +15,14 @@
 //!    (`sample_rate` one of the usual rates, 8000 to 48000). The token may
 //!    instead come in the upgrade request's `Authorization: Bearer <token>`
 //!    header; the start message's token wins, unless it is empty. It is given to the backend's auth hook.
+//!    An optional `metadata` object is kept with the session. Instead of
+//!    `start`, `{"type":"resume","session_id":"...","resume_token":"...","sample_rate":16000}`
+//!    takes up a session kept in the backend's session store (after a
+//!    restart, or on another instance sharing it) with the token its
+//!    `ready` gave.
 //! 2. The server answers
-//!    `{"type":"ready","session_id":"...","sample_rate":16000,"encoding":"pcm_s16le","channels":1}`.
+//!    `{"type":"ready","session_id":"...","sample_rate":16000,"encoding":"pcm_s16le","channels":1}`,
+//!    with the session's `resume_token` when it is kept in a store.
 //! 3. The client streams binary messages of PCM s16le mono audio at its
 //!    `sample_rate` (any whole number of samples), may send
 //!    `{"type":"text","text":"..."}` in place of speech, and ends with
