@@ -39,13 +39,13 @@ pub use hooks::{
     AudioProcessor, AuthHook, DataKind, DataRetentionHook, Hooks, Operation, Principal,
     RateLimiter, TokenBucketLimiter,
 };
+pub use pipeline::events::SessionEvent;
 pub use provider::{
     BackendProvider, Codec, ConfigSchema, HostedStages, ProviderCapabilities, TurnPolicy,
 };
 pub use registry::{
     BackendRegistry, DuplicateEntry, ProviderEntry, Registry, new_backend, registry,
 };
-pub use pipeline::events::SessionEvent;
 pub use session::{
     AudioReceiver, PersistenceStatus, PipelineState, ProcessAudio, SessionId, VoiceSession,
 };

@@ -653,9 +653,8 @@ mod tests {
         let server = CallbackServer::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        let handler: CallbackHandler = Arc::new(|_| {
-            async { Ok(CallbackResponse::json(serde_json::Value::Null)) }.boxed()
-        });
+        let handler: CallbackHandler =
+            Arc::new(|_| async { Ok(CallbackResponse::json(serde_json::Value::Null)) }.boxed());
         let secret = Secret::new("0123456789abcdef");
         let route = server
             .register_named("vocode", secret.clone(), "s", handler.clone())
