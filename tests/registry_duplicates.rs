@@ -29,8 +29,16 @@ register_provider!("single", single);
 async fn a_duplicated_static_name_is_reported_not_picked() {
     let reg = BackendRegistry::new();
     let mut expected = vec!["local", "single", "twin"];
-    if cfg!(feature = "pipecat") {
-        expected.push("pipecat");
+    for (name, enabled) in [
+        ("cartesia", cfg!(feature = "cartesia")),
+        ("livekit", cfg!(feature = "livekit")),
+        ("pipecat", cfg!(feature = "pipecat")),
+        ("vapi", cfg!(feature = "vapi")),
+        ("vocode", cfg!(feature = "vocode")),
+    ] {
+        if enabled {
+            expected.push(name);
+        }
     }
     expected.sort_unstable();
     assert_eq!(reg.list_providers(), expected, "listed once");

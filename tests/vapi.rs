@@ -579,10 +579,12 @@ async fn a_dropped_socket_is_dialled_again() {
         )
     })
     .await;
-    assert_eq!(
-        call.connections.load(std::sync::atomic::Ordering::SeqCst),
-        2
-    );
+    // The client may see its handshake done before the fake counts the
+    // connection: wait for the count, which must settle at exactly two.
+    wait_until("the second connection is counted", || {
+        call.connections.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
     assert_eq!(fake.posts(), 1, "the same call, not a new one");
     utter(&*session, 9).await;
     event(&mut events, "a turn after the reconnect", |e| {
