@@ -66,12 +66,8 @@ async fn event(
     expect_event_within(PATIENCE, events, what, pred).await
 }
 
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {PATIENCE:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn until(what: &str, done: impl FnMut() -> bool) {
+    voice_backends::testing::conformance::wait_until(PATIENCE, what, done).await
 }
 
 async fn utter(session: &dyn VoiceSession, seed: u64) {

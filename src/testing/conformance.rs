@@ -115,6 +115,16 @@ pub async fn expect_event_within(
     }
 }
 
+/// Polls `done` every 10 ms until it holds, failing after `patience`
+/// (for state a test can only look at, such as a fake service's counters).
+pub async fn wait_until(patience: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {patience:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Streams one utterance (`speech` then `pause` of silence) as 20 ms frames,
 /// `pace` apart (zero pushes as fast as possible).
 pub async fn speak(

@@ -309,12 +309,8 @@ async fn next_event(
     expect_event_within(PATIENCE, events, what, pred).await
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {PATIENCE:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    crate::testing::conformance::wait_until(PATIENCE, what, done).await
 }
 
 async fn backend_for(
