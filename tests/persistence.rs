@@ -429,19 +429,31 @@ async fn a_failing_store_degrades_health_and_is_retried() {
         .await
         .unwrap();
     session.start().await.unwrap();
-    let other = backend
-        .create_session(session_config("b", 2))
-        .await
-        .unwrap();
+    // Others closed while the store is away: their deletes come before or
+    // after the session's write in the writer's batch, and the session says
+    // its write failed either way.
+    let mut others = Vec::new();
+    for n in 2..10 {
+        others.push(
+            backend
+                .create_session(session_config("b", n))
+                .await
+                .unwrap(),
+        );
+    }
     turn(&*store, &session, "before", 2).await;
-    eventually("other written", || async {
-        record(&*store, other.id()).await.is_some()
-    })
-    .await;
+    for other in &others {
+        eventually("other written", || async {
+            record(&*store, other.id()).await.is_some()
+        })
+        .await;
+    }
 
     store.set_available(false);
     session.send_text("during").await.unwrap();
-    other.stop().await.unwrap();
+    for other in &others {
+        other.stop().await.unwrap();
+    }
     eventually("the write fails", || async {
         matches!(
             session.persistence_status(),
@@ -468,10 +480,12 @@ async fn a_failing_store_degrades_health_and_is_retried() {
             .is_some_and(|r| r.history.len() == 4)
     })
     .await;
-    eventually("the closed one is deleted", || async {
-        record(&*store, other.id()).await.is_none()
-    })
-    .await;
+    for other in &others {
+        eventually("the closed ones are deleted", || async {
+            record(&*store, other.id()).await.is_none()
+        })
+        .await;
+    }
     eventually("persisted again", || async {
         matches!(
             session.persistence_status(),
@@ -884,4 +898,74 @@ async fn serve_keeps_its_sessions_over_a_graceful_restart() {
         say(&mut ws, "after").await,
         "you said: after (2 earlier messages)"
     );
+}
+
+/// A store whose writes wait while `held` is set.
+#[derive(Debug, Default)]
+struct HeldStore {
+    inner: MemoryStore,
+    held: AtomicBool,
+}
+
+#[async_trait]
+impl SessionStore for HeldStore {
+    fn kind(&self) -> &str {
+        "held"
+    }
+    async fn save(&self, record: &SessionRecord) -> voice_backends::Result<()> {
+        while self.held.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.save(record).await
+    }
+    async fn load(&self, id: &SessionId) -> voice_backends::Result<Option<SessionRecord>> {
+        self.inner.load(id).await
+    }
+    async fn delete(&self, id: &SessionId) -> voice_backends::Result<()> {
+        self.inner.delete(id).await
+    }
+    async fn list(&self, provider: &str) -> voice_backends::Result<Vec<SessionRecord>> {
+        self.inner.list(provider).await
+    }
+    async fn acquire(
+        &self,
+        id: &SessionId,
+        owner: &str,
+        ttl: Duration,
+    ) -> voice_backends::Result<bool> {
+        self.inner.acquire(id, owner, ttl).await
+    }
+    async fn release(&self, id: &SessionId, owner: &str) -> voice_backends::Result<()> {
+        self.inner.release(id, owner).await
+    }
+}
+
+/// A session stopped with its backend before the writer got to its record
+/// (the writer was busy with another's): its record is still written, so
+/// the next start restores it with its metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stopped_before_its_first_write_is_still_kept() {
+    let store = Arc::new(HeldStore::default());
+    let first = backend_with(store.clone(), Arc::default());
+    first.start().await.unwrap();
+    store.held.store(true, Ordering::Release);
+    let busy = first.create_session(session_config("a", 1)).await.unwrap();
+    // The writer takes up the first record and waits in the store...
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...while a second session is made and the backend stops.
+    let late = first.create_session(session_config("b", 2)).await.unwrap();
+    let store2 = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        store2.held.store(false, Ordering::Release);
+    });
+    first.stop().await.unwrap();
+
+    let second = backend_with(store.clone(), Arc::default());
+    second.start().await.unwrap();
+    for (id, n) in [(busy.id(), 1), (late.id(), 2)] {
+        let s = second.get_session(id).await.expect("restored");
+        assert_eq!(s.metadata()["n"], json!(n));
+    }
+    second.stop().await.unwrap();
 }

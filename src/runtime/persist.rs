@@ -142,6 +142,9 @@ enum Pending {
     /// The session stopped with its backend: keep the record, let go of the
     /// lease (the next `start`, here or elsewhere, takes it up).
     Release,
+    /// As `Release`, but the session stopped before its last change was
+    /// written: write this record (taken when it stopped) first.
+    Keep(Box<SessionRecord>),
 }
 
 /// A backend's persistence: its store, its lease identity and the writer
@@ -200,7 +203,7 @@ impl Persistence {
             // A close already asked for wins over a late change.
             if matches!(
                 dirty.get(&session.id),
-                Some(Pending::Delete | Pending::Release)
+                Some(Pending::Delete | Pending::Release | Pending::Keep(_))
             ) {
                 return;
             }
@@ -216,14 +219,17 @@ impl Persistence {
     /// the next start (`keep`), and its lease let go of.
     pub(super) fn ended(&self, session: &RuntimeSession, keep: bool) {
         let Some(p) = &session.persist else { return };
-        self.dirty().insert(
-            session.id.clone(),
-            if keep {
-                Pending::Release
-            } else {
-                Pending::Delete
-            },
-        );
+        {
+            let mut dirty = self.dirty();
+            let pending = match (keep, dirty.get(&session.id)) {
+                (false, _) => Pending::Delete,
+                // Its last change is not written yet and the session is going
+                // away: what it holds now is written before the lease goes.
+                (true, Some(Pending::Save(_))) => Pending::Keep(Box::new(session.record())),
+                (true, _) => Pending::Release,
+            };
+            dirty.insert(session.id.clone(), pending);
+        }
         if !keep {
             p.set_status(PersistenceStatus::Ephemeral);
         }
@@ -307,7 +313,17 @@ impl Persistence {
                     ok = self.write(&id, &pending, timeout).await;
                 }
                 if !ok {
-                    // Kept for the retry, unless a newer change came.
+                    // Not written (this write failed, or an earlier one did
+                    // and the store is taken to be away): the session says
+                    // so, and the change is kept for the retry unless a
+                    // newer one came.
+                    if let Pending::Save(weak) = &pending
+                        && let Some(s) = weak.upgrade()
+                        && let Some(p) = &s.persist
+                        && let Some(reason) = self.failing()
+                    {
+                        p.set_status(PersistenceStatus::Failed { reason });
+                    }
                     self.dirty().entry(id).or_insert(pending);
                 }
                 self.busy.fetch_sub(1, Ordering::AcqRel);
@@ -351,6 +367,13 @@ impl Persistence {
                 (Pending::Delete, _) => {
                     store.delete(id).await?;
                     store.release(id, &self.owner).await
+                }
+                (Pending::Keep(record), _) => {
+                    if store.acquire(id, &self.owner, self.ttl).await? {
+                        store.save(record).await?;
+                        store.release(id, &self.owner).await?;
+                    }
+                    Ok(())
                 }
                 (Pending::Release, _) => store.release(id, &self.owner).await,
                 _ => Ok(()),
