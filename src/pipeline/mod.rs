@@ -24,6 +24,13 @@ pub mod builtin;
 pub mod engine;
 pub mod events;
 pub mod link;
+#[cfg(any(
+    feature = "denoise",
+    feature = "espeak",
+    feature = "pocketsphinx",
+    feature = "webrtc-vad"
+))]
+pub mod offline;
 pub mod plan;
 
 use std::sync::{Arc, OnceLock};
