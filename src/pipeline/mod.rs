@@ -94,6 +94,12 @@ pub enum TurnSignal {
 pub trait TurnDetector: Send {
     /// Updates the detector with one frame's decision.
     fn update(&mut self, vad: &VadDecision, frame_duration: Duration) -> TurnSignal;
+    /// The frame whose decision the next [`TurnDetector::update`] gets, in
+    /// [`INTERNAL_FORMAT`], after the audio processors: for detectors that
+    /// listen to the audio itself (its pitch, its loudness), not only to the
+    /// VAD. Called once per frame, just before `update`. The default ignores
+    /// it.
+    fn observe(&mut self, _frame: &AudioFrame) {}
     /// The latest partial transcript, for detectors that judge completeness.
     fn hint_transcript(&mut self, _partial: &str) {}
     /// Right after [`TurnDetector::update`] returned

@@ -109,8 +109,10 @@ impl Engine {
         {
             input.turn.hint_transcript(&partial);
         }
-        let signal = tracing::trace_span!("turn_detection")
-            .in_scope(|| input.turn.update(&decision, duration));
+        let signal = tracing::trace_span!("turn_detection").in_scope(|| {
+            input.turn.observe(&frame);
+            input.turn.update(&decision, duration)
+        });
         if input.remote_turns {
             return self.remote_turn_input(input, frame, signal);
         }
