@@ -11,7 +11,7 @@
 //! the active sessions in a [`SessionStore`] (see
 //! [`PersistenceStatus`](crate::session::PersistenceStatus)).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -35,11 +35,14 @@ use crate::session::{SessionId, SessionInfo, VoiceSession};
 
 #[cfg(feature = "callbacks")]
 pub mod callbacks;
+mod connector;
 mod link;
 mod media;
 mod persist;
 mod provider;
+mod restore;
 mod session;
+pub use connector::Connector;
 #[cfg(feature = "link-websocket")]
 pub use link::{
     Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage, WsStream,
@@ -58,61 +61,6 @@ pub const DEFAULT_VAD: &str = crate::config::DEFAULT_VAD_PROVIDER;
 pub const DEFAULT_TURN_DETECTOR: &str = crate::config::DEFAULT_TURN_DETECTION_PROVIDER;
 /// Capacity of the channels between a session's components and its task.
 const COMPONENT_CHANNEL: usize = 256;
-
-/// What a provider contributes: how to reach its service.
-///
-/// The runtime calls [`Connector::connect`] from [`VoiceBackend::start`],
-/// under `timeout` and with `max_retries` retries spaced by `retry_delay`
-/// doubling each time; errors whose code is not retryable stop at once.
-#[async_trait]
-pub trait Connector: Send + Sync + 'static {
-    /// The provider's name.
-    fn provider(&self) -> &str;
-
-    /// What the provider can do.
-    fn capabilities(&self) -> ProviderCapabilities;
-
-    /// Checks the provider's part of a config (usually `provider_config`).
-    fn validate_config(&self, config: &Config) -> Result<()>;
-
-    /// Pipeline stages the service runs itself (see [`Connector::open_link`]).
-    fn hosted_stages(&self) -> HostedStages {
-        HostedStages::NONE
-    }
-
-    /// Takes an updated config (already checked by the runtime): sessions
-    /// opened from now on use it. The default checks it with
-    /// [`Connector::validate_config`] and keeps nothing; a
-    /// [`Provider`]'s connector makes the provider
-    /// anew from it.
-    ///
-    /// # Errors
-    ///
-    /// `InvalidConfig`: the update is refused and nothing changes.
-    fn reconfigure(&self, config: &Config) -> Result<()> {
-        self.validate_config(config)
-    }
-
-    /// Connects to the service.
-    async fn connect(&self, config: &Config) -> Result<()>;
-
-    /// Opens a session's [`Link`] to the service, for a service that runs
-    /// pipeline stages itself; `None` (the default) runs the whole pipeline
-    /// in process. Called when the session is created, under `timeout` and
-    /// with the config's retries; the link reconnects by itself when it
-    /// drops later, following [`LinkRequest::retry`].
-    async fn open_link(&self, _request: LinkRequest<'_>) -> Result<Option<Link>> {
-        Ok(None)
-    }
-
-    /// Disconnects from the service.
-    async fn disconnect(&self) {}
-
-    /// Checks the service; details are merged into the backend's health.
-    async fn health(&self) -> Result<BTreeMap<String, String>> {
-        Ok(BTreeMap::new())
-    }
-}
 
 /// The runtime's [`VoiceBackend`]: a [`Connector`] plus everything shared.
 pub struct RuntimeBackend {
@@ -351,158 +299,6 @@ impl Inner {
             }
         }
         removed
-    }
-
-    /// A session's part in persistence, when the backend has a store and
-    /// the retention hook lets the session be kept: a new session gets a
-    /// resume token, a restored one keeps its record's.
-    async fn session_persist(
-        &self,
-        id: &SessionId,
-        config: &SessionConfig,
-        restore: Option<&SessionRecord>,
-    ) -> Result<Option<persist::SessionPersist>> {
-        if self.persistence.load().is_none() {
-            return Ok(None);
-        }
-        let (keep_state, keep_metadata) = match self.hooks().retention {
-            None => (true, true),
-            Some(hook) => {
-                use crate::hooks::DataKind;
-                let limit = self.config().timeout;
-                let ask = |kind| {
-                    let hook = hook.clone();
-                    let id = id.clone();
-                    async move {
-                        matches!(
-                            tokio::time::timeout(limit, hook.should_retain(&id, kind)).await,
-                            Ok(true)
-                        )
-                    }
-                };
-                (
-                    ask(DataKind::SessionState).await,
-                    ask(DataKind::Metadata).await,
-                )
-            }
-        };
-        if !keep_state {
-            return Ok(None);
-        }
-        let (token, hash, history) = match restore {
-            Some(r) => (
-                None,
-                r.resume_token_sha256.clone().unwrap_or_default(),
-                r.messages().into(),
-            ),
-            None => {
-                let token = persist::new_resume_token()?;
-                let hash = persist::token_hash(token.expose());
-                (Some(token), hash, Arc::from([]))
-            }
-        };
-        Ok(Some(persist::SessionPersist::new(
-            &self.provider,
-            config,
-            token,
-            hash,
-            keep_metadata,
-            history,
-        )))
-    }
-
-    /// Puts a session built from a record into the table, under capacity.
-    fn admit(&self, session: &Arc<RuntimeSession>) -> Result<()> {
-        const OP: &str = "backend.resume_session";
-        let cap = self.capacity();
-        let Some(place) = Reservation::take(&self.open, cap) else {
-            return Err(BackendError::new(
-                OP,
-                ErrorCode::SessionLimitExceeded,
-                format!("the backend is at its capacity of {cap} sessions"),
-            ));
-        };
-        let mut sessions = self
-            .sessions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if sessions.contains_key(&session.id) {
-            return Err(BackendError::new(
-                OP,
-                ErrorCode::ConnectionFailed,
-                format!("session {} is already running here", session.id),
-            ));
-        }
-        self.metrics.session_opened();
-        sessions.insert(session.id.clone(), session.clone());
-        drop(sessions);
-        place.keep();
-        Ok(())
-    }
-
-    /// Builds the session of `record`, whose lease this backend holds, and
-    /// runs it here.
-    async fn take_up(self: &Arc<Self>, record: &SessionRecord) -> Result<Arc<RuntimeSession>> {
-        let mut config = record.config.clone();
-        config.metadata = record.metadata.clone();
-        config.user_id = record.user_id.clone();
-        let session = self.build_session(config, Some(record)).await?;
-        self.admit(&session)?;
-        if let Some(p) = self.persistence.load_full() {
-            p.save(&session);
-        }
-        tracing::info!(session_id = %session.id, messages = record.history.len(), "session restored");
-        Ok(session)
-    }
-
-    /// Restores the sessions the store holds for this provider that no live
-    /// instance runs (their lease is free or expired).
-    async fn restore(self: &Arc<Self>, timeout: std::time::Duration) -> Result<()> {
-        let Some(p) = self.persistence.load_full() else {
-            return Ok(());
-        };
-        let store_error = |what: &str| {
-            BackendError::new(
-                "backend.restore",
-                ErrorCode::ConnectionFailed,
-                format!(
-                    "the {} session store did not answer within {} ({what})",
-                    p.store.kind(),
-                    humantime::format_duration(timeout)
-                ),
-            )
-        };
-        let records = tokio::time::timeout(timeout, p.store.list(&self.provider))
-            .await
-            .map_err(|_| store_error("listing sessions"))??;
-        for record in records {
-            if !self.accepting.load(Ordering::Acquire) {
-                break;
-            }
-            let running = self
-                .sessions
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains_key(&record.id);
-            if running {
-                continue;
-            }
-            let granted =
-                tokio::time::timeout(timeout, p.store.acquire(&record.id, &p.owner, p.ttl))
-                    .await
-                    .map_err(|_| store_error("taking a lease"))??;
-            if !granted {
-                continue;
-            }
-            if let Err(e) = self.take_up(&record).await {
-                tracing::warn!(session_id = %record.id, code = %e.code, "a kept session could not be restored: {}", e.message);
-                let _ = p.store.release(&record.id, &p.owner).await;
-                if e.code == ErrorCode::SessionLimitExceeded {
-                    break;
-                }
-            }
-        }
-        Ok(())
     }
 
     fn session_not_found(op: &'static str, id: &SessionId) -> BackendError {
@@ -1201,124 +997,4 @@ impl Drop for Reservation<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::audio::{AudioEncoding, AudioFormat};
-    use crate::config::PipelineType;
-
-    /// The `local` provider's connector: nothing to connect to.
-    struct LocalConnector;
-
-    #[async_trait]
-    impl Connector for LocalConnector {
-        fn provider(&self) -> &str {
-            "local"
-        }
-
-        fn capabilities(&self) -> ProviderCapabilities {
-            ProviderCapabilities::default()
-        }
-
-        fn validate_config(&self, _: &Config) -> Result<()> {
-            Ok(())
-        }
-
-        async fn connect(&self, _: &Config) -> Result<()> {
-            Ok(())
-        }
-    }
-
-    async fn echo_backend() -> RuntimeBackend {
-        let mut config = Config::new("local");
-        config.pipeline_type = PipelineType::S2s;
-        config.s2s_provider = Some("echo".into());
-        let backend = RuntimeBackend::new(Arc::new(LocalConnector), &config).unwrap();
-        backend.start().await.unwrap();
-        backend
-    }
-
-    fn cd_quality(user: &str) -> SessionConfig {
-        let cd = AudioFormat::new(AudioEncoding::PcmS16Le, 44_100, 1);
-        SessionConfig::new(user)
-            .with_input_format(cd)
-            .with_output_format(cd)
-    }
-
-    /// A creation dropped part-way (a caller's timeout) gives its place back.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancelled_creation_gives_its_place_back() {
-        let mut config = Config::new("local");
-        config.pipeline_type = PipelineType::S2s;
-        config.s2s_provider = Some("echo".into());
-        config.max_concurrent_sessions = 1;
-        let backend = RuntimeBackend::new(Arc::new(LocalConnector), &config).unwrap();
-        backend.start().await.unwrap();
-        // A 44.1 kHz session waits for its resamplers: cut off there.
-        let cut = tokio::time::timeout(
-            Duration::ZERO,
-            backend.create_session_inner(cd_quality("cut")),
-        )
-        .await;
-        assert!(cut.is_err(), "the creation was still waiting");
-        backend
-            .create_session(SessionConfig::new("next"))
-            .await
-            .expect("the one place is free again");
-        backend.stop().await.unwrap();
-    }
-
-    /// A session being opened while the backend stops is refused, not left
-    /// behind on the stopped backend.
-    // One thread: the creation runs up to its wait for the resamplers before
-    // `stop` starts.
-    #[tokio::test]
-    async fn a_session_opened_while_the_backend_stops_is_not_left_behind() {
-        let backend = Arc::new(echo_backend().await);
-        let creating = tokio::spawn({
-            let backend = backend.clone();
-            async move { backend.create_session_inner(cd_quality("late")).await }
-        });
-        tokio::task::yield_now().await;
-        backend.stop().await.unwrap();
-        match creating.await.unwrap() {
-            Err(e) => assert_eq!(e.code, ErrorCode::ContextCanceled, "{e}"),
-            // Done before `stop` looked: then `stop` stopped it.
-            Ok(s) => assert_eq!(s.state(), crate::session::PipelineState::Idle),
-        }
-        assert_eq!(backend.active_session_count(), 0);
-        assert!(backend.list_sessions().await.is_empty());
-    }
-
-    /// A session at another rate gets its resamplers when it is created (on a
-    /// blocking thread), not on its first frame of audio or reply.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_session_at_another_rate_gets_its_converters_up_front() {
-        let backend = echo_backend().await;
-        let cd = AudioFormat::new(AudioEncoding::PcmS16Le, 44_100, 1);
-        let phone = AudioFormat::new(AudioEncoding::Mulaw, 8_000, 1);
-        let session = backend
-            .create_session_inner(
-                SessionConfig::new("u")
-                    .with_input_format(cd)
-                    .with_output_format(phone),
-            )
-            .await
-            .unwrap();
-        assert_eq!(session.engine.holds_converters(cd, phone), (true, true));
-        // The internal format needs none.
-        let plain = backend
-            .create_session_inner(SessionConfig::new("v"))
-            .await
-            .unwrap();
-        assert_eq!(
-            plain.engine.holds_converters(
-                crate::pipeline::INTERNAL_FORMAT,
-                crate::pipeline::INTERNAL_FORMAT
-            ),
-            (false, false)
-        );
-        backend.stop().await.unwrap();
-    }
-}
+mod tests;
