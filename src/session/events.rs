@@ -102,8 +102,59 @@ pub enum SessionEvent {
         /// The link's state now.
         state: ConnectionState,
     },
+    /// A stage of the pipeline is now served by another component of its
+    /// fallback list (`stt_fallbacks`, `tts_fallbacks`, `s2s_fallbacks`):
+    /// emitted the first time a turn is served by `to` after being served by
+    /// `from`, both when a component fails over and when it is switched back
+    /// after its health check passed.
+    ComponentSwitched {
+        /// The stage: `stt`, `tts` or `s2s`.
+        stage: String,
+        /// The component that served before.
+        from: String,
+        /// The component serving now.
+        to: String,
+        /// Why.
+        reason: SwitchReason,
+    },
     /// The session closed; no more events follow.
     Closed,
+}
+
+/// Why a stage switched components ([`SessionEvent::ComponentSwitched`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SwitchReason {
+    /// The component failed this turn (an error, or its stream ended).
+    Error,
+    /// The component gave no result within `failover.timeout`.
+    Timeout,
+    /// The component is marked down (it failed for another session of the
+    /// process, and its health check has not passed since).
+    Down,
+    /// The component is back: its health check passed, and it comes first
+    /// in the list.
+    Recovered,
+}
+
+impl SwitchReason {
+    /// The snake_case name, e.g. `"timeout"` (the `reason` label of
+    /// `pipeline_component_switches_total`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SwitchReason::Error => "error",
+            SwitchReason::Timeout => "timeout",
+            SwitchReason::Down => "down",
+            SwitchReason::Recovered => "recovered",
+        }
+    }
+}
+
+impl std::fmt::Display for SwitchReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A subscription to a session's events; see [`crate::VoiceSession::events`].
