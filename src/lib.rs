@@ -9,6 +9,7 @@ pub mod backend;
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod hooks;
 pub mod metrics;
