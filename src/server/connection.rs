@@ -20,7 +20,7 @@ use super::http::{Slot, Socket};
 use super::metrics::{Dropped, Refusal};
 use super::protocol::{self, ClientMessage, Ready, Resume, Start};
 use super::{Phase, Shared};
-use crate::audio::{AudioEncoding, AudioFormat, AudioFrame};
+use crate::audio::{AudioFormat, AudioFrame};
 use crate::config::{Secret, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::events::{SessionEvent, SessionEvents};
@@ -213,9 +213,9 @@ impl Conn {
             );
         }
         let span = tracing::Span::current();
-        let (session, format, resume_token, resumed) = match opening {
+        let (session, format, wire, resume_token, resumed) = match opening {
             Opening::Start(start) => {
-                let format = AudioFormat::new(AudioEncoding::PcmS16Le, start.sample_rate, 1);
+                let format = AudioFormat::new(start.encoding.encoding(), start.sample_rate, 1);
                 span.record("user_id", start.user_id.as_str());
                 let mut config = SessionConfig::new(start.user_id)
                     .with_input_format(format)
@@ -228,10 +228,10 @@ impl Conn {
                     Err(e) => return refused_by_backend(e),
                 };
                 let token = session.resume_token();
-                (session, format, token, false)
+                (session, format, start.encoding, token, false)
             }
             Opening::Resume(resume) => {
-                let format = AudioFormat::new(AudioEncoding::PcmS16Le, resume.sample_rate, 1);
+                let format = AudioFormat::new(resume.encoding.encoding(), resume.sample_rate, 1);
                 let id = SessionId::new(resume.session_id.as_str());
                 let session = match self
                     .shared
@@ -244,7 +244,13 @@ impl Conn {
                 };
                 span.record("user_id", session.user_id());
                 tracing::info!(session_id = %id, "session resumed");
-                (session, format, Some(resume.resume_token), true)
+                (
+                    session,
+                    format,
+                    resume.encoding,
+                    Some(resume.resume_token),
+                    true,
+                )
             }
         };
         span.record("session_id", session.id().as_str());
@@ -269,7 +275,7 @@ impl Conn {
         if let Err(e) = session.start().await {
             return internal(&e, Refusal::Error);
         }
-        let mut ready = Ready::new(session.id().as_str(), format.sample_rate);
+        let mut ready = Ready::new(session.id().as_str(), format.sample_rate, wire);
         // The session's own client is given what the provider published,
         // its secrets (a join token) included, and its resume token; logs
         // never see them.
@@ -685,7 +691,8 @@ impl Conn {
                     let outcome = match payload {
                         Incoming::Nothing => Ok(()),
                         Incoming::Binary(data) => {
-                            if !data.len().is_multiple_of(2) {
+                            let unit = format.bytes_per_frame();
+                            if !data.len().is_multiple_of(unit) {
                                 return End::close(
                                     protocol::UNSUPPORTED,
                                     format!(
@@ -694,7 +701,8 @@ impl Conn {
                                     ),
                                 );
                             }
-                            let seconds = data.len() as f64 / f64::from(2 * format.sample_rate);
+                            let seconds =
+                                data.len() as f64 / (unit as f64 * f64::from(format.sample_rate));
                             if !self.audio_budget.take_at(seconds, Instant::now()) {
                                 return End::close(
                                     protocol::POLICY,

@@ -12,7 +12,9 @@
 //!
 //! 1. The client's first message is text:
 //!    `{"type":"start","user_id":"alice","sample_rate":16000,"token":"optional"}`
-//!    (`sample_rate` one of the usual rates, 8000 to 48000). The token may
+//!    (`sample_rate` one of the usual rates, 8000 to 48000; an optional
+//!    `encoding`, `pcm_s16le` by default, or G.711 `mulaw` or `alaw` as
+//!    telephone gateways send it, applies both ways). The token may
 //!    instead come in the upgrade request's `Authorization: Bearer <token>`
 //!    header; the start message's token wins, unless it is empty. It is given to the backend's auth hook.
 //!    An optional `metadata` object is kept with the session. Instead of
@@ -23,15 +25,15 @@
 //! 2. The server answers
 //!    `{"type":"ready","session_id":"...","sample_rate":16000,"encoding":"pcm_s16le","channels":1}`,
 //!    with the session's `resume_token` when it is kept in a store.
-//! 3. The client streams binary messages of PCM s16le mono audio at its
-//!    `sample_rate` (any whole number of samples), may send
+//! 3. The client streams binary messages of mono audio in its `encoding`
+//!    at its `sample_rate` (any whole number of samples), may send
 //!    `{"type":"text","text":"..."}` in place of speech, and ends with
 //!    `{"type":"stop"}` (the turn in flight finishes, then close 1000).
 //! 4. The server sends every [`SessionEvent`](crate::pipeline::events::SessionEvent)
 //!    as JSON text (`{"type":"state",...}`, `speech_started`, `turn_ended`,
 //!    `user_transcript`, `agent_text`, `interrupted`, `latency`, `error`,
-//!    `connection`, `closed`) and the reply audio as binary messages, PCM s16le mono at the
-//!    client's `sample_rate`.
+//!    `connection`, `closed`) and the reply audio as binary messages, mono in the
+//!    client's `encoding` at its `sample_rate`.
 //!
 //! Every refusal closes with a code and a human reason: 1002 protocol
 //! violation, 1003 bad audio, 1007 text that is not UTF-8, 1008 auth,

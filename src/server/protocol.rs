@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::audio::AudioEncoding;
 use crate::config::{ProviderSection, Secret};
 
 /// Normal closure: the session stopped.
@@ -53,6 +54,45 @@ pub(crate) struct Start {
     /// Kept with the session (and in the session store).
     #[serde(default)]
     pub(crate) metadata: serde_json::Map<String, serde_json::Value>,
+    /// How the audio is encoded, both ways.
+    #[serde(default)]
+    pub(crate) encoding: WireEncoding,
+}
+
+/// The encodings of a session's audio on the WebSocket (`encoding` in
+/// `start` and `resume`), mono at the session's `sample_rate` both ways.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub(crate) enum WireEncoding {
+    /// PCM signed 16-bit little-endian (the default).
+    #[default]
+    #[serde(rename = "pcm_s16le")]
+    PcmS16le,
+    /// G.711 mu-law, one byte a sample (telephone gateways, North America and Japan).
+    #[serde(rename = "mulaw")]
+    Mulaw,
+    /// G.711 A-law, one byte a sample (telephone gateways elsewhere).
+    #[serde(rename = "alaw")]
+    Alaw,
+}
+
+impl WireEncoding {
+    /// The crate's encoding.
+    pub(crate) fn encoding(self) -> AudioEncoding {
+        match self {
+            WireEncoding::PcmS16le => AudioEncoding::PcmS16Le,
+            WireEncoding::Mulaw => AudioEncoding::Mulaw,
+            WireEncoding::Alaw => AudioEncoding::Alaw,
+        }
+    }
+
+    /// Its name on the wire, as `ready` says it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            WireEncoding::PcmS16le => "pcm_s16le",
+            WireEncoding::Mulaw => "mulaw",
+            WireEncoding::Alaw => "alaw",
+        }
+    }
 }
 
 /// The body of a `resume` message: take up a session again (after the
@@ -66,6 +106,9 @@ pub(crate) struct Resume {
     pub(crate) resume_token: Secret,
     /// The rate of the audio the client sends and gets: the session's.
     pub(crate) sample_rate: u32,
+    /// The encoding of the audio the client sends and gets: the session's.
+    #[serde(default)]
+    pub(crate) encoding: WireEncoding,
 }
 
 /// The body of a `text` message.
@@ -227,13 +270,13 @@ pub(super) struct Ready<'a> {
 }
 
 impl<'a> Ready<'a> {
-    /// `ready` for a session of PCM s16le mono at `sample_rate`.
-    pub(super) fn new(session_id: &'a str, sample_rate: u32) -> Self {
+    /// `ready` for a session of mono `encoding` at `sample_rate`.
+    pub(super) fn new(session_id: &'a str, sample_rate: u32, encoding: WireEncoding) -> Self {
         Ready {
             kind: "ready",
             session_id,
             sample_rate,
-            encoding: "pcm_s16le",
+            encoding: encoding.name(),
             channels: 1,
             info: std::collections::BTreeMap::new(),
             resume_token: None,
@@ -290,6 +333,31 @@ mod tests {
     }
 
     #[test]
+    fn start_and_resume_take_an_encoding() {
+        let start = |json: &str| match ClientMessage::parse(json) {
+            Ok(ClientMessage::Start(s)) => Ok(s.encoding),
+            Ok(_) => panic!("not a start"),
+            Err(e) => Err(e),
+        };
+        let base = r#"{"type":"start","user_id":"a","sample_rate":8000"#;
+        assert_eq!(start(&format!("{base}}}")), Ok(WireEncoding::PcmS16le));
+        for (name, e) in [
+            ("pcm_s16le", WireEncoding::PcmS16le),
+            ("mulaw", WireEncoding::Mulaw),
+            ("alaw", WireEncoding::Alaw),
+        ] {
+            assert_eq!(start(&format!(r#"{base},"encoding":"{name}"}}"#)), Ok(e));
+            assert_eq!(e.name(), name);
+        }
+        let e = start(&format!(r#"{base},"encoding":"opus"}}"#)).unwrap_err();
+        assert!(e.contains("opus") && e.contains("mulaw"), "{e}");
+        let resume = ClientMessage::parse(
+            r#"{"type":"resume","session_id":"s","resume_token":"t","sample_rate":8000,"encoding":"alaw"}"#,
+        );
+        assert!(matches!(resume, Ok(ClientMessage::Resume(r)) if r.encoding == WireEncoding::Alaw));
+    }
+
+    #[test]
     fn errors_say_what_is_wrong() {
         let err = |s| ClientMessage::parse(s).err().unwrap();
         assert!(err("{nope").starts_with("invalid JSON"));
@@ -312,6 +380,7 @@ mod tests {
             sample_rate: rate,
             token: None,
             metadata: serde_json::Map::new(),
+            encoding: WireEncoding::default(),
         };
         for rate in SAMPLE_RATES {
             assert!(start("a", rate).check().is_ok(), "{rate}");
