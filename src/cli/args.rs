@@ -15,6 +15,16 @@ pub struct ServeArgs {
     /// local echo backend (see `serve --help`).
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Serve the spoken demo: offline speech recognition (PocketSphinx),
+    /// the demo agent and offline speech synthesis (eSpeak NG) on the local
+    /// backend, no account and no download (needs the `demo` feature). Not
+    /// with --config: print its config with --print-config, edit it, and
+    /// serve that with --config instead.
+    #[arg(long, conflicts_with = "config")]
+    pub demo: bool,
+    /// Print the backend config that would be served (as TOML) and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// The address to listen on; port 0 picks a free port (the line printed at
     /// start says which).
     #[arg(long, short = 'l', value_name = "ADDR", default_value = DEFAULT_LISTEN)]
@@ -56,9 +66,11 @@ pub struct ServeArgs {
     pub store: Option<String>,
     /// An agent for the sessions: `echo` answers each turn with the
     /// user's words and how many earlier messages it was given (to try the
-    /// server, and its session store, without a model). Default: none (the
-    /// backend's own pipeline answers).
-    #[arg(long, value_name = "AGENT", value_parser = ["echo"])]
+    /// server, and its session store, without a model); `demo` is the demo
+    /// agent (the time, the date, "repeat after me", "help"). Default: the
+    /// demo agent without --config (it answers the page's typed text) and
+    /// with --demo; none with --config (the backend's own pipeline answers).
+    #[arg(long, value_name = "AGENT", value_parser = ["echo", "demo"])]
     pub agent: Option<String>,
 }
 

@@ -5,7 +5,7 @@
 //!
 //! | command | what it does |
 //! | --- | --- |
-//! | `serve [--config FILE] [--listen ADDR] [--workers N] [--env-prefix PREFIX] [--allowed-origin ORIGIN]... [--max-frame-bytes N]` | runs the HTTP + WebSocket [`Server`] in front of a backend |
+//! | `serve [--config FILE \| --demo] [--print-config] [--agent echo\|demo] [--listen ADDR] [--workers N] [--store STORE] [--env-prefix PREFIX] [--allowed-origin ORIGIN]... [--allowed-host HOST]... [--max-frame-bytes N]` | runs the HTTP + WebSocket [`Server`] in front of a backend (`--demo`: a spoken conversation with no account, see [`DEMO_CONFIG`]) |
 //! | `providers [--json]` | lists the compiled-in providers and their capabilities |
 //! | `schema PROVIDER` | prints a provider's `provider_config` JSON Schema |
 //! | `validate FILE` | checks a config file and reports every error with its field path and line |
@@ -52,7 +52,10 @@ pub use args::{DEFAULT_LISTEN, ProvidersArgs, SchemaArgs, ServeArgs, ValidateArg
 pub use providers::{
     ProviderInfo, provider_infos, provider_schema, providers, providers_table, schema,
 };
-pub use serve::{default_config, serve, serve_config, serve_until, server_config};
+pub use serve::{
+    DEMO_CONFIG, DEMO_NOT_BUILT, default_config, demo_config, serve, serve_agent, serve_config,
+    serve_until, server_config,
+};
 pub use validate::{ConfigFormat, Diagnostic, validate, validate_file, validate_str};
 
 /// The exit statuses of the tool.
@@ -75,7 +78,9 @@ pub mod exit {
     long_about = "Run, inspect and check voice-backends providers and configs.\n\n\
         Start with `voice-backends serve`: with no config it runs the built-in \
         `local` backend (an echo speech-to-speech pipeline that needs no keys \
-        and no models) on http://127.0.0.1:8089.",
+        and no models) on http://127.0.0.1:8089. `voice-backends serve --demo` (built \
+        with `--features cli,demo`) holds a spoken conversation with a demo agent, \
+        all offline.",
     after_help = "Exit status: 0 on success, 1 when the command fails (e.g. an invalid \
         config), 2 for a wrong command line (e.g. an unknown provider)."
 )]
@@ -93,7 +98,10 @@ pub enum Command {
         long_about = "Run the HTTP + WebSocket server in front of a backend.\n\n\
         The backend is built from --config, or without it from the default config: \
         provider \"local\", pipeline_type \"s2s\" with the \"echo\" model, \"energy\" \
-        VAD and \"silence\" turn detection (no keys, no models). Once listening it \
+        VAD and \"silence\" turn detection (no keys, no models); the demo agent \
+        answers typed text. --demo serves the spoken demo instead: PocketSphinx speech \
+        recognition, the demo agent and eSpeak NG speech synthesis, all offline (built \
+        with `--features cli,demo`; --print-config prints its config). Once listening it \
         prints one line, `listening on http://ADDR`, to standard output; logs go to \
         standard error at RUST_LOG's level, or else the config's log_level.\n\n\
         SIGTERM or Ctrl-C stops it gracefully: it stops accepting connections, lets \

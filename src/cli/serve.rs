@@ -1,5 +1,33 @@
 //! `serve`: the backend and server configs, logging set-up, the server's run
 //! and its shutdown signals.
+//!
+//! # `serve --demo`
+//!
+//! A spoken conversation with no account and no download: the `local`
+//! backend runs PocketSphinx speech recognition, the
+//! [demo agent](crate::demo::DemoAgent) and eSpeak NG speech synthesis,
+//! with WebRTC's voice activity detector and RNNoise denoising in front.
+//! It needs the `demo` feature, and PocketSphinx needs its library and
+//! English model to build (Debian, Ubuntu:
+//! `sudo apt install libpocketsphinx-dev pocketsphinx-en-us`):
+//!
+//! ```text
+//! cargo run --release --features cli,demo -- serve --demo
+//! ```
+//!
+//! Open <http://127.0.0.1:8089>, press Connect, hold the button and say
+//! "what time is it", "what day is it", "repeat after me ..." or "help".
+//! The config it serves is [`DEMO_CONFIG`]; `serve --demo --print-config`
+//! prints it, to copy, edit and serve with `--config` (which `--demo` does
+//! not take).
+//!
+//! # The default agent
+//!
+//! Without `--config` (the echo backend) and with `--demo`, sessions get
+//! the [demo agent](crate::demo::DemoAgent) unless `--agent` names
+//! another: with the echo backend it answers the page's typed text (spoken
+//! turns are echoed, as before). With `--config` sessions get an agent only
+//! from `--agent`.
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
@@ -12,6 +40,7 @@ use async_trait::async_trait;
 use crate::agent::{Agent, AgentReply, agent_fn};
 use crate::backend::{ConnectionState, HealthStatus, VoiceBackend};
 use crate::config::{Config, LogLevel, PipelineType, Secret, SessionConfig};
+use crate::demo::DemoAgent;
 use crate::error::{BackendError, ErrorCode, Result as VbResult};
 use crate::hooks::Hooks;
 use crate::registry::registry;
@@ -34,9 +63,74 @@ pub fn default_config() -> Config {
     config
 }
 
+/// The config of `serve --demo` (`serve --demo --print-config` prints it):
+/// the `local` provider with PocketSphinx speech recognition, eSpeak NG
+/// speech synthesis, WebRTC's voice activity detector, RNNoise denoising and
+/// `silence` turn detection. Every component runs offline (feature `demo`).
+pub const DEMO_CONFIG: &str = r#"# The spoken demo of voice-backends (`voice-backends serve --demo`): every
+# component runs offline, with no account and no download. Serve an edited
+# copy with `voice-backends serve --config demo.toml --agent demo` (a binary
+# built with `--features cli,demo`).
+provider = "local"
+pipeline_type = "stt_tts"
+# Speech recognition: CMU PocketSphinx with its US English model.
+stt_provider = "pocketsphinx"
+# Speech synthesis: eSpeak NG with its English voice built in.
+tts_provider = "espeak"
+# Speech or not, frame by frame: WebRTC's voice activity detector.
+vad_provider = "webrtc"
+# Background noise removed before anything listens: RNNoise.
+noise_cancellation_provider = "denoise"
+# A turn ends after a pause in the speech.
+turn_detection_provider = "silence"
+# The time the agent has to answer (it answers at once; recognition of a long
+# turn on a slow machine takes longer).
+timeout = "30s"
+
+[components.silence]
+# How long a pause ends a turn.
+min_endpointing_delay = "700ms"
+max_endpointing_delay = "3s"
+# Shorter sounds (a click, a cough) are not a turn.
+min_speech = "200ms"
+"#;
+
+/// The features `serve --demo` needs (all of them come with `demo`).
+const DEMO_FEATURES: bool = cfg!(all(
+    feature = "espeak",
+    feature = "pocketsphinx",
+    feature = "webrtc-vad",
+    feature = "denoise"
+));
+
+/// What `serve --demo` says in a binary built without the `demo` feature.
+pub const DEMO_NOT_BUILT: &str = "serve --demo needs the `demo` feature (offline speech \
+    recognition and synthesis), and this binary was built without it: run \
+    `cargo run --release --features cli,demo -- serve --demo`. PocketSphinx needs its \
+    library and English model to build: `sudo apt install libpocketsphinx-dev \
+    pocketsphinx-en-us` (Debian, Ubuntu)";
+
+/// [`DEMO_CONFIG`] as a [`Config`].
+pub fn demo_config() -> Config {
+    // A constant, checked by a test: it always parses.
+    Config::from_toml_str(DEMO_CONFIG).unwrap_or_else(|_| default_config())
+}
+
+/// The agent `serve` gives its sessions: `--agent`'s, else the
+/// [demo agent](crate::demo::DemoAgent) with `--demo` or without
+/// `--config`, else none.
+pub fn serve_agent(args: &ServeArgs) -> Option<Arc<dyn Agent>> {
+    match args.agent.as_deref() {
+        Some("echo") => Some(echo_agent()),
+        Some(_) => Some(Arc::new(DemoAgent::new())),
+        None if args.demo || args.config.is_none() => Some(Arc::new(DemoAgent::new())),
+        None => None,
+    }
+}
+
 /// The backend config `serve` would use: the file of `--config` (or
-/// [`default_config`]), with the environment overlaid when `--env-prefix` is
-/// given.
+/// [`DEMO_CONFIG`] with `--demo`, else [`default_config`]), with the
+/// environment overlaid when `--env-prefix` is given.
 ///
 /// # Errors
 ///
@@ -44,6 +138,14 @@ pub fn default_config() -> Config {
 ///
 /// [`exit::FAILURE`]: super::exit::FAILURE
 pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
+    let config = load_config(args)?;
+    check_config(args, &config)?;
+    Ok(config)
+}
+
+/// The config file, the demo's or the default, with the environment
+/// overlaid; not checked against the registered components.
+fn load_config(args: &ServeArgs) -> Result<Config, Failure> {
     let mut config = match &args.config {
         Some(path) => Config::from_path(path).map_err(|e| {
             file_failure(path).unwrap_or_else(|| {
@@ -57,6 +159,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
                 )
             })
         })?,
+        None if args.demo => demo_config(),
         None => default_config(),
     };
     if let Some(prefix) = &args.env_prefix {
@@ -68,10 +171,15 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
             )
         })?;
     }
+    Ok(config)
+}
+
+/// What `validate` checks beyond loading, for [`serve_config`].
+fn check_config(args: &ServeArgs, config: &Config) -> Result<(), Failure> {
     // What `validate` checks beyond loading: the provider's own config and
     // the components and their options, so a backend whose every session
     // would fail is refused here, not served.
-    let problems = semantic_problems(&config);
+    let problems = semantic_problems(config);
     if !problems.is_empty() {
         if let (Some(path), None) = (&args.config, &args.env_prefix)
             && let Some(failure) = file_failure(path)
@@ -97,7 +205,23 @@ pub fn serve_config(args: &ServeArgs) -> Result<Config, Failure> {
         });
         return Err(Failure::failed(message));
     }
-    Ok(config)
+    Ok(())
+}
+
+/// `serve --print-config`: the config `serve` would use, as TOML. The
+/// demo's is printed as written, with its comments, unless the environment
+/// changes it; secrets in a config file are printed redacted.
+fn print_config(args: &ServeArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let text = if args.demo && args.env_prefix.is_none() {
+        DEMO_CONFIG.to_owned()
+    } else {
+        load_config(args)?
+            .to_toml_string()
+            .map_err(|e| Failure::failed(format!("cannot print the config: {}", e.message)))?
+    };
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(write_failed)
 }
 
 /// Every problem `validate` finds in the config file at `path`, as one
@@ -271,11 +395,17 @@ where
 ///
 /// [`exit::FAILURE`]: super::exit::FAILURE
 pub fn serve(args: &ServeArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    if args.print_config {
+        return print_config(args, out);
+    }
+    if args.demo && !DEMO_FEATURES {
+        return Err(Failure::failed(DEMO_NOT_BUILT));
+    }
     let config = serve_config(args)?;
     init_logging(&config);
     let server_config = server_config(args);
     let store = store_choice(args)?;
-    let agent = args.agent.as_deref().map(|_| echo_agent());
+    let agent = serve_agent(args);
     // With worker threads serving the connections, this runtime only starts
     // the backend, accepts connections and waits for the signal.
     let mut runtime = if server_config.workers == 0 {
@@ -704,6 +834,122 @@ mod tests {
         assert_eq!(logged(&config, None), "");
         // RUST_LOG still asks for lines.
         assert!(logged(&config, Some("info")).contains("info line kept"));
+    }
+
+    fn serve_args(line: &[&str]) -> ServeArgs {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(line).unwrap();
+        let crate::cli::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        args
+    }
+
+    #[test]
+    fn the_demo_config_is_the_offline_cascade() {
+        let config = demo_config();
+        assert_eq!(config.provider, "local");
+        assert_eq!(config.pipeline_type, PipelineType::SttTts);
+        assert_eq!(config.stt_provider.as_deref(), Some("pocketsphinx"));
+        assert_eq!(config.tts_provider.as_deref(), Some("espeak"));
+        assert_eq!(config.vad_provider.as_deref(), Some("webrtc"));
+        assert_eq!(
+            config.noise_cancellation_provider.as_deref(),
+            Some("denoise")
+        );
+        assert_eq!(config.turn_detection_provider.as_deref(), Some("silence"));
+        assert!(config.components.contains_key("silence"));
+        assert_eq!(
+            Config::from_toml_str(DEMO_CONFIG).unwrap(),
+            config,
+            "the constant parses"
+        );
+        let args = serve_args(&["voice-backends", "serve", "--demo"]);
+        if DEMO_FEATURES {
+            // Its components and their options, as `validate` checks them.
+            assert_eq!(
+                validate_str(DEMO_CONFIG, ConfigFormat::Toml, "demo.toml"),
+                []
+            );
+            assert_eq!(serve_config(&args).unwrap(), config);
+        }
+    }
+
+    #[test]
+    fn print_config_prints_what_would_be_served() {
+        let mut out = Vec::new();
+        let args = serve_args(&["voice-backends", "serve", "--demo", "--print-config"]);
+        serve(&args, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), DEMO_CONFIG);
+
+        let mut out = Vec::new();
+        serve(
+            &serve_args(&["voice-backends", "serve", "--print-config"]),
+            &mut out,
+        )
+        .unwrap();
+        let printed = Config::from_toml_str(std::str::from_utf8(&out).unwrap()).unwrap();
+        assert_eq!(printed, default_config());
+    }
+
+    #[test]
+    fn demo_without_its_feature_says_how_to_build_it_and_demo_takes_no_config() {
+        let args = serve_args(&[
+            "voice-backends",
+            "serve",
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        if !DEMO_FEATURES {
+            let failure = serve(&args, &mut Vec::new()).unwrap_err();
+            assert_eq!(failure.exit_code, crate::cli::exit::FAILURE);
+            assert_eq!(failure.message, DEMO_NOT_BUILT);
+        }
+        for needed in [
+            "cargo run --release --features cli,demo -- serve --demo",
+            "apt install libpocketsphinx-dev pocketsphinx-en-us",
+        ] {
+            assert!(DEMO_NOT_BUILT.contains(needed), "{DEMO_NOT_BUILT}");
+        }
+        use clap::Parser;
+        let both = crate::cli::Cli::try_parse_from([
+            "voice-backends",
+            "serve",
+            "--demo",
+            "--config",
+            "x.toml",
+        ])
+        .unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[tokio::test]
+    async fn sessions_get_the_demo_agent_unless_a_config_or_agent_says_otherwise() {
+        let said = |agent: Option<Arc<dyn Agent>>| async move {
+            let turn = crate::agent::AgentTurn::new("s", "u", "repeat after me: hi there", 1);
+            let mut reply = agent.expect("an agent").respond(turn).await.unwrap();
+            let mut text = reply.text.clone();
+            if let Some(mut chunks) = reply.take_stream() {
+                while let Some(chunk) = chunks.recv().await {
+                    text.push_str(&chunk.unwrap());
+                }
+            }
+            text
+        };
+        let default = serve_args(&["voice-backends", "serve"]);
+        assert_eq!(said(serve_agent(&default)).await, "hi there");
+        let demo = serve_args(&["voice-backends", "serve", "--demo"]);
+        assert_eq!(said(serve_agent(&demo)).await, "hi there");
+        let echo = serve_args(&["voice-backends", "serve", "--demo", "--agent", "echo"]);
+        assert_eq!(
+            said(serve_agent(&echo)).await,
+            "you said: repeat after me: hi there (0 earlier messages)"
+        );
+        let config = serve_args(&["voice-backends", "serve", "--config", "x.toml"]);
+        assert!(serve_agent(&config).is_none());
+        let config = serve_args(&["voice-backends", "serve", "-c", "x.toml", "--agent", "demo"]);
+        assert_eq!(said(serve_agent(&config)).await, "hi there");
     }
 
     #[test]
