@@ -31,6 +31,10 @@ impl Config {
             stt_provider: None,
             tts_provider: None,
             s2s_provider: None,
+            stt_fallbacks: Vec::new(),
+            tts_fallbacks: Vec::new(),
+            s2s_fallbacks: Vec::new(),
+            failover: super::FailoverConfig::default(),
             vad_provider: None,
             turn_detection_provider: None,
             noise_cancellation_provider: None,
@@ -111,6 +115,30 @@ impl ConfigBuilder {
     /// Sets [`Config::s2s_provider`].
     pub fn s2s_provider(mut self, name: impl Into<String>) -> Self {
         self.config.s2s_provider = Some(name.into());
+        self
+    }
+
+    /// Sets [`Config::stt_fallbacks`].
+    pub fn stt_fallbacks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, names: I) -> Self {
+        self.config.stt_fallbacks = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`Config::tts_fallbacks`].
+    pub fn tts_fallbacks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, names: I) -> Self {
+        self.config.tts_fallbacks = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`Config::s2s_fallbacks`].
+    pub fn s2s_fallbacks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, names: I) -> Self {
+        self.config.s2s_fallbacks = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`Config::failover`].
+    pub fn failover(mut self, failover: super::FailoverConfig) -> Self {
+        self.config.failover = failover;
         self
     }
 

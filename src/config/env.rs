@@ -18,7 +18,7 @@ use crate::error::BackendError;
 const ENV_OP: &str = "config.env";
 
 /// The upper-cased names of the top-level [`Config`] fields.
-const FIELDS: [&str; 22] = [
+const FIELDS: [&str; 26] = [
     "PROVIDER",
     "PROVIDER_CONFIG",
     "PIPELINE_TYPE",
@@ -41,6 +41,10 @@ const FIELDS: [&str; 22] = [
     "RATE_LIMIT_PER_SECOND",
     "RATE_LIMIT_BURST",
     "COMPONENTS",
+    "STT_FALLBACKS",
+    "TTS_FALLBACKS",
+    "S2S_FALLBACKS",
+    "FAILOVER",
 ];
 
 /// The marker that starts a `provider_config` key in a variable name, and
@@ -61,6 +65,8 @@ impl Config {
     /// | `VB_MAX_RETRIES`, `VB_MAX_CONCURRENT_SESSIONS` | a whole number |
     /// | `VB_ENABLE_TRACING`, `VB_ENABLE_METRICS`, `VB_ENABLE_LOGGING` | `true` or `false` |
     /// | `VB_PIPELINE_TYPE` | `stt_tts` or `s2s` |
+    /// | `VB_STT_FALLBACKS`, `VB_TTS_FALLBACKS`, `VB_S2S_FALLBACKS` | names separated by commas, replacing the list; empty clears it |
+    /// | `VB_FAILOVER` | a JSON object, replacing `[failover]`: `{"timeout": "2s"}` |
     /// | `VB_LOG_LEVEL` | `trace`, `debug`, `info`, `warn` or `error` |
     /// | `VB_PROCESSORS` | a JSON array of processors, replacing the list |
     /// | `VB_PROVIDER_CONFIG` | a JSON object, merged (deeply) over `provider_config` |
@@ -292,6 +298,18 @@ fn apply_var(config: &mut Config, field: &str, value: &str) -> Result<(), String
         "STT_PROVIDER" => config.stt_provider = optional(value),
         "TTS_PROVIDER" => config.tts_provider = optional(value),
         "S2S_PROVIDER" => config.s2s_provider = optional(value),
+        "STT_FALLBACKS" => config.stt_fallbacks = name_list(value),
+        "TTS_FALLBACKS" => config.tts_fallbacks = name_list(value),
+        "S2S_FALLBACKS" => config.s2s_fallbacks = name_list(value),
+        "FAILOVER" => {
+            let json = parse_json(value, "a JSON object of failover settings")?;
+            config.failover = serde_json::from_value(json).map_err(|e| {
+                format!(
+                    "is not a JSON object of failover settings: {}",
+                    redact_quoted(&e.to_string())
+                )
+            })?;
+        }
         "VAD_PROVIDER" => config.vad_provider = optional(value),
         "TURN_DETECTION_PROVIDER" => config.turn_detection_provider = optional(value),
         "NOISE_CANCELLATION_PROVIDER" => config.noise_cancellation_provider = optional(value),
@@ -356,6 +374,14 @@ fn shown_value(field: &str, value: &str) -> String {
     } else {
         quoted(value)
     }
+}
+
+/// A comma-separated list of names (each trimmed); empty for an empty value.
+fn name_list(value: &str) -> Vec<String> {
+    if value.trim().is_empty() {
+        return Vec::new();
+    }
+    value.split(',').map(|n| n.trim().to_owned()).collect()
 }
 
 fn optional(value: &str) -> Option<String> {

@@ -13,6 +13,7 @@
 mod builder;
 mod depth;
 mod env;
+mod failover;
 mod load;
 mod secret;
 mod validate;
@@ -31,9 +32,13 @@ use crate::agent::Agent;
 pub(crate) use depth::nesting_exceeded;
 
 pub use builder::ConfigBuilder;
+pub use failover::{
+    DEFAULT_FAILOVER_TIMEOUT, DEFAULT_MAX_PROBE_INTERVAL, DEFAULT_PROBE_INTERVAL, FailoverConfig,
+    MAX_FAILOVER_TIMEOUT, MAX_PROBE_INTERVAL, MIN_FAILOVER_TIMEOUT, MIN_PROBE_INTERVAL,
+};
 pub use load::parse_provider_config;
 pub use secret::{REDACTED, Secret, looks_secret, shown_in_error};
-pub use validate::{HostedStages, ResolvedPipeline, Violation, Violations};
+pub use validate::{HostedStages, ResolvedFallbacks, ResolvedPipeline, Violation, Violations};
 
 /// The VAD a session uses when [`Config::vad_provider`] is unset.
 pub const DEFAULT_VAD_PROVIDER: &str = "energy";
@@ -497,6 +502,22 @@ pub struct Config {
     /// Speech-to-speech component, required by `s2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s2s_provider: Option<String>,
+    /// Speech-to-text components to fall back to, in order, when
+    /// `stt_provider` fails or times out (see [`FailoverConfig`]); each a
+    /// registered component, none repeated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stt_fallbacks: Vec<String>,
+    /// Text-to-speech components to fall back to, in order, when
+    /// `tts_provider` fails or times out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tts_fallbacks: Vec<String>,
+    /// Speech-to-speech components to fall back to, in order, when
+    /// `s2s_provider` fails or times out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub s2s_fallbacks: Vec<String>,
+    /// How components fail over to their fallbacks (`[failover]`).
+    #[serde(default, skip_serializing_if = "FailoverConfig::is_default")]
+    pub failover: FailoverConfig,
     /// Voice activity detection component (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vad_provider: Option<String>,
@@ -593,6 +614,16 @@ pub struct PipelineOverride {
     /// Replaces [`Config::s2s_provider`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s2s_provider: Option<String>,
+    /// Replaces [`Config::stt_fallbacks`]. When unset, the backend's list
+    /// applies, without the session's `stt_provider` if it is in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stt_fallbacks: Option<Vec<String>>,
+    /// Replaces [`Config::tts_fallbacks`], as for `stt_fallbacks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tts_fallbacks: Option<Vec<String>>,
+    /// Replaces [`Config::s2s_fallbacks`], as for `stt_fallbacks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s2s_fallbacks: Option<Vec<String>>,
 }
 
 /// The configuration of one session.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::failover::{check_fallbacks, plain_fallbacks};
 use super::secret::quoted;
 use super::{
     Config, MAX_LATENCY_TARGET, MAX_MAX_RETRIES, MAX_RETRY_DELAY, MAX_TIMEOUT, MIN_LATENCY_TARGET,
@@ -184,6 +185,20 @@ pub struct ResolvedPipeline {
     pub tts_provider: Option<String>,
     /// The speech-to-speech component in effect (set whenever `pipeline_type` is `s2s`).
     pub s2s_provider: Option<String>,
+}
+
+/// The fallback lists a session runs with: the backend's [`Config`] with the
+/// session's [`PipelineOverride`] applied. Made by
+/// [`SessionConfig::resolve_fallbacks`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResolvedFallbacks {
+    /// The speech-to-text fallbacks in effect, in order.
+    pub stt: Vec<String>,
+    /// The text-to-speech fallbacks in effect, in order.
+    pub tts: Vec<String>,
+    /// The speech-to-speech fallbacks in effect, in order.
+    pub s2s: Vec<String>,
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -395,6 +410,37 @@ fn check_override_names(v: &mut Violations, p: &PipelineOverride) {
     check_optional_name(v, "pipeline.s2s_provider", p.s2s_provider.as_deref());
 }
 
+/// The names of an override's fallback lists, well formed (the rest of their
+/// rules depend on the backend's config: see `resolve_pipeline_for`).
+fn check_override_fallback_names(v: &mut Violations, p: &PipelineOverride) {
+    for (stage, list) in [
+        ("stt", &p.stt_fallbacks),
+        ("tts", &p.tts_fallbacks),
+        ("s2s", &p.s2s_fallbacks),
+    ] {
+        for (i, name) in list.iter().flatten().enumerate() {
+            check_name(v, &format!("pipeline.{stage}_fallbacks[{i}]"), name);
+        }
+    }
+}
+
+/// A session's fallback list for one stage: its own when it gives one,
+/// else the base's without the session's primary (which may be one of them).
+fn resolve_fallbacks(
+    session: Option<&Vec<String>>,
+    base: &[String],
+    primary: Option<&str>,
+) -> Vec<String> {
+    match session {
+        Some(list) => list.clone(),
+        None => base
+            .iter()
+            .filter(|n| Some(n.as_str()) != primary)
+            .cloned()
+            .collect(),
+    }
+}
+
 impl Config {
     /// Checks every rule and reports every violation at once.
     ///
@@ -470,8 +516,13 @@ impl Config {
         // Positive and finite: as bits, 1 (the least subnormal) up to, not
         // including, infinity; zero, negatives and NaN fall outside.
         let rate = self.rate_limit_per_second.to_bits();
+        let fallbacks_ok = plain_fallbacks(self.stt_provider.as_deref(), &self.stt_fallbacks)
+            && plain_fallbacks(self.tts_provider.as_deref(), &self.tts_fallbacks)
+            && plain_fallbacks(self.s2s_provider.as_deref(), &self.s2s_fallbacks)
+            && self.failover.plainly_valid();
         names_ok
             && pipeline_ok
+            && fallbacks_ok
             && exact
             && within(latency, MIN_LATENCY_TARGET, MAX_LATENCY_TARGET)
             && within(timeout, MIN_TIMEOUT, MAX_TIMEOUT)
@@ -518,6 +569,7 @@ impl Config {
                     .unwrap_or(super::DEFAULT_TURN_DETECTION_PROVIDER)
                     == name
                 || self.processors.iter().any(|p| p.name == name)
+                || self.fallbacks().any(|n| n == name)
         };
         self.components.iter().all(|(name, section)| {
             uses(name)
@@ -530,7 +582,12 @@ impl Config {
     /// else: such a component is given no options.
     fn speaks_only(&self, name: &str) -> bool {
         let is = |o: &Option<String>| o.as_deref() == Some(name);
-        is(&self.tts_provider)
+        (is(&self.tts_provider) || self.tts_fallbacks.iter().any(|n| n == name))
+            && !self
+                .stt_fallbacks
+                .iter()
+                .chain(&self.s2s_fallbacks)
+                .any(|n| n == name)
             && ![
                 &self.stt_provider,
                 &self.s2s_provider,
@@ -649,6 +706,29 @@ impl Config {
             );
         }
 
+        check_fallbacks(
+            &mut v,
+            "",
+            "stt",
+            self.stt_provider.as_deref(),
+            &self.stt_fallbacks,
+        );
+        check_fallbacks(
+            &mut v,
+            "",
+            "tts",
+            self.tts_provider.as_deref(),
+            &self.tts_fallbacks,
+        );
+        check_fallbacks(
+            &mut v,
+            "",
+            "s2s",
+            self.s2s_provider.as_deref(),
+            &self.s2s_fallbacks,
+        );
+        self.failover.check(&mut v);
+
         check_optional_name(&mut v, "stt_provider", self.stt_provider.as_deref());
         check_optional_name(&mut v, "tts_provider", self.tts_provider.as_deref());
         check_optional_name(&mut v, "s2s_provider", self.s2s_provider.as_deref());
@@ -725,8 +805,19 @@ impl Config {
         }
     }
 
-    /// The component names this config uses (pipeline stages, VAD and turn
-    /// detection, defaults included, noise cancellation and processors).
+    /// Every name of the fallback lists (`stt_fallbacks`, `tts_fallbacks`,
+    /// `s2s_fallbacks`).
+    fn fallbacks(&self) -> impl Iterator<Item = &str> {
+        self.stt_fallbacks
+            .iter()
+            .chain(&self.tts_fallbacks)
+            .chain(&self.s2s_fallbacks)
+            .map(String::as_str)
+    }
+
+    /// The component names this config uses (pipeline stages and their
+    /// fallbacks, VAD and turn detection, defaults included, noise
+    /// cancellation and processors).
     pub fn component_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = [
             &self.stt_provider,
@@ -745,6 +836,7 @@ impl Config {
                 .unwrap_or(super::DEFAULT_TURN_DETECTION_PROVIDER),
         ])
         .chain(self.processors.iter().map(|p| p.name.as_str()))
+        .chain(self.fallbacks())
         .collect();
         names.sort_unstable();
         names.dedup();
@@ -848,6 +940,7 @@ impl SessionConfig {
         }
         if let Some(p) = &self.pipeline {
             check_override_names(&mut v, p);
+            check_override_fallback_names(&mut v, p);
         }
         for (path, format) in [
             ("input_format", &self.input_format),
@@ -874,6 +967,36 @@ impl SessionConfig {
         self.resolve_pipeline_for(base, HostedStages::NONE)
     }
 
+    /// The fallback lists this session runs with on a backend configured by
+    /// `base`: each list the session's [`PipelineOverride`] gives replaces
+    /// the base's; a list it does not give is the base's, without the
+    /// session's own primary component if that is in it. Checked by
+    /// [`SessionConfig::resolve_pipeline`] (a given list: no name twice, none
+    /// the primary, a primary to fall back from).
+    pub fn resolve_fallbacks(&self, base: &Config) -> ResolvedFallbacks {
+        let p = self.pipeline.as_ref();
+        fn primary<'a>(set: Option<&'a String>, base: &'a Option<String>) -> Option<&'a str> {
+            set.or(base.as_ref()).map(String::as_str)
+        }
+        ResolvedFallbacks {
+            stt: resolve_fallbacks(
+                p.and_then(|p| p.stt_fallbacks.as_ref()),
+                &base.stt_fallbacks,
+                primary(p.and_then(|p| p.stt_provider.as_ref()), &base.stt_provider),
+            ),
+            tts: resolve_fallbacks(
+                p.and_then(|p| p.tts_fallbacks.as_ref()),
+                &base.tts_fallbacks,
+                primary(p.and_then(|p| p.tts_provider.as_ref()), &base.tts_provider),
+            ),
+            s2s: resolve_fallbacks(
+                p.and_then(|p| p.s2s_fallbacks.as_ref()),
+                &base.s2s_fallbacks,
+                primary(p.and_then(|p| p.s2s_provider.as_ref()), &base.s2s_provider),
+            ),
+        }
+    }
+
     /// Like [`SessionConfig::resolve_pipeline`], for a provider whose service
     /// runs the `hosted` stages itself.
     pub fn resolve_pipeline_for(
@@ -891,6 +1014,32 @@ impl SessionConfig {
         };
         let mut v = Violations::new();
         check_override_names(&mut v, p);
+        let fallbacks = self.resolve_fallbacks(base);
+        for (stage, primary, list, given) in [
+            (
+                "stt",
+                &resolved.stt_provider,
+                &fallbacks.stt,
+                &p.stt_fallbacks,
+            ),
+            (
+                "tts",
+                &resolved.tts_provider,
+                &fallbacks.tts,
+                &p.tts_fallbacks,
+            ),
+            (
+                "s2s",
+                &resolved.s2s_provider,
+                &fallbacks.s2s,
+                &p.s2s_fallbacks,
+            ),
+        ] {
+            // The base's own list was checked with the base.
+            if given.is_some() {
+                check_fallbacks(&mut v, "pipeline.", stage, primary.as_deref(), list);
+            }
+        }
         check_pipeline(
             &mut v,
             "pipeline.",
