@@ -20,6 +20,17 @@
 //! | `pipeline_frames_dropped_total` | counter | `reason` |
 //! | `pipeline_interruptions_total` | counter | |
 //! | `pipeline_turns_total` | counter | |
+//! | `pipeline_component_switches_total` | counter | `stage`, `from`, `to`, `reason` |
+//! | `pipeline_component_served_total` | counter | `stage`, `component` |
+//!
+//! The two `pipeline_component_*` families count the stages that have a
+//! fallback list (`stt_fallbacks`, `tts_fallbacks`, `s2s_fallbacks`):
+//! `stage` is `stt`, `tts` or `s2s`, the components are the names the config
+//! gives, and `reason` is `error`, `timeout`, `down` or `recovered` (see
+//! [`SwitchReason`](crate::session::events::SwitchReason)). `served` counts
+//! the turns each component answered (for `tts`, each piece of a reply it
+//! synthesized). Their series are made when first counted, under a lock
+//! (once per turn, never per frame); the other families are pre-allocated.
 //!
 //! `operation` is an [`Op`], `code` an [`ErrorCode`], `stage` a [`LatencyStage`]
 //! and `reason` a [`DropReason`], each written with its `as_str` name. Both
@@ -392,6 +403,8 @@ pub struct Metrics {
     dropped: [AtomicU64; REASONS],
     interruptions: AtomicU64,
     turns: AtomicU64,
+    /// The `pipeline_component_*` series, made when first counted.
+    components: std::sync::Mutex<ComponentCounts>,
     /// The OpenTelemetry histograms latencies are also recorded into, one
     /// set per [`Metrics::register_otel`] call; empty until then.
     #[cfg(feature = "otel")]
@@ -423,6 +436,7 @@ impl Metrics {
             dropped: counters(),
             interruptions: AtomicU64::new(0),
             turns: AtomicU64::new(0),
+            components: std::sync::Mutex::default(),
             #[cfg(feature = "otel")]
             otel: arc_swap::ArcSwap::from_pointee(Vec::new()),
         }
@@ -509,6 +523,29 @@ impl Metrics {
         self.interruptions.fetch_add(1, Relaxed);
     }
 
+    /// Counts one switch of `stage` (`stt`, `tts`, `s2s`) from component
+    /// `from` to `to`, for `reason` (`pipeline_component_switches_total`).
+    pub fn component_switched(&self, stage: &str, from: &str, to: &str, reason: &str) {
+        let mut c = self.components();
+        let key = (stage.into(), from.into(), to.into(), reason.into());
+        *c.switches.entry(key).or_default() += 1;
+    }
+
+    /// Counts one turn of `stage` served by `component`
+    /// (`pipeline_component_served_total`).
+    pub fn component_served(&self, stage: &str, component: &str) {
+        let mut c = self.components();
+        *c.served
+            .entry((stage.into(), component.into()))
+            .or_default() += 1;
+    }
+
+    fn components(&self) -> std::sync::MutexGuard<'_, ComponentCounts> {
+        self.components
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Counts one finished user turn (`pipeline_turns_total`).
     pub fn turn(&self) {
         self.turns.fetch_add(1, Relaxed);
@@ -555,6 +592,8 @@ impl Metrics {
                 .collect(),
             interruptions: load(&self.interruptions),
             turns: load(&self.turns),
+            component_switches: self.components().switches.clone(),
+            component_served: self.components().served.clone(),
         }
     }
 
@@ -680,6 +719,19 @@ pub struct MetricsSnapshot {
     pub interruptions: u64,
     /// `pipeline_turns_total`.
     pub turns: u64,
+    /// `pipeline_component_switches_total`, by `(stage, from, to, reason)`:
+    /// only the series counted so far.
+    pub component_switches: BTreeMap<(String, String, String, String), u64>,
+    /// `pipeline_component_served_total`, by `(stage, component)`: only the
+    /// series counted so far.
+    pub component_served: BTreeMap<(String, String), u64>,
+}
+
+/// The `pipeline_component_*` counters of one backend.
+#[derive(Debug, Default)]
+struct ComponentCounts {
+    switches: BTreeMap<(String, String, String, String), u64>,
+    served: BTreeMap<(String, String), u64>,
 }
 
 impl MetricsSnapshot {
@@ -736,6 +788,14 @@ const INTERRUPTIONS: (&str, &str) = (
     "Replies interrupted by the user.",
 );
 const TURNS: (&str, &str) = ("pipeline_turns_total", "Finished user turns.");
+const COMPONENT_SWITCHES: (&str, &str) = (
+    "pipeline_component_switches_total",
+    "Stages switched to another component of their fallback list, by stage, components and reason.",
+);
+const COMPONENT_SERVED: (&str, &str) = (
+    "pipeline_component_served_total",
+    "Turns served by each component of a stage with a fallback list.",
+);
 
 fn write_exposition(snapshots: &[MetricsSnapshot], out: &mut String) {
     header(out, REQUESTS, "counter");
@@ -820,6 +880,32 @@ fn write_exposition(snapshots: &[MetricsSnapshot], out: &mut String) {
     for s in snapshots {
         let labels = [("provider", &*s.provider)];
         sample(out, TURNS.0, "", &labels, s.turns);
+    }
+
+    header(out, COMPONENT_SWITCHES, "counter");
+    for s in snapshots {
+        for ((stage, from, to, reason), &value) in &s.component_switches {
+            let labels = [
+                ("provider", &*s.provider),
+                ("stage", stage.as_str()),
+                ("from", from.as_str()),
+                ("to", to.as_str()),
+                ("reason", reason.as_str()),
+            ];
+            sample(out, COMPONENT_SWITCHES.0, "", &labels, value);
+        }
+    }
+
+    header(out, COMPONENT_SERVED, "counter");
+    for s in snapshots {
+        for ((stage, component), &value) in &s.component_served {
+            let labels = [
+                ("provider", &*s.provider),
+                ("stage", stage.as_str()),
+                ("component", component.as_str()),
+            ];
+            sample(out, COMPONENT_SERVED.0, "", &labels, value);
+        }
     }
 }
 

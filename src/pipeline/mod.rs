@@ -158,6 +158,7 @@ pub trait SttStream: Send {
 }
 
 /// A speech-to-text service.
+#[async_trait]
 pub trait SpeechToText: Send + Sync {
     /// Opens a stream for one session; its events go to `events`.
     fn open(
@@ -175,6 +176,21 @@ pub trait SpeechToText: Send + Sync {
     ///
     /// `InvalidConfig` naming the option that is wrong.
     fn check_options(&self, options: &serde_json::Value) -> Result<()> {
+        let _ = options;
+        Ok(())
+    }
+
+    /// Whether the service answers, for the health probe of a component
+    /// marked down after it failed a turn (see
+    /// [`FailoverConfig`](crate::config::FailoverConfig)): called with the
+    /// component's options, before the probe's tiny recognition. The
+    /// default says yes; a component with a cheap status call of its own
+    /// (an HTTP health endpoint) makes it here.
+    ///
+    /// # Errors
+    ///
+    /// Why the service cannot serve now (e.g. `ConnectionFailed`).
+    async fn health(&self, options: &serde_json::Value) -> Result<()> {
         let _ = options;
         Ok(())
     }
@@ -204,6 +220,21 @@ pub trait TextToSpeech: Send + Sync {
     fn with_options(&self, options: &serde_json::Value) -> Result<Option<Arc<dyn TextToSpeech>>> {
         let _ = options;
         Ok(None)
+    }
+
+    /// Whether the service answers, for the health probe of a component
+    /// marked down after it failed a turn (see
+    /// [`FailoverConfig`](crate::config::FailoverConfig)): called with the
+    /// component's options, before the probe's tiny synthesis. The
+    /// default says yes; a component with a cheap status call of its own
+    /// (an HTTP health endpoint) makes it here.
+    ///
+    /// # Errors
+    ///
+    /// Why the service cannot serve now (e.g. `ConnectionFailed`).
+    async fn health(&self, options: &serde_json::Value) -> Result<()> {
+        let _ = options;
+        Ok(())
     }
 }
 
@@ -250,6 +281,7 @@ pub trait S2sStream: Send {
 }
 
 /// A speech-to-speech service.
+#[async_trait]
 pub trait SpeechToSpeech: Send + Sync {
     /// Opens a stream for one session; its events go to `events`.
     fn open(
@@ -265,6 +297,21 @@ pub trait SpeechToSpeech: Send + Sync {
     ///
     /// `InvalidConfig` naming the option that is wrong.
     fn check_options(&self, options: &serde_json::Value) -> Result<()> {
+        let _ = options;
+        Ok(())
+    }
+
+    /// Whether the service answers, for the health probe of a component
+    /// marked down after it failed a turn (see
+    /// [`FailoverConfig`](crate::config::FailoverConfig)): called with the
+    /// component's options, before the probe opens a session. The
+    /// default says yes; a component with a cheap status call of its own
+    /// (an HTTP health endpoint) makes it here.
+    ///
+    /// # Errors
+    ///
+    /// Why the service cannot serve now (e.g. `ConnectionFailed`).
+    async fn health(&self, options: &serde_json::Value) -> Result<()> {
         let _ = options;
         Ok(())
     }
