@@ -51,6 +51,7 @@ impl Config {
             log_level: LogLevel::default(),
             processors: Vec::new(),
             components: BTreeMap::new(),
+            interruption: super::InterruptionConfig::default(),
         }
     }
 

@@ -14,6 +14,7 @@ mod builder;
 mod depth;
 mod env;
 mod failover;
+mod interruption;
 mod load;
 mod secret;
 mod validate;
@@ -35,6 +36,13 @@ pub use builder::ConfigBuilder;
 pub use failover::{
     DEFAULT_FAILOVER_TIMEOUT, DEFAULT_MAX_PROBE_INTERVAL, DEFAULT_PROBE_INTERVAL, FailoverConfig,
     MAX_FAILOVER_TIMEOUT, MAX_PROBE_INTERVAL, MIN_FAILOVER_TIMEOUT, MIN_PROBE_INTERVAL,
+};
+pub use interruption::{
+    DEFAULT_BACKCHANNEL_LANGUAGE, DEFAULT_DUCK_GAIN_DB, DEFAULT_ENGLISH_BACKCHANNELS,
+    DEFAULT_FALSE_INTERRUPTION_TIMEOUT, DEFAULT_MIN_INTERRUPTION_DURATION,
+    DEFAULT_MIN_INTERRUPTION_WORDS, Duck, InterruptionConfig, InterruptionOverride,
+    MAX_FALSE_INTERRUPTION_TIMEOUT, MAX_MIN_INTERRUPTION_DURATION, MAX_MIN_INTERRUPTION_WORDS,
+    MIN_DUCK_GAIN_DB, MIN_FALSE_INTERRUPTION_TIMEOUT,
 };
 pub use load::parse_provider_config;
 pub use secret::{REDACTED, Secret, looks_secret, shown_in_error};
@@ -585,6 +593,10 @@ pub struct Config {
         deserialize_with = "strict::sections"
     )]
     pub components: BTreeMap<String, ProviderSection>,
+    /// When user speech during a reply interrupts it (`[interruption]`); see
+    /// [`InterruptionConfig`].
+    #[serde(default, skip_serializing_if = "InterruptionConfig::is_default")]
+    pub interruption: InterruptionConfig,
 }
 
 /// The transport a session's user connects over.
@@ -605,6 +617,10 @@ pub struct PipelineOverride {
     /// Replaces [`Config::pipeline_type`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline_type: Option<PipelineType>,
+    /// Changes to [`Config::interruption`] for this session
+    /// (`[pipeline.interruption]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interruption: Option<InterruptionOverride>,
     /// Replaces [`Config::stt_provider`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stt_provider: Option<String>,

@@ -536,6 +536,7 @@ impl Config {
             && (self.components.is_empty() || self.plain_components())
             && (self.provider_config.0.is_empty()
                 || !self.provider_config.0.values().any(holds_redaction_marker))
+            && self.interruption.plainly_valid()
     }
 
     /// Processors with plain, unique names and object options.
@@ -770,6 +771,7 @@ impl Config {
         if !self.components.is_empty() {
             self.check_component_options(&mut v);
         }
+        self.interruption.check(&mut v, "interruption.");
 
         for (key, value) in &self.provider_config.0 {
             let path = || format!("provider_config.{}", shown_in_error(key));
@@ -1049,6 +1051,10 @@ impl SessionConfig {
             resolved.s2s_provider.as_deref(),
             hosted,
         );
+        if let Some(o) = &p.interruption {
+            o.apply(&base.interruption)
+                .check(&mut v, "pipeline.interruption.");
+        }
         v.into_result("session_config.resolve_pipeline")?;
         Ok(resolved)
     }

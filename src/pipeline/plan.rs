@@ -22,8 +22,8 @@ use super::{
     SttEvent, SttStream, TextToSpeech, TurnDetector, TurnDetectorFactory, Vad, VadFactory,
 };
 use crate::config::{
-    Config, DEFAULT_TURN_DETECTION_PROVIDER, DEFAULT_VAD_PROVIDER, HostedStages, PipelineType,
-    SessionConfig,
+    Config, DEFAULT_TURN_DETECTION_PROVIDER, DEFAULT_VAD_PROVIDER, HostedStages,
+    InterruptionConfig, PipelineType, SessionConfig,
 };
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::{AudioProcessor, sort_processors};
@@ -129,6 +129,10 @@ pub struct Plan {
     pub tts: Option<Planned<dyn TextToSpeech>>,
     /// Speech-to-speech, when named.
     pub s2s: Option<Planned<dyn SpeechToSpeech>>,
+    /// When user speech during a reply interrupts it: the config's
+    /// `[interruption]`, with a session's `[pipeline.interruption]` changes
+    /// in a session's plan.
+    pub interruption: InterruptionConfig,
 }
 
 /// What is wrong with one component of a plan.
@@ -423,6 +427,7 @@ impl Planner<'_> {
                 stt,
                 tts,
                 s2s,
+                interruption: config.interruption.clone(),
             }),
             _ => Err(PlanError {
                 problems: self.problems,
@@ -520,7 +525,11 @@ impl Plan {
             check: false,
             problems: Vec::new(),
         };
-        Ok(planner.run(speech, hosted, registries)?)
+        let mut plan = planner.run(speech, hosted, registries)?;
+        if let Some(o) = overridden.and_then(|p| p.interruption.as_ref()) {
+            plan.interruption = o.apply(&base.interruption);
+        }
+        Ok(plan)
     }
 
     /// A voice activity detector for one session.
