@@ -19,6 +19,7 @@
 //! | `pipeline_turn_latency_seconds` | histogram | `stage` (`endpointing`, `first_audio`, `stt`, `agent`, `tts`) |
 //! | `pipeline_frames_dropped_total` | counter | `reason` |
 //! | `pipeline_interruptions_total` | counter | |
+//! | `pipeline_false_interruptions_total` | counter | |
 //! | `pipeline_turns_total` | counter | |
 //! | `pipeline_component_switches_total` | counter | `stage`, `from`, `to`, `reason` |
 //! | `pipeline_component_served_total` | counter | `stage`, `component` |
@@ -402,6 +403,7 @@ pub struct Metrics {
     turn_latency: [AtomicHistogram; STAGES],
     dropped: [AtomicU64; REASONS],
     interruptions: AtomicU64,
+    false_interruptions: AtomicU64,
     turns: AtomicU64,
     /// The `pipeline_component_*` series, made when first counted.
     components: std::sync::Mutex<ComponentCounts>,
@@ -435,6 +437,7 @@ impl Metrics {
             turn_latency: std::array::from_fn(|_| AtomicHistogram::new()),
             dropped: counters(),
             interruptions: AtomicU64::new(0),
+            false_interruptions: AtomicU64::new(0),
             turns: AtomicU64::new(0),
             components: std::sync::Mutex::default(),
             #[cfg(feature = "otel")]
@@ -546,6 +549,12 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Counts one interruption found false: the speech that stopped a reply
+    /// said no words, or only backchannels (`pipeline_false_interruptions_total`).
+    pub fn false_interruption(&self) {
+        self.false_interruptions.fetch_add(1, Relaxed);
+    }
+
     /// Counts one finished user turn (`pipeline_turns_total`).
     pub fn turn(&self) {
         self.turns.fetch_add(1, Relaxed);
@@ -591,6 +600,7 @@ impl Metrics {
                 .map(|&reason| (reason, load(&self.dropped[reason as usize])))
                 .collect(),
             interruptions: load(&self.interruptions),
+            false_interruptions: load(&self.false_interruptions),
             turns: load(&self.turns),
             component_switches: self.components().switches.clone(),
             component_served: self.components().served.clone(),
@@ -717,6 +727,8 @@ pub struct MetricsSnapshot {
     pub dropped: BTreeMap<DropReason, u64>,
     /// `pipeline_interruptions_total`.
     pub interruptions: u64,
+    /// `pipeline_false_interruptions_total`.
+    pub false_interruptions: u64,
     /// `pipeline_turns_total`.
     pub turns: u64,
     /// `pipeline_component_switches_total`, by `(stage, from, to, reason)`:
@@ -786,6 +798,10 @@ const DROPPED: (&str, &str) = (
 const INTERRUPTIONS: (&str, &str) = (
     "pipeline_interruptions_total",
     "Replies interrupted by the user.",
+);
+const FALSE_INTERRUPTIONS: (&str, &str) = (
+    "pipeline_false_interruptions_total",
+    "Interruptions found false (no words, or only backchannels): the reply resumed, or stayed cut when resuming is off.",
 );
 const TURNS: (&str, &str) = ("pipeline_turns_total", "Finished user turns.");
 const COMPONENT_SWITCHES: (&str, &str) = (
@@ -874,6 +890,12 @@ fn write_exposition(snapshots: &[MetricsSnapshot], out: &mut String) {
     for s in snapshots {
         let labels = [("provider", &*s.provider)];
         sample(out, INTERRUPTIONS.0, "", &labels, s.interruptions);
+    }
+
+    header(out, FALSE_INTERRUPTIONS, "counter");
+    for s in snapshots {
+        let labels = [("provider", &*s.provider)];
+        sample(out, FALSE_INTERRUPTIONS.0, "", &labels, s.false_interruptions);
     }
 
     header(out, TURNS, "counter");
@@ -1130,6 +1152,11 @@ mod otel {
             let attrs = [provider.clone()];
             u64_counter(meter, &weak, INTERRUPTIONS, None, move |m, obs| {
                 obs.observe(m.interruptions.load(Relaxed), &attrs);
+            });
+
+            let attrs = [provider.clone()];
+            u64_counter(meter, &weak, FALSE_INTERRUPTIONS, None, move |m, obs| {
+                obs.observe(m.false_interruptions.load(Relaxed), &attrs);
             });
 
             let attrs = [provider];

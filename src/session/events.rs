@@ -78,9 +78,20 @@ pub enum SessionEvent {
         /// The text.
         text: String,
     },
-    /// The user barged in: reply audio was cancelled and flushed.
+    /// The user barged in: the reply stopped. With the interruption
+    /// policy on ([`InterruptionConfig`](crate::config::InterruptionConfig)),
+    /// the rest of the reply is kept until words confirm the interruption
+    /// (then it is dropped) or none come ([`SessionEvent::Resumed`]); with
+    /// it off, or without a transcript to wait for, it is dropped at once.
     Interrupted {
         /// The turn whose reply was cut.
+        turn: u64,
+    },
+    /// The interruption of a reply was false (the speech said no words, or
+    /// only backchannels such as "uh-huh"): the reply plays on from where
+    /// it stopped, nothing of it repeated or skipped.
+    Resumed {
+        /// The turn whose reply resumed.
         turn: u64,
     },
     /// A turn's latency, once its first reply audio went out.
