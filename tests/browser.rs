@@ -253,6 +253,119 @@ async fn save_screenshot(client: &Client) {
     }
 }
 
+/// Chromium (through chromedriver) with `samples` as its fake microphone,
+/// on `url`. Dropping the guard kills chromedriver and the browser.
+struct Browser {
+    client: Client,
+    _driver: ProcessGroup,
+    _dir: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn open(samples: &[i16], url: &str) -> Browser {
+        let dir = tempfile::tempdir().unwrap();
+        let wav = dir.path().join("speech.wav");
+        write_wav(&wav, samples);
+        let profile = dir.path().join("profile");
+        std::fs::create_dir(&profile).unwrap();
+        let driver_log = dir.path().join("chromedriver.log");
+        let (driver, port) = start_chromedriver(&driver_log);
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(chrome_capabilities(&wav, &profile));
+        let client = builder
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(&driver_log).unwrap_or_default();
+                let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+                panic!("could not start Chromium through chromedriver: {e}\nlast log lines (newest first):\n{tail}")
+            });
+        client.goto(url).await.expect("load the page");
+        Browser {
+            client,
+            _driver: driver,
+            _dir: dir,
+        }
+    }
+}
+
+/// The texts of the page's elements that match `selector`, in order.
+async fn texts(client: &Client, selector: &str) -> Vec<String> {
+    let raw = client
+        .execute(
+            "return JSON.stringify(Array.from(document.querySelectorAll(arguments[0]), e => e.textContent));",
+            vec![json!(selector)],
+        )
+        .await
+        .expect("read the page");
+    serde_json::from_str(raw.as_str().expect("a JSON string")).expect("JSON")
+}
+
+/// The conversation as shown: `(class, text)` of each line.
+async fn conversation_lines(client: &Client) -> Vec<(String, String)> {
+    let raw = client
+        .execute(
+            "return JSON.stringify(Array.from(document.querySelectorAll('#conversation li'), e => [e.className, e.textContent]));",
+            vec![],
+        )
+        .await
+        .expect("read the conversation");
+    serde_json::from_str(raw.as_str().expect("a JSON string")).expect("JSON")
+}
+
+/// `voice-backends serve` (the binary, as a user runs it) on a free port
+/// with `args`, killed on drop.
+#[cfg(feature = "cli")]
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+}
+
+#[cfg(feature = "cli")]
+impl Serve {
+    fn start(args: &[&str]) -> Serve {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_voice-backends"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--store", "none"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("serve starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let mut serve = Serve {
+            child,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("serve prints `listening on http://ADDR`");
+        serve.addr = line
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("an address");
+        serve
+    }
+}
+
+#[cfg(feature = "cli")]
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoken_turn_goes_round_trip_through_the_web_page() {
     if !browser_available() {
@@ -336,6 +449,18 @@ async fn a_spoken_turn_goes_round_trip_through_the_web_page() {
     assert!(latency["turn"].as_u64().unwrap_or(0) >= 1, "{t:#}");
     assert!(latency["first_audio_ms"].is_number(), "{t:#}");
     assert!(t["closed"].is_null(), "{t:#}");
+    // The latency table: the echo has no STT, agent or synthesis (dashes),
+    // and its first audio follows the turn's end within a fraction of a
+    // millisecond, shown as such rather than as 0.0.
+    let row = texts(&client, "#latency tr:first-child td").await;
+    assert_eq!(row.len(), 6, "{row:?}");
+    assert_eq!(row[2..5], ["—", "—", "—"], "{row:?}");
+    let first_audio = &row[5];
+    assert!(
+        first_audio == "<0.01"
+            || first_audio.parse::<f64>().is_ok_and(|v| v > 0.0),
+        "first audio shown as {first_audio:?} for {latency}"
+    );
 
     // The Disconnect button sends `stop`; the server closes the socket.
     client
@@ -355,4 +480,72 @@ async fn a_spoken_turn_goes_round_trip_through_the_web_page() {
         .expect("the server stops")
         .expect("the server task")
         .expect("the server runs cleanly");
+}
+
+/// Types `text` in the page's text box and presses Enter.
+async fn type_line(client: &Client, text: &str) {
+    use fantoccini::Locator;
+    let input = client
+        .find(Locator::Css("#text"))
+        .await
+        .expect("the text box");
+    input.send_keys(&format!("{text}\n")).await.expect("type");
+}
+
+/// The default `serve` (the echo backend) answers the page's text box with
+/// the demo agent: each typed line shows once as the user's, its answer
+/// once as the agent's, in order, and no error is shown. The agent is
+/// given the conversation so far ("what did I say before").
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_text_on_the_default_serve_is_answered_once_without_an_error() {
+    if !browser_available() {
+        return;
+    }
+    let serve = Serve::start(&[]);
+    // A silent microphone: only typed turns.
+    let silence = signal::silence(Duration::from_secs(2));
+    let browser = Browser::open(&silence, &format!("http://{}/?autostart=1", serve.addr)).await;
+    let client = &browser.client;
+    let (ok, t) = wait_for(client, TURN_TIMEOUT, |t| t["ready"] == true).await;
+    assert!(ok, "the session did not start: {t:#}");
+
+    let lines = [
+        ("repeat after me the quick brown fox", "the quick brown fox"),
+        (
+            "What did I say before?",
+            "Before this, you said: repeat after me the quick brown fox",
+        ),
+    ];
+    for (n, (typed, _)) in lines.iter().enumerate() {
+        type_line(client, typed).await;
+        let (ok, t) = wait_for(client, TURN_TIMEOUT, |t| {
+            count(t, "agent_text") > n as u64
+        })
+        .await;
+        assert!(
+            ok,
+            "no answer to {typed:?}: {t:#}\npage log:\n{}",
+            page_log(client).await
+        );
+    }
+    // Late duplicates would come within this.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shown = conversation_lines(client).await;
+    let expected: Vec<(String, String)> = lines
+        .iter()
+        .flat_map(|(typed, answer)| {
+            [
+                ("user".to_owned(), (*typed).to_owned()),
+                ("agent".to_owned(), (*answer).to_owned()),
+            ]
+        })
+        .collect();
+    assert_eq!(shown, expected);
+    let t = voice_test(client).await;
+    assert_eq!(t["textsSent"], 2, "{t:#}");
+    assert_eq!(count(&t, "error"), 0, "{t:#}");
+    let errors = texts(client, "#events li.error").await;
+    assert!(errors.is_empty(), "errors shown: {errors:?}");
+    save_screenshot(client).await;
 }

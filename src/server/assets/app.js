@@ -22,6 +22,7 @@
     states: [],
     events: {},
     framesSent: 0,
+    textsSent: 0,
     replyFramesReceived: 0,
     replySamplesPlayed: 0,
     interrupted: 0,
@@ -87,8 +88,16 @@
       : (ui.toggle.checked ? "Click to talk" : "Hold to talk");
   }
 
-  // Milliseconds as shown: one decimal below 10 ms, whole ones above.
-  const ms = (v) => (typeof v !== "number" ? "—" : v < 10 ? v.toFixed(1) : Math.round(v).toString());
+  // Milliseconds as shown: whole ones from 10 ms, one decimal from 1 ms, two
+  // below (an in-process reply, such as the echo's, starts within a fraction
+  // of a millisecond of the turn's end: not 0.0), "<0.01" below that, and a
+  // dash when the stage did not run (no STT, no agent, no synthesis).
+  const ms = (v) => {
+    if (typeof v !== "number" || !Number.isFinite(v) || v < 0) return "—";
+    if (v >= 10) return Math.round(v).toString();
+    if (v >= 1) return v.toFixed(1);
+    return v >= 0.01 ? v.toFixed(2) : "<0.01";
+  };
 
   function showLatency(l) {
     const tr = document.createElement("tr");
@@ -326,8 +335,10 @@
     e.preventDefault();
     const text = ui.text.value.trim();
     if (!text || !ws || !test.ready) return;
+    // Shown once the server's `user_transcript` for it comes back, in turn
+    // order with what is said.
     ws.send(JSON.stringify({ type: "text", text }));
-    say("user", text);
+    test.textsSent++;
     ui.text.value = "";
   });
 
