@@ -23,6 +23,7 @@
 pub mod builtin;
 pub mod engine;
 pub mod events;
+pub mod failover;
 pub mod link;
 #[cfg(any(
     feature = "denoise",

@@ -15,18 +15,21 @@
 use std::fmt;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
+use super::failover::{self, Candidate, FailoverReport, FailoverTts};
 use super::{
     ComponentRegistries, ProcessorFactory, S2sEvent, S2sStream, SpeechToSpeech, SpeechToText,
     SttEvent, SttStream, TextToSpeech, TurnDetector, TurnDetectorFactory, Vad, VadFactory,
 };
 use crate::config::{
-    Config, DEFAULT_TURN_DETECTION_PROVIDER, DEFAULT_VAD_PROVIDER, HostedStages,
+    Config, DEFAULT_TURN_DETECTION_PROVIDER, DEFAULT_VAD_PROVIDER, FailoverConfig, HostedStages,
     InterruptionConfig, PipelineType, SessionConfig,
 };
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::{AudioProcessor, sort_processors};
+use crate::metrics::Metrics;
+use crate::pipeline::events::SessionEvent;
 use crate::registry::Registry;
 
 /// A stage of the pipeline that a component fills.
@@ -129,6 +132,19 @@ pub struct Plan {
     pub tts: Option<Planned<dyn TextToSpeech>>,
     /// Speech-to-speech, when named.
     pub s2s: Option<Planned<dyn SpeechToSpeech>>,
+    /// The speech-to-text components to fall back to, in order
+    /// (`stt_fallbacks`); see [`failover`](super::failover).
+    pub stt_fallbacks: Vec<Planned<dyn SpeechToText>>,
+    /// The text-to-speech components to fall back to, in order
+    /// (`tts_fallbacks`), each made from its options.
+    pub tts_fallbacks: Vec<Planned<dyn TextToSpeech>>,
+    /// The speech-to-speech components to fall back to, in order
+    /// (`s2s_fallbacks`).
+    pub s2s_fallbacks: Vec<Planned<dyn SpeechToSpeech>>,
+    /// How the stages with fallbacks fail over (`[failover]`).
+    pub failover: FailoverConfig,
+    /// Where a session's failover wrappers report (see [`Plan::report_to`]).
+    report: Arc<FailoverReport>,
     /// When user speech during a reply interrupts it: the config's
     /// `[interruption]`, with a session's `[pipeline.interruption]` changes
     /// in a session's plan.
@@ -235,6 +251,9 @@ struct Speech<'a> {
     stt: Option<(&'a str, &'static str)>,
     tts: Option<(&'a str, &'static str)>,
     s2s: Option<(&'a str, &'static str)>,
+    /// Each stage's fallback names, and the prefix of their field paths
+    /// (`""`, or `"pipeline."` for a session's own list).
+    fallbacks: [(Vec<String>, &'static str); 3],
 }
 
 impl<'a> Speech<'a> {
@@ -244,6 +263,11 @@ impl<'a> Speech<'a> {
             stt: config.stt_provider.as_deref().map(|n| (n, "stt_provider")),
             tts: config.tts_provider.as_deref().map(|n| (n, "tts_provider")),
             s2s: config.s2s_provider.as_deref().map(|n| (n, "s2s_provider")),
+            fallbacks: [
+                (config.stt_fallbacks.clone(), ""),
+                (config.tts_fallbacks.clone(), ""),
+                (config.s2s_fallbacks.clone(), ""),
+            ],
         }
     }
 }
@@ -306,6 +330,23 @@ impl Planner<'_> {
             order: 0,
             inline_options: false,
         })
+    }
+
+    /// The components of a fallback list (`{prefix}{stage}_fallbacks[i]`).
+    fn plan_fallbacks<T: ?Sized + Send + Sync + 'static>(
+        &mut self,
+        registry: &Registry<T>,
+        stage: Stage,
+        (names, prefix): &(Vec<String>, &'static str),
+    ) -> Vec<Planned<T>> {
+        let list = stage.field().replace("_provider", "_fallbacks");
+        names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                self.plan(registry, stage, name, || format!("{prefix}{list}[{i}]"))
+            })
+            .collect()
     }
 
     /// Notes `result` as a problem with `planned`'s options.
@@ -415,6 +456,35 @@ impl Planner<'_> {
         {
             self.options(s, s.component.check_options(&s.options));
         }
+        let [stt_names, tts_names, s2s_names] = &speech.fallbacks;
+        let stt_fallbacks = self.plan_fallbacks(&reg.stt, Stage::Stt, stt_names);
+        if check && speech.pipeline_type == PipelineType::SttTts {
+            for s in &stt_fallbacks {
+                self.options(s, s.component.check_options(&s.options));
+            }
+        }
+        let tts_fallbacks = self
+            .plan_fallbacks(&reg.tts, Stage::Tts, tts_names)
+            .into_iter()
+            .filter_map(|mut t| match t.component.with_options(&t.options) {
+                Ok(made) => {
+                    if let Some(made) = made {
+                        t.component = made;
+                    }
+                    Some(t)
+                }
+                Err(e) => {
+                    self.options(&t, Err(e));
+                    None
+                }
+            })
+            .collect();
+        let s2s_fallbacks = self.plan_fallbacks(&reg.s2s, Stage::S2s, s2s_names);
+        if check && speech.pipeline_type == PipelineType::S2s {
+            for s in &s2s_fallbacks {
+                self.options(s, s.component.check_options(&s.options));
+            }
+        }
 
         // Every lookup that failed noted a problem.
         match (vad, turn) {
@@ -427,6 +497,11 @@ impl Planner<'_> {
                 stt,
                 tts,
                 s2s,
+                stt_fallbacks,
+                tts_fallbacks,
+                s2s_fallbacks,
+                failover: config.failover,
+                report: Arc::default(),
                 interruption: config.interruption.clone(),
             }),
             _ => Err(PlanError {
@@ -519,6 +594,24 @@ impl Plan {
                 let set = overridden.is_some_and(|p| p.s2s_provider.is_some());
                 (n, field(set, "s2s_provider", "pipeline.s2s_provider"))
             }),
+            fallbacks: {
+                let fallbacks = session.resolve_fallbacks(base);
+                let prefix = |set: bool| if set { "pipeline." } else { "" };
+                [
+                    (
+                        fallbacks.stt,
+                        prefix(overridden.is_some_and(|p| p.stt_fallbacks.is_some())),
+                    ),
+                    (
+                        fallbacks.tts,
+                        prefix(overridden.is_some_and(|p| p.tts_fallbacks.is_some())),
+                    ),
+                    (
+                        fallbacks.s2s,
+                        prefix(overridden.is_some_and(|p| p.s2s_fallbacks.is_some())),
+                    ),
+                ]
+            },
         };
         let planner = Planner {
             config: base,
@@ -574,7 +667,11 @@ impl Plan {
     /// component's own errors.
     pub fn open_stt(&self, events: mpsc::Sender<SttEvent>) -> Result<Box<dyn SttStream>> {
         let stt = self.stt.as_ref().ok_or_else(|| missing("stt_provider"))?;
-        stt.component.open(&stt.options, events)
+        if self.stt_fallbacks.is_empty() {
+            return stt.component.open(&stt.options, events);
+        }
+        let list = candidates(stt, &self.stt_fallbacks);
+        failover::open_stt(list, self.failover, self.report.clone(), events)
     }
 
     /// Opens the speech-to-speech stream of one session, its events to `events`.
@@ -585,12 +682,34 @@ impl Plan {
     /// component's own errors.
     pub fn open_s2s(&self, events: mpsc::Sender<S2sEvent>) -> Result<Box<dyn S2sStream>> {
         let s2s = self.s2s.as_ref().ok_or_else(|| missing("s2s_provider"))?;
-        s2s.component.open(&s2s.options, events)
+        if self.s2s_fallbacks.is_empty() {
+            return s2s.component.open(&s2s.options, events);
+        }
+        let list = candidates(s2s, &self.s2s_fallbacks);
+        failover::open_s2s(list, self.failover, self.report.clone(), events)
     }
 
-    /// The text-to-speech component, when the plan has one.
+    /// The text-to-speech component, when the plan has one: with
+    /// fallbacks, one session's [`FailoverTts`] over the list.
     pub fn tts(&self) -> Option<Arc<dyn TextToSpeech>> {
-        self.tts.as_ref().map(|t| Arc::clone(&t.component))
+        let tts = self.tts.as_ref()?;
+        if self.tts_fallbacks.is_empty() {
+            return Some(Arc::clone(&tts.component));
+        }
+        let list = candidates(tts, &self.tts_fallbacks);
+        Some(Arc::new(FailoverTts::new(
+            list,
+            self.failover,
+            self.report.clone(),
+        )))
+    }
+
+    /// Sends what this plan's failover wrappers report (which component
+    /// served a turn, the switches) to a session's `events` and its
+    /// backend's `metrics`. Called once the session's engine exists; until
+    /// then they go to the log only.
+    pub fn report_to(&self, events: broadcast::Sender<SessionEvent>, metrics: Arc<Metrics>) {
+        self.report.attach(events, metrics);
     }
 
     /// The text-to-speech component the pipeline needs.
@@ -601,6 +720,21 @@ impl Plan {
     pub fn require_tts(&self) -> Result<Arc<dyn TextToSpeech>> {
         self.tts().ok_or_else(|| missing("tts_provider"))
     }
+}
+
+/// A stage's list for its failover wrapper: the primary, then its fallbacks.
+fn candidates<T: ?Sized>(primary: &Planned<T>, fallbacks: &[Planned<T>]) -> Vec<Candidate<T>> {
+    std::iter::once(primary)
+        .chain(fallbacks)
+        .map(|p| {
+            Candidate::new(
+                p.stage,
+                &p.name,
+                Arc::clone(&p.component),
+                p.options.clone(),
+            )
+        })
+        .collect()
 }
 
 fn missing(field: &str) -> BackendError {
