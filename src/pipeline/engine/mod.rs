@@ -365,6 +365,11 @@ impl Engine {
         self.shared.state()
     }
 
+    /// A sender of the session's events, for parts reporting on their own (failover).
+    pub fn event_sender(&self) -> broadcast::Sender<SessionEvent> {
+        self.shared.events.clone()
+    }
+
     /// A new subscription to the session's events. With a link, its first
     /// event is the link's state ([`SessionEvent::Connection`]) as of the
     /// subscription: a link connects when the session is created, before
