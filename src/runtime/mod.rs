@@ -431,6 +431,7 @@ impl Inner {
             converters,
         })
         .map_err(|e| e.with_op(OP))?;
+        plan.report_to(engine.event_sender(), self.metrics.clone());
         let history = persist.as_ref().and_then(|_| engine.watch_history());
         if let Some(r) = restore {
             engine.restore_history(r.messages());
