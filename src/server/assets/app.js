@@ -99,6 +99,8 @@
     return v >= 0.01 ? v.toFixed(2) : "<0.01";
   };
 
+  test.formatMs = ms; // the table's formatting, for tests
+
   function showLatency(l) {
     const tr = document.createElement("tr");
     const turn = document.createElement("td");
