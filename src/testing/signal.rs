@@ -212,6 +212,354 @@ pub fn samples_of<'a>(frames: impl IntoIterator<Item = &'a AudioFrame>) -> Vec<i
         .collect()
 }
 
+/// Where a pause of a [`RecordedTurn`] falls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PauseKind {
+    /// Inside a sentence, after a phrase that goes on (a breath, a
+    /// hesitation): the turn is not over.
+    MidSentence,
+    /// Between two sentences of the same turn: the turn is not over, but the
+    /// sentence before it ended like a finished one.
+    BetweenSentences,
+    /// After the turn's last sentence: the turn is over.
+    TurnEnd,
+}
+
+/// How a phrase's pitch behaves at a mid-sentence pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    /// Level: within a semitone of the phrase's line.
+    Level,
+    /// A continuation rise of 1.5-4 semitones.
+    Rising,
+    /// Level or rising, at random (half each).
+    Mixed,
+}
+
+/// One sentence of a [`TurnPlan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentencePlan {
+    /// Phrases in the sentence (at least 1), separated by mid-sentence pauses.
+    pub phrases: usize,
+    /// A question (its end rises) rather than a statement (its end falls).
+    pub question: bool,
+}
+
+/// What [`recorded_style_turn`] says: the sentences of a turn and its pauses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TurnPlan {
+    /// Silence before the first syllable.
+    pub lead: Duration,
+    /// The sentences, in order (at least one).
+    pub sentences: Vec<SentencePlan>,
+    /// The range each mid-sentence pause is drawn from (uniform).
+    pub mid_pause: (Duration, Duration),
+    /// The range each pause between sentences is drawn from (uniform).
+    pub sentence_pause: (Duration, Duration),
+    /// The silence after the last sentence.
+    pub end_pause: Duration,
+    /// The pitch at mid-sentence pauses.
+    pub boundary: Boundary,
+}
+
+impl TurnPlan {
+    /// One statement of `phrases` phrases, 300 ms of lead silence, pauses of
+    /// 150-700 ms inside it, level or rising at random, and `end_pause` after it.
+    pub fn statement(phrases: usize, end_pause: Duration) -> Self {
+        TurnPlan {
+            lead: Duration::from_millis(300),
+            sentences: vec![SentencePlan {
+                phrases,
+                question: false,
+            }],
+            mid_pause: (Duration::from_millis(150), Duration::from_millis(700)),
+            sentence_pause: (Duration::from_millis(300), Duration::from_millis(700)),
+            end_pause,
+            boundary: Boundary::Mixed,
+        }
+    }
+
+    /// A turn as conversations have them, drawn from `seed`: one sentence
+    /// (70 %) or two, each of 1-3 phrases, a question one time in eight;
+    /// pauses of 150-700 ms inside sentences and 300-700 ms between them,
+    /// level or rising at random; `end_pause` after the turn.
+    pub fn random(seed: u64, end_pause: Duration) -> Self {
+        let mut rng = Rng::new(seed ^ 0x7475_726E);
+        let count = if rng.unit() < 0.7 { 1 } else { 2 };
+        let sentences = (0..count)
+            .map(|_| SentencePlan {
+                phrases: 1 + (rng.unit() * 3.0) as usize,
+                question: rng.unit() < 0.125,
+            })
+            .collect();
+        TurnPlan {
+            sentences,
+            ..TurnPlan::statement(1, end_pause)
+        }
+    }
+}
+
+/// A pause of a [`RecordedTurn`], in samples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pause {
+    /// The first silent sample: the end of the speech before the pause.
+    pub start: usize,
+    /// How many samples the pause lasts.
+    pub len: usize,
+    /// Where it falls.
+    pub kind: PauseKind,
+}
+
+/// Audio of [`recorded_style_turn`] with where its pauses are.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedTurn {
+    /// The audio in [`INTERNAL_FORMAT`].
+    pub samples: Vec<i16>,
+    /// Every pause after speech, in order (the lead silence is not one).
+    pub pauses: Vec<Pause>,
+}
+
+impl RecordedTurn {
+    /// Appends `other`, shifting its pauses.
+    pub fn append(&mut self, other: RecordedTurn) {
+        let offset = self.samples.len();
+        self.samples.extend(other.samples);
+        self.pauses.extend(other.pauses.into_iter().map(|p| Pause {
+            start: p.start + offset,
+            ..p
+        }));
+    }
+}
+
+/// One voiced syllable to render: duration, pitch (Hz) and gain (dB) at its
+/// start and end.
+struct Syllable {
+    len: usize,
+    f0: (f64, f64),
+    gain_db: (f64, f64),
+}
+
+/// Recorded-style speech: a turn of sentences with the prosody real speech
+/// has at its pauses, from `plan`, drawn from `seed`. **Synthetic**: no
+/// recording is involved, and nothing here is a voice's spectrum beyond a
+/// harmonic source; what it models is the timing, pitch and energy that turn
+/// detection listens to:
+///
+/// * **Syllables** of 140-240 ms, 3-7 per phrase, voiced: a harmonic source
+///   (amplitudes falling 2.5 dB per harmonic) on an F0 contour, with a little
+///   breath noise, under a `sin^0.5` envelope. Between syllables, gaps of
+///   30-90 ms, a third of them holding an unvoiced fricative (white noise,
+///   differenced, about 15 dB under the vowels).
+/// * **Pitch.** A speaker's base F0 of 95-220 Hz; within a phrase the line
+///   declines by 1 semitone per second, each phrase starting half a semitone
+///   lower than the last; one syllable in three carries an accent (1.5-3
+///   semitones up), the others wander by up to ±0.7 semitones.
+/// * **Phrase ends.** Every phrase's last syllable is lengthened by 40 %
+///   (pre-boundary lengthening, so duration does not give the ending away).
+///   A statement's last two syllables fall 4-7 semitones to the speaker's
+///   floor and 8-12 dB in energy; a question's last syllable rises 4-8
+///   semitones; a phrase before a mid-sentence pause stays level (within a
+///   semitone) or rises 1.5-4 semitones (a continuation rise), by
+///   [`TurnPlan::boundary`], losing at most 3 dB.
+/// * **Pauses** of digital silence: the lead, mid-sentence and
+///   between-sentence pauses drawn from the plan's ranges, the end pause.
+///
+/// The speech (everything but the pauses) averages [`SPEECH_LEVEL_DBFS`] RMS.
+/// The same plan and seed give the same samples.
+pub fn recorded_style_turn(plan: &TurnPlan, seed: u64) -> RecordedTurn {
+    let sr = f64::from(SAMPLE_RATE);
+    let mut rng = Rng::new(seed ^ 0x7072_6F73);
+    let base = rng.range(95.0, 220.0);
+    let st = |hz: f64, semis: f64| hz * 2f64.powf(semis / 12.0);
+    let ms = |rng: &mut Rng, lo: f64, hi: f64| (rng.range(lo, hi) / 1000.0 * sr) as usize;
+    let draw = |rng: &mut Rng, (lo, hi): (Duration, Duration)| {
+        let (lo, hi) = (lo.as_secs_f64(), hi.as_secs_f64().max(lo.as_secs_f64()));
+        (rng.range(lo, hi + f64::EPSILON) * sr) as usize
+    };
+    // The timeline: (syllable or silence or fricative) segments in order.
+    enum Part {
+        Voiced(Syllable),
+        Gap { len: usize, fricative: usize },
+        Pause(usize, Option<PauseKind>),
+    }
+    let mut parts = vec![Part::Pause(samples_in(plan.lead), None)];
+    for (si, sentence) in plan.sentences.iter().enumerate() {
+        let phrases = sentence.phrases.max(1);
+        for p in 0..phrases {
+            let last_phrase = p + 1 == phrases;
+            let syllables = 3 + (rng.unit() * 5.0) as usize;
+            let start_line = st(base, 2.0 - 0.5 * p as f64);
+            let mut t = 0.0f64;
+            for k in 0..syllables {
+                let last = k + 1 == syllables;
+                let penult = k + 2 == syllables;
+                let mut len = ms(&mut rng, 140.0, 240.0);
+                if last {
+                    len = len * 7 / 5;
+                }
+                let line = st(start_line, -1.0 * t);
+                let accent = if rng.unit() < 1.0 / 3.0 {
+                    rng.range(1.5, 3.0)
+                } else {
+                    rng.range(-0.7, 0.7)
+                };
+                let glide = rng.range(-0.5, 0.5);
+                let level = rng.range(-2.0, 2.0);
+                let mut f0 = (st(line, accent), st(line, accent + glide));
+                let mut gain = (level, level);
+                if last_phrase && !sentence.question {
+                    // The final fall, over the last two syllables, to the floor.
+                    let fall = rng.range(4.0, 7.0);
+                    if penult {
+                        f0 = (st(line, 0.5), st(line, -fall * 0.4));
+                        gain = (-1.0, -4.0);
+                    } else if last {
+                        f0 = (st(line, -fall * 0.45), st(line, -fall));
+                        gain = (-4.5, rng.range(-12.0, -8.0));
+                    }
+                } else if last && last_phrase {
+                    let rise = rng.range(4.0, 8.0);
+                    f0 = (line, st(line, rise));
+                    gain = (0.0, -1.0);
+                } else if last {
+                    let rising = match plan.boundary {
+                        Boundary::Level => false,
+                        Boundary::Rising => true,
+                        Boundary::Mixed => rng.unit() < 0.5,
+                    };
+                    let end = if rising {
+                        rng.range(1.5, 4.0)
+                    } else {
+                        rng.range(-0.5, 0.5)
+                    };
+                    f0 = (st(line, rng.range(-0.3, 0.3)), st(line, end));
+                    gain = (level.min(0.0), rng.range(-3.0, 0.0));
+                }
+                parts.push(Part::Voiced(Syllable {
+                    len,
+                    f0,
+                    gain_db: gain,
+                }));
+                t += len as f64 / sr;
+                if !last {
+                    let gap = ms(&mut rng, 30.0, 90.0);
+                    let fricative = if rng.unit() < 1.0 / 3.0 {
+                        gap.min(ms(&mut rng, 40.0, 70.0))
+                    } else {
+                        0
+                    };
+                    t += gap as f64 / sr;
+                    parts.push(Part::Gap {
+                        len: gap,
+                        fricative,
+                    });
+                }
+            }
+            let pause = if !last_phrase {
+                (draw(&mut rng, plan.mid_pause), PauseKind::MidSentence)
+            } else if si + 1 < plan.sentences.len() {
+                (
+                    draw(&mut rng, plan.sentence_pause),
+                    PauseKind::BetweenSentences,
+                )
+            } else {
+                (samples_in(plan.end_pause), PauseKind::TurnEnd)
+            };
+            parts.push(Part::Pause(pause.0, Some(pause.1)));
+        }
+    }
+    // Render.
+    let total: usize = parts
+        .iter()
+        .map(|p| match p {
+            Part::Voiced(s) => s.len,
+            Part::Gap { len, .. } | Part::Pause(len, _) => *len,
+        })
+        .sum();
+    let mut out = vec![0f64; total];
+    let mut pauses = Vec::new();
+    let mut at = 0usize;
+    let mut phase = 0f64;
+    let a = 0.75f64; // harmonic k has amplitude a^k: -2.5 dB per harmonic
+    let mut speech_energy = 0f64;
+    let mut speech_samples = 0usize;
+    for part in &parts {
+        match part {
+            Part::Voiced(s) => {
+                let (ls, le) = (s.f0.0.ln(), s.f0.1.ln());
+                for i in 0..s.len {
+                    let t = i as f64 / s.len as f64;
+                    let envelope = (PI * t).sin().max(0.0).sqrt();
+                    let f0 = (ls + (le - ls) * t).exp();
+                    let gain = 10f64.powf((s.gain_db.0 + (s.gain_db.1 - s.gain_db.0) * t) / 20.0);
+                    phase = (phase + 2.0 * PI * f0 / sr) % (2.0 * PI);
+                    // sum over k >= 1 of a^k sin(k phase), in closed form.
+                    let voice = a * phase.sin() / (1.0 - 2.0 * a * phase.cos() + a * a);
+                    let breath = 0.05 * rng.gaussian();
+                    let v = gain * envelope * (voice + breath);
+                    speech_energy += v * v;
+                    out[at + i] = v;
+                }
+                speech_samples += s.len;
+                at += s.len;
+            }
+            Part::Gap { len, fricative } => {
+                let offset = (len - fricative) / 2;
+                let mut prev = 0.0;
+                for i in 0..*fricative {
+                    let t = i as f64 / *fricative as f64;
+                    let n = rng.gaussian();
+                    let v = 0.35 * (PI * t).sin() * (n - prev);
+                    prev = n;
+                    speech_energy += v * v;
+                    out[at + offset + i] = v;
+                }
+                speech_samples += len;
+                at += len;
+            }
+            Part::Pause(len, kind) => {
+                if let Some(kind) = kind {
+                    pauses.push(Pause {
+                        start: at,
+                        len: *len,
+                        kind: *kind,
+                    });
+                }
+                at += len;
+            }
+        }
+    }
+    let rms = (speech_energy / speech_samples.max(1) as f64).sqrt();
+    let gain = if rms > 0.0 {
+        32768.0 * 10f64.powf(f64::from(SPEECH_LEVEL_DBFS) / 20.0) / rms
+    } else {
+        0.0
+    };
+    let samples = out
+        .iter()
+        .map(|x| (x * gain).round().clamp(-32768.0, 32767.0) as i16)
+        .collect();
+    RecordedTurn { samples, pauses }
+}
+
+/// `turns` turns of [`TurnPlan::random`] back to back (each with its 300 ms
+/// lead and followed by `end_pause` of silence), all drawn from `seed`; each
+/// turn draws its own voice (base F0), as if speakers took turns.
+pub fn recorded_style_conversation(turns: usize, end_pause: Duration, seed: u64) -> RecordedTurn {
+    let mut all = RecordedTurn {
+        samples: Vec::new(),
+        pauses: Vec::new(),
+    };
+    for t in 0..turns as u64 {
+        let turn_seed = seed.wrapping_mul(1_000_003).wrapping_add(t);
+        all.append(recorded_style_turn(
+            &TurnPlan::random(turn_seed, end_pause),
+            turn_seed,
+        ));
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! |------|------|------|---------------------------------|
 //! | `vad` | `"energy"` | [`EnergyVad`] | [`EnergyVadOptions`] |
 //! | `turn` | `"silence"` | [`SilenceTurnDetector`] | [`SilenceTurnOptions`] |
+//! | `turn` | `"adaptive"` | [`AdaptiveTurnDetector`] | [`AdaptiveTurnOptions`] |
 //! | `s2s` | `"echo"` | [`EchoS2s`] | [`EchoOptions`] |
 //!
 //! Each registers itself at link time with
@@ -17,10 +18,12 @@
 //! by its path, e.g. `components.energy.threshold_db`. Durations are written
 //! like `"200ms"` or `"3s"`.
 
+pub mod adaptive;
 pub mod echo;
 pub mod turn;
 pub mod vad;
 
+pub use adaptive::{AdaptiveTurnDetector, AdaptiveTurnFactory, AdaptiveTurnOptions};
 pub use echo::{EchoOptions, EchoS2s, EchoStream};
 pub use turn::{SilenceTurnDetector, SilenceTurnFactory, SilenceTurnOptions};
 pub use vad::{EnergyVad, EnergyVadFactory, EnergyVadOptions};
