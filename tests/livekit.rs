@@ -2,8 +2,10 @@
 //! The `livekit` provider against an in-process LiveKit room (`/rtc`
 //! signaling and a webrtc-rs peer playing the SFU, with a simulated user):
 //! a whole spoken turn through real WebRTC media and Opus, the session's
-//! info, text on the data channel, rejoining after the signal connection or
-//! ICE is lost, a malformed signal message, leaving on close, and the
+//! info, text on the data channel, resuming after the signal connection is
+//! lost (and rejoining when the resume is refused or ICE is lost), a user
+//! and an agent that send nothing while silent (DTX), a malformed signal
+//! message, leaving on close, and the
 //! backend conformance suite. The last test runs against a real LiveKit
 //! server when `LIVEKIT_URL`, `LIVEKIT_API_KEY` and `LIVEKIT_API_SECRET` are
 //! set (`cargo test --features livekit,testing --test livekit -- --ignored`).
@@ -238,7 +240,80 @@ async fn link_state(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_signal_connection_is_rejoined_and_the_session_goes_on() {
+async fn a_dropped_signal_connection_is_resumed_and_the_reply_keeps_flowing() {
+    let room = TestRoom::start(KEY, SECRET).await;
+    let backend = backend(&config(&room)).await;
+    let session = backend
+        .create_session(SessionConfig::new(USER_IDENTITY))
+        .await
+        .unwrap();
+    let mut events = session.events();
+    room.wait_for_agent(PATIENCE).await.unwrap();
+    session.start().await.unwrap();
+
+    // A long turn; the signal connection drops while its echo is playing.
+    room.clear_agent_audio();
+    let mut pcm = vec![0i16; 16_000 * 4 / 10];
+    pcm.extend(livekit_room::tone(
+        440.0,
+        16_000,
+        Duration::from_millis(2_000),
+        8_000,
+    ));
+    room.user_says(&pcm, 16_000).await.expect("the user speaks");
+    let playing = room
+        .wait_until(PATIENCE, |r| {
+            r.agent_packets().iter().filter(|p| p.4).count() >= 10
+        })
+        .await;
+    assert!(playing, "the reply started: {:?}", room.counters());
+    assert_eq!(room.drop_signal(), 1);
+    link_state(&mut events, ConnectionState::Reconnecting, PATIENCE).await;
+    link_state(&mut events, ConnectionState::Connected, PATIENCE).await;
+
+    // The whole reply arrived, on the one track, with no rejoin.
+    let reply = room
+        .wait_agent_turn_with(PATIENCE, Duration::from_millis(800))
+        .await;
+    let voiced = reply.voiced();
+    assert!(
+        voiced >= Duration::from_millis(1_940),
+        "the reply went on across the resume: {voiced:?} voiced; the room: {:?}",
+        room.counters()
+    );
+    let ssrcs: std::collections::BTreeSet<u32> = room.agent_packets().iter().map(|p| p.0).collect();
+    assert_eq!(ssrcs.len(), 1, "one stream, never re-published: {ssrcs:?}");
+    let counters = room.counters();
+    assert_eq!(
+        (counters.joins, counters.resumes, counters.tracks_published),
+        (1, 1, 1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.sync_states, 1,
+        "the agent told its state: {counters:?}"
+    );
+    let details = backend.health_check().await.details;
+    assert_eq!(health(&details, "resumes"), 1, "{details:?}");
+    assert_eq!(health(&details, "rejoins"), 0, "{details:?}");
+    assert_eq!(health(&details, "joins"), 1, "{details:?}");
+
+    // The new signal connection is the one the agent reads.
+    assert_eq!(room.send_malformed(), 1);
+    let heard = async {
+        while health(&backend.health_check().await.details, "malformed_signal") != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, heard)
+        .await
+        .expect("the resumed signal connection is read");
+    one_turn(&room, &*backend, 500).await;
+    backend.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_resume_falls_back_to_a_full_rejoin() {
     let room = TestRoom::start(KEY, SECRET).await;
     let backend = backend(&config(&room)).await;
     let session = backend
@@ -250,14 +325,112 @@ async fn a_dropped_signal_connection_is_rejoined_and_the_session_goes_on() {
     session.start().await.unwrap();
     one_turn(&room, &*backend, 500).await;
 
+    room.refuse_resumes(true);
     assert_eq!(room.drop_signal(), 1);
     link_state(&mut events, ConnectionState::Reconnecting, PATIENCE).await;
     link_state(&mut events, ConnectionState::Connected, PATIENCE).await;
     room.wait_for_agent(PATIENCE).await.unwrap();
     one_turn(&room, &*backend, 500).await;
+    let counters = room.counters();
+    assert_eq!(
+        (counters.resumes, counters.resumes_refused, counters.joins),
+        (0, 1, 2),
+        "{counters:?}"
+    );
     let details = backend.health_check().await.details;
+    assert_eq!(health(&details, "resume_failures"), 1, "{details:?}");
     assert_eq!(health(&details, "rejoins"), 1, "{details:?}");
     assert_eq!(health(&details, "joins"), 2, "{details:?}");
+    backend.stop().await.unwrap();
+}
+
+/// A user whose client sends DTX while silent: the gaps reach the session
+/// as silence (so the turn ends), and nothing of them is decoded.
+async fn dtx_user(send_dtx_frames: bool) -> std::collections::BTreeMap<String, String> {
+    let mut options = livekit_room::RoomOptions::new(KEY, SECRET);
+    options.mic_dtx = true;
+    options.mic_sends_dtx_frames = send_dtx_frames;
+    let room = TestRoom::start_with(options).await;
+    let backend = backend(&config(&room)).await;
+    let session = backend
+        .create_session(SessionConfig::new(USER_IDENTITY))
+        .await
+        .unwrap();
+    room.wait_for_agent(PATIENCE).await.unwrap();
+    session.start().await.unwrap();
+    one_turn(&room, &*backend, 600).await;
+    let details = backend.health_check().await.details;
+    backend.stop().await.unwrap();
+    details
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_sending_nothing_while_silent_is_heard_and_the_gaps_are_silence() {
+    let details = dtx_user(false).await;
+    assert!(
+        health(&details, "dtx_filled") > 20,
+        "the silences were handed in: {details:?}"
+    );
+    assert_eq!(health(&details, "decode_errors"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_dtx_frames_are_not_decoded() {
+    let details = dtx_user(true).await;
+    assert!(
+        health(&details, "dtx_skipped") > 20,
+        "the DTX frames were skipped: {details:?}"
+    );
+    assert_eq!(health(&details, "decode_errors"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_sends_nothing_between_replies_and_marks_each_spurt() {
+    let room = TestRoom::start(KEY, SECRET).await;
+    let backend = backend(&config(&room)).await;
+    let session = backend
+        .create_session(SessionConfig::new(USER_IDENTITY))
+        .await
+        .unwrap();
+    room.wait_for_agent(PATIENCE).await.unwrap();
+    session.start().await.unwrap();
+    room.clear_agent_audio();
+    one_turn(&room, &*backend, 500).await;
+    let first = room.agent_packets();
+    one_turn(&room, &*backend, 500).await;
+    let both = {
+        let mut all = first.clone();
+        all.extend(room.agent_packets());
+        all
+    };
+    // Between the replies the user spoke for most of a second: no packets
+    // then, and the second reply's first packet jumps over that time with
+    // the marker set.
+    let last_of_first = first.last().copied().expect("the first reply's packets");
+    let first_of_second = both[first.len()];
+    assert!(first_of_second.3, "the second spurt is marked");
+    let jump = first_of_second.2.wrapping_sub(last_of_first.2);
+    assert!(
+        jump >= 48 * 900,
+        "the RTP time went over the pause: {jump} samples at 48 kHz"
+    );
+    assert_eq!(
+        first_of_second.1,
+        last_of_first.1.wrapping_add(1),
+        "sequence numbers run on"
+    );
+    // Within a reply, packets follow each other 960 apart unless DTX
+    // left frames out, which the marker says.
+    for pair in both.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if b.2.wrapping_sub(a.2) != 960 {
+            assert!(b.3, "a jump without the marker: {a:?} -> {b:?}");
+        }
+    }
+    let details = backend.health_check().await.details;
+    // Only the replies were sent: the pause, about 1.3 s, had none.
+    let sent = health(&details, "rtp_out");
+    assert!(sent < 120, "{sent} packets for two half-second replies");
     backend.stop().await.unwrap();
 }
 

@@ -31,7 +31,10 @@
 //!   `SignalResponse{reconnect}` on the new socket, the same peer
 //!   connections. If the participant is gone (its media was killed, or it
 //!   left) the reconnect is answered with `leave{canReconnect, action:
-//!   RECONNECT}` so the client does a full join. A fresh join with an
+//!   RECONNECT}` so the client does a full join; [`TestRoom::refuse_resumes`]
+//!   makes it refuse every resume that way (the participant is dropped, as
+//!   a server that lost its state would). A resumed client's `sync_state`
+//!   is counted. A fresh join with an
 //!   identity already in the room replaces the old participant (it gets
 //!   `leave{reason: DUPLICATE_IDENTITY}`).
 //! - Data: the agent's `DataPacket`s arrive on the data channels it opens on
@@ -60,6 +63,7 @@
 //! room.user_sends_data("lk.chat", b"hi").await?;
 //!
 //! room.drop_signal();          // abort the agent's signal socket (no close frame)
+//! room.refuse_resumes(true);   // answer every reconnect=1 with leave{RECONNECT}
 //! room.kill_ice();             // black-hole the SFU's UDP: ICE to the agent fails
 //! room.send_malformed();       // bytes that are not a SignalResponse
 //! room.counters();             // joins, resumes, leaves, pings, offers, malformed, ...
@@ -113,6 +117,14 @@ pub struct RoomOptions {
     /// microphone without DTX); otherwise the user's track is quiet between
     /// utterances.
     pub mic_silence: bool,
+    /// The user's client runs Opus DTX, as browsers do: its encoder has
+    /// DTX on, and the TOC-only frames it makes over silence are not sent
+    /// (a comfort-noise update goes out now and then; RTP time jumps over
+    /// the rest). Silence is encoded even without `mic_silence`.
+    pub mic_dtx: bool,
+    /// With `mic_dtx`, send the TOC-only DTX frames too (a client that
+    /// does).
+    pub mic_sends_dtx_frames: bool,
 }
 
 impl RoomOptions {
@@ -126,6 +138,8 @@ impl RoomOptions {
             ping_interval: 5,
             ping_timeout: 15,
             mic_silence: true,
+            mic_dtx: false,
+            mic_sends_dtx_frames: false,
         }
     }
 }
@@ -200,6 +214,10 @@ pub struct Counters {
     pub resumes: u64,
     /// Resumes refused with `leave{action: RECONNECT}`.
     pub resumes_refused: u64,
+    /// `sync_state` requests received (a resumed client's state).
+    pub sync_states: u64,
+    /// User frames the microphone did not send (DTX).
+    pub mic_dtx_skipped: u64,
     /// Connections refused (401/404).
     pub refused: u64,
     /// `leave` requests received.
@@ -238,6 +256,7 @@ pub(crate) struct AgentRtp {
     pub ssrc: u32,
     pub seq: u16,
     pub timestamp: u32,
+    pub marker: bool,
     pub payload: Vec<u8>,
     pub at: Instant,
     /// Decoded on arrival, its RMS was above [`VOICED_RMS`].
@@ -361,6 +380,8 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub mic: Mutex<VecDeque<MicFrame>>,
     pub next_id: AtomicU64,
+    /// Refuse every resume (see [`TestRoom::refuse_resumes`]).
+    pub refuse_resumes: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -427,6 +448,7 @@ impl TestRoom {
             state: Mutex::new(State::default()),
             mic: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(1),
+            refuse_resumes: std::sync::atomic::AtomicBool::new(false),
         });
         let server = tokio::spawn(signal::serve(listener, shared.clone()));
         let mic = tokio::spawn(sfu::run_mic(shared.clone()));
@@ -604,6 +626,17 @@ impl TestRoom {
         sfu::decode_agent_audio(&packets, rate)
     }
 
+    /// The agent's RTP packets so far: (ssrc, sequence, timestamp, marker,
+    /// voiced), in arrival order.
+    pub fn agent_packets(&self) -> Vec<(u32, u16, u32, bool, bool)> {
+        self.shared.with(|s| {
+            s.agent_rtp
+                .iter()
+                .map(|p| (p.ssrc, p.seq, p.timestamp, p.marker, p.voiced))
+                .collect()
+        })
+    }
+
     /// Forgets the agent audio received so far.
     pub fn clear_agent_audio(&self) {
         self.shared.with(|s| s.agent_rtp.clear());
@@ -661,6 +694,13 @@ impl TestRoom {
         let n = participants.iter().filter(|p| p.drop_signal()).count();
         self.shared.count(|c| c.signal_drops += n as u64);
         n
+    }
+
+    /// Refuses (`true`) or accepts again (`false`) every resume: a
+    /// `reconnect=1` is answered with `leave{action: RECONNECT}` and the
+    /// participant is dropped, so the client must join afresh.
+    pub fn refuse_resumes(&self, refuse: bool) {
+        self.shared.refuse_resumes.store(refuse, Ordering::Release);
     }
 
     /// Black-holes the SFU side's UDP for every participant (nothing sent,

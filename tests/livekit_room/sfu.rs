@@ -195,6 +195,7 @@ impl PeerConnectionEventHandler for PcHandler {
                             ssrc: pkt.header.ssrc,
                             seq: pkt.header.sequence_number,
                             timestamp: pkt.header.timestamp,
+                            marker: pkt.header.marker,
                             payload,
                             at: Instant::now(),
                             voiced,
@@ -861,7 +862,7 @@ pub(crate) async fn run_mic(shared: Arc<Shared>) {
             .pop_front();
         let frame = match frame {
             Some(f) => f,
-            None if shared.options.mic_silence => MicFrame {
+            None if shared.options.mic_silence || shared.options.mic_dtx => MicFrame {
                 rate: 48_000,
                 pcm: vec![0; 960],
                 done: None,
@@ -876,7 +877,10 @@ pub(crate) async fn run_mic(shared: Arc<Shared>) {
         };
         if let std::collections::hash_map::Entry::Vacant(v) = encoders.entry(frame.rate) {
             match Encoder::new(sr, Channels::Mono, Application::Voip) {
-                Ok(e) => {
+                Ok(mut e) => {
+                    if shared.options.mic_dtx && e.set_dtx(true).is_err() {
+                        continue;
+                    }
                     v.insert(e);
                 }
                 Err(_) => continue,
@@ -888,6 +892,15 @@ pub(crate) async fn run_mic(shared: Arc<Shared>) {
         let Ok(n) = encoder.encode(&frame.pcm, &mut out) else {
             continue;
         };
+        if shared.options.mic_dtx && n <= 2 && !shared.options.mic_sends_dtx_frames {
+            // A DTX frame: not sent; the next one sent starts a talkspurt.
+            shared.count(|c| c.mic_dtx_skipped += 1);
+            talking = false;
+            if let Some(done) = frame.done {
+                let _ = done.send(());
+            }
+            continue;
+        }
         // The first frame after a quiet stretch starts a talkspurt.
         let marker = !talking;
         talking = true;

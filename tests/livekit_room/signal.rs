@@ -219,7 +219,12 @@ async fn join(mut ws: Ws, shared: Arc<Shared>, head: Head, claims: Claims, place
                 .cloned()
         });
         match found {
-            Some(p) if p.resumable() => {
+            Some(p)
+                if p.resumable()
+                    && !shared
+                        .refuse_resumes
+                        .load(std::sync::atomic::Ordering::Acquire) =>
+            {
                 record.participant_sid = p.sid.clone();
                 record.resumed = true;
                 shared.with(|s| {
@@ -503,6 +508,9 @@ async fn handle_request(
                     eprintln!("livekit test room: subscription: {why}");
                 }
             });
+        }
+        Req::SyncState(_) => {
+            shared.count(|c| c.sync_states += 1);
         }
         Req::Leave(_) => {
             shared.with(|s| {

@@ -13,6 +13,7 @@ use crate::error::{BackendError, Result};
 use crate::provider::{Codec, HostedStages, ProviderCapabilities};
 use crate::runtime::{Link, LinkRequest, Provider};
 
+mod media;
 pub mod opus;
 mod participant;
 pub mod rooms;
@@ -57,6 +58,10 @@ fn default_data_topic() -> String {
 
 fn default_bitrate() -> u32 {
     32_000
+}
+
+fn default_complexity() -> u8 {
+    opus::DEFAULT_COMPLEXITY
 }
 
 fn default_bind() -> Vec<String> {
@@ -176,6 +181,20 @@ pub struct LiveKitConfig {
     /// The reply track's Opus bitrate in bits per second (default 32000).
     #[serde(default = "default_bitrate")]
     pub opus_bitrate: u32,
+    /// The reply encoder's complexity, 0..=10 (default 5): higher costs
+    /// more CPU per packet for a little more quality; 5 keeps speech's
+    /// quality at about half of 10's cost.
+    #[serde(default = "default_complexity")]
+    pub opus_complexity: u8,
+    /// In-band forward error correction on the reply track (default
+    /// false): each packet carries a coarse copy of the one before, for
+    /// listeners on lossy networks, at some of the bitrate's cost.
+    #[serde(default)]
+    pub opus_fec: bool,
+    /// Discontinuous transmission (default true): reply frames libopus
+    /// finds silent are not sent, and nothing is sent between replies.
+    #[serde(default = "yes")]
+    pub opus_dtx: bool,
     /// Local UDP addresses for the WebRTC media (default `0.0.0.0:0`:
     /// every interface but loopback, ephemeral ports).
     #[serde(default = "default_bind")]
@@ -202,6 +221,9 @@ impl std::fmt::Debug for LiveKitConfig {
             .field("mode", &self.mode)
             .field("agent_name", &self.agent_name)
             .field("opus_bitrate", &self.opus_bitrate)
+            .field("opus_complexity", &self.opus_complexity)
+            .field("opus_fec", &self.opus_fec)
+            .field("opus_dtx", &self.opus_dtx)
             .field("rtc_bind", &self.rtc_bind)
             .field("relay_text", &self.relay_text)
             .finish()
@@ -227,6 +249,16 @@ fn room_name_ok(name: &str) -> std::result::Result<(), String> {
 }
 
 impl LiveKitConfig {
+    /// The reply encoder's settings.
+    pub fn encoder_settings(&self) -> opus::EncoderSettings {
+        opus::EncoderSettings {
+            bitrate: self.opus_bitrate,
+            complexity: self.opus_complexity,
+            fec: self.opus_fec,
+            dtx: self.opus_dtx,
+        }
+    }
+
     /// The checks past parsing, every bad field named.
     fn check(&self) -> Result<()> {
         let mut v = Violations::new();
@@ -268,6 +300,16 @@ impl LiveKitConfig {
             fail(
                 "opus_bitrate",
                 format!("{} is out of range 6000..=510000", self.opus_bitrate),
+            );
+        }
+        if self.opus_complexity > opus::MAX_COMPLEXITY {
+            fail(
+                "opus_complexity",
+                format!(
+                    "{} is out of range 0..={}",
+                    self.opus_complexity,
+                    opus::MAX_COMPLEXITY
+                ),
             );
         }
         if self.rtc_bind.is_empty() {
@@ -548,6 +590,7 @@ mod tests {
         assert_eq!(c.data_topic, DEFAULT_DATA_TOPIC);
         assert_eq!(c.agent_identity, "agent-{session_id}");
         assert_eq!(c.rtc_bind, vec!["0.0.0.0:0"]);
+        assert_eq!(c.encoder_settings(), opus::EncoderSettings::default());
     }
 
     #[test]
@@ -559,6 +602,7 @@ mod tests {
             "room_template": "a/{session_id}",
             "token_ttl": "5s",
             "opus_bitrate": 1,
+            "opus_complexity": 11,
             "rtc_bind": ["nowhere"],
         }))
         .unwrap_err();
@@ -570,6 +614,7 @@ mod tests {
             "room_template",
             "token_ttl",
             "opus_bitrate",
+            "opus_complexity",
             "rtc_bind[0]",
         ] {
             assert!(

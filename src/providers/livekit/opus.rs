@@ -1,8 +1,16 @@
-//! Opus for room audio: LiveKit rooms carry 48 kHz Opus, one 20 ms frame per
-//! RTP packet. [`OpusDecoder`] turns the user's packets into 48 kHz mono
-//! PCM (the session converts it to the pipeline's rate);
-//! [`OpusEncoder`] takes the session's reply audio in any format, converts
-//! it to 48 kHz mono and encodes each whole 20 ms.
+//! Opus for room audio. LiveKit rooms carry Opus, one 20 ms frame per RTP
+//! packet, on the 48 kHz RTP clock Opus always uses (RFC 7587). libopus
+//! itself decodes to and encodes from 8, 12, 16, 24 or 48 kHz, so nothing
+//! is resampled around it: [`OpusDecoder`] turns the user's packets straight
+//! into the pipeline's 16 kHz mono PCM ([`PCM_FORMAT`]), and
+//! [`OpusEncoder`] encodes the session's 16 kHz reply as it comes (other
+//! formats are converted to 16 kHz first).
+//!
+//! The encoder is set for speech (`Application::Voip`, a chosen complexity,
+//! optional in-band FEC) and runs with discontinuous transmission (DTX):
+//! a 20 ms frame libopus finds silent comes out as a TOC-only packet, which
+//! is not sent ([`Encoded::Silent`]); the RTP timestamp then jumps over the
+//! gap. On the way in, such packets ([`is_dtx`]) need no decoding.
 //!
 //! Built on libopus (Debian's `libopus-dev`) through `audiopus`.
 
@@ -12,17 +20,35 @@ use audiopus::{Application, Bitrate, Channels, MutSignals, SampleRate, packet::P
 use crate::audio::{AudioConverter, AudioEncoding, AudioFormat, AudioFrame};
 use crate::error::{BackendError, ErrorCode, Result};
 
-/// Room audio's sample rate.
-pub const SAMPLE_RATE: u32 = 48_000;
+/// The RTP clock of Opus, whatever the audio's own rate (RFC 7587).
+pub const RTP_CLOCK: u32 = 48_000;
 
-/// Samples in one 20 ms frame at 48 kHz: one RTP packet's worth.
-pub const FRAME_SAMPLES: usize = 960;
+/// RTP timestamp units in one 20 ms packet.
+pub const RTP_FRAME: u32 = 960;
 
-/// The PCM the decoder gives and the encoder takes: 48 kHz mono s16le.
-pub const PCM_FORMAT: AudioFormat = AudioFormat::new(AudioEncoding::PcmS16Le, SAMPLE_RATE, 1);
+/// The rate the decoder gives and the encoder takes: the pipeline's.
+pub const PCM_RATE: u32 = 16_000;
 
-/// The longest Opus packet decodes to 120 ms: 5760 samples at 48 kHz.
-const MAX_DECODED: usize = 5_760;
+/// Samples in one 20 ms frame at [`PCM_RATE`]: one RTP packet's worth.
+pub const FRAME_SAMPLES: usize = 320;
+
+/// The PCM the decoder gives and the encoder takes: 16 kHz mono s16le.
+pub const PCM_FORMAT: AudioFormat = AudioFormat::new(AudioEncoding::PcmS16Le, PCM_RATE, 1);
+
+/// The encoder's complexity when none is configured: most of complexity
+/// 10's quality for speech at well under its cost (see the `livekit` bench).
+pub const DEFAULT_COMPLEXITY: u8 = 5;
+
+/// The highest complexity libopus takes.
+pub const MAX_COMPLEXITY: u8 = 10;
+
+/// The longest payload that is a DTX frame: a TOC byte (and at most one
+/// more) with no coded audio. Senders do not transmit them; a receiver
+/// that gets one has nothing to decode.
+pub const DTX_MAX_PAYLOAD: usize = 2;
+
+/// The longest Opus packet decodes to 120 ms: 1920 samples at 16 kHz.
+const MAX_DECODED: usize = 1_920;
 
 /// The largest encoded packet libopus writes for one frame (its own
 /// recommendation for a buffer).
@@ -32,7 +58,23 @@ fn opus_error(op: &'static str, what: &str, e: audiopus::Error) -> BackendError 
     BackendError::new(op, ErrorCode::PipelineError, format!("{what}: {e}"))
 }
 
-/// Decodes the user's Opus packets to 48 kHz mono PCM. A stereo stream is
+/// Whether `payload` is a DTX frame (a TOC byte without coded audio): it
+/// carries silence, and decoding it is skipped.
+pub fn is_dtx(payload: &[u8]) -> bool {
+    !payload.is_empty() && payload.len() <= DTX_MAX_PAYLOAD
+}
+
+/// `frames` times 20 ms of silence at [`PCM_RATE`] (what a DTX frame or a
+/// DTX gap stands for).
+///
+/// # Errors
+///
+/// None in practice: the format is fixed and the length whole samples.
+pub fn silence(frames: usize) -> Result<AudioFrame> {
+    AudioFrame::new(PCM_FORMAT, vec![0u8; FRAME_SAMPLES * frames * 2])
+}
+
+/// Decodes the user's Opus packets to 16 kHz mono PCM. A stereo stream is
 /// mixed down by libopus.
 pub struct OpusDecoder {
     decoder: Decoder,
@@ -46,13 +88,13 @@ impl std::fmt::Debug for OpusDecoder {
 }
 
 impl OpusDecoder {
-    /// A decoder for one stream.
+    /// A decoder for one stream, giving [`PCM_FORMAT`].
     ///
     /// # Errors
     ///
     /// `PipelineError` when libopus cannot make one.
     pub fn new() -> Result<Self> {
-        let decoder = Decoder::new(SampleRate::Hz48000, Channels::Mono)
+        let decoder = Decoder::new(SampleRate::Hz16000, Channels::Mono)
             .map_err(|e| opus_error("livekit.opus", "creating the Opus decoder", e))?;
         Ok(OpusDecoder {
             decoder,
@@ -60,8 +102,7 @@ impl OpusDecoder {
         })
     }
 
-    /// Decodes one packet's payload into 48 kHz mono PCM
-    /// ([`PCM_FORMAT`]).
+    /// Decodes one packet's payload into 16 kHz mono PCM ([`PCM_FORMAT`]).
     ///
     /// # Errors
     ///
@@ -86,7 +127,7 @@ impl OpusDecoder {
             .decoder
             .decode(None, signals, false)
             .map_err(|e| opus_error("livekit.opus", "concealing a lost packet", e))?;
-        AudioFrame::from_i16(SAMPLE_RATE, 1, &self.pcm[..n])
+        AudioFrame::from_i16(PCM_RATE, 1, &self.pcm[..n])
     }
 
     fn run(&mut self, packet: Option<Packet<'_>>) -> Result<AudioFrame> {
@@ -96,15 +137,51 @@ impl OpusDecoder {
             .decoder
             .decode(packet, signals, false)
             .map_err(|e| opus_error("livekit.opus", "an Opus packet did not decode", e))?;
-        AudioFrame::from_i16(SAMPLE_RATE, 1, &self.pcm[..n])
+        AudioFrame::from_i16(PCM_RATE, 1, &self.pcm[..n])
     }
+}
+
+/// How the reply is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncoderSettings {
+    /// Bits per second (6000..=510000).
+    pub bitrate: u32,
+    /// libopus's complexity, 0..=10: higher is better and costlier.
+    pub complexity: u8,
+    /// In-band forward error correction: each packet also carries a coarse
+    /// copy of the previous one, which a receiver can use for a lost one.
+    pub fec: bool,
+    /// Discontinuous transmission: silent frames become TOC-only packets,
+    /// not sent.
+    pub dtx: bool,
+}
+
+impl Default for EncoderSettings {
+    fn default() -> Self {
+        EncoderSettings {
+            bitrate: 32_000,
+            complexity: DEFAULT_COMPLEXITY,
+            fec: false,
+            dtx: true,
+        }
+    }
+}
+
+/// One 20 ms frame of the reply, encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoded<'a> {
+    /// A packet to send.
+    Packet(&'a [u8]),
+    /// A silent frame under DTX: nothing to send; the RTP timestamp moves
+    /// on by a frame.
+    Silent,
 }
 
 /// Encodes reply audio to Opus, 20 ms a packet.
 ///
-/// Frames in any format are converted to 48 kHz mono; each whole 20 ms
-/// becomes one packet, the rest waits for the next frame (or
-/// [`OpusEncoder::flush`]).
+/// Frames in [`PCM_FORMAT`] are encoded as they are; other formats are
+/// converted to it. Each whole 20 ms becomes one [`Encoded`], the rest
+/// waits for the next frame (or [`OpusEncoder::flush`]).
 pub struct OpusEncoder {
     encoder: Encoder,
     converter: Option<AudioConverter>,
@@ -121,19 +198,35 @@ impl std::fmt::Debug for OpusEncoder {
 }
 
 impl OpusEncoder {
-    /// An encoder for speech at `bitrate` bits per second (6000..=510000).
+    /// An encoder for speech (`Application::Voip`) with `settings`.
     ///
     /// # Errors
     ///
-    /// `PipelineError` when libopus refuses the bitrate or cannot make one.
-    pub fn new(bitrate: u32) -> Result<Self> {
+    /// `PipelineError` when libopus refuses a setting (a bitrate outside
+    /// 6000..=510000, a complexity above 10) or cannot make one.
+    pub fn new(settings: EncoderSettings) -> Result<Self> {
         const OP: &str = "livekit.opus";
-        let mut encoder = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip)
+        let mut encoder = Encoder::new(SampleRate::Hz16000, Channels::Mono, Application::Voip)
             .map_err(|e| opus_error(OP, "creating the Opus encoder", e))?;
-        let bits = i32::try_from(bitrate).unwrap_or(i32::MAX);
+        let bits = i32::try_from(settings.bitrate).unwrap_or(i32::MAX);
         encoder
             .set_bitrate(Bitrate::BitsPerSecond(bits))
             .map_err(|e| opus_error(OP, "setting the Opus bitrate", e))?;
+        encoder
+            .set_complexity(settings.complexity)
+            .map_err(|e| opus_error(OP, "setting the Opus complexity", e))?;
+        encoder
+            .set_inband_fec(settings.fec)
+            .map_err(|e| opus_error(OP, "setting Opus in-band FEC", e))?;
+        if settings.fec {
+            // FEC is only spent when the encoder expects some loss.
+            encoder
+                .set_packet_loss_perc(5)
+                .map_err(|e| opus_error(OP, "setting Opus's expected loss", e))?;
+        }
+        encoder
+            .set_dtx(settings.dtx)
+            .map_err(|e| opus_error(OP, "setting Opus DTX", e))?;
         Ok(OpusEncoder {
             encoder,
             converter: None,
@@ -147,13 +240,13 @@ impl OpusEncoder {
         self.pending.len()
     }
 
-    /// Takes `frame` (any format) and hands `emit` each 20 ms packet it
+    /// Takes `frame` (any format) and hands `emit` each 20 ms frame it
     /// completes.
     ///
     /// # Errors
     ///
     /// `PipelineError` when the frame cannot be converted or libopus fails.
-    pub fn push(&mut self, frame: &AudioFrame, mut emit: impl FnMut(&[u8])) -> Result<()> {
+    pub fn push(&mut self, frame: &AudioFrame, mut emit: impl FnMut(Encoded<'_>)) -> Result<()> {
         if frame.format() == PCM_FORMAT {
             extend_i16(&mut self.pending, frame);
         } else {
@@ -174,13 +267,13 @@ impl OpusEncoder {
         self.drain(&mut emit)
     }
 
-    /// Encodes what is left, padded with silence to a whole frame, and
-    /// starts a new stream (the end of a reply).
+    /// Encodes what is left, padded with silence to a whole frame (the end
+    /// of a reply).
     ///
     /// # Errors
     ///
     /// `PipelineError` when libopus fails.
-    pub fn flush(&mut self, mut emit: impl FnMut(&[u8])) -> Result<()> {
+    pub fn flush(&mut self, mut emit: impl FnMut(Encoded<'_>)) -> Result<()> {
         if let Some(converter) = self.converter.as_mut()
             && let Some(tail) = converter.flush()?
         {
@@ -193,7 +286,7 @@ impl OpusEncoder {
         self.drain(&mut emit)
     }
 
-    fn drain(&mut self, emit: &mut impl FnMut(&[u8])) -> Result<()> {
+    fn drain(&mut self, emit: &mut impl FnMut(Encoded<'_>)) -> Result<()> {
         let mut start = 0;
         while self.pending.len() - start >= FRAME_SAMPLES {
             let pcm = &self.pending[start..start + FRAME_SAMPLES];
@@ -201,7 +294,11 @@ impl OpusEncoder {
                 .encoder
                 .encode(pcm, &mut self.packet)
                 .map_err(|e| opus_error("livekit.opus", "encoding reply audio", e))?;
-            emit(&self.packet[..n]);
+            if is_dtx(&self.packet[..n]) {
+                emit(Encoded::Silent);
+            } else {
+                emit(Encoded::Packet(&self.packet[..n]));
+            }
             start += FRAME_SAMPLES;
         }
         self.pending.drain(..start);
@@ -240,37 +337,105 @@ mod tests {
         (sum / samples.len().max(1) as f64).sqrt()
     }
 
-    #[test]
-    fn a_tone_survives_encode_and_decode_at_48k_in_20ms_packets() {
-        let mut enc = OpusEncoder::new(32_000).unwrap();
-        let mut dec = OpusDecoder::new().unwrap();
-        let mut packets = Vec::new();
-        enc.push(&tone(48_000, 440.0, 200), |p| packets.push(p.to_vec()))
-            .unwrap();
-        assert_eq!(packets.len(), 10, "200 ms is ten 20 ms packets");
+    fn packets_of(enc: &mut OpusEncoder, frame: &AudioFrame) -> Vec<Option<Vec<u8>>> {
         let mut out = Vec::new();
-        for p in &packets {
-            let frame = dec.decode(p).unwrap();
-            assert_eq!(frame.format(), PCM_FORMAT);
-            assert_eq!(frame.sample_frames(), FRAME_SAMPLES);
-            out.extend(to_i16_samples(&frame));
+        enc.push(frame, |e| {
+            out.push(match e {
+                Encoded::Packet(p) => Some(p.to_vec()),
+                Encoded::Silent => None,
+            })
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_tone_survives_encode_and_decode_at_16k_in_20ms_packets() {
+        for complexity in [3, DEFAULT_COMPLEXITY, MAX_COMPLEXITY] {
+            let settings = EncoderSettings {
+                complexity,
+                ..EncoderSettings::default()
+            };
+            let mut enc = OpusEncoder::new(settings).unwrap();
+            let mut dec = OpusDecoder::new().unwrap();
+            let packets = packets_of(&mut enc, &tone(PCM_RATE, 440.0, 200));
+            assert_eq!(packets.len(), 10, "200 ms is ten 20 ms packets");
+            let mut out = Vec::new();
+            for p in &packets {
+                let p = p.as_ref().expect("a tone is never a DTX frame");
+                let frame = dec.decode(p).unwrap();
+                assert_eq!(frame.format(), PCM_FORMAT);
+                assert_eq!(frame.sample_frames(), FRAME_SAMPLES);
+                out.extend(to_i16_samples(&frame));
+            }
+            // Past the codec's start-up, the level is the tone's (8000 peak, 5657 RMS).
+            let level = rms(&out[FRAME_SAMPLES * 2..]);
+            assert!(
+                (4000.0..7500.0).contains(&level),
+                "complexity {complexity}: rms {level}"
+            );
         }
-        // Past the codec's start-up, the level is the tone's (8000 peak, 5657 RMS).
-        let level = rms(&out[FRAME_SAMPLES * 2..]);
-        assert!((4000.0..7500.0).contains(&level), "rms {level}");
     }
 
     #[test]
     fn other_formats_are_converted_and_partial_frames_wait() {
-        let mut enc = OpusEncoder::new(24_000).unwrap();
+        let mut enc = OpusEncoder::new(EncoderSettings::default()).unwrap();
         let mut count = 0;
-        // 30 ms at 16 kHz: one packet, then 10 ms (less the resampler's delay) waits.
-        enc.push(&tone(16_000, 300.0, 30), |_| count += 1).unwrap();
+        // 30 ms at 48 kHz: one packet, then 10 ms (less the resampler's delay) waits.
+        enc.push(&tone(48_000, 300.0, 30), |_| count += 1).unwrap();
         assert_eq!(count, 1);
         assert!(enc.pending() > 0 && enc.pending() < FRAME_SAMPLES);
         enc.flush(|_| count += 1).unwrap();
         assert_eq!(count, 2, "the tail is padded to one more packet");
         assert_eq!(enc.pending(), 0);
+    }
+
+    #[test]
+    fn silence_after_speech_is_not_sent_under_dtx() {
+        let mut speech_then_silence = to_i16_samples(&tone(PCM_RATE, 440.0, 400));
+        speech_then_silence.extend(std::iter::repeat_n(0, PCM_RATE as usize * 2));
+        let frame = AudioFrame::from_i16(PCM_RATE, 1, &speech_then_silence).unwrap();
+
+        let mut enc = OpusEncoder::new(EncoderSettings::default()).unwrap();
+        let encoded = packets_of(&mut enc, &frame);
+        assert_eq!(encoded.len(), 120, "2.4 s is 120 frames");
+        assert!(encoded[..20].iter().all(Option::is_some), "speech is sent");
+        let silent = encoded[20..].iter().filter(|p| p.is_none()).count();
+        // libopus goes DTX a few frames into the silence and sends a
+        // comfort-noise update now and then.
+        assert!(silent >= 80, "{silent} of 100 silent frames were not sent");
+
+        let mut enc = OpusEncoder::new(EncoderSettings {
+            dtx: false,
+            ..EncoderSettings::default()
+        })
+        .unwrap();
+        let encoded = packets_of(&mut enc, &frame);
+        assert!(
+            encoded.iter().all(Option::is_some),
+            "without DTX every frame is sent"
+        );
+    }
+
+    #[test]
+    fn dtx_frames_are_known_by_their_size() {
+        assert!(is_dtx(&[0x08]));
+        assert!(is_dtx(&[0x08, 0x00]));
+        assert!(!is_dtx(&[]));
+        assert!(!is_dtx(&[0x08, 0x01, 0x02]));
+        assert_eq!(silence(2).unwrap().sample_frames(), FRAME_SAMPLES * 2);
+        assert_eq!(silence(1).unwrap().format(), PCM_FORMAT);
+    }
+
+    #[test]
+    fn settings_libopus_refuses_are_errors() {
+        let err = OpusEncoder::new(EncoderSettings {
+            complexity: 11,
+            ..EncoderSettings::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::PipelineError);
+        assert!(err.message.contains("complexity"), "{err}");
     }
 
     #[test]
@@ -281,9 +446,10 @@ mod tests {
         // A code-3 packet claiming more frames than it holds.
         let err = dec.decode(&[0xFF, 0xFF, 0xFF]).unwrap_err();
         assert!(err.message.contains("Opus"), "{err}");
-        let mut enc = OpusEncoder::new(32_000).unwrap();
-        let mut packet = Vec::new();
-        enc.push(&tone(48_000, 440.0, 20), |p| packet = p.to_vec())
+        let mut enc = OpusEncoder::new(EncoderSettings::default()).unwrap();
+        let packet = packets_of(&mut enc, &tone(PCM_RATE, 440.0, 20))
+            .pop()
+            .flatten()
             .unwrap();
         assert_eq!(dec.decode(&packet).unwrap().sample_frames(), FRAME_SAMPLES);
         assert_eq!(dec.conceal().unwrap().sample_frames(), FRAME_SAMPLES);

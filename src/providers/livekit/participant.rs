@@ -1,10 +1,12 @@
 //! The agent as a participant of one session's room: it joins (signal +
 //! both peer connections), hears the user's microphone track (Opus -> PCM
 //! into the session), publishes the session's reply as its own track (PCM
-//! -> Opus, 20 ms RTP packets paced in real time), relays transcripts and
-//! agent text on the data channel, rejoins after the signal connection or
-//! ICE is lost (the backend's retry policy), and leaves when the session
-//! ends.
+//! -> Opus, 20 ms RTP packets paced in real time, nothing while the
+//! agent is silent), relays transcripts and agent text on the data channel,
+//! resumes after the signal connection alone is lost (LiveKit's
+//! `reconnect=1`: same peer connections, same track) and rejoins when a
+//! resume is refused or ICE is lost (the backend's retry policy), and leaves
+//! when the session ends.
 //!
 //! One task per session owns all of it; the session talks to it through
 //! the [`MediaLink`] [`open`] returns.
@@ -20,10 +22,10 @@ use proto::signal_request::Message as Request;
 use proto::signal_response::Message as Response;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
-use super::opus::{OpusDecoder, OpusEncoder};
+use super::media::{Output, read_user};
+use super::opus::OpusEncoder;
 use super::rtc::{self, PcEvent, RtpWriter, Target, Transports};
 use super::signal::{Opened, Signal, SignalEvent, Start};
 use super::{JoinTarget, LiveKitConfig};
@@ -44,30 +46,35 @@ const AUDIO_OUT_QUEUE: usize = 64;
 const RELAY_QUEUE: usize = 64;
 /// Link events waiting for the session.
 const EVENT_QUEUE: usize = 16;
-/// The most lost packets concealed at once; a longer gap is left silent.
-const MAX_CONCEALED: u16 = 3;
-/// One RTP packet of reply audio.
-const PACKET: Duration = Duration::from_millis(20);
 /// How long leaving the room and closing its connections may take.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// Data messages kept while the data channel opens; older ones are dropped.
 const DATA_BACKLOG: usize = 64;
 
+/// A resume of the signal connection under way.
+type Resuming =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Signal, Opened)>> + Send>>;
+
 /// What a backend's LiveKit sessions counted, for its health details.
 #[derive(Debug, Default)]
 pub struct LiveKitCounters {
-    joins: AtomicU64,
-    rejoins: AtomicU64,
-    malformed: AtomicU64,
-    warned_malformed: AtomicBool,
-    rtp_in: AtomicU64,
-    rtp_out: AtomicU64,
-    decode_errors: AtomicU64,
-    concealed: AtomicU64,
-    audio_dropped: AtomicU64,
-    data_sent: AtomicU64,
-    data_dropped: AtomicU64,
-    candidate_errors: AtomicU64,
+    pub(super) joins: AtomicU64,
+    pub(super) rejoins: AtomicU64,
+    pub(super) resumes: AtomicU64,
+    pub(super) resume_failures: AtomicU64,
+    pub(super) malformed: AtomicU64,
+    pub(super) warned_malformed: AtomicBool,
+    pub(super) rtp_in: AtomicU64,
+    pub(super) rtp_out: AtomicU64,
+    pub(super) decode_errors: AtomicU64,
+    pub(super) concealed: AtomicU64,
+    pub(super) dtx_skipped: AtomicU64,
+    pub(super) dtx_filled: AtomicU64,
+    pub(super) dtx_silent: AtomicU64,
+    pub(super) audio_dropped: AtomicU64,
+    pub(super) data_sent: AtomicU64,
+    pub(super) data_dropped: AtomicU64,
+    pub(super) candidate_errors: AtomicU64,
 }
 
 impl LiveKitCounters {
@@ -90,9 +97,36 @@ impl LiveKitCounters {
         self.joins.load(Ordering::Relaxed)
     }
 
-    /// Rejoins after a lost signal connection or ICE.
+    /// Full rejoins: after lost ICE, or a resume the server refused.
     pub fn rejoins(&self) -> u64 {
         self.rejoins.load(Ordering::Relaxed)
+    }
+
+    /// Resumes of the signal connection the server accepted (the peer
+    /// connections and the track kept).
+    pub fn resumes(&self) -> u64 {
+        self.resumes.load(Ordering::Relaxed)
+    }
+
+    /// Resumes that failed or were refused (a full rejoin followed).
+    pub fn resume_failures(&self) -> u64 {
+        self.resume_failures.load(Ordering::Relaxed)
+    }
+
+    /// The user's DTX frames (TOC only) not decoded: silence was handed in.
+    pub fn dtx_skipped(&self) -> u64 {
+        self.dtx_skipped.load(Ordering::Relaxed)
+    }
+
+    /// 20 ms frames of silence handed in for gaps in the user's RTP time
+    /// (the user's client sent nothing while silent).
+    pub fn dtx_filled(&self) -> u64 {
+        self.dtx_filled.load(Ordering::Relaxed)
+    }
+
+    /// Reply frames libopus found silent and not sent (DTX).
+    pub fn dtx_silent(&self) -> u64 {
+        self.dtx_silent.load(Ordering::Relaxed)
     }
 
     /// RTP packets of user audio decoded.
@@ -121,11 +155,16 @@ impl LiveKitCounters {
         [
             ("joins", get(&self.joins)),
             ("rejoins", get(&self.rejoins)),
+            ("resumes", get(&self.resumes)),
+            ("resume_failures", get(&self.resume_failures)),
             ("malformed_signal", get(&self.malformed)),
             ("rtp_in", get(&self.rtp_in)),
             ("rtp_out", get(&self.rtp_out)),
             ("decode_errors", get(&self.decode_errors)),
             ("concealed", get(&self.concealed)),
+            ("dtx_skipped", get(&self.dtx_skipped)),
+            ("dtx_filled", get(&self.dtx_filled)),
+            ("dtx_silent", get(&self.dtx_silent)),
             ("audio_dropped", get(&self.audio_dropped)),
             ("data_sent", get(&self.data_sent)),
             ("data_dropped", get(&self.data_dropped)),
@@ -140,7 +179,7 @@ impl LiveKitCounters {
 /// Who is in the room and which tracks are whose, from the join and the
 /// participant updates.
 #[derive(Debug, Default)]
-struct Roster {
+pub(super) struct Roster {
     /// Track sid -> (participant identity, participant kind).
     tracks: HashMap<String, (String, i32)>,
 }
@@ -162,7 +201,7 @@ impl Roster {
 
     /// Whether the track `sid` is the user's: `user` names the user's
     /// identity; an empty `user` takes any participant that is not an agent.
-    fn is_user(&self, sid: &str, user: &str) -> Option<bool> {
+    pub(super) fn is_user(&self, sid: &str, user: &str) -> Option<bool> {
         let (identity, kind) = self.tracks.get(sid)?;
         Some(if user.is_empty() {
             *kind != proto::participant_info::Kind::Agent as i32
@@ -220,11 +259,10 @@ pub(super) async fn open(
         config,
         session_id: request.session_id.to_owned(),
     };
-    let mut output = Output {
-        encoder: OpusEncoder::new(participant.config.opus_bitrate)?,
-        outgoing: VecDeque::new(),
-        pace: Instant::now(),
-    };
+    let mut output = Output::new(
+        OpusEncoder::new(participant.config.encoder_settings())?,
+        participant.counters.clone(),
+    );
     let live = participant.join().await?;
     let span = tracing::info_span!("livekit_participant", session_id = %request.session_id);
     let Lease { on_end, terminated } = lease;
@@ -260,16 +298,6 @@ struct Participant {
     session_id: String,
 }
 
-/// The reply on its way out: the encoder and the packets waiting for their
-/// time.
-struct Output {
-    encoder: OpusEncoder,
-    /// Encoded reply packets and when each is due.
-    outgoing: VecDeque<(Instant, Vec<u8>)>,
-    /// When the next reply packet is due.
-    pace: Instant,
-}
-
 /// One join of the room: its signal connection and peer connections.
 struct Live {
     signal: Signal,
@@ -278,6 +306,8 @@ struct Live {
     sid: String,
     writer: RtpWriter,
     readers: Vec<JoinHandle<()>>,
+    /// The reply track as the server published it.
+    published: Option<proto::TrackInfo>,
     /// Whether the reliable data channel is open.
     data_open: bool,
     /// Resolves when the reliable data channel opens.
@@ -312,8 +342,14 @@ impl Live {
 enum Stop {
     /// The session ended: leave.
     SessionGone,
-    /// The signal connection or the media was lost: rejoin.
+    /// The media was lost: rejoin.
     Lost(String),
+    /// A resume failed or was refused (the session heard `Reconnecting`
+    /// already): rejoin.
+    ResumeFailed(String),
+    /// The signal connection alone was lost, or the server asked for a
+    /// resume: resume (handled while serving, never returned by it).
+    SignalLost(String),
     /// The server removed the agent for good.
     Removed(String),
     /// The server terminated the session's job (worker mode): leave.
@@ -376,6 +412,7 @@ impl Participant {
             sid,
             writer,
             readers: Vec::new(),
+            published: None,
             data_open: false,
             data_opening,
             data_backlog: VecDeque::new(),
@@ -398,6 +435,11 @@ impl Participant {
             let stop = tokio::select! {
                 stop = self.serve(&mut live, output, &mut reply, &mut relay) => stop,
                 () = future_opt(&mut terminated) => Stop::Terminated,
+            };
+            let stop_kind = if matches!(stop, Stop::ResumeFailed(_)) {
+                StopKind::Announced
+            } else {
+                StopKind::Fresh
             };
             match stop {
                 Stop::SessionGone => {
@@ -426,13 +468,15 @@ impl Participant {
                     live.close(false).await;
                     return Some(why);
                 }
-                Stop::Lost(why) => {
+                Stop::Lost(why) | Stop::ResumeFailed(why) | Stop::SignalLost(why) => {
                     tracing::warn!(room = %self.target.room, "the LiveKit room was lost, rejoining: {why}");
                     live.close(false).await;
                     self.counters.rejoins.fetch_add(1, Ordering::Relaxed);
-                    self.events
-                        .send(LinkEvent::Connection(ConnectionState::Reconnecting))
-                        .await;
+                    if !matches!(stop_kind, StopKind::Announced) {
+                        self.events
+                            .send(LinkEvent::Connection(ConnectionState::Reconnecting))
+                            .await;
+                    }
                     let rejoined = tokio::select! {
                         r = self.retry.run(OP, "the LiveKit room", || self.join(), |attempt, delay, e| {
                             tracing::warn!(attempt, code = %e.code, "rejoining failed, retrying in {delay:?}: {}", e.message);
@@ -445,7 +489,7 @@ impl Participant {
                             live = new;
                             // Reply audio made while the room was away is stale.
                             while reply.try_recv().is_ok() {}
-                            output.outgoing.clear();
+                            output.clear();
                             self.events
                                 .send(LinkEvent::Connection(ConnectionState::Connected))
                                 .await;
@@ -465,7 +509,9 @@ impl Participant {
         }
     }
 
-    /// Serves one join until it stops.
+    /// Serves one join until it stops. A lost signal connection is
+    /// resumed meanwhile: the media goes on over the peer connections, the
+    /// candidates gathered wait for the new connection.
     async fn serve(
         &mut self,
         live: &mut Live,
@@ -473,28 +519,51 @@ impl Participant {
         reply: &mut mpsc::Receiver<AudioFrame>,
         relay: &mut Option<mpsc::Receiver<SessionEvent>>,
     ) -> Stop {
+        let mut resuming: Option<Resuming> = None;
+        let mut held: Vec<Request> = Vec::new();
         loop {
-            let next_due = output.outgoing.front().map(|(due, _)| *due);
+            let next_due = output.next_due();
+            let flush_due = output.flush_due();
             tokio::select! {
-                event = live.signal.recv() => match event {
-                    Some(SignalEvent::Message(message)) => {
-                        if let Some(stop) = self.on_signal(live, *message).await {
-                            return stop;
+                event = live.signal.recv(), if resuming.is_none() => {
+                    let lost = match event {
+                        Some(SignalEvent::Message(message)) => {
+                            match self.on_signal(live, *message).await {
+                                None => continue,
+                                Some(Stop::SignalLost(why)) => why,
+                                Some(stop) => return stop,
+                            }
                         }
+                        Some(SignalEvent::Closed(why)) => {
+                            format!("the signal connection ended: {why}")
+                        }
+                        None => "the signal connection ended".into(),
+                    };
+                    tracing::info!(room = %self.target.room, "resuming the LiveKit signal connection: {lost}");
+                    self.events
+                        .send(LinkEvent::Connection(ConnectionState::Reconnecting))
+                        .await;
+                    resuming = Some(self.resume(live));
+                }
+                resumed = future_opt(&mut resuming) => {
+                    resuming = None;
+                    if let Some(stop) = self.resumed(live, resumed, &mut held).await {
+                        return stop;
                     }
-                    Some(SignalEvent::Closed(why)) => {
-                        return Stop::Lost(format!("the signal connection ended: {why}"));
-                    }
-                    None => return Stop::Lost("the signal connection ended".into()),
-                },
+                }
                 event = live.pc_events.recv() => match event {
                     Some(PcEvent::Candidate(target, init)) => {
                         let Ok(json) = serde_json::to_string(&init) else { continue };
-                        live.signal.send(Request::Trickle(proto::TrickleRequest {
+                        let trickle = Request::Trickle(proto::TrickleRequest {
                             candidate_init: json,
                             target: target.signal() as i32,
                             r#final: false,
-                        })).await;
+                        });
+                        if resuming.is_some() {
+                            held.push(trickle);
+                        } else {
+                            live.signal.send(trickle).await;
+                        }
                     }
                     Some(PcEvent::State(target, RTCPeerConnectionState::Failed)) => {
                         return Stop::Lost(format!("the {target:?} connection's ICE failed"));
@@ -516,10 +585,16 @@ impl Participant {
                     None => return Stop::SessionGone,
                 },
                 () = sleep_until(next_due) => {
-                    if let Some(stop) = output.send_due(live, &self.counters).await {
-                        return stop;
+                    // Before the publisher is negotiated the track is not
+                    // bound: its packets are dropped, as a muted track's
+                    // would be. After the signal connection ended (and no
+                    // resume is under way), a failed write is the room lost.
+                    let lost_if_unbound = live.signal.is_closed() && resuming.is_none();
+                    if output.send_due(&mut live.writer, lost_if_unbound).await {
+                        return Stop::Lost("the signal connection ended".into());
                     }
                 }
+                () = sleep_until(flush_due) => output.flush(),
                 event = recv_opt(relay) => match event {
                     Some(event) => self.relay(live, &event).await,
                     None => *relay = None,
@@ -533,6 +608,86 @@ impl Participant {
                 }
                 () = self.events.closed() => return Stop::SessionGone,
             }
+        }
+    }
+
+    /// Dials `/rtc` again with `reconnect=1` and the participant's sid
+    /// (LiveKit's resume), without holding the participant.
+    fn resume(&self, live: &Live) -> Resuming {
+        let url = self.target.url.clone();
+        let token = self.target.token.clone();
+        let start = Start::Resume(live.sid.clone());
+        let (timeout, counters) = (self.timeout, self.counters.clone());
+        Box::pin(async move { Signal::connect(&url, &token, &start, timeout, counters).await })
+    }
+
+    /// Takes a resume's outcome: the new signal connection in place of the
+    /// old (the server told of the agent's state, the held candidates
+    /// sent), or the stop that makes the agent join afresh.
+    async fn resumed(
+        &mut self,
+        live: &mut Live,
+        outcome: Result<(Signal, Opened)>,
+        held: &mut Vec<Request>,
+    ) -> Option<Stop> {
+        let failed = |why: String| {
+            self.counters
+                .resume_failures
+                .fetch_add(1, Ordering::Relaxed);
+            Some(Stop::ResumeFailed(why))
+        };
+        match outcome {
+            Ok((signal, Opened::Resumed(_))) => {
+                live.signal = signal;
+                let sync = self.sync_state(live).await;
+                live.signal.send(Request::SyncState(sync)).await;
+                for request in held.drain(..) {
+                    live.signal.send(request).await;
+                }
+                self.counters.resumes.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(room = %self.target.room, "resumed the LiveKit signal connection");
+                self.events
+                    .send(LinkEvent::Connection(ConnectionState::Connected))
+                    .await;
+                None
+            }
+            Ok((signal, Opened::Joined(_))) => {
+                // A participant the server made afresh: not the one whose
+                // media is up. It leaves; the agent joins properly.
+                signal.leave().await;
+                failed("the LiveKit server answered a resume with a fresh join".into())
+            }
+            Err(e) => failed(format!("the resume failed: {}", e.message)),
+        }
+    }
+
+    /// What the agent has, for the server to line its side up after a
+    /// resume (LiveKit's `SyncState`): the subscriber's last offer and
+    /// answer, the published track, subscriptions as auto-subscribe left
+    /// them.
+    async fn sync_state(&self, live: &Live) -> proto::SyncState {
+        let (offer, answer) = live.transports.subscriber_descriptions().await;
+        let description = |kind: &str, sdp: String| proto::SessionDescription {
+            r#type: kind.to_owned(),
+            sdp,
+            ..Default::default()
+        };
+        proto::SyncState {
+            answer: answer.map(|sdp| description("answer", sdp)),
+            offer: offer.map(|sdp| description("offer", sdp)),
+            subscription: Some(proto::UpdateSubscription {
+                subscribe: false,
+                ..Default::default()
+            }),
+            publish_tracks: live
+                .published
+                .iter()
+                .map(|track| proto::TrackPublishedResponse {
+                    cid: live.transports.track_id.clone(),
+                    track: Some(track.clone()),
+                })
+                .collect(),
+            ..Default::default()
         }
     }
 
@@ -573,6 +728,7 @@ impl Participant {
                 }
             }
             Response::TrackPublished(published) if published.cid == live.transports.track_id => {
+                live.published = published.track;
                 match live.transports.publisher_offer().await {
                     Ok(sdp) => {
                         live.signal
@@ -596,16 +752,17 @@ impl Participant {
                 self.target.token = Secret::new(token);
             }
             Response::Leave(leave) => {
+                use proto::leave_request::Action;
                 let reason = leave.reason().as_str_name();
-                return Some(
-                    if leave.action() == proto::leave_request::Action::Disconnect
-                        && !leave.can_reconnect
-                    {
+                return Some(match leave.action() {
+                    Action::Disconnect if !leave.can_reconnect => {
                         Stop::Removed(format!("the server sent leave ({reason})"))
-                    } else {
-                        Stop::Lost(format!("the server sent leave ({reason}), rejoin"))
-                    },
-                );
+                    }
+                    Action::Resume => {
+                        Stop::SignalLost(format!("the server sent leave ({reason}), resume"))
+                    }
+                    _ => Stop::Lost(format!("the server sent leave ({reason}), rejoin")),
+                });
             }
             _ => {}
         }
@@ -657,49 +814,12 @@ impl Participant {
     }
 }
 
-impl Output {
-    /// Encodes a reply frame into paced packets.
-    fn encode(&mut self, frame: &AudioFrame) {
-        let now = Instant::now();
-        let (outgoing, pace) = (&mut self.outgoing, &mut self.pace);
-        let pushed = self.encoder.push(frame, |packet| {
-            if *pace < now {
-                *pace = now;
-            }
-            outgoing.push_back((*pace, packet.to_vec()));
-            *pace += PACKET;
-        });
-        if let Err(e) = pushed {
-            tracing::debug!("reply audio was not encoded: {}", e.message);
-        }
-    }
-
-    /// Sends the packets that are due.
-    async fn send_due(&mut self, live: &mut Live, counters: &LiveKitCounters) -> Option<Stop> {
-        let now = Instant::now();
-        while let Some((due, _)) = self.outgoing.front() {
-            if *due > now {
-                break;
-            }
-            let Some((due, packet)) = self.outgoing.pop_front() else {
-                break;
-            };
-            match live.writer.write(&packet, due).await {
-                Ok(()) => {
-                    counters.rtp_out.fetch_add(1, Ordering::Relaxed);
-                }
-                // Before the publisher is negotiated the track is not bound:
-                // the packet is dropped, as a muted track's would be.
-                Err(_) if live.signal.is_closed() => {
-                    return Some(Stop::Lost("the signal connection ended".into()));
-                }
-                Err(_) => {
-                    counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        None
-    }
+/// Whether a stop was already announced to the session.
+enum StopKind {
+    /// The session heard `Reconnecting` already (a failed resume).
+    Announced,
+    /// Nothing said yet.
+    Fresh,
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -709,9 +829,9 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
-async fn future_opt(
-    future: &mut Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
-) {
+async fn future_opt<T>(
+    future: &mut Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+) -> T {
     match future {
         Some(future) => future.await,
         None => std::future::pending().await,
@@ -731,75 +851,5 @@ async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Reads a remote track: the user's microphone is decoded into the
-/// session; anyone else's is ignored.
-async fn read_user(
-    track: Arc<dyn TrackRemote>,
-    roster: Arc<Mutex<Roster>>,
-    user: String,
-    audio_in: mpsc::Sender<AudioFrame>,
-    counters: Arc<LiveKitCounters>,
-) {
-    let sid = track.track_id().await.to_string();
-    let Ok(mut decoder) = OpusDecoder::new() else {
-        return;
-    };
-    let mut mine: Option<bool> = None;
-    let mut last: Option<u16> = None;
-    while let Some((sequence, payload)) = rtc::next_rtp(&track).await {
-        if mine.is_none() {
-            mine = roster
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_user(&sid, &user);
-        }
-        if mine != Some(true) {
-            continue;
-        }
-        if let Some(last) = last {
-            let step = sequence.wrapping_sub(last);
-            if step == 0 || step > 0x8000 {
-                continue; // a duplicate or a late packet
-            }
-            for _ in 1..step.min(MAX_CONCEALED + 1) {
-                if let Ok(frame) = decoder.conceal() {
-                    counters.concealed.fetch_add(1, Ordering::Relaxed);
-                    if !hand_in(&audio_in, frame, &counters) {
-                        return;
-                    }
-                }
-            }
-        }
-        last = Some(sequence);
-        match decoder.decode(&payload) {
-            Ok(frame) => {
-                counters.rtp_in.fetch_add(1, Ordering::Relaxed);
-                if !hand_in(&audio_in, frame, &counters) {
-                    return;
-                }
-            }
-            Err(_) => {
-                counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-/// Hands a frame to the session; `false` once the session is gone.
-fn hand_in(
-    audio_in: &mpsc::Sender<AudioFrame>,
-    frame: AudioFrame,
-    counters: &LiveKitCounters,
-) -> bool {
-    match audio_in.try_send(frame) {
-        Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
-            true
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }

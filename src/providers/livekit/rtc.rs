@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -347,6 +347,14 @@ impl Transports {
         Ok(sdp)
     }
 
+    /// The subscriber's current remote offer and local answer, as SDP
+    /// (for a resume's `SyncState`).
+    pub async fn subscriber_descriptions(&self) -> (Option<String>, Option<String>) {
+        let offer = self.subscriber.remote_description().await.map(|d| d.sdp);
+        let answer = self.subscriber.local_description().await.map(|d| d.sdp);
+        (offer, answer)
+    }
+
     /// Adds a candidate the server trickled (`candidate_init`, the JSON of
     /// an `RTCIceCandidateInit`) to `target`.
     ///
@@ -381,9 +389,11 @@ impl Transports {
             track: self.track.clone(),
             ssrc: self.ssrc,
             payload_type: payload_type.unwrap_or(OPUS_PT),
-            sequence: fastrand::u16(..),
-            timestamp: fastrand::u32(..),
-            clock: None,
+            header: Header {
+                sequence: fastrand::u16(..),
+                timestamp: fastrand::u32(..),
+                started: false,
+            },
         }
     }
 
@@ -396,17 +406,42 @@ impl Transports {
 }
 
 /// Packetizes the reply's Opus packets as RTP (RFC 7587): one 20 ms packet
-/// each, sequence numbers one apart, timestamps 960 apart within a talk
-/// spurt; after a pause the timestamp follows the wall clock and the
-/// packet is marked as the spurt's first.
+/// each, sequence numbers one apart, timestamps on the 48 kHz clock, 960 a
+/// frame. Frames not sent (DTX, the pause before a reply) are jumped over
+/// in RTP time; the first packet after such a gap has the marker bit, as
+/// the first of a talk spurt (RFC 3551 4.1, RFC 7587 4.1).
 pub struct RtpWriter {
     track: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
     payload_type: u8,
+    header: Header,
+}
+
+/// The sequence number, timestamp and marker of a stream's packets.
+#[derive(Debug)]
+struct Header {
     sequence: u16,
     timestamp: u32,
-    /// When the last packet was due and its timestamp.
-    clock: Option<(Instant, u32)>,
+    /// Whether a packet was sent yet (the first one is marked).
+    started: bool,
+}
+
+impl Header {
+    /// The next packet's sequence number, timestamp and marker, `frames`
+    /// 20 ms frames after the one before (1: none skipped).
+    fn next(&mut self, frames: u32) -> (u16, u32, bool) {
+        let marker = !self.started || frames > 1;
+        if self.started {
+            self.timestamp = self
+                .timestamp
+                .wrapping_add(frames.max(1).wrapping_mul(PACKET_SAMPLES));
+        } else {
+            self.sequence = self.sequence.wrapping_sub(1);
+        }
+        self.started = true;
+        self.sequence = self.sequence.wrapping_add(1);
+        (self.sequence, self.timestamp, marker)
+    }
 }
 
 impl std::fmt::Debug for RtpWriter {
@@ -426,32 +461,20 @@ impl RtpWriter {
         self.payload_type = pt;
     }
 
-    /// Sends one 20 ms Opus packet due at `due`.
+    /// Sends one 20 ms Opus packet, `frames` frames after the one before
+    /// (more than one: the frames between were not sent).
     ///
     /// # Errors
     ///
     /// `ConnectionFailed` when the track is not bound (before negotiation,
     /// after close) or the connection is gone.
-    pub async fn write(&mut self, opus: &[u8], due: Instant) -> Result<()> {
-        let (timestamp, marker) = match self.clock {
-            Some((last, ts))
-                if due.saturating_duration_since(last) <= Duration::from_millis(60) =>
-            {
-                (ts.wrapping_add(PACKET_SAMPLES), false)
-            }
-            Some((last, ts)) => {
-                let gap = due.saturating_duration_since(last).as_micros() as u64 * 48 / 1000;
-                (ts.wrapping_add(gap.max(PACKET_SAMPLES as u64) as u32), true)
-            }
-            None => (self.timestamp, true),
-        };
-        self.clock = Some((due, timestamp));
-        self.sequence = self.sequence.wrapping_add(1);
+    pub async fn write(&mut self, opus: &[u8], frames: u32) -> Result<()> {
+        let (sequence, timestamp, marker) = self.header.next(frames);
         let mut packet = packet_default(<TrackLocalStaticRTP as TrackLocal>::write_rtp);
         packet.header.version = 2;
         packet.header.marker = marker;
         packet.header.payload_type = self.payload_type;
-        packet.header.sequence_number = self.sequence;
+        packet.header.sequence_number = sequence;
         packet.header.timestamp = timestamp;
         packet.header.ssrc = self.ssrc;
         packet.payload = bytes::Bytes::copy_from_slice(opus);
@@ -462,13 +485,27 @@ impl RtpWriter {
     }
 }
 
-/// The next RTP payload of a remote track, with its sequence number; `None`
-/// once the track ended.
-pub async fn next_rtp(track: &Arc<dyn TrackRemote>) -> Option<(u16, bytes::Bytes)> {
+/// One RTP packet of a remote track: what the reader needs of it.
+#[derive(Debug)]
+pub struct RtpIn {
+    /// The sequence number.
+    pub sequence: u16,
+    /// The timestamp (48 kHz for Opus).
+    pub timestamp: u32,
+    /// The Opus payload.
+    pub payload: bytes::Bytes,
+}
+
+/// The next RTP packet of a remote track; `None` once the track ended.
+pub async fn next_rtp(track: &Arc<dyn TrackRemote>) -> Option<RtpIn> {
     loop {
         match track.poll().await? {
             TrackRemoteEvent::OnRtpPacket(packet) => {
-                return Some((packet.header.sequence_number, packet.payload));
+                return Some(RtpIn {
+                    sequence: packet.header.sequence_number,
+                    timestamp: packet.header.timestamp,
+                    payload: packet.payload,
+                });
             }
             TrackRemoteEvent::OnEnded => return None,
             _ => {}
@@ -496,4 +533,38 @@ pub async fn send_data(channel: &Arc<dyn DataChannel>, payload: &[u8]) -> Result
         .send(BytesMut::from(payload))
         .await
         .map_err(|e| rtc_error("sending on the data channel", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_jump_over_the_frames_not_sent_and_mark_the_spurt() {
+        let (ts0, seq0) = (u32::MAX - 1_000, 0);
+        let h = |frames: Vec<u32>| {
+            let mut w = Header {
+                sequence: seq0,
+                timestamp: ts0,
+                started: false,
+            };
+            let mut out = Vec::new();
+            for f in frames {
+                out.push(w.next(f));
+            }
+            out
+        };
+        let got = h(vec![1, 1, 1, 3, 1, 50]);
+        assert_eq!(got[0], (0, ts0, true), "the first packet starts a spurt");
+        assert_eq!(got[1], (1, ts0.wrapping_add(960), false));
+        assert_eq!(got[2], (2, ts0.wrapping_add(1_920), false));
+        assert_eq!(
+            got[3],
+            (3, ts0.wrapping_add(1_920 + 3 * 960), true),
+            "two frames not sent: the timestamp jumps, the marker is set"
+        );
+        assert_eq!(got[4], (4, ts0.wrapping_add(5 * 960 + 960), false));
+        assert_eq!(got[5].1, ts0.wrapping_add(6 * 960 + 50 * 960));
+        assert!(got[5].2);
+    }
 }
