@@ -642,6 +642,101 @@ mod tests {
         assert!(frames(&[], 20).is_empty());
     }
 
+    fn voiced_tones(samples: &[i16]) -> Vec<f32> {
+        use crate::pipeline::builtin::adaptive::pitch::estimate_f0;
+        samples
+            .chunks_exact(640)
+            .filter_map(|w| estimate_f0(w, SAMPLE_RATE))
+            .map(|p| 12.0 * (p.hz / 100.0).log2())
+            .collect()
+    }
+
+    fn median(mut v: Vec<f32>) -> f32 {
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    }
+
+    #[test]
+    fn recorded_turns_are_deterministic_and_annotated() {
+        let plan = TurnPlan::statement(3, Duration::from_millis(800));
+        let t = recorded_style_turn(&plan, 4);
+        assert_eq!(t, recorded_style_turn(&plan, 4));
+        assert_ne!(t.samples, recorded_style_turn(&plan, 5).samples);
+        let kinds: Vec<PauseKind> = t.pauses.iter().map(|p| p.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                PauseKind::MidSentence,
+                PauseKind::MidSentence,
+                PauseKind::TurnEnd
+            ]
+        );
+        for p in &t.pauses {
+            assert!(t.samples[p.start..p.start + p.len].iter().all(|&s| s == 0));
+            // Speech right before each pause.
+            assert!(rms_dbfs(&t.samples[p.start - 1600..p.start]) > -40.0);
+        }
+        for p in &t.pauses[..2] {
+            assert!((2400..=11_200).contains(&p.len), "150-700 ms: {p:?}");
+        }
+        assert_eq!(t.pauses[2].len, 12_800);
+        assert_eq!(t.pauses[2].start + t.pauses[2].len, t.samples.len());
+        // The lead silence.
+        assert!(t.samples[..4800].iter().all(|&s| s == 0));
+        // Speech at the documented level.
+        let mut speech = Vec::new();
+        let mut at = 4800;
+        for p in &t.pauses {
+            speech.extend_from_slice(&t.samples[at..p.start]);
+            at = p.start + p.len;
+        }
+        assert!((rms_dbfs(&speech) - SPEECH_LEVEL_DBFS).abs() < 0.5);
+        // Conversations join turns and shift their pauses.
+        let c = recorded_style_conversation(3, Duration::from_secs(1), 9);
+        assert_eq!(
+            c.pauses
+                .iter()
+                .filter(|p| p.kind == PauseKind::TurnEnd)
+                .count(),
+            3
+        );
+        assert!(c.pauses.windows(2).all(|w| w[0].start < w[1].start));
+    }
+
+    #[test]
+    fn statements_end_low_and_mid_sentence_pauses_do_not() {
+        for seed in 0..6 {
+            let plan = TurnPlan {
+                boundary: Boundary::Level,
+                ..TurnPlan::statement(2, Duration::from_millis(500))
+            };
+            let t = recorded_style_turn(&plan, seed);
+            let (mid, end) = (t.pauses[0], t.pauses[1]);
+            let all = median(voiced_tones(&t.samples));
+            // The last 240 ms before each pause.
+            let before = |p: Pause| median(voiced_tones(&t.samples[p.start - 3840..p.start]));
+            let at_mid = before(mid) - all;
+            let at_end = before(end) - all;
+            assert!(at_mid.abs() < 1.5, "seed {seed}: level pause {at_mid} st");
+            assert!(at_end < -2.5, "seed {seed}: final fall {at_end} st");
+            let level = |p: Pause| rms_dbfs(&t.samples[p.start - 3840..p.start]);
+            assert!(
+                level(end) < level(mid) - 3.0,
+                "seed {seed}: the end is quieter"
+            );
+        }
+        let rising = TurnPlan {
+            boundary: Boundary::Rising,
+            ..TurnPlan::statement(2, Duration::from_millis(500))
+        };
+        let t = recorded_style_turn(&rising, 1);
+        let p = t.pauses[0];
+        // The last 120 ms against the 120 ms before: still rising.
+        let rise = median(voiced_tones(&t.samples[p.start - 1920..p.start]))
+            - median(voiced_tones(&t.samples[p.start - 3840..p.start - 1920]));
+        assert!(rise > 0.3, "a continuation rise: {rise} st");
+    }
+
     #[test]
     fn duration_conversions() {
         assert_eq!(samples_in(Duration::from_millis(20)), 320);
