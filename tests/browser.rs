@@ -527,9 +527,12 @@ async fn typed_text_on_the_default_serve_is_answered_once_without_an_error() {
     ];
     for (n, (typed, _)) in lines.iter().enumerate() {
         type_line(client, typed).await;
-        let (ok, t) = wait_for(client, TURN_TIMEOUT, |t| count(t, "agent_text") > n as u64).await;
+        let (ok, t) = wait_for(client, TURN_TIMEOUT, |t| {
+            count(t, "agent_text") > n as u64 || count(t, "error") > 0
+        })
+        .await;
         assert!(
-            ok,
+            ok && count(&t, "error") == 0,
             "no answer to {typed:?}: {t:#}\npage log:\n{}",
             page_log(client).await
         );

@@ -788,3 +788,37 @@ fn serve_keeps_serving_while_sessions_log() {
     let status = wait_exit(&mut serve.child, Duration::from_secs(30));
     assert!(status.success(), "exit {status:?}");
 }
+
+/// The default `serve` (the echo backend) answers typed text with the demo
+/// agent, over the WebSocket: an `agent_text`, no `agent_error`.
+#[test]
+fn serve_answers_typed_text_by_default() {
+    use tokio_tungstenite::tungstenite::{Message, connect};
+    let serve = start_serve(&["--store", "none"], &[]);
+    let (mut ws, _) = connect(format!("ws://{}/ws", serve.addr)).expect("the WebSocket opens");
+    if let tokio_tungstenite::tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
+    let next = |ws: &mut tokio_tungstenite::tungstenite::WebSocket<_>| loop {
+        match ws.read().expect("a message in time") {
+            Message::Text(t) => {
+                break serde_json::from_str::<serde_json::Value>(&t).expect("JSON");
+            }
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    };
+    let start = r#"{"type":"start","user_id":"u","sample_rate":16000}"#;
+    ws.send(Message::Text(start.into())).unwrap();
+    assert_eq!(next(&mut ws)["type"], "ready");
+    let text = r#"{"type":"text","text":"repeat after me: hello there"}"#;
+    ws.send(Message::Text(text.into())).unwrap();
+    loop {
+        let event = next(&mut ws);
+        assert_ne!(event["type"], "error", "{event}");
+        if event["type"] == "agent_text" {
+            assert_eq!(event["text"], "hello there");
+            break;
+        }
+    }
+}
