@@ -569,6 +569,9 @@ impl Metrics {
     /// always self-consistent in `count` and `buckets`.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let load = |c: &AtomicU64| c.load(Relaxed);
+        // Locked once: a second lock in the same expression would wait on
+        // the first forever.
+        let components = self.components();
         MetricsSnapshot {
             provider: self.provider.to_string(),
             requests: Op::ALL
@@ -602,8 +605,8 @@ impl Metrics {
             interruptions: load(&self.interruptions),
             false_interruptions: load(&self.false_interruptions),
             turns: load(&self.turns),
-            component_switches: self.components().switches.clone(),
-            component_served: self.components().served.clone(),
+            component_switches: components.switches.clone(),
+            component_served: components.served.clone(),
         }
     }
 
