@@ -746,7 +746,9 @@ impl<K: Supervised> Supervisor<K> {
         if self.open_next() {
             return;
         }
-        let message = stage_error(K::STAGE, "failed the turn", &self.failures).message.clone();
+        let message = stage_error(K::STAGE, "failed the turn", &self.failures)
+            .message
+            .clone();
         self.report.failed(message.clone());
         if let Some(lost) = K::lost(message) {
             let _ = self.out.try_send(lost);
@@ -768,6 +770,22 @@ impl<K: Supervised> Supervisor<K> {
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Audio(frame) => {
+                // A new turn starts: one ahead of the active component in
+                // the list that is up again takes it.
+                if self.replay.pending == 0
+                    && self.replay.items.is_empty()
+                    && self.list[..self.active].iter().any(|c| c.health.is_up())
+                {
+                    let active = self.active;
+                    self.stream = None;
+                    self.tried.fill(false);
+                    if !self.open_next() {
+                        self.tried.fill(false);
+                    }
+                    if self.stream.is_none() {
+                        self.active = active;
+                    }
+                }
                 self.replay.frame(&frame);
                 if let Some(stream) = self.stream.as_mut()
                     && let Err(e) = K::push(stream, &frame)
@@ -788,8 +806,9 @@ impl<K: Supervised> Supervisor<K> {
                     }
                     None => {
                         if !self.open_next() {
-                            let message =
-                                stage_error(K::STAGE, "is unavailable", &self.failures).message.clone();
+                            let message = stage_error(K::STAGE, "is unavailable", &self.failures)
+                                .message
+                                .clone();
                             self.report.failed(message);
                             self.replay = Replay::default();
                             self.tried.fill(false);
