@@ -898,7 +898,13 @@ fn write_exposition(snapshots: &[MetricsSnapshot], out: &mut String) {
     header(out, FALSE_INTERRUPTIONS, "counter");
     for s in snapshots {
         let labels = [("provider", &*s.provider)];
-        sample(out, FALSE_INTERRUPTIONS.0, "", &labels, s.false_interruptions);
+        sample(
+            out,
+            FALSE_INTERRUPTIONS.0,
+            "",
+            &labels,
+            s.false_interruptions,
+        );
     }
 
     header(out, TURNS, "counter");
@@ -1016,9 +1022,9 @@ mod otel {
     use opentelemetry::metrics::{AsyncInstrument, Histogram, Meter};
 
     use super::{
-        DROPPED, DropReason, ERRORS, INTERRUPTIONS, LATENCY, LATENCY_BUCKETS, LatencyStage,
-        MAX_OBSERVATION_NANOS, Metrics, Op, REQUESTS, Relaxed, SESSIONS_ACTIVE, SESSIONS_TOTAL,
-        THROUGHPUT, TURN_LATENCY, TURNS,
+        DROPPED, DropReason, ERRORS, FALSE_INTERRUPTIONS, INTERRUPTIONS, LATENCY, LATENCY_BUCKETS,
+        LatencyStage, MAX_OBSERVATION_NANOS, Metrics, Op, REQUESTS, Relaxed, SESSIONS_ACTIVE,
+        SESSIONS_TOTAL, THROUGHPUT, TURN_LATENCY, TURNS,
     };
     use crate::error::ErrorCode;
 
