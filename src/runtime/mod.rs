@@ -429,6 +429,7 @@ impl Inner {
             retention: self.hooks().retention,
             media: media.is_some(),
             converters,
+            interruption: plan.interruption.clone(),
         })
         .map_err(|e| e.with_op(OP))?;
         plan.report_to(engine.event_sender(), self.metrics.clone());

@@ -17,6 +17,7 @@ use crate::pipeline::{INTERNAL_FORMAT, SttStream, TurnDetector, TurnSignal, Vad,
 use crate::pipeline::link::RemoteInput;
 
 use super::Engine;
+use super::interruption::{Decider, Phase, Step, TurnFate};
 use super::shared::Control;
 
 /// The input path's state, behind the session's lock.
@@ -40,6 +41,13 @@ pub(super) struct Input {
     pub(super) in_speech: bool,
     pub(super) remote_turns: bool,
     pub(super) converter: FormatFollower,
+    /// Speech during a reply is being judged ([`Decider::deciding`] as of
+    /// this path's last look): each frame is told to the decider.
+    pub(super) deciding: bool,
+    /// The remote is a speech-to-speech model: speech being judged is held
+    /// back from it (in `held`) until it interrupts, and dropped if it does not.
+    pub(super) holds_model_audio: bool,
+    pub(super) held: Vec<AudioFrame>,
 }
 
 impl Engine {
@@ -113,12 +121,17 @@ impl Engine {
             input.turn.observe(&frame);
             input.turn.update(&decision, duration)
         });
+        if input.deciding {
+            let now = self.shared.since_epoch(tokio::time::Instant::now());
+            let step = self.shared.decider().voice(now, decision.speech, duration);
+            self.take_step(input, step)?;
+        }
         if input.remote_turns {
             return self.remote_turn_input(input, frame, signal);
         }
         match signal {
             TurnSignal::SpeechStarted => {
-                self.speech_started(input);
+                self.speech_started(input)?;
                 // Hand over the pre-roll so recognition hears the onset.
                 let pre: Vec<AudioFrame> = input.pre_roll.drain(..).collect();
                 input.pre_roll_len = Duration::ZERO;
@@ -130,6 +143,10 @@ impl Engine {
             TurnSignal::TurnEnded if input.in_speech => {
                 self.feed(input, &frame)?;
                 input.in_speech = false;
+                let fate = self.judged_turn_ended(input)?;
+                if fate == TurnFate::Swallow {
+                    return self.swallow_turn(input);
+                }
                 let turn = self.shared.turns.fetch_add(1, Ordering::AcqRel) + 1;
                 // The session task must know of the turn before any reply to it
                 // can arrive: mark it and queue the control message first.
@@ -139,6 +156,7 @@ impl Engine {
                 let _ = self.shared.control.send(Control::TurnEnded {
                     turn,
                     endpointing: input.turn.endpointing().unwrap_or(input.silence),
+                    deferred: fate == TurnFate::Defer,
                 });
                 input.turn.reset();
                 let mut ended = Ok(());
@@ -178,9 +196,12 @@ impl Engine {
         signal: TurnSignal,
     ) -> Result<()> {
         match signal {
-            TurnSignal::SpeechStarted => self.speech_started(input),
+            TurnSignal::SpeechStarted => self.speech_started(input)?,
             TurnSignal::TurnEnded if input.in_speech => {
                 input.in_speech = false;
+                // The service decides what the speech was; locally it only
+                // stops being judged.
+                self.judged_turn_ended(input)?;
                 input.turn.reset();
             }
             _ => {}
@@ -189,16 +210,100 @@ impl Engine {
     }
 
     /// The user started speaking: reported, and a reply being produced or
-    /// played is cut.
-    fn speech_started(&self, input: &mut Input) {
+    /// played is judged (cut at once with the interruption policy off).
+    fn speech_started(&self, input: &mut Input) -> Result<()> {
         input.in_speech = true;
         self.shared.emit(SessionEvent::SpeechStarted);
         if self.shared.replying.load(Ordering::Acquire) {
-            self.barge_in(input);
+            let step = {
+                let mut decider = self.shared.decider();
+                if !decider.policy().enabled {
+                    drop(decider);
+                    self.barge_in(input);
+                    return Ok(());
+                }
+                decider.onset(input.turn.lookback())
+            };
+            input.deciding = true;
+            self.take_step(input, step)?;
+        }
+        Ok(())
+    }
+
+    /// Acts on a step the decider took on the input path: a cut happens
+    /// here at once (as a barge-in); the rest is the session task's.
+    fn take_step(&self, input: &mut Input, step: Option<Step>) -> Result<()> {
+        let Some(step) = step else {
+            return Ok(());
+        };
+        match step {
+            Step::Cut { .. } => {
+                input.deciding = false;
+                self.barge_in(input);
+                // The speech is the user's turn: the model hears all of it.
+                for f in std::mem::take(&mut input.held) {
+                    self.feed_now(input, &f)?;
+                }
+            }
+            step => {
+                input.deciding = self.shared.decider().deciding();
+                let _ = self.shared.control.send(Control::Interruption(step));
+            }
+        }
+        Ok(())
+    }
+
+    /// The user's turn ended: what the decider makes of it (a turn like any
+    /// other when nothing was being judged).
+    fn judged_turn_ended(&self, input: &mut Input) -> Result<TurnFate> {
+        if !input.deciding {
+            return Ok(TurnFate::Answer);
+        }
+        let now = self.shared.since_epoch(tokio::time::Instant::now());
+        let (step, fate) = {
+            let mut decider: std::sync::MutexGuard<'_, Decider> = self.shared.decider();
+            let judged = decider.turn_ended(now);
+            input.deciding = decider.phase() == Phase::Paused;
+            judged
+        };
+        self.take_step(input, step)?;
+        Ok(fate)
+    }
+
+    /// Speech that did not interrupt ended: not a turn. What the model was
+    /// kept from hearing is dropped; a recognizer's turn is closed so the
+    /// speech does not run into the next turn, and its transcript is not
+    /// answered.
+    fn swallow_turn(&self, input: &mut Input) -> Result<()> {
+        input.turn.reset();
+        input.held.clear();
+        let mut ended = Ok(false);
+        if let Some(stt) = input.stt.as_mut() {
+            ended = stt.end_turn().map(|()| true);
+        } else if let Some(remote) = input.remote.as_mut()
+            && !input.holds_model_audio
+        {
+            ended = remote.end_turn().map(|()| true);
+        }
+        match ended {
+            Ok(true) => {
+                let _ = self.shared.control.send(Control::Swallowed);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(e.with_op("session.process_audio")),
         }
     }
 
     fn feed(&self, input: &mut Input, frame: &AudioFrame) -> Result<()> {
+        if input.deciding && input.holds_model_audio {
+            input.held.push(frame.clone());
+            return Ok(());
+        }
+        self.feed_now(input, frame)
+    }
+
+    fn feed_now(&self, input: &mut Input, frame: &AudioFrame) -> Result<()> {
         if let Some(stt) = input.stt.as_mut() {
             tracing::trace_span!("stt")
                 .in_scope(|| stt.push_audio(frame))

@@ -84,12 +84,17 @@ mod reply;
 mod playout;
 // the speech-to-speech model's and the link's events,
 mod s2s;
-// what a turn's latency is made of.
+// what a turn's latency is made of,
 mod latency;
+// whether user speech during a reply interrupts it (a pure state machine),
+pub(crate) mod interruption;
+// and what the reply does as that is decided.
+mod interrupting;
 #[cfg(test)]
 mod tests;
 
 use input::Input;
+use interruption::{Decider, Policy};
 use shared::{Control, Shared, state_code};
 use task::{TaskParts, run};
 
@@ -165,6 +170,9 @@ pub struct EngineParts {
     /// blocking thread rather than on the first frame. `None`: made when first
     /// needed.
     pub converters: PreparedConverters,
+    /// When user speech during a reply interrupts it
+    /// ([`Plan::interruption`](crate::pipeline::plan::Plan::interruption)).
+    pub interruption: crate::config::InterruptionConfig,
 }
 
 /// Converters for [`EngineParts::converters`].
@@ -255,6 +263,9 @@ impl Engine {
             None => (None, None),
         };
         let linked = parts.media || matches!(parts.remote, Some(Remote::Link { .. }));
+        // A speech-to-speech model hears the speech being judged only once
+        // it interrupts (what it hears, it answers).
+        let holds_model_audio = matches!(parts.remote, Some(Remote::Model(..)));
         let (remote, remote_events, remote_turns, link_finals) = match parts.remote {
             Some(r) => {
                 let (input, events, remote_turns, finals) = r.split();
@@ -281,6 +292,13 @@ impl Engine {
             link: Mutex::new(linked.then_some(ConnectionState::Connected)),
             hint: Mutex::new(None),
             hint_ready: AtomicBool::new(false),
+            decider: Mutex::new(Decider::new(
+                Policy::new(&parts.interruption),
+                // Words come from an STT stage or the link's transcripts
+                // matched to local turns.
+                stt.is_some() || link_finals,
+            )),
+            epoch: Instant::now(),
         });
         let pre_roll_limit = PRE_ROLL + parts.vad.lookback() + parts.turn.lookback();
         Ok(Engine {
@@ -299,6 +317,9 @@ impl Engine {
                 in_speech: false,
                 remote_turns,
                 converter: FormatFollower::from(parts.converters.input),
+                deciding: false,
+                holds_model_audio,
+                held: Vec::new(),
             }),
             shared,
             receiver: Mutex::new(Some(receiver)),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::audio::{AudioFrame, FormatFollower};
+use crate::audio::{AudioEncoding, AudioFrame, FormatFollower};
 use crate::metrics::DropReason;
 use crate::metrics::LatencyStage;
 use crate::pipeline::events::{SessionEvent, TurnLatency};
@@ -31,7 +31,7 @@ impl Task {
     /// When queued reply audio is next due for release, if any: when what was
     /// handed out is down to [`PLAYOUT_REFILL`].
     pub(super) fn release_at(&self) -> Option<Instant> {
-        (!self.playout.pending.is_empty()).then(|| {
+        (!self.playout.pending.is_empty() && !self.shared.decider().holds_audio()).then(|| {
             self.playout
                 .play_end
                 .checked_sub(PLAYOUT_REFILL)
@@ -42,7 +42,9 @@ impl Task {
     /// Whether the next queued frame may go out at `now`: what was handed out
     /// plays for less than [`PLAYOUT_LEAD`] more.
     pub(super) fn may_release(&self, now: Instant) -> bool {
-        !self.playout.pending.is_empty() && self.playout.play_end < now + PLAYOUT_LEAD
+        !self.playout.pending.is_empty()
+            && self.playout.play_end < now + PLAYOUT_LEAD
+            && !self.shared.decider().holds_audio()
     }
 
     /// When the reply being played ends and the session goes back to
@@ -51,11 +53,19 @@ impl Task {
         (self.playout.pending.is_empty()
             && self.reply_done
             && self.reply.is_none()
-            && self.shared.state() == PipelineState::Speaking)
-            .then_some(self.playout.play_end)
+            && self.shared.state() == PipelineState::Speaking
+            && self.paused_from.is_none())
+        .then_some(self.playout.play_end)
     }
-    /// Drops the reply in flight and everything queued of it, and listens.
-    pub(super) fn cut_reply(&mut self, turn: u64, reply_rx: &mut mpsc::Receiver<ReplyMsg>) {
+    /// Drops the reply in flight and everything queued of it, and listens;
+    /// `announce`: emits [`SessionEvent::Interrupted`] and counts it (not
+    /// when the reply was paused by an interruption, already announced).
+    pub(super) fn cut_reply(
+        &mut self,
+        turn: u64,
+        reply_rx: &mut mpsc::Receiver<ReplyMsg>,
+        announce: bool,
+    ) {
         let shared = &*self.shared;
         // Again, from the task: a frame it released after the input path's
         // flush (before this message reached it) is dropped too.
@@ -68,8 +78,12 @@ impl Task {
         self.playout.play_end = Instant::now();
         self.reply_done = true;
         self.cut = true;
-        shared.metrics.interrupted();
-        shared.emit(SessionEvent::Interrupted { turn });
+        self.paused_from = None;
+        shared.decider().reset();
+        if announce {
+            shared.metrics.interrupted();
+            shared.emit(SessionEvent::Interrupted { turn });
+        }
         shared.set_state(PipelineState::Listening);
     }
 }
@@ -113,6 +127,13 @@ pub(super) fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnCl
     };
     playout.pending_len = playout.pending_len.saturating_sub(frame.duration());
     playout.play_end = playout.play_end.max(now) + frame.duration();
+    // Ducked while user speech is judged.
+    let gain = shared.decider().gain();
+    let frame = if gain < 1.0 && frame.format().encoding == AudioEncoding::PcmS16Le {
+        scaled(frame, gain)
+    } else {
+        frame
+    };
     // A frame that cannot be converted is dropped and reported; the reply
     // still counts as started, so the session goes back to listening after it.
     let out = match playout.converter.convert(frame, shared.output_format) {
@@ -149,4 +170,18 @@ pub(super) fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnCl
             }));
         }
     }
+}
+
+/// `frame` (the pipeline's format, PCM s16le) with every sample times `gain`.
+fn scaled(frame: AudioFrame, gain: f32) -> AudioFrame {
+    let format = frame.format();
+    let data: Vec<u8> = frame
+        .data()
+        .chunks_exact(2)
+        .flat_map(|b| {
+            let v = f32::from(i16::from_le_bytes([b[0], b[1]])) * gain;
+            (v.round().clamp(-32768.0, 32767.0) as i16).to_le_bytes()
+        })
+        .collect();
+    AudioFrame::new(format, data).unwrap_or(frame)
 }

@@ -99,7 +99,8 @@ impl Task {
                 if speaking {
                     shared.output.flush();
                     let turn = shared.turns.load(Ordering::Acquire);
-                    self.cut_reply(turn, reply_rx);
+                    let announce = self.paused_from.take().is_none();
+                    self.cut_reply(turn, reply_rx, announce);
                 } else {
                     self.cut = true;
                 }

@@ -16,11 +16,22 @@ use crate::metrics::Metrics;
 use crate::pipeline::events::SessionEvent;
 use crate::session::{AudioSender, PipelineState};
 
+use super::interruption::{Decider, Step};
+
 pub(super) enum Control {
     TurnEnded {
         turn: u64,
         endpointing: Duration,
+        /// The turn ended while the reply was paused by its speech: its
+        /// final transcript decides whether it is answered
+        /// ([`TurnFate::Defer`](super::interruption::TurnFate::Defer)).
+        deferred: bool,
     },
+    /// Speech that did not interrupt ended as a turn of its own: not
+    /// answered; its final transcript (if one comes) is not either.
+    Swallowed,
+    /// The interruption decision moved on (a step taken on the input path).
+    Interruption(Step),
     Interrupt {
         turn: u64,
     },
@@ -68,9 +79,24 @@ pub(super) struct Shared {
     /// (`hint_ready` says there is one, so a frame checks one flag).
     pub(super) hint: Mutex<Option<String>>,
     pub(super) hint_ready: AtomicBool,
+    /// Whether user speech during a reply interrupts it: used by the input
+    /// path (speech) and the session's task (transcripts, time, playout).
+    pub(super) decider: Mutex<Decider>,
+    /// The clock the decider's times count from.
+    pub(super) epoch: Instant,
 }
 
 impl Shared {
+    /// The decider, locked (briefly: it only computes).
+    pub(super) fn decider(&self) -> std::sync::MutexGuard<'_, Decider> {
+        self.decider.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `at` on the decider's clock.
+    pub(super) fn since_epoch(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.epoch)
+    }
+
     /// Keeps `partial` for the turn detector, which sees it with the next frame.
     pub(super) fn hint(&self, partial: &str) {
         let mut hint = self.hint.lock().unwrap_or_else(PoisonError::into_inner);

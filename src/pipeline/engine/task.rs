@@ -20,6 +20,7 @@ use crate::pipeline::{S2sEvent, SttEvent, TextToSpeech};
 use crate::session::PipelineState;
 use crate::wake::InputMarks;
 
+use super::interrupting::Deferred;
 use super::latency::TurnClock;
 use super::playout::{Playout, release, send_out};
 use super::reply::{History, ReplyFuture, ReplyMsg};
@@ -89,6 +90,12 @@ pub(super) struct Task {
     pub(super) finals: Finals,
     /// The conversation so far, for the agent.
     pub(super) history: History,
+    /// The reply is paused by speech that interrupted it (the state it was
+    /// in before), until the interruption is confirmed or found false.
+    pub(super) paused_from: Option<PipelineState>,
+    /// A turn that ended while the reply was paused, waiting for its final
+    /// transcript.
+    pub(super) deferred: Option<Deferred>,
 }
 
 impl Task {
@@ -96,19 +103,31 @@ impl Task {
     /// transcript and stop.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let stop_at = self.stopping.as_ref().map(|(d, _)| *d);
-        [self.release_at(), self.idle_at(), self.finals.due, stop_at]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.release_at(),
+            self.idle_at(),
+            self.finals.due,
+            stop_at,
+            self.interruption_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
     /// The timer fired: tops the reply audio handed out up to the lead
     /// (stopping early for a waiting control message, which goes first), then
     /// goes back to listening if the reply has finished playing. Returns
     /// whether the stop deadline has passed.
-    fn on_timer(&mut self, inputs: &Inputs) -> bool {
+    fn on_timer(&mut self, inputs: &Inputs, reply_rx: &mut mpsc::Receiver<ReplyMsg>) -> bool {
         let now = Instant::now();
+        let step = self.shared.decider().tick(self.shared.since_epoch(now));
+        if let Some(step) = step {
+            self.interruption_step(step, reply_rx);
+        }
         if self.finals.due.is_some_and(|due| due <= now) {
-            // The transcript never came: the turn is given up on.
+            // The transcript never came: the turn is given up on (a turn
+            // that paused the reply said nothing, then).
+            self.deferred_gave_up(reply_rx);
             self.finals.supersede(false);
             if self.reply.is_none() && self.shared.state() == PipelineState::Processing {
                 self.shared.metrics.error(Op::Turn, ErrorCode::Timeout);
@@ -136,6 +155,7 @@ impl Task {
                 send_out(&self.shared, tail);
             }
             self.shared.replying.store(false, Ordering::Release);
+            self.shared.decider().reset();
             self.shared.set_state(PipelineState::Listening);
             self.history.close_if_done();
         }
@@ -184,6 +204,8 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
             ..Finals::default()
         },
         history: History::new(retention).restored(history, history_tx),
+        paused_from: None,
+        deferred: None,
     };
     // Every input marked, so each is polled (and registers) once.
     let inputs = Inputs::new((1 << INPUTS) - 1);
@@ -299,7 +321,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
             Woke::ReplyMsg(msg) => task.on_reply_msg(msg),
             Woke::Timer => {
                 armed = None;
-                if task.on_timer(&inputs) {
+                if task.on_timer(&inputs, &mut reply_rx) {
                     break;
                 }
             }

@@ -12,6 +12,8 @@ use crate::pipeline::link::RemoteEvents;
 use crate::pipeline::{S2sEvent, SttEvent};
 use crate::session::PipelineState;
 
+use super::interrupting::Deferred;
+use super::interruption::Phase;
 use super::latency::TurnClock;
 use super::reply::ReplyMsg;
 use super::shared::Control;
@@ -59,7 +61,25 @@ impl Task {
     ) {
         let shared = &*self.shared;
         match msg {
-            Control::TurnEnded { turn, endpointing } => {
+            Control::TurnEnded {
+                turn,
+                endpointing,
+                deferred,
+            } => {
+                if deferred && shared.decider().phase() == Phase::Paused {
+                    // The reply is paused by this turn's speech: its final
+                    // transcript decides whether it is answered.
+                    self.deferred = Some(Deferred {
+                        turn,
+                        endpointing,
+                        ended_at: Instant::now(),
+                    });
+                    if self.finals.enabled {
+                        self.finals.pending += 1;
+                        self.finals.due = Some(Instant::now() + shared.agent_timeout);
+                    }
+                    return;
+                }
                 self.clock = TurnClock {
                     turn,
                     ended_at: Some(Instant::now()),
@@ -90,7 +110,8 @@ impl Task {
                     }
                 }
                 self.reply_cut();
-                self.cut_reply(turn, reply_rx);
+                let announce = self.paused_from.take().is_none();
+                self.cut_reply(turn, reply_rx, announce);
                 for ev in kept {
                     self.on_s2s(ev, reply_rx);
                 }
@@ -121,6 +142,14 @@ impl Task {
                 self.reply_done = false;
                 self.start_reply(reply_rx, text);
             }
+            Control::Swallowed => {
+                // Its transcript, if one comes, is over already.
+                if self.finals.enabled {
+                    self.finals.pending += 1;
+                    self.finals.stale += 1;
+                }
+            }
+            Control::Interruption(step) => self.interruption_step(step, reply_rx),
             Control::Stop { deadline, done } => {
                 self.stopping = Some((deadline, done));
             }
@@ -131,6 +160,11 @@ impl Task {
         let shared = &*self.shared;
         match ev {
             SttEvent::Partial(text) => {
+                let step = shared.decider().transcript(&text, false);
+                if let Some(step) = step {
+                    self.interruption_step(step, reply_rx);
+                }
+                let shared = &*self.shared;
                 shared.hint(&text);
                 shared.emit(SessionEvent::UserTranscript {
                     text,
@@ -155,6 +189,20 @@ impl Task {
                     });
                     return;
                 }
+                let text = if self.deferred.is_some() {
+                    match self.deferred_final(text, reply_rx) {
+                        Some(text) => text,
+                        None => return,
+                    }
+                } else {
+                    let step = shared.decider().transcript(&text, false);
+                    if let Some(step) = step {
+                        self.interruption_step(step, reply_rx);
+                    }
+                    text
+                };
+                let shared = &*self.shared;
+                let finals = &mut self.finals;
                 finals.due = None;
                 let carried = std::mem::take(&mut finals.carried);
                 if let Some(t) = self.clock.ended_at {

@@ -170,8 +170,8 @@ fn engine_with_tts(tts: Arc<dyn TextToSpeech>) -> Engine {
 }
 
 /// The parts of a test engine: `stt` and its events, the `FirstByte` VAD,
-/// the `ThreeSilent` turn detector, no speaker and no agent (override
-/// with struct update syntax).
+/// the `ThreeSilent` turn detector, no speaker and no agent, the
+/// interruption policy off (override with struct update syntax).
 fn parts(stt: Box<dyn SttStream>, events: mpsc::Receiver<SttEvent>) -> EngineParts {
     EngineParts {
         session_id: "s".into(),
@@ -190,6 +190,12 @@ fn parts(stt: Box<dyn SttStream>, events: mpsc::Receiver<SttEvent>) -> EnginePar
         agent_timeout: Duration::from_secs(5),
         retention: None,
         converters: PreparedConverters::default(),
+        // Speech onsets cut a reply at once: these tests are of the
+        // barge-in itself (the policy's are in tests/interruptions.rs).
+        interruption: crate::config::InterruptionConfig {
+            enabled: false,
+            ..Default::default()
+        },
     }
 }
 
