@@ -557,3 +557,104 @@ async fn typed_text_on_the_default_serve_is_answered_once_without_an_error() {
     assert!(errors.is_empty(), "errors shown: {errors:?}");
     save_screenshot(client).await;
 }
+
+/// `text` spoken by the `espeak` component (a little faster than its
+/// default, which PocketSphinx hears best), 16 kHz mono.
+#[cfg(feature = "demo")]
+async fn espeak(text: &str) -> Vec<i16> {
+    use voice_backends::pipeline::offline::espeak::{EspeakOptions, EspeakTts};
+    use voice_backends::pipeline::{INTERNAL_FORMAT, TextToSpeech};
+    let tts = EspeakTts::new(EspeakOptions {
+        rate: 200,
+        ..EspeakOptions::default()
+    })
+    .expect("the espeak component");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let collect = async {
+        let mut frames = Vec::new();
+        while let Some(f) = rx.recv().await {
+            frames.push(f);
+        }
+        frames
+    };
+    let (done, frames) = tokio::join!(
+        async {
+            let r = tts.synthesize(text, INTERNAL_FORMAT, &tx).await;
+            drop(tx);
+            r
+        },
+        collect
+    );
+    done.expect("espeak speaks");
+    signal::samples_of(&frames)
+}
+
+/// `serve --demo` holds a spoken exchange through the page: the fake
+/// microphone says a sentence (spoken by the `espeak` component), the page
+/// shows the user's transcript with its words (PocketSphinx), the demo
+/// agent's answer, and plays its spoken reply (eSpeak NG); the latency row
+/// has every stage of the cascade.
+#[cfg(all(feature = "cli", feature = "demo"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_demo_holds_a_spoken_exchange_through_the_page() {
+    if !browser_available() {
+        return;
+    }
+    // PocketSphinx's general language model hears eSpeak NG's digits
+    // reliably (most other sentences in eSpeak's voice it gets wrong).
+    let mut audio = signal::silence(Duration::from_millis(800));
+    audio.extend(espeak("one two three four five").await);
+    // Long enough for the reply to play before the file loops.
+    audio.extend(signal::silence(Duration::from_secs(8)));
+    let serve = Serve::start(&["--demo"]);
+    let browser = Browser::open(&audio, &format!("http://{}/?autostart=1", serve.addr)).await;
+    let client = &browser.client;
+
+    // The user's transcript holds the sentence's words, the demo agent
+    // answered it, and its spoken reply played.
+    let heard = |t: &Value| {
+        t["transcripts"].as_array().and_then(|all| {
+            all.iter()
+                .position(|s| s.as_str().is_some_and(|s| s.contains("one two three")))
+        })
+    };
+    let spoken_reply = |t: &Value| {
+        heard(t).is_some_and(|n| t["agentTexts"].as_array().is_some_and(|a| a.len() > n))
+            && full_turn(t)
+            && t["lastLatency"]["agent_ms"].is_number()
+    };
+    let (ok, t) = wait_for(client, TURN_TIMEOUT, spoken_reply).await;
+    save_screenshot(client).await;
+    assert!(
+        ok,
+        "no spoken exchange within {TURN_TIMEOUT:?}\nvoiceTest: {t:#}\nconversation: {:?}\npage log:\n{}",
+        conversation_lines(client).await,
+        page_log(client).await
+    );
+    eprintln!("heard: {}", t["transcripts"]);
+    let n = heard(&t).unwrap();
+    let answer = t["agentTexts"][n].as_str().unwrap();
+    assert!(
+        answer.starts_with("You said: ") && answer.contains("one two three"),
+        "the demo agent's answer: {t:#}"
+    );
+    let lines = conversation_lines(client).await;
+    assert!(
+        lines
+            .iter()
+            .any(|(class, text)| class == "user" && text.contains("one two three"))
+            && lines
+                .iter()
+                .any(|(class, text)| class == "agent" && text == answer),
+        "the page shows the exchange: {lines:?}"
+    );
+    assert!(
+        t["replySamplesPlayed"].as_u64().unwrap_or(0) > 8_000,
+        "{t:#}"
+    );
+    let latency = &t["lastLatency"];
+    for stage in ["stt_ms", "agent_ms", "tts_first_audio_ms", "first_audio_ms"] {
+        assert!(latency[stage].is_number(), "{stage}: {latency}");
+    }
+    assert_eq!(count(&t, "error"), 0, "{t:#}");
+}

@@ -23,6 +23,8 @@
     events: {},
     framesSent: 0,
     textsSent: 0,
+    transcripts: [], // the user's final transcripts, in order
+    agentTexts: [], // the agent's replies, in order
     replyFramesReceived: 0,
     replySamplesPlayed: 0,
     interrupted: 0,
@@ -283,11 +285,13 @@
         if (!partial) partial = say("user partial", "");
         partial.textContent = msg.text;
         if (msg.is_final) {
+          test.transcripts.push(msg.text);
           partial.className = "user";
           partial = null;
         }
         break;
       case "agent_text":
+        test.agentTexts.push(msg.text);
         say("agent", msg.text);
         break;
       case "interrupted":
