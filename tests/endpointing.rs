@@ -228,8 +228,7 @@ async fn bad_options_fail_when_the_backend_is_made() {
     let err = registry()
         .create("local", &adaptive_config("min_wait = \"3s\"\n"))
         .await
-        .err()
-        .expect("min_wait longer than max_wait is refused");
+        .expect_err("min_wait longer than max_wait is refused");
     assert_eq!(err.code, ErrorCode::InvalidConfig);
     assert!(err.details.contains_key("components.adaptive"), "{err}");
     assert!(

@@ -424,8 +424,7 @@ async fn create_err(toml_tail: &str) -> voice_backends::BackendError {
     registry()
         .create("local", &config)
         .await
-        .err()
-        .expect("refused")
+        .expect_err("refused")
 }
 
 #[tokio::test]

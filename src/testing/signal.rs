@@ -397,7 +397,7 @@ pub fn recorded_style_turn(plan: &TurnPlan, seed: u64) -> RecordedTurn {
                 if last {
                     len = len * 7 / 5;
                 }
-                let line = st(start_line, -1.0 * t);
+                let line = st(start_line, -t);
                 let accent = if rng.unit() < 1.0 / 3.0 {
                     rng.range(1.5, 3.0)
                 } else {
