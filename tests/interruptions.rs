@@ -355,10 +355,13 @@ async fn speech_with_words_interrupts_and_is_answered() {
     )
     .await;
     // The turn's end is told from the input path, the cut from the
-    // session's task: either may come first.
+    // session's task: either may come first. (The first turn's events are
+    // still in the stream: its answer is not this one.)
+    let mut second = false;
     let events = t
         .until("the answer to it", |e| {
-            matches!(e, SessionEvent::AgentText { .. })
+            second |= matches!(e, SessionEvent::TurnEnded { turn: 2 });
+            second && matches!(e, SessionEvent::AgentText { .. })
         })
         .await;
     assert!(

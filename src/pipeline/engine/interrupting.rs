@@ -40,6 +40,9 @@ impl Task {
             // Ducking shows in the playout ([`Task::may_release`] and the
             // gain of each frame released); nothing else to do.
             Step::Duck | Step::Unduck => {}
+            // The task's loop arms its timer for the new deadline
+            // ([`Task::interruption_due`]) once this step is taken.
+            Step::Quiet => {}
             Step::Pause if phase == Phase::Paused && self.paused_from.is_none() => {
                 let shared = &*self.shared;
                 self.paused_from = Some(shared.state());

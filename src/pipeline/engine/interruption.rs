@@ -138,6 +138,9 @@ pub(crate) enum Step {
     Unduck,
     /// The speech interrupted: stop the reply where it is, keep its rest.
     Pause,
+    /// The paused reply's speech stopped: the false-interruption deadline
+    /// ([`Decider::due`]) is set, and whoever keeps the time must look at it.
+    Quiet,
     /// Play the reply on from where it stopped (a false interruption).
     Resume,
     /// Cut the reply for good (from any phase); `false_interruption`: it was
@@ -261,6 +264,10 @@ impl Decider {
         } else if self.speaking {
             self.speaking = false;
             self.quiet_since = Some(now);
+            if let Some(step) = self.judge() {
+                return Some(step);
+            }
+            return self.due().map(|_| Step::Quiet);
         }
         self.judge()
     }
@@ -421,7 +428,12 @@ mod tests {
             steps.extend(d.voice(FRAME * i, true, FRAME));
         }
         assert_eq!(steps, [Step::Pause]);
-        assert_eq!(d.voice(Duration::from_millis(200), false, FRAME), None);
+        assert_eq!(
+            d.voice(Duration::from_millis(200), false, FRAME),
+            Some(Step::Quiet),
+            "the clock starts: the task must arm its timer"
+        );
+        assert_eq!(d.voice(Duration::from_millis(220), false, FRAME), None);
         assert_eq!(d.due(), Some(Duration::from_millis(2200)));
         assert_eq!(d.tick(Duration::from_millis(2199)), None);
         assert_eq!(d.tick(Duration::from_millis(2200)), Some(Step::Resume));
