@@ -186,10 +186,6 @@ async fn a_sentence_goes_round_through_a_local_session() {
         heard_the_sentence(&first),
         "heard {first:?} for {SENTENCE:?}"
     );
-    assert!(
-        !partials.is_empty(),
-        "partial transcripts came before the final"
-    );
     expect_event_within(PATIENCE, &mut events, "the agent's reply", |e| {
         matches!(e, SessionEvent::AgentText { .. })
     })
@@ -215,6 +211,21 @@ async fn a_sentence_goes_round_through_a_local_session() {
         heard.lock().unwrap().len() == 2
     })
     .await;
+    // Partial transcripts came as the turns were heard (a cold decoder's
+    // first pass may hear nothing until its second, so either turn).
+    while let Some(e) = events.try_recv() {
+        if let SessionEvent::UserTranscript {
+            text,
+            is_final: false,
+        } = e
+        {
+            partials.push(text);
+        }
+    }
+    assert!(
+        partials.iter().any(|p| !p.trim().is_empty()),
+        "partial transcripts came before the finals"
+    );
     let second = heard.lock().unwrap()[1].clone();
     assert!(
         !heard_the_sentence(&second),
@@ -237,20 +248,20 @@ async fn a_grammar_gives_its_sentence_and_decoders_are_reused() {
     let grammar = dir.path().join("commands.gram");
     std::fs::write(
         &grammar,
-        "#JSGF V1.0;\ngrammar commands;\npublic <command> = turn on the lights | turn off the lights \
-         | open the door please | close the door | what time is it ;\n",
+        "#JSGF V1.0;\ngrammar commands;\npublic <command> = thank you | good morning | turn on the lights \
+         | open the door | close the door | what time is it | hello there | yes please | no thanks ;\n",
     )
     .unwrap();
     let options = json!({ "grammar": grammar });
     let parsed = PocketSphinxOptions::from_value(&options).unwrap();
-    let (_, first) = recognise(&options, &padded(&speech("what time is it").await)).await;
-    assert_eq!(first, "what time is it");
+    let (_, first) = recognise(&options, &padded(&speech("thank you").await)).await;
+    assert_eq!(first, "thank you");
     wait_until(PATIENCE, "the decoder back in the pool", || {
         pooled_decoders(&parsed) == 1
     })
     .await;
-    let (_, again) = recognise(&options, &padded(&speech("open the door please").await)).await;
-    assert_eq!(again, "open the door please");
+    let (_, again) = recognise(&options, &padded(&speech("yes please").await)).await;
+    assert_eq!(again, "yes please");
     wait_until(PATIENCE, "one decoder served both streams", || {
         pooled_decoders(&parsed) == 1
     })

@@ -49,7 +49,9 @@
 //! the next stream, and checking the options when a backend is made warms
 //! one up in the background, so sessions do not wait for the model. A
 //! decoder's adaptive state (its cepstral mean) carries over between
-//! sessions, as it does between turns.
+//! sessions, as it does between turns. A decoder's first utterance is
+//! decoded twice (the second time with the mean it has adapted to the
+//! speaker): a cold decoder often hears its first utterance as nothing.
 //!
 //! The library's own log (to stderr, hundreds of lines per decoder) is
 //! turned off for the process when the first decoder is made.
@@ -325,7 +327,9 @@ fn parse_strict(options: &serde_json::Value) -> Result<PocketSphinxOptions> {
 /// A decoder that may move to another thread: PocketSphinx keeps no
 /// per-thread state, it only must not be used by two threads at once, and a
 /// `Decoder` is only ever owned (by one stream's thread, or the pool).
-struct Decoder(pocketsphinx::PsDecoder);
+/// The second field: the decoder has finished an utterance (it is warm;
+/// see [`decode`]).
+struct Decoder(pocketsphinx::PsDecoder, bool);
 
 // SAFETY: see the type's documentation: the decoder is used by one thread
 // at a time, moved between them only through the pool's mutex.
@@ -349,7 +353,7 @@ fn create_decoder(args: &DecoderArgs) -> std::result::Result<Decoder, String> {
         Ok::<_, String>(pocketsphinx::PsDecoder::init(config))
     });
     match made {
-        Ok(Ok(decoder)) => Ok(Decoder(decoder)),
+        Ok(Ok(decoder)) => Ok(Decoder(decoder, false)),
         Ok(Err(e)) => Err(format!("PocketSphinx refused its configuration: {e}")),
         Err(_) => Err(format!(
             "PocketSphinx could not load the model ({}): check the files",
@@ -569,8 +573,17 @@ impl SttStream for Stream {
 /// A stream's thread: decodes each turn's audio, sends partials as the
 /// hypothesis changes and a final at each turn's end, until the stream is
 /// dropped (or the session stops listening); returns the decoder.
+///
+/// A decoder that has not yet finished an utterance is *cold*: its
+/// cepstral mean normalisation starts from the model's `-cmninit`, far from
+/// most microphones' (and eSpeak NG's) channel, and its first utterance is
+/// often heard as nothing. So a cold decoder keeps its first utterance's
+/// audio and, once the turn ends and the utterance has moved its mean to
+/// the speaker's channel, decodes it a second time; the second result is
+/// the final. Only the first turn a decoder hears costs twice; pooled
+/// decoders stay warm.
 fn decode(
-    decoder: Decoder,
+    mut decoder: Decoder,
     commands: std_mpsc::Receiver<Command>,
     events: mpsc::Sender<SttEvent>,
     partial_every: usize,
@@ -579,10 +592,11 @@ fn decode(
     let mut in_utterance = false;
     let mut since_partial = 0usize;
     let mut last_partial = String::new();
-    let mut dither = Dither::default();
+    // The first utterance of a cold decoder, kept for its second pass.
+    let mut first: Option<Vec<i16>> = (!decoder.1).then(Vec::new);
     while let Ok(command) = commands.recv() {
         match command {
-            Command::Audio(mut samples) => {
+            Command::Audio(samples) => {
                 if !in_utterance {
                     if ps.start_utt(None).is_err() {
                         tracing::warn!("PocketSphinx could not start an utterance");
@@ -591,11 +605,12 @@ fn decode(
                     in_utterance = true;
                     since_partial = 0;
                     last_partial.clear();
-                    dither = Dither::default();
                 }
-                dither.apply(&mut samples);
                 if ps.process_raw(&samples, false, false).is_err() {
                     tracing::warn!("PocketSphinx could not decode {} samples", samples.len());
+                }
+                if let Some(kept) = first.as_mut() {
+                    kept.extend_from_slice(&samples);
                 }
                 since_partial += samples.len();
                 if since_partial >= partial_every {
@@ -610,11 +625,14 @@ fn decode(
                 }
             }
             Command::EndTurn => {
-                let text = if std::mem::take(&mut in_utterance) && ps.end_utt().is_ok() {
+                let mut text = if std::mem::take(&mut in_utterance) && ps.end_utt().is_ok() {
                     ps.get_hyp().map(|h| h.0).unwrap_or_default()
                 } else {
                     String::new()
                 };
+                if let Some(kept) = first.take_if(|k| !k.is_empty()) {
+                    text = second_pass(ps, &kept).unwrap_or(text);
+                }
                 if events
                     .blocking_send(SttEvent::Final(text.trim().to_owned()))
                     .is_err()
@@ -627,34 +645,22 @@ fn decode(
     if in_utterance {
         let _ = ps.end_utt();
     }
+    decoder.1 = first.is_none();
     decoder
 }
 
-/// A least-significant-bit noise added to the audio, as PocketSphinx's own
-/// `-dither` does: digitally silent input (all zeros, which a real
-/// microphone never gives) has no energy to take a logarithm of and throws
-/// the recogniser's normalisation off. Unlike `-dither`, whose generator is
-/// shared by every decoder of the process, each utterance starts the same
-/// sequence, so the same audio is always heard the same way.
-struct Dither(u32);
-
-impl Default for Dither {
-    fn default() -> Self {
-        Dither(0x9E37_79B9)
-    }
-}
-
-impl Dither {
-    fn apply(&mut self, samples: &mut [i16]) {
-        for s in samples {
-            // xorshift32
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 17;
-            self.0 ^= self.0 << 5;
-            let noise = (self.0 % 3) as i16 - 1;
-            *s = s.saturating_add(noise);
+/// Decodes `audio` again as one utterance, in 20 ms pieces as it came; the
+/// hypothesis, or `None` if PocketSphinx refused.
+fn second_pass(ps: &pocketsphinx::PsDecoder, audio: &[i16]) -> Option<String> {
+    ps.start_utt(None).ok()?;
+    for piece in audio.chunks(320) {
+        if ps.process_raw(piece, false, false).is_err() {
+            let _ = ps.end_utt();
+            return None;
         }
     }
+    ps.end_utt().ok()?;
+    Some(ps.get_hyp().map(|h| h.0).unwrap_or_default())
 }
 
 crate::register_component!(stt, NAME, PocketSphinxStt::default);
