@@ -20,6 +20,7 @@
 //! | `pipeline_frames_dropped_total` | counter | `reason` |
 //! | `pipeline_interruptions_total` | counter | |
 //! | `pipeline_false_interruptions_total` | counter | |
+//! | `pipeline_preemptive_replies_total` | counter | `outcome` (`used`, `dropped`) |
 //! | `pipeline_turns_total` | counter | |
 //! | `pipeline_component_switches_total` | counter | `stage`, `from`, `to`, `reason` |
 //! | `pipeline_component_served_total` | counter | `stage`, `component` |
@@ -207,6 +208,27 @@ impl LatencyStage {
 impl fmt::Display for LatencyStage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What became of a preemptive reply, the `outcome` label of
+/// `pipeline_preemptive_replies_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PreemptiveOutcome {
+    /// The final transcript matched the partial: the reply was played.
+    Used = 0,
+    /// The final transcript differed (or the turn was cut or given up on):
+    /// the reply was dropped unheard.
+    Dropped = 1,
+}
+
+impl PreemptiveOutcome {
+    /// The label value: `used` or `dropped`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PreemptiveOutcome::Used => "used",
+            PreemptiveOutcome::Dropped => "dropped",
+        }
     }
 }
 
@@ -404,6 +426,8 @@ pub struct Metrics {
     dropped: [AtomicU64; REASONS],
     interruptions: AtomicU64,
     false_interruptions: AtomicU64,
+    /// Preemptive replies used and dropped, in [`PreemptiveOutcome`] order.
+    preemptive: [AtomicU64; 2],
     turns: AtomicU64,
     /// The `pipeline_component_*` series, made when first counted.
     components: std::sync::Mutex<ComponentCounts>,
@@ -438,6 +462,7 @@ impl Metrics {
             dropped: counters(),
             interruptions: AtomicU64::new(0),
             false_interruptions: AtomicU64::new(0),
+            preemptive: [AtomicU64::new(0), AtomicU64::new(0)],
             turns: AtomicU64::new(0),
             components: std::sync::Mutex::default(),
             #[cfg(feature = "otel")]
@@ -555,6 +580,12 @@ impl Metrics {
         self.false_interruptions.fetch_add(1, Relaxed);
     }
 
+    /// Counts one preemptive reply, used or dropped
+    /// (`pipeline_preemptive_replies_total{outcome}`).
+    pub fn preemptive_reply(&self, outcome: PreemptiveOutcome) {
+        self.preemptive[outcome as usize].fetch_add(1, Relaxed);
+    }
+
     /// Counts one finished user turn (`pipeline_turns_total`).
     pub fn turn(&self) {
         self.turns.fetch_add(1, Relaxed);
@@ -604,6 +635,8 @@ impl Metrics {
                 .collect(),
             interruptions: load(&self.interruptions),
             false_interruptions: load(&self.false_interruptions),
+            preemptive_used: load(&self.preemptive[PreemptiveOutcome::Used as usize]),
+            preemptive_dropped: load(&self.preemptive[PreemptiveOutcome::Dropped as usize]),
             turns: load(&self.turns),
             component_switches: components.switches.clone(),
             component_served: components.served.clone(),
@@ -732,6 +765,10 @@ pub struct MetricsSnapshot {
     pub interruptions: u64,
     /// `pipeline_false_interruptions_total`.
     pub false_interruptions: u64,
+    /// `pipeline_preemptive_replies_total{outcome="used"}`.
+    pub preemptive_used: u64,
+    /// `pipeline_preemptive_replies_total{outcome="dropped"}`.
+    pub preemptive_dropped: u64,
     /// `pipeline_turns_total`.
     pub turns: u64,
     /// `pipeline_component_switches_total`, by `(stage, from, to, reason)`:
@@ -805,6 +842,10 @@ const INTERRUPTIONS: (&str, &str) = (
 const FALSE_INTERRUPTIONS: (&str, &str) = (
     "pipeline_false_interruptions_total",
     "Interruptions found false (no words, or only backchannels): the reply resumed, or stayed cut when resuming is off.",
+);
+const PREEMPTIVE: (&str, &str) = (
+    "pipeline_preemptive_replies_total",
+    "Replies started on a stable partial transcript, by outcome: used (the final transcript matched) or dropped.",
 );
 const TURNS: (&str, &str) = ("pipeline_turns_total", "Finished user turns.");
 const COMPONENT_SWITCHES: (&str, &str) = (
@@ -905,6 +946,17 @@ fn write_exposition(snapshots: &[MetricsSnapshot], out: &mut String) {
             &labels,
             s.false_interruptions,
         );
+    }
+
+    header(out, PREEMPTIVE, "counter");
+    for s in snapshots {
+        for (outcome, value) in [
+            (PreemptiveOutcome::Used, s.preemptive_used),
+            (PreemptiveOutcome::Dropped, s.preemptive_dropped),
+        ] {
+            let labels = [("provider", &*s.provider), ("outcome", outcome.as_str())];
+            sample(out, PREEMPTIVE.0, "", &labels, value);
+        }
     }
 
     header(out, TURNS, "counter");
@@ -1023,8 +1075,8 @@ mod otel {
 
     use super::{
         DROPPED, DropReason, ERRORS, FALSE_INTERRUPTIONS, INTERRUPTIONS, LATENCY, LATENCY_BUCKETS,
-        LatencyStage, MAX_OBSERVATION_NANOS, Metrics, Op, REQUESTS, Relaxed, SESSIONS_ACTIVE,
-        SESSIONS_TOTAL, THROUGHPUT, TURN_LATENCY, TURNS,
+        LatencyStage, MAX_OBSERVATION_NANOS, Metrics, Op, PREEMPTIVE, REQUESTS, Relaxed,
+        SESSIONS_ACTIVE, SESSIONS_TOTAL, THROUGHPUT, TURN_LATENCY, TURNS,
     };
     use crate::error::ErrorCode;
 
@@ -1166,6 +1218,15 @@ mod otel {
             let attrs = [provider.clone()];
             u64_counter(meter, &weak, FALSE_INTERRUPTIONS, None, move |m, obs| {
                 obs.observe(m.false_interruptions.load(Relaxed), &attrs);
+            });
+
+            let attrs = [
+                [provider.clone(), KeyValue::new("outcome", "used")],
+                [provider.clone(), KeyValue::new("outcome", "dropped")],
+            ];
+            u64_counter(meter, &weak, PREEMPTIVE, None, move |m, obs| {
+                obs.observe(m.preemptive[0].load(Relaxed), &attrs[0]);
+                obs.observe(m.preemptive[1].load(Relaxed), &attrs[1]);
             });
 
             let attrs = [provider];

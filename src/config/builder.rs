@@ -52,6 +52,7 @@ impl Config {
             processors: Vec::new(),
             components: BTreeMap::new(),
             interruption: super::InterruptionConfig::default(),
+            preemptive: super::PreemptiveConfig::default(),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::error::BackendError;
 const ENV_OP: &str = "config.env";
 
 /// The upper-cased names of the top-level [`Config`] fields.
-const FIELDS: [&str; 26] = [
+const FIELDS: [&str; 27] = [
     "PROVIDER",
     "PROVIDER_CONFIG",
     "PIPELINE_TYPE",
@@ -45,6 +45,7 @@ const FIELDS: [&str; 26] = [
     "TTS_FALLBACKS",
     "S2S_FALLBACKS",
     "FAILOVER",
+    "PREEMPTIVE",
 ];
 
 /// The marker that starts a `provider_config` key in a variable name, and
@@ -67,6 +68,7 @@ impl Config {
     /// | `VB_PIPELINE_TYPE` | `stt_tts` or `s2s` |
     /// | `VB_STT_FALLBACKS`, `VB_TTS_FALLBACKS`, `VB_S2S_FALLBACKS` | names separated by commas, replacing the list; empty clears it |
     /// | `VB_FAILOVER` | a JSON object, replacing `[failover]`: `{"timeout": "2s"}` |
+    /// | `VB_PREEMPTIVE` | a JSON object, replacing `[preemptive]`: `{"enabled": true, "stable_for": "200ms"}` |
     /// | `VB_LOG_LEVEL` | `trace`, `debug`, `info`, `warn` or `error` |
     /// | `VB_PROCESSORS` | a JSON array of processors, replacing the list |
     /// | `VB_PROVIDER_CONFIG` | a JSON object, merged (deeply) over `provider_config` |
@@ -306,6 +308,15 @@ fn apply_var(config: &mut Config, field: &str, value: &str) -> Result<(), String
             config.failover = serde_json::from_value(json).map_err(|e| {
                 format!(
                     "is not a JSON object of failover settings: {}",
+                    redact_quoted(&e.to_string())
+                )
+            })?;
+        }
+        "PREEMPTIVE" => {
+            let json = parse_json(value, "a JSON object of preemptive reply settings")?;
+            config.preemptive = serde_json::from_value(json).map_err(|e| {
+                format!(
+                    "is not a JSON object of preemptive reply settings: {}",
                     redact_quoted(&e.to_string())
                 )
             })?;

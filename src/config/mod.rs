@@ -16,6 +16,7 @@ mod env;
 mod failover;
 mod interruption;
 mod load;
+mod preemptive;
 mod secret;
 mod validate;
 
@@ -45,6 +46,10 @@ pub use interruption::{
     MIN_DUCK_GAIN_DB, MIN_FALSE_INTERRUPTION_TIMEOUT,
 };
 pub use load::parse_provider_config;
+pub use preemptive::{
+    DEFAULT_PREEMPTIVE_MIN_WORDS, DEFAULT_PREEMPTIVE_STABLE_FOR, MAX_PREEMPTIVE_MIN_WORDS,
+    MAX_PREEMPTIVE_STABLE_FOR, PreemptiveConfig, PreemptiveOverride,
+};
 pub use secret::{REDACTED, Secret, looks_secret, shown_in_error};
 pub use validate::{HostedStages, ResolvedFallbacks, ResolvedPipeline, Violation, Violations};
 
@@ -597,6 +602,11 @@ pub struct Config {
     /// [`InterruptionConfig`].
     #[serde(default, skip_serializing_if = "InterruptionConfig::is_default")]
     pub interruption: InterruptionConfig,
+    /// Whether the agent starts on a stable partial transcript
+    /// (`[preemptive]`, off by default); see [`PreemptiveConfig`]. The agent
+    /// is called twice for a turn whose preemptive reply is dropped.
+    #[serde(default, skip_serializing_if = "PreemptiveConfig::is_default")]
+    pub preemptive: PreemptiveConfig,
 }
 
 /// The transport a session's user connects over.
@@ -621,6 +631,10 @@ pub struct PipelineOverride {
     /// (`[pipeline.interruption]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interruption: Option<InterruptionOverride>,
+    /// Changes to [`Config::preemptive`] for this session
+    /// (`[pipeline.preemptive]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preemptive: Option<PreemptiveOverride>,
     /// Replaces [`Config::stt_provider`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stt_provider: Option<String>,

@@ -537,6 +537,7 @@ impl Config {
             && (self.provider_config.0.is_empty()
                 || !self.provider_config.0.values().any(holds_redaction_marker))
             && self.interruption.plainly_valid()
+            && self.preemptive.plainly_valid()
     }
 
     /// Processors with plain, unique names and object options.
@@ -772,6 +773,7 @@ impl Config {
             self.check_component_options(&mut v);
         }
         self.interruption.check(&mut v, "interruption.");
+        self.preemptive.check(&mut v, "preemptive.");
 
         for (key, value) in &self.provider_config.0 {
             let path = || format!("provider_config.{}", shown_in_error(key));
@@ -1054,6 +1056,10 @@ impl SessionConfig {
         if let Some(o) = &p.interruption {
             o.apply(&base.interruption)
                 .check(&mut v, "pipeline.interruption.");
+        }
+        if let Some(o) = &p.preemptive {
+            o.apply(&base.preemptive)
+                .check(&mut v, "pipeline.preemptive.");
         }
         v.into_result("session_config.resolve_pipeline")?;
         Ok(resolved)

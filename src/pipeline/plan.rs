@@ -24,7 +24,7 @@ use super::{
 };
 use crate::config::{
     Config, DEFAULT_TURN_DETECTION_PROVIDER, DEFAULT_VAD_PROVIDER, FailoverConfig, HostedStages,
-    InterruptionConfig, PipelineType, SessionConfig,
+    InterruptionConfig, PipelineType, PreemptiveConfig, SessionConfig,
 };
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::{AudioProcessor, sort_processors};
@@ -149,6 +149,10 @@ pub struct Plan {
     /// `[interruption]`, with a session's `[pipeline.interruption]` changes
     /// in a session's plan.
     pub interruption: InterruptionConfig,
+    /// Whether the agent starts on a stable partial transcript: the
+    /// config's `[preemptive]`, with a session's `[pipeline.preemptive]`
+    /// changes in a session's plan.
+    pub preemptive: PreemptiveConfig,
 }
 
 /// What is wrong with one component of a plan.
@@ -503,6 +507,7 @@ impl Planner<'_> {
                 failover: config.failover,
                 report: Arc::default(),
                 interruption: config.interruption.clone(),
+                preemptive: config.preemptive.clone(),
             }),
             _ => Err(PlanError {
                 problems: self.problems,
@@ -621,6 +626,9 @@ impl Plan {
         let mut plan = planner.run(speech, hosted, registries)?;
         if let Some(o) = overridden.and_then(|p| p.interruption.as_ref()) {
             plan.interruption = o.apply(&base.interruption);
+        }
+        if let Some(o) = overridden.and_then(|p| p.preemptive.as_ref()) {
+            plan.preemptive = o.apply(&base.preemptive);
         }
         Ok(plan)
     }

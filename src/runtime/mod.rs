@@ -430,6 +430,7 @@ impl Inner {
             media: media.is_some(),
             converters,
             interruption: plan.interruption.clone(),
+            preemptive: plan.preemptive.clone(),
         })
         .map_err(|e| e.with_op(OP))?;
         plan.report_to(engine.event_sender(), self.metrics.clone());

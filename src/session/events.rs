@@ -30,19 +30,25 @@ pub struct TurnLatency {
     pub tts_first_audio: Option<Duration>,
     /// End of turn to the first reply audio sent to the user.
     pub first_audio: Duration,
+    /// The turn was answered by a preemptive reply (`[preemptive]`): how
+    /// much earlier the agent was started, on a stable partial transcript,
+    /// than the final transcript arrived (the time gained). `None` for a
+    /// turn answered on its final transcript.
+    pub preemptive: Option<Duration>,
 }
 
 impl Serialize for TurnLatency {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let mut st = s.serialize_struct("TurnLatency", 6)?;
+        let mut st = s.serialize_struct("TurnLatency", 7)?;
         st.serialize_field("turn", &self.turn)?;
         st.serialize_field("endpointing_ms", &ms(self.endpointing))?;
         st.serialize_field("stt_ms", &self.stt.map(ms))?;
         st.serialize_field("agent_ms", &self.agent.map(ms))?;
         st.serialize_field("tts_first_audio_ms", &self.tts_first_audio.map(ms))?;
         st.serialize_field("first_audio_ms", &ms(self.first_audio))?;
+        st.serialize_field("preemptive_ms", &self.preemptive.map(ms))?;
         st.end()
     }
 }

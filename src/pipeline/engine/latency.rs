@@ -21,4 +21,7 @@ pub(super) struct TurnClock {
     pub(super) latency_reported: bool,
     pub(super) tts_first_audio: Option<Duration>,
     pub(super) first_audio_sent: bool,
+    /// The turn is answered by a preemptive reply started this long before
+    /// its final transcript came.
+    pub(super) preemptive: Option<Duration>,
 }

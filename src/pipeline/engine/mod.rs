@@ -42,6 +42,13 @@
 //! out is topped up to the lead at once. A wake-up for component events handles up to 64
 //! that are ready, stopping early when a control message is waiting.
 //!
+//! # Preemptive replies
+//!
+//! With `[preemptive]` on, the agent starts on a partial transcript that
+//! stood unchanged long enough, and its reply is held until the turn's final
+//! transcript: used if the words match, dropped unheard otherwise; see
+//! `preemptive.rs` and [`crate::config::PreemptiveConfig`].
+//!
 //! # Barge-in
 //!
 //! User speech while a reply is being produced or played cancels it at once:
@@ -90,6 +97,8 @@ mod latency;
 pub(crate) mod interruption;
 // and what the reply does as that is decided.
 mod interrupting;
+// replies started on a stable partial transcript, held until the final.
+mod preemptive;
 #[cfg(test)]
 mod tests;
 
@@ -173,6 +182,9 @@ pub struct EngineParts {
     /// When user speech during a reply interrupts it
     /// ([`Plan::interruption`](crate::pipeline::plan::Plan::interruption)).
     pub interruption: crate::config::InterruptionConfig,
+    /// Whether the agent starts on a stable partial transcript
+    /// ([`Plan::preemptive`](crate::pipeline::plan::Plan::preemptive)).
+    pub preemptive: crate::config::PreemptiveConfig,
 }
 
 /// Converters for [`EngineParts::converters`].
@@ -333,6 +345,7 @@ impl Engine {
                 retention: parts.retention,
                 history: Vec::new(),
                 history_tx: None,
+                preemptive: parts.preemptive,
             })),
         })
     }

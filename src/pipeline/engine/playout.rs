@@ -167,6 +167,7 @@ pub(super) fn release(shared: &Shared, playout: &mut Playout, clock: &mut TurnCl
                 agent: clock.agent,
                 tts_first_audio: clock.tts_first_audio,
                 first_audio,
+                preemptive: clock.preemptive,
             }));
         }
     }

@@ -21,7 +21,7 @@ use crate::agent::{AgentTurn, DEFAULT_HISTORY_LIMIT, Message, Sentences};
 use crate::audio::AudioFrame;
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::{DataKind, DataRetentionHook};
-use crate::metrics::LatencyStage;
+use crate::metrics::{LatencyStage, Op};
 use crate::pipeline::events::SessionEvent;
 use crate::pipeline::{INTERNAL_FORMAT, S2sEvent, TextToSpeech};
 use crate::session::{PipelineState, SessionId};
@@ -120,21 +120,37 @@ impl History {
         user: &str,
         spoken: bool,
     ) -> (Arc<[Message]>, Option<Arc<AtomicU8>>) {
+        let (before, retain) = self.prepare(limit);
+        self.open_turn(user, spoken, retain.clone());
+        (before, retain.filter(|_| self.hook.is_some()))
+    }
+
+    /// The conversation before a new turn, at most `limit` messages, and
+    /// the flag the turn's retention answer goes to (`None` when nothing is
+    /// kept), without opening the turn: a preemptive reply opens it
+    /// ([`History::open_turn`]) only once it is used.
+    pub(super) fn prepare(&mut self, limit: usize) -> (Arc<[Message]>, Option<Arc<AtomicU8>>) {
         self.limit = limit;
         self.trim();
         let before: Arc<[Message]> = self.messages.iter().cloned().collect();
         if limit == 0 {
             return (before, None);
         }
-        let asked = self.hook.is_some();
-        let retain = Arc::new(AtomicU8::new(if asked {
+        let retain = Arc::new(AtomicU8::new(if self.hook.is_some() {
             RETAIN_UNKNOWN
         } else {
             RETAIN_KEEP
         }));
+        (before, Some(retain))
+    }
+
+    /// Opens the turn of `user` being answered, its retention answer going
+    /// to `retain` (from [`History::prepare`]; `None`: nothing is kept).
+    pub(super) fn open_turn(&mut self, user: &str, spoken: bool, retain: Option<Arc<AtomicU8>>) {
+        let Some(retain) = retain else { return };
         self.open = Some(Exchange {
             user: user.to_owned(),
-            retain: retain.clone(),
+            retain,
             spoken,
             said: String::new(),
             pieces: Vec::new(),
@@ -143,7 +159,11 @@ impl History {
             done: false,
             failed: false,
         });
-        (before, asked.then_some(retain))
+    }
+
+    /// Whether the backend has a retention hook (it is asked per turn).
+    pub(super) fn hook(&self) -> Option<Arc<dyn DataRetentionHook>> {
+        self.hook.clone()
     }
 
     /// The reply in flight ended: in full, or with an error.
@@ -237,6 +257,12 @@ impl Task {
     }
 
     pub(super) fn on_reply_msg(&mut self, msg: ReplyMsg) {
+        self.on_reply_msg_at(msg, Instant::now());
+    }
+
+    /// Handles what the reply sent at `at` (a preemptive reply's messages
+    /// are held, and handled once it is used, with when they came).
+    pub(super) fn on_reply_msg_at(&mut self, msg: ReplyMsg, at: Instant) {
         let shared = &*self.shared;
         let clock = &mut self.clock;
         match msg {
@@ -250,7 +276,7 @@ impl Task {
                 }
                 shared.emit(SessionEvent::AgentText { text });
             }
-            ReplyMsg::TtsStarted => clock.tts_started = Some(Instant::now()),
+            ReplyMsg::TtsStarted => clock.tts_started = Some(at),
             ReplyMsg::Piece(text) => {
                 if let Some(x) = self.history.open.as_mut() {
                     x.said.push_str(&text);
@@ -259,8 +285,9 @@ impl Task {
             }
             ReplyMsg::Audio(frame) => {
                 if let (None, Some(t)) = (clock.tts_first_audio, clock.tts_started) {
-                    clock.tts_first_audio = Some(t.elapsed());
-                    shared.metrics.turn_latency(LatencyStage::Tts, t.elapsed());
+                    let took = at.saturating_duration_since(t);
+                    clock.tts_first_audio = Some(took);
+                    shared.metrics.turn_latency(LatencyStage::Tts, took);
                 }
                 let queued = self.playout.pending.len();
                 enqueue(shared, &mut self.playout, frame);
@@ -271,6 +298,31 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// The reply in flight ended with `result`: what it sent before ending
+    /// is handled first, then the turn settles.
+    pub(super) fn reply_ended(
+        &mut self,
+        result: Result<()>,
+        reply_rx: &mut mpsc::Receiver<ReplyMsg>,
+    ) {
+        self.reply = None;
+        self.reply_done = true;
+        // What the reply sent before finishing is handled before anything else.
+        while let Ok(msg) = reply_rx.try_recv() {
+            self.on_reply_msg(msg);
+        }
+        self.history.reply_over(result.is_ok());
+        if let Err(e) = result {
+            self.shared.metrics.error(Op::Turn, e.code);
+            self.shared.emit(SessionEvent::Error {
+                code: e.code,
+                message: e.message.clone(),
+            });
+            tracing::warn!(code = %e.code, "turn failed: {}", e.message);
+        }
+        self.settle_if_silent();
     }
 
     /// The user cut the reply (barge-in): the turn is over with what of
@@ -332,6 +384,32 @@ fn start_reply(
         return None;
     };
     let (before, asked) = history.begin(agent.history_limit(), &transcript, tts.is_some());
+    Some(reply_future(
+        shared,
+        agent,
+        tts,
+        reply_tx,
+        before,
+        asked.zip(history.hook.clone()),
+        turn,
+        transcript,
+    ))
+}
+
+/// The agent then TTS answering `transcript` as turn `turn`, after the
+/// conversation `before`; with `retention`, the hook is asked whether the
+/// turn may be kept, its answer stored in the flag.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn reply_future(
+    shared: &Arc<Shared>,
+    agent: Arc<dyn crate::agent::Agent>,
+    tts: &Option<Arc<dyn TextToSpeech>>,
+    reply_tx: &mpsc::Sender<ReplyMsg>,
+    before: Arc<[Message]>,
+    retention: Option<(Arc<AtomicU8>, Arc<dyn DataRetentionHook>)>,
+    turn: u64,
+    transcript: String,
+) -> ReplyFuture {
     let tts = tts.clone();
     let tx = reply_tx.clone();
     let turn_input = AgentTurn::new(
@@ -343,7 +421,7 @@ fn start_reply(
     .with_history(before);
     // Whether the turn may be kept: asked while the agent answers, within
     // the agent's time; no answer (or a panic) keeps nothing.
-    let retention = asked.zip(history.hook.clone()).map(|(retain, hook)| {
+    let retention = retention.map(|(retain, hook)| {
         let session = SessionId::new(shared.session_id.as_str());
         let limit = shared.agent_timeout;
         async move {
@@ -423,7 +501,7 @@ fn start_reply(
             None => reply.await,
         }
     };
-    Some(Box::pin(fut))
+    Box::pin(fut)
 }
 
 fn agent_timed_out(turn: u64, limit: Duration) -> BackendError {

@@ -23,6 +23,7 @@ use crate::wake::InputMarks;
 use super::interrupting::Deferred;
 use super::latency::TurnClock;
 use super::playout::{Playout, release, send_out};
+use super::preemptive::Preemptive;
 use super::reply::{History, ReplyFuture, ReplyMsg};
 use super::shared::{Control, Finish, Shared};
 use super::turns::Finals;
@@ -39,6 +40,8 @@ pub(super) struct TaskParts {
     pub(super) history: Vec<crate::agent::Message>,
     /// Where the conversation goes each time a turn joins it.
     pub(super) history_tx: Option<tokio::sync::watch::Sender<Arc<[crate::agent::Message]>>>,
+    /// When the agent starts on a stable partial transcript.
+    pub(super) preemptive: crate::config::PreemptiveConfig,
 }
 
 /// The session task's inputs, one bit each in its [`Inputs`].
@@ -47,7 +50,9 @@ const IN_STT: u8 = 1 << 1;
 const IN_S2S: u8 = 1 << 2;
 const IN_REPLY: u8 = 1 << 3;
 const IN_REPLY_MSG: u8 = 1 << 4;
-const INPUTS: usize = 5;
+const IN_PREEMPT: u8 = 1 << 5;
+const IN_PREEMPT_MSG: u8 = 1 << 6;
+const INPUTS: usize = 7;
 
 /// The session task polls only the inputs that have something new: each (a
 /// channel, the reply future) is polled with a waker of its own that marks
@@ -62,6 +67,9 @@ enum Woke {
     S2s(Option<S2sEvent>),
     Reply(Result<()>),
     ReplyMsg(ReplyMsg),
+    /// The preemptive reply held ended, or sent something.
+    Preempt(Result<()>),
+    PreemptMsg(ReplyMsg),
     Timer,
 }
 
@@ -96,6 +104,9 @@ pub(super) struct Task {
     /// A turn that ended while the reply was paused, waiting for its final
     /// transcript.
     pub(super) deferred: Option<Deferred>,
+    /// Replies started on a stable partial transcript, held until the
+    /// final transcript.
+    pub(super) preemptive: Preemptive,
 }
 
 impl Task {
@@ -109,6 +120,7 @@ impl Task {
             self.finals.due,
             stop_at,
             self.interruption_due(),
+            self.preemptive.due(),
         ]
         .into_iter()
         .flatten()
@@ -129,6 +141,7 @@ impl Task {
             // that paused the reply said nothing, then).
             self.deferred_gave_up(reply_rx);
             self.finals.supersede(false);
+            self.preempt_turn_over();
             if self.reply.is_none() && self.shared.state() == PipelineState::Processing {
                 self.shared.metrics.error(Op::Turn, ErrorCode::Timeout);
                 self.shared.emit(SessionEvent::Error {
@@ -143,6 +156,7 @@ impl Task {
                 self.settle_if_silent();
             }
         }
+        self.preempt_if_stable(now);
         while self.may_release(now) {
             release(&self.shared, &mut self.playout, &mut self.clock, now);
             if inputs.marked(IN_CONTROL) {
@@ -179,6 +193,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
         retention,
         history,
         history_tx,
+        preemptive,
     } = parts;
     let _finish = Finish(shared.clone());
     let shared_link_finals = shared.link_finals;
@@ -206,6 +221,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
         history: History::new(retention).restored(history, history_tx),
         paused_from: None,
         deferred: None,
+        preemptive: Preemptive::new(preemptive),
     };
     // Every input marked, so each is polled (and registers) once.
     let inputs = Inputs::new((1 << INPUTS) - 1);
@@ -253,6 +269,16 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
                     return Poll::Ready(Woke::ReplyMsg(msg));
                 }
             }
+            if let Some(a) = task.preemptive.attempt.as_mut() {
+                if let Some(reply) = a.reply.as_mut()
+                    && let Some(result) = inputs.poll(IN_PREEMPT, |cx| reply.as_mut().poll(cx))
+                {
+                    return Poll::Ready(Woke::Preempt(result));
+                }
+                if let Some(Some(msg)) = inputs.poll(IN_PREEMPT_MSG, |cx| a.rx.poll_recv(cx)) {
+                    return Poll::Ready(Woke::PreemptMsg(msg));
+                }
+            }
             // The timer lives in this task's own state: cheaper to poll every
             // time, with the task's waker, than to mark.
             if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
@@ -263,6 +289,7 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
         .await;
 
         let replies = task.replies;
+        let preempts = task.preemptive.started;
         match woke {
             Woke::Control(Some(msg)) => task.on_control(msg, &mut remote_events, &mut reply_rx),
             Woke::Control(None) => break,
@@ -300,25 +327,18 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
                 }
             }
             Woke::S2s(None) => remote_events = None,
-            Woke::Reply(result) => {
-                task.reply = None;
-                task.reply_done = true;
-                // What the reply sent before finishing is handled before anything else.
-                while let Ok(msg) = reply_rx.try_recv() {
-                    task.on_reply_msg(msg);
-                }
-                task.history.reply_over(result.is_ok());
-                if let Err(e) = result {
-                    task.shared.metrics.error(Op::Turn, e.code);
-                    task.shared.emit(SessionEvent::Error {
-                        code: e.code,
-                        message: e.message.clone(),
-                    });
-                    tracing::warn!(code = %e.code, "turn failed: {}", e.message);
-                }
-                task.settle_if_silent();
-            }
+            Woke::Reply(result) => task.reply_ended(result, &mut reply_rx),
             Woke::ReplyMsg(msg) => task.on_reply_msg(msg),
+            Woke::Preempt(result) => {
+                if let Some(a) = task.preemptive.attempt.as_mut() {
+                    a.ended(result);
+                }
+            }
+            Woke::PreemptMsg(msg) => {
+                if let Some(a) = task.preemptive.attempt.as_mut() {
+                    a.hold(msg);
+                }
+            }
             Woke::Timer => {
                 armed = None;
                 if task.on_timer(&inputs, &mut reply_rx) {
@@ -329,6 +349,9 @@ pub(super) async fn run(shared: Arc<Shared>, parts: TaskParts) {
         if task.replies != replies {
             // A new reply: poll it (and its channel) at once.
             inputs.mark(IN_REPLY | IN_REPLY_MSG);
+        }
+        if task.preemptive.started != preempts {
+            inputs.mark(IN_PREEMPT | IN_PREEMPT_MSG);
         }
 
         let in_flight = task.reply.is_some()

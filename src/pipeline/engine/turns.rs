@@ -98,6 +98,7 @@ impl Task {
             }
             Control::Interrupt { turn } => {
                 self.finals.supersede(true);
+                self.preempt_turn_over();
                 // Reply audio the S2S model had already queued is part of the
                 // cut reply; what else it sent is handled after the cut.
                 let mut kept = Vec::new();
@@ -121,6 +122,7 @@ impl Task {
                 self.finals.pending = self.finals.pending.saturating_sub(1);
                 self.finals.stale = self.finals.stale.min(self.finals.pending);
                 self.finals.due = None;
+                self.preempt_turn_over();
                 if self.clock.turn == turn && self.reply.is_none() {
                     self.reply_done = true;
                     self.settle_if_silent();
@@ -128,6 +130,8 @@ impl Task {
             }
             Control::Text(text) => {
                 self.finals.supersede(false);
+                self.preempt_turn_over();
+                let shared = &*self.shared;
                 self.clock = TurnClock {
                     turn: shared.turns.fetch_add(1, Ordering::AcqRel) + 1,
                     ended_at: Some(Instant::now()),
@@ -164,6 +168,7 @@ impl Task {
                 if let Some(step) = step {
                     self.interruption_step(step, reply_rx);
                 }
+                self.preempt_partial(&text);
                 let shared = &*self.shared;
                 shared.hint(&text);
                 shared.emit(SessionEvent::UserTranscript {
@@ -225,8 +230,14 @@ impl Task {
                     shared.replying.store(false, Ordering::Release);
                     self.reply_done = true;
                     shared.set_state(PipelineState::Listening);
+                    self.preempt_turn_over();
                 } else if shared.replying.load(Ordering::Acquire) {
-                    self.start_reply(reply_rx, text);
+                    // A preemptive reply on the same words is the reply.
+                    if !self.preempt_final(&text, reply_rx) {
+                        self.start_reply(reply_rx, text);
+                    }
+                } else {
+                    self.preempt_turn_over();
                 }
             }
         }

@@ -196,6 +196,7 @@ fn parts(stt: Box<dyn SttStream>, events: mpsc::Receiver<SttEvent>) -> EnginePar
             enabled: false,
             ..Default::default()
         },
+        preemptive: crate::config::PreemptiveConfig::default(),
     }
 }
 

@@ -1,0 +1,429 @@
+#![cfg(feature = "testing")]
+//! Preemptive replies (`[preemptive]`) through the `local` provider: the
+//! agent starts on a stable partial transcript; its reply is used when the
+//! final transcript has the same words, and never heard otherwise; off by
+//! default.
+//!
+//! The pipeline is `stt_tts` with two doubles registered here: a scripted
+//! recognizer (each turn's partial transcripts come after given numbers of
+//! frames, its final one when the turn ends) and a speaker that says a
+//! reply as frames whose every sample is a tag of the reply's text, so the
+//! audio received tells which reply it was. The agent records what it is
+//! asked. User speech is `testing::signal` test speech, paced in real time,
+//! through the default energy VAD and silence turn detector. No assertion
+//! is about timing: the tests wait for events with generous deadlines.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use voice_backends::config::{PipelineOverride, PreemptiveConfig, PreemptiveOverride};
+use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
+use voice_backends::pipeline::{SpeechToText, SttEvent, SttStream, TextToSpeech, components};
+use voice_backends::testing::signal;
+use voice_backends::{
+    AgentReply, AudioFormat, AudioFrame, Config, PipelineState, Result, SessionConfig,
+    VoiceBackend, VoiceSession, agent_fn, registry,
+};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+const FRAME: Duration = Duration::from_millis(20);
+const FRAME_SAMPLES: usize = 320;
+/// Frames every reply is said in: 0.5 s.
+const REPLY_FRAMES: usize = 25;
+
+/// One turn of the scripted recognizer: partial transcripts once the turn
+/// has heard so many frames, and the final one when the turn ends.
+#[derive(Clone)]
+struct Said {
+    partials: Vec<(usize, &'static str)>,
+    last: &'static str,
+}
+
+/// A recognizer whose transcripts are the script's, turn by turn.
+struct ScriptedStt(Arc<Mutex<VecDeque<Said>>>);
+
+struct ScriptedStream {
+    script: Arc<Mutex<VecDeque<Said>>>,
+    events: mpsc::Sender<SttEvent>,
+    heard: usize,
+}
+
+impl SpeechToText for ScriptedStt {
+    fn open(
+        &self,
+        _options: &serde_json::Value,
+        events: mpsc::Sender<SttEvent>,
+    ) -> Result<Box<dyn SttStream>> {
+        Ok(Box::new(ScriptedStream {
+            script: self.0.clone(),
+            events,
+            heard: 0,
+        }))
+    }
+}
+
+impl SttStream for ScriptedStream {
+    fn push_audio(&mut self, _frame: &AudioFrame) -> Result<()> {
+        self.heard += 1;
+        let script = self.script.lock().unwrap();
+        if let Some(said) = script.front() {
+            for (after, text) in &said.partials {
+                if *after == self.heard {
+                    let _ = self.events.try_send(SttEvent::Partial((*text).to_owned()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_turn(&mut self) -> Result<()> {
+        self.heard = 0;
+        let next = self.script.lock().unwrap().pop_front();
+        let text = next.map_or("", |s| s.last);
+        let _ = self.events.try_send(SttEvent::Final(text.to_owned()));
+        Ok(())
+    }
+}
+
+/// The sample every frame of the reply to `text` is made of.
+fn tag(text: &str) -> i16 {
+    let sum: u32 = text.bytes().map(u32::from).sum();
+    (sum % 20_000) as i16 + 1
+}
+
+/// Says `text` as [`REPLY_FRAMES`] frames of [`tag`]`(text)`.
+struct Tagged;
+
+#[async_trait]
+impl TextToSpeech for Tagged {
+    async fn synthesize(
+        &self,
+        text: &str,
+        format: AudioFormat,
+        out: &mpsc::Sender<AudioFrame>,
+    ) -> Result<()> {
+        let v = tag(text).to_le_bytes();
+        for _ in 0..REPLY_FRAMES {
+            let data: Vec<u8> = (0..FRAME_SAMPLES).flat_map(|_| v).collect();
+            if out.send(AudioFrame::new(format, data)?).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn answer(transcript: &str) -> String {
+    format!("you said {transcript}")
+}
+
+/// A started session with the doubles; the transcripts its agent was
+/// asked, the script, the events and the reply audio as it arrives.
+struct Talk {
+    backend: Arc<dyn VoiceBackend>,
+    session: Arc<dyn VoiceSession>,
+    events: SessionEvents,
+    asked: Arc<Mutex<Vec<String>>>,
+    script: Arc<Mutex<VecDeque<Said>>>,
+    heard: Arc<Mutex<Vec<i16>>>,
+}
+
+async fn talk(
+    name: &str,
+    policy: Option<PreemptiveConfig>,
+    session_policy: Option<PreemptiveOverride>,
+) -> Talk {
+    let script = Arc::new(Mutex::new(VecDeque::new()));
+    let stt = format!("{name}-stt");
+    let tts = format!("{name}-tts");
+    components()
+        .stt
+        .register(&stt, Arc::new(ScriptedStt(script.clone())));
+    components().tts.register(&tts, Arc::new(Tagged));
+    let mut config = Config::new("local");
+    config.stt_provider = Some(stt);
+    config.tts_provider = Some(tts);
+    if let Some(policy) = policy {
+        config.preemptive = policy;
+    }
+    let backend = registry().create("local", &config).await.unwrap();
+    backend.start().await.unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let agent = agent_fn(move |turn| {
+        log.lock().unwrap().push(turn.transcript.clone());
+        async move { Ok(AgentReply::text(answer(&turn.transcript))) }
+    });
+    let mut session_config = SessionConfig::new("u").with_agent(agent);
+    if let Some(o) = session_policy {
+        session_config.pipeline = Some(PipelineOverride {
+            preemptive: Some(o),
+            ..Default::default()
+        });
+    }
+    let session = backend.create_session(session_config).await.unwrap();
+    let events = session.events();
+    let mut rx = session.receive_audio().unwrap();
+    session.start().await.unwrap();
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let into = heard.clone();
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            into.lock().unwrap().extend(signal::samples_of([&f]));
+        }
+    });
+    Talk {
+        backend,
+        session,
+        events,
+        asked,
+        script,
+        heard,
+    }
+}
+
+fn on(stable_for: Duration) -> PreemptiveConfig {
+    PreemptiveConfig {
+        enabled: true,
+        stable_for,
+        min_words: 2,
+    }
+}
+
+impl Talk {
+    /// One turn: the script's `said`, 600 ms of test speech then 1.5 s of
+    /// silence (the turn ends after 500 ms of it: the last partial of each
+    /// script ends a sentence), paced in real time; then
+    /// the events until the reply has played and the session listens.
+    async fn turn(&mut self, said: Said) -> Vec<SessionEvent> {
+        self.script.lock().unwrap().push_back(said);
+        let mut audio = signal::speech_like(Duration::from_millis(600), 1);
+        audio.extend(signal::silence(Duration::from_millis(1500)));
+        for f in signal::frames(&audio, 20) {
+            self.session.process_audio(f).await.unwrap();
+            tokio::time::sleep(FRAME).await;
+        }
+        self.until_listening().await
+    }
+
+    /// The events until the session listens again after a turn ended and
+    /// its reply's whole audio came.
+    async fn until_listening(&mut self) -> Vec<SessionEvent> {
+        let mut seen = Vec::new();
+        let mut ended = false;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(e)) => {
+                    ended |= matches!(e, SessionEvent::TurnEnded { .. });
+                    let done = ended
+                        && matches!(
+                            e,
+                            SessionEvent::State {
+                                to: PipelineState::Listening,
+                                ..
+                            }
+                        )
+                        && self.session.state() == PipelineState::Listening
+                        && self.heard.lock().unwrap().len() >= REPLY_FRAMES * FRAME_SAMPLES;
+                    seen.push(e);
+                    if done {
+                        return seen;
+                    }
+                }
+                Ok(None) => panic!("the session closed"),
+                Err(_) => panic!("the session did not go back to listening; saw {seen:?}"),
+            }
+        }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+
+    fn heard(&self) -> Vec<i16> {
+        self.heard.lock().unwrap().clone()
+    }
+
+    /// `(used, dropped)` preemptive replies counted.
+    fn counted(&self) -> (u64, u64) {
+        let m = self
+            .backend
+            .metrics()
+            .expect("the backend counts")
+            .snapshot();
+        (m.preemptive_used, m.preemptive_dropped)
+    }
+
+    async fn close(self) {
+        self.session.stop().await.unwrap();
+        self.backend.stop().await.unwrap();
+    }
+}
+
+fn agent_texts(events: &[SessionEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::AgentText { text } => Some(text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn latencies(events: &[SessionEvent]) -> Vec<voice_backends::pipeline::events::TurnLatency> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::Latency(l) => Some(l.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every sample heard is the reply to `transcript`'s, and its whole audio
+/// came, once.
+fn only_reply_to(heard: &[i16], transcript: &str) {
+    let want = tag(&answer(transcript));
+    assert_eq!(
+        heard.len(),
+        REPLY_FRAMES * FRAME_SAMPLES,
+        "one whole reply was heard"
+    );
+    assert!(
+        heard.iter().all(|&s| s == want),
+        "every sample heard is of the reply to {transcript:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stable_partial_that_the_final_confirms_is_answered_once_and_played() {
+    let mut t = talk("pre-used", Some(on(Duration::from_millis(60))), None).await;
+    let events = t
+        .turn(Said {
+            partials: vec![(3, "Book a"), (8, "Book a table."), (12, "Book a table!")],
+            last: "book a table.",
+        })
+        .await;
+    // Asked once, with the partial's text, before the final came.
+    assert_eq!(t.asked(), vec!["Book a table!"]);
+    assert_eq!(agent_texts(&events), vec![answer("Book a table!")]);
+    only_reply_to(&t.heard(), "Book a table!");
+    // The reply's text came after the final transcript, not before.
+    let final_at = events
+        .iter()
+        .position(|e| matches!(e, SessionEvent::UserTranscript { is_final: true, .. }))
+        .expect("the final transcript");
+    let text_at = events
+        .iter()
+        .position(|e| matches!(e, SessionEvent::AgentText { .. }))
+        .unwrap();
+    assert!(text_at > final_at, "held until the final: {events:?}");
+    let l = latencies(&events);
+    assert_eq!(l.len(), 1, "{events:?}");
+    let gain = l[0].preemptive.expect("the latency shows the gain");
+    assert!(gain > Duration::ZERO);
+    let json = serde_json::to_value(SessionEvent::Latency(l[0].clone())).unwrap();
+    assert!(json["preemptive_ms"].as_f64().unwrap() > 0.0, "{json}");
+    assert_eq!(t.counted(), (1, 0));
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_that_differs_drops_the_preemptive_reply_unheard() {
+    let mut t = talk("pre-dropped", Some(on(Duration::from_millis(60))), None).await;
+    let events = t
+        .turn(Said {
+            partials: vec![(3, "Book a table.")],
+            last: "Book a taxi.",
+        })
+        .await;
+    // The partial was answered (held), then the final.
+    assert_eq!(t.asked(), vec!["Book a table.", "Book a taxi."]);
+    assert_eq!(agent_texts(&events), vec![answer("Book a taxi.")]);
+    only_reply_to(&t.heard(), "Book a taxi.");
+    let l = latencies(&events);
+    assert_eq!(l.len(), 1, "{events:?}");
+    assert_eq!(l[0].preemptive, None);
+    assert_eq!(t.counted(), (0, 1));
+
+    // The next turn may have its own attempt: used this time.
+    t.heard.lock().unwrap().clear();
+    let events = t
+        .turn(Said {
+            partials: vec![(3, "What time?")],
+            last: "what time?",
+        })
+        .await;
+    assert_eq!(
+        t.asked(),
+        vec!["Book a table.", "Book a taxi.", "What time?"]
+    );
+    assert_eq!(agent_texts(&events), vec![answer("What time?")]);
+    only_reply_to(&t.heard(), "What time?");
+    assert_eq!(t.counted(), (1, 1));
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_with_other_words_drops_the_attempt_and_the_final_is_answered() {
+    // Started on the first partial at once; the user says more.
+    let mut t = talk("pre-changed", Some(on(Duration::ZERO)), None).await;
+    let events = t
+        .turn(Said {
+            partials: vec![(3, "Book a"), (10, "Book a table for two.")],
+            last: "Book a table for two.",
+        })
+        .await;
+    // One attempt per turn: the second partial is not tried.
+    assert_eq!(t.asked(), vec!["Book a", "Book a table for two."]);
+    assert_eq!(agent_texts(&events), vec![answer("Book a table for two.")]);
+    only_reply_to(&t.heard(), "Book a table for two.");
+    assert_eq!(t.counted(), (0, 1));
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_by_default_the_agent_is_asked_on_the_final_only() {
+    let mut t = talk("pre-off", None, None).await;
+    let events = t
+        .turn(Said {
+            partials: vec![(3, "Book a table."), (8, "Book a table.")],
+            last: "book a table.",
+        })
+        .await;
+    assert_eq!(t.asked(), vec!["book a table."]);
+    only_reply_to(&t.heard(), "book a table.");
+    let l = latencies(&events);
+    assert_eq!(l.len(), 1, "{events:?}");
+    assert_eq!(l[0].preemptive, None);
+    assert_eq!(t.counted(), (0, 0));
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_turns_it_on_in_its_pipeline_override() {
+    let mut t = talk(
+        "pre-session",
+        None,
+        Some(PreemptiveOverride {
+            enabled: Some(true),
+            stable_for: Some(Duration::ZERO),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let events = t
+        .turn(Said {
+            partials: vec![(3, "Book a table.")],
+            last: "book a table",
+        })
+        .await;
+    assert_eq!(t.asked(), vec!["Book a table."]);
+    only_reply_to(&t.heard(), "Book a table.");
+    assert!(latencies(&events)[0].preemptive.is_some());
+    t.close().await;
+}
