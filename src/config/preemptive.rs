@@ -222,12 +222,12 @@ mod tests {
 
     #[test]
     fn the_config_and_a_session_override_are_validated() {
-        let mut config = Config::default();
+        let mut config = Config::new("local");
         config.preemptive.min_words = 0;
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("preemptive.min_words"), "{err}");
 
-        let config = Config::default();
+        let config = Config::new("local");
         let mut session = SessionConfig::new("u");
         session.pipeline = Some(PipelineOverride {
             preemptive: Some(PreemptiveOverride {
@@ -271,17 +271,26 @@ mod tests {
     fn an_environment_variable_replaces_the_section() {
         let c = Config::from_env_vars(
             "VB",
-            [(
-                "VB_PREEMPTIVE",
-                r#"{"enabled": true, "stable_for": "300ms"}"#,
-            )],
+            [
+                ("VB_PROVIDER", "local"),
+                (
+                    "VB_PREEMPTIVE",
+                    r#"{"enabled": true, "stable_for": "300ms"}"#,
+                ),
+            ],
         )
         .unwrap();
         assert!(c.preemptive.enabled);
         assert_eq!(c.preemptive.stable_for, Duration::from_millis(300));
         assert_eq!(c.preemptive.min_words, DEFAULT_PREEMPTIVE_MIN_WORDS);
-        let err =
-            Config::from_env_vars("VB", [("VB_PREEMPTIVE", r#"{"min_words": 0}"#)]).unwrap_err();
+        let err = Config::from_env_vars(
+            "VB",
+            [
+                ("VB_PROVIDER", "local"),
+                ("VB_PREEMPTIVE", r#"{"min_words": 0}"#),
+            ],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("preemptive.min_words"), "{err}");
     }
 }
