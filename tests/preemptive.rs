@@ -374,12 +374,18 @@ async fn a_partial_with_other_words_drops_the_attempt_and_the_final_is_answered(
     let mut t = talk("pre-changed", Some(on(Duration::ZERO)), None).await;
     let events = t
         .turn(Said {
-            partials: vec![(3, "Book a"), (10, "Book a table for two.")],
+            partials: vec![(3, "Book a"), (20, "Book a table for two.")],
             last: "Book a table for two.",
         })
         .await;
-    // One attempt per turn: the second partial is not tried.
-    assert_eq!(t.asked(), vec!["Book a", "Book a table for two."]);
+    // One attempt per turn: the second partial is not tried. (The agent
+    // may not have been asked "Book a" yet when the attempt was dropped: a
+    // session task that comes to both partials at once drops it unpolled.)
+    let asked = t.asked();
+    assert!(
+        asked == ["Book a", "Book a table for two."] || asked == ["Book a table for two."],
+        "{asked:?}"
+    );
     assert_eq!(agent_texts(&events), vec![answer("Book a table for two.")]);
     only_reply_to(&t.heard(), "Book a table for two.");
     assert_eq!(t.counted(), (0, 1));
