@@ -24,7 +24,7 @@ use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
 use voice_backends::pipeline::{SpeechToText, SttEvent, SttStream, TextToSpeech, components};
 use voice_backends::testing::signal;
 use voice_backends::{
-    AgentReply, AudioFormat, AudioFrame, Config, PipelineState, Result, SessionConfig,
+    AgentReply, AudioFormat, AudioFrame, Config, PipelineState, Result, Role, SessionConfig,
     VoiceBackend, VoiceSession, agent_fn, registry,
 };
 
@@ -127,6 +127,9 @@ struct Talk {
     session: Arc<dyn VoiceSession>,
     events: SessionEvents,
     asked: Arc<Mutex<Vec<String>>>,
+    /// The conversation the agent was given with each call, as
+    /// `"user: ..."` and `"agent: ..."`.
+    histories: Arc<Mutex<Vec<Vec<String>>>>,
     script: Arc<Mutex<VecDeque<Said>>>,
     heard: Arc<Mutex<Vec<i16>>>,
 }
@@ -153,8 +156,19 @@ async fn talk(
     backend.start().await.unwrap();
     let asked = Arc::new(Mutex::new(Vec::new()));
     let log = asked.clone();
+    let histories = Arc::new(Mutex::new(Vec::new()));
+    let seen = histories.clone();
     let agent = agent_fn(move |turn| {
         log.lock().unwrap().push(turn.transcript.clone());
+        seen.lock().unwrap().push(
+            turn.history
+                .iter()
+                .map(|m| match m.role {
+                    Role::User => format!("user: {}", m.text),
+                    Role::Agent => format!("agent: {}", m.text),
+                })
+                .collect(),
+        );
         async move { Ok(AgentReply::text(answer(&turn.transcript))) }
     });
     let mut session_config = SessionConfig::new("u").with_agent(agent);
@@ -180,6 +194,7 @@ async fn talk(
         session,
         events,
         asked,
+        histories,
         script,
         heard,
     }
@@ -365,6 +380,28 @@ async fn a_final_that_differs_drops_the_preemptive_reply_unheard() {
     assert_eq!(agent_texts(&events), vec![answer("What time?")]);
     only_reply_to(&t.heard(), "What time?");
     assert_eq!(t.counted(), (1, 1));
+    // The dropped reply never joined the conversation; the used one did,
+    // after the final transcript's text.
+    t.heard.lock().unwrap().clear();
+    t.turn(Said {
+        partials: Vec::new(),
+        last: "Thanks.",
+    })
+    .await;
+    let histories = t.histories.lock().unwrap().clone();
+    assert_eq!(
+        histories[2],
+        vec!["user: Book a taxi.", "agent: you said Book a taxi."]
+    );
+    assert_eq!(
+        histories[3],
+        vec![
+            "user: Book a taxi.",
+            "agent: you said Book a taxi.",
+            "user: what time?",
+            "agent: you said What time?",
+        ]
+    );
     t.close().await;
 }
 
