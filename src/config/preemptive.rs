@@ -1,47 +1,4 @@
-//! The preemptive reply (opt-in): the agent starts answering a turn on a
-//! stable partial transcript, before the turn's final transcript comes.
-//!
-//! ```toml
-//! [preemptive]
-//! enabled = true        # default false
-//! stable_for = "200ms"  # how long a partial's words must stay unchanged
-//! min_words = 2         # words a partial must hold before it is used
-//! ```
-//!
-//! A session may override any of these under its pipeline override
-//! (`[pipeline.preemptive]` of a [`SessionConfig`](super::SessionConfig)):
-//! what it sets replaces the backend's value, the rest is the backend's.
-//!
-//! What happens to a preemptive reply:
-//!
-//! - while the user's turn is still open (no reply in flight), once a
-//!   partial transcript's words (compared without case and punctuation) have
-//!   stayed the same for `stable_for` and hold at least `min_words` words,
-//!   the agent is asked to answer that partial, and its reply is produced
-//!   (text, then speech synthesis) but **held**: no `agent_text` event, no
-//!   audio to the user, nothing added to the conversation history;
-//! - when the turn's final transcript comes and its words equal the
-//!   partial's, what was held is released at once and the reply carries on
-//!   streaming as any reply does; the turn's latency event then holds
-//!   `preemptive` (`preemptive_ms`): how much earlier the agent was started
-//!   than the final transcript arrived;
-//! - otherwise (the final differs, or is empty) the preemptive reply is
-//!   dropped, as a barge-in drops a reply, and the turn is answered on its
-//!   final transcript as usual;
-//! - a partial whose words differ from the ones being answered drops the
-//!   attempt at once (the user said more); there is one attempt per turn,
-//!   so that turn is then answered on its final transcript;
-//! - a barge-in, a text turn or a turn given up on drops it too.
-//!
-//! Outcomes are counted in `pipeline_preemptive_replies_total{outcome="used"}`
-//! and `{outcome="dropped"}`.
-//!
-//! **The agent is called twice for a turn whose preemptive reply is
-//! dropped** (once with the partial, once with the final transcript): an
-//! agent with side effects (a booking, a payment, a tool call that changes
-//! something) sees both calls. Leave this off for such agents, or make their
-//! side effects wait for the reply to be used. Speech synthesis is also
-//! spent on a dropped reply.
+//! The preemptive reply (`[preemptive]`, opt-in): see [`PreemptiveConfig`].
 
 use std::time::Duration;
 
@@ -59,8 +16,53 @@ pub const DEFAULT_PREEMPTIVE_MIN_WORDS: u32 = 2;
 /// Largest allowed [`PreemptiveConfig::min_words`]: 50.
 pub const MAX_PREEMPTIVE_MIN_WORDS: u32 = 50;
 
-/// Whether and when the agent starts on a stable partial transcript; see
-/// the [module documentation](self) for the TOML and what happens.
+/// The preemptive reply (opt-in): the agent starts answering a turn on a
+/// stable partial transcript, before the turn's final transcript comes.
+///
+/// ```toml
+/// [preemptive]
+/// enabled = true        # default false
+/// stable_for = "200ms"  # how long a partial's words must stay unchanged
+/// min_words = 2         # words a partial must hold before it is used
+/// ```
+///
+/// A session may override any of these under its pipeline override
+/// (`[pipeline.preemptive]` of a [`SessionConfig`](super::SessionConfig)):
+/// what it sets replaces the backend's value, the rest is the backend's.
+///
+/// What happens to a preemptive reply:
+///
+/// - while the user's turn is still open (no reply in flight), once a
+///   partial transcript's words (compared without case and punctuation) have
+///   stayed the same for `stable_for` and hold at least `min_words` words,
+///   the agent is asked to answer that partial, and its reply is produced
+///   (text, then speech synthesis) but **held**: no `agent_text` event, no
+///   audio to the user, nothing added to the conversation history.
+///   The agent is asked with the text of the latest partial with those
+///   words;
+/// - when the turn's final transcript comes and its words equal the
+///   partial's, what was held is released at once and the reply carries on
+///   streaming as any reply does (the turn joins the conversation history
+///   under the final transcript's text); the turn's latency event then holds
+///   `preemptive` (`preemptive_ms`): how much earlier the agent was started
+///   than the final transcript arrived;
+/// - otherwise (the final differs, or is empty) the preemptive reply is
+///   dropped, as a barge-in drops a reply, and the turn is answered on its
+///   final transcript as usual;
+/// - a partial whose words differ from the ones being answered drops the
+///   attempt at once (the user said more); there is one attempt per turn,
+///   so that turn is then answered on its final transcript;
+/// - a barge-in, a text turn or a turn given up on drops it too.
+///
+/// Outcomes are counted in `pipeline_preemptive_replies_total{outcome="used"}`
+/// and `{outcome="dropped"}`.
+///
+/// **The agent is called twice for a turn whose preemptive reply is
+/// dropped** (once with the partial, once with the final transcript): an
+/// agent with side effects (a booking, a payment, a tool call that changes
+/// something) sees both calls. Leave this off for such agents, or make their
+/// side effects wait for the reply to be used. Speech synthesis is also
+/// spent on a dropped reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreemptiveConfig {
