@@ -156,7 +156,10 @@ impl Setup {
     }
 
     fn policy(self) -> InterruptionConfig {
-        let on = InterruptionConfig::default();
+        let on = InterruptionConfig {
+            enabled: true,
+            ..InterruptionConfig::default()
+        };
         match self {
             Setup::Off => InterruptionConfig {
                 enabled: false,

@@ -239,6 +239,7 @@ fn session_events_serialize_as_tagged_json_with_latencies_in_ms() {
         agent: Some(Duration::from_micros(1500)),
         tts_first_audio: None,
         first_audio: Duration::from_millis(120),
+        preemptive: None,
     });
     let v = serde_json::to_value(&l).unwrap();
     assert_eq!(v["type"], "latency");

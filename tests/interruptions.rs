@@ -246,12 +246,20 @@ impl Talk {
         mut pred: impl FnMut(&SessionEvent) -> bool,
     ) -> Vec<SessionEvent> {
         let mut seen = Vec::new();
-        expect_event_within(PATIENCE, &mut self.events, what, |e| {
-            seen.push(e.clone());
-            pred(e)
-        })
-        .await;
-        seen
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(e)) => {
+                    let done = pred(&e);
+                    seen.push(e);
+                    if done {
+                        return seen;
+                    }
+                }
+                Ok(None) => panic!("the session closed before {what}; saw {seen:?}"),
+                Err(_) => panic!("no {what} within {PATIENCE:?}; saw {seen:?}"),
+            }
+        }
     }
 
     /// Waits for the session to listen after its reply, collecting the
@@ -282,6 +290,14 @@ impl Talk {
     }
 }
 
+/// The policy with its defaults, turned on (it is opt-in).
+fn on() -> InterruptionConfig {
+    InterruptionConfig {
+        enabled: true,
+        ..InterruptionConfig::default()
+    }
+}
+
 fn ducked(v: i16, gain_db: i32) -> i16 {
     let gain = 10f32.powf(gain_db as f32 / 20.0);
     (f32::from(v) * gain).round().clamp(-32768.0, 32767.0) as i16
@@ -290,7 +306,7 @@ fn ducked(v: i16, gain_db: i32) -> i16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backchannel_during_a_reply_ducks_it_and_does_not_interrupt() {
     // Longer than min_duration: only the words keep it from interrupting.
-    let mut t = talk("bc", InterruptionConfig::default(), None).await;
+    let mut t = talk("bc", on(), None).await;
     t.first_turn().await;
     t.script.lock().unwrap().push_back(Said {
         partial: Some((3, "uh-huh")),
@@ -341,15 +357,18 @@ async fn a_backchannel_during_a_reply_ducks_it_and_does_not_interrupt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speech_with_words_interrupts_and_is_answered() {
-    let mut t = talk("real", InterruptionConfig::default(), None).await;
+    let mut t = talk("real", on(), None).await;
     t.first_turn().await;
     t.script.lock().unwrap().push_back(Said {
         partial: Some((3, "wait")),
         last: "wait, what about tuesday",
     });
+    // The partial "wait" does not end like a sentence: once the turn
+    // detector has it as a hint, the turn ends only after its longest wait
+    // (3 s by default).
     t.say(
         Duration::from_millis(900),
-        Duration::from_millis(1500),
+        Duration::from_millis(3500),
         8,
         Duration::ZERO,
     )
@@ -381,7 +400,7 @@ async fn a_cough_pauses_the_reply_and_it_resumes_where_it_stopped() {
     // Any speech interrupts at once (no ducking); no words come of it.
     let policy = InterruptionConfig {
         min_duration: Duration::ZERO,
-        ..InterruptionConfig::default()
+        ..on()
     };
     let mut t = talk("cough", policy, None).await;
     t.first_turn().await;
@@ -435,7 +454,7 @@ async fn no_words_within_the_timeout_resume_the_reply_before_the_turn_ends() {
         duck: Some(Duck::Pause),
         ..Default::default()
     };
-    let mut t = talk("timeout", InterruptionConfig::default(), Some(o)).await;
+    let mut t = talk("timeout", on(), Some(o)).await;
     t.first_turn().await;
     // A burst, then too little silence to end the turn: only the timeout
     // can decide.
@@ -519,6 +538,10 @@ async fn out_of_range_values_are_invalid_config_at_their_field() {
     assert!(e.details.contains_key("interruption.duck_gain_db"), "{e}");
 
     config.interruption = InterruptionConfig::default();
+    assert!(
+        !config.interruption.enabled,
+        "the policy is opt-in: barge-in by default"
+    );
     let backend = registry().create("local", &config).await.unwrap();
     backend.start().await.unwrap();
     let mut session = SessionConfig::new("u");

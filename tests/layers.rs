@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 ///   everything: the top, with `server` and `bin`.
 const LAYERS: &[(&str, &[&str])] = &[
     (
-        "error, audio (+ agent, metrics, wake)",
-        &["error", "audio", "agent", "metrics", "wake"],
+        "error, audio (+ agent, demo, metrics, wake)",
+        &["error", "audio", "agent", "demo", "metrics", "wake"],
     ),
     ("config", &["config"]),
     (

@@ -164,7 +164,7 @@ fn err(code: ErrorCode) -> voice_backends::Result<()> {
     Err(BackendError::new("test", code, "failed"))
 }
 
-const FAMILIES: [(&str, &str); 10] = [
+const FAMILIES: [(&str, &str); 14] = [
     ("backend_requests_total", "counter"),
     ("backend_errors_total", "counter"),
     ("backend_latency_seconds", "histogram"),
@@ -174,7 +174,11 @@ const FAMILIES: [(&str, &str); 10] = [
     ("pipeline_turn_latency_seconds", "histogram"),
     ("pipeline_frames_dropped_total", "counter"),
     ("pipeline_interruptions_total", "counter"),
+    ("pipeline_false_interruptions_total", "counter"),
+    ("pipeline_preemptive_replies_total", "counter"),
     ("pipeline_turns_total", "counter"),
+    ("pipeline_component_switches_total", "counter"),
+    ("pipeline_component_served_total", "counter"),
 ];
 
 // ---------------------------------------------------------------------------

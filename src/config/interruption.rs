@@ -4,7 +4,7 @@
 //!
 //! ```toml
 //! [interruption]
-//! enabled = true                       # false: any speech onset cuts the reply at once
+//! enabled = true                       # opt in; false (the default): any speech onset cuts the reply at once
 //! min_duration = "500ms"               # speech needed before it interrupts
 //! min_words = 0                        # words needed too (when a transcript is available)
 //! false_interruption_timeout = "2s"    # no words this long after the speech: resume
@@ -127,9 +127,9 @@ pub enum Duck {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InterruptionConfig {
-    /// Whether speech is judged (default true). When false, any speech onset
-    /// during a reply cuts it at once, for good.
-    #[serde(default = "default_true")]
+    /// Whether speech is judged (default false: opt in). When false, any
+    /// speech onset during a reply cuts it at once, for good (barge-in).
+    #[serde(default)]
     pub enabled: bool,
     /// Speech needed before it interrupts (audio clock); 0..=10s, default 500ms.
     #[serde(default = "default_min_duration", with = "humantime_serde")]
@@ -170,7 +170,7 @@ pub struct InterruptionConfig {
 impl Default for InterruptionConfig {
     fn default() -> Self {
         InterruptionConfig {
-            enabled: true,
+            enabled: false,
             min_duration: DEFAULT_MIN_INTERRUPTION_DURATION,
             min_words: DEFAULT_MIN_INTERRUPTION_WORDS,
             false_interruption_timeout: DEFAULT_FALSE_INTERRUPTION_TIMEOUT,

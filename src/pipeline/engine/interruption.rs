@@ -384,6 +384,7 @@ mod tests {
 
     fn policy(min_ms: u64, min_words: u32, resume: bool, pause: bool) -> Policy {
         Policy::new(&InterruptionConfig {
+            enabled: true,
             min_duration: Duration::from_millis(min_ms),
             min_words,
             resume,
