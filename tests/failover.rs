@@ -1,3 +1,4 @@
+#![cfg(feature = "testing")]
 //! Failover of the speech components: a failing or hanging component hands
 //! the very turn to the next of its fallback list, the session and the
 //! metrics say which served, and the failed one is back once its health
