@@ -591,37 +591,54 @@ async fn espeak(text: &str) -> Vec<i16> {
 
 /// `serve --demo` holds a spoken exchange through the page: the fake
 /// microphone says a sentence (spoken by the `espeak` component), the page
-/// shows the user's transcript with its words (PocketSphinx), the demo
-/// agent's answer, and plays its spoken reply (eSpeak NG); the latency row
-/// has every stage of the cascade.
+/// shows the user's transcript (PocketSphinx), the demo agent's answer to
+/// it, and plays its spoken reply (eSpeak NG); the latency row has every
+/// stage of the cascade. Which words PocketSphinx makes of eSpeak NG's
+/// voice after the browser's capture, resampling and RNNoise varies from
+/// run to run; that it hears a known sentence's words through a whole
+/// session is `tests/offline_speech.rs`'s test.
 #[cfg(all(feature = "cli", feature = "demo"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_demo_holds_a_spoken_exchange_through_the_page() {
     if !browser_available() {
         return;
     }
-    // PocketSphinx's general language model hears eSpeak NG's digits
-    // reliably (most other sentences in eSpeak's voice it gets wrong).
     let mut audio = signal::silence(Duration::from_millis(800));
-    audio.extend(espeak("one two three four five").await);
+    audio.extend(espeak("thank you very much").await);
     // Long enough for the reply to play before the file loops.
     audio.extend(signal::silence(Duration::from_secs(8)));
     let serve = Serve::start(&["--demo"]);
     let browser = Browser::open(&audio, &format!("http://{}/?autostart=1", serve.addr)).await;
     let client = &browser.client;
 
-    // The user's transcript holds the sentence's words, the demo agent
-    // answered it, and its spoken reply played.
-    let heard = |t: &Value| {
-        t["transcripts"].as_array().and_then(|all| {
-            all.iter()
-                .position(|s| s.as_str().is_some_and(|s| s.contains("one two three")))
-        })
+    // A final transcript with words, the demo agent's answer quoting it
+    // ("You said: ..."), and its spoken reply played.
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(|s| s.trim().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let exchange = |t: &Value| -> Option<(String, String)> {
+        let answers = strings(&t["agentTexts"]);
+        strings(&t["transcripts"])
+            .into_iter()
+            .filter(|said| !said.is_empty())
+            .find_map(|said| {
+                answers
+                    .iter()
+                    .find(|a| a.starts_with("You said: ") && a.contains(&said))
+                    .map(|a| (said.clone(), a.clone()))
+            })
     };
     let spoken_reply = |t: &Value| {
-        heard(t).is_some_and(|n| t["agentTexts"].as_array().is_some_and(|a| a.len() > n))
+        exchange(t).is_some()
             && full_turn(t)
             && t["lastLatency"]["agent_ms"].is_number()
+            && t["replySamplesPlayed"].as_u64().unwrap_or(0) > 8_000
     };
     let (ok, t) = wait_for(client, TURN_TIMEOUT, spoken_reply).await;
     save_screenshot(client).await;
@@ -632,20 +649,15 @@ async fn serve_demo_holds_a_spoken_exchange_through_the_page() {
         page_log(client).await
     );
     eprintln!("heard: {}", t["transcripts"]);
-    let n = heard(&t).unwrap();
-    let answer = t["agentTexts"][n].as_str().unwrap();
-    assert!(
-        answer.starts_with("You said: ") && answer.contains("one two three"),
-        "the demo agent's answer: {t:#}"
-    );
+    let (said, answer) = exchange(&t).unwrap();
     let lines = conversation_lines(client).await;
     assert!(
         lines
             .iter()
-            .any(|(class, text)| class == "user" && text.contains("one two three"))
+            .any(|(class, text)| class == "user" && text.trim() == said)
             && lines
                 .iter()
-                .any(|(class, text)| class == "agent" && text == answer),
+                .any(|(class, text)| class == "agent" && text.trim() == answer),
         "the page shows the exchange: {lines:?}"
     );
     assert!(
