@@ -24,7 +24,7 @@
 //! check against the official SDK's models.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -490,6 +490,11 @@ async fn tts(ws: Ws, state: Arc<State>) {
     let (tx, mut stream) = writer(ws, "tts", state.clone());
     *lock(&state.tts_now) = Some(tx.clone());
     let mut contexts: HashMap<String, Context> = HashMap::new();
+    // Contexts answered with a `fail_next_tts` error: the rest of their
+    // requests (a flush the client sent before it read the error) are
+    // dropped, so a failure meant for the next generation is not spent on
+    // them.
+    let mut failed: HashSet<String> = HashSet::new();
     while let Some(m) = stream.next().await {
         let Message::Text(t) = m else {
             if m.is_close() {
@@ -526,7 +531,11 @@ async fn tts(ws: Ws, state: Arc<State>) {
             ));
             continue;
         }
+        if failed.contains(&id) {
+            continue;
+        }
         if let Some(status) = lock(&state.fail_next).pop_front() {
+            failed.insert(id.clone());
             let title = match status {
                 401 => "Unauthorized",
                 429 => "Too Many Requests",
