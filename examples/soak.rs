@@ -335,7 +335,7 @@ mod soak {
             // The reply's first audio.
             timeout(PATIENCE, rx.recv())
                 .await
-                .map_err(|_| "no reply audio".to_owned())?
+                .map_err(|_| format!("no reply audio to turn {turn} of {turns}"))?
                 .ok_or("the reply audio ended")?;
             if turn == barge_turn {
                 // The next utterance starts while this reply plays: a barge-in.
@@ -669,7 +669,8 @@ mod soak {
         let failed = load(&c.failed) - warm_failed;
         println!(
             "{} sessions in {:.0} s ({} at once at most; {} through serve): {} turns, {} with \
-             a barge-in ({} came after the reply had ended), {} dropped connections ({} resumed, {} refused and restarted), \
+             a barge-in seen before the turn's end ({} seen after it, or after the reply had ended), \
+             {} replies interrupted (the backend's count), {} dropped connections ({} resumed, {} refused and restarted), \
              {failed} failed",
             o.sessions,
             run_time.as_secs_f64(),
@@ -684,6 +685,7 @@ mod soak {
             load(&c.turns),
             load(&c.barge_ins),
             load(&c.barge_missed),
+            backend.metrics().map_or(0, |m| m.snapshot().interruptions),
             load(&c.drops),
             load(&c.resumed),
             load(&c.resume_refused),

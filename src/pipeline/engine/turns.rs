@@ -100,12 +100,20 @@ impl Task {
                 self.finals.supersede(true);
                 self.preempt_turn_over();
                 // Reply audio the S2S model had already queued is part of the
-                // cut reply; what else it sent is handled after the cut.
+                // cut reply; what else it sent is handled after the cut. A
+                // final transcript ends that: the model has heard the turn
+                // that barged in, and what follows it (left queued, in order)
+                // answers that turn (on a busy machine the model answers
+                // before this task sees the cut).
                 let mut kept = Vec::new();
                 if let Some(rx) = remote_events.as_mut() {
                     while let Some(ev) = rx.try_recv() {
                         match ev {
                             S2sEvent::Audio(_) | S2sEvent::ReplyDone | S2sEvent::Interrupted => {}
+                            ev @ S2sEvent::UserTranscript { is_final: true, .. } => {
+                                kept.push(ev);
+                                break;
+                            }
                             other => kept.push(other),
                         }
                     }
