@@ -2,27 +2,7 @@
 //! interruption, how the reply ducks while that is decided, and when a
 //! reply cut by speech that said nothing resumes.
 //!
-//! ```toml
-//! [interruption]
-//! enabled = true                       # opt in; false (the default): any speech onset cuts the reply at once
-//! min_duration = "500ms"               # speech needed before it interrupts
-//! min_words = 0                        # words needed too (when a transcript is available)
-//! false_interruption_timeout = "2s"    # no words this long after the speech: resume
-//! resume = true                        # resume a false interruption (false: stay cut)
-//! duck = "gain"                        # "gain" (lowered by duck_gain_db) or "pause"
-//! duck_gain_db = -12
-//! language = "en"                      # which backchannel list applies
-//!
-//! [interruption.backchannels]          # replaces a language's list
-//! fr = ["oui", "ouais", "d'accord", "hum"]
-//!
-//! [interruption.extra_backchannels]    # extends a language's list
-//! en = ["yup", "for sure"]
-//! ```
-//!
-//! A session may override any of these under its pipeline override
-//! (`[pipeline.interruption]` of a [`SessionConfig`](super::SessionConfig)):
-//! what it sets replaces the backend's value, the rest is the backend's.
+//! The TOML and the rules are on [`InterruptionConfig`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -101,8 +81,28 @@ pub enum Duck {
     Pause,
 }
 
-/// When user speech during a reply interrupts it; see the
-/// [module documentation](self) for the TOML.
+/// When user speech during a reply interrupts it (`[interruption]`, opt-in).
+///
+/// ```toml
+/// [interruption]
+/// enabled = true                       # opt in; false (the default): any speech onset cuts the reply at once
+/// min_duration = "500ms"               # speech needed before it interrupts
+/// min_words = 0                        # words needed too (when a transcript is available)
+/// false_interruption_timeout = "2s"    # no words this long after the speech: resume
+/// resume = true                        # resume a false interruption (false: stay cut)
+/// duck = "gain"                        # "gain" (lowered by duck_gain_db) or "pause"
+/// duck_gain_db = -12
+/// language = "en"                      # which backchannel list applies
+///
+/// [interruption.backchannels]          # replaces a language's list
+/// fr = ["oui", "ouais", "d'accord", "hum"]
+///
+/// [interruption.extra_backchannels]    # extends a language's list
+/// en = ["yup", "for sure"]
+/// ```
+///
+/// A session may override any of these under its pipeline override
+/// (`[pipeline.interruption]`): what it sets replaces the backend's value.
 ///
 /// Speech that starts while a reply is produced or played is judged:
 ///

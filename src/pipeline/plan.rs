@@ -133,7 +133,7 @@ pub struct Plan {
     /// Speech-to-speech, when named.
     pub s2s: Option<Planned<dyn SpeechToSpeech>>,
     /// The speech-to-text components to fall back to, in order
-    /// (`stt_fallbacks`); see [`failover`](super::failover).
+    /// (`stt_fallbacks`); see [`failover`].
     pub stt_fallbacks: Vec<Planned<dyn SpeechToText>>,
     /// The text-to-speech components to fall back to, in order
     /// (`tts_fallbacks`), each made from its options.

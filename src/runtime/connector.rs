@@ -11,7 +11,8 @@ use crate::provider::{HostedStages, ProviderCapabilities};
 
 /// What a provider contributes: how to reach its service.
 ///
-/// The runtime calls [`Connector::connect`] from [`VoiceBackend::start`],
+/// The runtime calls [`Connector::connect`] from
+/// [`VoiceBackend::start`](crate::VoiceBackend::start),
 /// under `timeout` and with `max_retries` retries spaced by `retry_delay`
 /// doubling each time; errors whose code is not retryable stop at once.
 #[async_trait]
@@ -33,7 +34,7 @@ pub trait Connector: Send + Sync + 'static {
     /// Takes an updated config (already checked by the runtime): sessions
     /// opened from now on use it. The default checks it with
     /// [`Connector::validate_config`] and keeps nothing; a
-    /// [`Provider`]'s connector makes the provider
+    /// [`Provider`](super::Provider)'s connector makes the provider
     /// anew from it.
     ///
     /// # Errors
