@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::metrics::Op;
+use crate::pipeline::link::Remote;
+use crate::pipeline::{S2sEvent, S2sStream};
 
 #[tokio::test]
 async fn an_stt_turn_is_transcribed_answered_and_played_in_order() {
@@ -228,5 +230,87 @@ async fn a_transcript_that_never_comes_is_given_up_on() {
     speak(&engine, 4);
     release(&held, &stt).await;
     assert_eq!(answers_until_quiet(&mut events).await, ["you said turn 2"]);
+    engine.stop(Duration::from_secs(2)).await.unwrap();
+}
+
+/// A speech-to-speech model that answers at once: on the end of turn `n` it
+/// queues, from inside `end_turn`, the turn's final transcript, `frames`
+/// reply frames whose bytes are `n`, and the reply's end.
+struct PromptModel {
+    events: mpsc::Sender<S2sEvent>,
+    turns: u8,
+    frames: usize,
+}
+
+impl S2sStream for PromptModel {
+    fn push_audio(&mut self, _: &AudioFrame) -> Result<()> {
+        Ok(())
+    }
+
+    fn end_turn(&mut self) -> Result<()> {
+        self.turns += 1;
+        let n = self.turns;
+        let _ = self.events.try_send(S2sEvent::UserTranscript {
+            text: format!("turn {n}"),
+            is_final: true,
+        });
+        for _ in 0..self.frames {
+            let _ = self.events.try_send(S2sEvent::Audio(frame(n)));
+        }
+        let _ = self.events.try_send(S2sEvent::ReplyDone);
+        Ok(())
+    }
+
+    fn interrupt(&mut self) {}
+}
+
+// On a busy machine a speech-to-speech model can answer the turn that barged
+// in before the session task has seen the cut: the cut must take only the
+// cut reply's audio, not the answer queued after the new turn's transcript.
+// Here the task cannot run between the barge-in and the model's answer (one
+// thread, and `process_audio` never yields), so the answer is always queued
+// behind the cut.
+#[tokio::test(flavor = "current_thread")]
+async fn a_model_answer_queued_before_the_cut_is_seen_is_played() {
+    let (events_tx, events_rx) = mpsc::channel(256);
+    let model = PromptModel {
+        events: events_tx,
+        turns: 0,
+        frames: 50,
+    };
+    let (_stt_tx, stt_rx) = mpsc::channel(1);
+    let engine = Engine::new(EngineParts {
+        stt: None,
+        remote: Some(Remote::Model(Box::new(model), events_rx)),
+        ..parts(Box::new(FailingStt), stt_rx)
+    })
+    .unwrap();
+    let mut events = engine.subscribe();
+    let mut rx = engine.take_receiver().unwrap();
+    engine.start().unwrap();
+    speak(&engine, 5);
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the first reply plays")
+        .expect("the receiver is open");
+    assert_eq!(first.data()[0], 1);
+    // The user barges in and ends a second turn without the task running.
+    speak(&engine, 5);
+    let mut heard = Vec::new();
+    let wait = async {
+        while let Some(f) = rx.recv().await {
+            heard.push(f.data()[0]);
+            if heard.iter().filter(|&&b| b == 2).count() == 50 {
+                return;
+            }
+        }
+    };
+    let played = tokio::time::timeout(Duration::from_secs(5), wait).await;
+    let second = heard.iter().filter(|&&b| b == 2).count();
+    assert!(
+        played.is_ok(),
+        "the answer to the turn that barged in was lost: {second} of its 50 frames played"
+    );
+    next_event(&mut events, "listening again", to(PipelineState::Listening)).await;
     engine.stop(Duration::from_secs(2)).await.unwrap();
 }
