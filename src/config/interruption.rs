@@ -10,7 +10,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::validate::Violations;
+use super::Violations;
 
 /// Default [`InterruptionConfig::min_duration`]: 500 ms (LiveKit Agents'
 /// `min_interruption_duration`).

@@ -19,6 +19,7 @@ mod load;
 mod preemptive;
 mod secret;
 mod validate;
+mod violations;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,7 +52,8 @@ pub use preemptive::{
     MAX_PREEMPTIVE_STABLE_FOR, PreemptiveConfig, PreemptiveOverride,
 };
 pub use secret::{REDACTED, Secret, looks_secret, shown_in_error};
-pub use validate::{HostedStages, ResolvedFallbacks, ResolvedPipeline, Violation, Violations};
+pub use validate::{HostedStages, ResolvedFallbacks, ResolvedPipeline};
+pub use violations::{Violation, Violations};
 
 /// The VAD a session uses when [`Config::vad_provider`] is unset.
 pub const DEFAULT_VAD_PROVIDER: &str = "energy";

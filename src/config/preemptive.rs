@@ -5,7 +5,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::validate::Violations;
+use super::Violations;
 
 /// Default [`PreemptiveConfig::stable_for`]: 200 ms.
 pub const DEFAULT_PREEMPTIVE_STABLE_FOR: Duration = Duration::from_millis(200);
