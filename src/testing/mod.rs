@@ -1,5 +1,7 @@
-//! Test support: signals, fuzz targets, the backend conformance suite and,
-//! with the `link-websocket` feature, the link conformance suite.
+//! Test support: signals, pipeline component doubles, fuzz targets, the
+//! backend conformance suite and, with the `link-websocket` feature, the
+//! link conformance suite.
+pub mod components;
 pub mod conformance;
 pub mod fuzz;
 #[cfg(feature = "link-websocket")]
