@@ -255,7 +255,7 @@ impl TestTts {
         match self.sound {
             Sound::Ramp => ramp_sample(i),
             Sound::Tag => tag(text),
-            Sound::Tone(peak) if (i / 20) % 2 == 0 => peak,
+            Sound::Tone(peak) if (i / 20).is_multiple_of(2) => peak,
             Sound::Tone(peak) => peak.saturating_neg(),
         }
     }
