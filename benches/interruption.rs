@@ -49,6 +49,7 @@ use voice_backends::config::{Duck, InterruptionConfig};
 use voice_backends::pipeline::components;
 use voice_backends::pipeline::events::SessionEvent;
 use voice_backends::testing::components::{Said, ScriptedStt, TestTts};
+use voice_backends::testing::measure::{load_average, quantile};
 use voice_backends::testing::signal;
 use voice_backends::{AgentReply, Config, SessionConfig, VoiceBackend, agent_fn, registry};
 
@@ -243,23 +244,6 @@ async fn trial(backend: &Arc<dyn VoiceBackend>, onset_after: u32, seed: u64) -> 
         speech_started: started.map(|t| ms_after(t, onset)),
         interrupted: interrupted.map(|t| ms_after(t, onset)),
     }
-}
-
-/// The `q` quantile (nearest rank) of `v`.
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 const USAGE: &str = "usage: interruption [--trials N]";
