@@ -413,7 +413,7 @@ async fn run(turns: usize) {
          differ from the partial):"
     );
     println!(
-        "{:<32} {:>5} {:>13} {:>13} {:>6} {:>8} {:>15}",
+        "{:<32} {:>5} {:>15} {:>15} {:>6} {:>8} {:>15}",
         "", "turns", "engine", "wall", "used", "dropped", "gain (event)"
     );
     for ((setup, v), (used, dropped)) in Setup::ALL.iter().zip(&results).zip(&counted) {
@@ -441,7 +441,7 @@ async fn run(turns: usize) {
                 (String::new(), String::new())
             };
             println!(
-                "{:<32} {:>5} {:>13} {:>13} {:>6} {:>8} {:>15}",
+                "{:<32} {:>5} {:>15} {:>15} {:>6} {:>8} {:>15}",
                 name,
                 m.len(),
                 cell(&engine),
