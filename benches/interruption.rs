@@ -6,7 +6,7 @@
 //! 500 ms by default, and said words).
 //!
 //! Each trial is one session of the `local` provider, `stt_tts` with two
-//! doubles defined here: a recognizer that hears "wait, stop there" three
+//! doubles of `testing::components`: a recognizer that hears "wait, stop there" three
 //! frames into any turn, and a speaker that says every reply as 10 s of a
 //! steady tone, so each reply frame received is either at full level or
 //! ducked. A text turn starts the reply; the session's reply audio is read
@@ -44,20 +44,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use voice_backends::config::{Duck, InterruptionConfig};
+use voice_backends::pipeline::components;
 use voice_backends::pipeline::events::SessionEvent;
-use voice_backends::pipeline::{SpeechToText, SttEvent, SttStream, TextToSpeech, components};
+use voice_backends::testing::components::{Said, ScriptedStt, TestTts};
+use voice_backends::testing::measure::{load_average, quantile};
 use voice_backends::testing::signal;
-use voice_backends::{
-    AgentReply, AudioFormat, AudioFrame, Config, Result, SessionConfig, VoiceBackend, agent_fn,
-    registry,
-};
+use voice_backends::{AgentReply, Config, SessionConfig, VoiceBackend, agent_fn, registry};
 
 const FRAME: Duration = Duration::from_millis(20);
-const FRAME_SAMPLES: usize = 320;
 /// Frames every reply is said in: 10 s.
 const REPLY_FRAMES: usize = 500;
 /// The reply tone's peak; a ducked frame (-12 dB: about a quarter) peaks
@@ -69,72 +65,6 @@ const SPEECH: Duration = Duration::from_secs(3);
 const WINDOW: Duration = Duration::from_millis(1500);
 /// The onset comes this many frames into the reply, at random.
 const ONSET_FRAMES: std::ops::RangeInclusive<u32> = 10..=60;
-
-/// A recognizer that hears words three frames into every turn, and the
-/// same at its end.
-struct Hears;
-
-struct HearsStream {
-    events: mpsc::Sender<SttEvent>,
-    heard: usize,
-}
-
-impl SpeechToText for Hears {
-    fn open(
-        &self,
-        _options: &serde_json::Value,
-        events: mpsc::Sender<SttEvent>,
-    ) -> Result<Box<dyn SttStream>> {
-        Ok(Box::new(HearsStream { events, heard: 0 }))
-    }
-}
-
-impl SttStream for HearsStream {
-    fn push_audio(&mut self, _frame: &AudioFrame) -> Result<()> {
-        self.heard += 1;
-        if self.heard == 3 {
-            let _ = self
-                .events
-                .try_send(SttEvent::Partial("wait, stop there".into()));
-        }
-        Ok(())
-    }
-
-    fn end_turn(&mut self) -> Result<()> {
-        self.heard = 0;
-        let _ = self
-            .events
-            .try_send(SttEvent::Final("wait, stop there".into()));
-        Ok(())
-    }
-}
-
-/// Says any text as [`REPLY_FRAMES`] frames of a steady 400 Hz square tone.
-struct Tone;
-
-#[async_trait]
-impl TextToSpeech for Tone {
-    async fn synthesize(
-        &self,
-        _text: &str,
-        format: AudioFormat,
-        out: &mpsc::Sender<AudioFrame>,
-    ) -> Result<()> {
-        let data: Vec<u8> = (0..FRAME_SAMPLES)
-            .flat_map(|i| (if (i / 20) % 2 == 0 { TONE } else { -TONE }).to_le_bytes())
-            .collect();
-        for _ in 0..REPLY_FRAMES {
-            if out
-                .send(AudioFrame::new(format, data.clone())?)
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The configurations compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,23 +246,6 @@ async fn trial(backend: &Arc<dyn VoiceBackend>, onset_after: u32, seed: u64) -> 
     }
 }
 
-/// The `q` quantile (nearest rank) of `v`.
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
-}
-
 const USAGE: &str = "usage: interruption [--trials N]";
 
 fn trials_arg() -> usize {
@@ -366,8 +279,14 @@ fn main() {
 }
 
 async fn run(trials: usize) {
-    components().stt.register("bench-hears", Arc::new(Hears));
-    components().tts.register("bench-tone", Arc::new(Tone));
+    // Words three frames into every turn, and the same at its end.
+    let hears = Said::new("wait, stop there").partial(3, "wait, stop there");
+    components()
+        .stt
+        .register("bench-hears", Arc::new(ScriptedStt::repeating(hears)));
+    components()
+        .tts
+        .register("bench-tone", Arc::new(TestTts::tone(REPLY_FRAMES, TONE)));
     let mut backends = Vec::new();
     for setup in Setup::ALL {
         let mut config = Config::new("local");

@@ -562,30 +562,17 @@ async fn typed_text_on_the_default_serve_is_answered_once_without_an_error() {
 /// default, which PocketSphinx hears best), 16 kHz mono.
 #[cfg(feature = "demo")]
 async fn espeak(text: &str) -> Vec<i16> {
+    use voice_backends::pipeline::INTERNAL_FORMAT;
     use voice_backends::pipeline::offline::espeak::{EspeakOptions, EspeakTts};
-    use voice_backends::pipeline::{INTERNAL_FORMAT, TextToSpeech};
+    use voice_backends::testing::components::synthesize;
     let tts = EspeakTts::new(EspeakOptions {
         rate: 200,
         ..EspeakOptions::default()
     })
     .expect("the espeak component");
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let collect = async {
-        let mut frames = Vec::new();
-        while let Some(f) = rx.recv().await {
-            frames.push(f);
-        }
-        frames
-    };
-    let (done, frames) = tokio::join!(
-        async {
-            let r = tts.synthesize(text, INTERNAL_FORMAT, &tx).await;
-            drop(tx);
-            r
-        },
-        collect
-    );
-    done.expect("espeak speaks");
+    let frames = synthesize(&tts, text, INTERNAL_FORMAT)
+        .await
+        .expect("espeak speaks");
     signal::samples_of(&frames)
 }
 

@@ -5,29 +5,27 @@
 //! where it stopped, and with the policy off a barge-in cuts the reply at
 //! once as it always has.
 //!
-//! The pipeline is `stt_tts` with two doubles registered here: a scripted
-//! recognizer (each turn's partial and final transcripts come from a script
-//! the test writes) and a speaker that says every reply as a ramp of
-//! distinct samples, so the reply audio received can be compared sample for
-//! sample with the whole reply. User speech is `testing::signal` test
+//! The pipeline is `stt_tts` with two doubles of `testing::components`: a
+//! scripted recognizer (each turn's partial and final transcripts come from
+//! a script the test writes) and a speaker that says every reply as a ramp
+//! of distinct samples, so the reply audio received can be compared sample
+//! for sample with the whole reply. User speech is `testing::signal` test
 //! speech through the default energy VAD and silence turn detector. No
 //! assertion is about timing: the tests wait for events and samples with
 //! generous deadlines.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::mpsc;
 use voice_backends::config::{Duck, InterruptionConfig, InterruptionOverride, PipelineOverride};
+use voice_backends::pipeline::components;
 use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
-use voice_backends::pipeline::{SpeechToText, SttEvent, SttStream, TextToSpeech, components};
+use voice_backends::testing::components::{Said, ScriptedStt, TestTts};
 use voice_backends::testing::conformance::{expect_event_within, wait_until};
 use voice_backends::testing::signal;
 use voice_backends::{
-    AgentReply, AudioFormat, AudioFrame, Config, ErrorCode, PipelineState, Result, SessionConfig,
-    VoiceBackend, VoiceSession, agent_fn, registry,
+    AgentReply, Config, ErrorCode, PipelineState, SessionConfig, VoiceBackend, VoiceSession,
+    agent_fn, registry,
 };
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -36,98 +34,13 @@ const FRAME_SAMPLES: usize = 320;
 /// Frames every reply is said in: 4 s.
 const REPLY_FRAMES: usize = 200;
 
-/// One turn of the scripted recognizer: a partial transcript once the turn
-/// has heard `after` frames, and the final one when the turn ends.
-#[derive(Clone)]
-struct Said {
-    partial: Option<(usize, &'static str)>,
-    last: &'static str,
-}
-
-fn said(last: &'static str) -> Said {
-    Said {
-        partial: None,
-        last,
-    }
-}
-
-/// A recognizer whose transcripts are the script's, turn by turn.
-struct ScriptedStt(Arc<Mutex<VecDeque<Said>>>);
-
-struct ScriptedStream {
-    script: Arc<Mutex<VecDeque<Said>>>,
-    events: mpsc::Sender<SttEvent>,
-    heard: usize,
-}
-
-impl SpeechToText for ScriptedStt {
-    fn open(
-        &self,
-        _options: &serde_json::Value,
-        events: mpsc::Sender<SttEvent>,
-    ) -> Result<Box<dyn SttStream>> {
-        Ok(Box::new(ScriptedStream {
-            script: self.0.clone(),
-            events,
-            heard: 0,
-        }))
-    }
-}
-
-impl SttStream for ScriptedStream {
-    fn push_audio(&mut self, _frame: &AudioFrame) -> Result<()> {
-        self.heard += 1;
-        let script = self.script.lock().unwrap();
-        if let Some(Said {
-            partial: Some((after, text)),
-            ..
-        }) = script.front()
-            && *after == self.heard
-        {
-            let _ = self.events.try_send(SttEvent::Partial((*text).to_owned()));
-        }
-        Ok(())
-    }
-
-    fn end_turn(&mut self) -> Result<()> {
-        self.heard = 0;
-        let next = self.script.lock().unwrap().pop_front();
-        let text = next.map_or("", |s| s.last);
-        let _ = self.events.try_send(SttEvent::Final(text.to_owned()));
-        Ok(())
-    }
-}
-
-/// The sample at `i` of every reply: distinct along the whole reply.
-fn ramp(i: usize) -> i16 {
-    (i as i32 - 32_000) as i16
+/// The speaker: every reply is [`REPLY_FRAMES`] frames of a ramp.
+fn speaker() -> TestTts {
+    TestTts::ramp(REPLY_FRAMES)
 }
 
 fn whole_reply() -> Vec<i16> {
-    (0..REPLY_FRAMES * FRAME_SAMPLES).map(ramp).collect()
-}
-
-/// Says any text as [`whole_reply`], frame by frame.
-struct Ramp;
-
-#[async_trait]
-impl TextToSpeech for Ramp {
-    async fn synthesize(
-        &self,
-        _text: &str,
-        format: AudioFormat,
-        out: &mpsc::Sender<AudioFrame>,
-    ) -> Result<()> {
-        for f in 0..REPLY_FRAMES {
-            let data: Vec<u8> = (0..FRAME_SAMPLES)
-                .flat_map(|i| ramp(f * FRAME_SAMPLES + i).to_le_bytes())
-                .collect();
-            if out.send(AudioFrame::new(format, data)?).await.is_err() {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
+    speaker().whole_reply("a long answer")
 }
 
 /// A started session with the doubles, `policy` as the backend's, and an
@@ -138,7 +51,7 @@ struct Talk {
     session: Arc<dyn VoiceSession>,
     events: SessionEvents,
     asked: Arc<Mutex<Vec<String>>>,
-    script: Arc<Mutex<VecDeque<Said>>>,
+    script: ScriptedStt,
     heard: Arc<Mutex<Vec<i16>>>,
 }
 
@@ -147,13 +60,11 @@ async fn talk(
     policy: InterruptionConfig,
     session_policy: Option<InterruptionOverride>,
 ) -> Talk {
-    let script = Arc::new(Mutex::new(VecDeque::new()));
+    let script = ScriptedStt::new();
     let stt = format!("{name}-stt");
     let tts = format!("{name}-tts");
-    components()
-        .stt
-        .register(&stt, Arc::new(ScriptedStt(script.clone())));
-    components().tts.register(&tts, Arc::new(Ramp));
+    components().stt.register(&stt, Arc::new(script.clone()));
+    components().tts.register(&tts, Arc::new(speaker()));
     let mut config = Config::new("local");
     config.stt_provider = Some(stt);
     config.tts_provider = Some(tts);
@@ -212,7 +123,7 @@ impl Talk {
 
     /// The first turn, "hello", whose reply starts playing.
     async fn first_turn(&mut self) {
-        self.script.lock().unwrap().push_back(said("hello"));
+        self.script.push(Said::new("hello"));
         self.say(
             Duration::from_millis(600),
             Duration::from_millis(1500),
@@ -308,10 +219,8 @@ async fn a_backchannel_during_a_reply_ducks_it_and_does_not_interrupt() {
     // Longer than min_duration: only the words keep it from interrupting.
     let mut t = talk("bc", on(), None).await;
     t.first_turn().await;
-    t.script.lock().unwrap().push_back(Said {
-        partial: Some((3, "uh-huh")),
-        last: "uh-huh, yeah",
-    });
+    t.script
+        .push(Said::new("uh-huh, yeah").partial(3, "uh-huh"));
     // At the pace of real speech, so the reply plays while it is judged.
     t.say(
         Duration::from_millis(900),
@@ -359,10 +268,8 @@ async fn a_backchannel_during_a_reply_ducks_it_and_does_not_interrupt() {
 async fn speech_with_words_interrupts_and_is_answered() {
     let mut t = talk("real", on(), None).await;
     t.first_turn().await;
-    t.script.lock().unwrap().push_back(Said {
-        partial: Some((3, "wait")),
-        last: "wait, what about tuesday",
-    });
+    t.script
+        .push(Said::new("wait, what about tuesday").partial(3, "wait"));
     // The partial "wait" does not end like a sentence: once the turn
     // detector has it as a hint, the turn ends only after its longest wait
     // (3 s by default).
@@ -404,7 +311,7 @@ async fn a_cough_pauses_the_reply_and_it_resumes_where_it_stopped() {
     };
     let mut t = talk("cough", policy, None).await;
     t.first_turn().await;
-    t.script.lock().unwrap().push_back(said(""));
+    t.script.push(Said::new(""));
     let before = t.heard().len();
     t.say(
         Duration::from_millis(200),
@@ -489,7 +396,7 @@ async fn with_the_policy_off_any_speech_cuts_the_reply_at_once() {
     };
     let mut t = talk("off", policy, None).await;
     t.first_turn().await;
-    t.script.lock().unwrap().push_back(said(""));
+    t.script.push(Said::new(""));
     // A burst shorter than any policy's default would let through.
     t.say(
         Duration::from_millis(200),

@@ -39,24 +39,7 @@ fn heard_the_sentence(transcript: &str) -> bool {
 /// `text` spoken by eSpeak NG at the pipeline's rate, through the component.
 async fn speech(text: &str) -> Vec<i16> {
     let tts = EspeakTts::new(EspeakOptions::default()).unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
-    let collect = async {
-        let mut frames = Vec::new();
-        while let Some(f) = rx.recv().await {
-            frames.push(f);
-        }
-        frames
-    };
-    let (done, frames) = tokio::join!(
-        async {
-            let r = tts.synthesize(text, INTERNAL_FORMAT, &tx).await;
-            drop(tx);
-            r
-        },
-        collect
-    );
-    done.unwrap();
-    signal::samples_of(&frames)
+    signal::samples_of(&synthesize(&tts, text, INTERNAL_FORMAT).await)
 }
 
 /// Recognises `audio` with a fresh PocketSphinx stream of `options`: the
@@ -91,24 +74,9 @@ fn padded(speech: &[i16]) -> Vec<i16> {
 
 /// Renders `text` whole into frames of `format`.
 async fn synthesize(tts: &dyn TextToSpeech, text: &str, format: AudioFormat) -> Vec<AudioFrame> {
-    let (tx, mut rx) = mpsc::channel(8);
-    let collect = async {
-        let mut frames = Vec::new();
-        while let Some(f) = rx.recv().await {
-            frames.push(f);
-        }
-        frames
-    };
-    let (done, frames) = tokio::join!(
-        async {
-            let r = tts.synthesize(text, format, &tx).await;
-            drop(tx);
-            r
-        },
-        collect
-    );
-    done.unwrap();
-    frames
+    voice_backends::testing::components::synthesize(tts, text, format)
+        .await
+        .unwrap()
 }
 
 /// Whether `err` names the option at `path` (the pipeline's plan reports a

@@ -4,28 +4,26 @@
 //! final transcript has the same words, and never heard otherwise; off by
 //! default.
 //!
-//! The pipeline is `stt_tts` with two doubles registered here: a scripted
-//! recognizer (each turn's partial transcripts come after given numbers of
-//! frames, its final one when the turn ends) and a speaker that says a
-//! reply as frames whose every sample is a tag of the reply's text, so the
-//! audio received tells which reply it was. The agent records what it is
+//! The pipeline is `stt_tts` with two doubles of `testing::components`: a
+//! scripted recognizer (each turn's partial transcripts come after given
+//! numbers of frames, its final one when the turn ends) and a speaker that
+//! says a reply as frames whose every sample is a tag of the reply's text,
+//! so the audio received tells which reply it was. The agent records what it is
 //! asked. User speech is `testing::signal` test speech, paced in real time,
 //! through the default energy VAD and silence turn detector. No assertion
 //! is about timing: the tests wait for events with generous deadlines.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::mpsc;
 use voice_backends::config::{PipelineOverride, PreemptiveConfig, PreemptiveOverride};
+use voice_backends::pipeline::components;
 use voice_backends::pipeline::events::{SessionEvent, SessionEvents};
-use voice_backends::pipeline::{SpeechToText, SttEvent, SttStream, TextToSpeech, components};
+use voice_backends::testing::components::{Said, ScriptedStt, TestTts, tag};
 use voice_backends::testing::signal;
 use voice_backends::{
-    AgentReply, AudioFormat, AudioFrame, Config, PipelineState, Result, Role, SessionConfig,
-    VoiceBackend, VoiceSession, agent_fn, registry,
+    AgentReply, Config, PipelineState, Role, SessionConfig, VoiceBackend, VoiceSession, agent_fn,
+    registry,
 };
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -33,88 +31,6 @@ const FRAME: Duration = Duration::from_millis(20);
 const FRAME_SAMPLES: usize = 320;
 /// Frames every reply is said in: 0.5 s.
 const REPLY_FRAMES: usize = 25;
-
-/// One turn of the scripted recognizer: partial transcripts once the turn
-/// has heard so many frames, and the final one when the turn ends.
-#[derive(Clone)]
-struct Said {
-    partials: Vec<(usize, &'static str)>,
-    last: &'static str,
-}
-
-/// A recognizer whose transcripts are the script's, turn by turn.
-struct ScriptedStt(Arc<Mutex<VecDeque<Said>>>);
-
-struct ScriptedStream {
-    script: Arc<Mutex<VecDeque<Said>>>,
-    events: mpsc::Sender<SttEvent>,
-    heard: usize,
-}
-
-impl SpeechToText for ScriptedStt {
-    fn open(
-        &self,
-        _options: &serde_json::Value,
-        events: mpsc::Sender<SttEvent>,
-    ) -> Result<Box<dyn SttStream>> {
-        Ok(Box::new(ScriptedStream {
-            script: self.0.clone(),
-            events,
-            heard: 0,
-        }))
-    }
-}
-
-impl SttStream for ScriptedStream {
-    fn push_audio(&mut self, _frame: &AudioFrame) -> Result<()> {
-        self.heard += 1;
-        let script = self.script.lock().unwrap();
-        if let Some(said) = script.front() {
-            for (after, text) in &said.partials {
-                if *after == self.heard {
-                    let _ = self.events.try_send(SttEvent::Partial((*text).to_owned()));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn end_turn(&mut self) -> Result<()> {
-        self.heard = 0;
-        let next = self.script.lock().unwrap().pop_front();
-        let text = next.map_or("", |s| s.last);
-        let _ = self.events.try_send(SttEvent::Final(text.to_owned()));
-        Ok(())
-    }
-}
-
-/// The sample every frame of the reply to `text` is made of.
-fn tag(text: &str) -> i16 {
-    let sum: u32 = text.bytes().map(u32::from).sum();
-    (sum % 20_000) as i16 + 1
-}
-
-/// Says `text` as [`REPLY_FRAMES`] frames of [`tag`]`(text)`.
-struct Tagged;
-
-#[async_trait]
-impl TextToSpeech for Tagged {
-    async fn synthesize(
-        &self,
-        text: &str,
-        format: AudioFormat,
-        out: &mpsc::Sender<AudioFrame>,
-    ) -> Result<()> {
-        let v = tag(text).to_le_bytes();
-        for _ in 0..REPLY_FRAMES {
-            let data: Vec<u8> = (0..FRAME_SAMPLES).flat_map(|_| v).collect();
-            if out.send(AudioFrame::new(format, data)?).await.is_err() {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-}
 
 fn answer(transcript: &str) -> String {
     format!("you said {transcript}")
@@ -130,7 +46,7 @@ struct Talk {
     /// The conversation the agent was given with each call, as
     /// `"user: ..."` and `"agent: ..."`.
     histories: Arc<Mutex<Vec<Vec<String>>>>,
-    script: Arc<Mutex<VecDeque<Said>>>,
+    script: ScriptedStt,
     heard: Arc<Mutex<Vec<i16>>>,
 }
 
@@ -139,13 +55,13 @@ async fn talk(
     policy: Option<PreemptiveConfig>,
     session_policy: Option<PreemptiveOverride>,
 ) -> Talk {
-    let script = Arc::new(Mutex::new(VecDeque::new()));
+    let script = ScriptedStt::new();
     let stt = format!("{name}-stt");
     let tts = format!("{name}-tts");
+    components().stt.register(&stt, Arc::new(script.clone()));
     components()
-        .stt
-        .register(&stt, Arc::new(ScriptedStt(script.clone())));
-    components().tts.register(&tts, Arc::new(Tagged));
+        .tts
+        .register(&tts, Arc::new(TestTts::tagged(REPLY_FRAMES)));
     let mut config = Config::new("local");
     config.stt_provider = Some(stt);
     config.tts_provider = Some(tts);
@@ -214,7 +130,7 @@ impl Talk {
     /// script ends a sentence), paced in real time; then
     /// the events until the reply has played and the session listens.
     async fn turn(&mut self, said: Said) -> Vec<SessionEvent> {
-        self.script.lock().unwrap().push_back(said);
+        self.script.push(said);
         let mut audio = signal::speech_like(Duration::from_millis(600), 1);
         audio.extend(signal::silence(Duration::from_millis(1500)));
         for f in signal::frames(&audio, 20) {
@@ -318,10 +234,12 @@ fn only_reply_to(heard: &[i16], transcript: &str) {
 async fn a_stable_partial_that_the_final_confirms_is_answered_once_and_played() {
     let mut t = talk("pre-used", Some(on(Duration::from_millis(60))), None).await;
     let events = t
-        .turn(Said {
-            partials: vec![(3, "Book a"), (8, "Book a table."), (12, "Book a table!")],
-            last: "book a table.",
-        })
+        .turn(
+            Said::new("book a table.")
+                .partial(3, "Book a")
+                .partial(8, "Book a table.")
+                .partial(12, "Book a table!"),
+        )
         .await;
     // Asked once, with the partial's text, before the final came.
     assert_eq!(t.asked(), vec!["Book a table!"]);
@@ -351,10 +269,7 @@ async fn a_stable_partial_that_the_final_confirms_is_answered_once_and_played() 
 async fn a_final_that_differs_drops_the_preemptive_reply_unheard() {
     let mut t = talk("pre-dropped", Some(on(Duration::from_millis(60))), None).await;
     let events = t
-        .turn(Said {
-            partials: vec![(3, "Book a table.")],
-            last: "Book a taxi.",
-        })
+        .turn(Said::new("Book a taxi.").partial(3, "Book a table."))
         .await;
     // The partial was answered (held), then the final.
     assert_eq!(t.asked(), vec!["Book a table.", "Book a taxi."]);
@@ -368,10 +283,7 @@ async fn a_final_that_differs_drops_the_preemptive_reply_unheard() {
     // The next turn may have its own attempt: used this time.
     t.heard.lock().unwrap().clear();
     let events = t
-        .turn(Said {
-            partials: vec![(3, "What time?")],
-            last: "what time?",
-        })
+        .turn(Said::new("what time?").partial(3, "What time?"))
         .await;
     assert_eq!(
         t.asked(),
@@ -383,11 +295,7 @@ async fn a_final_that_differs_drops_the_preemptive_reply_unheard() {
     // The dropped reply never joined the conversation; the used one did,
     // after the final transcript's text.
     t.heard.lock().unwrap().clear();
-    t.turn(Said {
-        partials: Vec::new(),
-        last: "Thanks.",
-    })
-    .await;
+    t.turn(Said::new("Thanks.")).await;
     let histories = t.histories.lock().unwrap().clone();
     assert_eq!(
         histories[2],
@@ -410,10 +318,11 @@ async fn a_partial_with_other_words_drops_the_attempt_and_the_final_is_answered(
     // Started on the first partial at once; the user says more.
     let mut t = talk("pre-changed", Some(on(Duration::ZERO)), None).await;
     let events = t
-        .turn(Said {
-            partials: vec![(3, "Book a"), (20, "Book a table for two.")],
-            last: "Book a table for two.",
-        })
+        .turn(
+            Said::new("Book a table for two.")
+                .partial(3, "Book a")
+                .partial(20, "Book a table for two."),
+        )
         .await;
     // One attempt per turn: the second partial is not tried. (The agent
     // may not have been asked "Book a" yet when the attempt was dropped: a
@@ -433,10 +342,11 @@ async fn a_partial_with_other_words_drops_the_attempt_and_the_final_is_answered(
 async fn off_by_default_the_agent_is_asked_on_the_final_only() {
     let mut t = talk("pre-off", None, None).await;
     let events = t
-        .turn(Said {
-            partials: vec![(3, "Book a table."), (8, "Book a table.")],
-            last: "book a table.",
-        })
+        .turn(
+            Said::new("book a table.")
+                .partial(3, "Book a table.")
+                .partial(8, "Book a table."),
+        )
         .await;
     assert_eq!(t.asked(), vec!["book a table."]);
     only_reply_to(&t.heard(), "book a table.");
@@ -460,10 +370,7 @@ async fn a_session_turns_it_on_in_its_pipeline_override() {
     )
     .await;
     let events = t
-        .turn(Said {
-            partials: vec![(3, "Book a table.")],
-            last: "book a table",
-        })
+        .turn(Said::new("book a table").partial(3, "Book a table."))
         .await;
     assert_eq!(t.asked(), vec!["Book a table."]);
     only_reply_to(&t.heard(), "Book a table.");

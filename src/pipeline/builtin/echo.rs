@@ -49,7 +49,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::{OptionChecks, parse_options};
+use super::{OPTIONS_OP, OptionChecks, parse_options};
 use crate::audio::AudioFrame;
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::{INTERNAL_FORMAT, S2sEvent, S2sStream, SpeechToSpeech};
@@ -95,7 +95,7 @@ impl EchoOptions {
     /// [`InvalidConfig`](crate::ErrorCode::InvalidConfig) with a `details`
     /// entry keyed `components.echo.<field>`; unknown keys are errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: EchoOptions = parse_options(NAME, options)?;
+        let options: EchoOptions = parse_options(OPTIONS_OP, NAME, options)?;
         options.validate()?;
         Ok(options)
     }

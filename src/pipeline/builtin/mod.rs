@@ -36,19 +36,26 @@ use crate::error::{BackendError, Result};
 use crate::pipeline::options_or_empty;
 
 /// The operation named by option errors of the built-in components.
-const OPTIONS_OP: &str = "component.options";
+pub(crate) const OPTIONS_OP: &str = "component.options";
 
-/// Parses the options of the component configured as `[components.<component>]`.
+/// Parses the options of the component configured as `[components.<component>]`
+/// strictly: unknown keys and anything but a table are refused.
 ///
-/// `null` means "all defaults". Errors carry the field path
-/// `components.<component>.<field>` in `details`.
-fn parse_options<T: DeserializeOwned>(component: &str, options: &serde_json::Value) -> Result<T> {
+/// `null` means "all defaults". Errors are `InvalidConfig` of operation `op`
+/// (the built-in components' is [`OPTIONS_OP`]), carrying the field path
+/// `components.<component>.<field>` in `details`; keys and quoted values
+/// that look like secrets are redacted.
+pub(crate) fn parse_options<T: DeserializeOwned>(
+    op: &'static str,
+    component: &str,
+    options: &serde_json::Value,
+) -> Result<T> {
     let base = format!("components.{component}");
     let value = options_or_empty(options);
     if !value.is_object() {
         let message = "must be a table (an object of options)";
         return Err(BackendError::invalid_config(
-            OPTIONS_OP,
+            op,
             format!("invalid options: {base}: {message}"),
         )
         .with_detail(base, message));
@@ -79,19 +86,20 @@ fn parse_options<T: DeserializeOwned>(component: &str, options: &serde_json::Val
         path.push_str(key);
     }
     Err(
-        BackendError::invalid_config(OPTIONS_OP, format!("invalid options: {path}: {message}"))
+        BackendError::invalid_config(op, format!("invalid options: {path}: {message}"))
             .with_detail(path, message),
     )
 }
 
-/// Collects range violations of one component's options, reported together.
-struct OptionChecks {
+/// Collects range violations of one component's options, reported together
+/// as one `InvalidConfig` of operation [`OPTIONS_OP`].
+pub(crate) struct OptionChecks {
     component: &'static str,
     violations: Vec<(String, String)>,
 }
 
 impl OptionChecks {
-    fn new(component: &'static str) -> Self {
+    pub(crate) fn new(component: &'static str) -> Self {
         OptionChecks {
             component,
             violations: Vec::new(),
@@ -99,7 +107,7 @@ impl OptionChecks {
     }
 
     /// Records a violation of `field` unless `ok`.
-    fn check(&mut self, ok: bool, field: &str, message: impl FnOnce() -> String) {
+    pub(crate) fn check(&mut self, ok: bool, field: &str, message: impl FnOnce() -> String) {
         if !ok {
             self.violations
                 .push((format!("components.{}.{field}", self.component), message()));
@@ -107,7 +115,7 @@ impl OptionChecks {
     }
 
     /// `Ok` when nothing was recorded, else one `InvalidConfig` listing every violation.
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         if self.violations.is_empty() {
             return Ok(());
         }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{OptionChecks, parse_options};
+use super::{OPTIONS_OP, OptionChecks, parse_options};
 use crate::error::Result;
 use crate::pipeline::{TurnDetector, TurnDetectorFactory, TurnSignal, VadDecision};
 
@@ -90,7 +90,7 @@ impl SilenceTurnOptions {
     /// entry per bad field, keyed `components.silence.<field>`; unknown keys are
     /// errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: SilenceTurnOptions = parse_options(NAME, options)?;
+        let options: SilenceTurnOptions = parse_options(OPTIONS_OP, NAME, options)?;
         options.validate()?;
         Ok(options)
     }

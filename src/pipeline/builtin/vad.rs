@@ -34,7 +34,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{OptionChecks, parse_options};
+use super::{OPTIONS_OP, OptionChecks, parse_options};
 use crate::audio::{AudioEncoding, AudioFrame};
 use crate::error::Result;
 use crate::pipeline::{Vad, VadDecision, VadFactory};
@@ -124,7 +124,7 @@ impl EnergyVadOptions {
     /// entry per bad field, keyed `components.energy.<field>`; unknown keys are
     /// errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: EnergyVadOptions = parse_options(NAME, options)?;
+        let options: EnergyVadOptions = parse_options(OPTIONS_OP, NAME, options)?;
         options.validate()?;
         Ok(options)
     }

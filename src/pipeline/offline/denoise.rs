@@ -46,21 +46,16 @@ use std::time::Duration;
 
 use nnnoiseless::{DenoiseState, RnnModel};
 use schemars::JsonSchema;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_path_to_error::Segment;
 
 use crate::audio::{AudioConverter, AudioEncoding, AudioFormat, AudioFrame};
-use crate::config::ProviderSection;
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::AudioProcessor;
-use crate::pipeline::{INTERNAL_FORMAT, ProcessorFactory, options_or_empty};
+use crate::pipeline::builtin::{OPTIONS_OP, OptionChecks, parse_options};
+use crate::pipeline::{INTERNAL_FORMAT, ProcessorFactory};
 
 /// The name the processor is registered under, and its options section.
 pub const NAME: &str = "denoise";
-
-/// The operation named by option errors.
-const OPTIONS_OP: &str = "component.options";
 
 /// RNNoise's block: 480 samples at 48 kHz, 10 ms.
 const BLOCK: usize = DenoiseState::FRAME_SIZE;
@@ -115,7 +110,7 @@ impl DenoiseOptions {
     /// `component.options`) with one `details` entry per bad field, keyed
     /// `components.denoise.<field>`; unknown keys are errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: DenoiseOptions = parse_options(NAME, options)?;
+        let options: DenoiseOptions = parse_options(OPTIONS_OP, NAME, options)?;
         options.validate()?;
         Ok(options)
     }
@@ -126,14 +121,14 @@ impl DenoiseOptions {
     ///
     /// As [`DenoiseOptions::from_value`].
     pub fn validate(&self) -> Result<()> {
-        let mut bad = Vec::new();
-        if !(0.0..=1.0).contains(&self.strength) {
-            bad.push(("strength", format!("{} is outside 0..=1", self.strength)));
-        }
-        if !(0.0..=1.0).contains(&self.vad_gate) {
-            bad.push(("vad_gate", format!("{} is outside 0..=1", self.vad_gate)));
-        }
-        range_errors(NAME, bad)
+        let mut checks = OptionChecks::new(NAME);
+        checks.check((0.0..=1.0).contains(&self.strength), "strength", || {
+            format!("{} is outside 0..=1", self.strength)
+        });
+        checks.check((0.0..=1.0).contains(&self.vad_gate), "vad_gate", || {
+            format!("{} is outside 0..=1", self.vad_gate)
+        });
+        checks.finish()
     }
 }
 
@@ -343,70 +338,3 @@ impl ProcessorFactory for DenoiseFactory {
 }
 
 crate::register_component!(processor, NAME, DenoiseFactory::default);
-
-/// Parses the options of `[components.<component>]` strictly: `null` gives
-/// the defaults, anything but a table and unknown keys are refused, with the
-/// field's path in `details`.
-fn parse_options<T: DeserializeOwned>(component: &str, options: &serde_json::Value) -> Result<T> {
-    let base = format!("components.{component}");
-    let value = options_or_empty(options);
-    if !value.is_object() {
-        let message = "must be a table (an object of options)";
-        return Err(BackendError::invalid_config(
-            OPTIONS_OP,
-            format!("invalid options: {base}: {message}"),
-        )
-        .with_detail(base, message));
-    }
-    let error = match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(parsed) => return Ok(parsed),
-        Err(e) => e,
-    };
-    let mut path = base;
-    for segment in error.path().iter() {
-        match segment {
-            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                path.push('.');
-                path.push_str(&ProviderSection::shown_key(key));
-            }
-            Segment::Unknown => path.push_str(".?"),
-        }
-    }
-    let message = ProviderSection::redact_quoted(&error.into_inner().to_string());
-    // serde reports an unknown key at its parent; point at the key itself.
-    if let Some(key) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next())
-        && !path.ends_with(&format!(".{key}"))
-    {
-        path.push('.');
-        path.push_str(key);
-    }
-    Err(
-        BackendError::invalid_config(OPTIONS_OP, format!("invalid options: {path}: {message}"))
-            .with_detail(path, message),
-    )
-}
-
-/// `Ok` when `bad` is empty, else one `InvalidConfig` with a detail per
-/// `(field, message)`, keyed `components.<component>.<field>`.
-fn range_errors(component: &str, bad: Vec<(&str, String)>) -> Result<()> {
-    if bad.is_empty() {
-        return Ok(());
-    }
-    let paths: Vec<(String, String)> = bad
-        .into_iter()
-        .map(|(field, message)| (format!("components.{component}.{field}"), message))
-        .collect();
-    let summary = paths
-        .iter()
-        .map(|(p, m)| format!("{p}: {m}"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let mut error = BackendError::invalid_config(OPTIONS_OP, format!("invalid options: {summary}"));
-    for (path, message) in paths {
-        error.push_detail(path, message);
-    }
-    Err(error)
-}

@@ -56,7 +56,8 @@ use tokio::sync::mpsc;
 use crate::audio::{AudioConverter, AudioEncoding, AudioFormat, AudioFrame};
 use crate::config::Violations;
 use crate::error::{BackendError, ErrorCode, Result};
-use crate::pipeline::{TextToSpeech, options_or_empty};
+use crate::pipeline::TextToSpeech;
+use crate::pipeline::builtin::parse_options;
 
 /// The name the component is registered under, and its options section.
 pub const NAME: &str = "espeak";
@@ -123,7 +124,7 @@ impl EspeakOptions {
     /// entry per bad field, keyed `components.espeak.<field>`; unknown keys
     /// are errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: EspeakOptions = parse_strict(NAME, OPTIONS_OP, options)?;
+        let options: EspeakOptions = parse_options(OPTIONS_OP, NAME, options)?;
         let mut v = Violations::new();
         let field = |f: &str| format!("components.{NAME}.{f}");
         if !(80..=450).contains(&options.rate) {
@@ -153,48 +154,6 @@ impl EspeakOptions {
             Err(v.into_error(OPTIONS_OP))
         }
     }
-}
-
-/// Parses a component's options strictly (unknown keys refused), an error
-/// naming the field's path under `components.<component>`.
-fn parse_strict<T: serde::de::DeserializeOwned>(
-    component: &str,
-    op: &'static str,
-    options: &serde_json::Value,
-) -> Result<T> {
-    let base = format!("components.{component}");
-    let value = options_or_empty(options);
-    if !value.is_object() {
-        let message = "must be a table (an object of options)";
-        return Err(
-            BackendError::invalid_config(op, format!("{base}: {message}"))
-                .with_detail(base, message),
-        );
-    }
-    let error = match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(parsed) => return Ok(parsed),
-        Err(e) => e,
-    };
-    let mut path = base;
-    let at = error.path().to_string();
-    if at != "." {
-        path.push('.');
-        path.push_str(&at);
-    }
-    let message = error.into_inner().to_string();
-    // serde reports an unknown key at its parent: point at the key itself.
-    if let Some(key) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next())
-        && !path.ends_with(&format!(".{key}"))
-    {
-        path.push('.');
-        path.push_str(key);
-    }
-    Err(
-        BackendError::invalid_config(op, format!("invalid options: {path}: {message}"))
-            .with_detail(path, message),
-    )
 }
 
 /// The eSpeak NG text-to-speech component (`tts_provider = "espeak"`).

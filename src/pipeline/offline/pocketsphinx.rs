@@ -69,7 +69,8 @@ use tokio::sync::mpsc;
 use crate::audio::{AudioFrame, to_i16_samples};
 use crate::config::Violations;
 use crate::error::{BackendError, ErrorCode, Result};
-use crate::pipeline::{INTERNAL_FORMAT, SpeechToText, SttEvent, SttStream, options_or_empty};
+use crate::pipeline::builtin::parse_options;
+use crate::pipeline::{INTERNAL_FORMAT, SpeechToText, SttEvent, SttStream};
 
 /// The name the component is registered under, and its options section.
 pub const NAME: &str = "pocketsphinx";
@@ -156,7 +157,7 @@ impl PocketSphinxOptions {
     /// missing model directory's message says to install
     /// `pocketsphinx-en-us`. Unknown keys are errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: PocketSphinxOptions = parse_strict(options)?;
+        let options: PocketSphinxOptions = parse_options(OPTIONS_OP, NAME, options)?;
         options.check()?;
         Ok(options)
     }
@@ -284,44 +285,6 @@ impl PocketSphinxOptions {
         }
         DecoderArgs(args)
     }
-}
-
-/// Parses the options strictly (unknown keys refused), an error naming the
-/// field's path under `components.pocketsphinx`.
-fn parse_strict(options: &serde_json::Value) -> Result<PocketSphinxOptions> {
-    let base = format!("components.{NAME}");
-    let value = options_or_empty(options);
-    if !value.is_object() {
-        let message = "must be a table (an object of options)";
-        return Err(
-            BackendError::invalid_config(OPTIONS_OP, format!("{base}: {message}"))
-                .with_detail(base, message),
-        );
-    }
-    let error = match serde_path_to_error::deserialize(value) {
-        Ok(parsed) => return Ok(parsed),
-        Err(e) => e,
-    };
-    let mut path = base;
-    let at = error.path().to_string();
-    if at != "." {
-        path.push('.');
-        path.push_str(&at);
-    }
-    let message = error.into_inner().to_string();
-    // serde reports an unknown key at its parent: point at the key itself.
-    if let Some(key) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next())
-        && !path.ends_with(&format!(".{key}"))
-    {
-        path.push('.');
-        path.push_str(key);
-    }
-    Err(
-        BackendError::invalid_config(OPTIONS_OP, format!("invalid options: {path}: {message}"))
-            .with_detail(path, message),
-    )
 }
 
 /// A decoder that may move to another thread: PocketSphinx keeps no

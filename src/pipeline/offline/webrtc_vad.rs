@@ -49,21 +49,16 @@
 use std::time::Duration;
 
 use schemars::JsonSchema;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_path_to_error::Segment;
 use webrtc_vad::{SampleRate, VadMode};
 
 use crate::audio::{AudioEncoding, AudioFormat, AudioFrame, FormatFollower, level_dbfs};
-use crate::config::ProviderSection;
-use crate::error::{BackendError, Result};
-use crate::pipeline::{Vad, VadDecision, VadFactory, options_or_empty};
+use crate::error::Result;
+use crate::pipeline::builtin::{OPTIONS_OP, OptionChecks, parse_options};
+use crate::pipeline::{Vad, VadDecision, VadFactory};
 
 /// The name the detector is registered under, and its options section.
 pub const NAME: &str = "webrtc";
-
-/// The operation named by option errors.
-const OPTIONS_OP: &str = "component.options";
 
 /// The level reported for a frame that could not be read: -100 dBFS.
 const SILENCE_DB: f32 = -100.0;
@@ -116,7 +111,7 @@ impl WebrtcVadOptions {
     /// `component.options`) with one `details` entry per bad field, keyed
     /// `components.webrtc.<field>`; unknown keys are errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: WebrtcVadOptions = parse_options(NAME, options)?;
+        let options: WebrtcVadOptions = parse_options(OPTIONS_OP, NAME, options)?;
         options.validate()?;
         Ok(options)
     }
@@ -127,36 +122,28 @@ impl WebrtcVadOptions {
     ///
     /// As [`WebrtcVadOptions::from_value`].
     pub fn validate(&self) -> Result<()> {
-        let mut bad = Vec::new();
-        if self.mode > 3 {
-            bad.push((
-                "mode",
-                format!(
-                    "{} is not a mode: 0 (quality), 1 (low bitrate), 2 (aggressive) or 3 \
-                     (very aggressive)",
-                    self.mode
-                ),
-            ));
-        }
-        if ![10, 20, 30]
-            .map(Duration::from_millis)
-            .contains(&self.frame)
-        {
-            bad.push((
-                "frame",
-                format!(
-                    "{} is not a block WebRTC judges: 10ms, 20ms or 30ms",
-                    humantime::format_duration(self.frame)
-                ),
-            ));
-        }
-        if self.onset > Duration::from_secs(1) {
-            bad.push(("onset", format!("{:?} is longer than 1s", self.onset)));
-        }
-        if self.hangover > Duration::from_secs(5) {
-            bad.push(("hangover", format!("{:?} is longer than 5s", self.hangover)));
-        }
-        range_errors(NAME, bad)
+        let mut checks = OptionChecks::new(NAME);
+        checks.check(self.mode <= 3, "mode", || {
+            format!(
+                "{} is not a mode: 0 (quality), 1 (low bitrate), 2 (aggressive) or 3 \
+                 (very aggressive)",
+                self.mode
+            )
+        });
+        let blocks = [10, 20, 30].map(Duration::from_millis);
+        checks.check(blocks.contains(&self.frame), "frame", || {
+            format!(
+                "{} is not a block WebRTC judges: 10ms, 20ms or 30ms",
+                humantime::format_duration(self.frame)
+            )
+        });
+        checks.check(self.onset <= Duration::from_secs(1), "onset", || {
+            format!("{:?} is longer than 1s", self.onset)
+        });
+        checks.check(self.hangover <= Duration::from_secs(5), "hangover", || {
+            format!("{:?} is longer than 5s", self.hangover)
+        });
+        checks.finish()
     }
 
     fn vad_mode(&self) -> VadMode {
@@ -383,70 +370,3 @@ impl VadFactory for WebrtcVadFactory {
 }
 
 crate::register_component!(vad, NAME, WebrtcVadFactory::default);
-
-/// Parses the options of `[components.<component>]` strictly: `null` gives
-/// the defaults, anything but a table and unknown keys are refused, with the
-/// field's path in `details`.
-fn parse_options<T: DeserializeOwned>(component: &str, options: &serde_json::Value) -> Result<T> {
-    let base = format!("components.{component}");
-    let value = options_or_empty(options);
-    if !value.is_object() {
-        let message = "must be a table (an object of options)";
-        return Err(BackendError::invalid_config(
-            OPTIONS_OP,
-            format!("invalid options: {base}: {message}"),
-        )
-        .with_detail(base, message));
-    }
-    let error = match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(parsed) => return Ok(parsed),
-        Err(e) => e,
-    };
-    let mut path = base;
-    for segment in error.path().iter() {
-        match segment {
-            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                path.push('.');
-                path.push_str(&ProviderSection::shown_key(key));
-            }
-            Segment::Unknown => path.push_str(".?"),
-        }
-    }
-    let message = ProviderSection::redact_quoted(&error.into_inner().to_string());
-    // serde reports an unknown key at its parent; point at the key itself.
-    if let Some(key) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next())
-        && !path.ends_with(&format!(".{key}"))
-    {
-        path.push('.');
-        path.push_str(key);
-    }
-    Err(
-        BackendError::invalid_config(OPTIONS_OP, format!("invalid options: {path}: {message}"))
-            .with_detail(path, message),
-    )
-}
-
-/// `Ok` when `bad` is empty, else one `InvalidConfig` with a detail per
-/// `(field, message)`, keyed `components.<component>.<field>`.
-fn range_errors(component: &str, bad: Vec<(&str, String)>) -> Result<()> {
-    if bad.is_empty() {
-        return Ok(());
-    }
-    let paths: Vec<(String, String)> = bad
-        .into_iter()
-        .map(|(field, message)| (format!("components.{component}.{field}"), message))
-        .collect();
-    let summary = paths
-        .iter()
-        .map(|(p, m)| format!("{p}: {m}"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let mut error = BackendError::invalid_config(OPTIONS_OP, format!("invalid options: {summary}"));
-    for (path, message) in paths {
-        error.push_detail(path, message);
-    }
-    Err(error)
-}

@@ -58,7 +58,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{OptionChecks, parse_options};
+use super::{OPTIONS_OP, OptionChecks, parse_options};
 use crate::audio::AudioFrame;
 use crate::error::Result;
 use crate::pipeline::{TurnDetector, TurnDetectorFactory, TurnSignal, VadDecision};
@@ -153,7 +153,7 @@ impl AdaptiveTurnOptions {
     /// entry per bad field, keyed `components.adaptive.<field>`; unknown keys
     /// are errors too.
     pub fn from_value(options: &serde_json::Value) -> Result<Self> {
-        let options: AdaptiveTurnOptions = parse_options(NAME, options)?;
+        let options: AdaptiveTurnOptions = parse_options(OPTIONS_OP, NAME, options)?;
         options.validate()?;
         Ok(options)
     }
