@@ -1,6 +1,6 @@
 //! What a preemptive reply (`[preemptive]`) gains: the time from the end of
 //! the user's turn to the first frame of the reply's audio, with preemptive
-//! replies off, and on with `stable_for` 200 ms (the default) and 400 ms
+//! replies off, and on with `stable_for` 200 ms and 400 ms (the default)
 //! (`min_words` 2, the default), over the same scripted conversation.
 //!
 //! Each configuration is one long session of the `local` provider,
@@ -21,11 +21,12 @@
 //! complete sentence lets it end the turn after 500 ms of silence). Turns
 //! of the two configurations are interleaved.
 //!
-//! A partial that stands for `stable_for` mid-sentence (the gap between two
-//! words is about as long as the default 200 ms) starts the turn's one
-//! attempt on a prefix of the sentence; the next word drops it, and the
-//! turn is answered on its final transcript: those count as dropped too.
-//! 400 ms is longer than the gaps between words.
+//! A partial that stands for `stable_for` mid-sentence (with 200 ms, the
+//! gap between two words is as long) starts an attempt on a prefix of the
+//! sentence; the next word drops it (counted as dropped) and is watched in
+//! turn, up to `max_attempts` (default 3) attempts a turn, which prefixes
+//! use up. 400 ms is longer than the gaps between words: one attempt a
+//! turn.
 //!
 //! Per turn, two measures of end of turn -> first reply audio:
 //!
@@ -152,8 +153,8 @@ enum Setup {
 impl Setup {
     const ALL: [Setup; 3] = [
         Setup::Off,
+        Setup::On(Duration::from_millis(200)),
         Setup::On(DEFAULT_PREEMPTIVE_STABLE_FOR),
-        Setup::On(Duration::from_millis(400)),
     ];
 
     fn name(self) -> String {

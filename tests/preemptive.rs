@@ -121,6 +121,7 @@ fn on(stable_for: Duration) -> PreemptiveConfig {
         enabled: true,
         stable_for,
         min_words: 2,
+        ..PreemptiveConfig::default()
     }
 }
 
@@ -314,8 +315,9 @@ async fn a_final_that_differs_drops_the_preemptive_reply_unheard() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partial_with_other_words_drops_the_attempt_and_the_final_is_answered() {
-    // Started on the first partial at once; the user says more.
+async fn a_partial_with_other_words_drops_the_attempt_and_the_next_is_used() {
+    // Started on the first partial at once; the user says more, which
+    // starts the turn's second attempt: the final confirms it.
     let mut t = talk("pre-changed", Some(on(Duration::ZERO)), None).await;
     let events = t
         .turn(
@@ -324,9 +326,40 @@ async fn a_partial_with_other_words_drops_the_attempt_and_the_final_is_answered(
                 .partial(20, "Book a table for two."),
         )
         .await;
-    // One attempt per turn: the second partial is not tried. (The agent
-    // may not have been asked "Book a" yet when the attempt was dropped: a
-    // session task that comes to both partials at once drops it unpolled.)
+    // The agent may not have been asked "Book a" yet when that attempt was
+    // dropped: a session task that comes to both partials at once drops it
+    // unpolled. The final asks nothing more.
+    let asked = t.asked();
+    assert!(
+        asked == ["Book a", "Book a table for two."] || asked == ["Book a table for two."],
+        "{asked:?}"
+    );
+    assert_eq!(agent_texts(&events), vec![answer("Book a table for two.")]);
+    only_reply_to(&t.heard(), "Book a table for two.");
+    assert_eq!(t.counted(), (1, 1));
+    let latency = latencies(&events);
+    assert!(
+        latency.iter().any(|l| l.preemptive.is_some()),
+        "the used attempt's gain is in the latency event: {latency:?}"
+    );
+    t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_attempts_the_final_is_answered() {
+    // One attempt a turn: the second partial is not tried.
+    let one = PreemptiveConfig {
+        max_attempts: 1,
+        ..on(Duration::ZERO)
+    };
+    let mut t = talk("pre-once", Some(one), None).await;
+    let events = t
+        .turn(
+            Said::new("Book a table for two.")
+                .partial(3, "Book a")
+                .partial(20, "Book a table for two."),
+        )
+        .await;
     let asked = t.asked();
     assert!(
         asked == ["Book a", "Book a table for two."] || asked == ["Book a table for two."],
@@ -335,6 +368,7 @@ async fn a_partial_with_other_words_drops_the_attempt_and_the_final_is_answered(
     assert_eq!(agent_texts(&events), vec![answer("Book a table for two.")]);
     only_reply_to(&t.heard(), "Book a table for two.");
     assert_eq!(t.counted(), (0, 1));
+    assert!(latencies(&events).iter().all(|l| l.preemptive.is_none()));
     t.close().await;
 }
 

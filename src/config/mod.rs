@@ -48,8 +48,9 @@ pub use interruption::{
 };
 pub use load::parse_provider_config;
 pub use preemptive::{
-    DEFAULT_PREEMPTIVE_MIN_WORDS, DEFAULT_PREEMPTIVE_STABLE_FOR, MAX_PREEMPTIVE_MIN_WORDS,
-    MAX_PREEMPTIVE_STABLE_FOR, PreemptiveConfig, PreemptiveOverride,
+    DEFAULT_PREEMPTIVE_MAX_ATTEMPTS, DEFAULT_PREEMPTIVE_MIN_WORDS, DEFAULT_PREEMPTIVE_STABLE_FOR,
+    MAX_PREEMPTIVE_MAX_ATTEMPTS, MAX_PREEMPTIVE_MIN_WORDS, MAX_PREEMPTIVE_STABLE_FOR,
+    PreemptiveConfig, PreemptiveOverride,
 };
 pub use secret::{REDACTED, Secret, looks_secret, shown_in_error};
 pub use validate::{HostedStages, ResolvedFallbacks, ResolvedPipeline};

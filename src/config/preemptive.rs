@@ -7,14 +7,21 @@ use serde::{Deserialize, Serialize};
 
 use super::Violations;
 
-/// Default [`PreemptiveConfig::stable_for`]: 200 ms.
-pub const DEFAULT_PREEMPTIVE_STABLE_FOR: Duration = Duration::from_millis(200);
+/// Default [`PreemptiveConfig::stable_for`]: 400 ms, longer than the pause
+/// between two words of running speech, so that a partial that grows a word
+/// at a time does not start attempts on every prefix of the sentence (in
+/// `benches/preemptive.rs`, 200 ms had 3 of 40 replies used, 400 ms 34).
+pub const DEFAULT_PREEMPTIVE_STABLE_FOR: Duration = Duration::from_millis(400);
 /// Largest allowed [`PreemptiveConfig::stable_for`]: 5 s.
 pub const MAX_PREEMPTIVE_STABLE_FOR: Duration = Duration::from_secs(5);
 /// Default [`PreemptiveConfig::min_words`]: 2.
 pub const DEFAULT_PREEMPTIVE_MIN_WORDS: u32 = 2;
 /// Largest allowed [`PreemptiveConfig::min_words`]: 50.
 pub const MAX_PREEMPTIVE_MIN_WORDS: u32 = 50;
+/// Default [`PreemptiveConfig::max_attempts`]: 3.
+pub const DEFAULT_PREEMPTIVE_MAX_ATTEMPTS: u32 = 3;
+/// Largest allowed [`PreemptiveConfig::max_attempts`]: 10.
+pub const MAX_PREEMPTIVE_MAX_ATTEMPTS: u32 = 10;
 
 /// The preemptive reply (opt-in): the agent starts answering a turn on a
 /// stable partial transcript, before the turn's final transcript comes.
@@ -22,8 +29,9 @@ pub const MAX_PREEMPTIVE_MIN_WORDS: u32 = 50;
 /// ```toml
 /// [preemptive]
 /// enabled = true        # default false
-/// stable_for = "200ms"  # how long a partial's words must stay unchanged
+/// stable_for = "400ms"  # how long a partial's words must stay unchanged
 /// min_words = 2         # words a partial must hold before it is used
+/// max_attempts = 3      # preemptive replies a turn may start
 /// ```
 ///
 /// A session may override any of these under its pipeline override
@@ -50,15 +58,19 @@ pub const MAX_PREEMPTIVE_MIN_WORDS: u32 = 50;
 ///   dropped, as a barge-in drops a reply, and the turn is answered on its
 ///   final transcript as usual;
 /// - a partial whose words differ from the ones being answered drops the
-///   attempt at once (the user said more); there is one attempt per turn,
-///   so that turn is then answered on its final transcript;
+///   attempt at once (the user said more), and the new words are watched
+///   in turn: a turn may start up to `max_attempts` preemptive replies, one
+///   at a time (partials that grow a word at a time stand about as long as
+///   the pause between two words, so the first stable partial is often a
+///   prefix of the sentence); past that, the turn is answered on its final
+///   transcript;
 /// - a barge-in, a text turn or a turn given up on drops it too.
 ///
 /// Outcomes are counted in `pipeline_preemptive_replies_total{outcome="used"}`
 /// and `{outcome="dropped"}`.
 ///
-/// **The agent is called twice for a turn whose preemptive reply is
-/// dropped** (once with the partial, once with the final transcript): an
+/// **The agent is called more than once for a turn whose preemptive reply
+/// is dropped** (once per attempt, once with the final transcript): an
 /// agent with side effects (a booking, a payment, a tool call that changes
 /// something) sees both calls. Leave this off for such agents, or make their
 /// side effects wait for the reply to be used. Speech synthesis is also
@@ -71,7 +83,7 @@ pub struct PreemptiveConfig {
     #[serde(default)]
     pub enabled: bool,
     /// How long a partial transcript's words must stay unchanged before the
-    /// agent is started on it (session task's clock); 0..=5s, default 200ms.
+    /// agent is started on it (session task's clock); 0..=5s, default 400ms.
     /// 0 starts on the first partial that holds `min_words` words.
     #[serde(default = "default_stable_for", with = "humantime_serde")]
     #[schemars(with = "String")]
@@ -80,6 +92,11 @@ pub struct PreemptiveConfig {
     /// 1..=50, default 2.
     #[serde(default = "default_min_words")]
     pub min_words: u32,
+    /// Preemptive replies one turn may start, one after another as its
+    /// partials change; 1..=10, default 3. Each dropped one is an agent
+    /// call (and synthesis) spent.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
 }
 
 impl Default for PreemptiveConfig {
@@ -88,6 +105,7 @@ impl Default for PreemptiveConfig {
             enabled: false,
             stable_for: DEFAULT_PREEMPTIVE_STABLE_FOR,
             min_words: DEFAULT_PREEMPTIVE_MIN_WORDS,
+            max_attempts: DEFAULT_PREEMPTIVE_MAX_ATTEMPTS,
         }
     }
 }
@@ -111,6 +129,9 @@ pub struct PreemptiveOverride {
     /// Replaces [`PreemptiveConfig::min_words`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_words: Option<u32>,
+    /// Replaces [`PreemptiveConfig::max_attempts`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 impl PreemptiveOverride {
@@ -125,6 +146,9 @@ impl PreemptiveOverride {
         }
         if let Some(v) = self.min_words {
             out.min_words = v;
+        }
+        if let Some(v) = self.max_attempts {
+            out.max_attempts = v;
         }
         out
     }
@@ -141,6 +165,7 @@ impl PreemptiveConfig {
     pub(crate) fn plainly_valid(&self) -> bool {
         self.stable_for <= MAX_PREEMPTIVE_STABLE_FOR
             && (1..=MAX_PREEMPTIVE_MIN_WORDS).contains(&self.min_words)
+            && (1..=MAX_PREEMPTIVE_MAX_ATTEMPTS).contains(&self.max_attempts)
     }
 
     /// Reports what is out of range, at `{prefix}{field}`.
@@ -164,6 +189,15 @@ impl PreemptiveConfig {
                 ),
             );
         }
+        if !(1..=MAX_PREEMPTIVE_MAX_ATTEMPTS).contains(&self.max_attempts) {
+            v.push(
+                format!("{prefix}max_attempts"),
+                format!(
+                    "{} is out of range 1..={MAX_PREEMPTIVE_MAX_ATTEMPTS}",
+                    self.max_attempts
+                ),
+            );
+        }
     }
 }
 
@@ -172,6 +206,9 @@ fn default_stable_for() -> Duration {
 }
 fn default_min_words() -> u32 {
     DEFAULT_PREEMPTIVE_MIN_WORDS
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_PREEMPTIVE_MAX_ATTEMPTS
 }
 
 #[cfg(test)]
@@ -202,12 +239,23 @@ mod tests {
             enabled: true,
             stable_for: Duration::from_secs(6),
             min_words: 0,
+            max_attempts: 0,
         };
         assert!(!c.plainly_valid());
         assert_eq!(
             violations(&c),
-            vec!["preemptive.stable_for", "preemptive.min_words"]
+            vec![
+                "preemptive.stable_for",
+                "preemptive.min_words",
+                "preemptive.max_attempts"
+            ]
         );
+        let c = PreemptiveConfig {
+            max_attempts: MAX_PREEMPTIVE_MAX_ATTEMPTS + 1,
+            ..PreemptiveConfig::default()
+        };
+        assert!(!c.plainly_valid());
+        assert_eq!(violations(&c), vec!["preemptive.max_attempts"]);
         let c = PreemptiveConfig {
             min_words: MAX_PREEMPTIVE_MIN_WORDS + 1,
             ..PreemptiveConfig::default()
@@ -255,7 +303,8 @@ mod tests {
             PreemptiveConfig {
                 enabled: true,
                 stable_for: Duration::from_millis(350),
-                min_words: 3
+                min_words: 3,
+                max_attempts: DEFAULT_PREEMPTIVE_MAX_ATTEMPTS,
             }
         );
         assert!(toml::from_str::<PreemptiveConfig>("stable = \"1s\"").is_err());

@@ -15,8 +15,9 @@
 //!   history, what was held is handled as if it had just come, and it goes
 //!   on streaming); other words, and it is dropped (the future with it, as a
 //!   barge-in drops a reply) and the final is answered as usual.
-//! - One attempt per turn: a partial with other words drops it at once
-//!   (`dropped`), and the turn is then answered on its final transcript.
+//! - A partial with other words drops the attempt at once (`dropped`) and
+//!   is watched in turn: a turn may start up to `max_attempts` attempts,
+//!   one at a time; past that it is answered on its final transcript.
 //!   A barge-in, a text turn, a turn given up on or failed drop it too.
 //!
 //! The turn's latency event carries the gain: from the attempt's start to
@@ -48,8 +49,8 @@ pub(super) struct Preemptive {
     /// The latest partial's words (joined by spaces), its text, and since
     /// when those words have stood.
     candidate: Option<(String, String, Instant)>,
-    /// This turn had its attempt.
-    tried: bool,
+    /// Attempts this turn has started.
+    tries: u32,
     /// The attempt in flight, held until the final transcript.
     pub(super) attempt: Option<Attempt>,
     /// Attempts started so far (each new one is polled at once).
@@ -98,7 +99,7 @@ impl Preemptive {
         Preemptive {
             policy,
             candidate: None,
-            tried: false,
+            tries: 0,
             attempt: None,
             started: 0,
         }
@@ -106,12 +107,17 @@ impl Preemptive {
 
     /// When the partial being watched has stood long enough.
     pub(super) fn due(&self) -> Option<Instant> {
-        if self.tried || self.attempt.is_some() {
+        if self.spent() || self.attempt.is_some() {
             return None;
         }
         self.candidate
             .as_ref()
             .map(|(_, _, since)| *since + self.policy.stable_for)
+    }
+
+    /// This turn has started all the attempts it may.
+    fn spent(&self) -> bool {
+        self.tries >= self.policy.max_attempts
     }
 }
 
@@ -121,7 +127,7 @@ impl Task {
     fn may_preempt(&self) -> bool {
         let p = &self.preemptive;
         p.policy.enabled
-            && !p.tried
+            && !p.spent()
             && p.attempt.is_none()
             && self.finals.enabled
             && self.finals.pending == 0
@@ -140,12 +146,12 @@ impl Task {
     pub(super) fn preempt_partial(&mut self, text: &str) {
         let heard = normalized(text);
         if let Some(a) = &self.preemptive.attempt {
-            if a.words != heard {
-                // The user said more (or something else): one attempt per
-                // turn, so the final transcript is answered.
-                self.drop_attempt();
+            if a.words == heard {
+                return;
             }
-            return;
+            // The user said more (or something else): the new words are
+            // watched for the turn's next attempt, if it has one left.
+            self.drop_attempt();
         }
         if !self.may_preempt() {
             return;
@@ -189,7 +195,7 @@ impl Task {
             // Nothing to ask: the final transcript reports it.
             return;
         };
-        self.preemptive.tried = true;
+        self.preemptive.tries += 1;
         // The turn before is over: what a reply started now would do.
         self.history.close(0);
         let (before, retain) = self.history.prepare(agent.history_limit());
@@ -234,7 +240,7 @@ impl Task {
     /// its attempt; an attempt still held is dropped.
     pub(super) fn preempt_turn_over(&mut self) {
         self.drop_attempt();
-        self.preemptive.tried = false;
+        self.preemptive.tries = 0;
         self.preemptive.candidate = None;
     }
 
@@ -247,7 +253,7 @@ impl Task {
         reply_rx: &mut mpsc::Receiver<ReplyMsg>,
     ) -> bool {
         let attempt = self.preemptive.attempt.take();
-        self.preemptive.tried = false;
+        self.preemptive.tries = 0;
         self.preemptive.candidate = None;
         let Some(mut a) = attempt else {
             return false;
