@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
+use super::detached::{Claim, Detached};
 use super::frames::{Bucket, FrameViolation};
 use super::http::{Slot, Socket};
 use super::metrics::{Dropped, Refusal};
@@ -24,7 +25,7 @@ use crate::audio::{AudioFormat, AudioFrame};
 use crate::config::{Secret, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::events::{SessionEvent, SessionEvents};
-use crate::session::{AudioReceiver, SessionId, VoiceSession};
+use crate::session::{AudioReceiver, PipelineState, SessionId, VoiceSession};
 use crate::wake::InputMarks;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -104,10 +105,20 @@ impl From<Gone> for End {
     }
 }
 
-/// Stops the session when the connection ends without it having closed
-/// (client gone, task dropped): its in-flight turn finishes, then it is removed.
+/// What becomes of the connection's session when the connection ends
+/// without it having closed: detached into its resume window when the
+/// client went away from a session it can resume ([`SessionGuard::release`]),
+/// else stopped (its in-flight turn finishes, then it is removed), as it is
+/// when the connection's task is dropped.
+#[derive(Default)]
 struct SessionGuard {
     session: Option<Arc<dyn VoiceSession>>,
+    /// The session's reply audio, held until the session is detached or
+    /// stopped: while it is held, a `resume` is refused (the session being
+    /// attached), so none takes the session up before it is detached.
+    audio: Option<AudioReceiver>,
+    /// The client was given `ready` with a resume token.
+    resumable: bool,
 }
 
 impl SessionGuard {
@@ -115,20 +126,53 @@ impl SessionGuard {
     fn closed(&mut self) {
         self.session = None;
     }
+
+    /// The connection ended (`gone`: without a close): detaches the session
+    /// into its resume window if it may wait for one, stops it otherwise.
+    fn release(&mut self, shared: &Arc<Shared>, gone: bool) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let window = shared.config.resume_window;
+        let wait =
+            gone && self.resumable && !window.is_zero() && *shared.phase.borrow() == Phase::Running;
+        let session = if wait {
+            match Detached::detach(shared, session) {
+                Ok(()) => {
+                    tracing::info!(
+                        "client gone: the session waits {} for a resume",
+                        humantime::format_duration(window)
+                    );
+                    // Back to the session, for the connection that resumes it.
+                    self.audio = None;
+                    return;
+                }
+                Err(session) => session,
+            }
+        } else {
+            session
+        };
+        self.audio = None;
+        stop_later(session);
+    }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        let Some(session) = self.session.take() else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = session.stop().await {
-                    tracing::warn!(session_id = %session.id(), code = %e.code, "stopping a session: {}", e.message);
-                }
-            });
+        if let Some(session) = self.session.take() {
+            stop_later(session);
         }
+    }
+}
+
+/// Stops `session` on a task of its own (when there is a runtime to run it).
+fn stop_later(session: Arc<dyn VoiceSession>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(e) = session.stop().await {
+                tracing::warn!(session_id = %session.id(), code = %e.code, "stopping a session: {}", e.message);
+            }
+        });
     }
 }
 
@@ -147,8 +191,10 @@ pub(super) async fn serve(
         shared: shared.clone(),
         socket,
         audio: BytesMut::new(),
+        guard: SessionGuard::default(),
     };
     let end = conn.run(header_token).await;
+    conn.guard.release(&shared, matches!(end, End::Gone(_)));
     if let End::Close {
         refusal: Some(r), ..
     }
@@ -194,6 +240,8 @@ struct Conn {
     phase: watch::Receiver<Phase>,
     /// Where received audio is copied to; see [`Conn::own`].
     audio: BytesMut,
+    /// The session, once there is one.
+    guard: SessionGuard,
 }
 
 /// What a message from the client amounts to, once size and rate are checked.

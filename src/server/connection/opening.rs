@@ -47,7 +47,6 @@ impl Conn {
                     Err(e) => return refused_resume(e),
                 };
                 span.record("user_id", session.user_id());
-                tracing::info!(session_id = %id, "session resumed");
                 (
                     session,
                     format,
@@ -58,27 +57,63 @@ impl Conn {
             }
         };
         span.record("session_id", session.id().as_str());
-        // A resumed session another connection still holds is not stopped
-        // when this one is refused.
-        let mut guard = SessionGuard {
-            session: (!resumed).then(|| session.clone()),
-        };
         let events = session.events();
-        let audio = match session.receive_audio() {
+        let mut audio = match session.receive_audio() {
             Ok(audio) => audio,
+            // A resumed session another connection still holds is not
+            // stopped when this one is refused.
             Err(_) if resumed => {
                 return End::refuse(
                     protocol::POLICY,
-                    "resume refused: the session is attached to another connection",
+                    "resume refused: the session is attached to another connection \
+                     (if that was yours and it dropped, try again in a moment)",
                     Refusal::Protocol,
                 );
             }
-            Err(e) => return internal(&e, Refusal::Error),
+            Err(e) => {
+                self.guard.session = Some(session);
+                return internal(&e, Refusal::Error);
+            }
         };
-        guard.session = Some(session.clone());
-        if let Err(e) = session.start().await {
-            return internal(&e, Refusal::Error);
+        if resumed {
+            // Holding the session's audio, this connection claims it from
+            // its resume window, if it is in one.
+            match self
+                .shared
+                .detached
+                .claim(session.id(), &self.shared.metrics)
+            {
+                Claim::Taken => tracing::info!("taken up within its resume window"),
+                Claim::NotDetached => {}
+                Claim::Expired => {
+                    return End::refuse(
+                        protocol::POLICY,
+                        format!(
+                            "resume refused: the session's resume window ({}) ended; it is stopped",
+                            humantime::format_duration(self.shared.config.resume_window)
+                        ),
+                        Refusal::Protocol,
+                    );
+                }
+            }
         }
+        self.guard.session = Some(session.clone());
+        // A session taken up while it runs (its client came back within the
+        // window) is not started again; one restored from the store is.
+        if !resumed || session.state() == PipelineState::Idle {
+            match session.start().await {
+                Ok(()) => {}
+                Err(_) if resumed => {
+                    return End::refuse(
+                        protocol::POLICY,
+                        "resume refused: no such active session (it has ended)",
+                        Refusal::Protocol,
+                    );
+                }
+                Err(e) => return internal(&e, Refusal::Error),
+            }
+        }
+        let resumable = resume_token.is_some();
         let mut ready = Ready::new(session.id().as_str(), format.sample_rate, wire);
         // The session's own client is given what the provider published,
         // its secrets (a join token) included, and its resume token; logs
@@ -91,9 +126,17 @@ impl Conn {
         if let Err(gone) = self.send(Message::Text(ready.into())).await {
             return gone.into();
         }
+        self.guard.resumable = resumable;
+        if resumed {
+            self.shared.metrics.resumed();
+            tracing::info!("session resumed");
+        }
         tracing::info!(sample_rate = format.sample_rate, "session started");
-        self.session_loop(&session, &mut guard, events, audio, format)
-            .await
+        let end = self
+            .session_loop(&session, events, &mut audio, format)
+            .await;
+        self.guard.audio = Some(audio);
+        end
     }
 
     /// Waits for the client's `start` (or `resume`), within `start_timeout`.
@@ -212,7 +255,7 @@ fn refused_resume(e: BackendError) -> End {
         }
         ErrorCode::SessionNotFound => End::refuse(
             protocol::POLICY,
-            "resume refused: no such active session (closed, or never opened)",
+            "resume refused: no such active session (closed, its resume window over, or never opened)",
             Refusal::Protocol,
         ),
         ErrorCode::ConnectionFailed | ErrorCode::ConnectionTimeout => {

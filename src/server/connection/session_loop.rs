@@ -7,9 +7,8 @@ impl Conn {
     pub(super) async fn session_loop(
         &mut self,
         session: &Arc<dyn VoiceSession>,
-        guard: &mut SessionGuard,
         events: SessionEvents,
-        mut audio: AudioReceiver,
+        audio: &mut AudioReceiver,
         format: AudioFormat,
     ) -> End {
         // Whether client audio and text still go to the session: not after
@@ -30,7 +29,7 @@ impl Conn {
         let mut next = pin!(next_event(events));
         if phase == Phase::Closing {
             // The last phase: no change of it will come to wait for.
-            if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+            if let Err(gone) = self.finish(next.as_mut(), audio).await {
                 return gone.into();
             }
             return End::close(protocol::GOING_AWAY, "server shutting down");
@@ -137,7 +136,7 @@ impl Conn {
                         phase_change.set(phase_change_of(rx));
                     }
                     Phase::Closing => {
-                        if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+                        if let Err(gone) = self.finish(next.as_mut(), audio).await {
                             return gone.into();
                         }
                         return End::close(protocol::GOING_AWAY, "server shutting down");
@@ -147,8 +146,8 @@ impl Conn {
                     next.set(next_event(events));
                     match event {
                         Some(SessionEvent::Closed) | None => {
-                            guard.closed();
-                            if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+                            self.guard.closed();
+                            if let Err(gone) = self.finish(next.as_mut(), audio).await {
                                 return gone.into();
                             }
                             return self.session_closed(stop_requested);
@@ -162,7 +161,7 @@ impl Conn {
                     }
                 }
                 Woke::Audio(Some(frame)) => {
-                    if let Err(gone) = self.feed_audio(frame, &mut audio).await {
+                    if let Err(gone) = self.feed_audio(frame, audio).await {
                         return gone.into();
                     }
                     unflushed = true;
@@ -190,8 +189,8 @@ impl Conn {
                     }
                     // `stop` returns once the session has closed: its last
                     // events are waiting in `events`.
-                    guard.closed();
-                    if let Err(gone) = self.finish(next.as_mut(), &mut audio).await {
+                    self.guard.closed();
+                    if let Err(gone) = self.finish(next.as_mut(), audio).await {
                         return gone.into();
                     }
                     return self.session_closed(true);
