@@ -221,7 +221,10 @@ async fn a_clean_close_stops_the_session_at_once() {
     server.wait_sessions(0).await;
     let (code, reason) = resume(&server, &id, &token).await.map(|_| ()).unwrap_err();
     assert_eq!(code, 1008);
-    assert!(reason.contains("no such active session"), "{reason}");
+    assert!(
+        reason.contains("no such active session") || reason.contains("has ended"),
+        "{reason}"
+    );
 
     let (mut c, id, token) = started(&server, "stopper").await;
     c.send_json(json!({"type": "stop"})).await;

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::task::AbortHandle;
 
@@ -13,8 +14,13 @@ use super::Shared;
 use super::metrics::ServerMetrics;
 use crate::session::{SessionEvent, SessionEvents, SessionId, VoiceSession};
 
-/// The sessions in their resume window, and those whose window ended a
-/// moment ago (so a late `resume` is told why it is refused).
+/// How long a session's mark stays once it has stopped, so that a `resume`
+/// racing the stop is refused (not given the session from the store, whose
+/// record the stop is deleting) and told why.
+const MARK_AFTER_STOP: Duration = Duration::from_secs(5);
+
+/// The sessions in their resume window, and those stopped a moment ago (so
+/// a late `resume` is told why it is refused).
 #[derive(Debug, Default)]
 pub(super) struct Detached {
     inner: Mutex<Inner>,
@@ -33,9 +39,10 @@ struct Inner {
 #[derive(Debug)]
 struct Entry {
     window: u64,
-    /// The window's task: its timer, then the stop.
-    timer: AbortHandle,
-    /// The session while its window runs; `None` once the window ended.
+    /// The window's task: its timer, then the stop. `None` for a session
+    /// stopped without a window.
+    timer: Option<AbortHandle>,
+    /// The session while its window runs; `None` once it is stopping.
     session: Option<Arc<dyn VoiceSession>>,
 }
 
@@ -48,8 +55,9 @@ pub(super) enum Claim {
     /// The session was not detached here (restored from the store, or made
     /// by another instance).
     NotDetached,
-    /// The session's window ended: it is stopped, or stopping.
-    Expired,
+    /// The session's window ended, or it was stopped without one: it is
+    /// stopped, or stopping.
+    Ended,
 }
 
 impl Detached {
@@ -79,19 +87,56 @@ impl Detached {
             session.id().clone(),
             Entry {
                 window,
-                timer,
+                timer: Some(timer),
                 session: Some(session),
             },
         );
         shared.metrics.detached();
         if let Some(previous) = previous {
             // A window that had ended and was waiting to be forgotten.
-            previous.timer.abort();
+            if let Some(timer) = previous.timer {
+                timer.abort();
+            }
             if previous.session.is_some() {
                 shared.metrics.reattached_or_gone();
             }
         }
         Ok(())
+    }
+
+    /// Stops `session`, whose connection ended without a window for it, on
+    /// a task of its own. Until it has stopped, a `resume` of it is refused,
+    /// rather than given a session that is about to close.
+    pub(super) fn stop(shared: &Arc<Shared>, session: Arc<dyn VoiceSession>) {
+        let id = session.id().clone();
+        let window = {
+            let mut inner = shared.detached.lock();
+            if inner.closed || inner.sessions.contains_key(&id) {
+                None
+            } else {
+                inner.next += 1;
+                let window = inner.next;
+                inner.sessions.insert(
+                    id.clone(),
+                    Entry {
+                        window,
+                        timer: None,
+                        session: None,
+                    },
+                );
+                Some(window)
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = session.stop().await {
+                tracing::warn!(session_id = %id, code = %e.code, "stopping a session: {}", e.message);
+            }
+            if let Some(window) = window {
+                tokio::time::sleep(MARK_AFTER_STOP).await;
+                shared.detached.forget(&id, window, &shared.metrics);
+            }
+        });
     }
 
     /// Claims session `id` for a resuming connection (which holds its audio
@@ -100,10 +145,12 @@ impl Detached {
         let mut inner = self.lock();
         match inner.sessions.get(id) {
             None => Claim::NotDetached,
-            Some(entry) if entry.session.is_none() => Claim::Expired,
+            Some(entry) if entry.session.is_none() => Claim::Ended,
             Some(_) => {
                 if let Some(entry) = inner.sessions.remove(id) {
-                    entry.timer.abort();
+                    if let Some(timer) = entry.timer {
+                        timer.abort();
+                    }
                     metrics.reattached_or_gone();
                 }
                 Claim::Taken
@@ -146,7 +193,9 @@ impl Detached {
             .sessions
             .drain()
             .filter_map(|(_, entry)| {
-                entry.timer.abort();
+                if let Some(timer) = entry.timer {
+                    timer.abort();
+                }
                 let session = entry.session?;
                 metrics.reattached_or_gone();
                 Some(session)
@@ -156,8 +205,7 @@ impl Detached {
 }
 
 /// Waits out window `window` of `session`: stops the session when it ends
-/// unclaimed, then keeps the window's mark for as long again, so a late
-/// `resume` is told the window ended.
+/// unclaimed, then keeps the window's mark for [`MARK_AFTER_STOP`].
 async fn wait_out(
     shared: Arc<Shared>,
     session: Arc<dyn VoiceSession>,
@@ -188,7 +236,7 @@ async fn wait_out(
         tracing::warn!(session_id = %id, code = %e.code, "stopping a session: {}", e.message);
     }
     drop(session);
-    tokio::time::sleep(length).await;
+    tokio::time::sleep(MARK_AFTER_STOP).await;
     shared.detached.forget(&id, window, &shared.metrics);
 }
 

@@ -152,8 +152,13 @@ impl SessionGuard {
         } else {
             session
         };
+        if self.resumable {
+            Detached::stop(shared, session);
+        } else {
+            stop_later(session);
+        }
+        // Handed back once a resume would find the session ending.
         self.audio = None;
-        stop_later(session);
     }
 }
 

@@ -85,11 +85,15 @@ impl Conn {
             {
                 Claim::Taken => tracing::info!("taken up within its resume window"),
                 Claim::NotDetached => {}
-                Claim::Expired => {
+                Claim::Ended => {
+                    // Stopped with the others: it may be the session taken
+                    // up from the store as its stop deleted it.
+                    self.guard.session = Some(session);
                     return End::refuse(
                         protocol::POLICY,
                         format!(
-                            "resume refused: the session's resume window ({}) ended; it is stopped",
+                            "resume refused: the session has ended (its client closed it, or \
+                             its resume window of {} ended)",
                             humantime::format_duration(self.shared.config.resume_window)
                         ),
                         Refusal::Protocol,
