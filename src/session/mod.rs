@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -189,7 +189,7 @@ pub fn audio_channel(capacity: usize) -> (AudioSender, AudioReceiver) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let state = Arc::new(ChannelState {
         epoch: AtomicU64::new(0),
-        closed: AtomicBool::new(false),
+        refusing: AtomicU8::new(0),
     });
     (
         AudioSender {
@@ -211,9 +211,17 @@ pub fn audio_channel(capacity: usize) -> (AudioSender, AudioReceiver) {
 struct ChannelState {
     /// Bumped by [`AudioSender::flush`]: frames sent before are skipped.
     epoch: AtomicU64,
-    /// Set by [`AudioSender::close`].
-    closed: AtomicBool,
+    /// Why frames are refused: [`CLOSED`], [`UNHEARD`] (one load per frame
+    /// checks both).
+    refusing: AtomicU8,
 }
+
+/// Set by [`AudioSender::close`] in [`ChannelState::refusing`]: the stream
+/// has ended.
+const CLOSED: u8 = 1;
+/// Set in [`ChannelState::refusing`] while the receiver waits in its
+/// [`AudioSlot`], handed back by its holder: nobody listens.
+const UNHEARD: u8 = 2;
 
 /// What an [`audio_channel`] carries.
 #[derive(Debug)]
@@ -236,14 +244,15 @@ pub struct AudioSender {
 pub enum AudioSendError {
     /// The receiver is not keeping up and the channel is full.
     Full,
-    /// The receiver is gone, or the stream was closed.
+    /// The receiver is gone (or back in its [`AudioSlot`], nobody holding
+    /// it), or the stream was closed.
     Closed,
 }
 
 impl AudioSender {
     /// Queues a frame without waiting.
     pub fn try_send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
-        if self.state.closed.load(Ordering::Acquire) {
+        if self.state.refusing.load(Ordering::Acquire) != 0 {
             return Err(AudioSendError::Closed);
         }
         let epoch = self.state.epoch.load(Ordering::Acquire);
@@ -257,7 +266,7 @@ impl AudioSender {
 
     /// Queues a frame, waiting for room.
     pub async fn send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
-        if self.state.closed.load(Ordering::Acquire) {
+        if self.state.refusing.load(Ordering::Acquire) != 0 {
             return Err(AudioSendError::Closed);
         }
         let epoch = self.state.epoch.load(Ordering::Acquire);
@@ -276,7 +285,7 @@ impl AudioSender {
     /// frames already queued, then `None`; frames sent from now on are
     /// refused ([`AudioSendError::Closed`]). Closing twice does nothing more.
     pub fn close(&self) {
-        if !self.state.closed.swap(true, Ordering::AcqRel) {
+        if self.state.refusing.fetch_or(CLOSED, Ordering::AcqRel) & CLOSED == 0 {
             // Wakes a receiver waiting for a frame. A full channel needs no
             // wake-up: its receiver has frames to take, and sees the close
             // when it next asks for one.
@@ -284,10 +293,11 @@ impl AudioSender {
         }
     }
 
-    /// Whether frames are refused: the receiver is gone, or the stream was
-    /// closed ([`AudioSender::close`]).
+    /// Whether frames are refused: the receiver is gone (or back in its
+    /// [`AudioSlot`], nobody holding it), or the stream was closed
+    /// ([`AudioSender::close`]).
     pub fn is_closed(&self) -> bool {
-        self.state.closed.load(Ordering::Acquire) || self.tx.is_closed()
+        self.state.refusing.load(Ordering::Acquire) != 0 || self.tx.is_closed()
     }
 }
 
@@ -351,7 +361,7 @@ impl AudioReceiver {
     /// and ends after the ones it holds.
     fn see_close(&mut self) {
         if !self.ending
-            && self.state.closed.load(Ordering::Acquire)
+            && self.state.refusing.load(Ordering::Acquire) & CLOSED != 0
             && let Some(rx) = self.rx.as_mut()
         {
             rx.close();
@@ -374,6 +384,9 @@ impl Drop for AudioReceiver {
             return;
         };
         let Some(rx) = self.rx.take() else { return };
+        // Nobody listens from now on: frames are refused until the next
+        // holder takes it, and what is queued was meant for the one that left.
+        self.state.refusing.fetch_or(UNHEARD, Ordering::AcqRel);
         let mut back = AudioReceiver {
             rx: Some(rx),
             state: self.state.clone(),
@@ -381,7 +394,6 @@ impl Drop for AudioReceiver {
             home: None,
             returned: true,
         };
-        // What is queued now was meant for the holder that left.
         back.discard_queued();
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(back);
     }
@@ -392,12 +404,13 @@ impl Drop for AudioReceiver {
 /// the receiver returns here when that holder drops it, for the next one (a
 /// client that reconnects to the session).
 ///
-/// While the receiver waits in the slot, nobody reads it: the frames the
-/// session sends fill the channel (it holds a bounded number) and the rest
-/// are refused as a full channel's are, so the session never waits for a
-/// listener. Frames queued when the receiver comes back, and those queued
-/// while it waited, are discarded when it is taken again: they were meant
-/// for a listener that is gone.
+/// Once a holder has handed the receiver back, nobody listens until the
+/// next one takes it: the frames the session sends meanwhile are refused
+/// ([`AudioSendError::Closed`]) rather than queued, so the session never
+/// waits for a listener and holds no audio for one. Frames that were queued
+/// for the holder that left are discarded. (The receiver put in the slot
+/// first, by [`AudioSlot::new`], takes frames before anyone holds it, as a
+/// bare channel does.)
 ///
 /// ```
 /// # use voice_backends::session::{AudioSlot, audio_channel};
@@ -432,6 +445,10 @@ impl AudioSlot {
             .take()?;
         if receiver.returned {
             receiver.discard_queued();
+            receiver
+                .state
+                .refusing
+                .fetch_and(!UNHEARD, Ordering::AcqRel);
         }
         receiver.home = Some(Arc::downgrade(&self.parked));
         Some(receiver)
@@ -684,6 +701,7 @@ impl std::fmt::Debug for SessionInfo {
 mod tests {
     use super::*;
     use crate::audio::AudioFormat;
+    use std::sync::atomic::AtomicBool;
 
     fn frame(byte: u8) -> AudioFrame {
         AudioFrame::new(AudioFormat::PCM16_16K_MONO, vec![byte; 640]).unwrap()
@@ -764,13 +782,16 @@ mod tests {
         assert_eq!(first.recv().await.map(|f| f.data()[0]), Some(1));
         tx.try_send(frame(2)).unwrap();
         drop(first);
-        // Nobody listens: the channel fills, then refuses without waiting.
-        for n in 3..=6 {
-            tx.try_send(frame(n)).unwrap();
-        }
-        assert_eq!(tx.try_send(frame(7)), Err(AudioSendError::Full));
+        // Nobody listens: frames are refused at once, never queued.
+        assert!(tx.is_closed());
+        assert_eq!(tx.try_send(frame(3)), Err(AudioSendError::Closed));
+        assert_eq!(tx.send(frame(4)).await, Err(AudioSendError::Closed));
         let mut second = slot.take().expect("back in the slot");
-        assert!(second.try_recv().is_none(), "what waited is discarded");
+        assert!(!tx.is_closed(), "heard again");
+        assert!(
+            second.try_recv().is_none(),
+            "what was queued for the first is discarded"
+        );
         tx.try_send(frame(8)).unwrap();
         assert_eq!(second.recv().await.map(|f| f.data()[0]), Some(8));
         drop(second);
