@@ -23,11 +23,13 @@
 //!   5): a client starts a session (8 kHz mu-law, as a phone gateway does),
 //!   speaks a turn and, while the reply plays, drops its connection without a
 //!   close frame. It reconnects at once with `resume` and the session's
-//!   resume token: the server either takes the session up again (when the
-//!   old connection's end is not yet noticed it refuses, the session being
-//!   still attached) or refuses it because a session whose client vanished
-//!   is closed; a refused client starts a new session. It then speaks its
-//!   remaining turns, barging in on one, and ends with `stop`.
+//!   resume token, within the server's resume window (30 s): the session
+//!   ran on while detached, and the server takes it up again (`ready` with
+//!   `resumed`). Until the server has noticed the old connection's end it
+//!   refuses, the session being still attached; the client tries again 20 ms
+//!   later (counted as retries). A client refused for another reason starts
+//!   a new session. It then speaks its remaining turns, barging in on one,
+//!   and ends with `stop`.
 //!
 //! Memory is read before, during and after: resident memory (`VmRSS` of
 //! `/proc/self/status`) and the heap the process holds (bytes allocated and
@@ -118,6 +120,9 @@ mod soak {
 
     /// How long any one wait may take before the session counts as failed.
     const PATIENCE: Duration = Duration::from_secs(30);
+    /// How many times a resume refused because the session is still
+    /// attached (to the dropped connection) is tried again, 20 ms apart.
+    const RESUME_TRIES: u32 = 100;
     /// 8 kHz mono mu-law, a telephone line's audio.
     const PHONE: AudioFormat = AudioFormat::new(AudioEncoding::Mulaw, 8_000, 1);
     /// Speech of one utterance, and the silence that ends the turn after it.
@@ -220,6 +225,8 @@ mod soak {
         barge_missed: AtomicU64,
         drops: AtomicU64,
         resumed: AtomicU64,
+        /// Resumes tried again: the server had not yet noticed the drop.
+        resume_retries: AtomicU64,
         resume_refused: AtomicU64,
         failed: AtomicU64,
     }
@@ -458,25 +465,48 @@ mod soak {
         }
         drop(ws);
         counts.drops.fetch_add(1, Ordering::Relaxed);
-        let mut ws = connect(addr).await?;
+        // Back at once with `resume`, within the server's resume window. The
+        // server may not have noticed the old connection's end yet (the
+        // session is still attached to it): then it is tried again shortly.
         let resume = json!({"type": "resume", "session_id": id, "resume_token": token,
                             "sample_rate": 8000, "encoding": "mulaw"});
-        ws.send(Message::text(resume.to_string()))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut turn_base = 0;
-        match ws_next(&mut ws).await? {
-            Message::Text(t) if t.as_str().contains("\"ready\"") => {
-                counts.resumed.fetch_add(1, Ordering::Relaxed);
-                turn_base = 1;
+        let mut tries = 0;
+        let (mut ws, turn_base) = loop {
+            let mut ws = connect(addr).await?;
+            ws.send(Message::text(resume.to_string()))
+                .await
+                .map_err(|e| e.to_string())?;
+            match ws_next(&mut ws).await? {
+                Message::Text(t) if t.as_str().contains("\"ready\"") => {
+                    let ready: Value =
+                        serde_json::from_str(t.as_str()).map_err(|e| e.to_string())?;
+                    if ready["resumed"] != true {
+                        return Err(format!("resume: ready without resumed: {ready}"));
+                    }
+                    counts.resumed.fetch_add(1, Ordering::Relaxed);
+                    break (ws, 1);
+                }
+                Message::Close(Some(f))
+                    if u16::from(f.code) == 1008
+                        && f.reason.contains("attached to another connection")
+                        && tries < RESUME_TRIES =>
+                {
+                    tries += 1;
+                    counts.resume_retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Message::Close(Some(f)) if u16::from(f.code) == 1008 => {
+                    counts.resume_refused.fetch_add(1, Ordering::Relaxed);
+                    if counts.resume_refused.load(Ordering::Relaxed) <= 3 {
+                        eprintln!("session {n}: resume refused: {}", f.reason);
+                    }
+                    let mut ws = connect(addr).await?;
+                    ws_start(&mut ws, n).await?;
+                    break (ws, 0);
+                }
+                other => return Err(format!("resume: unexpected {other:?}")),
             }
-            Message::Close(Some(f)) if u16::from(f.code) == 1008 => {
-                counts.resume_refused.fetch_add(1, Ordering::Relaxed);
-                ws = connect(addr).await?;
-                ws_start(&mut ws, n).await?;
-            }
-            other => return Err(format!("resume: unexpected {other:?}")),
-        }
+        };
         // With three turns or more, the third barges in on the second's reply.
         for turn in 2..=turns {
             ws_speak(&mut ws, &audio.phone[(n + turn as usize) % 4]).await?;
@@ -670,8 +700,8 @@ mod soak {
         println!(
             "{} sessions in {:.0} s ({} at once at most; {} through serve): {} turns, {} with \
              a barge-in seen before the turn's end ({} seen after it, or after the reply had ended), \
-             {} replies interrupted (the backend's count), {} dropped connections ({} resumed, {} refused and restarted), \
-             {failed} failed",
+             {} replies interrupted (the backend's count), {} dropped connections ({} resumed, {} resumes tried \
+             again while the drop went unnoticed, {} refused and restarted), {failed} failed",
             o.sessions,
             run_time.as_secs_f64(),
             o.concurrency,
@@ -688,7 +718,18 @@ mod soak {
             backend.metrics().map_or(0, |m| m.snapshot().interruptions),
             load(&c.drops),
             load(&c.resumed),
+            load(&c.resume_retries),
             load(&c.resume_refused),
+        );
+        println!(
+            "server: {} sessions detached, {} resumes taken, {} resume windows expired",
+            metric(addr, "server_sessions_detached_total")
+                .await
+                .unwrap_or(-1.0),
+            metric(addr, "server_resumes_total").await.unwrap_or(-1.0),
+            metric(addr, "server_resume_windows_expired_total")
+                .await
+                .unwrap_or(-1.0),
         );
         let (peak_rss, peak_heap) = (
             peak.0.load(Ordering::Relaxed),

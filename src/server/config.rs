@@ -88,6 +88,24 @@ pub struct ServerConfig {
     pub start_timeout: Duration,
     /// How long in-flight turns may take to finish on shutdown; default 10 s.
     pub shutdown_deadline: Duration,
+    /// How long a session whose client went away without a close (the
+    /// connection dropped, or the client stopped reading) waits for the
+    /// client to come back with `resume`; default 30 s; zero turns it off.
+    ///
+    /// It applies to sessions with a resume token, those the backend keeps
+    /// in a session store
+    /// ([`VoiceBackend::set_session_store`](crate::backend::VoiceBackend::set_session_store)).
+    /// Such a session is *detached* rather than stopped: it runs on (a turn
+    /// in flight completes), the reply audio it makes while nobody listens
+    /// is dropped, and its events go unread. A `resume` within the window
+    /// takes it up (`ready` with `resumed: true`) and audio flows both ways
+    /// again; once the window ends without one, the session is stopped and
+    /// a late `resume` is refused. A client that closes cleanly (a close
+    /// frame, or `stop`) ends its session at once, without a window; so
+    /// does every other refusal (idle, a protocol violation). Without a
+    /// store, or with a zero window, a client that goes away takes its
+    /// session with it.
+    pub resume_window: Duration,
     /// Threads that serve the connections, each a runtime of its own
     /// (threads `vb-serve-0`, `vb-serve-1`, ...), at most 1024. A new
     /// connection goes to the worker serving the fewest (the gauge
@@ -124,6 +142,7 @@ impl Default for ServerConfig {
             max_audio_ahead: Duration::from_secs(10),
             start_timeout: Duration::from_secs(10),
             shutdown_deadline: Duration::from_secs(10),
+            resume_window: Duration::from_secs(30),
             workers: 0,
         }
     }

@@ -112,6 +112,14 @@ pub(super) struct ServerMetrics {
     dropped: [AtomicU64; Dropped::ALL.len()],
     /// Failed `accept` calls (out of file descriptors, memory, ...).
     accept_errors: AtomicU64,
+    /// Sessions in their resume window now.
+    detached: AtomicI64,
+    /// Sessions detached so far.
+    detaches: AtomicU64,
+    /// Sessions taken up by a `resume`.
+    resumes: AtomicU64,
+    /// Resume windows that ended without a resume.
+    windows_expired: AtomicU64,
     /// TCP connections each worker thread serves now (empty without workers).
     workers: Box<[WorkerLoad]>,
 }
@@ -175,6 +183,28 @@ impl ServerMetrics {
     /// `accept` failed.
     pub(super) fn accept_failed(&self) {
         self.accept_errors.fetch_add(1, Relaxed);
+    }
+
+    /// A session was detached: its resume window began.
+    pub(super) fn detached(&self) {
+        self.detaches.fetch_add(1, Relaxed);
+        self.detached.fetch_add(1, Relaxed);
+    }
+
+    /// A detached session left its window (taken up, expired, closed by
+    /// itself, or stopped on shutdown).
+    pub(super) fn reattached_or_gone(&self) {
+        self.detached.fetch_sub(1, Relaxed);
+    }
+
+    /// A `resume` took a session up.
+    pub(super) fn resumed(&self) {
+        self.resumes.fetch_add(1, Relaxed);
+    }
+
+    /// A resume window ended without a resume.
+    pub(super) fn window_expired(&self) {
+        self.windows_expired.fetch_add(1, Relaxed);
     }
 
     pub(super) fn message_in(&self) {
@@ -316,6 +346,46 @@ impl ServerMetrics {
             "server_accept_errors_total {}",
             self.accept_errors.load(Relaxed)
         );
+        family(
+            out,
+            "server_sessions_detached",
+            "gauge",
+            "Sessions whose client went away, running on in their resume window now.",
+        );
+        let _ = writeln!(
+            out,
+            "server_sessions_detached {}",
+            self.detached.load(Relaxed).max(0)
+        );
+        family(
+            out,
+            "server_sessions_detached_total",
+            "counter",
+            "Sessions whose client went away without a close, kept for a resume.",
+        );
+        let _ = writeln!(
+            out,
+            "server_sessions_detached_total {}",
+            self.detaches.load(Relaxed)
+        );
+        family(
+            out,
+            "server_resumes_total",
+            "counter",
+            "Sessions taken up again by a resume (within the resume window, or restored from the store).",
+        );
+        let _ = writeln!(out, "server_resumes_total {}", self.resumes.load(Relaxed));
+        family(
+            out,
+            "server_resume_windows_expired_total",
+            "counter",
+            "Detached sessions stopped because their resume window ended without a resume.",
+        );
+        let _ = writeln!(
+            out,
+            "server_resume_windows_expired_total {}",
+            self.windows_expired.load(Relaxed)
+        );
         if self.workers.is_empty() {
             return;
         }
@@ -353,6 +423,11 @@ mod tests {
         m.vanished();
         m.dropped(Dropped::NotReading);
         m.accept_failed();
+        m.detached();
+        m.detached();
+        m.reattached_or_gone();
+        m.resumed();
+        m.window_expired();
         let mut text = String::new();
         m.render(&mut text);
         for line in [
@@ -368,6 +443,10 @@ mod tests {
             "server_connections_dropped_total{reason=\"not_reading\"} 1",
             "server_connections_dropped_total{reason=\"address_limit\"} 0",
             "server_accept_errors_total 1",
+            "server_sessions_detached 1",
+            "server_sessions_detached_total 2",
+            "server_resumes_total 1",
+            "server_resume_windows_expired_total 1",
             "# TYPE server_connections_active gauge",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");

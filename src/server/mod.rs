@@ -19,12 +19,18 @@
 //!    header; the start message's token wins, unless it is empty. It is given to the backend's auth hook.
 //!    An optional `metadata` object is kept with the session. Instead of
 //!    `start`, `{"type":"resume","session_id":"...","resume_token":"...","sample_rate":16000}`
-//!    takes up a session kept in the backend's session store (after a
-//!    restart, or on another instance sharing it) with the token its
-//!    `ready` gave.
+//!    takes up a session with the token its `ready` gave: one whose client
+//!    went away without a close less than
+//!    [`resume_window`](ServerConfig::resume_window) ago (30 s by default;
+//!    the session ran on meanwhile), or one kept in the backend's session
+//!    store (after a restart, or on another instance sharing it). A resume
+//!    is refused (1008) while another connection holds the session (the
+//!    server may not have noticed the old connection's end yet: try again),
+//!    and once the window has ended.
 //! 2. The server answers
 //!    `{"type":"ready","session_id":"...","sample_rate":16000,"encoding":"pcm_s16le","channels":1}`,
-//!    with the session's `resume_token` when it is kept in a store.
+//!    with the session's `resume_token` when it is kept in a store, and
+//!    `"resumed":true` after a `resume`.
 //! 3. The client streams binary messages of mono audio in its `encoding`
 //!    at its `sample_rate` (any whole number of samples), may send
 //!    `{"type":"text","text":"..."}` in place of speech, and ends with
@@ -115,6 +121,7 @@ use write_through;
 mod checks;
 mod config;
 mod connection;
+mod detached;
 mod frames;
 mod http;
 mod metrics;
@@ -144,6 +151,7 @@ use tracing::Instrument;
 use crate::backend::{Health, VoiceBackend};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::hooks::TokenBucketLimiter;
+use crate::session::VoiceSession;
 
 use checks::{bearer_token, check_host, check_origin};
 use http::{Kind, PerAddress, Serving, Slot, Upgrade};
@@ -215,6 +223,8 @@ struct Shared {
     /// WebSocket connections, per address.
     websockets: PerAddress,
     phase: watch::Sender<Phase>,
+    /// Sessions in their resume window.
+    detached: detached::Detached,
 }
 
 impl std::fmt::Debug for Shared {
@@ -284,6 +294,7 @@ impl Server {
                 websockets: PerAddress::new(config.max_connections_per_ip),
                 config,
                 phase,
+                detached: detached::Detached::default(),
             }),
         })
     }
@@ -360,6 +371,9 @@ impl Server {
         );
         shared.phase.send_replace(Phase::Draining);
         stop_accepting.send_replace(true);
+        // Sessions in their resume window wait no more: the backend's stop
+        // ends them with the others, and what is left is stopped below.
+        let detached = shared.detached.close(&shared.metrics);
         // On a task of its own: past the deadline the connections close, and
         // the backend's stop goes on to its end (its sessions' own deadlines)
         // rather than being cut off half-way.
@@ -375,6 +389,7 @@ impl Server {
                 "in-flight turns did not finish within {deadline:?}; the backend goes on stopping"
             ),
         }
+        stop_detached(detached).await;
         shared.phase.send_replace(Phase::Closing);
         if tokio::time::timeout(CLOSE_GRACE, shared.websockets.tracker.wait_idle())
             .await
@@ -398,6 +413,28 @@ impl Server {
         }
         tracing::info!(took = ?started.elapsed(), "stopped");
         Ok(())
+    }
+}
+
+/// Stops the sessions that were in their resume window when shutdown began
+/// (those the backend's stop has not ended already), within [`CLOSE_GRACE`].
+async fn stop_detached(sessions: Vec<Arc<dyn VoiceSession>>) {
+    if sessions.is_empty() {
+        return;
+    }
+    let stopping = futures_util::future::join_all(sessions.iter().map(|s| s.stop()));
+    match tokio::time::timeout(CLOSE_GRACE, stopping).await {
+        Ok(results) => {
+            for (session, result) in sessions.iter().zip(results) {
+                if let Err(e) = result {
+                    tracing::warn!(session_id = %session.id(), code = %e.code, "stopping a detached session: {}", e.message);
+                }
+            }
+        }
+        Err(_) => tracing::warn!(
+            detached = sessions.len(),
+            "sessions in their resume window did not stop within {CLOSE_GRACE:?}"
+        ),
     }
 }
 

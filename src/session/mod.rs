@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -189,7 +189,7 @@ pub fn audio_channel(capacity: usize) -> (AudioSender, AudioReceiver) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let state = Arc::new(ChannelState {
         epoch: AtomicU64::new(0),
-        closed: AtomicBool::new(false),
+        refusing: AtomicU8::new(0),
     });
     (
         AudioSender {
@@ -197,9 +197,11 @@ pub fn audio_channel(capacity: usize) -> (AudioSender, AudioReceiver) {
             state: state.clone(),
         },
         AudioReceiver {
-            rx,
+            rx: Some(rx),
             state,
             ending: false,
+            home: None,
+            returned: false,
         },
     )
 }
@@ -209,9 +211,17 @@ pub fn audio_channel(capacity: usize) -> (AudioSender, AudioReceiver) {
 struct ChannelState {
     /// Bumped by [`AudioSender::flush`]: frames sent before are skipped.
     epoch: AtomicU64,
-    /// Set by [`AudioSender::close`].
-    closed: AtomicBool,
+    /// Why frames are refused: [`CLOSED`], [`UNHEARD`] (one load per frame
+    /// checks both).
+    refusing: AtomicU8,
 }
+
+/// Set by [`AudioSender::close`] in [`ChannelState::refusing`]: the stream
+/// has ended.
+const CLOSED: u8 = 1;
+/// Set in [`ChannelState::refusing`] while the receiver waits in its
+/// [`AudioSlot`], handed back by its holder: nobody listens.
+const UNHEARD: u8 = 2;
 
 /// What an [`audio_channel`] carries.
 #[derive(Debug)]
@@ -234,14 +244,15 @@ pub struct AudioSender {
 pub enum AudioSendError {
     /// The receiver is not keeping up and the channel is full.
     Full,
-    /// The receiver is gone, or the stream was closed.
+    /// The receiver is gone (or back in its [`AudioSlot`], nobody holding
+    /// it), or the stream was closed.
     Closed,
 }
 
 impl AudioSender {
     /// Queues a frame without waiting.
     pub fn try_send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
-        if self.state.closed.load(Ordering::Acquire) {
+        if self.state.refusing.load(Ordering::Acquire) != 0 {
             return Err(AudioSendError::Closed);
         }
         let epoch = self.state.epoch.load(Ordering::Acquire);
@@ -255,7 +266,7 @@ impl AudioSender {
 
     /// Queues a frame, waiting for room.
     pub async fn send(&self, frame: AudioFrame) -> std::result::Result<(), AudioSendError> {
-        if self.state.closed.load(Ordering::Acquire) {
+        if self.state.refusing.load(Ordering::Acquire) != 0 {
             return Err(AudioSendError::Closed);
         }
         let epoch = self.state.epoch.load(Ordering::Acquire);
@@ -274,7 +285,7 @@ impl AudioSender {
     /// frames already queued, then `None`; frames sent from now on are
     /// refused ([`AudioSendError::Closed`]). Closing twice does nothing more.
     pub fn close(&self) {
-        if !self.state.closed.swap(true, Ordering::AcqRel) {
+        if self.state.refusing.fetch_or(CLOSED, Ordering::AcqRel) & CLOSED == 0 {
             // Wakes a receiver waiting for a frame. A full channel needs no
             // wake-up: its receiver has frames to take, and sees the close
             // when it next asks for one.
@@ -282,21 +293,33 @@ impl AudioSender {
         }
     }
 
-    /// Whether frames are refused: the receiver is gone, or the stream was
-    /// closed ([`AudioSender::close`]).
+    /// Whether frames are refused: the receiver is gone (or back in its
+    /// [`AudioSlot`], nobody holding it), or the stream was closed
+    /// ([`AudioSender::close`]).
     pub fn is_closed(&self) -> bool {
-        self.state.closed.load(Ordering::Acquire) || self.tx.is_closed()
+        self.state.refusing.load(Ordering::Acquire) != 0 || self.tx.is_closed()
     }
 }
 
 /// The receiving end of a session's outgoing (reply) audio.
+///
+/// One taken from an [`AudioSlot`] (as
+/// [`VoiceSession::receive_audio`] hands it out) goes back to the slot when
+/// dropped, so it can be taken again; one of a bare [`audio_channel`] ends
+/// the channel when dropped.
 #[derive(Debug)]
 pub struct AudioReceiver {
-    rx: mpsc::Receiver<Queued>,
+    /// Always set; taken only by `Drop`, to hand the channel back.
+    rx: Option<mpsc::Receiver<Queued>>,
     state: Arc<ChannelState>,
     /// The stream was closed and the channel told so: it hands out what it
     /// holds, then ends.
     ending: bool,
+    /// The slot it was taken from, which it returns to when dropped.
+    home: Option<Weak<Mutex<Option<AudioReceiver>>>>,
+    /// It came back to its slot from a holder: what is queued while it
+    /// waits there is for nobody.
+    returned: bool,
 }
 
 impl AudioReceiver {
@@ -305,7 +328,7 @@ impl AudioReceiver {
     pub async fn recv(&mut self) -> Option<AudioFrame> {
         loop {
             self.see_close();
-            let queued = self.rx.recv().await?;
+            let queued = self.rx.as_mut()?.recv().await?;
             if let Some(frame) = self.fresh(queued) {
                 return Some(frame);
             }
@@ -316,7 +339,7 @@ impl AudioReceiver {
     pub fn try_recv(&mut self) -> Option<AudioFrame> {
         loop {
             self.see_close();
-            let queued = self.rx.try_recv().ok()?;
+            let queued = self.rx.as_mut()?.try_recv().ok()?;
             if let Some(frame) = self.fresh(queued) {
                 return Some(frame);
             }
@@ -337,10 +360,98 @@ impl AudioReceiver {
     /// Once the stream was closed, closes the channel: it refuses new frames
     /// and ends after the ones it holds.
     fn see_close(&mut self) {
-        if !self.ending && self.state.closed.load(Ordering::Acquire) {
-            self.rx.close();
+        if !self.ending
+            && self.state.refusing.load(Ordering::Acquire) & CLOSED != 0
+            && let Some(rx) = self.rx.as_mut()
+        {
+            rx.close();
             self.ending = true;
         }
+    }
+
+    /// Discards every frame queued now (frames that waited while nobody
+    /// listened).
+    fn discard_queued(&mut self) {
+        while self.try_recv().is_some() {}
+    }
+}
+
+impl Drop for AudioReceiver {
+    /// Hands the channel back to the slot it was taken from, if the slot
+    /// (its session) is still there.
+    fn drop(&mut self) {
+        let Some(slot) = self.home.take().and_then(|home| home.upgrade()) else {
+            return;
+        };
+        let Some(rx) = self.rx.take() else { return };
+        // Nobody listens from now on: frames are refused until the next
+        // holder takes it, and what is queued was meant for the one that left.
+        self.state.refusing.fetch_or(UNHEARD, Ordering::AcqRel);
+        let mut back = AudioReceiver {
+            rx: Some(rx),
+            state: self.state.clone(),
+            ending: self.ending,
+            home: None,
+            returned: true,
+        };
+        back.discard_queued();
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(back);
+    }
+}
+
+/// Where a session keeps its reply audio stream ([`AudioReceiver`]) while
+/// nobody holds it: one holder at a time takes it ([`AudioSlot::take`]), and
+/// the receiver returns here when that holder drops it, for the next one (a
+/// client that reconnects to the session).
+///
+/// Once a holder has handed the receiver back, nobody listens until the
+/// next one takes it: the frames the session sends meanwhile are refused
+/// ([`AudioSendError::Closed`]) rather than queued, so the session never
+/// waits for a listener and holds no audio for one. Frames that were queued
+/// for the holder that left are discarded. (The receiver put in the slot
+/// first, by [`AudioSlot::new`], takes frames before anyone holds it, as a
+/// bare channel does.)
+///
+/// ```
+/// # use voice_backends::session::{AudioSlot, audio_channel};
+/// let (_tx, rx) = audio_channel(8);
+/// let slot = AudioSlot::new(rx);
+/// let held = slot.take().expect("the first holder takes it");
+/// assert!(slot.take().is_none(), "one holder at a time");
+/// drop(held);
+/// assert!(slot.take().is_some(), "dropped, it came back");
+/// ```
+#[derive(Debug)]
+pub struct AudioSlot {
+    parked: Arc<Mutex<Option<AudioReceiver>>>,
+}
+
+impl AudioSlot {
+    /// A slot holding `receiver`.
+    pub fn new(receiver: AudioReceiver) -> Self {
+        AudioSlot {
+            parked: Arc::new(Mutex::new(Some(receiver))),
+        }
+    }
+
+    /// The receiver, unless someone holds it now. It returns to this slot
+    /// when dropped (while the slot exists); what was queued for an earlier
+    /// holder is discarded.
+    pub fn take(&self) -> Option<AudioReceiver> {
+        let mut receiver = self
+            .parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        if receiver.returned {
+            receiver.discard_queued();
+            receiver
+                .state
+                .refusing
+                .fetch_and(!UNHEARD, Ordering::AcqRel);
+        }
+        receiver.home = Some(Arc::downgrade(&self.parked));
+        Some(receiver)
     }
 }
 
@@ -430,11 +541,16 @@ pub trait VoiceSession: Send + Sync + fmt::Debug {
     /// Takes the stream of audio going to the user (the agent's replies), in
     /// the session's output format.
     ///
-    /// There is one stream per session: the first call takes it, later calls
-    /// fail with `PipelineError`. The stream ends ([`AudioReceiver::recv`]
-    /// gives `None`) once the session has stopped, however it was stopped,
-    /// after the audio it already holds (a graceful stop's last reply); one
-    /// taken after the stop ends at once.
+    /// There is one stream per session, and one holder of it at a time:
+    /// while a receiver is held, further calls fail with `PipelineError`.
+    /// The built-in runtime's sessions keep it in an [`AudioSlot`]: a
+    /// receiver dropped while its session lives goes back to the session,
+    /// and the next call takes it again (a client that reconnects picks up
+    /// the reply audio; what was queued while nobody held it is discarded).
+    /// The stream ends ([`AudioReceiver::recv`] gives `None`) once the
+    /// session has stopped, however it was stopped, after the audio it
+    /// already holds (a graceful stop's last reply); one taken after the
+    /// stop ends at once.
     fn receive_audio(&self) -> Result<AudioReceiver>;
 
     /// Sends text in place of speech: it is treated as the user's final
@@ -585,6 +701,7 @@ impl std::fmt::Debug for SessionInfo {
 mod tests {
     use super::*;
     use crate::audio::AudioFormat;
+    use std::sync::atomic::AtomicBool;
 
     fn frame(byte: u8) -> AudioFrame {
         AudioFrame::new(AudioFormat::PCM16_16K_MONO, vec![byte; 640]).unwrap()
@@ -649,5 +766,40 @@ mod tests {
         tx.close();
         assert_eq!(rx.recv().await.map(|f| f.data()[0]), Some(1));
         assert!(rx.recv().await.is_none());
+    }
+
+    /// A receiver taken from a slot goes back to it when dropped; the next
+    /// holder gets what is sent from then on, not what waited for nobody;
+    /// the stream still ends after a close; with the slot gone, dropping
+    /// the receiver just ends it.
+    #[tokio::test]
+    async fn a_slot_hands_its_receiver_out_one_holder_at_a_time() {
+        let (tx, rx) = audio_channel(4);
+        tx.try_send(frame(1)).unwrap();
+        let slot = AudioSlot::new(rx);
+        let mut first = slot.take().unwrap();
+        assert!(slot.take().is_none(), "held: not handed out twice");
+        assert_eq!(first.recv().await.map(|f| f.data()[0]), Some(1));
+        tx.try_send(frame(2)).unwrap();
+        drop(first);
+        // Nobody listens: frames are refused at once, never queued.
+        assert!(tx.is_closed());
+        assert_eq!(tx.try_send(frame(3)), Err(AudioSendError::Closed));
+        assert_eq!(tx.send(frame(4)).await, Err(AudioSendError::Closed));
+        let mut second = slot.take().expect("back in the slot");
+        assert!(!tx.is_closed(), "heard again");
+        assert!(
+            second.try_recv().is_none(),
+            "what was queued for the first is discarded"
+        );
+        tx.try_send(frame(8)).unwrap();
+        assert_eq!(second.recv().await.map(|f| f.data()[0]), Some(8));
+        drop(second);
+        tx.close();
+        let mut third = slot.take().unwrap();
+        assert!(third.recv().await.is_none(), "closed: it ends");
+        drop(slot);
+        drop(third);
+        assert!(tx.is_closed());
     }
 }

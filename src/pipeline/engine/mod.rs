@@ -74,7 +74,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::events::{SessionEvent, SessionEvents};
 use crate::pipeline::link::Remote;
 use crate::pipeline::{INTERNAL_FORMAT, SttEvent, SttStream, TextToSpeech, TurnDetector, Vad};
-use crate::session::{AudioReceiver, PipelineState, audio_channel};
+use crate::session::{AudioReceiver, AudioSlot, PipelineState, audio_channel};
 
 // Where each part of the engine is (the handle, `Engine`, is here):
 // the state the handle shares with the session's task,
@@ -231,7 +231,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     input: Mutex<Input>,
     shared: Arc<Shared>,
-    receiver: Mutex<Option<AudioReceiver>>,
+    /// The reply audio stream, between its holders.
+    receiver: AudioSlot,
     task: Mutex<Option<TaskParts>>,
     /// The converter `send_audio` used last, kept for the next call in the
     /// same format (a resampler's filter table takes milliseconds to make).
@@ -334,7 +335,7 @@ impl Engine {
                 held: Vec::new(),
             }),
             shared,
-            receiver: Mutex::new(Some(receiver)),
+            receiver: AudioSlot::new(receiver),
             send_converter: Mutex::new(None),
             task: Mutex::new(Some(TaskParts {
                 control: control_rx,
@@ -468,19 +469,17 @@ impl Engine {
         Some(tx.subscribe())
     }
 
-    /// Takes the session's output audio stream (once).
+    /// Takes the session's output audio stream, unless a receiver taken
+    /// before is still held; dropped while the session lives, a receiver
+    /// comes back for the next call (see [`AudioSlot`]).
     pub fn take_receiver(&self) -> Result<AudioReceiver> {
-        self.receiver
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| {
-                BackendError::new(
-                    "session.receive_audio",
-                    ErrorCode::PipelineError,
-                    "the session's audio stream was already taken; keep the first receiver",
-                )
-            })
+        self.receiver.take().ok_or_else(|| {
+            BackendError::new(
+                "session.receive_audio",
+                ErrorCode::PipelineError,
+                "the session's audio stream is held by another receiver; drop that one to take it again",
+            )
+        })
     }
 
     /// Sets the agent answering each turn.
