@@ -816,7 +816,7 @@ async fn serve_restores_its_sessions_after_a_crash() {
     serve.crash();
 
     let serve = start_serve(BIN, "127.0.0.1:0", &args);
-    // Held open: a session whose client leaves is closed.
+    // Held open: a session whose client closes its connection is stopped.
     let mut open = Vec::new();
     for (n, (id, token, _old)) in sessions.iter().enumerate() {
         let (mut ws, ready) = resume(serve.addr, id, token)

@@ -55,6 +55,12 @@ pub struct ServeArgs {
     /// 0 serves them all on one shared, work-stealing runtime instead.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(usize))]
     pub workers: Option<usize>,
+    /// How long a session whose client's connection dropped (no close) runs
+    /// on, waiting for the client's `resume`, e.g. `30s` (the default) or
+    /// `2m`; `0s` stops it at once. Only sessions kept in a store (see
+    /// --store) can be resumed.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub resume_window: Option<std::time::Duration>,
     /// Where active sessions are kept so they survive a restart: a file
     /// (an embedded database), `redis://HOST[:PORT][/DB]` (built with the
     /// `redis` feature; several instances share their sessions), `memory`

@@ -238,6 +238,8 @@ mod tests {
             "4096",
             "--workers",
             "3",
+            "--resume-window",
+            "2m",
         ])
         .unwrap();
         let Command::Serve(args) = cli.command else {
@@ -249,6 +251,7 @@ mod tests {
         assert_eq!(server.max_frame_bytes, 4096);
         assert_eq!(server.workers, 3);
         assert_eq!(server.allowed_hosts, ["voice.example.com"]);
+        assert_eq!(server.resume_window, std::time::Duration::from_secs(120));
         let Command::Serve(args) = Cli::try_parse_from(["voice-backends", "serve"])
             .unwrap()
             .command
@@ -260,6 +263,13 @@ mod tests {
             server_config(&args).workers,
             cores,
             "one worker per core by default"
+        );
+        assert_eq!(
+            server_config(&args).resume_window,
+            crate::server::ServerConfig::default().resume_window
+        );
+        assert!(
+            Cli::try_parse_from(["voice-backends", "serve", "--resume-window", "soon"]).is_err()
         );
         assert!(Cli::try_parse_from(["voice-backends", "serve", "--listen", "nope"]).is_err());
         use clap::CommandFactory;

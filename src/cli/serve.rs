@@ -294,6 +294,9 @@ pub fn server_config(args: &ServeArgs) -> ServerConfig {
     if let Some(n) = args.max_frame_bytes {
         config.max_frame_bytes = n;
     }
+    if let Some(window) = args.resume_window {
+        config.resume_window = window;
+    }
     config.workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map_or(1, std::num::NonZeroUsize::get)
