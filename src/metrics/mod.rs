@@ -247,15 +247,20 @@ pub enum DropReason {
     InputOverflow,
     /// The input audio was malformed (wrong format, odd length, ...).
     InvalidAudio,
+    /// Reply audio made while nobody held the session's audio stream (a
+    /// server's client between a dropped connection and its resume), or
+    /// after the stream closed.
+    Unheard,
 }
 
 impl DropReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::OutputOverflow,
         DropReason::EventOverflow,
         DropReason::InputOverflow,
         DropReason::InvalidAudio,
+        DropReason::Unheard,
     ];
 
     /// The snake_case label value, e.g. `"output_overflow"`.
@@ -265,6 +270,7 @@ impl DropReason {
             DropReason::EventOverflow => "event_overflow",
             DropReason::InputOverflow => "input_overflow",
             DropReason::InvalidAudio => "invalid_audio",
+            DropReason::Unheard => "unheard",
         }
     }
 }

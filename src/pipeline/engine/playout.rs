@@ -11,7 +11,7 @@ use crate::audio::{AudioEncoding, AudioFrame, FormatFollower};
 use crate::metrics::DropReason;
 use crate::metrics::LatencyStage;
 use crate::pipeline::events::{SessionEvent, TurnLatency};
-use crate::session::PipelineState;
+use crate::session::{AudioSendError, PipelineState};
 
 use super::latency::TurnClock;
 use super::reply::ReplyMsg;
@@ -105,7 +105,8 @@ pub(super) fn enqueue(shared: &Shared, playout: &mut Playout, frame: AudioFrame)
 }
 
 /// Hands reply audio to the receiver without waiting, counting it as sent
-/// or, when the receiver's queue is full, as dropped. Whether it went out.
+/// or as dropped: the receiver's queue full, or nobody holding it. Whether
+/// it went out.
 pub(super) fn send_out(shared: &Shared, frame: AudioFrame) -> bool {
     let bytes = frame.data().len() as u64;
     match shared.output.try_send(frame) {
@@ -113,8 +114,12 @@ pub(super) fn send_out(shared: &Shared, frame: AudioFrame) -> bool {
             shared.metrics.bytes_out(bytes);
             true
         }
-        Err(_) => {
-            shared.metrics.dropped(DropReason::OutputOverflow, 1);
+        Err(e) => {
+            let reason = match e {
+                AudioSendError::Full => DropReason::OutputOverflow,
+                AudioSendError::Closed => DropReason::Unheard,
+            };
+            shared.metrics.dropped(reason, 1);
             false
         }
     }

@@ -247,6 +247,34 @@ async fn audio_that_is_not_sent_is_not_counted() {
     engine.stop(Duration::from_secs(1)).await.unwrap();
 }
 
+/// A reply made while nobody holds the audio stream (its receiver handed
+/// back) is dropped as unheard, not as an overflow; the next holder hears
+/// the reply after.
+#[tokio::test]
+async fn a_reply_nobody_holds_the_stream_for_is_dropped_as_unheard() {
+    let engine = stt_tts_engine(10);
+    let mut events = engine.subscribe();
+    drop(engine.take_receiver().unwrap());
+    engine.start().unwrap();
+    speak(&engine, 5);
+    next_event(&mut events, "the answer", |e| {
+        matches!(e, SessionEvent::AgentText { .. })
+    })
+    .await;
+    next_event(&mut events, "the reply's end", to(PipelineState::Listening)).await;
+    let dropped = engine.metrics().snapshot().dropped;
+    assert_eq!(dropped.get(&DropReason::Unheard), Some(&10), "{dropped:?}");
+    assert_eq!(dropped.get(&DropReason::OutputOverflow), Some(&0));
+    let mut rx = engine.take_receiver().unwrap();
+    speak(&engine, 5);
+    let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the next reply plays")
+        .expect("the receiver is open");
+    assert_eq!(f.data()[0], 1);
+    engine.stop(Duration::from_secs(1)).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_agent_that_panics_fails_its_turn_and_the_session_goes_on() {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
