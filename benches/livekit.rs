@@ -634,7 +634,7 @@ const CYCLE: usize = 250;
 
 /// What session work a slot holds: (decode a user packet, fill a DTX gap
 /// of this many frames first, encode a reply frame).
-fn work(load: Load, slot: usize) -> (bool, usize, bool) {
+fn work_in(load: Load, slot: usize) -> (bool, usize, bool) {
     if load == Load::Worst {
         return (true, 0, true);
     }
@@ -647,37 +647,94 @@ fn work(load: Load, slot: usize) -> (bool, usize, bool) {
     (user || noise, if noise { 19 } else { 0 }, agent)
 }
 
-/// `n` sessions' media on one thread for `run`: every wake's lateness,
-/// sorted.
-fn sessions_on_one_core(n: usize, run: Duration, load: Load) -> Vec<Duration> {
+/// What a run of `n` sessions measured.
+struct Run {
+    /// Every wake's lateness, sorted.
+    late: Vec<Duration>,
+    /// Time spent in the sessions' media work (codec, silence, RTP).
+    work: Duration,
+    /// This thread's CPU time and its time waiting for the CPU (other
+    /// processes' load), when Linux says.
+    cpu: Option<(Duration, Duration)>,
+}
+
+/// Where the reply's RTP packets go when the transport is modelled: a
+/// local UDP socket nobody reads (the kernel drops what overflows it).
+struct Wire {
+    socket: std::net::UdpSocket,
+    to: std::net::SocketAddr,
+    _sink: std::net::UdpSocket,
+}
+
+impl Wire {
+    fn new() -> Self {
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        Wire {
+            to: sink.local_addr().unwrap(),
+            socket,
+            _sink: sink,
+        }
+    }
+
+    /// One RTP packet (RFC 3550's 12-byte header, `payload`) sent.
+    fn send(&self, buffer: &mut Vec<u8>, sequence: u16, timestamp: u32, payload: &[u8]) {
+        buffer.clear();
+        buffer.extend_from_slice(&[0x80, 111]);
+        buffer.extend_from_slice(&sequence.to_be_bytes());
+        buffer.extend_from_slice(&timestamp.to_be_bytes());
+        buffer.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        buffer.extend_from_slice(payload);
+        let _ = black_box(self.socket.send_to(buffer, self.to));
+    }
+}
+
+/// `n` sessions' media on one thread for `run`, each encoding its reply
+/// with `settings`; with `transport`, each reply packet also goes out as
+/// RTP on a UDP socket.
+fn sessions_on_one_core(
+    n: usize,
+    run: Duration,
+    load: Load,
+    settings: EncoderSettings,
+    transport: bool,
+) -> Run {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .unwrap();
-    rt.block_on(async move {
+    let before = thread_times();
+    let (late, work) = rt.block_on(async move {
         let packets = std::sync::Arc::new(packets());
         let noise = std::sync::Arc::new(comfort_noise_packet());
         let replies = std::sync::Arc::new(speech_frames(50));
+        let wire = std::sync::Arc::new(Wire::new());
         let mut tasks = tokio::task::JoinSet::new();
         let start = tokio::time::Instant::now() + Duration::from_millis(50);
         let slots = (run.as_millis() / 20) as usize;
         for s in 0..n {
             let (packets, noise, replies) = (packets.clone(), noise.clone(), replies.clone());
+            let wire = wire.clone();
             // Sessions' slots spread over the 20 ms, as real rooms' are;
             // their cycles spread over the 5 s.
             let first = start + Duration::from_micros((s as u64 * 20_000) / n as u64);
             let cycle_offset = (s * CYCLE) / n;
             tasks.spawn(async move {
                 let mut decoder = OpusDecoder::new().unwrap();
-                let mut encoder = OpusEncoder::new(EncoderSettings::default()).unwrap();
+                let mut encoder = OpusEncoder::new(settings).unwrap();
                 let mut late = Vec::with_capacity(slots);
+                let mut work = Duration::ZERO;
+                let mut buffer = Vec::with_capacity(1_500);
+                let mut sequence = 0u16;
                 for k in 0..slots {
-                    let (decode, fill, encode) = work(load, k + cycle_offset);
+                    let (decode, fill, encode) = work_in(load, k + cycle_offset);
                     if !decode && !encode {
                         continue; // nothing arrives, nothing is due: no wake
                     }
                     let due = first + Duration::from_millis(20 * k as u64);
                     tokio::time::sleep_until(due).await;
+                    let began = Instant::now();
                     if fill > 0 {
                         black_box(opus::silence(fill).unwrap());
                     }
@@ -692,22 +749,36 @@ fn sessions_on_one_core(n: usize, run: Duration, load: Load) -> Vec<Duration> {
                     if encode {
                         encoder
                             .push(&replies[k % replies.len()], |p| {
+                                if let (true, Encoded::Packet(payload)) = (transport, p) {
+                                    sequence = sequence.wrapping_add(1);
+                                    let timestamp = (k as u32).wrapping_mul(opus::RTP_FRAME);
+                                    wire.send(&mut buffer, sequence, timestamp, payload);
+                                }
                                 black_box(p);
                             })
                             .unwrap();
                     }
-                    late.push(tokio::time::Instant::now().saturating_duration_since(due));
+                    let now = tokio::time::Instant::now();
+                    work += began.elapsed();
+                    late.push(now.saturating_duration_since(due));
                 }
-                late
+                (late, work)
             });
         }
-        let mut all = Vec::new();
+        let (mut all, mut work) = (Vec::new(), Duration::ZERO);
         while let Some(r) = tasks.join_next().await {
-            all.extend(r.unwrap());
+            let (late, w) = r.unwrap();
+            all.extend(late);
+            work += w;
         }
         all.sort();
-        all
-    })
+        (all, work)
+    });
+    let cpu = match (before, thread_times()) {
+        (Some((r0, w0)), Some((r1, w1))) => Some((r1.saturating_sub(r0), w1.saturating_sub(w0))),
+        _ => None,
+    };
+    Run { late, work, cpu }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -730,25 +801,48 @@ fn sessions_per_core(_: &mut Criterion) {
         return;
     }
     let run = Duration::from_secs(5);
+    let default = EncoderSettings::default();
+    let old_default = EncoderSettings {
+        application: OpusApplication::Voip,
+        bitrate: OpusApplication::Voip.default_bitrate(),
+        ..default
+    };
     println!(
-        "sessions_per_core: one current-thread runtime, CPUs allowed: {}",
+        "sessions_per_core: one current-thread runtime, CPUs allowed: {}; the reply encoded as \
+         the provider's default ({default:?}), the user's packets SILK; transport costs \
+         (SRTP, UDP, ICE, the webrtc-rs driver) are not in it but in `+rtp_udp` (RTP header and \
+         a UDP send per reply packet; no SRTP, no receive side)",
         cpus()
     );
-    for (name, load, counts) in [
-        ("mix", Load::Mix, &[250, 500, 750, 1000, 1500][..]),
-        ("worst", Load::Worst, &[100, 150, 200, 250, 300][..]),
+    let (mix, worst) = (Load::Mix, Load::Worst);
+    for (name, load, settings, transport, counts) in [
+        ("mix", mix, default, false, &[250, 500, 750, 1000][..]),
+        ("worst", worst, default, false, &[150, 250, 350, 450][..]),
+        ("mix+rtp_udp", mix, default, true, &[500, 750][..]),
+        ("mix/voip_c5", mix, old_default, false, &[250, 500][..]),
     ] {
         let mut carried = 0;
         for &n in counts {
-            let t = Instant::now();
-            let late = sessions_on_one_core(n, run, load);
-            let p99 = percentile(&late, 0.99);
+            let r = sessions_on_one_core(n, run, load, settings, transport);
+            let p99 = percentile(&r.late, 0.99);
+            let wakes = r.late.len().max(1) as u32;
+            let cpu = r.cpu.map_or_else(
+                || "no schedstat".to_owned(),
+                |(cpu, waited)| {
+                    format!(
+                        "CPU {:.0} %: work {:?} + runtime {:?} a wake; waited {:?} for the CPU",
+                        cpu.as_secs_f64() * 100.0 / (run.as_secs_f64() + 0.05),
+                        r.work / wakes,
+                        cpu.saturating_sub(r.work) / wakes,
+                        waited,
+                    )
+                },
+            );
             println!(
-                "sessions_per_core/{name}/{n}: lateness p50 {:?} p99 {p99:?} max {:?} ({} wakes in {:?})",
-                percentile(&late, 0.5),
-                late.last().copied().unwrap_or_default(),
-                late.len(),
-                t.elapsed(),
+                "sessions_per_core/{name}/{n}: lateness p50 {:?} p99 {p99:?} max {:?} ({} wakes; {cpu})",
+                percentile(&r.late, 0.5),
+                r.late.last().copied().unwrap_or_default(),
+                r.late.len(),
             );
             if p99 < Duration::from_millis(10) {
                 carried = carried.max(n);

@@ -74,14 +74,23 @@ pub fn is_dtx(payload: &[u8]) -> bool {
     !payload.is_empty() && payload.len() <= DTX_MAX_PAYLOAD
 }
 
+/// Silence shared by every [`silence`] frame up to 5 s long (zeroed
+/// memory, not in the binary): handing the session a DTX frame or gap
+/// allocates nothing.
+static ZEROS: [u8; FRAME_SAMPLES * 2 * 250] = [0; FRAME_SAMPLES * 2 * 250];
+
 /// `frames` times 20 ms of silence at [`PCM_RATE`] (what a DTX frame or a
-/// DTX gap stands for).
+/// DTX gap stands for). Up to 5 s it shares one static buffer.
 ///
 /// # Errors
 ///
 /// None in practice: the format is fixed and the length whole samples.
 pub fn silence(frames: usize) -> Result<AudioFrame> {
-    AudioFrame::new(PCM_FORMAT, vec![0u8; FRAME_SAMPLES * frames * 2])
+    let bytes = FRAME_SAMPLES * frames * 2;
+    match ZEROS.get(..bytes) {
+        Some(zeros) => AudioFrame::new(PCM_FORMAT, zeros),
+        None => AudioFrame::new(PCM_FORMAT, vec![0u8; bytes]),
+    }
 }
 
 /// Decodes the user's Opus packets to 16 kHz mono PCM. A stereo stream is
@@ -649,6 +658,11 @@ mod tests {
         assert!(!is_dtx(&[]));
         assert!(!is_dtx(&[0x08, 0x01, 0x02]));
         assert_eq!(silence(2).unwrap().sample_frames(), FRAME_SAMPLES * 2);
+        for frames in [250, 251, 400] {
+            let long = silence(frames).unwrap();
+            assert_eq!(long.sample_frames(), FRAME_SAMPLES * frames);
+            assert!(long.data().iter().all(|&b| b == 0));
+        }
         assert_eq!(silence(1).unwrap().format(), PCM_FORMAT);
     }
 
