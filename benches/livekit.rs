@@ -1,17 +1,31 @@
 //! The `livekit` provider's media path, per 20 ms frame of room audio:
 //!
+//! - `opus/quality` (printed): each encoder mode (`voip`: SILK; `low_delay`:
+//!   CELT) at its default bitrate (and CELT at SILK's 32 kb/s too) and
+//!   complexities 10, 7, 5, 3, 1, 0, encoded and decoded, measured against
+//!   the original: log-spectral distance over 50 Hz bins and over critical
+//!   bands (100 Hz..7 kHz, 20 ms frames), segmental and plain SNR (SNR
+//!   means little for SILK, which keeps how speech sounds, not its
+//!   waveform), and the bitrate spent. On a synthetic voiced sound and, when
+//!   `LIVEKIT_BENCH_SPEECH` names a 16-bit mono 16 kHz WAV, on that
+//!   recording; `LIVEKIT_BENCH_DUMP=<dir>` writes the decoded audio as raw
+//!   s16le for other tools (PESQ), `LIVEKIT_BENCH_BITRATE` overrides the
+//!   bitrates. Then `opus/dtx`: how many of 100 frames after speech each
+//!   mode leaves unsent, for digital silence and a -60 dBFS noise floor;
+//! - `opus/encode_cost` (printed): libopus's encode cost by input rate,
+//!   mode, bitrate and complexity, and the user's SILK decode
+//!   (`opus/decode_cost`), in the thread's CPU time (other processes' load
+//!   not counted);
 //! - `opus/decode`: one 20 ms packet of the user's speech decoded straight
 //!   to the pipeline's 16 kHz (libopus decodes at the rate asked for);
-//! - `opus/encode/complexity_{10,5,3}`: one 20 ms frame of 16 kHz reply
-//!   speech encoded (`Application::Voip`, 32 kb/s, DTX) at each complexity;
-//!   the first run also prints each complexity's quality (the decoded
-//!   signal's SNR against the original, aligned for the codec's delay);
+//! - `opus/encode/{mode}/complexity_N`: one 20 ms frame of 16 kHz reply
+//!   speech encoded (at the mode's default bitrate, DTX on);
 //! - `media_in/packet_to_pipeline`: what a user packet costs before the
 //!   pipeline sees it (Opus decode to 16 kHz, nothing resampled);
 //!   `media_in/dtx_frame`: what a DTX frame from a silent user costs (no
 //!   decode: 20 ms of silence handed in);
 //! - `media_out/frame_to_packet`: what a 16 kHz reply frame costs before it
-//!   goes out as RTP (Opus encode at the default complexity);
+//!   goes out as RTP (Opus encode with the provider's default settings);
 //! - `sessions_per_core` (printed, not a criterion bench): N sessions' media
 //!   work on one thread (a current-thread runtime), each session a task
 //!   that wakes only when it has work, as the participant does: a user
@@ -24,10 +38,18 @@
 //!   - `worst`: everyone talking all the time: every session decodes a
 //!     user packet and encodes a reply frame every 20 ms.
 //!
+//!   Each session encodes with the provider's default settings
+//!   (`EncoderSettings::default()`) and decodes the user's SILK packets.
 //!   Each wake's lateness behind its schedule is the added lateness one
 //!   core's load gives a session's media; the bench prints p50, p99 and
-//!   max per N, and the most sessions with p99 under 10 ms. Transport
-//!   costs (SRTP, UDP, ICE keepalives, the webrtc-rs driver) are not in it.
+//!   max per N, the thread's CPU use and time per wake, the time it waited
+//!   for the CPU (other processes' load, which makes lateness too), and the
+//!   most sessions with p99 under 10 ms. Transport costs (SRTP, UDP, ICE
+//!   keepalives, the webrtc-rs driver) are not in it; `mix+rtp_udp` adds
+//!   an RTP header and a UDP send (to a local socket) per reply packet,
+//!   still without SRTP or the receive side. `mix_voip_c5` is the mix with
+//!   the former default (SILK, complexity 5), `wakes_only` the mix's wakes
+//!   without media work (the runtime's own cost).
 //!
 //! `taskset -c 1 cargo bench --features livekit --bench livekit` (pinned to
 //! one core; the bench prints the CPUs it may run on).
@@ -486,8 +508,8 @@ fn cpu_time(f: impl FnOnce()) -> Duration {
 }
 
 /// libopus's encode cost per 20 ms of the same speech by input rate,
-/// application, bitrate and complexity (printed: the median of 5 runs of
-/// 250 frames, in this thread's CPU time, so other processes' load does
+/// application, bitrate and complexity (printed: the median of 3 runs of
+/// 1000 frames, in this thread's CPU time, so other processes' load does
 /// not count).
 fn encode_matrix() {
     use audiopus::coder::Encoder;
@@ -508,29 +530,40 @@ fn encode_matrix() {
         ("48k", SampleRate::Hz48000, &speech48, 960usize),
     ] {
         for (app_name, app, bitrate) in [
-            ("voip", Application::Voip, OpusApplication::Voip.default_bitrate()),
+            (
+                "voip",
+                Application::Voip,
+                OpusApplication::Voip.default_bitrate(),
+            ),
             ("lowdelay", Application::LowDelay, 32_000),
-            ("lowdelay", Application::LowDelay, OpusApplication::LowDelay.default_bitrate()),
+            (
+                "lowdelay",
+                Application::LowDelay,
+                OpusApplication::LowDelay.default_bitrate(),
+            ),
         ] {
             for complexity in [10u8, 7, 5, 3, 1, 0] {
                 let mut enc = Encoder::new(rate, Channels::Mono, app).unwrap();
-                enc.set_bitrate(Bitrate::BitsPerSecond(bitrate as i32)).unwrap();
+                enc.set_bitrate(Bitrate::BitsPerSecond(bitrate as i32))
+                    .unwrap();
                 enc.set_complexity(complexity).unwrap();
                 let frames: Vec<&[i16]> = pcm.chunks_exact(frame).take(250).collect();
-                let mut runs: Vec<Duration> = (0..5)
+                // 1000 frames a run: the kernel accounts CPU time by its
+                // tick (4 ms here), 4 us a frame.
+                let mut runs: Vec<Duration> = (0..3)
                     .map(|_| {
                         cpu_time(|| {
-                            for f in &frames {
+                            for f in frames.iter().cycle().take(1_000) {
                                 black_box(enc.encode(f, &mut out).unwrap());
                             }
-                        }) / frames.len() as u32
+                        }) / 1_000
                     })
                     .collect();
                 runs.sort();
                 println!(
                     "opus/encode_cost/{rate_name}/{app_name}/{}k/complexity_{complexity}: {:?} per 20 ms",
                     bitrate / 1000,
-                    runs[2]
+                    runs[1]
                 );
             }
         }
@@ -540,11 +573,26 @@ fn encode_matrix() {
 /// Whether the printed part `name` runs: no filter was given on the
 /// command line, or `name` contains it (as criterion filters its own).
 fn wanted(name: &str) -> bool {
-    let filter = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .last();
+    let filter = std::env::args().skip(1).rfind(|a| !a.starts_with('-'));
     filter.is_none_or(|f| name.contains(&f))
+}
+
+/// The decode of the user's (SILK) packets to 16 kHz, in CPU time as
+/// [`encode_matrix`] measures.
+fn decode_cost() {
+    let packets = packets();
+    let mut decoder = OpusDecoder::new().unwrap();
+    let mut runs: Vec<Duration> = (0..3)
+        .map(|_| {
+            cpu_time(|| {
+                for p in packets.iter().cycle().take(2_000) {
+                    black_box(decoder.decode(p).unwrap());
+                }
+            }) / 2_000
+        })
+        .collect();
+    runs.sort();
+    println!("opus/decode_cost/16k/silk: {:?} per 20 ms", runs[1]);
 }
 
 fn opus(c: &mut Criterion) {
@@ -553,6 +601,7 @@ fn opus(c: &mut Criterion) {
     }
     if wanted("opus/encode_cost") {
         encode_matrix();
+        decode_cost();
     }
     let packets = packets();
     let mut decoder = OpusDecoder::new().unwrap();
@@ -572,7 +621,10 @@ fn opus(c: &mut Criterion) {
     ] {
         let mut encoder = OpusEncoder::new(settings(application, complexity)).unwrap();
         let mut j = 0;
-        let name = format!("opus/encode/{}/complexity_{complexity}", application.as_str());
+        let name = format!(
+            "opus/encode/{}/complexity_{complexity}",
+            application.as_str()
+        );
         c.bench_function(&name, |b| {
             b.iter(|| {
                 j = (j + 1) % frames.len();
@@ -626,6 +678,8 @@ enum Load {
     Mix,
     /// Everyone talking all the time.
     Worst,
+    /// The mix's wakes with no media work: what the runtime itself costs.
+    WakesOnly,
 }
 
 /// Slots of the mix's 5 s cycle: user 0..100, silence 100..125, agent
@@ -638,6 +692,7 @@ fn work_in(load: Load, slot: usize) -> (bool, usize, bool) {
     if load == Load::Worst {
         return (true, 0, true);
     }
+    // (WakesOnly wakes as the mix does; the task then skips the work.)
     let at = slot % CYCLE;
     let user = at < 100;
     let agent = (125..225).contains(&at);
@@ -651,8 +706,6 @@ fn work_in(load: Load, slot: usize) -> (bool, usize, bool) {
 struct Run {
     /// Every wake's lateness, sorted.
     late: Vec<Duration>,
-    /// Time spent in the sessions' media work (codec, silence, RTP).
-    work: Duration,
     /// This thread's CPU time and its time waiting for the CPU (other
     /// processes' load), when Linux says.
     cpu: Option<(Duration, Duration)>,
@@ -705,7 +758,7 @@ fn sessions_on_one_core(
         .build()
         .unwrap();
     let before = thread_times();
-    let (late, work) = rt.block_on(async move {
+    let late = rt.block_on(async move {
         let packets = std::sync::Arc::new(packets());
         let noise = std::sync::Arc::new(comfort_noise_packet());
         let replies = std::sync::Arc::new(speech_frames(50));
@@ -724,7 +777,6 @@ fn sessions_on_one_core(
                 let mut decoder = OpusDecoder::new().unwrap();
                 let mut encoder = OpusEncoder::new(settings).unwrap();
                 let mut late = Vec::with_capacity(slots);
-                let mut work = Duration::ZERO;
                 let mut buffer = Vec::with_capacity(1_500);
                 let mut sequence = 0u16;
                 for k in 0..slots {
@@ -734,7 +786,10 @@ fn sessions_on_one_core(
                     }
                     let due = first + Duration::from_millis(20 * k as u64);
                     tokio::time::sleep_until(due).await;
-                    let began = Instant::now();
+                    if load == Load::WakesOnly {
+                        late.push(tokio::time::Instant::now().saturating_duration_since(due));
+                        continue;
+                    }
                     if fill > 0 {
                         black_box(opus::silence(fill).unwrap());
                     }
@@ -758,27 +813,23 @@ fn sessions_on_one_core(
                             })
                             .unwrap();
                     }
-                    let now = tokio::time::Instant::now();
-                    work += began.elapsed();
-                    late.push(now.saturating_duration_since(due));
+                    late.push(tokio::time::Instant::now().saturating_duration_since(due));
                 }
-                (late, work)
+                late
             });
         }
-        let (mut all, mut work) = (Vec::new(), Duration::ZERO);
+        let mut all = Vec::new();
         while let Some(r) = tasks.join_next().await {
-            let (late, w) = r.unwrap();
-            all.extend(late);
-            work += w;
+            all.extend(r.unwrap());
         }
         all.sort();
-        (all, work)
+        all
     });
     let cpu = match (before, thread_times()) {
         (Some((r0, w0)), Some((r1, w1))) => Some((r1.saturating_sub(r0), w1.saturating_sub(w0))),
         _ => None,
     };
-    Run { late, work, cpu }
+    Run { late, cpu }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -816,10 +867,11 @@ fn sessions_per_core(_: &mut Criterion) {
     );
     let (mix, worst) = (Load::Mix, Load::Worst);
     for (name, load, settings, transport, counts) in [
-        ("mix", mix, default, false, &[250, 500, 750, 1000][..]),
-        ("worst", worst, default, false, &[150, 250, 350, 450][..]),
-        ("mix+rtp_udp", mix, default, true, &[500, 750][..]),
-        ("mix/voip_c5", mix, old_default, false, &[250, 500][..]),
+        ("mix", mix, default, false, &[250, 500, 600, 750, 1000][..]),
+        ("worst", worst, default, false, &[150, 200, 250, 350][..]),
+        ("mix+rtp_udp", mix, default, true, &[500, 600][..]),
+        ("mix_voip_c5", mix, old_default, false, &[250, 500][..]),
+        ("wakes_only", Load::WakesOnly, default, false, &[500][..]),
     ] {
         let mut carried = 0;
         for &n in counts {
@@ -830,10 +882,9 @@ fn sessions_per_core(_: &mut Criterion) {
                 || "no schedstat".to_owned(),
                 |(cpu, waited)| {
                     format!(
-                        "CPU {:.0} %: work {:?} + runtime {:?} a wake; waited {:?} for the CPU",
+                        "CPU {:.0} %, {:?} a wake; waited {:?} for the CPU (other load)",
                         cpu.as_secs_f64() * 100.0 / (run.as_secs_f64() + 0.05),
-                        r.work / wakes,
-                        cpu.saturating_sub(r.work) / wakes,
+                        cpu / wakes,
                         waited,
                     )
                 },

@@ -620,7 +620,10 @@ mod tests {
     fn the_opus_application_is_read_and_sets_its_own_default_bitrate() {
         let c = config(serde_json::json!({"opus_application": "voip"})).unwrap();
         assert_eq!(c.opus_application, opus::OpusApplication::Voip);
-        assert_eq!(c.encoder_settings().application, opus::OpusApplication::Voip);
+        assert_eq!(
+            c.encoder_settings().application,
+            opus::OpusApplication::Voip
+        );
         assert_eq!(c.encoder_settings().bitrate, 32_000);
         let c = config(serde_json::json!({
             "opus_application": "low_delay",
