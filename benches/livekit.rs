@@ -763,10 +763,21 @@ fn sessions_on_one_core(
         let noise = std::sync::Arc::new(comfort_noise_packet());
         let replies = std::sync::Arc::new(speech_frames(50));
         let wire = std::sync::Arc::new(Wire::new());
+        // The sessions' codecs are made before the clock starts: joining
+        // is not the media's steady state.
+        let mut codecs: Vec<(OpusDecoder, OpusEncoder)> = (0..n)
+            .map(|_| {
+                (
+                    OpusDecoder::new().unwrap(),
+                    OpusEncoder::new(settings).unwrap(),
+                )
+            })
+            .collect();
         let mut tasks = tokio::task::JoinSet::new();
         let start = tokio::time::Instant::now() + Duration::from_millis(50);
         let slots = (run.as_millis() / 20) as usize;
         for s in 0..n {
+            let (mut decoder, mut encoder) = codecs.pop().unwrap();
             let (packets, noise, replies) = (packets.clone(), noise.clone(), replies.clone());
             let wire = wire.clone();
             // Sessions' slots spread over the 20 ms, as real rooms' are;
@@ -774,8 +785,6 @@ fn sessions_on_one_core(
             let first = start + Duration::from_micros((s as u64 * 20_000) / n as u64);
             let cycle_offset = (s * CYCLE) / n;
             tasks.spawn(async move {
-                let mut decoder = OpusDecoder::new().unwrap();
-                let mut encoder = OpusEncoder::new(settings).unwrap();
                 let mut late = Vec::with_capacity(slots);
                 let mut buffer = Vec::with_capacity(1_500);
                 let mut sequence = 0u16;
