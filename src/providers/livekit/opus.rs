@@ -6,16 +6,21 @@
 //! [`OpusEncoder`] encodes the session's 16 kHz reply as it comes (other
 //! formats are converted to 16 kHz first).
 //!
-//! The encoder is set for speech (`Application::Voip`, a chosen complexity,
-//! optional in-band FEC) and runs with discontinuous transmission (DTX):
-//! a 20 ms frame libopus finds silent comes out as a TOC-only packet, which
-//! is not sent ([`Encoded::Silent`]); the RTP timestamp then jumps over the
-//! gap. On the way in, such packets ([`is_dtx`]) need no decoding.
+//! The encoder runs one of two modes ([`OpusApplication`]): `LowDelay`
+//! (CELT only, libopus's transform coder; the default, at 40 kb/s) or
+//! `Voip` (SILK, its speech coder, at 32 kb/s; optional in-band FEC), at a
+//! chosen complexity, with discontinuous transmission (DTX): a 20 ms frame
+//! libopus finds silent comes out as a TOC-only packet, and a frame of
+//! digital silence past the first 200 ms of it is not even encoded; neither
+//! is sent ([`Encoded::Silent`]), and the RTP timestamp jumps over the gap.
+//! On the way in, TOC-only packets ([`is_dtx`]) need no decoding.
 //!
 //! Built on libopus (Debian's `libopus-dev`) through `audiopus`.
 
 use audiopus::coder::{Decoder, Encoder};
 use audiopus::{Application, Bitrate, Channels, MutSignals, SampleRate, packet::Packet};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 use crate::audio::{AudioConverter, AudioEncoding, AudioFormat, AudioFrame};
 use crate::error::{BackendError, ErrorCode, Result};
@@ -47,6 +52,11 @@ pub const MAX_COMPLEXITY: u8 = 10;
 /// that gets one has nothing to decode.
 pub const DTX_MAX_PAYLOAD: usize = 2;
 
+/// Frames of digital silence encoded (and sent) before DTX stops
+/// encoding them: 200 ms, libopus's own hangover, which lets the
+/// listener's decoder ring out to silence.
+pub const SILENCE_HANGOVER: u32 = 10;
+
 /// The longest Opus packet decodes to 120 ms: 1920 samples at 16 kHz.
 const MAX_DECODED: usize = 1_920;
 
@@ -64,14 +74,23 @@ pub fn is_dtx(payload: &[u8]) -> bool {
     !payload.is_empty() && payload.len() <= DTX_MAX_PAYLOAD
 }
 
+/// Silence shared by every [`silence`] frame up to 5 s long (zeroed
+/// memory, not in the binary): handing the session a DTX frame or gap
+/// allocates nothing.
+static ZEROS: [u8; FRAME_SAMPLES * 2 * 250] = [0; FRAME_SAMPLES * 2 * 250];
+
 /// `frames` times 20 ms of silence at [`PCM_RATE`] (what a DTX frame or a
-/// DTX gap stands for).
+/// DTX gap stands for). Up to 5 s it shares one static buffer.
 ///
 /// # Errors
 ///
 /// None in practice: the format is fixed and the length whole samples.
 pub fn silence(frames: usize) -> Result<AudioFrame> {
-    AudioFrame::new(PCM_FORMAT, vec![0u8; FRAME_SAMPLES * frames * 2])
+    let bytes = FRAME_SAMPLES * frames * 2;
+    match ZEROS.get(..bytes) {
+        Some(zeros) => AudioFrame::new(PCM_FORMAT, zeros),
+        None => AudioFrame::new(PCM_FORMAT, vec![0u8; bytes]),
+    }
 }
 
 /// Decodes the user's Opus packets to 16 kHz mono PCM. A stereo stream is
@@ -141,9 +160,57 @@ impl OpusDecoder {
     }
 }
 
+/// Which of Opus's coders encodes the reply (libopus's "application").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OpusApplication {
+    /// `OPUS_APPLICATION_VOIP`: SILK, the linear-prediction speech coder,
+    /// tuned for voice; the only mode with in-band FEC. Costlier per frame
+    /// than `LowDelay`.
+    Voip,
+    /// `OPUS_APPLICATION_RESTRICTED_LOWDELAY`: CELT only, the transform
+    /// coder: 2.5 ms less delay and, at its default 40 kb/s, recorded
+    /// speech scored as well as `Voip` at 32 kb/s for about a third of its
+    /// CPU (see the `livekit` bench). No in-band FEC. Below complexity 7
+    /// libopus 1.3 finds no silence in this mode; the encoder's own check
+    /// still leaves digital silence unsent.
+    #[default]
+    LowDelay,
+}
+
+impl OpusApplication {
+    /// The name used in the provider's config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpusApplication::Voip => "voip",
+            OpusApplication::LowDelay => "low_delay",
+        }
+    }
+
+    /// The bitrate this mode is run at when none is configured: 32 kb/s
+    /// for SILK (which spends about 30 of it on wideband speech), 40 kb/s
+    /// for CELT (which spends all of it, and at 40 matches SILK's quality
+    /// at 32 on recorded speech: see the `livekit` bench).
+    pub fn default_bitrate(self) -> u32 {
+        match self {
+            OpusApplication::Voip => 32_000,
+            OpusApplication::LowDelay => 40_000,
+        }
+    }
+
+    fn libopus(self) -> Application {
+        match self {
+            OpusApplication::Voip => Application::Voip,
+            OpusApplication::LowDelay => Application::LowDelay,
+        }
+    }
+}
+
 /// How the reply is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncoderSettings {
+    /// Which coder: SILK (`Voip`) or CELT (`LowDelay`).
+    pub application: OpusApplication,
     /// Bits per second (6000..=510000).
     pub bitrate: u32,
     /// libopus's complexity, 0..=10: higher is better and costlier.
@@ -158,8 +225,10 @@ pub struct EncoderSettings {
 
 impl Default for EncoderSettings {
     fn default() -> Self {
+        let application = OpusApplication::default();
         EncoderSettings {
-            bitrate: 32_000,
+            application,
+            bitrate: application.default_bitrate(),
             complexity: DEFAULT_COMPLEXITY,
             fec: false,
             dtx: true,
@@ -184,6 +253,10 @@ pub enum Encoded<'a> {
 /// waits for the next frame (or [`OpusEncoder::flush`]).
 pub struct OpusEncoder {
     encoder: Encoder,
+    /// DTX on: digital silence past [`SILENCE_HANGOVER`] is not encoded.
+    dtx: bool,
+    /// Frames of digital silence in a row so far.
+    silent_run: u32,
     converter: Option<AudioConverter>,
     pending: Vec<i16>,
     packet: Vec<u8>,
@@ -198,7 +271,7 @@ impl std::fmt::Debug for OpusEncoder {
 }
 
 impl OpusEncoder {
-    /// An encoder for speech (`Application::Voip`) with `settings`.
+    /// An encoder in `settings.application`'s mode with `settings`.
     ///
     /// # Errors
     ///
@@ -206,8 +279,12 @@ impl OpusEncoder {
     /// 6000..=510000, a complexity above 10) or cannot make one.
     pub fn new(settings: EncoderSettings) -> Result<Self> {
         const OP: &str = "livekit.opus";
-        let mut encoder = Encoder::new(SampleRate::Hz16000, Channels::Mono, Application::Voip)
-            .map_err(|e| opus_error(OP, "creating the Opus encoder", e))?;
+        let mut encoder = Encoder::new(
+            SampleRate::Hz16000,
+            Channels::Mono,
+            settings.application.libopus(),
+        )
+        .map_err(|e| opus_error(OP, "creating the Opus encoder", e))?;
         let bits = i32::try_from(settings.bitrate).unwrap_or(i32::MAX);
         encoder
             .set_bitrate(Bitrate::BitsPerSecond(bits))
@@ -229,6 +306,8 @@ impl OpusEncoder {
             .map_err(|e| opus_error(OP, "setting Opus DTX", e))?;
         Ok(OpusEncoder {
             encoder,
+            dtx: settings.dtx,
+            silent_run: 0,
             converter: None,
             pending: Vec::with_capacity(FRAME_SAMPLES * 2),
             packet: vec![0; MAX_PACKET],
@@ -290,6 +369,20 @@ impl OpusEncoder {
         let mut start = 0;
         while self.pending.len() - start >= FRAME_SAMPLES {
             let pcm = &self.pending[start..start + FRAME_SAMPLES];
+            start += FRAME_SAMPLES;
+            // Digital silence (libopus's own test: no sample past one LSB).
+            // libopus's CELT mode finds it only at complexity 7 and up (its
+            // signal analysis runs there); checked here, it is caught in
+            // every mode, and not encoded at all past the hangover.
+            if self.dtx && pcm.iter().all(|s| s.unsigned_abs() <= 1) {
+                self.silent_run = self.silent_run.saturating_add(1);
+                if self.silent_run > SILENCE_HANGOVER {
+                    emit(Encoded::Silent);
+                    continue;
+                }
+            } else {
+                self.silent_run = 0;
+            }
             let n = self
                 .encoder
                 .encode(pcm, &mut self.packet)
@@ -299,7 +392,6 @@ impl OpusEncoder {
             } else {
                 emit(Encoded::Packet(&self.packet[..n]));
             }
-            start += FRAME_SAMPLES;
         }
         self.pending.drain(..start);
         Ok(())
@@ -349,10 +441,16 @@ mod tests {
         out
     }
 
+    const MODES: [OpusApplication; 2] = [OpusApplication::Voip, OpusApplication::LowDelay];
+
     #[test]
     fn a_tone_survives_encode_and_decode_at_16k_in_20ms_packets() {
-        for complexity in [3, DEFAULT_COMPLEXITY, MAX_COMPLEXITY] {
+        let each = MODES.iter().flat_map(|&a| {
+            [3, DEFAULT_COMPLEXITY, MAX_COMPLEXITY].map(|complexity| (a, complexity))
+        });
+        for (application, complexity) in each {
             let settings = EncoderSettings {
+                application,
                 complexity,
                 ..EncoderSettings::default()
             };
@@ -372,8 +470,149 @@ mod tests {
             let level = rms(&out[FRAME_SAMPLES * 2..]);
             assert!(
                 (4000.0..7500.0).contains(&level),
-                "complexity {complexity}: rms {level}"
+                "{application:?} complexity {complexity}: rms {level}"
             );
+        }
+    }
+
+    /// `ms` of a voiced, speech-like sound at 16 kHz: a 140 Hz pitch with
+    /// vibrato, 20 harmonics under two formants, its level moving like
+    /// syllables.
+    fn speech(ms: u32) -> Vec<i16> {
+        let n = (PCM_RATE * ms / 1000) as usize;
+        (0..n)
+            .map(|i| {
+                let t = i as f64 / f64::from(PCM_RATE);
+                let tau = 2.0 * std::f64::consts::PI;
+                let pitch = 140.0 * (1.0 + 0.05 * (tau * 3.0 * t).sin());
+                let voiced: f64 = (1..=20)
+                    .map(|h| {
+                        let hz = pitch * f64::from(h);
+                        let formant = (-((hz - 700.0) / 500.0).powi(2)).exp()
+                            + 0.5 * (-((hz - 1_800.0) / 600.0).powi(2)).exp();
+                        (0.05 + formant) * (tau * pitch * t * f64::from(h)).sin()
+                            / f64::from(h).sqrt()
+                    })
+                    .sum();
+                let syllable = 0.55 + 0.45 * (tau * 4.0 * t).sin();
+                (voiced * syllable * 6_000.0) as i16
+            })
+            .collect()
+    }
+
+    /// The largest normalized cross-correlation of `decoded` with
+    /// `original` over the codec's possible delays (0..400 samples).
+    fn best_correlation(original: &[i16], decoded: &[i16]) -> f64 {
+        let skip = FRAME_SAMPLES * 5;
+        let len = original.len().min(decoded.len()) - skip - 400;
+        (0..400)
+            .map(|lag| {
+                let (mut xy, mut xx, mut yy) = (0.0, 0.0, 0.0);
+                for i in skip..skip + len {
+                    let (x, y) = (f64::from(original[i]), f64::from(decoded[i + lag]));
+                    xy += x * y;
+                    xx += x * x;
+                    yy += y * y;
+                }
+                xy / (xx * yy).sqrt().max(1.0)
+            })
+            .fold(f64::MIN, f64::max)
+    }
+
+    #[test]
+    fn the_default_encoder_round_trips_speech_and_leaves_its_pauses_unsent() {
+        let settings = EncoderSettings::default();
+        assert_eq!(settings.application, OpusApplication::LowDelay);
+        // One second of speech, a second of digital silence, a second more.
+        let talk = speech(1_000);
+        let mut all = talk.clone();
+        all.extend(std::iter::repeat_n(0, PCM_RATE as usize));
+        all.extend_from_slice(&talk);
+        let frame = AudioFrame::from_i16(PCM_RATE, 1, &all).unwrap();
+
+        let mut enc = OpusEncoder::new(settings).unwrap();
+        let mut dec = OpusDecoder::new().unwrap();
+        let encoded = packets_of(&mut enc, &frame);
+        assert_eq!(encoded.len(), 150, "3 s is 150 frames");
+        let mut decoded = Vec::new();
+        for p in &encoded {
+            match p {
+                Some(p) => {
+                    // CELT only: TOC configurations 16..=31 (RFC 6716 3.1).
+                    assert!(p[0] >> 3 >= 16, "not a CELT packet: TOC {:#x}", p[0]);
+                    let out = to_i16_samples(&dec.decode(p).unwrap());
+                    assert_eq!(out.len(), FRAME_SAMPLES);
+                    decoded.extend(out);
+                }
+                None => decoded.extend(std::iter::repeat_n(0, FRAME_SAMPLES)),
+            }
+        }
+        assert_eq!(decoded.len(), all.len());
+        let (first, pause) = (&encoded[..50], &encoded[50..100]);
+        assert!(first.iter().all(Option::is_some), "speech is sent");
+        let unsent = pause.iter().filter(|p| p.is_none()).count();
+        assert_eq!(
+            unsent,
+            50 - SILENCE_HANGOVER as usize,
+            "the pause is unsent past the hangover"
+        );
+        assert!(encoded[100..].iter().all(Option::is_some), "speech resumes");
+        // The decoded speech has the original's level and shape.
+        let (original, heard) = (&all[..FRAME_SAMPLES * 50], &decoded[..FRAME_SAMPLES * 50]);
+        let ratio = rms(&heard[FRAME_SAMPLES * 5..]) / rms(&original[FRAME_SAMPLES * 5..]);
+        assert!((0.8..1.25).contains(&ratio), "level ratio {ratio}");
+        let correlation = best_correlation(original, heard);
+        assert!(correlation > 0.9, "correlation {correlation}");
+        // After the pause, speech is heard again at its level.
+        let ratio = rms(&decoded[FRAME_SAMPLES * 105..]) / rms(&talk[FRAME_SAMPLES * 5..]);
+        assert!(
+            (0.8..1.25).contains(&ratio),
+            "level after the pause {ratio}"
+        );
+    }
+
+    #[test]
+    fn each_application_codes_with_its_own_coder() {
+        let frame = AudioFrame::from_i16(PCM_RATE, 1, &speech(200)).unwrap();
+        for application in MODES {
+            let mut enc = OpusEncoder::new(EncoderSettings {
+                application,
+                bitrate: application.default_bitrate(),
+                ..EncoderSettings::default()
+            })
+            .unwrap();
+            for p in packets_of(&mut enc, &frame).into_iter().flatten() {
+                // TOC configurations: 0..=11 SILK only, 16..=31 CELT only.
+                let config = p[0] >> 3;
+                match application {
+                    OpusApplication::Voip => assert!(config < 12, "TOC config {config}"),
+                    OpusApplication::LowDelay => assert!(config >= 16, "TOC config {config}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn digital_silence_is_unsent_in_every_mode_and_complexity() {
+        // libopus 1.3's CELT mode finds silence only at complexity 7 and up.
+        let mut all = speech(400);
+        all.extend(std::iter::repeat_n(0, PCM_RATE as usize));
+        let frame = AudioFrame::from_i16(PCM_RATE, 1, &all).unwrap();
+        for application in MODES {
+            for complexity in [0, 3, DEFAULT_COMPLEXITY, MAX_COMPLEXITY] {
+                let mut enc = OpusEncoder::new(EncoderSettings {
+                    application,
+                    complexity,
+                    ..EncoderSettings::default()
+                })
+                .unwrap();
+                let encoded = packets_of(&mut enc, &frame);
+                let unsent = encoded[20..].iter().filter(|p| p.is_none()).count();
+                assert!(
+                    unsent >= 50 - SILENCE_HANGOVER as usize,
+                    "{application:?} complexity {complexity}: {unsent} of 50 unsent"
+                );
+            }
         }
     }
 
@@ -424,6 +663,11 @@ mod tests {
         assert!(!is_dtx(&[]));
         assert!(!is_dtx(&[0x08, 0x01, 0x02]));
         assert_eq!(silence(2).unwrap().sample_frames(), FRAME_SAMPLES * 2);
+        for frames in [250, 251, 400] {
+            let long = silence(frames).unwrap();
+            assert_eq!(long.sample_frames(), FRAME_SAMPLES * frames);
+            assert!(long.data().iter().all(|&b| b == 0));
+        }
         assert_eq!(silence(1).unwrap().format(), PCM_FORMAT);
     }
 
