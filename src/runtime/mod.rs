@@ -45,8 +45,8 @@ mod session;
 pub use connector::Connector;
 #[cfg(feature = "link-websocket")]
 pub use link::{
-    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage, WsStream,
-    endpoint_of,
+    Dial, ENDPOINT_INFO_KEY, ENDPOINT_STAGE, Endpoints, Fallbacks, LinkCounters, LinkSettings,
+    WebSocketLink, WireEvent, WireProtocol, WsMessage, WsStream, endpoint_of,
 };
 pub use link::{
     Handed, Link, LinkEvent, LinkEvents, LinkInput, LinkRequest, MAX_RETRY_DELAY, MediaLink,

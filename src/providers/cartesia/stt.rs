@@ -178,6 +178,7 @@ impl SpeechToText for CartesiaStt {
             reply_timeout: COMPONENT_RETRY.timeout,
             keepalive: None,
             metrics: None,
+            fallbacks: None,
         };
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let failed = Arc::new(std::sync::Mutex::new(None));

@@ -12,7 +12,7 @@ use crate::config::{Config, Secret, Violations, parse_provider_config};
 use crate::error::{BackendError, Result};
 use crate::provider::{Codec, HostedStages, ProviderCapabilities, TurnPolicy};
 use crate::runtime::{
-    Dial, Link, LinkCounters, LinkRequest, LinkSettings, Provider, WebSocketLink,
+    Dial, Endpoints, Link, LinkCounters, LinkRequest, LinkSettings, Provider, WebSocketLink,
 };
 
 pub mod proto;
@@ -49,6 +49,21 @@ fn yes() -> bool {
 /// url_template = "ws://127.0.0.1:8765/ws?session={session_id}"
 /// ```
 ///
+/// `fallback_urls` lists equivalent bots tried in order when the first does
+/// not answer, of the same kind as the first: URLs with `url`, templates
+/// with `url_template`. Each session's link opens on the first that answers
+/// and, when its connection drops, reconnects to the first that answers
+/// again; `[failover]` `timeout` bounds each bot's handshake and
+/// `probe_interval` is how long one that failed is tried last
+/// ([`Endpoints`]).
+///
+/// ```toml
+/// provider = "pipecat"
+/// [provider_config]
+/// url = "ws://bot-a:8765/"
+/// fallback_urls = ["ws://bot-b:8765/"]
+/// ```
+///
 /// `Debug` shows the URLs without their user names, passwords and
 /// secret-looking query values.
 #[derive(Clone, Deserialize, JsonSchema)]
@@ -58,6 +73,10 @@ pub struct PipecatConfig {
     pub url: Option<String>,
     /// The bot's WebSocket URL per session, with `{session_id}` and/or `{user_id}`.
     pub url_template: Option<String>,
+    /// Equivalent bots tried in order when the one before does not answer:
+    /// URLs with `url`, templates with `url_template`. Empty by default.
+    #[serde(default)]
+    pub fallback_urls: Vec<String>,
     /// Sent as `Authorization: Bearer <token>` when connecting.
     ///
     /// tungstenite logs the whole handshake request, this header included,
@@ -83,6 +102,14 @@ impl std::fmt::Debug for PipecatConfig {
                 "url_template",
                 &self.url_template.as_deref().map(redact_url),
             )
+            .field(
+                "fallback_urls",
+                &self
+                    .fallback_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("auth_token", &self.auth_token)
             .field("input_sample_rate", &self.input_sample_rate)
             .field("client_ready", &self.client_ready)
@@ -97,9 +124,10 @@ impl PipecatConfig {
     ///
     /// `InvalidConfig` with one detail per bad field: unknown keys, neither or
     /// both of `url` and `url_template`, a URL that does not parse or is not
-    /// `ws`/`wss`, a template without a placeholder, a sample rate outside
-    /// 8000..=48000. URLs are never repeated in messages (they may hold
-    /// credentials).
+    /// `ws`/`wss`, a template without a placeholder, a fallback URL that is
+    /// not `ws`/`wss` or repeats another (`fallback_urls[i]`), a sample rate
+    /// outside 8000..=48000. URLs are never repeated in messages (they may
+    /// hold credentials).
     pub fn from_config(config: &Config) -> Result<Self> {
         let parsed: PipecatConfig = parse_provider_config(config)?;
         parsed.check().map(|()| parsed)
@@ -138,6 +166,12 @@ impl PipecatConfig {
                 }
             }
         }
+        if let Some(first) = parsed.urls_for("s", "u").first() {
+            let rest = &parsed.urls_for("s", "u")[1..];
+            for (i, m) in Dial::check_fallback_urls(first, rest) {
+                fail(&format!("fallback_urls[{i}]"), m);
+            }
+        }
         if !(8_000..=48_000).contains(&parsed.input_sample_rate) {
             fail(
                 "input_sample_rate",
@@ -150,13 +184,36 @@ impl PipecatConfig {
         v.into_result(OP)
     }
 
-    /// The URL a session connects to.
-    fn url_for(&self, session_id: &str, user_id: &str) -> String {
-        match (&self.url, &self.url_template) {
-            (_, Some(t)) => Dial::render_template(t, session_id, user_id),
-            (Some(u), None) => u.clone(),
-            (None, None) => String::new(),
-        }
+    /// The URLs a session connects to, in order: `url` (or `url_template`
+    /// rendered) and the fallbacks.
+    fn urls_for(&self, session_id: &str, user_id: &str) -> Vec<String> {
+        let first = match (&self.url, &self.url_template) {
+            (_, Some(t)) => t,
+            (Some(u), None) => u,
+            (None, None) => return Vec::new(),
+        };
+        let render = |u: &String| match &self.url_template {
+            Some(_) => Dial::render_template(u, session_id, user_id),
+            None => u.clone(),
+        };
+        std::iter::once(first)
+            .chain(&self.fallback_urls)
+            .map(render)
+            .collect()
+    }
+
+    /// The dials of a session, in order.
+    fn dials_for(&self, session_id: &str, user_id: &str) -> Vec<Dial> {
+        self.urls_for(session_id, user_id)
+            .into_iter()
+            .map(|url| {
+                let dial = Dial::new(url);
+                match &self.auth_token {
+                    Some(token) => dial.bearer(token),
+                    None => dial,
+                }
+            })
+            .collect()
     }
 }
 
@@ -165,6 +222,8 @@ impl PipecatConfig {
 pub struct PipecatProvider {
     config: PipecatConfig,
     counters: Arc<LinkCounters>,
+    /// The bots of `url` (or `url_template`) and `fallback_urls`.
+    endpoints: Arc<Endpoints>,
 }
 
 #[async_trait]
@@ -186,21 +245,22 @@ impl Provider for PipecatProvider {
         config.check()
     }
 
-    fn new(config: PipecatConfig, _: &Config) -> Result<Self> {
+    fn new(config: PipecatConfig, full: &Config) -> Result<Self> {
+        let urls = config.urls_for("s", "u");
+        let endpoints = Endpoints::new(urls.iter().map(String::as_str), &full.failover);
         Ok(PipecatProvider {
             config,
             counters: Arc::default(),
+            endpoints,
         })
     }
 
-    /// With a fixed `url`, checks the bot's host accepts TCP connections (a
-    /// WebSocket handshake would take a single-client bot's one seat). With
-    /// `url_template` there is nothing to check before a session.
+    /// With a fixed `url`, checks the bot's host (or, with `fallback_urls`,
+    /// one of the bots' hosts) accepts TCP connections (a WebSocket handshake
+    /// would take a single-client bot's one seat). With `url_template` there
+    /// is nothing to check before a session.
     async fn connect(&self, _config: &Config) -> Result<()> {
-        let Some(url) = &self.config.url else {
-            return Ok(());
-        };
-        Dial::new(url.clone()).probe("the Pipecat bot").await
+        self.probe().await
     }
 
     async fn open_link(&self, request: LinkRequest<'_>) -> Result<Option<Link>> {
@@ -219,11 +279,21 @@ impl Provider for PipecatProvider {
                 ),
             ));
         }
-        let mut dial = Dial::new(self.config.url_for(request.session_id, request.user_id));
-        if let Some(token) = &self.config.auth_token {
-            dial = dial.bearer(token);
-        }
-        let settings = LinkSettings::for_session(dial, &request);
+        let mut dials = self
+            .config
+            .dials_for(request.session_id, request.user_id)
+            .into_iter();
+        let Some(first) = dials.next() else {
+            return Err(BackendError::invalid_config(
+                "pipecat.open_link",
+                "set url or url_template",
+            ));
+        };
+        let settings = LinkSettings::for_session(first, &request).with_fallbacks(
+            dials.collect(),
+            &self.endpoints,
+            Some(request.info),
+        );
         let protocol = PipecatProtocol {
             input_sample_rate: self.config.input_sample_rate,
             client_ready: self.config.client_ready,
@@ -233,12 +303,30 @@ impl Provider for PipecatProvider {
             .map(Some)
     }
 
+    /// The link counters and, with `fallback_urls`, each bot's state
+    /// ([`Endpoints::health`]); with a fixed `url`, fails when no bot
+    /// accepts TCP connections.
     async fn health(&self) -> Result<BTreeMap<String, String>> {
-        let details = self.counters.health(NAME);
-        if let Some(url) = &self.config.url {
-            Dial::new(url.clone()).probe("the Pipecat bot").await?;
+        let mut details = self.counters.health(NAME);
+        self.probe().await?;
+        if !self.config.fallback_urls.is_empty() {
+            details.extend(self.endpoints.health(NAME));
         }
         Ok(details)
+    }
+}
+
+impl PipecatProvider {
+    /// With a fixed `url`, a TCP probe of each bot; fine when one answers.
+    async fn probe(&self) -> Result<()> {
+        if self.config.url.is_none() {
+            return Ok(());
+        }
+        let dials = self.config.dials_for("s", "u");
+        if dials.len() == 1 {
+            return dials[0].probe("the Pipecat bot").await;
+        }
+        self.endpoints.probe(&dials, "the Pipecat bot").await
     }
 }
 

@@ -43,8 +43,8 @@ use crate::session::events::SessionEvent;
 mod websocket;
 #[cfg(feature = "link-websocket")]
 pub use websocket::{
-    Dial, LinkCounters, LinkSettings, WebSocketLink, WireEvent, WireProtocol, WsMessage, WsStream,
-    endpoint_of,
+    Dial, ENDPOINT_INFO_KEY, ENDPOINT_STAGE, Endpoints, Fallbacks, LinkCounters, LinkSettings,
+    WebSocketLink, WireEvent, WireProtocol, WsMessage, WsStream, endpoint_of,
 };
 
 /// What became of an event handed to [`LinkEvents`].

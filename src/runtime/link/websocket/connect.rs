@@ -95,18 +95,28 @@ pub(super) fn close_cause<P: WireProtocol>(protocol: &P, frame: Option<&CloseFra
 
 /// Dials, greets and waits for the service to be ready; what it said first
 /// is returned for the link to handle.
+///
+/// `target` is the endpoint to dial (the settings' own, or a fallback);
+/// `bound`, when set, is how long its handshake may take.
 pub(super) async fn connect<P: WireProtocol>(
     protocol: &mut P,
     settings: &LinkSettings,
+    target: &Dial,
+    bound: Option<std::time::Duration>,
     counters: &LinkCounters,
 ) -> Result<(Ws, Vec<WsMessage>)> {
     let service = protocol.service();
-    let mut ws = dial(&settings.dial, service).await?;
+    let mut ws = match bound {
+        None => dial(target, service).await?,
+        Some(bound) => tokio::time::timeout(bound, dial(target, service))
+            .await
+            .map_err(|_| super::endpoints::dial_timed_out(service, &target.endpoint, bound))??,
+    };
     let refused = |cause: String| {
         BackendError::new(
             "link.connect",
             ErrorCode::ConnectionFailed,
-            format!("{service} at {}: {cause}", settings.dial.endpoint),
+            format!("{service} at {}: {cause}", target.endpoint),
         )
     };
     let greeting = protocol.greeting(&settings.session_id);

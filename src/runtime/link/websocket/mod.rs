@@ -12,7 +12,9 @@
 //! audio dropped, the reply in flight sent again), counts what it sends,
 //! reads, skips and drops ([`LinkCounters`], reported by health checks and
 //! in the backend's metrics), and speaks the agent's replies through the
-//! service (the speaker).
+//! service (the speaker). A service with several equivalent endpoints is
+//! failed over ([`Endpoints`], [`LinkSettings::with_fallbacks`]): each
+//! connect and reconnect takes the first endpoint that answers.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,10 +28,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 mod connect;
+mod endpoints;
 mod session;
 mod task;
 
-use connect::connect;
+use endpoints::connect_any;
+pub use endpoints::{ENDPOINT_INFO_KEY, ENDPOINT_STAGE, Endpoints, Fallbacks};
 use session::{Input, Shared, Speaker};
 use task::Task;
 
@@ -252,6 +256,24 @@ impl Dial {
         }
     }
 
+    /// Checks the fallback URLs `rest` of a provider's config, which come
+    /// after `first`: each must pass [`Dial::check_url`] and differ from
+    /// every URL before it. Returns `(index in rest, what is wrong)` for
+    /// each bad one, without repeating URLs (they may hold credentials).
+    pub fn check_fallback_urls(first: &str, rest: &[String]) -> Vec<(usize, String)> {
+        let mut bad = Vec::new();
+        for (i, url) in rest.iter().enumerate() {
+            if let Err(m) = Dial::check_url(url) {
+                bad.push((i, m));
+            } else if url == first {
+                bad.push((i, "repeats the first URL".into()));
+            } else if let Some(j) = rest[..i].iter().position(|u| u == url) {
+                bad.push((i, format!("repeats entry {j}")));
+            }
+        }
+        bad
+    }
+
     /// `template` with `{session_id}` and `{user_id}` replaced, each
     /// percent-encoded but for letters, digits, `-`, `_` and `~`, so a value
     /// is one path segment or query value whatever it holds (`/`, `?`, `#`,
@@ -335,6 +357,9 @@ pub struct LinkSettings {
     pub keepalive: Option<Duration>,
     /// The backend's metrics, where the link's drops are counted too.
     pub metrics: Option<Arc<Metrics>>,
+    /// Equivalent endpoints tried after `dial` when it does not answer
+    /// ([`LinkSettings::with_fallbacks`]); `None`: `dial` only.
+    pub fallbacks: Option<Fallbacks>,
 }
 
 impl LinkSettings {
@@ -349,6 +374,47 @@ impl LinkSettings {
             reply_timeout: request.config.timeout,
             keepalive: None,
             metrics: Some(request.metrics.clone()),
+            fallbacks: None,
+        }
+    }
+
+    /// The same settings with `dials` as the endpoints after
+    /// [`LinkSettings::dial`], in order of preference, failing over as
+    /// `endpoints` (made once per backend from all of them, `dial` first)
+    /// says; the session's `info` publishes the endpoint serving it
+    /// ([`ENDPOINT_INFO_KEY`]). Without `dials`, nothing changes.
+    ///
+    /// Each connect, and each reconnect of a live link, takes the first
+    /// endpoint that answers: see [`Endpoints`] for the order and the switch
+    /// back to the primary.
+    pub fn with_fallbacks(
+        mut self,
+        dials: Vec<Dial>,
+        endpoints: &Arc<Endpoints>,
+        info: Option<&crate::session::SessionInfo>,
+    ) -> LinkSettings {
+        self.fallbacks = (!dials.is_empty()).then(|| Fallbacks {
+            dials,
+            endpoints: endpoints.clone(),
+            info: info.cloned(),
+        });
+        self
+    }
+
+    /// Endpoint `i`: `dial` first, then the fallbacks.
+    fn dial_at(&self, i: usize) -> Option<&Dial> {
+        match (i, &self.fallbacks) {
+            (0, _) => Some(&self.dial),
+            (i, Some(f)) => f.dials.get(i - 1),
+            (_, None) => None,
+        }
+    }
+
+    /// The name of endpoint `i`, for logs: its `host:port`.
+    fn endpoint_name(&self, i: usize) -> &str {
+        match &self.fallbacks {
+            Some(f) => f.endpoints.name(i),
+            None => &self.dial.endpoint,
         }
     }
 }
@@ -425,9 +491,9 @@ impl LinkCounters {
 pub struct WebSocketLink;
 
 impl WebSocketLink {
-    /// Connects (once: the runtime retries opening a session's link), sends
-    /// the greeting, waits for the service to be ready, and starts the
-    /// link's task.
+    /// Connects (once: the runtime retries opening a session's link; with
+    /// fallbacks, to the first endpoint that answers), sends the greeting,
+    /// waits for the service to be ready, and starts the link's task.
     ///
     /// # Errors
     ///
@@ -443,7 +509,7 @@ impl WebSocketLink {
         if let Some(metrics) = &settings.metrics {
             counters.use_metrics(metrics);
         }
-        let (ws, early) = connect(&mut protocol, &settings, &counters).await?;
+        let (ws, early, endpoint) = connect_any(&mut protocol, &settings, &counters).await?;
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let (events_tx, events_rx) = LinkEvents::channel(EVENT_QUEUE);
         let shared = Arc::new(Shared {
@@ -476,6 +542,7 @@ impl WebSocketLink {
             resend: Vec::new(),
             decoded: Vec::new(),
             ended: None,
+            endpoint,
         };
         tokio::spawn(tracing::Instrument::instrument(
             task.run(ws, out_rx, early),

@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-use super::connect::{close_cause, connect, describe};
+use super::connect::{close_cause, describe};
+use super::endpoints::{ENDPOINT_STAGE, connect_any};
 use super::session::{Outbound, Shared, SpeakerMsg};
 use super::*;
 use crate::audio::{AudioFrame, FormatFollower};
@@ -42,6 +43,9 @@ pub(super) struct Task<P> {
     pub(super) decoded: Vec<WireEvent>,
     /// Set when the service ended the session ([`WireEvent::Ended`]).
     pub(super) ended: Option<String>,
+    /// The endpoint connected to: 0 for [`LinkSettings::dial`], then the
+    /// fallbacks.
+    pub(super) endpoint: usize,
 }
 
 impl<P: WireProtocol> Task<P> {
@@ -72,7 +76,7 @@ impl<P: WireProtocol> Task<P> {
                     return;
                 }
                 Ended::Lost(cause) => {
-                    tracing::warn!(endpoint = %self.settings.dial.endpoint, "lost {}: {cause}", self.protocol.service());
+                    tracing::warn!(endpoint = %self.settings.endpoint_name(self.endpoint), "lost {}: {cause}", self.protocol.service());
                     match self.reconnect(&cause, &mut out).await {
                         Some(new) => ws = new,
                         None => return,
@@ -222,13 +226,14 @@ impl<P: WireProtocol> Task<P> {
             let protocol = tokio::sync::Mutex::new(protocol);
             let attempt = || async {
                 let mut protocol = protocol.lock().await;
-                let (ws, early) = connect(&mut **protocol, settings, counters).await?;
+                let (ws, early, endpoint) =
+                    connect_any(&mut **protocol, settings, counters).await?;
                 // What the service said before it was ready is of no reply
                 // in flight.
                 counters
                     .received
                     .fetch_add(early.len() as u64, Ordering::Relaxed);
-                Ok::<_, BackendError>(ws)
+                Ok::<_, BackendError>((ws, endpoint))
             };
             tokio::select! {
                 () = self.events.closed() => return None,
@@ -238,8 +243,18 @@ impl<P: WireProtocol> Task<P> {
             }
         };
         match outcome {
-            Ok(ws) => {
-                tracing::info!(endpoint = %self.settings.dial.endpoint, "reconnected to {service}");
+            Ok((ws, endpoint)) => {
+                let from = self.endpoint;
+                self.endpoint = endpoint;
+                if from == endpoint {
+                    tracing::info!(endpoint = %self.settings.endpoint_name(endpoint), "reconnected to {service}");
+                } else {
+                    tracing::info!(
+                        endpoint = %self.settings.endpoint_name(endpoint),
+                        from = %self.settings.endpoint_name(from),
+                        "reconnected to {service} at another endpoint"
+                    );
+                }
                 self.shared
                     .counters
                     .reconnects
@@ -275,7 +290,10 @@ impl<P: WireProtocol> Task<P> {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
                 self.shared.is_failed.store(true, Ordering::Release);
-                let message = format!("lost {service} at {}: {why}", self.settings.dial.endpoint);
+                let message = format!(
+                    "lost {service} at {}: {why}",
+                    self.settings.endpoint_name(self.endpoint)
+                );
                 self.emit(LinkEvent::Failed {
                     code: e.code,
                     message,
@@ -293,7 +311,7 @@ impl<P: WireProtocol> Task<P> {
             let _ = sink.tx.try_send(SpeakerMsg::Failed(why.clone()));
         }
         let message = format!("{} ended the session: {why}", self.protocol.service());
-        tracing::info!(endpoint = %self.settings.dial.endpoint, "{message}");
+        tracing::info!(endpoint = %self.settings.endpoint_name(self.endpoint), "{message}");
         *self
             .shared
             .failed
@@ -307,6 +325,14 @@ impl<P: WireProtocol> Task<P> {
         .await;
     }
 
+    /// Counts a user turn the endpoint served (its final transcript), when
+    /// the link has fallbacks (`pipeline_component_served_total{stage="provider"}`).
+    fn served(&self) {
+        if let (Some(f), Some(metrics)) = (&self.settings.fallbacks, &self.settings.metrics) {
+            metrics.component_served(ENDPOINT_STAGE, f.endpoints.name(self.endpoint));
+        }
+    }
+
     pub(super) fn on_malformed(&mut self, what: &str) {
         self.shared
             .counters
@@ -314,7 +340,7 @@ impl<P: WireProtocol> Task<P> {
             .fetch_add(1, Ordering::Relaxed);
         if !self.logged_malformed {
             self.logged_malformed = true;
-            tracing::warn!(endpoint = %self.settings.dial.endpoint, "skipping a message from {}: {what} (further ones are only counted)", self.protocol.service());
+            tracing::warn!(endpoint = %self.settings.endpoint_name(self.endpoint), "skipping a message from {}: {what} (further ones are only counted)", self.protocol.service());
         }
     }
 
@@ -351,6 +377,9 @@ impl<P: WireProtocol> Task<P> {
         match event {
             WireEvent::Ready => {}
             WireEvent::UserTranscript { text, is_final } => {
+                if is_final {
+                    self.served();
+                }
                 self.emit(LinkEvent::UserTranscript { text, is_final })
                     .await;
             }
@@ -386,7 +415,7 @@ impl<P: WireProtocol> Task<P> {
                 self.emit(LinkEvent::Interrupted).await;
             }
             WireEvent::Error(message) => {
-                tracing::warn!(endpoint = %self.settings.dial.endpoint, "{} reports an error: {message}", self.protocol.service());
+                tracing::warn!(endpoint = %self.settings.endpoint_name(self.endpoint), "{} reports an error: {message}", self.protocol.service());
             }
             WireEvent::Ended(why) => {
                 // The first reason wins; `serve` ends the connection next.
