@@ -179,6 +179,19 @@ mod link {
             }
             config
         }
+
+        fn config_with_fallbacks(&self, urls: &[&str], token: Option<&str>) -> Option<Config> {
+            let (first, rest) = urls.split_first().unwrap_or((&"ws://127.0.0.1:1/", &[]));
+            let mut config = self.config(first, token);
+            config.provider_config.0.insert(
+                "fallback_urls".into(),
+                rest.iter()
+                    .map(|u| u.to_string())
+                    .collect::<Vec<_>>()
+                    .into(),
+            );
+            Some(config)
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,15 @@
 //!   `reconnecting` then `connected` on the session's events;
 //! - malformed messages are skipped and counted in the health details;
 //! - an auth failure (HTTP 401) fails the session with
-//!   `authentication_failed`.
+//!   `authentication_failed`;
+//! - for a provider with fallback endpoints
+//!   ([`LinkHarness::config_with_fallbacks`]), failover of the link: a
+//!   primary that refuses, or does not answer the handshake within
+//!   `failover.timeout`, leaves the session to the next endpoint, whose
+//!   reply reaches it; a primary lost mid-session is failed over by the
+//!   reconnect; a primary back (found by the health check) serves the next
+//!   sessions; which endpoint serves is in the session's info, the health
+//!   details and the component metrics.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -134,9 +142,24 @@ const REPLY_RATE: u32 = 16_000;
 impl FakeService {
     /// Starts the fake; `token`, when set, is required.
     pub async fn start(wire: impl FakeWire, token: Option<&str>) -> FakeService {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
+        FakeService::start_on(wire, token, 0).await
+    }
+
+    /// Starts the fake on 127.0.0.1:`port` (0: any free port), e.g. again
+    /// where a fake that was dropped listened; waits up to ten seconds for
+    /// the port to be free.
+    pub async fn start_on(wire: impl FakeWire, token: Option<&str>, port: u16) -> FakeService {
+        let deadline = Instant::now() + PATIENCE;
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
+            }
+        };
         let url = format!("ws://{}/", listener.local_addr().expect("local address"));
         let state = Arc::new(State::default());
         let wire = Arc::new(wire);
@@ -194,6 +217,14 @@ impl FakeService {
     /// Drops the connection now open, without a close frame.
     pub fn drop_connection(&self) {
         self.command(Command::Drop);
+    }
+
+    /// Stops the service as a crash would: it stops listening (connecting
+    /// is refused from then on), then the connection now open drops.
+    pub async fn kill(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        self.drop_connection();
     }
 
     fn command(&self, command: Command) {
@@ -297,6 +328,15 @@ pub trait LinkHarness: Send + Sync {
     /// A config of the provider under test for the service at `url`, with
     /// `token` as its credential when given.
     fn config(&self, url: &str, token: Option<&str>) -> Config;
+    /// A config of the provider under test for equivalent services at
+    /// `urls`, in order of preference (the first as its primary, the rest as
+    /// its fallback endpoints), with `token` as their credential when
+    /// given; `None` (the default) when the provider has no fallback
+    /// endpoints, and the failover checks are skipped.
+    fn config_with_fallbacks(&self, urls: &[&str], token: Option<&str>) -> Option<Config> {
+        let _ = (urls, token);
+        None
+    }
 }
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -499,4 +539,225 @@ pub async fn link_conformance(h: &impl LinkHarness) {
         "the credential stays out of the error: {err}"
     );
     backend.stop().await.expect("the backend stops");
+
+    failover_conformance(h).await;
+}
+
+/// A `ws://` URL on a loopback port where nothing listens (bound, then let
+/// go): connecting is refused.
+async fn refusing_url() -> (String, u16) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let port = listener.local_addr().expect("local address").port();
+    (format!("ws://127.0.0.1:{port}/"), port)
+}
+
+/// The `host:port` a session's info names as its endpoint, the way the
+/// link kit names it.
+fn endpoint_name(url: &str) -> String {
+    crate::runtime::endpoint_of(url)
+}
+
+/// A backend for the services at `urls` (with fallbacks), or `None` when
+/// the provider has none.
+async fn failover_backend(h: &impl LinkHarness, urls: &[&str]) -> Option<Arc<dyn VoiceBackend>> {
+    let mut config = h.config_with_fallbacks(urls, None)?;
+    // A primary that failed is tried last for a moment only, and a
+    // handshake that does not come is given up quickly.
+    config.failover.timeout = Duration::from_millis(500);
+    config.failover.probe_interval = Duration::from_millis(300);
+    let backend = registry()
+        .create(&config.provider.clone(), &config)
+        .await
+        .expect("the harness's config with fallbacks makes a backend");
+    backend
+        .start()
+        .await
+        .expect("the backend starts while one endpoint answers");
+    Some(backend)
+}
+
+/// One turn of `session`, served by `service`: the user's turn (the
+/// service's final transcript, or the local detector's turn end), the
+/// agent's reply spoken by `service`, its audio back.
+async fn turn_served_by(
+    h: &impl LinkHarness,
+    service: &FakeService,
+    session: &dyn VoiceSession,
+    events: &mut SessionEvents,
+    audio: &mut crate::session::AudioReceiver,
+) {
+    let wire = h.wire();
+    let turns = registry()
+        .get_provider(&h.config(service.url(), None).provider)
+        .expect("the provider is registered")
+        .capabilities()
+        .turns;
+    let replies = service.replies().len();
+    if turns == TurnPolicy::Service {
+        service.send(wire.transcript("are you there", true));
+    } else {
+        utter(session).await;
+    }
+    next_event(
+        events,
+        "the agent's reply to the turn",
+        |e| matches!(e, SessionEvent::AgentText { text } if text.starts_with("you said")),
+    )
+    .await;
+    wait_until("the reply goes to the serving endpoint", || {
+        service.replies().len() > replies
+    })
+    .await;
+    timeout(PATIENCE, audio.recv())
+        .await
+        .expect("the serving endpoint's reply audio reaches the session")
+        .expect("the reply stream is open");
+}
+
+async fn health_detail(backend: &dyn VoiceBackend, key: &str) -> String {
+    let health = backend.health_check().await;
+    let prefixed = format!("{}_{key}", backend.provider());
+    health
+        .details
+        .get(&prefixed)
+        .cloned()
+        .unwrap_or_else(|| panic!("health details have {prefixed}: {:?}", health.details))
+}
+
+fn switches(backend: &dyn VoiceBackend, from: &str, to: &str) -> Vec<String> {
+    let metrics = backend.metrics().expect("the backend has metrics");
+    metrics
+        .snapshot()
+        .component_switches
+        .keys()
+        .filter(|(stage, f, t, _)| stage == crate::runtime::ENDPOINT_STAGE && f == from && t == to)
+        .map(|(_, _, _, reason)| reason.clone())
+        .collect()
+}
+
+async fn failover_session(
+    backend: &dyn VoiceBackend,
+    user: &str,
+) -> (
+    Arc<dyn VoiceSession>,
+    SessionEvents,
+    crate::session::AudioReceiver,
+) {
+    let session = backend
+        .create_session(SessionConfig::new(user))
+        .await
+        .expect("a session opens on an endpoint that answers");
+    let events = session.events();
+    let audio = session.receive_audio().expect("the reply audio stream");
+    session.set_agent(agent_fn(|turn| {
+        let answer = format!("you said: {}", turn.transcript);
+        async move { Ok(AgentReply::text(answer)) }
+    }));
+    session.start().await.expect("the session starts");
+    (session, events, audio)
+}
+
+fn served_by(session: &dyn VoiceSession) -> Option<String> {
+    session.info().get(crate::runtime::ENDPOINT_INFO_KEY)
+}
+
+/// The failover checks of [`link_conformance`], for a provider with
+/// fallback endpoints.
+async fn failover_conformance(h: &impl LinkHarness) {
+    let wire = h.wire();
+    // A primary that refuses: the session opens on the fallback, which
+    // serves its turn.
+    let (primary_url, primary_port) = refusing_url().await;
+    let fallback = FakeService::start(wire.clone(), None).await;
+    let Some(backend) = failover_backend(h, &[&primary_url, fallback.url()]).await else {
+        return;
+    };
+    let (primary, second) = (endpoint_name(&primary_url), endpoint_name(fallback.url()));
+    let (session, mut events, mut audio) = failover_session(&*backend, "fay").await;
+    assert_eq!(fallback.connections(), 1, "the fallback serves the session");
+    assert_eq!(served_by(&*session).as_deref(), Some(second.as_str()));
+    turn_served_by(h, &fallback, &*session, &mut events, &mut audio).await;
+    assert_eq!(health_detail(&*backend, "endpoint_0").await, primary);
+    assert_eq!(health_detail(&*backend, "endpoint_0_state").await, "down");
+    assert_eq!(health_detail(&*backend, "endpoint_1_state").await, "up");
+    assert_eq!(health_detail(&*backend, "endpoint_active").await, second);
+    let why = switches(&*backend, &primary, &second);
+    assert!(
+        why.iter().any(|r| r == "error" || r == "down"),
+        "pipeline_component_switches_total{{stage=\"provider\"}} counts the switch: {why:?}"
+    );
+    session.stop().await.expect("the session stops");
+
+    // The primary comes back: the health check finds it, the next session
+    // is served by it.
+    let primary_service = FakeService::start_on(wire.clone(), None, primary_port).await;
+    assert_eq!(health_detail(&*backend, "endpoint_0_state").await, "up");
+    let (session, mut events, mut audio) = failover_session(&*backend, "gus").await;
+    assert_eq!(primary_service.connections(), 1, "the primary serves again");
+    assert_eq!(served_by(&*session).as_deref(), Some(primary.as_str()));
+    assert!(
+        switches(&*backend, &second, &primary).contains(&"recovered".to_owned()),
+        "the switch back is counted as recovered"
+    );
+
+    // The primary is lost mid-session: the reconnect fails over, and the
+    // next turn is served by the fallback.
+    primary_service.kill().await;
+    next_event(&mut events, "reconnecting", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Reconnecting
+            }
+        )
+    })
+    .await;
+    next_event(&mut events, "connected to the fallback", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Connected
+            }
+        )
+    })
+    .await;
+    assert_eq!(
+        fallback.connections(),
+        2,
+        "the reconnect goes to the fallback"
+    );
+    assert_eq!(served_by(&*session).as_deref(), Some(second.as_str()));
+    turn_served_by(h, &fallback, &*session, &mut events, &mut audio).await;
+    let served = backend
+        .metrics()
+        .expect("the backend has metrics")
+        .snapshot()
+        .component_served;
+    let key = (crate::runtime::ENDPOINT_STAGE.to_owned(), second.clone());
+    assert!(
+        served.get(&key).copied().unwrap_or(0) >= 2,
+        "pipeline_component_served_total counts the fallback's turns: {served:?}"
+    );
+    session.stop().await.expect("the session stops");
+    backend.stop().await.expect("the backend stops");
+
+    // A primary that takes the connection but never answers the handshake:
+    // given up after failover.timeout, the fallback serves.
+    let silent = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let silent_url = format!("ws://{}/", silent.local_addr().expect("local address"));
+    let backend = failover_backend(h, &[&silent_url, fallback.url()])
+        .await
+        .expect("the provider has fallbacks");
+    let (session, mut events, mut audio) = failover_session(&*backend, "hal").await;
+    assert_eq!(served_by(&*session).as_deref(), Some(second.as_str()));
+    turn_served_by(h, &fallback, &*session, &mut events, &mut audio).await;
+    let why = switches(&*backend, &endpoint_name(&silent_url), &second);
+    assert_eq!(why, ["timeout"], "the switch is counted as a timeout");
+    session.stop().await.expect("the session stops");
+    backend.stop().await.expect("the backend stops");
+    drop(silent);
 }

@@ -17,8 +17,8 @@ use crate::error::{BackendError, ErrorCode, Result};
 use crate::pipeline::TextToSpeech;
 use crate::provider::{Codec, HostedStages, ProviderCapabilities, TurnPolicy};
 use crate::runtime::{
-    Dial, Handed, Link, LinkCounters, LinkEvent, LinkEvents, LinkRequest, LinkSettings, Provider,
-    ServiceLink, WebSocketLink,
+    Dial, Endpoints, Handed, Link, LinkCounters, LinkEvent, LinkEvents, LinkRequest, LinkSettings,
+    Provider, ServiceLink, WebSocketLink,
 };
 
 mod hook;
@@ -118,6 +118,13 @@ impl std::fmt::Debug for AgentHookConfig {
 /// secret = "a-long-random-secret-for-the-hook"
 /// ```
 ///
+/// `fallback_urls` lists equivalent servers tried in order when the one
+/// before does not answer (each configured with the same agent hook): each
+/// session's link opens on the first that answers and, when its connection
+/// drops, reconnects to the first that answers again; `[failover]`
+/// `timeout` bounds each server's handshake and `probe_interval` is how long
+/// one that failed is tried last ([`Endpoints`]).
+///
 /// `Debug` shows the URL without user names, passwords and secret-looking
 /// query values, and no secret.
 #[derive(Clone, Deserialize, JsonSchema)]
@@ -127,6 +134,10 @@ pub struct VocodeConfig {
     /// `ws://host:3000/conversation` for a `ConversationRouter` mounted at
     /// the root.
     pub url: String,
+    /// Equivalent servers' conversation WebSockets, tried in order when the
+    /// one before does not answer. Empty by default.
+    #[serde(default)]
+    pub fallback_urls: Vec<String>,
     /// Sent as `Authorization: Bearer <token>` when connecting (for a proxy
     /// in front of the server; Vocode's router itself checks nothing).
     pub auth_token: Option<Secret>,
@@ -157,6 +168,14 @@ impl std::fmt::Debug for VocodeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VocodeConfig")
             .field("url", &crate::config::redact_url(&self.url))
+            .field(
+                "fallback_urls",
+                &self
+                    .fallback_urls
+                    .iter()
+                    .map(|u| crate::config::redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("auth_token", &self.auth_token)
             .field("agent", &self.agent)
             .field("agent_hook", &self.agent_hook)
@@ -177,6 +196,9 @@ impl VocodeConfig {
         };
         if let Err(m) = Dial::check_url(&self.url) {
             fail("url", m);
+        }
+        for (i, m) in Dial::check_fallback_urls(&self.url, &self.fallback_urls) {
+            fail(&format!("fallback_urls[{i}]"), m);
         }
         if self.auth_token.as_ref().is_some_and(Secret::is_empty) {
             fail("auth_token", "must be non-empty when set".into());
@@ -248,6 +270,20 @@ impl VocodeConfig {
         v.into_result(OP)
     }
 
+    /// The servers' dials, in order: `url`, then `fallback_urls`.
+    fn dials(&self) -> Vec<Dial> {
+        std::iter::once(&self.url)
+            .chain(&self.fallback_urls)
+            .map(|url| {
+                let dial = Dial::new(url.clone());
+                match &self.auth_token {
+                    Some(token) => dial.bearer(token),
+                    None => dial,
+                }
+            })
+            .collect()
+    }
+
     fn audio(&self) -> AudioSettings {
         let bytes_per_sample = self.input_encoding.audio_encoding().bytes_per_sample() as u32;
         AudioSettings {
@@ -311,6 +347,8 @@ fn conversation_id() -> Result<String> {
 pub struct VocodeProvider {
     config: VocodeConfig,
     counters: Arc<LinkCounters>,
+    /// The servers of `url` and `fallback_urls`.
+    endpoints: Arc<Endpoints>,
     hook: OnceCell<Arc<Hook>>,
 }
 
@@ -345,29 +383,35 @@ impl Provider for VocodeProvider {
         config.check()
     }
 
-    fn new(config: VocodeConfig, _: &Config) -> Result<Self> {
+    fn new(config: VocodeConfig, full: &Config) -> Result<Self> {
+        let urls = std::iter::once(&config.url).chain(&config.fallback_urls);
+        let endpoints = Endpoints::new(urls.map(String::as_str), &full.failover);
         Ok(VocodeProvider {
             config,
             counters: Arc::default(),
+            endpoints,
             hook: OnceCell::new(),
         })
     }
 
     /// Binds the agent hook (so the server can call it from the first
-    /// session on) and checks the server accepts TCP connections.
+    /// session on) and checks the server (with `fallback_urls`, one of the
+    /// servers) accepts TCP connections.
     async fn connect(&self, _config: &Config) -> Result<()> {
         self.hook().await?;
-        Dial::new(self.config.url.clone())
-            .probe("the Vocode server")
-            .await
+        self.probe().await
     }
 
     async fn open_link(&self, request: LinkRequest<'_>) -> Result<Option<Link>> {
-        let mut dial = Dial::new(self.config.url.clone());
-        if let Some(token) = &self.config.auth_token {
-            dial = dial.bearer(token);
-        }
-        let settings = LinkSettings::for_session(dial, &request);
+        let mut dials = self.config.dials().into_iter();
+        let first = dials
+            .next()
+            .unwrap_or_else(|| Dial::new(self.config.url.clone()));
+        let settings = LinkSettings::for_session(first, &request).with_fallbacks(
+            dials.collect(),
+            &self.endpoints,
+            Some(request.info),
+        );
         let conversation_id = conversation_id()?;
         let audio = self.config.audio();
         let Some(hook) = self.hook().await? else {
@@ -432,6 +476,9 @@ impl Provider for VocodeProvider {
         })))
     }
 
+    /// The link counters, the agent hook's, and, with `fallback_urls`, each
+    /// server's state ([`Endpoints::health`]); fails when no server accepts
+    /// TCP connections.
     async fn health(&self) -> Result<BTreeMap<String, String>> {
         let mut details = self.counters.health(NAME);
         if let Some(hook) = self.hook.get() {
@@ -454,10 +501,22 @@ impl Provider for VocodeProvider {
             );
             details.insert(format!("{NAME}_agent_hook"), hook.url().to_string());
         }
-        Dial::new(self.config.url.clone())
-            .probe("the Vocode server")
-            .await?;
+        self.probe().await?;
+        if !self.config.fallback_urls.is_empty() {
+            details.extend(self.endpoints.health(NAME));
+        }
         Ok(details)
+    }
+}
+
+impl VocodeProvider {
+    /// A TCP probe of each server; fine when one answers.
+    async fn probe(&self) -> Result<()> {
+        let dials = self.config.dials();
+        if dials.len() == 1 {
+            return dials[0].probe("the Vocode server").await;
+        }
+        self.endpoints.probe(&dials, "the Vocode server").await
     }
 }
 
