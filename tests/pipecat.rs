@@ -569,6 +569,134 @@ async fn a_bot_killed_and_restarted_mid_session_is_reconnected_and_the_session_g
     backend.stop().await.unwrap();
 }
 
+// ---------------------------------------------------------------------------
+// Failover to another bot
+
+/// A free port on 127.0.0.1 (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The bot serving a session, as its info names it (`host:port`).
+fn served_by(s: &dyn VoiceSession) -> String {
+    s.info()
+        .get(voice_backends::runtime::ENDPOINT_INFO_KEY)
+        .unwrap_or_default()
+}
+
+/// One spoken turn through the application agent: the bot's transcript, the
+/// agent's reply spoken by the bot, its audio back.
+async fn spoken_turn(
+    s: &dyn VoiceSession,
+    events: &mut SessionEvents,
+    rx: &mut voice_backends::AudioReceiver,
+) {
+    // Drain what is left of an earlier reply.
+    while timeout(Duration::from_millis(300), rx.recv())
+        .await
+        .is_ok_and(|f| f.is_some())
+    {}
+    speak(
+        s,
+        Duration::from_millis(600),
+        Duration::from_millis(700),
+        5,
+        Duration::ZERO,
+    )
+    .await;
+    let transcript = final_transcript(events).await;
+    assert!(transcript.starts_with("heard "), "{transcript}");
+    timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("reply audio from the serving bot")
+        .expect("reply audio");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_primary_bot_falls_over_to_the_fallback_and_back_and_over_again_mid_session() {
+    require_bot!();
+    // The primary bot is not running yet.
+    let port = free_port();
+    let primary_url = format!("ws://127.0.0.1:{port}/ws");
+    let fallback = Bot::start(Transport::FastApi, 0, false);
+    let mut config = config_for_url(&primary_url);
+    config.provider_config.0.insert(
+        "fallback_urls".into(),
+        serde_json::json!([fallback.url.clone()]),
+    );
+    config.failover.probe_interval = Duration::from_millis(500);
+    let backend = started(config).await;
+    let agent =
+        || agent_fn(|turn| async move { Ok(AgentReply::text(format!("ok {}", turn.transcript))) });
+    let primary = format!("127.0.0.1:{port}");
+    let second = voice_backends::runtime::endpoint_of(&fallback.url);
+
+    // The session is served by the fallback bot, turn and reply.
+    let s = backend
+        .create_session(SessionConfig::new("first").with_agent(agent()))
+        .await
+        .expect("the fallback bot takes the session");
+    let mut events = s.events();
+    let mut rx = s.receive_audio().unwrap();
+    s.start().await.unwrap();
+    assert_eq!(served_by(&*s), second);
+    spoken_turn(&*s, &mut events, &mut rx).await;
+    let health = backend.health_check().await.details;
+    assert_eq!(health["pipecat_endpoint_0_state"], "down", "{health:?}");
+    assert_eq!(health["pipecat_endpoint_1_state"], "up", "{health:?}");
+    s.stop().await.unwrap();
+
+    // The primary bot comes up: the health check finds it, and the next
+    // session is served by it.
+    let mut primary_bot = Bot::start(Transport::FastApi, port, false);
+    let health = backend.health_check().await.details;
+    assert_eq!(health["pipecat_endpoint_0_state"], "up", "{health:?}");
+    let s = backend
+        .create_session(SessionConfig::new("second").with_agent(agent()))
+        .await
+        .unwrap();
+    let mut events = s.events();
+    let mut rx = s.receive_audio().unwrap();
+    s.start().await.unwrap();
+    assert_eq!(served_by(&*s), primary);
+    spoken_turn(&*s, &mut events, &mut rx).await;
+
+    // The primary bot dies mid-session: the reconnect falls over to the
+    // fallback bot, and the next turn's reply comes from it.
+    primary_bot.kill();
+    expect_event(&Pipecat, &mut events, "Reconnecting", |e| {
+        *e == SessionEvent::Connection {
+            state: ConnectionState::Reconnecting,
+        }
+    })
+    .await;
+    expect_event(&Pipecat, &mut events, "Connected to the fallback", |e| {
+        *e == SessionEvent::Connection {
+            state: ConnectionState::Connected,
+        }
+    })
+    .await;
+    assert_eq!(served_by(&*s), second);
+    spoken_turn(&*s, &mut events, &mut rx).await;
+    let snapshot = backend.metrics().unwrap().snapshot();
+    let switches: Vec<_> = snapshot
+        .component_switches
+        .keys()
+        .filter(|k| k.0 == "provider")
+        .map(|(_, from, to, why)| format!("{from}->{to}:{why}"))
+        .collect();
+    assert!(
+        switches.contains(&format!("{second}->{primary}:recovered"))
+            && switches.contains(&format!("{primary}->{second}:error")),
+        "{switches:?}"
+    );
+    backend.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bot_that_stays_away_fails_the_session_with_connection_failed_and_the_cause() {
     require_bot!();
@@ -1141,10 +1269,47 @@ fn config_errors_name_the_field_and_never_echo_secrets() {
     );
     assert!(!format!("{err} {err:?} {config:?}").contains("hunter2"));
 
+    // Fallback URLs: each checked, named by its index, never echoed.
+    let mut config = config_for_url("ws://127.0.0.1:9/?token=hunter2");
+    config.provider_config.0.insert(
+        "fallback_urls".into(),
+        serde_json::json!([
+            "ws://127.0.0.1:10/?token=hunter2",
+            "http://user:hunter2@bot:1/",
+            "ws://127.0.0.1:9/?token=hunter2",
+            "ws://127.0.0.1:10/?token=hunter2",
+        ]),
+    );
+    let err = p.validate_config(&config).unwrap_err();
+    assert!(
+        !err.details.contains_key("provider_config.fallback_urls[0]"),
+        "{err}"
+    );
+    assert!(
+        err.details["provider_config.fallback_urls[1]"].contains("scheme \"http\""),
+        "{err}"
+    );
+    assert!(
+        err.details["provider_config.fallback_urls[2]"].contains("repeats the first URL"),
+        "{err}"
+    );
+    assert!(
+        err.details["provider_config.fallback_urls[3]"].contains("repeats entry 0"),
+        "{err}"
+    );
+    assert!(!format!("{err} {err:?} {config:?}").contains("hunter2"));
+    // A config without fallback_urls stays valid, and one with them too.
+    config
+        .provider_config
+        .0
+        .insert("fallback_urls".into(), serde_json::json!(["wss://bot-b/"]));
+    p.validate_config(&config).unwrap();
+
     let schema = p.config_schema();
     for key in [
         "url",
         "url_template",
+        "fallback_urls",
         "auth_token",
         "input_sample_rate",
         "client_ready",
