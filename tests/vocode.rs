@@ -540,6 +540,107 @@ async fn a_server_killed_and_restarted_mid_session_is_reconnected_and_the_conver
     backend.stop().await.unwrap();
 }
 
+// ---------------------------------------------------------------------------
+// Failover to another server
+
+/// The server a session's link is connected to, as its info names it.
+fn served_by(s: &dyn VoiceSession) -> String {
+    s.info()
+        .get(voice_backends::runtime::ENDPOINT_INFO_KEY)
+        .unwrap_or_default()
+}
+
+/// A session of `backend` answering "noon", started.
+async fn noon_session(
+    backend: &dyn VoiceBackend,
+    user: &str,
+) -> (
+    Arc<dyn VoiceSession>,
+    SessionEvents,
+    voice_backends::AudioReceiver,
+) {
+    let agent = agent_fn(|_turn| async move { Ok(AgentReply::text("noon")) });
+    let mut sc = SessionConfig::new(user).with_agent(agent);
+    sc.output_format = PCM16;
+    let s = backend.create_session(sc).await.unwrap();
+    let events = s.events();
+    let rx = s.receive_audio().unwrap();
+    s.start().await.unwrap();
+    (s, events, rx)
+}
+
+async fn noon_turn(s: &dyn VoiceSession, rx: &mut voice_backends::AudioReceiver) {
+    say(s, &["hello"]).await;
+    assert_eq!(
+        hear(&reply_audio(rx, Duration::from_millis(800)).await, RATE),
+        ["noon"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_primary_server_falls_over_to_the_fallback_and_back_and_over_again_mid_session() {
+    require_server!();
+    // Both servers' REST agents post to the backend's one hook; the primary
+    // is not running yet.
+    let hook_port = free_port();
+    let fallback = Server::start(0, &agent_url(hook_port));
+    let port = free_port();
+    let primary_url = format!("ws://127.0.0.1:{port}/conversation");
+    let mut config = config_for(&primary_url, hook_port);
+    config
+        .provider_config
+        .0
+        .insert("fallback_urls".into(), serde_json::json!([fallback.url()]));
+    config.failover.probe_interval = Duration::from_millis(500);
+    let backend = started(&config).await;
+    let primary = format!("127.0.0.1:{port}");
+    let second = format!("127.0.0.1:{}", fallback.port);
+
+    // The fallback server serves the session's turn.
+    let (s, _events, mut rx) = noon_session(&*backend, "first").await;
+    assert_eq!(served_by(&*s), second);
+    noon_turn(&*s, &mut rx).await;
+    let h = backend.health_check().await.details;
+    assert_eq!(h["vocode_endpoint_0_state"], "down", "{h:?}");
+    assert_eq!(h["vocode_endpoint_1_state"], "up", "{h:?}");
+    s.stop().await.unwrap();
+
+    // The primary comes up: found by the health check, it serves the next
+    // session.
+    let mut primary_server =
+        tokio::task::block_in_place(|| Server::start(port, &agent_url(hook_port)));
+    let h = backend.health_check().await.details;
+    assert_eq!(h["vocode_endpoint_0_state"], "up", "{h:?}");
+    let (s, mut events, mut rx) = noon_session(&*backend, "second").await;
+    assert_eq!(served_by(&*s), primary);
+    noon_turn(&*s, &mut rx).await;
+
+    // The primary dies mid-session: the reconnect falls over, and the next
+    // turn is served by the fallback.
+    primary_server.kill();
+    expect(&mut events, "reconnecting", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Reconnecting
+            }
+        )
+    })
+    .await;
+    expect(&mut events, "connected to the fallback", |e| {
+        matches!(
+            e,
+            SessionEvent::Connection {
+                state: ConnectionState::Connected
+            }
+        )
+    })
+    .await;
+    assert_eq!(served_by(&*s), second);
+    noon_turn(&*s, &mut rx).await;
+    backend.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stays_away_fails_the_session_with_connection_failed() {
     require_server!();
@@ -843,6 +944,33 @@ fn config_errors_name_the_field_and_never_echo_secrets() {
         "unknown keys are refused"
     );
     assert!(p.validate_config(&config_for("ws://x:1/c", 8790)).is_ok());
+
+    // Fallback URLs: each checked, named by its index, never echoed.
+    let mut config = config_for("ws://x:1/c?token=hunter2", 8790);
+    config.provider_config.0.insert(
+        "fallback_urls".into(),
+        serde_json::json!(["ws://y:1/c", "https://user:hunter2@y/", "ws://y:1/c"]),
+    );
+    let err = p.validate_config(&config).unwrap_err();
+    let text = format!("{err} {err:?} {config:?}");
+    assert!(
+        !err.details.contains_key("provider_config.fallback_urls[0]"),
+        "{text}"
+    );
+    assert!(
+        err.details["provider_config.fallback_urls[1]"].contains("scheme \"https\""),
+        "{text}"
+    );
+    assert!(
+        err.details["provider_config.fallback_urls[2]"].contains("repeats entry 0"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    config
+        .provider_config
+        .0
+        .insert("fallback_urls".into(), serde_json::json!(["ws://y:1/c"]));
+    assert!(p.validate_config(&config).is_ok());
 }
 
 // ---------------------------------------------------------------------------
