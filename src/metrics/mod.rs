@@ -31,7 +31,9 @@
 //! gives, and `reason` is `error`, `timeout`, `down` or `recovered` (see
 //! [`SwitchReason`](crate::session::events::SwitchReason)). `served` counts
 //! the turns each component answered (for `tts`, each piece of a reply it
-//! synthesized). Their series are made when first counted, under a lock
+//! synthesized). A provider's connection with fallback endpoints
+//! (`fallback_urls`) is counted too, as `stage` `provider`, its components
+//! being the endpoints' `host:port` (the link kit's `Endpoints`). Their series are made when first counted, under a lock
 //! (once per turn, never per frame); the other families are pre-allocated.
 //!
 //! `operation` is an [`Op`], `code` an [`ErrorCode`], `stage` a [`LatencyStage`]
@@ -557,7 +559,7 @@ impl Metrics {
         self.interruptions.fetch_add(1, Relaxed);
     }
 
-    /// Counts one switch of `stage` (`stt`, `tts`, `s2s`) from component
+    /// Counts one switch of `stage` (`stt`, `tts`, `s2s`, `provider`) from component
     /// `from` to `to`, for `reason` (`pipeline_component_switches_total`).
     pub fn component_switched(&self, stage: &str, from: &str, to: &str, reason: &str) {
         let mut c = self.components();
