@@ -437,8 +437,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_failed_endpoint_is_tried_last_until_its_cool_down_is_over() {
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_endpoint_is_tried_last_until_its_cool_down_is_over() {
         let e = Endpoints::new(
             ["ws://a:1", "ws://b:2", "ws://c:3"],
             &failover(Duration::from_millis(50)),
@@ -449,7 +449,9 @@ mod tests {
         assert_eq!(e.order(), [1, 2, 0]);
         e.failed(1);
         assert_eq!(e.order(), [2, 0, 1]);
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(49)).await;
+        assert_eq!(e.order(), [2, 0, 1], "still cooling down");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(!e.is_down(0));
         assert_eq!(e.order(), [0, 1, 2], "the primary comes first again");
     }
