@@ -1299,11 +1299,17 @@ fn config_errors_name_the_field_and_never_echo_secrets() {
     );
     assert!(!format!("{err} {err:?} {config:?}").contains("hunter2"));
     // A config without fallback_urls stays valid, and one with them too.
-    config
-        .provider_config
-        .0
-        .insert("fallback_urls".into(), serde_json::json!(["wss://bot-b/"]));
+    config.provider_config.0.insert(
+        "fallback_urls".into(),
+        serde_json::json!(["wss://bot-b/?token=hunter2"]),
+    );
     p.validate_config(&config).unwrap();
+    let parsed = voice_backends::providers::pipecat::PipecatConfig::from_config(&config).unwrap();
+    let shown = format!("{parsed:?}");
+    assert!(
+        shown.contains("bot-b") && !shown.contains("hunter2"),
+        "{shown}"
+    );
 
     let schema = p.config_schema();
     for key in [
