@@ -35,6 +35,12 @@ pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(3600);
 /// synthesis); each failed probe doubles the wait, up to
 /// `max_probe_interval`. Once a probe passes, turns go to it again.
 ///
+/// A provider's connection with fallback endpoints (`fallback_urls` of
+/// `pipecat` and `vocode`) fails over by the same section: `timeout` bounds
+/// each endpoint's handshake, and an endpoint that failed is tried last for
+/// `probe_interval` (then first again, or as soon as the backend's health
+/// check finds it answering).
+///
 /// ```toml
 /// stt_provider = "cloud-stt"
 /// stt_fallbacks = ["pocketsphinx"]
