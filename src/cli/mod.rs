@@ -91,6 +91,8 @@ pub struct Cli {
 }
 
 /// The commands of the tool.
+// Parsed once per run: the size of `serve`'s options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP + WebSocket server in front of a backend.

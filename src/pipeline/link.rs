@@ -11,6 +11,12 @@ use crate::backend::ConnectionState;
 use crate::error::{ErrorCode, Result};
 use crate::provider::TurnPolicy;
 
+/// The `stage` under which a link's endpoints are counted in
+/// `pipeline_component_switches_total` and `pipeline_component_served_total`
+/// (the `component` label is the endpoint's name) and reported in
+/// [`SessionEvent::ComponentSwitched`](crate::session::events::SessionEvent::ComponentSwitched).
+pub const ENDPOINT_STAGE: &str = "provider";
+
 /// What a [`ServiceLink`](crate::runtime::ServiceLink)'s service says, in the session's terms.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -42,6 +48,16 @@ pub enum LinkEvent {
         code: ErrorCode,
         /// What happened, with the cause.
         message: String,
+    },
+    /// The link is now connected to another of the service's equivalent
+    /// endpoints (see [`S2sEvent::EndpointSwitched`]).
+    EndpointSwitched {
+        /// The endpoint (`host:port`) that served before.
+        from: String,
+        /// The endpoint serving now.
+        to: String,
+        /// Why.
+        reason: crate::session::events::SwitchReason,
     },
 }
 
@@ -104,6 +120,9 @@ impl From<LinkEvent> for S2sEvent {
             LinkEvent::Interrupted => S2sEvent::Interrupted,
             LinkEvent::Connection(state) => S2sEvent::Connection(state),
             LinkEvent::Failed { code, message } => S2sEvent::Failed { code, message },
+            LinkEvent::EndpointSwitched { from, to, reason } => {
+                S2sEvent::EndpointSwitched { from, to, reason }
+            }
         }
     }
 }

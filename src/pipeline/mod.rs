@@ -269,6 +269,20 @@ pub enum S2sEvent {
         /// What happened, with the cause.
         message: String,
     },
+    /// The session's link to a remote service is now served by another of
+    /// its provider's equivalent endpoints (a provider's `fallback_urls`):
+    /// reported as [`SessionEvent::ComponentSwitched`] with the stage
+    /// `provider`.
+    ///
+    /// [`SessionEvent::ComponentSwitched`]: crate::session::events::SessionEvent::ComponentSwitched
+    EndpointSwitched {
+        /// The endpoint (`host:port`) that served before.
+        from: String,
+        /// The endpoint serving now.
+        to: String,
+        /// Why.
+        reason: crate::session::events::SwitchReason,
+    },
 }
 
 /// One session's speech-to-speech model.

@@ -32,7 +32,7 @@ use crate::provider::{BackendProvider, ConfigSchema, HostedStages, ProviderCapab
 /// Everything else (sessions, capacity, auth, rate limits, retries, health,
 /// metrics, tracing, the pipeline) is the runtime's. A provider whose
 /// service speaks over a WebSocket builds its link with the link kit
-/// ([`WebSocketLink`](super::WebSocketLink)) and writes only its wire
+/// (`runtime::WebSocketLink`, feature `link-websocket`) and writes only its wire
 /// protocol.
 #[async_trait]
 pub trait Provider: Send + Sync + Sized + 'static {

@@ -125,7 +125,10 @@ pub enum SessionEvent {
     /// `from`, both when a component fails over and when it is switched back
     /// after its health check passed.
     ComponentSwitched {
-        /// The stage: `stt`, `tts` or `s2s`.
+        /// The stage: `stt`, `tts` or `s2s`; `provider` for the session's
+        /// link moving to another of its provider's endpoints
+        /// (`fallback_urls`), `from` and `to` then being endpoint names
+        /// (`host:port`).
         stage: String,
         /// The component that served before.
         from: String,

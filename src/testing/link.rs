@@ -52,6 +52,7 @@ use crate::provider::TurnPolicy;
 use crate::registry::registry;
 use crate::runtime::WsMessage;
 use crate::session::VoiceSession;
+use crate::session::events::SwitchReason;
 use crate::testing::conformance::expect_event_within;
 use crate::testing::signal;
 
@@ -659,6 +660,21 @@ async fn failover_session(
     (session, events, audio)
 }
 
+/// Waits for the session's event saying its link moved from endpoint
+/// `from` to `to`, for one of `why` (a primary refused by this link, or
+/// passed over as down after another's failure).
+async fn switched(events: &mut SessionEvents, from: &str, to: &str, why: &[SwitchReason]) {
+    let what = format!("the session's switch from {from} to {to} ({why:?})");
+    next_event(events, &what, |e| {
+        matches!(
+            e,
+            SessionEvent::ComponentSwitched { stage, from: f, to: t, reason }
+                if stage == crate::runtime::ENDPOINT_STAGE && f == from && t == to && why.contains(reason)
+        )
+    })
+    .await;
+}
+
 fn served_by(session: &dyn VoiceSession) -> Option<String> {
     session.info().get(crate::runtime::ENDPOINT_INFO_KEY)
 }
@@ -676,6 +692,13 @@ async fn failover_conformance(h: &impl LinkHarness) {
     };
     let (primary, second) = (endpoint_name(&primary_url), endpoint_name(fallback.url()));
     let (session, mut events, mut audio) = failover_session(&*backend, "fay").await;
+    switched(
+        &mut events,
+        &primary,
+        &second,
+        &[SwitchReason::Error, SwitchReason::Down],
+    )
+    .await;
     assert_eq!(fallback.connections(), 1, "the fallback serves the session");
     assert_eq!(served_by(&*session).as_deref(), Some(second.as_str()));
     turn_served_by(h, &fallback, &*session, &mut events, &mut audio).await;
@@ -723,6 +746,7 @@ async fn failover_conformance(h: &impl LinkHarness) {
         )
     })
     .await;
+    switched(&mut events, &primary, &second, &[SwitchReason::Error]).await;
     assert_eq!(
         fallback.connections(),
         2,
@@ -753,6 +777,13 @@ async fn failover_conformance(h: &impl LinkHarness) {
         .await
         .expect("the provider has fallbacks");
     let (session, mut events, mut audio) = failover_session(&*backend, "hal").await;
+    switched(
+        &mut events,
+        &endpoint_name(&silent_url),
+        &second,
+        &[SwitchReason::Timeout],
+    )
+    .await;
     assert_eq!(served_by(&*session).as_deref(), Some(second.as_str()));
     turn_served_by(h, &fallback, &*session, &mut events, &mut audio).await;
     let why = switches(&*backend, &endpoint_name(&silent_url), &second);

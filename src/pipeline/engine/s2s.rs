@@ -106,6 +106,14 @@ impl Task {
                 }
             }
             S2sEvent::Connection(state) => shared.connection(state),
+            S2sEvent::EndpointSwitched { from, to, reason } => {
+                shared.emit(SessionEvent::ComponentSwitched {
+                    stage: crate::pipeline::link::ENDPOINT_STAGE.to_owned(),
+                    from,
+                    to,
+                    reason,
+                });
+            }
             S2sEvent::Failed { code, message } => {
                 tracing::error!(code = %code, "the session's link failed: {message}");
                 shared.metrics.error(Op::Turn, code);

@@ -38,10 +38,7 @@ use crate::config::FailoverConfig;
 use crate::session::SessionInfo;
 use crate::session::events::SwitchReason;
 
-/// The `stage` label under which a link's endpoints are counted in
-/// `pipeline_component_switches_total` and `pipeline_component_served_total`
-/// (the `component` label is the endpoint's name).
-pub const ENDPOINT_STAGE: &str = "provider";
+pub use crate::pipeline::link::ENDPOINT_STAGE;
 
 /// The [`SessionInfo`] key under which a session with fallback endpoints
 /// publishes the endpoint its link is connected to (its name: `host:port`).
@@ -314,19 +311,53 @@ fn none_answered(service: &str, failures: Vec<BackendError>) -> BackendError {
     error
 }
 
+/// A connection [`connect_any`] made: what the service said first, which
+/// endpoint it is, and the endpoints passed over on the way (with why).
+pub(super) struct Connected {
+    pub(super) ws: Ws,
+    pub(super) early: Vec<WsMessage>,
+    pub(super) endpoint: usize,
+    pub(super) passed: Passed,
+}
+
+impl Connected {
+    /// The session's switch to report when its link was served by
+    /// endpoint `from` before (the primary, for a link just opened):
+    /// `None` when it is the same one.
+    pub(super) fn switch_from(&self, from: usize) -> Option<SwitchReason> {
+        if from == self.endpoint {
+            return None;
+        }
+        let why = self
+            .passed
+            .iter()
+            .find(|(j, _)| *j == from)
+            .map(|(_, r)| *r);
+        Some(why.unwrap_or(if from > self.endpoint {
+            SwitchReason::Recovered
+        } else {
+            SwitchReason::Down
+        }))
+    }
+}
+
 /// Dials, greets and waits for the service to be ready at the first
-/// endpoint that answers, in the order of [`Endpoints::order`]; returns what
-/// it said first and which endpoint it is. Without fallbacks, dials
-/// [`LinkSettings::dial`] as ever.
+/// endpoint that answers, in the order of [`Endpoints::order`]. Without
+/// fallbacks, dials [`LinkSettings::dial`] as ever.
 pub(super) async fn connect_any<P: WireProtocol>(
     protocol: &mut P,
     settings: &LinkSettings,
     counters: &LinkCounters,
-) -> Result<(Ws, Vec<WsMessage>, usize)> {
+) -> Result<Connected> {
     let Some(fallbacks) = &settings.fallbacks else {
         let (ws, early) =
             super::connect::connect(protocol, settings, &settings.dial, None, counters).await?;
-        return Ok((ws, early, 0));
+        return Ok(Connected {
+            ws,
+            early,
+            endpoint: 0,
+            passed: Vec::new(),
+        });
     };
     let endpoints = &fallbacks.endpoints;
     let service = protocol.service();
@@ -347,7 +378,12 @@ pub(super) async fn connect_any<P: WireProtocol>(
                 }
                 let switch = endpoints.connected(i, &passed);
                 report(settings, fallbacks, i, switch);
-                return Ok((ws, early, i));
+                return Ok(Connected {
+                    ws,
+                    early,
+                    endpoint: i,
+                    passed,
+                });
             }
             Err(e) => {
                 tracing::warn!(

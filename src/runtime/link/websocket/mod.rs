@@ -509,9 +509,26 @@ impl WebSocketLink {
         if let Some(metrics) = &settings.metrics {
             counters.use_metrics(metrics);
         }
-        let (ws, early, endpoint) = connect_any(&mut protocol, &settings, &counters).await?;
+        let connected = connect_any(&mut protocol, &settings, &counters).await?;
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let (events_tx, events_rx) = LinkEvents::channel(EVENT_QUEUE);
+        // Opened on a fallback: the session's first event says so (the
+        // queue is new, so there is room).
+        if let Some(reason) = connected.switch_from(0) {
+            let _ = events_tx
+                .send(LinkEvent::EndpointSwitched {
+                    from: settings.endpoint_name(0).to_owned(),
+                    to: settings.endpoint_name(connected.endpoint).to_owned(),
+                    reason,
+                })
+                .await;
+        }
+        let endpoints::Connected {
+            ws,
+            early,
+            endpoint,
+            ..
+        } = connected;
         let shared = Arc::new(Shared {
             service: protocol.service(),
             counters,

@@ -226,14 +226,13 @@ impl<P: WireProtocol> Task<P> {
             let protocol = tokio::sync::Mutex::new(protocol);
             let attempt = || async {
                 let mut protocol = protocol.lock().await;
-                let (ws, early, endpoint) =
-                    connect_any(&mut **protocol, settings, counters).await?;
+                let connected = connect_any(&mut **protocol, settings, counters).await?;
                 // What the service said before it was ready is of no reply
                 // in flight.
                 counters
                     .received
-                    .fetch_add(early.len() as u64, Ordering::Relaxed);
-                Ok::<_, BackendError>((ws, endpoint))
+                    .fetch_add(connected.early.len() as u64, Ordering::Relaxed);
+                Ok::<_, BackendError>(connected)
             };
             tokio::select! {
                 () = self.events.closed() => return None,
@@ -243,8 +242,10 @@ impl<P: WireProtocol> Task<P> {
             }
         };
         match outcome {
-            Ok((ws, endpoint)) => {
+            Ok(connected) => {
                 let from = self.endpoint;
+                let switch = connected.switch_from(from);
+                let (ws, endpoint) = (connected.ws, connected.endpoint);
                 self.endpoint = endpoint;
                 if from == endpoint {
                     tracing::info!(endpoint = %self.settings.endpoint_name(endpoint), "reconnected to {service}");
@@ -280,6 +281,14 @@ impl<P: WireProtocol> Task<P> {
                 }
                 self.emit(LinkEvent::Connection(ConnectionState::Connected))
                     .await;
+                if let Some(reason) = switch {
+                    let event = LinkEvent::EndpointSwitched {
+                        from: self.settings.endpoint_name(from).to_owned(),
+                        to: self.settings.endpoint_name(endpoint).to_owned(),
+                        reason,
+                    };
+                    self.emit(event).await;
+                }
                 Some(ws)
             }
             Err(e) => {
