@@ -255,12 +255,14 @@ async fn save_screenshot(client: &Client) {
 
 /// Chromium (through chromedriver) with `samples` as its fake microphone,
 /// on `url`. Dropping the guard kills chromedriver and the browser.
+#[cfg(feature = "cli")]
 struct Browser {
     client: Client,
     _driver: ProcessGroup,
     _dir: tempfile::TempDir,
 }
 
+#[cfg(feature = "cli")]
 impl Browser {
     async fn open(samples: &[i16], url: &str) -> Browser {
         let dir = tempfile::tempdir().unwrap();
@@ -302,6 +304,7 @@ async fn texts(client: &Client, selector: &str) -> Vec<String> {
 }
 
 /// The conversation as shown: `(class, text)` of each line.
+#[cfg(feature = "cli")]
 async fn conversation_lines(client: &Client) -> Vec<(String, String)> {
     let raw = client
         .execute(
@@ -491,6 +494,7 @@ async fn a_spoken_turn_goes_round_trip_through_the_web_page() {
 }
 
 /// Types `text` in the page's text box and presses Enter.
+#[cfg(feature = "cli")]
 async fn type_line(client: &Client, text: &str) {
     use fantoccini::Locator;
     let input = client

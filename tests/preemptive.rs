@@ -314,11 +314,12 @@ async fn a_final_that_differs_drops_the_preemptive_reply_unheard() {
     t.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partial_with_other_words_drops_the_attempt_and_the_next_is_used() {
-    // Started on the first partial at once; the user says more, which
-    // starts the turn's second attempt: the final confirms it.
-    let mut t = talk("pre-changed", Some(on(Duration::ZERO)), None).await;
+/// A turn whose first partial ("Book a") is answered at once and whose
+/// second has more words, under `policy`: the session, and the turn's
+/// events once the final's reply has played. The final's reply is heard,
+/// whole, whether or not an attempt was used.
+async fn book_a_table(name: &str, policy: PreemptiveConfig) -> (Talk, Vec<SessionEvent>) {
+    let mut t = talk(name, Some(policy), None).await;
     let events = t
         .turn(
             Said::new("Book a table for two.")
@@ -328,7 +329,7 @@ async fn a_partial_with_other_words_drops_the_attempt_and_the_next_is_used() {
         .await;
     // The agent may not have been asked "Book a" yet when that attempt was
     // dropped: a session task that comes to both partials at once drops it
-    // unpolled. The final asks nothing more.
+    // unpolled. Either way the final asks nothing more than the last words.
     let asked = t.asked();
     assert!(
         asked == ["Book a", "Book a table for two."] || asked == ["Book a table for two."],
@@ -336,6 +337,14 @@ async fn a_partial_with_other_words_drops_the_attempt_and_the_next_is_used() {
     );
     assert_eq!(agent_texts(&events), vec![answer("Book a table for two.")]);
     only_reply_to(&t.heard(), "Book a table for two.");
+    (t, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_with_other_words_drops_the_attempt_and_the_next_is_used() {
+    // The user says more: the turn's second attempt starts on it, and the
+    // final confirms it.
+    let (t, events) = book_a_table("pre-changed", on(Duration::ZERO)).await;
     assert_eq!(t.counted(), (1, 1));
     let latency = latencies(&events);
     assert!(
@@ -352,21 +361,7 @@ async fn past_max_attempts_the_final_is_answered() {
         max_attempts: 1,
         ..on(Duration::ZERO)
     };
-    let mut t = talk("pre-once", Some(one), None).await;
-    let events = t
-        .turn(
-            Said::new("Book a table for two.")
-                .partial(3, "Book a")
-                .partial(20, "Book a table for two."),
-        )
-        .await;
-    let asked = t.asked();
-    assert!(
-        asked == ["Book a", "Book a table for two."] || asked == ["Book a table for two."],
-        "{asked:?}"
-    );
-    assert_eq!(agent_texts(&events), vec![answer("Book a table for two.")]);
-    only_reply_to(&t.heard(), "Book a table for two.");
+    let (t, events) = book_a_table("pre-once", one).await;
     assert_eq!(t.counted(), (0, 1));
     assert!(latencies(&events).iter().all(|l| l.preemptive.is_none()));
     t.close().await;

@@ -64,16 +64,33 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Registers the session's custom-LLM route on `server`.
+/// Registers the session's custom-LLM route on `server`; it answers while
+/// `open()` says the session is there, and 404 from the moment it says no
+/// (the route itself goes when the [`CallbackRoute`] is dropped, which may
+/// come a moment later).
 ///
 /// # Errors
 ///
 /// As [`CallbackServer::register`].
-pub fn register(server: &CallbackServer, endpoint: Endpoint) -> Result<CallbackRoute> {
+pub fn register(
+    server: &CallbackServer,
+    endpoint: Endpoint,
+    open: impl Fn() -> bool + Send + Sync + 'static,
+) -> Result<CallbackRoute> {
     let endpoint = Arc::new(endpoint);
+    let open = Arc::new(open);
     server.register(endpoint.session_id.clone(), move |request| {
-        let endpoint = endpoint.clone();
-        async move { endpoint.answer(request).await }
+        let (endpoint, open) = (endpoint.clone(), open.clone());
+        async move {
+            if !open() {
+                return Ok(error_answer(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the session of this custom LLM has ended",
+                ));
+            }
+            endpoint.answer(request).await
+        }
     })
 }
 

@@ -383,9 +383,13 @@ impl Provider for VapiProvider {
             .agent
             .clone()
             .filter(|_| self.config.custom_llm);
+        // The session's events, relayed while the custom-LLM route is held:
+        // the route answers only while the session takes them.
+        let (relay_tx, relay_rx) = mpsc::channel(EVENT_QUEUE);
         let route = match &agent {
             Some(agent) => {
                 let server = self.callback_server().await?;
+                let relay = relay_tx.downgrade();
                 let route = llm::register(
                     &server,
                     llm::Endpoint {
@@ -395,6 +399,7 @@ impl Provider for VapiProvider {
                         timeout: request.config.timeout,
                         model: self.config.custom_llm_model.clone(),
                     },
+                    move || relay.upgrade().is_some_and(|tx| !tx.is_closed()),
                 )?;
                 Some((server, route))
             }
@@ -436,7 +441,7 @@ impl Provider for VapiProvider {
         if let Some(held) = route {
             // Vapi asks the agent itself: the session's engine only relays.
             service.speaker = None;
-            service.events = hold_while_linked(service.events, held);
+            service.events = hold_while_linked(service.events, held, relay_tx, relay_rx);
         }
         Ok(Some(Link::Service(service)))
     }
@@ -448,15 +453,17 @@ impl Provider for VapiProvider {
     }
 }
 
-/// The link's events, passed on by a task that holds the session's
-/// custom-LLM route (and the server it is on) for as long as the link
-/// lives: until the session stops taking events or the link ends (a
-/// hang-up), after which the route answers 404.
+/// The link's events, passed on (over `tx` to `rx`, the channel the route
+/// watches: it answers 404 once the session stops taking events) by a task
+/// that holds the session's custom-LLM route (and the server it is on) for
+/// as long as the link lives: until the session stops taking events or the
+/// link ends (a hang-up), after which the route is gone.
 fn hold_while_linked(
     mut events: mpsc::Receiver<LinkEvent>,
     held: (Arc<CallbackServer>, CallbackRoute),
+    tx: mpsc::Sender<LinkEvent>,
+    rx: mpsc::Receiver<LinkEvent>,
 ) -> mpsc::Receiver<LinkEvent> {
-    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     tokio::spawn(async move {
         let _held = held;
         loop {

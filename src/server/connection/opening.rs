@@ -182,27 +182,17 @@ impl Conn {
                     reason,
                     refusal: None,
                 }) => {
-                    let refusal = if code == protocol::POLICY {
-                        Refusal::RateLimit
-                    } else {
-                        Refusal::Protocol
-                    };
-                    return Err(End::refuse(code, reason, refusal));
+                    return Err(End::refuse(code, reason, refusal_for(code)));
                 }
                 Err(End::Broken {
                     code,
                     reason,
                     refusal: None,
                 }) => {
-                    let refusal = if code == protocol::POLICY {
-                        Refusal::RateLimit
-                    } else {
-                        Refusal::Protocol
-                    };
                     return Err(End::Broken {
                         code,
                         reason,
-                        refusal: Some(refusal),
+                        refusal: Some(refusal_for(code)),
                     });
                 }
                 Err(end) => return Err(end),
@@ -328,4 +318,14 @@ fn internal(e: &BackendError, refusal: Refusal) -> End {
         format!("internal error: could not open a session ({})", e.code),
         refusal,
     )
+}
+
+/// How a connection closed before its `start` counts: over a limit (the
+/// policy close), or a protocol error.
+fn refusal_for(code: u16) -> Refusal {
+    if code == protocol::POLICY {
+        Refusal::RateLimit
+    } else {
+        Refusal::Protocol
+    }
 }
