@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use super::{Inner, Reservation, RuntimeSession, persist};
-use crate::config::SessionConfig;
+use crate::config::{Secret, SessionConfig};
 use crate::error::{BackendError, ErrorCode, Result};
 use crate::session::SessionId;
 use crate::session::store::SessionRecord;
@@ -164,5 +164,105 @@ impl Inner {
             }
         }
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Takes up session `id` for its client holding `token`: the session
+    /// running here, or its record in the store (see
+    /// [`VoiceBackend::resume_session`](crate::VoiceBackend::resume_session)).
+    pub(super) async fn resume(
+        self: &Arc<Self>,
+        id: &SessionId,
+        token: &Secret,
+    ) -> Result<Arc<RuntimeSession>> {
+        const OP: &str = "backend.resume_session";
+        let refused = || {
+            BackendError::new(
+                OP,
+                ErrorCode::AuthenticationFailed,
+                format!("the resume token is not session {id}'s"),
+            )
+        };
+        let not_found = || {
+            BackendError::new(
+                OP,
+                ErrorCode::SessionNotFound,
+                format!("no active session {id} to resume (closed, completed or never opened)"),
+            )
+        };
+        let Some(p) = self.persistence.load_full() else {
+            return Err(not_found());
+        };
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("the backend is {}; it resumes no sessions", self.state()),
+            ));
+        }
+        let running = self
+            .sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        if let Some(session) = running {
+            let Some(sp) = &session.persist else {
+                return Err(not_found());
+            };
+            if !persist::token_matches(token.expose(), &sp.token_hash) {
+                return Err(refused());
+            }
+            return Ok(session);
+        }
+        let timeout = self.config().timeout;
+        let unavailable = |e: BackendError| {
+            BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("the session store cannot be read: {}", e.message),
+            )
+        };
+        let record = tokio::time::timeout(timeout, p.store.load(id))
+            .await
+            .map_err(|_| {
+                BackendError::new(
+                    OP,
+                    ErrorCode::ConnectionTimeout,
+                    "the session store did not answer",
+                )
+            })?
+            .map_err(unavailable)?
+            .filter(|r| r.provider == self.provider)
+            .ok_or_else(not_found)?;
+        let hash = record.resume_token_sha256.as_deref().unwrap_or_default();
+        if !persist::token_matches(token.expose(), hash) {
+            return Err(refused());
+        }
+        let granted = tokio::time::timeout(timeout, p.store.acquire(id, &p.owner, p.ttl))
+            .await
+            .map_err(|_| {
+                BackendError::new(
+                    OP,
+                    ErrorCode::ConnectionTimeout,
+                    "the session store did not answer",
+                )
+            })?
+            .map_err(unavailable)?;
+        if !granted {
+            return Err(BackendError::new(
+                OP,
+                ErrorCode::ConnectionFailed,
+                format!("session {id} runs on another instance; retry once it lets go of it"),
+            ));
+        }
+        match self.take_up(&record).await {
+            Ok(session) => Ok(session),
+            Err(e) => {
+                let _ = p.store.release(id, &p.owner).await;
+                Err(e.with_op(OP))
+            }
+        }
     }
 }

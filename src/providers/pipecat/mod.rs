@@ -309,9 +309,7 @@ impl Provider for PipecatProvider {
     async fn health(&self) -> Result<BTreeMap<String, String>> {
         let mut details = self.counters.health(NAME);
         self.probe().await?;
-        if !self.config.fallback_urls.is_empty() {
-            details.extend(self.endpoints.health(NAME));
-        }
+        details.extend(self.endpoints.health(NAME));
         Ok(details)
     }
 }
@@ -323,9 +321,6 @@ impl PipecatProvider {
             return Ok(());
         }
         let dials = self.config.dials_for("s", "u");
-        if dials.len() == 1 {
-            return dials[0].probe("the Pipecat bot").await;
-        }
         self.endpoints.probe(&dials, "the Pipecat bot").await
     }
 }

@@ -502,9 +502,7 @@ impl Provider for VocodeProvider {
             details.insert(format!("{NAME}_agent_hook"), hook.url().to_string());
         }
         self.probe().await?;
-        if !self.config.fallback_urls.is_empty() {
-            details.extend(self.endpoints.health(NAME));
-        }
+        details.extend(self.endpoints.health(NAME));
         Ok(details)
     }
 }
@@ -513,9 +511,6 @@ impl VocodeProvider {
     /// A TCP probe of each server; fine when one answers.
     async fn probe(&self) -> Result<()> {
         let dials = self.config.dials();
-        if dials.len() == 1 {
-            return dials[0].probe("the Vocode server").await;
-        }
         self.endpoints.probe(&dials, "the Vocode server").await
     }
 }

@@ -154,10 +154,14 @@ impl Endpoints {
     /// `{prefix}_endpoint_{i}_state` (`up`, `down` or `unknown`, before
     /// anything tried it), `{prefix}_endpoint_{i}_connects` and
     /// `{prefix}_endpoint_{i}_failures`, and `{prefix}_endpoint_active`
-    /// (the name of the endpoint the last link connected to).
+    /// (the name of the endpoint the last link connected to). Nothing for a
+    /// single endpoint: there is nothing to fail over to.
     pub fn health(&self, prefix: &str) -> BTreeMap<String, String> {
-        let state = self.state();
         let mut details = BTreeMap::new();
+        if self.len() < 2 {
+            return details;
+        }
+        let state = self.state();
         for (i, (name, h)) in self.names.iter().zip(&state.endpoints).enumerate() {
             let status = match h.down_since {
                 Some(_) => "down",
@@ -182,12 +186,16 @@ impl Endpoints {
     /// Checks each endpoint of `dials` (in the order of these endpoints)
     /// accepts TCP connections ([`Dial::probe`], which takes no WebSocket
     /// seat), marking it up or down: a primary found answering is preferred
-    /// again by the next connect.
+    /// again by the next connect. A single endpoint is probed as
+    /// [`Dial::probe`] does, its error as it is.
     ///
     /// # Errors
     ///
     /// `ConnectionFailed` when none answers, naming each endpoint and why.
     pub async fn probe(&self, dials: &[Dial], service: &str) -> Result<()> {
+        if let [only] = dials {
+            return only.probe(service).await;
+        }
         let mut failures = Vec::new();
         for (i, dial) in dials.iter().enumerate().take(self.len()) {
             match dial.probe(service).await {
